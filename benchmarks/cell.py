@@ -1,0 +1,152 @@
+"""Time and memory of the three mLSTM forms, and of the `mlstm-kernels` JAX chunkwise form if installed.
+
+    python benchmarks/cell.py [--seq-lens 256 1024 4096 16384] [--repeats 5] [--budget-gb 8]
+
+Forward and forward+backward (gradient of a weighted sum with respect to all five inputs), median
+of `--repeats` runs after one warm-up call, `block_until_ready`. Memory is the compiled program's
+peak as XLA plans it (arguments + outputs + temporaries, from `Compiled.memory_analysis()`); a
+configuration whose plan exceeds `--budget-gb` is skipped and reported as such. B=1, NH=4,
+DHQK=DHV=64, float32 by default.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import xlstm_eqx as X
+
+
+def _ours(chunk_size: int) -> dict[str, Callable]:
+    return {
+        "chunkwise": lambda q, k, v, i, f: X.mlstm_chunkwise(q, k, v, i, f, chunk_size=chunk_size),
+        "parallel": lambda q, k, v, i, f: X.parallel_stabilized_simple(q, k, v, i, f),
+        "recurrent": lambda q, k, v, i, f: X.mlstm_recurrent(q, k, v, i, f),
+    }
+
+
+def _peer(chunk_size: int) -> dict[str, Callable]:
+    """mlstm-kernels' pure-JAX chunkwise form (it imports Triton glue at import time: stub it)."""
+    try:
+        sys.modules.setdefault("jax_triton", types.ModuleType("jax_triton"))
+        from mlstm_kernels.jax.chunkwise.native import mlstm_chunkwise__native_autograd
+    except Exception as err:  # noqa: BLE001 - any import failure means "peer not available"
+        print(f"# mlstm-kernels not available ({type(err).__name__}: {err}); peer rows skipped")
+        return {}
+
+    def peer(q, k, v, i, f):
+        return mlstm_chunkwise__native_autograd(q, k, v, i, f, chunk_size=chunk_size)
+
+    return {"mlstm-kernels chunkwise": peer}
+
+
+def _inputs(seq_len: int, dtype) -> tuple[jax.Array, ...]:
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((2, 1, 4, seq_len, 64))
+    v = rng.standard_normal((1, 4, seq_len, 64))
+    igate = rng.uniform(-5, 5, (1, 4, seq_len))
+    fgate = rng.uniform(-2, 8, (1, 4, seq_len))
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v, igate, fgate))
+
+
+def _compile(fn: Callable, backward: bool, args):
+    if backward:
+        weights = jnp.ones(args[2].shape, args[2].dtype)
+
+        def loss(*a):
+            return jnp.sum(fn(*a) * weights)
+
+        target = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+    else:
+        target = fn
+    return jax.jit(target).lower(*args).compile()
+
+
+def _peak_bytes(compiled) -> int | None:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return (
+        analysis.temp_size_in_bytes
+        + analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+
+
+def _time(compiled, args, repeats: int) -> float:
+    jax.block_until_ready(compiled(*args))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(seq_lens, repeats: int, budget_gb: float, chunk_size: int, dtype) -> list[dict]:
+    forms = {**_ours(chunk_size), **_peer(chunk_size)}
+    rows = []
+    for seq_len in seq_lens:
+        args = _inputs(seq_len, dtype)
+        for name, fn in forms.items():
+            for backward in (False, True):
+                row = {"S": seq_len, "form": name, "pass": "fwd+bwd" if backward else "fwd"}
+                compiled = _compile(fn, backward, args)
+                peak = _peak_bytes(compiled)
+                row["peak_mb"] = None if peak is None else peak / 2**20
+                if peak is not None and peak > budget_gb * 2**30:
+                    row["ms"] = None
+                    row["note"] = f"skipped: needs {peak / 2**30:.1f} GiB > {budget_gb} GiB"
+                else:
+                    row["ms"] = 1e3 * _time(compiled, args, repeats)
+                    row["note"] = ""
+                rows.append(row)
+                _print_row(row, rows)
+    return rows
+
+
+def _print_row(row: dict, rows: list[dict]) -> None:
+    if len(rows) == 1:
+        print(f"{'S':>6} {'form':<24} {'pass':<8} {'ms':>10} {'tok/s':>11} {'peak MiB':>9} {'vs peer':>8}")
+    ms = "-" if row["ms"] is None else f"{row['ms']:.2f}"
+    tps = "-" if row["ms"] is None else f"{row['S'] / (row['ms'] / 1e3):,.0f}"
+    peak = "-" if row["peak_mb"] is None else f"{row['peak_mb']:.1f}"
+    peer = next(
+        (
+            r
+            for r in rows
+            if r["S"] == row["S"] and r["pass"] == row["pass"] and r["form"].startswith("mlstm-kernels")
+        ),
+        None,
+    )
+    ratio = ""
+    if peer is not None and peer["ms"] and row["ms"] and not row["form"].startswith("mlstm-kernels"):
+        ratio = f"{peer['ms'] / row['ms']:.2f}x"
+    print(
+        f"{row['S']:>6} {row['form']:<24} {row['pass']:<8} {ms:>10} {tps:>11} {peak:>9} {ratio:>8} {row['note']}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget-gb", type=float, default=8.0)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    args = parser.parse_args()
+    print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}; B=1 NH=4 DHQK=DHV=64 {args.dtype}")
+    run(args.seq_lens, args.repeats, args.budget_gb, args.chunk_size, jnp.dtype(args.dtype))
+    print("# 'vs peer' = mlstm-kernels time / our time for the same S and pass (>1: we are faster)")
+
+
+if __name__ == "__main__":
+    main()

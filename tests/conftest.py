@@ -1,0 +1,37 @@
+import os
+
+import equinox as eqx
+import hypothesis
+import jax
+import jax.random as jr
+import pytest
+
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+hypothesis.settings.register_profile(
+    "ci", max_examples=12, deadline=None, derandomize=True, print_blob=True
+)
+hypothesis.settings.register_profile("dev", max_examples=12, deadline=None, print_blob=True)
+hypothesis.settings.register_profile("deep", max_examples=200, deadline=None, print_blob=True)
+hypothesis.settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
+)
+
+
+def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8) -> bool:
+    return bool(eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol))
+
+
+class _KeyGen:
+    def __init__(self, seed: int):
+        self._key = jr.key(seed)
+
+    def __call__(self):
+        self._key, sub = jr.split(self._key)
+        return sub
+
+
+@pytest.fixture
+def getkey():
+    return _KeyGen(0)
