@@ -114,7 +114,9 @@ def run(seq_lens, repeats: int, budget_gb: float, chunk_size: int, dtype) -> lis
 
 def _print_row(row: dict, rows: list[dict]) -> None:
     if len(rows) == 1:
-        print(f"{'S':>6} {'form':<24} {'pass':<8} {'ms':>10} {'tok/s':>11} {'peak MiB':>9} {'vs peer':>8}")
+        print(
+            f"{'S':>6} {'form':<24} {'pass':<8} {'ms':>10} {'tok/s':>11} {'peak MiB':>9} {'vs peer':>8}"
+        )
     ms = "-" if row["ms"] is None else f"{row['ms']:.2f}"
     tps = "-" if row["ms"] is None else f"{row['S'] / (row['ms'] / 1e3):,.0f}"
     peak = "-" if row["peak_mb"] is None else f"{row['peak_mb']:.1f}"
@@ -122,12 +124,19 @@ def _print_row(row: dict, rows: list[dict]) -> None:
         (
             r
             for r in rows
-            if r["S"] == row["S"] and r["pass"] == row["pass"] and r["form"].startswith("mlstm-kernels")
+            if r["S"] == row["S"]
+            and r["pass"] == row["pass"]
+            and r["form"].startswith("mlstm-kernels")
         ),
         None,
     )
     ratio = ""
-    if peer is not None and peer["ms"] and row["ms"] and not row["form"].startswith("mlstm-kernels"):
+    if (
+        peer is not None
+        and peer["ms"]
+        and row["ms"]
+        and not row["form"].startswith("mlstm-kernels")
+    ):
         ratio = f"{peer['ms'] / row['ms']:.2f}x"
     print(
         f"{row['S']:>6} {row['form']:<24} {row['pass']:<8} {ms:>10} {tps:>11} {peak:>9} {ratio:>8} {row['note']}",
@@ -143,7 +152,9 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
-    print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}; B=1 NH=4 DHQK=DHV=64 {args.dtype}")
+    print(
+        f"# jax {jax.__version__} on {jax.devices()[0].device_kind}; B=1 NH=4 DHQK=DHV=64 {args.dtype}"
+    )
     run(args.seq_lens, args.repeats, args.budget_gb, args.chunk_size, jnp.dtype(args.dtype))
     print("# 'vs peer' = mlstm-kernels time / our time for the same S and pass (>1: we are faster)")
 

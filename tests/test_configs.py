@@ -1,0 +1,574 @@
+"""Configuration dataclasses: derived fields, push-downs, JSON round trip, validation messages."""
+
+import copy
+import dataclasses
+import json
+
+import equinox as eqx
+import hypothesis
+import hypothesis.strategies as st
+import jax.numpy as jnp
+import pytest
+
+from xlstm_eqx._configs import (
+    FeedForwardConfig,
+    LlamaConfig,
+    ParallelConfig,
+    mLSTMBackendNameAndKwargs,
+    mLSTMBlockConfig,
+    mLSTMCellConfig,
+    mLSTMLayerConfig,
+    sLSTMBlockConfig,
+    sLSTMCellConfig,
+    sLSTMLayerConfig,
+    xLSTMBlockConfig,
+    xLSTMBlockStackConfig,
+    xLSTMLMModelConfig,
+)
+from xlstm_eqx._presets import PRESETS, get_preset
+
+
+def _json_round_trip(cfg):
+    return type(cfg).from_dict(json.loads(json.dumps(cfg.to_dict())))
+
+
+def _lm(**kw):
+    """A small LM config; keyword arguments override the model-level fields."""
+    base = dict(
+        vocab_size=64,
+        embedding_dim=32,
+        num_blocks=2,
+        mlstm_block=mLSTMBlockConfig(mlstm=mLSTMLayerConfig(num_heads=4)),
+    )
+    base.update(kw)
+    return xLSTMLMModelConfig(**base)
+
+
+# --------------------------------------------------------------------------------------------------
+# derived fields
+
+
+@pytest.mark.parametrize(
+    "factor,dim,round_up,multiple,expected",
+    [
+        (2.0, 768, True, 64, 1536),
+        (2.667, 768, True, 64, 2112),  # 2048.26 -> 33 * 64
+        (2.667, 4096, True, 64, 10944),  # 10924.03 -> 171 * 64
+        (1.3, 768, True, 64, 1024),  # 998.4 -> 16 * 64
+        (2.667, 2048, True, 64, 5504),
+        (2.667, 2560, True, 64, 6848),
+        (2.667, 768, False, 64, 2048),  # floor
+        (1.3, 768, True, 128, 1024),  # 7.8 -> 8 * 128
+        (1.3, 768, False, 128, 896),
+    ],
+)
+def test_proj_up_dim_rounding(factor, dim, round_up, multiple, expected):
+    ffn = FeedForwardConfig(
+        proj_factor=factor,
+        embedding_dim=dim,
+        round_proj_up_dim_up=round_up,
+        round_proj_up_to_multiple_of=multiple,
+    )
+    assert ffn._proj_up_dim == expected
+    layer = mLSTMLayerConfig(
+        proj_factor=factor,
+        embedding_dim=dim,
+        round_proj_up_dim_up=round_up,
+        round_proj_up_to_multiple_of=multiple,
+        num_heads=1,
+        qkv_proj_blocksize=1,
+    )
+    assert layer._proj_up_dim == expected
+    assert layer._inner_embedding_dim == expected
+    assert layer.mlstm_cell.embedding_dim == expected
+
+
+def test_unset_embedding_dim_leaves_derived_fields_unset():
+    layer = mLSTMLayerConfig()
+    assert layer.embedding_dim == -1 and layer._proj_up_dim is None
+    assert layer._inner_embedding_dim is None
+    assert FeedForwardConfig()._proj_up_dim is None
+
+
+def test_mlstm_dims_165m_and_v1():
+    cfg = PRESETS["mLSTM165M"]()
+    layer = cfg.mlstm_block.mlstm
+    assert (layer._inner_embedding_dim, layer.qk_dim, layer.v_dim) == (1536, 1536, 1536)
+    assert layer.mlstm_cell.embedding_dim == 1536 and layer.mlstm_cell.num_heads == 4
+    assert cfg.mlstm_block.feedforward is None
+    v1 = PRESETS["mLSTMv1_7B"]()
+    layer = v1.mlstm_block.mlstm
+    # v1: q/k dim = int(0.5 * 4096), v dim = 4096; 8 heads -> DHQK 256, DHV 512
+    assert (layer.qk_dim // layer.num_heads, layer.v_dim // layer.num_heads) == (256, 512)
+    assert v1.mlstm_block.feedforward._proj_up_dim == 10944
+
+
+@pytest.mark.parametrize(
+    "dim,multiplier,multiple_of,expected",
+    [(768, 1.0, 64, 2048), (2048, 1.0, 64, 5504), (4096, 1.0, 64, 10944), (768, 1.3, 64, 2688)],
+)
+def test_llama_derived(dim, multiplier, multiple_of, expected):
+    cfg = LlamaConfig(
+        vocab_size=10,
+        embedding_dim=dim,
+        num_blocks=1,
+        ffn_dim_multiplier=multiplier,
+        ffn_multiple_of=multiple_of,
+    )
+    assert cfg.ffn_hidden_dim == expected
+    assert cfg.num_heads == dim // 128
+    assert cfg.parallel == ParallelConfig()
+
+
+def test_slstm_head_dim_and_hidden_size():
+    layer = sLSTMLayerConfig(embedding_dim=48, num_heads=3)
+    assert layer.hidden_size == 48 and layer.head_dim == 16
+    assert sLSTMLayerConfig(embedding_dim=48, function="lstm").num_states == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# push-downs
+
+
+def test_stack_pushes_into_mlstm_layer_and_cell():
+    cfg = xLSTMLMModelConfig(
+        vocab_size=64,
+        embedding_dim=64,
+        num_blocks=3,
+        context_length=128,
+        bias=True,
+        dropout=0.1,
+        dtype="float32",
+        norm_type="rmsnorm",
+        parallel=ParallelConfig(data_axis_size=2),
+        mlstm_block=mLSTMBlockConfig(
+            mlstm=mLSTMLayerConfig(
+                num_heads=2,
+                norm_type="layernorm",
+                mlstm_cell=mLSTMCellConfig(norm_type="layernorm", norm_eps=1e-5),
+            ),
+            feedforward=FeedForwardConfig(proj_factor=1.3),
+        ),
+    )
+    layer = cfg.mlstm_block.mlstm
+    assert layer.embedding_dim == 64 and layer.bias is True and layer.dropout == 0.1
+    assert layer.context_length == 128 and layer.dtype == "float32"
+    assert layer.norm_type == "rmsnorm"  # the model norm_type overwrites the layer's...
+    assert layer._num_blocks == 3 and layer.parallel == ParallelConfig(data_axis_size=2)
+    cell = layer.mlstm_cell
+    assert cell.norm_type == "rmsnorm"  # ...and the cell's (reference behaviour)
+    assert cell.norm_eps == 1e-5 and cell.norm_type_v1 == "layernorm"
+    assert (cell.context_length, cell.embedding_dim, cell.num_heads) == (128, 128, 2)
+    assert cell.dtype == "float32"
+    ffn = cfg.mlstm_block.feedforward
+    assert ffn.embedding_dim == 64 and ffn._proj_up_dim == 128 and ffn._num_blocks == 3
+    assert ffn.dtype == "float32" and ffn.dropout == 0.0  # dtype pushed, dropout not
+
+
+def test_block_configs_are_per_block_deep_copies():
+    cfg = xLSTMLMModelConfig(
+        vocab_size=64,
+        embedding_dim=32,
+        num_blocks=4,
+        dtype="float32",
+        norm_type="rmsnorm",
+        norm_eps=1e-5,
+        slstm_at=[1, 3],
+        mlstm_block=mLSTMBlockConfig(
+            mlstm=mLSTMLayerConfig(num_heads=4, mlstm_cell=mLSTMCellConfig(norm_eps=1e-4)),
+            feedforward=FeedForwardConfig(),
+            add_post_norm=True,
+        ),
+        slstm_block=sLSTMBlockConfig(slstm=sLSTMLayerConfig(num_heads=2)),
+    )
+    assert cfg.block_map == [0, 1, 0, 1] and cfg._block_map == "0,1,0,1"
+    blocks = cfg.block_configs()
+    assert [b._block_idx for b in blocks] == [0, 1, 2, 3]
+    assert all(isinstance(b, xLSTMBlockConfig) and b._num_blocks == 4 for b in blocks)
+    m0, s1, m2 = blocks[0], blocks[1], blocks[2]
+    assert m0.mlstm is not None and m0.slstm is None and s1.slstm is not None and s1.mlstm is None
+    assert m0.norm_eps == 1e-4 and m0.norm_type == "rmsnorm" and m0.dtype == "float32"
+    assert m0.add_post_norm is True and m0.mlstm._block_idx == 0 and m2.mlstm._block_idx == 2
+    assert m0.feedforward._proj_up_dim == 64 and m0.feedforward._num_blocks == 4
+    # sLSTM blocks: layer gets the block index (forget-bias init), model norms, the default FFN
+    assert s1.slstm._block_idx == 1 and s1.slstm._num_blocks == 4
+    assert s1.slstm.embedding_dim == 32 and s1.slstm.hidden_size == 32 and s1.slstm.head_dim == 16
+    assert s1.slstm.dtype == "float32" and s1.norm_type == "rmsnorm" and s1.norm_eps == 1e-5
+    assert s1.feedforward.act_fn == "gelu" and s1.feedforward._proj_up_dim == 64
+    assert blocks[3].slstm._block_idx == 3
+    # deep copies: editing one block's config touches neither the others nor the template
+    m0.mlstm.mlstm_cell.norm_eps = 0.5
+    assert m2.mlstm.mlstm_cell.norm_eps == 1e-4
+    assert cfg.mlstm_block.mlstm.mlstm_cell.norm_eps == 1e-4
+    assert cfg.block_config(0) == cfg.block_configs()[0]
+    with pytest.raises(ValueError, match="block index"):
+        cfg.block_config(4)
+
+
+def test_slstm_pushes_dropout_and_sizes():
+    cfg = xLSTMBlockStackConfig(
+        embedding_dim=24, num_blocks=2, dropout=0.2, slstm_block=sLSTMBlockConfig()
+    )
+    assert cfg.slstm_at == [0, 1] and cfg.block_map == [1, 1]  # mlstm_block None -> "all"
+    layer = cfg.slstm_block.slstm
+    assert (layer.dropout, layer.embedding_dim, layer._num_blocks) == (0.2, 24, 2)
+    assert cfg.slstm_block.feedforward.embedding_dim == 24
+    assert xLSTMBlockStackConfig(
+        embedding_dim=24, num_blocks=3, slstm_at="all", mlstm_block=mLSTMBlockConfig(),
+        slstm_block=sLSTMBlockConfig(),
+    ).block_map == [1, 1, 1]  # fmt: skip
+
+
+def test_callers_objects_are_not_mutated_and_replace_is_safe():
+    block = mLSTMBlockConfig(mlstm=mLSTMLayerConfig(num_heads=4))
+    before = copy.deepcopy(block)
+    cfg = _lm(mlstm_block=block, embedding_dim=64)
+    assert block == before and block.mlstm.embedding_dim == -1
+    cfg2 = dataclasses.replace(cfg, embedding_dim=128)
+    assert cfg2.mlstm_block.mlstm.embedding_dim == 128
+    assert cfg.mlstm_block.mlstm.embedding_dim == 64
+    assert cfg2.mlstm_block.mlstm._inner_embedding_dim == 256
+
+
+def test_block_config_pushes_into_layer_and_ffn():
+    blk = xLSTMBlockConfig(
+        mlstm=mLSTMLayerConfig(embedding_dim=32, num_heads=4),
+        feedforward=FeedForwardConfig(proj_factor=2.0),
+        dtype="float16",
+        norm_type="rmsnorm",
+        _num_blocks=5,
+        _block_idx=2,
+    )
+    assert blk.mlstm._num_blocks == 5 and blk.mlstm._block_idx == 2
+    assert blk.mlstm.norm_type == "rmsnorm" and blk.mlstm.mlstm_cell.norm_type == "rmsnorm"
+    assert blk.feedforward.embedding_dim == 32 and blk.feedforward._proj_up_dim == 64
+    assert blk.feedforward.dtype == "float16" and blk.feedforward._num_blocks == 5
+
+
+def test_dtype_properties():
+    cfg = _lm(dtype="bfloat16", lm_head_dtype="float16")
+    assert cfg._dtype == jnp.bfloat16 and cfg._lm_head_dtype == jnp.float16
+    assert cfg.mlstm_block.mlstm.mlstm_cell._gate_dtype == jnp.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# backend names
+
+
+@pytest.mark.parametrize(
+    "backend,name,kwargs",
+    [
+        ("parallel_stabilized", "parallel_stabilized", {}),
+        ("chunkwise", "chunkwise", {"chunk_size": 64}),
+        ("recurrent", "recurrent", {}),
+        (mLSTMBackendNameAndKwargs("chunkwise", {"chunk_size": 16}), "chunkwise", {"chunk_size": 16}),
+        ({"name": "recurrent", "kwargs": {"eps": 1e-5}}, "recurrent", {"eps": 1e-5}),
+        (
+            mLSTMBackendNameAndKwargs(
+                "triton_kernels", {"backend_name": "chunkwise--triton_xl_chunk", "autocast_dtype": None}
+            ),
+            "chunkwise",
+            {"chunk_size": 64},
+        ),
+        (mLSTMBackendNameAndKwargs("triton_kernels", {"chunk_size": 128}), "chunkwise", {"chunk_size": 128}),
+        (mLSTMBackendNameAndKwargs("fwbw_stabilized", {"keep_G": True}), "chunkwise", {"chunk_size": 512}),
+        ("recurrent_triton", "recurrent", {}),
+        (mLSTMBackendNameAndKwargs("recurrent", {"use_scan": True, "context_length": 9}), "recurrent", {}),
+        (mLSTMBackendNameAndKwargs("parallel_stabilized", {"context_length": 9}), "parallel_stabilized", {}),
+    ],
+)  # fmt: skip
+def test_backend_forms(backend, name, kwargs):
+    cell = mLSTMCellConfig(backend=backend)
+    assert cell.backend == mLSTMBackendNameAndKwargs(name=name, kwargs=kwargs)
+    assert _json_round_trip(cell) == cell
+
+
+def test_backend_default_is_parallel():
+    assert mLSTMCellConfig().backend.name == "parallel_stabilized"
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON round trip, equality, hashing
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip(name):
+    cfg = PRESETS[name]()
+    again = _json_round_trip(cfg)
+    assert again == cfg and hash(again) == hash(cfg)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_preset_values():
+    v1 = get_preset("mLSTMv1_165M")
+    assert (v1.embedding_dim, v1.num_blocks, v1.vocab_size, v1.context_length) == (
+        768,
+        12,
+        50304,
+        2048,
+    )
+    layer = v1.mlstm_block.mlstm
+    assert layer.layer_type == "mlstm_v1" and layer.num_heads == 4 and layer.qk_dim_factor == 0.5
+    cell = layer.mlstm_cell
+    assert cell.igate_bias_init_range == -10.0 and cell.gate_soft_cap == 15.0
+    assert cell.fgate_bias_init_range == (3.0, 6.0) and cell.norm_type_v1 == "layernorm"
+    assert v1.logits_soft_cap == 30.0 and v1.lm_head_dtype == "bfloat16" and v1.scan_blocks
+    m = get_preset("mLSTM120M")
+    assert m.scan_blocks is False and m.mlstm_block.mlstm.mlstm_cell.igate_bias_init_range == 0.0
+    assert get_preset("mLSTM1_3B") == get_preset("mLSTM1.3B")
+    ll = get_preset("llama165M")
+    assert (ll.num_heads, ll.ffn_hidden_dim, ll.theta, ll.dtype) == (6, 2048, 10000.0, "bfloat16")
+    with pytest.raises(ValueError, match="known presets"):
+        get_preset("mLSTM9B")
+
+
+_dims = st.sampled_from([16, 32, 48, 64])
+
+
+@st.composite
+def _lm_configs(draw):
+    num_blocks = draw(st.integers(1, 4))
+    D = draw(_dims)
+    slstm_at = draw(st.lists(st.integers(0, num_blocks - 1), unique=True, max_size=num_blocks))
+    backend = draw(
+        st.sampled_from(
+            [
+                "parallel_stabilized",
+                "recurrent",
+                mLSTMBackendNameAndKwargs("chunkwise", {"chunk_size": 8}),
+                mLSTMBackendNameAndKwargs("triton_kernels", {"backend_name": "x"}),
+            ]
+        )
+    )
+    bias_range = draw(st.sampled_from([None, 0.0, -10.0, (3.0, 6.0), (-1.5, 2.5)]))
+    layer_type = draw(st.sampled_from(["mlstm", "mlstm_v1"]))
+    return xLSTMLMModelConfig(
+        vocab_size=draw(st.integers(1, 1000)),
+        embedding_dim=D,
+        num_blocks=num_blocks,
+        context_length=draw(st.sampled_from([-1, 16, 2048])),
+        dtype=draw(st.sampled_from(["float32", "bfloat16", "float16"])),
+        norm_type=draw(st.sampled_from(["layernorm", "rmsnorm"])),
+        logits_soft_cap=draw(st.sampled_from([None, 30.0])),
+        slstm_at=slstm_at,
+        parallel=draw(st.sampled_from([None, ParallelConfig(remat=["mLSTMBlock"])])),
+        mlstm_block=mLSTMBlockConfig(
+            mlstm=mLSTMLayerConfig(
+                layer_type=layer_type,
+                num_heads=draw(st.sampled_from([1, 2, 4])),
+                mlstm_cell=mLSTMCellConfig(backend=backend, igate_bias_init_range=bias_range),
+            ),
+            feedforward=draw(st.sampled_from([None, FeedForwardConfig(act_fn="swish")])),
+        ),
+        slstm_block=sLSTMBlockConfig(slstm=sLSTMLayerConfig(num_heads=2)) if slstm_at else None,
+    )
+
+
+@hypothesis.given(cfg=_lm_configs())
+def test_json_round_trip_hypothesis(cfg):
+    again = _json_round_trip(cfg)
+    assert again == cfg
+    assert hash(again) == hash(cfg)
+    assert again.block_configs() == cfg.block_configs()
+
+
+def test_round_trip_other_configs():
+    for cfg in (
+        ParallelConfig(
+            fsdp_axis_size=2, data_axis_size=-1, remat=["a"], fsdp_gather_dtype="bfloat16"
+        ),
+        sLSTMLayerConfig(embedding_dim=16, bias_init="small_init", forward_clipval=3.0),
+        xLSTMBlockConfig(slstm=sLSTMLayerConfig(embedding_dim=16), feedforward=FeedForwardConfig()),
+        _lm().block_configs()[1],
+        get_preset("tiny_xlstm_slstm"),
+        get_preset("tiny_llama"),
+    ):
+        assert _json_round_trip(cfg) == cfg
+
+
+def test_from_dict_rejects_unknown_keys():
+    d = _lm().to_dict()
+    d["mlstm_block"]["mlstm"]["num_head"] = 4
+    with pytest.raises(ValueError, match="num_head"):
+        xLSTMLMModelConfig.from_dict(d)
+
+
+def test_configs_are_hashable_static_fields():
+    """A module holding a config as a static field works under eqx.filter_jit (needs a hash)."""
+
+    class Holder(eqx.Module):
+        w: jnp.ndarray
+        config: xLSTMLMModelConfig = eqx.field(static=True)
+
+    cfg = _lm()
+    f = eqx.filter_jit(lambda h: h.w * h.config.embedding_dim)
+    assert float(f(Holder(jnp.ones(()), cfg))) == 32.0
+    assert float(f(Holder(jnp.ones(()), _json_round_trip(cfg)))) == 32.0
+    assert len({cfg, _json_round_trip(cfg), _lm(embedding_dim=64)}) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# validation: one case per rule, checking the message names the field (and the allowed values)
+
+
+def _ml(**layer_kw):
+    return mLSTMBlockConfig(mlstm=mLSTMLayerConfig(**layer_kw))
+
+
+def _cell(**cell_kw):
+    return _ml(num_heads=4, mlstm_cell=mLSTMCellConfig(**cell_kw))
+
+
+INVALID = {
+    # divisibility
+    "num_heads_qk_dim": (lambda: _lm(mlstm_block=_ml(num_heads=5)), r"mlstm_block\.mlstm\.num_heads.*q/k dim"),
+    "num_heads_v_dim": (
+        lambda: _lm(mlstm_block=_ml(layer_type="mlstm_v1", num_heads=4, qk_dim_factor=0.25, v_dim_factor=0.3125)),
+        r"mlstm_block\.mlstm\.num_heads.*v dim=10",
+    ),
+    "num_heads_v1_qk": (
+        lambda: _lm(mlstm_block=_ml(layer_type="mlstm_v1", num_heads=3)),
+        r"mlstm_block\.mlstm\.num_heads.*q/k dim=32",
+    ),
+    "blocksize_inner_dim": (
+        lambda: _lm(mlstm_block=_ml(num_heads=4, qkv_proj_blocksize=5)),
+        r"mlstm_block\.mlstm\.qkv_proj_blocksize.*inner dim=64",
+    ),
+    "qk_dim_headwise_blocks": (
+        lambda: _lm(mlstm_block=_ml(num_heads=1, qk_dim_factor=0.3)),
+        r"mlstm_block\.mlstm\.qk_dim_factor",
+    ),
+    "llama_head_dim": (lambda: LlamaConfig(vocab_size=8, embedding_dim=96, num_blocks=1, head_dim=64), r"head_dim.*embedding_dim=96"),
+    "llama_head_dim_odd": (lambda: LlamaConfig(vocab_size=8, embedding_dim=9, num_blocks=1, head_dim=3), r"head_dim.*even"),
+    "slstm_num_heads": (
+        lambda: _lm(slstm_at=[0], slstm_block=sLSTMBlockConfig(slstm=sLSTMLayerConfig(num_heads=3))),
+        r"slstm_block\.slstm\.num_heads.*hidden_size=32",
+    ),
+    "slstm_cell_num_heads": (lambda: sLSTMCellConfig(hidden_size=10, num_heads=4), r"num_heads.*hidden_size=10"),
+    # unknown names
+    "norm_type": (lambda: _lm(norm_type="batchnorm"), r"'norm_type'.*'layernorm', 'rmsnorm'"),
+    "layer_norm_type": (lambda: _ml(norm_type="groupnorm"), r"mLSTMLayerConfig: invalid field 'norm_type'.*layernorm"),
+    "cell_norm_type_v1": (lambda: _lm(mlstm_block=_cell(norm_type_v1="x")), r"mLSTMCellConfig: invalid field 'norm_type_v1'.*rmsnorm"),
+    "block_norm_type": (lambda: xLSTMBlockConfig(mlstm=mLSTMLayerConfig(), norm_type="x"), r"xLSTMBlockConfig: invalid field 'norm_type'"),
+    "layer_type": (lambda: _lm(mlstm_block=_ml(layer_type="mamba")), r"'layer_type'.*'mlstm_v1'"),
+    "gate_input": (lambda: _ml(gate_input="q"), r"'gate_input'.*x_mlstm_conv_act"),
+    "backend_name": (lambda: _lm(mlstm_block=_cell(backend="flash")), r"mLSTMBackendNameAndKwargs: invalid field 'name'.*chunkwise"),
+    "backend_attention": (lambda: mLSTMCellConfig(backend="attention"), r"'name'.*parallel_stabilized"),
+    "backend_kwargs": (lambda: mLSTMCellConfig(backend=mLSTMBackendNameAndKwargs("chunkwise", {"chunk": 8})), r"'kwargs'.*chunk_size"),
+    "backend_ref_kwargs": (lambda: mLSTMCellConfig(backend=mLSTMBackendNameAndKwargs("triton_kernels", {"blah": 1})), r"'kwargs'.*blah"),
+    "act_fn": (lambda: _lm(mlstm_block=mLSTMBlockConfig(feedforward=FeedForwardConfig(act_fn="tanh"))), r"'act_fn'.*swish"),
+    "ff_type": (lambda: FeedForwardConfig(ff_type="moe"), r"ff_type.*ffn_gated"),
+    "init_distribution": (lambda: _ml(init_distribution="xavier"), r"'init_distribution'.*truncated_normal"),
+    "ffn_init_distribution": (lambda: FeedForwardConfig(init_distribution="x"), r"init_distribution"),
+    "init_distribution_embed": (lambda: _lm(init_distribution_embed="x"), r"init_distribution_embed.*uniform"),
+    "init_distribution_out": (lambda: _lm(init_distribution_out="x"), r"init_distribution_out"),
+    "output_init_fn": (lambda: _ml(output_init_fn="kaiming"), r"output_init_fn.*wang2"),
+    "ffn_output_init_fn": (lambda: FeedForwardConfig(output_init_fn="x"), r"output_init_fn"),
+    "dtype": (lambda: _lm(dtype="float64"), r"'dtype'.*'float32', 'bfloat16', 'float16'"),
+    "lm_head_dtype": (lambda: _lm(lm_head_dtype="int8"), r"lm_head_dtype"),
+    "gate_dtype": (lambda: _lm(mlstm_block=_cell(gate_dtype="fp32")), r"'gate_dtype'"),
+    "ffn_dtype": (lambda: FeedForwardConfig(dtype="half"), r"dtype"),
+    "llama_dtype": (lambda: LlamaConfig(vocab_size=8, embedding_dim=128, num_blocks=1, dtype="f32"), r"'dtype'"),
+    "slstm_dtype": (lambda: sLSTMLayerConfig(dtype="x"), r"dtype"),
+    "fsdp_gather_dtype": (lambda: ParallelConfig(fsdp_gather_dtype="fp8"), r"fsdp_gather_dtype"),
+    "fsdp_grad_scatter_dtype": (lambda: ParallelConfig(fsdp_grad_scatter_dtype="x"), r"fsdp_grad_scatter_dtype"),
+    "attention_backend": (lambda: LlamaConfig(vocab_size=8, embedding_dim=128, num_blocks=1, attention_backend="flash"), r"attention_backend.*pallas_triton"),
+    "slstm_backend": (lambda: sLSTMLayerConfig(backend="triton"), r"backend.*vanilla"),
+    "slstm_function": (lambda: sLSTMLayerConfig(function="gru"), r"function.*lstm"),
+    "slstm_bias_init": (lambda: sLSTMLayerConfig(bias_init="ones"), r"bias_init.*powerlaw_blockdependent"),
+    "slstm_recurrent_init": (lambda: sLSTMLayerConfig(recurrent_weight_init="ortho"), r"recurrent_weight_init"),
+    "slstm_clipval": (lambda: sLSTMLayerConfig(gradient_recurrent_clipval=1.0), r"gradient_recurrent_clipval"),
+    "slstm_block_idx": (lambda: sLSTMCellConfig(_block_idx=2, _num_blocks=2), r"_block_idx"),
+    # slstm_at / block placement
+    "slstm_at_range": (lambda: _lm(slstm_at=[2], slstm_block=sLSTMBlockConfig()), r"slstm_at.*\[0, num_blocks=2\)"),
+    "slstm_at_negative": (lambda: _lm(slstm_at=[-1], slstm_block=sLSTMBlockConfig()), r"slstm_at"),
+    "slstm_at_duplicates": (lambda: _lm(slstm_at=[1, 1], slstm_block=sLSTMBlockConfig()), r"slstm_at.*repeat"),
+    "slstm_at_type": (lambda: _lm(slstm_at=["1"], slstm_block=sLSTMBlockConfig()), r"slstm_at"),
+    "slstm_block_missing": (lambda: _lm(slstm_at=[0]), r"slstm_block.*must be set"),
+    "no_blocks_at_all": (lambda: xLSTMBlockStackConfig(), r"slstm_block.*mlstm_block is None"),
+    "scan_with_slstm": (lambda: _lm(scan_blocks=True, slstm_at=[1], slstm_block=sLSTMBlockConfig()), r"scan_blocks.*sLSTM"),
+    "block_both_layers": (lambda: xLSTMBlockConfig(mlstm=mLSTMLayerConfig(), slstm=sLSTMLayerConfig()), r"exactly one of 'mlstm' and 'slstm'"),
+    "block_no_layer": (lambda: xLSTMBlockConfig(), r"exactly one"),
+    # sizes
+    "vocab_size_zero": (lambda: _lm(vocab_size=0), r"vocab_size.*positive"),
+    "vocab_size_negative": (lambda: _lm(vocab_size=-3), r"vocab_size"),
+    "vocab_size_unset_for_model": (lambda: _lm(vocab_size=-1).validate(), r"vocab_size.*before a model is built"),
+    "embedding_dim": (lambda: _lm(embedding_dim=0), r"'embedding_dim'.*positive"),
+    "num_blocks": (lambda: _lm(num_blocks=0), r"num_blocks.*positive"),
+    "context_length": (lambda: _lm(context_length=0), r"context_length.*-1"),
+    "context_length_neg": (lambda: _lm(context_length=-2), r"context_length"),
+    "num_heads_zero": (lambda: _ml(num_heads=0), r"'num_heads'.*positive"),
+    "chunk_size": (lambda: _lm(mlstm_block=_cell(backend=mLSTMBackendNameAndKwargs("chunkwise", {"chunk_size": 0}))), r"'kwargs\.chunk_size'"),
+    "conv_kernel": (lambda: _ml(conv1d_kernel_size=-1), r"conv1d_kernel_size"),
+    "blocksize_zero": (lambda: _ml(qkv_proj_blocksize=0), r"qkv_proj_blocksize"),
+    "proj_factor": (lambda: _ml(proj_factor=0.0), r"proj_factor"),
+    "proj_factor_rounds_to_zero": (lambda: _lm(mlstm_block=_ml(proj_factor=0.5, round_proj_up_dim_up=False)), r"proj_factor.*positive"),
+    "ffn_proj_factor": (lambda: FeedForwardConfig(proj_factor=-1.0), r"proj_factor"),
+    "round_multiple": (lambda: FeedForwardConfig(round_proj_up_to_multiple_of=0), r"round_proj_up_to_multiple_of"),
+    "slstm_num_heads_zero": (lambda: sLSTMLayerConfig(num_heads=0), r"num_heads"),
+    "slstm_conv": (lambda: sLSTMLayerConfig(conv1d_kernel_size=-2), r"conv1d_kernel_size"),
+    "llama_vocab": (lambda: LlamaConfig(vocab_size=0, embedding_dim=128, num_blocks=1), r"vocab_size"),
+    "llama_blocks": (lambda: LlamaConfig(vocab_size=8, embedding_dim=128, num_blocks=0), r"num_blocks"),
+    "llama_head_dim_zero": (lambda: LlamaConfig(vocab_size=8, embedding_dim=128, num_blocks=1, head_dim=0), r"head_dim"),
+    "llama_ffn_multiple_of": (lambda: LlamaConfig(vocab_size=8, embedding_dim=128, num_blocks=1, ffn_multiple_of=0), r"ffn_multiple_of"),
+    "llama_theta": (lambda: LlamaConfig(vocab_size=8, embedding_dim=128, num_blocks=1, theta=0.0), r"theta"),
+    # rates, caps, misc values
+    "dropout": (lambda: _lm(dropout=1.0), r"'dropout'.*\[0, 1\)"),
+    "ffn_dropout": (lambda: FeedForwardConfig(dropout=-0.1), r"dropout"),
+    "llama_dropout": (lambda: LlamaConfig(vocab_size=8, embedding_dim=128, num_blocks=1, dropout_rate=2.0), r"dropout_rate"),
+    "logits_soft_cap": (lambda: _lm(logits_soft_cap=0.0), r"logits_soft_cap"),
+    "gate_soft_cap": (lambda: mLSTMCellConfig(gate_soft_cap=-15.0), r"gate_soft_cap"),
+    "norm_eps": (lambda: _lm(norm_eps=0.0), r"norm_eps"),
+    "bias_init_range": (lambda: mLSTMCellConfig(igate_bias_init_range=(1.0, 2.0, 3.0)), r"igate_bias_init_range"),
+    "bool_field": (lambda: _lm(tie_weights="yes"), r"tie_weights.*bool"),
+    # parallel
+    "axis_size_zero": (lambda: ParallelConfig(fsdp_axis_size=0), r"fsdp_axis_size.*-1"),
+    "axis_size_negative": (lambda: ParallelConfig(model_axis_size=-2), r"model_axis_size"),
+    "two_fill_axes": (lambda: ParallelConfig(data_axis_size=-1, fsdp_axis_size=-1), r"fsdp_axis_size.*at most one"),
+    "axis_names": (lambda: ParallelConfig(fsdp_axis_name="dp"), r"fsdp_axis_name"),
+    "tp_dense_gates": (
+        lambda: _lm(parallel=ParallelConfig(model_axis_size=2)),
+        r"mlstm_block\.mlstm\.mlstm_cell\.gate_linear_headwise",
+    ),
+    "tp_num_heads": (
+        lambda: _lm(parallel=ParallelConfig(model_axis_size=8), mlstm_block=_cell(gate_linear_headwise=True)),
+        r"parallel\.model_axis_size.*num_heads=4",
+    ),
+    "llama_tp": (lambda: LlamaConfig(vocab_size=8, embedding_dim=128, num_blocks=1, parallel=ParallelConfig(model_axis_size=2)), r"parallel\.model_axis_size.*tensor"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rule", sorted(INVALID))
+def test_invalid_config_names_field(rule):
+    build, pattern = INVALID[rule]
+    with pytest.raises(ValueError, match=pattern):
+        build()
+
+
+def test_nested_errors_carry_the_dotted_path():
+    """Children validate themselves when built; a parent re-validates them under their path (here a
+    child edited after construction)."""
+    parallel = ParallelConfig()
+    parallel.pipeline_axis_size = 0
+    with pytest.raises(ValueError, match=r"xLSTMLMModelConfig: invalid field 'parallel\.pipeline"):
+        _lm(parallel=parallel)
+    block = _ml(num_heads=4)
+    block.mlstm.mlstm_cell.gate_soft_cap = -1.0
+    with pytest.raises(ValueError, match=r"'mlstm_block\.mlstm\.mlstm_cell\.gate_soft_cap'"):
+        _lm(mlstm_block=block)
+    slstm = sLSTMBlockConfig()
+    slstm.feedforward.act_fn = "tanh"
+    with pytest.raises(ValueError, match=r"'slstm_block\.feedforward\.act_fn'.*gelu"):
+        _lm(slstm_at=[0], slstm_block=slstm)
+
+
+def test_valid_edge_values_pass():
+    """The reference defaults that mean "unset" are accepted where the reference accepts them."""
+    cfg = xLSTMLMModelConfig(mlstm_block=mLSTMBlockConfig())  # vocab -1, context -1
+    assert cfg.vocab_size == -1 and cfg.context_length == -1
+    _lm().validate()
+    mLSTMLayerConfig()
+    sLSTMLayerConfig()
+    FeedForwardConfig()
+    ParallelConfig(data_axis_size=4, fsdp_axis_size=-1)
+    _lm(parallel=ParallelConfig(model_axis_size=2), mlstm_block=_cell(gate_linear_headwise=True))
