@@ -1,0 +1,116 @@
+"""Tokenizers for training and sampling: raw UTF-8 bytes by default, or a local `tokenizer.json`.
+
+A tokenizer here is anything with `vocab_size`, `encode(text) -> int32 array`, `decode(ids) -> str`
+and `to_dict()` (enough to rebuild it with `tokenizer_from_dict`). The byte tokenizer needs no files
+and no download: token id = byte value, vocabulary 256 (already a multiple of 64). The
+`tokenizers` package (Hugging Face) is imported only when a `tokenizer.json` is asked for.
+"""
+
+import os
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the data pipeline, the trainer and the CLI need from a tokenizer."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids: Any) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: id = byte value, vocab 256, no special tokens.
+
+    One token is one byte, so a loss in nats per token converts to bits per byte by dividing by
+    ln 2. `decode` replaces invalid UTF-8 (a sample cut mid-character) instead of raising.
+    """
+
+    vocab_size: int = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids: Any) -> str:
+        arr = np.asarray(ids).reshape(-1)
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            bad = int(arr[(arr < 0) | (arr > 255)][0])
+            raise ValueError(f"ByteTokenizer.decode: token id {bad} is not a byte (0..255)")
+        return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "bytes"}
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(vocab_size=256)"
+
+
+class HFTokenizer:
+    """A local `tokenizer.json` read with the `tokenizers` package (imported lazily).
+
+    Special tokens added by the tokenizer's post-processor are not inserted by `encode`: the
+    training stream is plain text.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path!r}")
+        try:
+            import tokenizers
+        except ImportError as e:
+            raise ImportError(
+                f"reading {path!r} needs the optional package `tokenizers` "
+                "(pip install tokenizers); the default byte tokenizer needs nothing"
+            ) from e
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:
+            raise ValueError(f"cannot read tokenizer file {path!r}: {e}") from e
+        self.path = os.path.abspath(path)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.int32)
+
+    def decode(self, ids: Any) -> str:
+        return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "tokenizers", "path": self.path}
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """`"bytes"` (the default) or the path of a local `tokenizer.json`."""
+    if spec in ("bytes", "byte", ""):
+        return ByteTokenizer()
+    return HFTokenizer(spec)
+
+
+def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
+    """Inverse of `to_dict`, used when a run is resumed or evaluated from its saved config."""
+    kind = d.get("kind")
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "tokenizers":
+        return HFTokenizer(d["path"])
+    raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'bytes' or 'tokenizers')")
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
+    """Round a tokenizer's vocabulary up to a multiple of `multiple` for the model's embedding."""
+    return multiple * -(-vocab_size // multiple)
