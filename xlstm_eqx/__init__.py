@@ -32,6 +32,12 @@ from ._configs import (
     xLSTMBlockStackConfig as xLSTMBlockStackConfig,
     xLSTMLMModelConfig as xLSTMLMModelConfig,
 )
+from ._generate import (
+    generate as generate,
+    sample_logits as sample_logits,
+    stream_generate as stream_generate,
+    stream_text as stream_text,
+)
 from ._llama import (
     FFNBlock as FFNBlock,
     LlamaKVCache as LlamaKVCache,
