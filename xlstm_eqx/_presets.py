@@ -347,6 +347,50 @@ def tiny_llama() -> LlamaConfig:
     )
 
 
+def small_xlstm() -> xLSTMLMModelConfig:
+    """The main job's xLSTM (3.35M parameters with the byte vocabulary): 4 mLSTM v1 blocks
+    (xLSTM-7B style, SwiGLU FFN), D=256, 4 heads, chunkwise backend (chunk 64), float32,
+    context 1024 — sized to learn visibly in a few CPU minutes."""
+    return xLSTMLMModelConfig(
+        vocab_size=256,
+        embedding_dim=256,
+        num_blocks=4,
+        context_length=1024,
+        norm_type="rmsnorm",
+        logits_soft_cap=30.0,
+        lm_head_dtype="float32",
+        dtype="float32",
+        scan_blocks=True,
+        mlstm_block=mLSTMBlockConfig(
+            mlstm=mLSTMLayerConfig(
+                layer_type="mlstm_v1",
+                num_heads=4,
+                qk_dim_factor=0.5,
+                mlstm_cell=mLSTMCellConfig(
+                    backend=mLSTMBackendNameAndKwargs(name="chunkwise", kwargs={"chunk_size": 64}),
+                    igate_bias_init_range=-10.0,
+                    gate_soft_cap=15.0,
+                ),
+            ),
+            feedforward=FeedForwardConfig(proj_factor=2.667, act_fn="swish"),
+        ),
+    )
+
+
+def small_llama() -> LlamaConfig:
+    """The Llama baseline at the main job's size: 4 blocks, D=256, head_dim 64 (4 heads),
+    3.34M parameters with the byte vocabulary — equal to `small_xlstm` within 0.5%."""
+    return LlamaConfig(
+        vocab_size=256,
+        embedding_dim=256,
+        num_blocks=4,
+        head_dim=64,
+        dtype="float32",
+        attention_backend="xla",
+        context_length=1024,
+    )
+
+
 PRESETS: dict[str, Callable[[], xLSTMLMModelConfig | LlamaConfig]] = {
     "mLSTM120M": mLSTM120M,
     "mLSTM165M": mLSTM165M,
@@ -362,6 +406,8 @@ PRESETS: dict[str, Callable[[], xLSTMLMModelConfig | LlamaConfig]] = {
     "tiny_xlstm": tiny_xlstm,
     "tiny_xlstm_slstm": tiny_xlstm_slstm,
     "tiny_llama": tiny_llama,
+    "small_xlstm": small_xlstm,
+    "small_llama": small_llama,
 }
 """Preset name (the reference's yaml names, e.g. "mLSTMv1_1.3B") -> a function returning a fresh config."""
 

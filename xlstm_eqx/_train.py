@@ -54,6 +54,7 @@ from ._data import (
     load_corpus,
     unigram_bits_per_byte,
 )
+from ._presets import small_llama, small_xlstm
 from ._tokenizer import Tokenizer, load_tokenizer, padded_vocab_size, tokenizer_from_dict
 
 
@@ -251,62 +252,7 @@ def register_model_family(family: ModelFamily) -> None:
     MODEL_FAMILIES[family.name] = family
 
 
-def small_xlstm_config() -> Any:
-    """The main job's xLSTM (3.35M parameters with the byte vocabulary): 4 mLSTM v1 blocks
-    (xLSTM-7B style, SwiGLU FFN), D=256, 4 heads, chunkwise backend (chunk 64), float32,
-    context 1024 — sized to learn visibly in a few CPU minutes."""
-    from ._configs import (
-        FeedForwardConfig,
-        mLSTMBackendNameAndKwargs,
-        mLSTMBlockConfig,
-        mLSTMCellConfig,
-        mLSTMLayerConfig,
-        xLSTMLMModelConfig,
-    )
-
-    return xLSTMLMModelConfig(
-        vocab_size=256,
-        embedding_dim=256,
-        num_blocks=4,
-        context_length=1024,
-        norm_type="rmsnorm",
-        logits_soft_cap=30.0,
-        lm_head_dtype="float32",
-        dtype="float32",
-        scan_blocks=True,
-        mlstm_block=mLSTMBlockConfig(
-            mlstm=mLSTMLayerConfig(
-                layer_type="mlstm_v1",
-                num_heads=4,
-                qk_dim_factor=0.5,
-                mlstm_cell=mLSTMCellConfig(
-                    backend=mLSTMBackendNameAndKwargs(name="chunkwise", kwargs={"chunk_size": 64}),
-                    igate_bias_init_range=-10.0,
-                    gate_soft_cap=15.0,
-                ),
-            ),
-            feedforward=FeedForwardConfig(proj_factor=2.667, act_fn="swish"),
-        ),
-    )
-
-
-def small_llama_config() -> Any:
-    """The Llama baseline at the main job's size: 4 blocks, D=256, head_dim 64 (4 heads),
-    3.34M parameters with the byte vocabulary — equal to `small_xlstm_config` within 0.5%."""
-    from ._configs import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=256,
-        embedding_dim=256,
-        num_blocks=4,
-        head_dim=64,
-        dtype="float32",
-        attention_backend="xla",
-        context_length=1024,
-    )
-
-
-_MAIN_JOB_PRESETS = {"xlstm": small_xlstm_config, "llama": small_llama_config}
+_MAIN_JOB_PRESETS = {"xlstm": small_xlstm, "llama": small_llama}
 
 
 def _family_presets(kind: str) -> dict[str, Callable[[], Any]]:
