@@ -188,7 +188,10 @@ def _eval_run(args: argparse.Namespace) -> int:
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, metavar="DIR", help="the run whose model to sample")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--out", metavar="DIR", help="the run whose model to sample")
+    source.add_argument("--hf", metavar="DIR", help="a transformers xLSTMForCausalLM directory")
+    p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (default: the model's own)")
     p.add_argument("--prompt", default="def ", help="text to continue (default: 'def ')")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -203,11 +206,23 @@ def _generate_run(args: argparse.Namespace) -> int:
     import jax.random as jr
 
     from ._generate import stream_generate
-    from ._tokenizer import tokenizer_from_dict
+    from ._tokenizer import load_tokenizer, tokenizer_from_dict
     from ._train import load_run
 
-    model, run, _ = load_run(args.out, args.checkpoint)
-    tokenizer = tokenizer_from_dict(run["tokenizer"])
+    if args.hf is not None:
+        from .interop import load_hf_for_generation
+
+        model, _, tokenizer = load_hf_for_generation(args.hf, tokenizer=args.tokenizer)
+        if tokenizer is None:
+            raise ValueError(f"--hf {args.hf!r} has no tokenizer.json; pass --tokenizer FILE")
+    else:
+        model, run, _ = load_run(args.out, args.checkpoint)
+        if args.tokenizer is not None:
+            tokenizer = load_tokenizer(args.tokenizer)
+        elif "tokenizer" in run:
+            tokenizer = tokenizer_from_dict(run["tokenizer"])
+        else:
+            raise ValueError(f"run {args.out!r} records no tokenizer; pass --tokenizer FILE")
     prompt = [int(t) for t in tokenizer.encode(args.prompt)]
     if not prompt:
         raise ValueError("--prompt must encode to at least one token")
@@ -306,7 +321,18 @@ COMMANDS: dict[str, Command] = {
     "eval": ("held-out loss and bits per byte of a saved run", _eval_arguments, _eval_run),
     "generate": ("stream text sampled from a saved run", _generate_arguments, _generate_run),
     "info": ("parameter count and configuration of a model", _info_arguments, _info_run),
+    "convert": (
+        "convert checkpoints between transformers (hf), xlstm-jax and this library (eqx)",
+        lambda p: _interop_cli().add_convert_arguments(p),
+        lambda args: _interop_cli().run_convert(args),
+    ),
 }
+
+
+def _interop_cli() -> types.ModuleType:
+    from .interop import _cli
+
+    return _cli
 
 
 def build_parser() -> argparse.ArgumentParser:
