@@ -476,3 +476,10 @@ def test_reference_parameter_counts():
     assert counts["mLSTM165M"] == mlstm_count(50304, 768, 24, 4, 1536) == 163_806_144
     assert counts["mLSTM120M"] == mlstm_count(50304, 768, 12, 4, 1536)
     assert math.isclose(counts["mLSTM165M"], 165e6, rel_tol=0.02)
+
+
+@pytest.mark.parametrize("names", [[], ["mLSTMBlock"]])
+def test_mlstm_block_remat_wraps_each_block(names):
+    model = xLSTMLMModel(make_config("v1", parallel=ParallelConfig(remat=names)), key=jr.key(0))
+    text = str(jax.make_jaxpr(lambda t: model(t))(jnp.zeros((1, 8), jnp.int32)))
+    assert ("remat" in text) == bool(names)

@@ -70,6 +70,11 @@ from ._nn import (
     RMSNorm as RMSNorm,
     soft_cap as soft_cap,
 )
+from ._pallas import (
+    REMAT_POLICIES as REMAT_POLICIES,
+    mlstm_chunkwise_pallas as mlstm_chunkwise_pallas,
+    mlstm_chunkwise_remat as mlstm_chunkwise_remat,
+)
 from ._presets import PRESETS as PRESETS, get_preset as get_preset
 from ._slstm import (
     sLSTMCell as sLSTMCell,

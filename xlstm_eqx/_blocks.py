@@ -206,25 +206,28 @@ class xLSTMBlockStack(eqx.Module):
         document_borders: Bool[Array, "B S"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "B S D"]:
+        # "mLSTMBlock" in parallel.remat: each whole block is rematerialised in the backward pass.
+        call = _maybe_remat(
+            lambda block, h, k: block(h, document_borders=document_borders, key=k),
+            self.remat_blocks,
+        )
         if not self.scan_blocks:
             assert isinstance(self.blocks, tuple)
             for block, k in zip(self.blocks, split_optional_key(key, self.num_blocks), strict=True):
-                x = block(x, document_borders=document_borders, key=k)
+                x = call(block, x, k)
             return x
         params, static = eqx.partition(self.blocks, eqx.is_array)
         if key is None:
 
             def body(h: Array, p: Any) -> tuple[Array, None]:
-                block = eqx.combine(p, static)
-                return block(h, document_borders=document_borders), None
+                return call(eqx.combine(p, static), h, None), None
 
             x, _ = jax.lax.scan(body, x, params)
         else:
 
             def body_key(h: Array, xs: Any) -> tuple[Array, None]:
                 p, k = xs
-                block = eqx.combine(p, static)
-                return block(h, document_borders=document_borders, key=k), None
+                return call(eqx.combine(p, static), h, k), None
 
             x, _ = jax.lax.scan(body_key, x, (params, jr.split(key, self.num_blocks)))
         return x

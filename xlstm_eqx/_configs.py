@@ -79,12 +79,14 @@ SLSTM_RECURRENT_INITS = ("zeros", "standard")
 MLSTM_BACKENDS: dict[str, tuple[str, ...]] = {
     "parallel_stabilized": ("eps",),
     "chunkwise": ("chunk_size", "eps"),
+    "chunkwise_pallas": ("chunk_size", "eps"),
     "recurrent": ("eps",),
 }
 #: Default keyword arguments filled in for each backend (so equal settings compare equal).
 _BACKEND_DEFAULT_KWARGS: dict[str, dict[str, Any]] = {
     "parallel_stabilized": {},
     "chunkwise": {"chunk_size": 64},
+    "chunkwise_pallas": {"chunk_size": 64},
     "recurrent": {},
 }
 #: The reference's backend names: (name here, default chunk size or None, reference kwargs that are kept,
@@ -123,6 +125,7 @@ _REFERENCE_BACKENDS: dict[str, tuple[str, int | None, tuple[str, ...], tuple[str
 _DROPPED_KWARGS: dict[str, tuple[str, ...]] = {
     "parallel_stabilized": ("context_length",),
     "chunkwise": (),
+    "chunkwise_pallas": (),
     "recurrent": ("context_length", "state_dtype", "use_scan"),
 }
 

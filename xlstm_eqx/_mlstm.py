@@ -47,7 +47,7 @@ from ._nn import (
 # ----------------------------------------------------------------------------------------------
 # backend dispatch
 
-BACKENDS: tuple[str, ...] = ("parallel_stabilized", "chunkwise", "recurrent")
+BACKENDS: tuple[str, ...] = ("parallel_stabilized", "chunkwise", "chunkwise_pallas", "recurrent")
 
 # Reference backend names and what computes the same thing here.
 _BACKEND_ALIASES: dict[str, str] = {
@@ -123,6 +123,20 @@ def run_backend(
             v,
             igate_preact,
             fgate_preact,
+            initial_state=initial_state,
+            return_last_state=return_last_state,
+            eps=eps,
+        )
+    if name == "chunkwise_pallas":  # Pallas kernels on GPU, interpret mode elsewhere
+        from ._pallas import mlstm_chunkwise_pallas
+
+        return mlstm_chunkwise_pallas(
+            q,
+            k,
+            v,
+            igate_preact,
+            fgate_preact,
+            chunk_size=int(opts.get("chunk_size", 64)),
             initial_state=initial_state,
             return_last_state=return_last_state,
             eps=eps,

@@ -148,6 +148,10 @@ class TrainConfig:
     )
     sample_prompt: str = "def "
     sample_temperature: float = 0.8
+    mesh: str = dataclasses.field(
+        default="",
+        metadata={"help": "device mesh, e.g. 'dp=2,fsdp=2,tp=2' (default: one device)"},
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -224,6 +228,7 @@ RESUMABLE_FIELDS = frozenset(
         "sample_tokens",
         "sample_prompt",
         "sample_temperature",
+        "mesh",  # the data order does not depend on the mesh
     }
 )
 
@@ -869,6 +874,12 @@ def train(
         model, opt_state = trees["model"], trees["opt_state"]
         start_step = int(meta["step"])
         loop_key = jr.wrap_key_data(jnp.asarray(meta["rng_key"], jnp.uint32))
+    if cfg.mesh:  # place model and optimizer state on the mesh; the step shards each batch
+        from ._sharding import shard_train_state
+
+        model, opt_state, step_fn, _ = shard_train_state(
+            cfg.mesh, model, opt_state, optimizer, base=getattr(p.model_config, "parallel", None)
+        )
 
     # Everything is validated: only now is anything written.
     os.makedirs(out, exist_ok=True)

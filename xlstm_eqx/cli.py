@@ -133,7 +133,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train_run(args: argparse.Namespace) -> int:
+    from ._sharding import initialize_distributed
     from ._train import TrainingDivergedError, train
+
+    initialize_distributed()  # multi-host runs (env vars / SLURM); nothing for one process
 
     cfg = resolve_train_config(args)
     try:
@@ -263,6 +266,7 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="describe this run's model instead")
     p.add_argument("--tokenizer", default="bytes", help="'bytes' or a tokenizer.json")
     p.add_argument("--list-presets", action="store_true", help="list the presets of each family")
+    p.add_argument("--mesh", metavar="SPEC", help="per-device memory on a mesh, e.g. 'fsdp=8,tp=4'")
 
 
 def _summary_lines(d: dict[str, Any], prefix: str = "") -> list[str]:
@@ -303,6 +307,11 @@ def _info_run(args: argparse.Namespace) -> int:
     n = count_params(skeleton)
     print(f"model: {kind} ({label})")
     print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
+    if args.mesh:
+        from ._sharding import memory_report, parse_mesh_spec
+
+        parallel = parse_mesh_spec(args.mesh, getattr(config, "parallel", None))
+        print(memory_report(config, parallel))
     print("config:")
     print("\n".join(_summary_lines(config.to_dict())))
     return 0

@@ -1,0 +1,257 @@
+"""The Pallas chunkwise mLSTM against the pure-JAX chunkwise form, and the remat policies.
+
+On CPU the kernels run in Pallas interpret mode (compiling them takes seconds: the shapes are tiny
+and few). Their Triton (GPU) lowering is checked by exporting for CUDA without a GPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import jaxtyping
+import numpy as np
+import pytest
+from jax import export
+
+import xlstm_eqx as X
+from xlstm_eqx._pallas import REMAT_POLICIES, mlstm_chunkwise_pallas, mlstm_chunkwise_remat
+
+
+def rel_err(x, ref) -> float:
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def make_case(seed, batch, heads, seq_len, dhqk, dhv, i_range, f_range, init, dtype=np.float32):
+    """Inputs (q, k, v, ĩ, f̃), an optional initial state, and random weights for a scalar loss."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape).astype(dtype))
+
+    inputs = (
+        normal(batch, heads, seq_len, dhqk),
+        normal(batch, heads, seq_len, dhqk),
+        normal(batch, heads, seq_len, dhv),
+        jnp.asarray(rng.uniform(*i_range, (batch, heads, seq_len)).astype(dtype)),
+        jnp.asarray(rng.uniform(*f_range, (batch, heads, seq_len)).astype(dtype)),
+    )
+    state = None
+    if init:
+        state = X.mLSTMState(
+            c=normal(batch, heads, dhqk, dhv), n=normal(batch, heads, dhqk), m=normal(batch, heads)
+        )
+    weights = X.mLSTMState(
+        c=normal(batch, heads, dhqk, dhv), n=normal(batch, heads, dhqk), m=normal(batch, heads)
+    )
+    return inputs, state, normal(batch, heads, seq_len, dhv), weights
+
+
+@functools.cache  # one jitted function per setting: shapes seen before are not recompiled
+def loss_fn(cell, **kwargs):
+    """(inputs, state) -> Σ h·w_h + Σ final state · w (with h and the state as aux): one compile
+    gives the forward values and every gradient, through h and through the final (c, n, m)."""
+
+    def loss(inputs, state, w_h, w_state):
+        h, final = cell(*inputs, initial_state=state, return_last_state=True, **kwargs)
+        total = jnp.sum(h * w_h) + sum(
+            jnp.sum(a * b)
+            for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(w_state), strict=True)
+        )
+        return total, (h, final)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def assert_close(ours, ref, tol):
+    (_, (h, final)), grads = ours
+    (_, (h_ref, final_ref)), grads_ref = ref
+    assert rel_err(h, h_ref) <= tol, f"h: {rel_err(h, h_ref):.2e}"
+    for name in ("c", "n", "m"):
+        err = rel_err(getattr(final, name), getattr(final_ref, name))
+        assert err <= tol, f"final state {name}: {err:.2e}"
+    leaves, leaves_ref = jax.tree.leaves(grads), jax.tree.leaves(grads_ref)
+    names = ["dq", "dk", "dv", "d igate", "d fgate", "d c0", "d n0", "d m0"][: len(leaves_ref)]
+    for name, g, g_ref in zip(names, leaves, leaves_ref, strict=True):
+        assert g.dtype == g_ref.dtype, name
+        assert rel_err(g, g_ref) <= tol, f"{name}: {rel_err(g, g_ref):.2e}"
+
+
+# B, NH, S, DHQK, DHV, chunk_size, initial state, ĩ range, f̃ range, eps
+CASES = {
+    # S not a multiple of the chunk, DHQK ≠ DHV, both padded to 16 inside; stabiliser from the
+    # row maximum, normaliser floor exp(-m) active on about half the rows.
+    "padded": (1, 2, 37, 8, 12, 16, True, (-3.0, 3.0), (-2.0, 6.0), 1e-6),
+    # several whole chunks, no padding; zero initial state; large eps so its paths matter.
+    "whole_chunks": (2, 1, 48, 16, 32, 16, False, (-3.0, 3.0), (-2.0, 6.0), 1e-2),
+    # one chunk shorter than chunk_size (rounded up to 16); tiny input gates: the stabiliser comes
+    # from the carried state and the normaliser floor is active.
+    "short": (1, 1, 5, 4, 3, 64, True, (-10.0, -5.0), (3.0, 8.0), 1e-6),
+    # strong inputs, fast forgetting.
+    "strong_inputs": (1, 2, 40, 8, 8, 32, True, (0.0, 8.0), (-6.0, 0.0), 1e-6),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_chunkwise_float32(case):
+    batch, heads, seq_len, dhqk, dhv, chunk, init, i_range, f_range, eps = CASES[case]
+    inputs, state, w_h, w_state = make_case(
+        0, batch, heads, seq_len, dhqk, dhv, i_range, f_range, init
+    )
+    ours = loss_fn(mlstm_chunkwise_pallas, chunk_size=chunk, eps=eps)(inputs, state, w_h, w_state)
+    ref = loss_fn(X.mlstm_chunkwise, chunk_size=chunk, eps=eps)(inputs, state, w_h, w_state)
+    assert ours[0][1][0].dtype == jnp.float32
+    assert_close(ours, ref, 1e-4)
+
+
+def test_gradient_exact_in_float64():
+    """In float64 the gradient matches autodiff of the pure-JAX form to ~1e-12: the derivative paths
+    through the stabiliser and eps (relative size ~1e-6, invisible in float32) are all there."""
+    with jax.enable_x64(True):
+        inputs, state, w_h, w_state = make_case(
+            1, 1, 2, 21, 8, 4, (-4.0, 2.0), (-1.0, 5.0), True, dtype=np.float64
+        )
+        ours = loss_fn(mlstm_chunkwise_pallas, chunk_size=16)(inputs, state, w_h, w_state)
+        ref = loss_fn(X.mlstm_chunkwise, chunk_size=16)(inputs, state, w_h, w_state)
+        assert ours[0][1][0].dtype == jnp.float64
+        assert_close(ours, ref, 1e-10)
+
+
+def test_bfloat16_inputs_four_dim_gates_and_vmap():
+    inputs, _, _, _ = make_case(2, 2, 2, 24, 16, 16, (-3.0, 3.0), (-2.0, 6.0), False)
+    q, k, v, i, f = inputs
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    i, f = i[..., None], f[..., None]
+
+    def one(q, k, v, i, f):  # one batch element, as (1, NH, S, ·)
+        return mlstm_chunkwise_pallas(q[None], k[None], v[None], i[None], f[None], chunk_size=16)[0]
+
+    h = jax.jit(jax.vmap(one))(q, k, v, i, f)
+    h_ref = X.mlstm_chunkwise(q, k, v, i, f, chunk_size=16)
+    assert h.dtype == jnp.bfloat16
+    assert rel_err(h, h_ref) <= 1e-2  # both compute in float32 and round once to bfloat16
+
+
+def test_bad_input_raises_before_any_kernel():
+    inputs, _, _, _ = make_case(3, 1, 2, 8, 4, 4, (0.0, 1.0), (0.0, 1.0), False)
+    q, k, v, i, f = inputs
+    with pytest.raises(ValueError, match="chunk_size"):
+        mlstm_chunkwise_pallas(q, k, v, i, f, chunk_size=0)
+    # Shape mismatches: the type checker of the test run, or the function's own check, names them.
+    with pytest.raises((jaxtyping.TypeCheckError, ValueError), match="DHQK"):
+        mlstm_chunkwise_pallas(q, k[..., :3], v, i, f)
+    with pytest.raises((jaxtyping.TypeCheckError, ValueError), match="S"):
+        mlstm_chunkwise_pallas(q, k, v, i, f[:, :, :5])
+    bad = X.mLSTMState.zeros(1, 2, 4, 5)
+    with pytest.raises(ValueError, match="initial_state.c"):
+        mlstm_chunkwise_pallas(q, k, v, i, f, initial_state=bad)
+
+
+def test_triton_lowering_for_gpu():
+    """Forward and backward lower through Pallas' Triton backend (export for CUDA, no GPU needed):
+    all four kernels become Triton calls, nothing falls back to interpret mode."""
+    shapes = [(1, 2, 100, 64), (1, 2, 100, 64), (1, 2, 100, 48), (1, 2, 100), (1, 2, 100)]
+    specs = [jax.ShapeDtypeStruct(s, jnp.bfloat16 if len(s) == 4 else jnp.float32) for s in shapes]
+
+    def loss(*inputs):
+        h, final = mlstm_chunkwise_pallas(
+            *inputs, chunk_size=64, interpret=False, return_last_state=True
+        )
+        return jnp.sum(h.astype(jnp.float32)) + jnp.sum(final.c)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+    exported = export.export(
+        fn,
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*specs)
+    module = exported.mlir_module()
+    for name in (
+        "mlstm_chunk_states_fwd",
+        "mlstm_chunk_outputs_fwd",
+        "mlstm_chunk_outputs_bwd",
+        "mlstm_chunk_states_bwd",
+    ):
+        assert f'name = "{name}"' in module, name
+    assert module.count("__gpu$xla.gpu.triton") == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Remat policies
+# ---------------------------------------------------------------------------------------------------
+
+
+# policy, S, chunk_size, chunks_per_step, initial state
+REMAT_CASES = [
+    ("chunk_states", 50, 4, 3, True),  # 4 scan steps of 12 tokens + a remainder of 2
+    ("chunk_states", 13, 8, 1, False),  # fewer than two steps: a single call
+    ("full", 24, 8, 1, True),
+    ("none", 24, 8, 1, True),
+]
+
+
+@pytest.mark.parametrize("policy, seq_len, chunk_size, chunks_per_step, init", REMAT_CASES)
+def test_remat_same_values_and_gradients(policy, seq_len, chunk_size, chunks_per_step, init):
+    assert set(REMAT_POLICIES) == {case[0] for case in REMAT_CASES}
+    inputs, state, w_h, w_state = make_case(
+        seq_len, 1, 2, seq_len, 4, 6, (-3.0, 3.0), (-2.0, 6.0), init
+    )
+    ours = loss_fn(
+        mlstm_chunkwise_remat,
+        chunk_size=chunk_size,
+        remat=policy,
+        chunks_per_step=chunks_per_step,
+    )(inputs, state, w_h, w_state)
+    ref = loss_fn(X.mlstm_chunkwise, chunk_size=chunk_size)(inputs, state, w_h, w_state)
+    assert_close(ours, ref, 1e-5)
+
+
+def test_remat_chunk_states_lowers_planned_memory():
+    """XLA's planned temporaries for forward+backward: the chunk-states policy keeps only the chunk
+    states and rebuilds one chunk's matrices at a time, so its temporaries are smaller than even
+    one L×L float32 matrix per chunk (S·L per head), of which plain autodiff keeps several."""
+    heads, seq_len, chunk = 1, 2048, 64
+    shape = (1, heads, seq_len, 32)
+    specs = [jax.ShapeDtypeStruct(shape, jnp.float32)] * 3 + [
+        jax.ShapeDtypeStruct(shape[:3], jnp.float32)
+    ] * 2
+
+    def temp_bytes(policy):
+        def loss(*inputs):
+            return jnp.sum(mlstm_chunkwise_remat(*inputs, chunk_size=chunk, remat=policy))
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+        return grad.lower(*specs).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes("chunk_states") < heads * seq_len * chunk * 4
+
+
+def test_remat_bad_arguments():
+    inputs, _, _, _ = make_case(4, 1, 1, 8, 4, 4, (0.0, 1.0), (0.0, 1.0), False)
+    with pytest.raises(ValueError, match="remat must be one of"):
+        mlstm_chunkwise_remat(*inputs, remat="everything")
+    with pytest.raises(ValueError, match="chunks_per_step"):
+        mlstm_chunkwise_remat(*inputs, chunks_per_step=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        mlstm_chunkwise_remat(*inputs, chunk_size=-1)
+
+
+def test_model_backend_chunkwise_pallas_matches_chunkwise():
+    """`mLSTMCellConfig(backend="chunkwise_pallas")` selects the kernel; same key, same logits."""
+    import dataclasses
+
+    import jax.random as jr
+
+    import xlstm_eqx as X
+
+    def model_with(backend):
+        cfg = X.get_preset("tiny_xlstm")
+        cell = dataclasses.replace(cfg.mlstm_block.mlstm.mlstm_cell, backend=backend)
+        layer = dataclasses.replace(cfg.mlstm_block.mlstm, mlstm_cell=cell)
+        block = dataclasses.replace(cfg.mlstm_block, mlstm=layer)
+        return X.xLSTMLMModel(dataclasses.replace(cfg, mlstm_block=block), key=jr.key(0))
+
+    tokens = jr.randint(jr.key(1), (2, 21), 0, 64)
+    ref = model_with({"name": "chunkwise", "kwargs": {"chunk_size": 16}})(tokens)
+    out = model_with({"name": "chunkwise_pallas", "kwargs": {"chunk_size": 16}})(tokens)
+    assert jnp.max(jnp.abs(out - ref)) <= 1e-4
