@@ -327,12 +327,8 @@ register_model_family(
 )
 
 
-def _read_config_file(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"model {path!r}: not a model family ({', '.join(sorted(MODEL_FAMILIES))}) "
-            "and no such config file"
-        )
+def read_mapping_file(path: str, what: str) -> dict[str, Any]:
+    """The mapping in a JSON or YAML (`.yaml`/`.yml`) file; errors name `what` and the path."""
     with open(path) as f:
         text = f.read()
     if path.endswith((".yaml", ".yml")):
@@ -345,10 +341,19 @@ def _read_config_file(path: str) -> dict[str, Any]:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"model config {path!r} is not valid JSON: {e}") from None
+            raise ValueError(f"{what} {path!r} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
-        raise ValueError(f"model config {path!r} must hold a mapping, got {type(d).__name__}")
+        raise ValueError(f"{what} {path!r} must hold a mapping, got {type(d).__name__}")
     return d
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"model {path!r}: not a model family ({', '.join(sorted(MODEL_FAMILIES))}) "
+            "and no such config file"
+        )
+    return read_mapping_file(path, "model config")
 
 
 def resolve_model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[str, Any]:

@@ -70,23 +70,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def _load_mapping(path: str) -> dict[str, Any]:
+    from ._train import read_mapping_file
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config file {path!r} does not exist")
-    with open(path) as f:
-        text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError as e:
-            raise ImportError(f"reading {path!r} needs PyYAML (pip install pyyaml)") from e
-        d = yaml.safe_load(text)
-    else:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config file {path!r} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"--config file {path!r} must hold a mapping of TrainConfig fields")
+    d = read_mapping_file(path, "--config file")
     if isinstance(d.get("train"), dict) and "model_config" in d:  # a run's config.json
         d = d["train"]
     return d
