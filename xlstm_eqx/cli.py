@@ -323,7 +323,18 @@ COMMANDS: dict[str, Command] = {
         lambda p: _interop_cli().add_convert_arguments(p),
         lambda args: _interop_cli().run_convert(args),
     ),
+    "bench": (
+        "benchmarks: cell | train | generate | all (time, tokens/s, memory, ratios vs peers)",
+        lambda p: _bench().add_bench_arguments(p),
+        lambda args: _bench().run_bench_command(args),
+    ),
 }
+
+
+def _bench() -> types.ModuleType:
+    from . import _bench
+
+    return _bench
 
 
 def _interop_cli() -> types.ModuleType:
