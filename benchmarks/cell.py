@@ -6,7 +6,9 @@ Forward and forward+backward (gradient of a weighted sum with respect to all fiv
 of `--repeats` runs after one warm-up call, `block_until_ready`. Memory is the compiled program's
 peak as XLA plans it (arguments + outputs + temporaries, from `Compiled.memory_analysis()`); a
 configuration whose plan exceeds `--budget-gb` is skipped and reported as such. B=1, NH=4,
-DHQK=DHV=64, float32 by default.
+DHQK=DHV=64, float32 by default. On a GPU the Pallas kernels (`chunkwise_pallas`) get rows too.
+The peer runs with a larger chunk where S would need more than `--peer-max-chunks` chunks (its
+compile time grows with the chunk count); such rows say so.
 """
 
 import argparse
@@ -24,26 +26,48 @@ import xlstm_eqx as X
 
 
 def _ours(chunk_size: int) -> dict[str, Callable]:
-    return {
+    forms = {
         "chunkwise": lambda q, k, v, i, f: X.mlstm_chunkwise(q, k, v, i, f, chunk_size=chunk_size),
         "parallel": lambda q, k, v, i, f: X.parallel_stabilized_simple(q, k, v, i, f),
         "recurrent": lambda q, k, v, i, f: X.mlstm_recurrent(q, k, v, i, f),
     }
+    if jax.default_backend() == "gpu":  # elsewhere the kernels run interpreted: not a timing
+        forms["chunkwise_pallas"] = lambda q, k, v, i, f: X.mlstm_chunkwise_pallas(
+            q, k, v, i, f, chunk_size=chunk_size
+        )
+    return forms
 
 
-def _peer(chunk_size: int) -> dict[str, Callable]:
-    """mlstm-kernels' pure-JAX chunkwise form (it imports Triton glue at import time: stub it)."""
+PEER = "mlstm-kernels chunkwise"
+
+
+def _peer() -> Callable[[int], Callable] | None:
+    """mlstm-kernels' pure-JAX chunkwise form, by chunk size (it imports Triton glue at import
+    time: stub it), or None when the package is not installed."""
     try:
         sys.modules.setdefault("jax_triton", types.ModuleType("jax_triton"))
         from mlstm_kernels.jax.chunkwise.native import mlstm_chunkwise__native_autograd
     except Exception as err:  # noqa: BLE001 - any import failure means "peer not available"
         print(f"# mlstm-kernels not available ({type(err).__name__}: {err}); peer rows skipped")
-        return {}
+        return None
 
-    def peer(q, k, v, i, f):
-        return mlstm_chunkwise__native_autograd(q, k, v, i, f, chunk_size=chunk_size)
+    def with_chunk(chunk_size: int) -> Callable:
+        def peer(q, k, v, i, f):
+            return mlstm_chunkwise__native_autograd(q, k, v, i, f, chunk_size=chunk_size)
 
-    return {"mlstm-kernels chunkwise": peer}
+        return peer
+
+    return with_chunk
+
+
+def peer_chunk_size(seq_len: int, chunk_size: int, max_chunks: int) -> int:
+    """The peer's chunk size at `seq_len`: `chunk_size`, doubled until there are at most
+    `max_chunks` chunks. Its chunk loop is a Python loop, unrolled into the program: at S=16384
+    with chunk 64 (256 chunks) its forward+backward compile ran for over 10 minutes here."""
+    size = chunk_size
+    while -(-seq_len // size) > max_chunks:
+        size *= 2
+    return size
 
 
 def _inputs(seq_len: int, dtype) -> tuple[jax.Array, ...]:
@@ -90,15 +114,26 @@ def _time(compiled, args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(seq_lens, repeats: int, budget_gb: float, chunk_size: int, dtype) -> list[dict]:
-    forms = {**_peer(chunk_size), **_ours(chunk_size)}  # peer first: ratios print as we go
+def run(
+    seq_lens, repeats: int, budget_gb: float, chunk_size: int, dtype, peer_max_chunks: int = 64
+) -> list[dict]:
+    peer = _peer()
     rows = []
     for seq_len in seq_lens:
         args = _inputs(seq_len, dtype)
+        forms, notes = {}, {}
+        if peer is not None:  # peer first: ratios print as we go
+            size = peer_chunk_size(seq_len, chunk_size, peer_max_chunks)
+            forms[PEER] = peer(size)
+            if size != chunk_size:
+                notes[PEER] = f"(chunk {size}: <= {peer_max_chunks} chunks, see --peer-max-chunks)"
+        forms.update(_ours(chunk_size))
         for name, fn in forms.items():
             for backward in (False, True):
                 row = {"S": seq_len, "form": name, "pass": "fwd+bwd" if backward else "fwd"}
+                start = time.perf_counter()
                 compiled = _compile(fn, backward, args)
+                row["compile_s"] = time.perf_counter() - start
                 peak = _peak_bytes(compiled)
                 row["peak_mb"] = None if peak is None else peak / 2**20
                 if peak is not None and peak > budget_gb * 2**30:
@@ -106,7 +141,7 @@ def run(seq_lens, repeats: int, budget_gb: float, chunk_size: int, dtype) -> lis
                     row["note"] = f"skipped: needs {peak / 2**30:.1f} GiB > {budget_gb} GiB"
                 else:
                     row["ms"] = 1e3 * _time(compiled, args, repeats)
-                    row["note"] = ""
+                    row["note"] = notes.get(name, "")
                 rows.append(row)
                 _print_row(row, rows)
     return rows
@@ -115,7 +150,8 @@ def run(seq_lens, repeats: int, budget_gb: float, chunk_size: int, dtype) -> lis
 def _print_row(row: dict, rows: list[dict]) -> None:
     if len(rows) == 1:
         print(
-            f"{'S':>6} {'form':<24} {'pass':<8} {'ms':>10} {'tok/s':>11} {'peak MiB':>9} {'vs peer':>8}"
+            f"{'S':>6} {'form':<24} {'pass':<8} {'ms':>10} {'tok/s':>11} {'peak MiB':>9} "
+            f"{'vs peer':>8} {'compile s':>9}"
         )
     ms = "-" if row["ms"] is None else f"{row['ms']:.2f}"
     tps = "-" if row["ms"] is None else f"{row['S'] / (row['ms'] / 1e3):,.0f}"
@@ -139,7 +175,8 @@ def _print_row(row: dict, rows: list[dict]) -> None:
     ):
         ratio = f"{peer['ms'] / row['ms']:.2f}x"
     print(
-        f"{row['S']:>6} {row['form']:<24} {row['pass']:<8} {ms:>10} {tps:>11} {peak:>9} {ratio:>8} {row['note']}",
+        f"{row['S']:>6} {row['form']:<24} {row['pass']:<8} {ms:>10} {tps:>11} {peak:>9} "
+        f"{ratio:>8} {row.get('compile_s', 0.0):>9.1f} {row['note']}",
         flush=True,
     )
 
@@ -150,12 +187,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget-gb", type=float, default=8.0)
     parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument(
+        "--peer-max-chunks",
+        type=int,
+        default=64,
+        help="larger S runs the peer with a larger chunk (its compile time grows with chunks)",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     print(
         f"# jax {jax.__version__} on {jax.devices()[0].device_kind}; B=1 NH=4 DHQK=DHV=64 {args.dtype}"
     )
-    run(args.seq_lens, args.repeats, args.budget_gb, args.chunk_size, jnp.dtype(args.dtype))
+    run(
+        args.seq_lens,
+        args.repeats,
+        args.budget_gb,
+        args.chunk_size,
+        jnp.dtype(args.dtype),
+        args.peer_max_chunks,
+    )
     print("# 'vs peer' = mlstm-kernels time / our time for the same S and pass (>1: we are faster)")
 
 

@@ -267,10 +267,11 @@ def test_dtype_properties():
             mLSTMBackendNameAndKwargs(
                 "triton_kernels", {"backend_name": "chunkwise--triton_xl_chunk", "autocast_dtype": None}
             ),
-            "chunkwise",
+            "auto",
             {"chunk_size": 64},
         ),
-        (mLSTMBackendNameAndKwargs("triton_kernels", {"chunk_size": 128}), "chunkwise", {"chunk_size": 128}),
+        (mLSTMBackendNameAndKwargs("triton_kernels", {"chunk_size": 128}), "auto", {"chunk_size": 128}),
+        ("auto", "auto", {"chunk_size": 64}),
         (mLSTMBackendNameAndKwargs("fwbw_stabilized", {"keep_G": True}), "chunkwise", {"chunk_size": 512}),
         ("recurrent_triton", "recurrent", {}),
         (mLSTMBackendNameAndKwargs("recurrent", {"use_scan": True, "context_length": 9}), "recurrent", {}),

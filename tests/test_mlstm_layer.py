@@ -391,9 +391,12 @@ def test_resolve_backend():
         "chunkwise",
         (("chunk_size", 8),),
     )
-    assert resolve_backend({"name": "triton_kernels", "kwargs": {}})[0] == "chunkwise"
+    assert resolve_backend({"name": "triton_kernels", "kwargs": {}}) == (
+        "auto",
+        (("chunk_size", 64),),
+    )
     assert resolve_backend("recurrent_triton")[0] == "recurrent"
-    with pytest.raises(ValueError, match="backend name 'flash'"):
+    with pytest.raises(ValueError, match="'name'.*'flash'"):
         resolve_backend("flash")
     with pytest.raises(ValueError, match="chunk_size"):
         resolve_backend({"name": "chunkwise", "kwargs": {"chunk_size": 0}})

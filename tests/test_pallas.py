@@ -255,3 +255,89 @@ def test_model_backend_chunkwise_pallas_matches_chunkwise():
     ref = model_with({"name": "chunkwise", "kwargs": {"chunk_size": 16}})(tokens)
     out = model_with({"name": "chunkwise_pallas", "kwargs": {"chunk_size": 16}})(tokens)
     assert jnp.max(jnp.abs(out - ref)) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# the "auto" backend
+
+
+import xlstm_eqx._pallas as pallas_module  # noqa: E402
+from xlstm_eqx._mlstm import run_backend  # noqa: E402
+
+
+def test_auto_off_gpu_is_chunkwise_without_timing(monkeypatch):
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed off a GPU")
+
+    monkeypatch.setattr(pallas_module, "time_chunkwise_backends", no_timing)
+    monkeypatch.setattr(pallas_module, "_FASTEST", {})
+    choice = pallas_module.fastest_chunkwise_backend((1, 2, 8, 4), (1, 2, 8, 4), jnp.float32)
+    assert choice == "chunkwise"
+    (q, k, v, i, f), _, _, _ = make_case(0, 1, 2, 20, 8, 8, (-3, 3), (-1, 5), False)
+    out = run_backend("auto", (("chunk_size", 8),), q, k, v, i, f)
+    ref = X.mlstm_chunkwise(q, k, v, i, f, chunk_size=8)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_auto_on_gpu_takes_the_faster_and_times_once(monkeypatch):
+    calls = []
+
+    def fake_timing(q_shape, v_shape, dtype, *, chunk_size, eps):
+        calls.append((q_shape, chunk_size))
+        return (
+            {"chunkwise": 2.0, "chunkwise_pallas": 1.0}
+            if chunk_size == 16
+            else {
+                "chunkwise": 1.0,
+                "chunkwise_pallas": 3.0,
+            }
+        )
+
+    monkeypatch.setattr(pallas_module, "time_chunkwise_backends", fake_timing)
+    monkeypatch.setattr(pallas_module, "_FASTEST", {})
+    pick = functools.partial(pallas_module.fastest_chunkwise_backend, platform="gpu")
+    assert pick((1, 2, 64, 8), (1, 2, 64, 8), jnp.float32, chunk_size=16) == "chunkwise_pallas"
+    assert pick((1, 2, 64, 8), (1, 2, 64, 8), jnp.float32, chunk_size=16) == "chunkwise_pallas"
+    assert len(calls) == 1
+    assert pick((1, 2, 64, 8), (1, 2, 64, 8), jnp.float32, chunk_size=32) == "chunkwise"
+    assert len(calls) == 2
+
+
+def test_auto_falls_back_with_a_warning_when_the_kernels_fail(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr(pallas_module, "time_chunkwise_backends", broken)
+    monkeypatch.setattr(pallas_module, "_FASTEST", {})
+    with pytest.warns(RuntimeWarning, match="no Triton here"):
+        choice = pallas_module.fastest_chunkwise_backend(
+            (1, 1, 8, 4), (1, 1, 8, 4), jnp.float32, platform="gpu"
+        )
+    assert choice == "chunkwise"
+
+
+def test_auto_times_for_real_while_jit_traces(monkeypatch):
+    """The timing runs eagerly (its own thread) even when called from inside a jit trace."""
+    monkeypatch.setattr(pallas_module, "_FASTEST", {})
+    seen = []
+
+    @jax.jit
+    def traced(x):
+        seen.append(
+            pallas_module.fastest_chunkwise_backend(
+                (1, 1, 24, 8), (1, 1, 24, 8), jnp.float32, chunk_size=16, platform="gpu"
+            )
+        )
+        return x + 1
+
+    traced(jnp.zeros(()))
+    assert seen[0] in ("chunkwise", "chunkwise_pallas")
+    assert list(pallas_module._FASTEST.values()) == seen
+    times = pallas_module.time_chunkwise_backends(
+        (1, 1, 24, 8), (1, 1, 24, 8), jnp.float32, chunk_size=16, repeats=1
+    )
+    assert set(times) == {"chunkwise", "chunkwise_pallas"} and all(t > 0 for t in times.values())
+    with pytest.raises(ValueError, match="flash"):
+        pallas_module.time_chunkwise_backends(
+            (1, 1, 8, 4), (1, 1, 8, 4), jnp.float32, backends=("flash",)
+        )

@@ -72,10 +72,18 @@ from ._nn import (
 )
 from ._pallas import (
     REMAT_POLICIES as REMAT_POLICIES,
+    fastest_chunkwise_backend as fastest_chunkwise_backend,
     mlstm_chunkwise_pallas as mlstm_chunkwise_pallas,
     mlstm_chunkwise_remat as mlstm_chunkwise_remat,
+    time_chunkwise_backends as time_chunkwise_backends,
 )
 from ._presets import PRESETS as PRESETS, get_preset as get_preset
+from ._profile import (
+    StepProfile as StepProfile,
+    print_profile as print_profile,
+    profile_calls as profile_calls,
+    profile_train_step as profile_train_step,
+)
 from ._slstm import (
     sLSTMCell as sLSTMCell,
     sLSTMLayer as sLSTMLayer,

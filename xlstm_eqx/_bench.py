@@ -1,5 +1,6 @@
 """Benchmarks: the train step of the xLSTM LM against Llama (tokens/s, peak memory, MFU), and the
-`xlstm-eqx bench [cell|train|generate|all]` command that also runs the scripts in `benchmarks/`.
+`xlstm-eqx bench [cell|train|generate|profile|all]` command that also runs the scripts in
+`benchmarks/` (profile: `xlstm_eqx._profile`).
 
 MFU = (model FLOPs per token, counted analytically by `train_flops_per_token`) x (tokens/s)
 divided by the FLOP/s of a large float32 `jnp.dot` timed in the same process (`matmul_flops`).
@@ -35,7 +36,7 @@ __all__ = [
     "train_flops_per_token",
 ]
 
-BENCHMARKS = ("cell", "train", "generate", "all")
+BENCHMARKS = ("cell", "train", "generate", "profile", "all")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def train_flops_per_token(config: Any, seq_len: int) -> float:
     - mLSTM (NH heads, DHQK, DHV per head), per head per token, forward:
       ``2 * L * (DHQK + DHV)`` for the L x L within-chunk (or S x S) score and value products,
       plus ``4 * DHQK * DHV + 4 * DHQK`` for the state (chunk k^T v and k sums into C, n;
-      q C and q n reads). ``L = min(chunk_size, S)`` for "chunkwise"/"chunkwise_pallas";
+      q C and q n reads). ``L = min(chunk_size, S)`` for "chunkwise"/"chunkwise_pallas"/"auto";
       ``L = S`` and no state term for "parallel_stabilized"; ``L = 0`` for "recurrent".
       Times 3 * NH * (number of mLSTM blocks).
     sLSTM blocks count only through their kernels (the dense part). Norms, gates' elementwise
@@ -108,7 +109,7 @@ def train_flops_per_token(config: Any, seq_len: int) -> float:
     nh, dqk, dv = _mlstm_dims(config)
     backend = config.mlstm_block.mlstm.mlstm_cell.backend
     name = backend.name
-    if name in ("chunkwise", "chunkwise_pallas"):
+    if name in ("chunkwise", "chunkwise_pallas", "auto"):
         window = min(int(backend.kwargs.get("chunk_size", 64)), seq_len)
         state = 4.0 * dqk * dv + 4.0 * dqk
     elif name == "parallel_stabilized":
@@ -303,18 +304,37 @@ def _load_script(name: str) -> Any:
     return module
 
 
-def run_bench(which: str, quick: bool = False, *, seq_len: int | None = None) -> int:
-    """Run one benchmark (`cell`, `train`, `generate`) or `all`, printing one table each.
-    `quick` shrinks sizes and repeats (a smoke run, minutes on a CPU)."""
+def run_bench(
+    which: str,
+    quick: bool = False,
+    *,
+    seq_len: int | None = None,
+    model: str = "xlstm",
+    size: str = "small",
+) -> int:
+    """Run one benchmark (`cell`, `train`, `generate`, `profile`) or `all` (all four; the
+    profile of the `model` train step), printing one table each. `quick` shrinks sizes and
+    repeats (a smoke run, minutes on a CPU); `size` picks the train/profile presets."""
     if which not in BENCHMARKS:
         raise ValueError(f"bench: unknown benchmark {which!r}; choose one of {BENCHMARKS}")
-    names = ("cell", "train", "generate") if which == "all" else (which,)
+    names = ("cell", "train", "generate", "profile") if which == "all" else (which,)
     print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     for name in names:
         print(f"\n## {name}", flush=True)
-        if name == "train":
+        if name == "profile":
+            from ._profile import print_profile, profile_train_step
+
             s = seq_len if seq_len is not None else (256 if quick else 2048)
-            rows = bench_train(seq_len=s, steps=2 if quick else 5)
+            profile = profile_train_step(model, size=size, seq_len=s, calls=2 if quick else 3)
+            flops = train_flops_per_token(_train_config(model, size, s), s) * s
+            print_profile(
+                profile,
+                title=f"{size}_{model} train step, B=1 S={s}: ",
+                analytic_flops=flops,
+            )
+        elif name == "train":
+            s = seq_len if seq_len is not None else (256 if quick else 2048)
+            rows = bench_train(seq_len=s, steps=2 if quick else 5, size=size)
             print_train_table(rows)
         elif name == "cell":
             module = _load_script("cell")
@@ -337,9 +357,21 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument(
-        "--seq-len", type=int, default=None, help="train/cell sequence length override"
+        "--seq-len", type=int, default=None, help="train/cell/profile sequence length override"
+    )
+    parser.add_argument(
+        "--model",
+        default="xlstm",
+        choices=("xlstm", "llama"),
+        help="the model whose train step `profile` traces",
+    )
+    parser.add_argument(
+        "--size",
+        default="small",
+        choices=("tiny", "small"),
+        help="presets for train/profile: {size}_xlstm and {size}_llama",
     )
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    return run_bench(args.which, args.quick, seq_len=args.seq_len)
+    return run_bench(args.which, args.quick, seq_len=args.seq_len, model=args.model, size=args.size)

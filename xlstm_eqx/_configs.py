@@ -80,6 +80,7 @@ MLSTM_BACKENDS: dict[str, tuple[str, ...]] = {
     "parallel_stabilized": ("eps",),
     "chunkwise": ("chunk_size", "eps"),
     "chunkwise_pallas": ("chunk_size", "eps"),
+    "auto": ("chunk_size", "eps"),
     "recurrent": ("eps",),
 }
 #: Default keyword arguments filled in for each backend (so equal settings compare equal).
@@ -87,6 +88,7 @@ _BACKEND_DEFAULT_KWARGS: dict[str, dict[str, Any]] = {
     "parallel_stabilized": {},
     "chunkwise": {"chunk_size": 64},
     "chunkwise_pallas": {"chunk_size": 64},
+    "auto": {"chunk_size": 64},
     "recurrent": {},
 }
 #: The reference's backend names: (name here, default chunk size or None, reference kwargs that are kept,
@@ -107,7 +109,7 @@ _REFERENCE_BACKENDS: dict[str, tuple[str, int | None, tuple[str, ...], tuple[str
         ),
     ),
     "triton_kernels": (
-        "chunkwise",
+        "auto",
         64,
         ("chunk_size",),
         (
@@ -126,6 +128,7 @@ _DROPPED_KWARGS: dict[str, tuple[str, ...]] = {
     "parallel_stabilized": ("context_length",),
     "chunkwise": (),
     "chunkwise_pallas": (),
+    "auto": (),
     "recurrent": ("context_length", "state_dtype", "use_scan"),
 }
 
@@ -380,8 +383,10 @@ class mLSTMBackendNameAndKwargs(_Config):
     """mLSTM backend name and its keyword arguments (passed to the cell function).
 
     Names here: "parallel_stabilized" (kwargs: eps), "chunkwise" (kwargs: chunk_size, default 64; eps),
-    "recurrent" (kwargs: eps). The reference's names are accepted and mapped at construction:
-    - "triton_kernels" -> "chunkwise", chunk_size from kwargs (default 64). Its other kwargs
+    "chunkwise_pallas" (the Pallas kernels; same kwargs), "auto" (on a GPU whichever of the two is
+    faster for the shapes, measured once; "chunkwise" elsewhere), "recurrent" (kwargs: eps). The
+    reference's names are accepted and mapped at construction:
+    - "triton_kernels" -> "auto", chunk_size from kwargs (default 64). Its other kwargs
       (backend_name, autocast_dtype, reduce_slicing, eps, norm_val, stabilize_correctly) are dead in the
       reference and dropped; the kernel's eps is 1e-6, the cell default.
     - "fwbw_stabilized" -> "chunkwise", chunk_size from kwargs (default 512). Its keep_* / return_state /

@@ -27,6 +27,7 @@ from ._cell import (
     mLSTMState,
     parallel_stabilized_simple,
 )
+from ._configs import MLSTM_BACKENDS, mLSTMBackendNameAndKwargs
 from ._nn import (
     CausalConv1d,
     Dense,
@@ -47,23 +48,15 @@ from ._nn import (
 # ----------------------------------------------------------------------------------------------
 # backend dispatch
 
-BACKENDS: tuple[str, ...] = ("parallel_stabilized", "chunkwise", "chunkwise_pallas", "recurrent")
-
-# Reference backend names and what computes the same thing here.
-_BACKEND_ALIASES: dict[str, str] = {
-    "fwbw_stabilized": "chunkwise",
-    "triton_kernels": "chunkwise",
-    "recurrent_triton": "recurrent",
-}
+BACKENDS: tuple[str, ...] = tuple(MLSTM_BACKENDS)
 
 
 def resolve_backend(backend: Any) -> tuple[str, tuple[tuple[str, Any], ...]]:
     """Normalise ``mLSTMCellConfig.backend`` to ``(name, sorted kwargs items)``.
 
     Accepts a plain name, an object with ``name`` and ``kwargs`` attributes (the reference's
-    name-and-kwargs form) or a mapping ``{"name": ..., "kwargs": {...}}``. The reference's
-    ``fwbw_stabilized`` / ``triton_kernels`` map to ``chunkwise`` and ``recurrent_triton`` to
-    ``recurrent``. Only ``chunk_size`` (chunkwise) and ``eps`` are used; other kwargs are ignored.
+    name-and-kwargs form) or a mapping ``{"name": ..., "kwargs": {...}}``; the mapping of the
+    reference's names, the default kwargs and the validation are `mLSTMBackendNameAndKwargs`'s.
     """
     if isinstance(backend, str):
         name, kwargs = backend, {}
@@ -73,17 +66,9 @@ def resolve_backend(backend: Any) -> tuple[str, tuple[tuple[str, Any], ...]]:
         name, kwargs = backend.name, getattr(backend, "kwargs", None) or {}
     else:
         raise ValueError(f"mlstm_cell.backend: cannot interpret {backend!r}")
-    name = _BACKEND_ALIASES.get(name, name)
-    if name not in BACKENDS:
-        raise ValueError(
-            f"mlstm_cell.backend: unknown backend name {name!r}; allowed: {', '.join(BACKENDS)}"
-        )
-    kwargs = dict(kwargs)
-    if "chunk_size" in kwargs and int(kwargs["chunk_size"]) <= 0:
-        raise ValueError(
-            f"mlstm_cell.backend.kwargs.chunk_size must be positive, got {kwargs['chunk_size']}"
-        )
-    return name, tuple(sorted((str(k), _hashable(v)) for k, v in kwargs.items()))
+    resolved = mLSTMBackendNameAndKwargs(name=name, kwargs=dict(kwargs))
+    items = resolved.kwargs.items()
+    return resolved.name, tuple(sorted((str(k), _hashable(v)) for k, v in items))
 
 
 def _hashable(value: Any) -> Any:
@@ -94,6 +79,7 @@ def _hashable(value: Any) -> Any:
     return value
 
 
+@jax.named_scope("mLSTMCell")
 def run_backend(
     name: str,
     kwargs: tuple[tuple[str, Any], ...],
@@ -126,6 +112,12 @@ def run_backend(
             initial_state=initial_state,
             return_last_state=return_last_state,
             eps=eps,
+        )
+    if name == "auto":
+        from ._pallas import fastest_chunkwise_backend
+
+        name = fastest_chunkwise_backend(
+            q.shape, v.shape, q.dtype, chunk_size=int(opts.get("chunk_size", 64)), eps=eps
         )
     if name == "chunkwise_pallas":  # Pallas kernels on GPU, interpret mode elsewhere
         from ._pallas import mlstm_chunkwise_pallas
@@ -584,6 +576,7 @@ class mLSTMInnerLayer(eqx.Module):
         h = h.astype(f32) + self.learnable_skip * skip_in.astype(f32)
         return h * jax.nn.silu(z).astype(f32)
 
+    @jax.named_scope("mLSTMLayer")
     def __call__(
         self,
         x_mlstm: Float[Array, "B S I"],
@@ -702,6 +695,7 @@ class mLSTMLayer(eqx.Module):
             h = self.inner_layer(x_mlstm, z, document_borders, initial_state=initial_state)
         return dropout(self.proj_down(h), self.dropout_rate, key=key), state
 
+    @jax.named_scope("mLSTMLayer")
     def __call__(
         self,
         x: Float[Array, "B S D"],
@@ -862,6 +856,7 @@ class mLSTMLayerV1(eqx.Module):
         state = None if cell_state is None else mLSTMLayerState(cell=cell_state, conv=None)
         return y, state
 
+    @jax.named_scope("mLSTMLayer")
     def __call__(
         self,
         x: Float[Array, "B S D"],

@@ -130,6 +130,7 @@ class xLSTMLMModel(eqx.Module):
             x = dropout(x, self.dropout_rate, key=key)
         return x
 
+    @jax.named_scope("LMHead")
     def head(self, x: Float[Array, "*batch D"]) -> Float[Array, "*batch V"]:
         """Post-blocks norm, LM head in ``lm_head_dtype``, float32 logits, soft cap."""
         if self.out_norm is not None:

@@ -349,8 +349,13 @@ def tiny_llama() -> LlamaConfig:
 
 def small_xlstm() -> xLSTMLMModelConfig:
     """The main job's xLSTM (3.35M parameters with the byte vocabulary): 4 mLSTM v1 blocks
-    (xLSTM-7B style, SwiGLU FFN), D=256, 4 heads, chunkwise backend (chunk 64), float32,
-    context 1024 — sized to learn visibly in a few CPU minutes."""
+    (xLSTM-7B style, SwiGLU FFN), D=256, 4 heads, backend "auto" (chunk 64: the chunkwise form,
+    or the Pallas kernels on a GPU where they time faster), float32,
+    context 1024 — sized to learn visibly in a few CPU minutes.
+
+    Blocks unrolled (``scan_blocks=False``): with 4 blocks compile time is no issue, and the
+    profile of the train step showed the scan's stacked residuals (writes, reads, zero fills)
+    taking ~25% of the step on CPU; unrolled is 1.2x faster and needs 30% less memory."""
     return xLSTMLMModelConfig(
         vocab_size=256,
         embedding_dim=256,
@@ -360,14 +365,14 @@ def small_xlstm() -> xLSTMLMModelConfig:
         logits_soft_cap=30.0,
         lm_head_dtype="float32",
         dtype="float32",
-        scan_blocks=True,
+        scan_blocks=False,
         mlstm_block=mLSTMBlockConfig(
             mlstm=mLSTMLayerConfig(
                 layer_type="mlstm_v1",
                 num_heads=4,
                 qk_dim_factor=0.5,
                 mlstm_cell=mLSTMCellConfig(
-                    backend=mLSTMBackendNameAndKwargs(name="chunkwise", kwargs={"chunk_size": 64}),
+                    backend=mLSTMBackendNameAndKwargs(name="auto", kwargs={"chunk_size": 64}),
                     igate_bias_init_range=-10.0,
                     gate_soft_cap=15.0,
                 ),
@@ -379,12 +384,14 @@ def small_xlstm() -> xLSTMLMModelConfig:
 
 def small_llama() -> LlamaConfig:
     """The Llama baseline at the main job's size: 4 blocks, D=256, head_dim 64 (4 heads),
-    3.34M parameters with the byte vocabulary — equal to `small_xlstm` within 0.5%."""
+    3.34M parameters with the byte vocabulary — equal to `small_xlstm` within 0.5%. Blocks
+    unrolled, as in `small_xlstm`."""
     return LlamaConfig(
         vocab_size=256,
         embedding_dim=256,
         num_blocks=4,
         head_dim=64,
+        scan_blocks=False,
         dtype="float32",
         attention_backend="xla",
         context_length=1024,

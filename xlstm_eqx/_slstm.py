@@ -167,6 +167,7 @@ class sLSTMCell(eqx.Module):
         new = self._pointwise(state, x_gates)
         return new.y, new
 
+    @jax.named_scope("sLSTMCell")
     def __call__(
         self,
         x_gates: Float[Array, "B S 4 NH DH"],
@@ -275,6 +276,7 @@ class sLSTMLayer(eqx.Module):
         out = self._group_norm(jnp.transpose(y, (0, 2, 1, 3)))
         return out, sLSTMLayerState(conv=conv_state, cell=cell_state)
 
+    @jax.named_scope("sLSTMLayer")
     def __call__(
         self, x: Float[Array, "B S D"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "B S D"]:

@@ -475,6 +475,7 @@ def make_optimizer(
 # steps
 
 
+@jax.named_scope("loss")
 def next_token_loss(
     model: Callable[..., Float[Array, "B S V"]],
     tokens: Int[Array, "B S1"],

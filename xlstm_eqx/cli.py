@@ -324,7 +324,7 @@ COMMANDS: dict[str, Command] = {
         lambda args: _interop_cli().run_convert(args),
     ),
     "bench": (
-        "benchmarks: cell | train | generate | all (time, tokens/s, memory, ratios vs peers)",
+        "benchmarks: cell | train | generate | profile | all (time, tokens/s, memory, MFU, ratios vs peers, where the train step spends its time)",
         lambda p: _bench().add_bench_arguments(p),
         lambda args: _bench().run_bench_command(args),
     ),
