@@ -284,18 +284,18 @@ def print_profile(
                 else f"; counted analytically {analytic_flops / 1e9:.2f} GFLOP"
             )
         )
-    print(f"{'part':<34} {'fwd ms':>8} {'bwd ms':>8} {'other ms':>8} {'total':>8} {'share':>7}")
+    print(f"{'part':<42} {'fwd ms':>8} {'bwd ms':>8} {'other ms':>8} {'total':>8} {'share':>7}")
     for row in profile.parts():
         other = row["other"]
         upd = row["update"] + other
         print(
-            f"{row['part']:<34} {row['fwd']:>8.1f} {row['bwd']:>8.1f} {upd:>8.1f} "
+            f"{row['part']:<42} {row['fwd']:>8.1f} {row['bwd']:>8.1f} {upd:>8.1f} "
             f"{row['total']:>8.1f} {row['share']:>7.1%}"
         )
-    print(f"\n{'slowest ops':<34} {'ms':>8} {'calls':>6} {'phase':>6}  {'opcode':<10} shape")
+    print(f"\n{'slowest ops':<42} {'ms':>8} {'calls':>6} {'phase':>6}  {'opcode':<10} shape")
     for op in profile.ops[:top]:
         print(
-            f"{op.name[:34]:<34} {op.ms:>8.2f} {op.count:>6} {op.phase:>6}  {op.opcode:<10} "
+            f"{op.name[:42]:<42} {op.ms:>8.2f} {op.count:>6} {op.phase:>6}  {op.opcode:<10} "
             f"{op.shape[:40]}  [{op.part}]",
             flush=True,
         )
