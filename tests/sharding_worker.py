@@ -442,7 +442,24 @@ def run_dist(data_file: str, process_id: int, num_processes: int, port: int) -> 
         model, opt_state, loss, gnorm = step((batch, jr.fold_in(loop_key, i)), model, opt_state)
         losses.append(float(loss))
         norms.append(float(gnorm))
+    # The trainer's own loop, as `xlstm-eqx train --mesh fsdp=-1` runs it on every process:
+    # FSDP over both processes, evaluation, checkpoints (gathered, written by process 0 only)
+    # and the end-of-run sample, all into one shared directory.
+    run_dir = os.path.join(os.path.dirname(data_file), "dist_train")
+    tcfg = dataclasses.replace(
+        _train_config(data_file, run_dir),
+        mesh="fsdp=-1",
+        eval_every=2,
+        checkpoint_every=2,
+        sample_tokens=4,
+        sample_temperature=0.0,
+    )
+    result = _train.train(tcfg, log=lambda msg: None)
     return {
+        "trainer_losses": [result.losses[s] for s in sorted(result.losses)],
+        "trainer_eval_loss": result.eval_loss,
+        "trainer_sample": result.sample,
+        "run_dir": run_dir,
         "initialized": up,
         "process_index": jax.process_index(),
         "process_count": jax.process_count(),

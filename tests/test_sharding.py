@@ -685,3 +685,30 @@ def test_two_processes_train_data_parallel_like_one(results):
         np.testing.assert_allclose(r["losses"], single, rtol=1e-5)
     assert _get(results, "dist0")["process_index"] == 0
     assert _get(results, "dist1")["process_index"] == 1
+
+
+def test_two_processes_run_the_trainer_loop_with_fsdp(results):
+    """`train()` (what `xlstm-eqx train --mesh fsdp=-1` runs on every host) over two processes:
+    the same losses as one device, one writer for every file, a checkpoint that loads."""
+    from xlstm_eqx._train import load_run
+
+    single = _get(results, "train")["losses_single"]
+    r0, r1 = _get(results, "dist0"), _get(results, "dist1")
+    for r in (r0, r1):
+        np.testing.assert_allclose(r["trainer_losses"], single, rtol=1e-5)
+        assert r["trainer_sample"] is not None and len(r["trainer_sample"]) > 0
+    assert r0["trainer_eval_loss"] == pytest.approx(r1["trainer_eval_loss"], rel=1e-6)
+    assert r0["trainer_sample"] == r1["trainer_sample"]
+    run_dir = pathlib.Path(r0["run_dir"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]  # written once, not once per process
+    assert not list(run_dir.rglob("*.tmp*"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step_00000002",
+        "step_00000003",
+    ]
+    model, _, step = load_run(str(run_dir))
+    assert step == 3 and isinstance(model, xLSTMLMModel)
+    assert all(
+        np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))
+    )

@@ -847,6 +847,10 @@ def run_config_dict(p: _Prepared) -> dict[str, Any]:
     }
 
 
+def _no_log(message: str) -> None:
+    del message
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -860,6 +864,11 @@ def train(
     """
     t_start = time.perf_counter()
     p = _prepare(cfg)
+    # In a multi-process run every process runs this loop; process 0 alone writes the run's files
+    # and logs (checkpoints are gathered from all processes first).
+    writer = jax.process_index() == 0
+    if not writer:
+        log = _no_log
     out = cfg.out_dir()
     ckpt_root = os.path.join(out, "checkpoints")
     metrics_path = os.path.join(out, "metrics.jsonl")
@@ -888,14 +897,16 @@ def train(
         )
 
     # Everything is validated: only now is anything written.
-    os.makedirs(out, exist_ok=True)
     run_config = run_config_dict(p)
-    _write_json_atomic(os.path.join(out, "config.json"), run_config)
-    if p.resume_from is None:
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)
-    else:
-        _truncate_metrics(metrics_path, start_step)
+    if writer:
+        os.makedirs(out, exist_ok=True)
+        _write_json_atomic(os.path.join(out, "config.json"), run_config)
+        if p.resume_from is None:
+            if os.path.exists(metrics_path):
+                os.remove(metrics_path)
+        else:
+            _truncate_metrics(metrics_path, start_step)
+    if p.resume_from is not None:
         log(f"resumed from {p.resume_from} at step {start_step}")
 
     n_params = sum(x.size for x in jax.tree.leaves(trainable_params(model)))
@@ -911,13 +922,23 @@ def train(
     last_ckpt = latest_checkpoint(ckpt_root)
     last_ckpt_step = start_step if p.resume_from else 0
 
-    def checkpoint(step: int) -> str:
+    def checkpoint(step: int) -> str | None:
         meta = {
             "step": step,
             "data_position": step * cfg.grad_accum,
             "rng_key": np.asarray(jax.random.key_data(loop_key)).tolist(),
             "run_config": run_config,
         }
+        if cfg.mesh:  # gathered from every process (a collective: all call it), written by 0
+            from ._sharding import save_sharded_checkpoint
+
+            return save_sharded_checkpoint(
+                ckpt_root,
+                step,
+                {"model": model, "opt_state": opt_state},
+                meta,
+                keep=cfg.keep_checkpoints,
+            )
         return save_checkpoint(
             ckpt_root,
             step,
@@ -928,7 +949,7 @@ def train(
 
     end_step = cfg.steps if stop_after_step is None else min(cfg.steps, stop_after_step)
     bar = None
-    if cfg.progress:
+    if cfg.progress and writer:
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -937,7 +958,7 @@ def train(
     interval_start = time.perf_counter()
     interval_steps = 0
     interrupt = _InterruptFlag(log)
-    metrics_file = open(metrics_path, "a")  # noqa: SIM115 - closed in finally
+    metrics_file = open(metrics_path if writer else os.devnull, "a")  # noqa: SIM115 - closed in finally
     try:
         for step in range(start_step + 1, end_step + 1):
             pos = (step - 1) * cfg.grad_accum
@@ -1006,7 +1027,7 @@ def train(
             bar.close()
 
     final_step = max(start_step, end_step)
-    png = plot_metrics(metrics_path, os.path.join(out, "loss.png"))
+    png = plot_metrics(metrics_path, os.path.join(out, "loss.png")) if writer else None
     if eval_loss is None and p.resume_from is not None and final_step == start_step:
         eval_loss = evaluate_loss(model, p.eval_batches)
         bpb = bits_per_byte(eval_loss, p.corpus.heldout_tokens_per_byte)
@@ -1024,7 +1045,8 @@ def train(
         "seconds": round(seconds, 1),
         "checkpoint": last_ckpt,
     }
-    _write_json_atomic(os.path.join(out, "summary.json"), summary)
+    if writer:
+        _write_json_atomic(os.path.join(out, "summary.json"), summary)
     if bpb is not None:
         log(
             f"held-out after step {final_step}: loss {eval_loss:.4f} nats/token, "
