@@ -929,23 +929,11 @@ def train(
             "rng_key": np.asarray(jax.random.key_data(loop_key)).tolist(),
             "run_config": run_config,
         }
+        save = save_checkpoint
         if cfg.mesh:  # gathered from every process (a collective: all call it), written by 0
-            from ._sharding import save_sharded_checkpoint
-
-            return save_sharded_checkpoint(
-                ckpt_root,
-                step,
-                {"model": model, "opt_state": opt_state},
-                meta,
-                keep=cfg.keep_checkpoints,
-            )
-        return save_checkpoint(
-            ckpt_root,
-            step,
-            {"model": model, "opt_state": opt_state},
-            meta,
-            keep=cfg.keep_checkpoints,
-        )
+            from ._sharding import save_sharded_checkpoint as save
+        trees = {"model": model, "opt_state": opt_state}
+        return save(ckpt_root, step, trees, meta, keep=cfg.keep_checkpoints)
 
     end_step = cfg.steps if stop_after_step is None else min(cfg.steps, stop_after_step)
     bar = None
