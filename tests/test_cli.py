@@ -85,12 +85,20 @@ def test_info_counts_parameters(capsys):
     from xlstm_eqx._llama import LlamaTransformer
     from xlstm_eqx._presets import tiny_llama
 
+    def count(config):
+        model = eqx.filter_eval_shape(LlamaTransformer, config, key=jr.key(0))
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(model))
+
+    # The preset as shipped (its own vocabulary), or as `train` would build it for a tokenizer.
     assert main(["info", "--model", "llama", "--preset", "tiny"]) == 0
     text = capsys.readouterr().out
+    assert f"parameters: {count(tiny_llama()):,}" in text
+    assert f"vocab_size = {tiny_llama().vocab_size}" in text
+    assert main(["info", "--model", "llama", "--preset", "tiny", "--tokenizer", "bytes"]) == 0
+    text = capsys.readouterr().out
     config = LlamaConfig.from_dict({**tiny_llama().to_dict(), "vocab_size": 256})
-    model = eqx.filter_eval_shape(LlamaTransformer, config, key=jr.key(0))
-    expected = sum(math.prod(x.shape) for x in jax.tree.leaves(model))
-    assert f"parameters: {expected:,}" in text
+    assert f"parameters: {count(config):,}" in text and "vocab_size = 256" in text
+    assert tiny_llama().vocab_size != 256  # so the two cases differ
     assert main(["info", "--list-presets"]) == 0
     listing = capsys.readouterr().out
     assert "xlstm:" in listing and "small" in listing and "llama165M" in listing

@@ -252,7 +252,12 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="xlstm", help="'xlstm', 'llama', or a model-config file")
     p.add_argument("--preset", default="small", help="size preset (default: small)")
     p.add_argument("--out", metavar="DIR", help="describe this run's model instead")
-    p.add_argument("--tokenizer", default="bytes", help="'bytes' or a tokenizer.json")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="count with this tokenizer's vocabulary, as `train` would ('bytes' or a "
+        "tokenizer.json; default: the preset's own vocabulary)",
+    )
     p.add_argument("--list-presets", action="store_true", help="list the presets of each family")
     p.add_argument("--mesh", metavar="SPEC", help="per-device memory on a mesh, e.g. 'fsdp=8,tp=4'")
 
@@ -288,9 +293,12 @@ def _info_run(args: argparse.Namespace) -> int:
         config = MODEL_FAMILIES[kind].config_from_dict(run["model_config"])
         label = f"run {args.out}"
     else:
-        tcfg = TrainConfig(model=args.model, preset=args.preset, tokenizer=args.tokenizer)
-        kind, config = resolve_model_config(tcfg, load_tokenizer(args.tokenizer))
+        tokenizer = args.tokenizer or "bytes"
+        tcfg = TrainConfig(model=args.model, preset=args.preset, tokenizer=tokenizer)
+        kind, config = resolve_model_config(tcfg, load_tokenizer(tokenizer))
         label = f"preset {args.preset!r}" if args.model in MODEL_FAMILIES else args.model
+        if args.tokenizer is None and args.model in MODEL_FAMILIES:
+            config = MODEL_FAMILIES[kind].presets()[args.preset]()  # as shipped
     skeleton = eqx.filter_eval_shape(MODEL_FAMILIES[kind].build, config, key=jr.key(0))
     n = count_params(skeleton)
     print(f"model: {kind} ({label})")
