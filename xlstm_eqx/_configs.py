@@ -366,10 +366,46 @@ def _tp_size(parallel: ParallelConfig | None) -> int:
 
 
 def _validate_parallel(obj: Any, root: str, prefix: str) -> None:
-    if obj.parallel is not None:
-        if not isinstance(obj.parallel, ParallelConfig):
-            _fail(root, prefix + "parallel", "must be a ParallelConfig or None", obj.parallel)
-        obj.parallel._validate(root, prefix + "parallel.")
+    _validate_child(root, prefix + "parallel", obj.parallel, ParallelConfig, optional=True)
+
+
+def _validate_child(root: str, path: str, value: Any, cls: type, *, optional: bool) -> None:
+    """A nested config field: it must be a `cls` (or None when `optional`); then validate it."""
+    if value is None and optional:
+        return
+    if not isinstance(value, cls):
+        expected = f"must be of type {cls.__name__}" + (" or None" if optional else "")
+        _fail(root, path, expected, value)
+    value._validate(root, path + ".")
+
+
+def _validate_block_position(obj: Any, root: str, prefix: str) -> None:
+    """The `_num_blocks` / `_block_idx` a parent pushed into a block config."""
+    if obj._num_blocks is not None:
+        _check_positive_int(root, prefix + "_num_blocks", obj._num_blocks)
+    if obj._block_idx is not None:
+        _check_nonneg_int(root, prefix + "_block_idx", obj._block_idx)
+
+
+def _derived_copy(
+    value: Any, cls: type, parent: Any, *, block_idx: bool = True, **fields: Any
+) -> Any:
+    """A nested config as its parent's `_derive` needs it: a dict is parsed, a `cls` copied (so
+    parents never share a child), the parent's `_num_blocks` (and `_block_idx` if `block_idx`)
+    and `fields` pushed in, then derived. Anything else is returned as is, for `_validate`."""
+    if isinstance(value, dict):
+        value = cls.from_dict(value)
+    if not isinstance(value, cls):
+        return value
+    value = copy.deepcopy(value)
+    if parent._num_blocks is not None:
+        value._num_blocks = parent._num_blocks
+    if block_idx and parent._block_idx is not None:
+        value._block_idx = parent._block_idx
+    for name, field_value in fields.items():
+        setattr(value, name, field_value)
+    value._derive()
+    return value
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -830,40 +866,16 @@ class mLSTMBlockConfig(_Config):
     }
 
     def _derive(self) -> None:
-        if isinstance(self.mlstm, dict):
-            self.mlstm = mLSTMLayerConfig.from_dict(self.mlstm)
-        if isinstance(self.feedforward, dict):
-            self.feedforward = FeedForwardConfig.from_dict(self.feedforward)
-        if isinstance(self.mlstm, mLSTMLayerConfig):
-            self.mlstm = copy.deepcopy(self.mlstm)
-            if self._num_blocks is not None:
-                self.mlstm._num_blocks = self._num_blocks
-            if self._block_idx is not None:
-                self.mlstm._block_idx = self._block_idx
-            self.mlstm._derive()
-        if isinstance(self.feedforward, FeedForwardConfig):
-            self.feedforward = copy.deepcopy(self.feedforward)
-            if self._num_blocks is not None:
-                self.feedforward._num_blocks = self._num_blocks
-            self.feedforward._derive()
+        self.mlstm = _derived_copy(self.mlstm, mLSTMLayerConfig, self)
+        self.feedforward = _derived_copy(self.feedforward, FeedForwardConfig, self, block_idx=False)
 
     def _validate(self, root: str, prefix: str) -> None:
         p = prefix
-        if not isinstance(self.mlstm, mLSTMLayerConfig):
-            _fail(root, p + "mlstm", "must be an mLSTMLayerConfig", self.mlstm)
-        self.mlstm._validate(root, p + "mlstm.")
-        if self.feedforward is not None:
-            if not isinstance(self.feedforward, FeedForwardConfig):
-                _fail(
-                    root, p + "feedforward", "must be a FeedForwardConfig or None", self.feedforward
-                )
-            self.feedforward._validate(root, p + "feedforward.")
+        _validate_child(root, p + "mlstm", self.mlstm, mLSTMLayerConfig, optional=False)
+        _validate_child(root, p + "feedforward", self.feedforward, FeedForwardConfig, optional=True)
         _check_bool(root, p + "add_post_norm", self.add_post_norm)
         _validate_parallel(self, root, p)
-        if self._num_blocks is not None:
-            _check_positive_int(root, p + "_num_blocks", self._num_blocks)
-        if self._block_idx is not None:
-            _check_nonneg_int(root, p + "_block_idx", self._block_idx)
+        _validate_block_position(self, root, p)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1000,40 +1012,17 @@ class sLSTMBlockConfig(_Config):
     }
 
     def _derive(self) -> None:
-        if isinstance(self.slstm, dict):
-            self.slstm = sLSTMLayerConfig.from_dict(self.slstm)
-        if isinstance(self.feedforward, dict):
-            self.feedforward = FeedForwardConfig.from_dict(self.feedforward)
-        if isinstance(self.slstm, sLSTMLayerConfig):
-            self.slstm = copy.deepcopy(self.slstm)
-            if self._num_blocks is not None:
-                self.slstm._num_blocks = self._num_blocks
-            if self._block_idx is not None:
-                self.slstm._block_idx = self._block_idx
-            self.slstm.parallel = copy.deepcopy(self.parallel)
-            self.slstm._derive()
-        if isinstance(self.feedforward, FeedForwardConfig):
-            self.feedforward = copy.deepcopy(self.feedforward)
-            if self._num_blocks is not None:
-                self.feedforward._num_blocks = self._num_blocks
-            self.feedforward._derive()
+        self.slstm = _derived_copy(
+            self.slstm, sLSTMLayerConfig, self, parallel=copy.deepcopy(self.parallel)
+        )
+        self.feedforward = _derived_copy(self.feedforward, FeedForwardConfig, self, block_idx=False)
 
     def _validate(self, root: str, prefix: str) -> None:
         p = prefix
-        if not isinstance(self.slstm, sLSTMLayerConfig):
-            _fail(root, p + "slstm", "must be an sLSTMLayerConfig", self.slstm)
-        self.slstm._validate(root, p + "slstm.")
-        if self.feedforward is not None:
-            if not isinstance(self.feedforward, FeedForwardConfig):
-                _fail(
-                    root, p + "feedforward", "must be a FeedForwardConfig or None", self.feedforward
-                )
-            self.feedforward._validate(root, p + "feedforward.")
+        _validate_child(root, p + "slstm", self.slstm, sLSTMLayerConfig, optional=False)
+        _validate_child(root, p + "feedforward", self.feedforward, FeedForwardConfig, optional=True)
         _validate_parallel(self, root, p)
-        if self._num_blocks is not None:
-            _check_positive_int(root, p + "_num_blocks", self._num_blocks)
-        if self._block_idx is not None:
-            _check_nonneg_int(root, p + "_block_idx", self._block_idx)
+        _validate_block_position(self, root, p)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1108,25 +1097,11 @@ class xLSTMBlockConfig(_Config):
         _check_bool(root, p + "add_post_norm", self.add_post_norm)
         if (self.mlstm is None) == (self.slstm is None):
             _fail(root, p + "mlstm", "exactly one of 'mlstm' and 'slstm' must be set")
-        if self.mlstm is not None:
-            if not isinstance(self.mlstm, mLSTMLayerConfig):
-                _fail(root, p + "mlstm", "must be an mLSTMLayerConfig or None", self.mlstm)
-            self.mlstm._validate(root, p + "mlstm.")
-        if self.slstm is not None:
-            if not isinstance(self.slstm, sLSTMLayerConfig):
-                _fail(root, p + "slstm", "must be an sLSTMLayerConfig or None", self.slstm)
-            self.slstm._validate(root, p + "slstm.")
-        if self.feedforward is not None:
-            if not isinstance(self.feedforward, FeedForwardConfig):
-                _fail(
-                    root, p + "feedforward", "must be a FeedForwardConfig or None", self.feedforward
-                )
-            self.feedforward._validate(root, p + "feedforward.")
+        _validate_child(root, p + "mlstm", self.mlstm, mLSTMLayerConfig, optional=True)
+        _validate_child(root, p + "slstm", self.slstm, sLSTMLayerConfig, optional=True)
+        _validate_child(root, p + "feedforward", self.feedforward, FeedForwardConfig, optional=True)
         _validate_parallel(self, root, p)
-        if self._num_blocks is not None:
-            _check_positive_int(root, p + "_num_blocks", self._num_blocks)
-        if self._block_idx is not None:
-            _check_nonneg_int(root, p + "_block_idx", self._block_idx)
+        _validate_block_position(self, root, p)
         tp = _tp_size(self.parallel)
         layer = self.mlstm if self.mlstm is not None else self.slstm
         if tp > 1 and layer is not None and layer.embedding_dim != -1:
