@@ -365,6 +365,25 @@ def _tp_size(parallel: ParallelConfig | None) -> int:
     return parallel.model_axis_size
 
 
+def _proj_up_dim_of(cfg: Any) -> int | None:
+    """The up-projection width of a layer or FFN config by the rounding rule (§2.8), or None
+    while its inputs are unset or invalid (reported by `_validate`)."""
+    if not (
+        _is_int(cfg.embedding_dim)
+        and cfg.embedding_dim > 0
+        and _is_number(cfg.proj_factor)
+        and _is_int(cfg.round_proj_up_to_multiple_of)
+        and cfg.round_proj_up_to_multiple_of > 0
+    ):
+        return None
+    return _round_up_dim(
+        cfg.proj_factor,
+        cfg.embedding_dim,
+        cfg.round_proj_up_to_multiple_of,
+        cfg.round_proj_up_dim_up,
+    )
+
+
 def _validate_parallel(obj: Any, root: str, prefix: str) -> None:
     _validate_child(root, prefix + "parallel", obj.parallel, ParallelConfig, optional=True)
 
@@ -629,21 +648,7 @@ class mLSTMLayerConfig(_Config):
     }
 
     def _derive(self) -> None:
-        if (
-            _is_int(self.embedding_dim)
-            and self.embedding_dim > 0
-            and _is_number(self.proj_factor)
-            and _is_int(self.round_proj_up_to_multiple_of)
-            and self.round_proj_up_to_multiple_of > 0
-        ):
-            self._proj_up_dim = _round_up_dim(
-                self.proj_factor,
-                self.embedding_dim,
-                self.round_proj_up_to_multiple_of,
-                self.round_proj_up_dim_up,
-            )
-        else:
-            self._proj_up_dim = None
+        self._proj_up_dim = _proj_up_dim_of(self)
         self._inner_embedding_dim = self._proj_up_dim
         if isinstance(self.mlstm_cell, dict):
             self.mlstm_cell = mLSTMCellConfig.from_dict(self.mlstm_cell)
@@ -793,21 +798,7 @@ class FeedForwardConfig(_Config):
     _nested: ClassVar[dict[str, type[_Config]]] = {"parallel": ParallelConfig}
 
     def _derive(self) -> None:
-        if (
-            _is_int(self.embedding_dim)
-            and self.embedding_dim > 0
-            and _is_number(self.proj_factor)
-            and _is_int(self.round_proj_up_to_multiple_of)
-            and self.round_proj_up_to_multiple_of > 0
-        ):
-            self._proj_up_dim = _round_up_dim(
-                self.proj_factor,
-                self.embedding_dim,
-                self.round_proj_up_to_multiple_of,
-                self.round_proj_up_dim_up,
-            )
-        else:
-            self._proj_up_dim = None
+        self._proj_up_dim = _proj_up_dim_of(self)
 
     def _validate(self, root: str, prefix: str) -> None:
         p = prefix
