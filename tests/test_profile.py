@@ -80,6 +80,22 @@ def test_trace_self_times_empty_and_unnamed():
     assert out["c"] == pytest.approx([3.0])
 
 
+def test_trace_self_times_uses_hlo_op_args_when_present():
+    """GPU-style traces: kernels named after themselves carry the HLO op in args["hlo_op"];
+    then only those events count (host events named after the op would count twice)."""
+    names = {"fusion.7", "dot.2"}
+    kernel = dict(
+        _event("loop_multiply_fusion_kernel", 10.0, 4.0, tid=9), args={"hlo_op": "fusion.7"}
+    )
+    gemm = dict(_event("sm90_xmma_gemm_f32", 20.0, 6.0, tid=9), args={"hlo_op": "dot.2"})
+    other = dict(_event("memcpy", 30.0, 2.0, tid=9), args={"hlo_op": "copy.9"})  # not a name
+    host = _event("fusion.7", 9.0, 0.5, tid=1)  # the launch on the host thread
+    out = trace_self_times([host, kernel, gemm, other], names)
+    assert dict(out) == {"fusion.7": [4.0], "dot.2": [6.0]}
+    # without any hlo_op args, names decide (the CPU case)
+    assert dict(trace_self_times([host], names)) == {"fusion.7": [0.5]}
+
+
 # ----------------------------------------------------------------------------------------------
 # hlo_instructions
 

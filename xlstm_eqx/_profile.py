@@ -146,12 +146,27 @@ def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     return out
 
 
+def _hlo_op(event: dict[str, Any]) -> str | None:
+    args = event.get("args")
+    return args.get("hlo_op") if isinstance(args, dict) else None
+
+
 def trace_self_times(trace_events: list[dict[str, Any]], names: set[str]) -> dict[str, list[float]]:
-    """Self time (µs) of each complete event whose name is in `names`, per execution: an event's
-    duration minus that of the named events nested inside it on the same thread."""
+    """Self time (µs) of each complete event whose op is in `names`, per execution: an event's
+    duration minus that of the counted events nested inside it on the same thread.
+
+    An event's op is its name (XLA:CPU names its thunk events after the HLO instruction). Where
+    events carry ``args["hlo_op"]`` (GPU kernels, whose names are the kernels'), only those
+    events are counted, by that op, so host-side launch events are not counted twice. The GPU
+    path follows the trace format; it has not been run on a GPU here.
+    """
+    complete = [e for e in trace_events if e.get("ph") == "X"]
+    device = [e for e in complete if _hlo_op(e) in names]
+    if device:
+        complete = [{**e, "name": _hlo_op(e)} for e in device]
     by_thread: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for event in trace_events:
-        if event.get("ph") == "X" and event.get("name") in names:
+    for event in complete:
+        if event.get("name") in names:
             by_thread[(event.get("pid"), event.get("tid"))].append(event)
     out: dict[str, list[float]] = defaultdict(list)
     for events in by_thread.values():
