@@ -27,7 +27,7 @@ from xlstm_eqx._train import MODEL_FAMILIES, next_token_loss
 
 UNSCOPED = "loss, residuals, scan glue"
 UPDATE = "optimizer (clip, AdamW)"
-OTHER = "other (no op_name: copies, loop control)"
+OTHER = "other (no op_name found)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,12 +124,49 @@ metadata={op_name="jit(f)/jvp(Model)/Norm/reduce_sum" stack_frame_id=2}
 def test_hlo_instructions_hand_written():
     out = hlo_instructions(_HLO)
     assert set(out) == {"p", "tuple.2", "x.1", "constant.1", "while.3", "reduce.1"}
-    assert out["p"] == ("parameter", "(s32[], f32[4]{0})", "")
-    assert out["tuple.2"] == ("tuple", "(s32[], f32[4]{0})", "")
+    # the loop body's instructions have no op_name: they take the calling while's
+    assert out["p"] == ("parameter", "(s32[], f32[4]{0})", "jit(f)/while")
+    assert out["tuple.2"] == ("tuple", "(s32[], f32[4]{0})", "jit(f)/while")
     assert out["x.1"] == ("parameter", "f32[4,8]{1,0}", "x")
-    assert out["constant.1"] == ("constant", "f32[]", "")
+    # no op_name of its own: that of its user, reduce.1
+    assert out["constant.1"] == ("constant", "f32[]", "jit(f)/jvp(Model)/Norm/reduce_sum")
     assert out["while.3"] == ("while", "(s32[], f32[4]{0})", "jit(f)/while")
     assert out["reduce.1"] == ("reduce", "f32[4]{0}", "jit(f)/jvp(Model)/Norm/reduce_sum")
+
+
+_HLO_NESTED = """\
+%inner (a: f32[2]) -> f32[2] {
+  %a = f32[2]{0} parameter(0)
+  ROOT %neg.1 = f32[2]{0} negate(%a)
+}
+
+%outer (b: f32[2]) -> f32[2] {
+  %b = f32[2]{0} parameter(0)
+  ROOT %fusion.4 = f32[2]{0} fusion(%b), kind=kLoop, calls=%inner
+}
+
+%other (c: f32[2]) -> f32[2] {
+  ROOT %c = f32[2]{0} parameter(0), metadata={op_name="jit(g)/own"}
+}
+
+ENTRY %main (i: s32[], x: f32[2]) -> f32[2] {
+  %i = s32[] parameter(0)
+  %x = f32[2]{0} parameter(1)
+  %unused = f32[] constant(1)
+  ROOT %cond.1 = f32[2]{0} conditional(%i, %x, %x), branch_computations={%outer, %other}, \
+metadata={op_name="jit(g)/jvp(Model)/FeedForward/cond"}
+}
+"""
+
+
+def test_hlo_instructions_inherit_op_names_through_callers():
+    out = hlo_instructions(_HLO_NESTED)
+    ff = "jit(g)/jvp(Model)/FeedForward/cond"
+    # inner <- fusion.4 (no op_name) <- outer <- cond.1: two levels up
+    assert out["neg.1"][2] == ff and out["a"][2] == ff and out["fusion.4"][2] == ff
+    assert out["c"][2] == "jit(g)/own"  # its own op_name wins
+    assert out["i"][2] == ff  # no op_name, no caller: it takes that of its user, cond.1
+    assert out["unused"][2] == ""  # no op_name, no caller, no user
 
 
 def test_hlo_instructions_compiled():

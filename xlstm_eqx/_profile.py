@@ -7,8 +7,8 @@ Attribution uses the op's ``op_name`` metadata, which carries JAX's name stack: 
 same names a Flax profile shows for the reference), and autodiff wraps it in ``jvp(...)`` for the
 forward and ``transpose(jvp(...))`` for the backward. The innermost known scope names the part.
 Ops outside the differentiated function (the optimizer; constants XLA hoisted out of the model)
-count as "update"; ops whose ``op_name`` XLA dropped (copies it inserted, loop control, some
-fused matmuls inside loops) as "other".
+count as "update". Ops XLA left without an ``op_name`` (copies it inserted, matmuls it
+rewrote) take the nearest one in the HLO graph (`hlo_instructions`); what finds none is "other".
 
 ``xlstm-eqx bench profile`` prints the tables for the train step of ``small_xlstm`` /
 ``small_llama`` (`profile_train_step`).
@@ -60,10 +60,14 @@ PARTS: dict[str, str] = {
 }
 _UNSCOPED = {"fwd": "loss, residuals, scan glue", "bwd": "loss, residuals, scan glue"}
 _UPDATE = "optimizer (clip, AdamW)"
-_OTHER = "other (no op_name: copies, loop control)"
+_OTHER = "other (no op_name found)"
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_CALLED = re.compile(
+    r"\b(?:calls|body|condition|to_apply)=(%?[\w.\-]+)|branch_computations=\{([^}]*)\}"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,16 +138,67 @@ def _part(op_name: str, phase: str) -> str:
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
-    """``{instruction name: (opcode, result type, op_name)}`` of a compiled HLO module's text."""
-    out = {}
+    """``{instruction name: (opcode, result type, op_name)}`` of a compiled HLO module's text.
+
+    An instruction without an ``op_name`` (XLA drops some, e.g. on the batched matmuls it
+    rewrites) takes the nearest one found, breadth first: in the computation it calls (root
+    first), then from the instructions using its result and the instruction calling its own
+    computation (a ``while``, ``fusion``, ``call``...). Its time then counts for the part of the
+    model it serves.
+    """
+    raw: dict[str, tuple[str, str, str]] = {}
+    computation_of: dict[str, str] = {}
+    caller_of: dict[str, str] = {}
+    callees_of: dict[str, list[str]] = defaultdict(list)
+    members: dict[str, list[str]] = defaultdict(list)  # computation -> its instructions, root first
+    users_of: dict[str, list[str]] = defaultdict(list)
+    computation = ""
     for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            header = line.split()
+            computation = (header[1] if header[0] == "ENTRY" else header[0]).lstrip("%")
+            continue
         match = _INSTRUCTION.match(line)
         if match is None:
             continue
         name, shape, opcode = match.groups()
         op_name = _OP_NAME.search(line)
-        out[name] = (opcode, shape, op_name.group(1) if op_name else "")
-    return out
+        raw[name] = (opcode, shape, op_name.group(1) if op_name else "")
+        computation_of[name] = computation
+        if line.lstrip().startswith("ROOT"):
+            members[computation].insert(0, name)
+        else:
+            members[computation].append(name)
+        for operand in _OPERAND.findall(line.split("=", 1)[1]):
+            users_of[operand].append(name)
+        for single, several in _CALLED.findall(line):
+            for callee in [single] if single else several.split(","):
+                callee = callee.strip().lstrip("%")
+                caller_of.setdefault(callee, name)
+                callees_of[name].append(callee)
+
+    def from_callees(name: str) -> str:
+        for callee in callees_of.get(name, ()):
+            for member in members.get(callee, ()):
+                if raw[member][2]:
+                    return raw[member][2]
+        return ""
+
+    def inherited(name: str) -> str:
+        queue, seen = [name], {name}
+        while queue and len(seen) <= 64:
+            current = queue.pop(0)
+            own = raw[current][2] or from_callees(current)
+            if own:
+                return own
+            caller = caller_of.get(computation_of[current])
+            for near in [*users_of.get(current, ()), *([caller] if caller else [])]:
+                if near in raw and near not in seen:
+                    seen.add(near)
+                    queue.append(near)
+        return ""
+
+    return {name: (opcode, shape, inherited(name)) for name, (opcode, shape, _) in raw.items()}
 
 
 def _hlo_op(event: dict[str, Any]) -> str | None:
