@@ -12,7 +12,6 @@ compile time grows with the chunk count); such rows say so.
 """
 
 import argparse
-import statistics
 import sys
 import time
 import types
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import xlstm_eqx as X
+from xlstm_eqx._bench import _peak_bytes, median_seconds
 
 
 def _ours(chunk_size: int) -> dict[str, Callable]:
@@ -92,26 +92,8 @@ def _compile(fn: Callable, backward: bool, args):
     return jax.jit(target).lower(*args).compile()
 
 
-def _peak_bytes(compiled) -> int | None:
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        return None
-    return (
-        analysis.temp_size_in_bytes
-        + analysis.argument_size_in_bytes
-        + analysis.output_size_in_bytes
-        - analysis.alias_size_in_bytes
-    )
-
-
 def _time(compiled, args, repeats: int) -> float:
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: compiled(*args), repeats, warmup=1)
 
 
 def run(

@@ -16,9 +16,6 @@ grows with C (each token attends to the whole cache).
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -27,6 +24,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import xlstm_eqx as X
+from xlstm_eqx._bench import median_seconds
 from xlstm_eqx._generate import _decode, _prefill
 
 
@@ -89,16 +87,6 @@ def _decode_jit(model: Any, state: Any, logits: jax.Array, num_tokens: int) -> j
     return _decode(model, state, logits, None, num_tokens, one, None, None)
 
 
-def _median_time(fn: Callable[..., Any], args: tuple[Any, ...], repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # warm-up (compiles)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048, 8192])
@@ -128,7 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             logits, state = prefill(model, prompt, C + args.new_tokens)
             jax.block_until_ready((logits, state))
             decode_args = (model, state, logits, args.new_tokens)
-            t = _median_time(_decode_jit, decode_args, args.repeats)
+            t = median_seconds(lambda a=decode_args: _decode_jit(*a), args.repeats, warmup=1)
             ms = 1e3 * t / args.new_tokens
             tps = args.batch * args.new_tokens / t
             rows.append(dict(model=name, context=C, ms_per_token=ms, tokens_per_s=tps))

@@ -17,14 +17,13 @@ run in interpret mode, whose plan and time say little about the GPU kernels.
 """
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlstm_eqx._bench import median_seconds
 from xlstm_eqx._pallas import mlstm_chunkwise_pallas, mlstm_chunkwise_remat
 
 
@@ -104,13 +103,7 @@ def time_train_step(policy: str, seq_len: int, args) -> float:
     ]
     inputs[4] = inputs[4] + 3.0  # forget gates mostly open
     compiled = _train_fn(policy, args.chunk_size).lower(*inputs).compile()
-    jax.block_until_ready(compiled(*inputs))
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*inputs))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: compiled(*inputs), args.repeats, warmup=1)
 
 
 def main() -> None:

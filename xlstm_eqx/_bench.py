@@ -30,10 +30,12 @@ __all__ = [
     "bench_train",
     "matmul_flops",
     "matmul_param_count",
+    "median_seconds",
     "print_train_table",
     "run_bench",
     "run_bench_command",
     "train_flops_per_token",
+    "train_step_setup",
 ]
 
 BENCHMARKS = ("cell", "train", "generate", "profile", "all")
@@ -127,7 +129,11 @@ def train_flops_per_token(config: Any, seq_len: int) -> float:
 # timing
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int, *, warmup: int = 0) -> float:
+    """Median wall seconds of `repeats` calls of ``fn()``, each timed until its result is ready
+    (`jax.block_until_ready`), after `warmup` untimed calls (compilation)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -142,8 +148,7 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     a = jr.normal(jr.key(1), (n, n), jnp.float32)
     b = jr.normal(jr.key(2), (n, n), jnp.float32)
     dot = jax.jit(jnp.dot)
-    jax.block_until_ready(dot(a, b))
-    return 2.0 * n**3 / _median_time(lambda: dot(a, b), repeats)
+    return 2.0 * n**3 / median_seconds(lambda: dot(a, b), repeats, warmup=1)
 
 
 def _peak_bytes(compiled: Any) -> int | None:
@@ -169,6 +174,25 @@ def _train_config(model: str, size: str, seq_len: int) -> Any:
     return config
 
 
+def train_step_setup(model_name: str, size: str, seq_len: int, batch_size: int) -> tuple[Any, ...]:
+    """The trainer's own jitted step (`xlstm_eqx._train._optimizer_and_step`) for the preset
+    ``f"{size}_{model_name}"`` (context raised to `seq_len` if needed) with its model, optimizer
+    state and inputs: random tokens ``(1, batch_size, seq_len+1)`` and a key.
+    Returns ``(config, model, opt_state, step, inputs)``; ``step(inputs, model, opt_state)``."""
+    from ._train import MODEL_FAMILIES, TrainConfig, _optimizer_and_step, trainable_params
+
+    if model_name not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model {model_name!r}; known: {sorted(MODEL_FAMILIES)}")
+    family = MODEL_FAMILIES[model_name]
+    config = _train_config(model_name, size, seq_len)
+    model = family.build(config, key=jr.key(0))
+    cfg = TrainConfig(model=model_name, seq_len=seq_len, batch_size=batch_size, steps=1000)
+    optimizer, step = _optimizer_and_step(cfg, model, config, family)
+    opt_state = optimizer.init(trainable_params(model))
+    batch = jr.randint(jr.key(1), (1, batch_size, seq_len + 1), 0, config.vocab_size, jnp.int32)
+    return config, model, opt_state, step, (batch, jr.key(2))
+
+
 def bench_train(
     seq_len: int = 2048,
     batch_size: int = 1,
@@ -190,7 +214,7 @@ def bench_train(
     XLA-planned peak bytes (an extra compile, if `memory`), FLOPs per token and MFU against
     `peak_flops` (measured with `matmul_flops(matmul_n)` in this process when not given).
     """
-    from ._train import MODEL_FAMILIES, TrainConfig, _optimizer_and_step, trainable_params
+    from ._train import MODEL_FAMILIES, trainable_params
 
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("steps", steps)):
         if not isinstance(value, int) or value < 1:
@@ -204,16 +228,10 @@ def bench_train(
         peak_flops = matmul_flops(matmul_n)
     rows = []
     for model_name in models:
-        family = MODEL_FAMILIES[model_name]
-        config = _train_config(model_name, size, seq_len)
-        model = family.build(config, key=jr.key(0))
+        config, model, opt_state, step, inputs = train_step_setup(
+            model_name, size, seq_len, batch_size
+        )
         n_params = sum(x.size for x in jax.tree.leaves(trainable_params(model)))
-        cfg = TrainConfig(model=model_name, seq_len=seq_len, batch_size=batch_size, steps=1000)
-        optimizer, step = _optimizer_and_step(cfg, model, config, family)
-        opt_state = optimizer.init(trainable_params(model))
-        vocab = config.vocab_size
-        batch = jr.randint(jr.key(1), (1, batch_size, seq_len + 1), 0, vocab, jnp.int32)
-        inputs = (batch, jr.key(2))
         peak = None
         if memory:
             peak = _peak_bytes(step.lower(inputs, model, opt_state).compile())
@@ -221,13 +239,13 @@ def bench_train(
         model, opt_state, loss, _ = step(inputs, model, opt_state)
         jax.block_until_ready(loss)
         compile_s = time.perf_counter() - start
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            model, opt_state, loss, _ = step(inputs, model, opt_state)
-            jax.block_until_ready(loss)
-            times.append(time.perf_counter() - start)
-        step_s = statistics.median(times)
+
+        def one_step() -> Any:
+            nonlocal model, opt_state, loss
+            model, opt_state, loss, _ = step(inputs, model, opt_state)  # noqa: B023 - called here
+            return loss
+
+        step_s = median_seconds(one_step, steps)
         tokens = batch_size * seq_len
         flops_tok = train_flops_per_token(config, seq_len)
         tps = tokens / step_s
@@ -321,10 +339,10 @@ def run_bench(
     print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     for name in names:
         print(f"\n## {name}", flush=True)
+        s = seq_len if seq_len is not None else (256 if quick else 2048)  # train and profile
         if name == "profile":
             from ._profile import print_profile, profile_train_step
 
-            s = seq_len if seq_len is not None else (256 if quick else 2048)
             profile = profile_train_step(model, size=size, seq_len=s, calls=2 if quick else 3)
             flops = train_flops_per_token(_train_config(model, size, s), s) * s
             print_profile(
@@ -333,7 +351,6 @@ def run_bench(
                 analytic_flops=flops,
             )
         elif name == "train":
-            s = seq_len if seq_len is not None else (256 if quick else 2048)
             rows = bench_train(seq_len=s, steps=2 if quick else 5, size=size)
             print_train_table(rows)
         elif name == "cell":

@@ -27,7 +27,7 @@ from ._cell import (
     mLSTMState,
     parallel_stabilized_simple,
 )
-from ._configs import MLSTM_BACKENDS, mLSTMBackendNameAndKwargs
+from ._configs import mLSTMBackendNameAndKwargs
 from ._nn import (
     CausalConv1d,
     Dense,
@@ -47,8 +47,6 @@ from ._nn import (
 
 # ----------------------------------------------------------------------------------------------
 # backend dispatch
-
-BACKENDS: tuple[str, ...] = tuple(MLSTM_BACKENDS)
 
 
 def resolve_backend(backend: Any) -> tuple[str, tuple[tuple[str, Any], ...]]:

@@ -31,8 +31,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import math
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -636,19 +634,15 @@ def time_chunkwise_backends(
     v = jax.random.normal(keys[2], v_shape, dtype)
     i = jax.random.uniform(keys[3], gate_shape, jnp.float32, -5.0, 5.0)
     f = jax.random.uniform(keys[4], gate_shape, jnp.float32, -2.0, 8.0)
+    from ._bench import median_seconds
+
     out = {}
     for name in backends:
         fn = fns[name]
         grad = jax.jit(
             jax.grad(lambda *a, fn=fn: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4))
         )
-        jax.block_until_ready(grad(q, k, v, i, f))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(grad(q, k, v, i, f))
-            times.append(time.perf_counter() - start)
-        out[name] = statistics.median(times)
+        out[name] = median_seconds(lambda grad=grad: grad(q, k, v, i, f), repeats, warmup=1)
     return out
 
 

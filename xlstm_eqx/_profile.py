@@ -20,16 +20,14 @@ import gzip
 import json
 import os
 import re
-import statistics
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import jax.random as jr
+
+from ._bench import median_seconds
 
 
 __all__ = [
@@ -58,7 +56,7 @@ PARTS: dict[str, str] = {
     "Embedding": "embedding",
     "LMHead": "LM head",
 }
-_UNSCOPED = {"fwd": "loss, residuals, scan glue", "bwd": "loss, residuals, scan glue"}
+_UNSCOPED = "loss, residuals, scan glue"
 _UPDATE = "optimizer (clip, AdamW)"
 _OTHER = "other (no op_name found)"
 
@@ -134,7 +132,7 @@ def _part(op_name: str, phase: str) -> str:
             return PARTS[scope]
     if phase == "update":
         return _UPDATE
-    return _UNSCOPED.get(phase, _OTHER)
+    return _UNSCOPED if phase in ("fwd", "bwd") else _OTHER
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
@@ -264,15 +262,11 @@ def profile_calls(
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):  # older jax returned one dict per program
         cost = cost[0] if cost else {}
-    run()
-    times = []
+    run()  # warm-up, untraced
     with tempfile.TemporaryDirectory() as tmp:
         directory = logdir or tmp
         with jax.profiler.trace(directory):
-            for _ in range(calls):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
+            step_s = median_seconds(run, calls)
         self_times = trace_self_times(_read_trace(directory), set(instructions))
     ops = []
     for name, durations in self_times.items():
@@ -292,7 +286,7 @@ def profile_calls(
         )
     ops.sort(key=lambda op: -op.ms)
     return StepProfile(
-        step_ms=1e3 * statistics.median(times),
+        step_ms=1e3 * step_s,
         ops=ops,
         xla_flops=None if cost.get("flops") is None else float(cost["flops"]),
         xla_bytes=None if cost.get("bytes accessed") is None else float(cost["bytes accessed"]),
@@ -310,19 +304,12 @@ def profile_train_step(
 ) -> StepProfile:
     """Profile the trainer's jitted step (forward + backward + clipping + AdamW) of the preset
     ``f"{size}_{model}"`` on random tokens, as `xlstm_eqx._bench.bench_train` times it."""
-    from ._bench import _train_config
-    from ._train import MODEL_FAMILIES, TrainConfig, _optimizer_and_step, trainable_params
+    from ._bench import train_step_setup
 
-    if model not in MODEL_FAMILIES:
-        raise ValueError(f"profile: unknown model {model!r}; known: {sorted(MODEL_FAMILIES)}")
-    family = MODEL_FAMILIES[model]
-    config = _train_config(model, size, seq_len)
-    params = family.build(config, key=jr.key(0))
-    cfg = TrainConfig(model=model, seq_len=seq_len, batch_size=batch_size, steps=1000)
-    optimizer, step = _optimizer_and_step(cfg, params, config, family)
-    opt_state = optimizer.init(trainable_params(params))
-    batch = jr.randint(jr.key(1), (1, batch_size, seq_len + 1), 0, config.vocab_size, jnp.int32)
-    inputs = (batch, jr.key(2))
+    try:
+        _, params, opt_state, step, inputs = train_step_setup(model, size, seq_len, batch_size)
+    except ValueError as err:
+        raise ValueError(f"profile: {err}") from None
     compiled = step.lower(inputs, params, opt_state).compile()
     state = [params, opt_state]
 
