@@ -46,7 +46,7 @@ from xlstm_eqx.interop import (
     xlstm_jax_config,
 )
 from xlstm_eqx.interop._hf import hf_entries
-from xlstm_eqx.interop._safetensors import SafetensorsError, SafetensorsFile, save_file
+from xlstm_eqx.interop.safetensors_files import SafetensorsError, SafetensorsFile, save_file
 from xlstm_eqx.interop._xlstm_jax import flatten_params, unflatten_params
 
 

@@ -75,7 +75,7 @@ from ._common import (
     export_arrays,
     get_path,
 )
-from ._safetensors import SafetensorsError, SafetensorsFile, TensorInfo, read_index, save_file
+from .safetensors_files import SafetensorsError, SafetensorsFile, TensorInfo, read_index, save_file
 
 
 __all__ = ["from_hf_pretrained", "hf_config_to_eqx", "eqx_config_to_hf", "to_hf"]

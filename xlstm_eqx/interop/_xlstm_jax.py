@@ -456,7 +456,7 @@ def load_xlstm_jax_params(path: str | os.PathLike) -> dict[str, Any]:
     ``params.npz``, or an orbax checkpoint directory of the reference trainer (needs the optional
     ``orbax-checkpoint`` package; a ``params`` sub-tree is taken if present).
     """
-    from ._safetensors import SafetensorsError, SafetensorsFile
+    from .safetensors_files import SafetensorsError, SafetensorsFile
 
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -488,7 +488,7 @@ def load_xlstm_jax_params(path: str | os.PathLike) -> dict[str, Any]:
 
 def save_xlstm_jax_params(params: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write a parameter tree as flat ``a/b/c`` names to a ``.safetensors`` file."""
-    from ._safetensors import save_file
+    from .safetensors_files import save_file
 
     flat = {k: np.asarray(v) for k, v in flatten_params(params).items()}
     save_file(flat, path, metadata={"format": "flax"})
