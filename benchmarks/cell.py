@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import xlstm_eqx as X
-from xlstm_eqx._bench import _peak_bytes, median_seconds
+from xlstm_eqx.core import median_seconds
+from xlstm_eqx.core.timing import _peak_bytes
 
 
 def _ours(chunk_size: int) -> dict[str, Callable]:

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import xlstm_eqx as X
-from xlstm_eqx._bench import median_seconds
-from xlstm_eqx._generate import _decode, _prefill
+from xlstm_eqx.core import median_seconds
+from xlstm_eqx.generation import _decode, _prefill
 
 
 VOCAB = 256

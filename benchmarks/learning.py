@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 
-from xlstm_eqx._train import TrainConfig, read_metrics, train
+from xlstm_eqx.training import TrainConfig, read_metrics, train
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlstm_eqx._bench import median_seconds
-from xlstm_eqx._pallas import mlstm_chunkwise_pallas, mlstm_chunkwise_remat
+from xlstm_eqx.cell import mlstm_chunkwise_pallas, mlstm_chunkwise_remat
+from xlstm_eqx.core import median_seconds
 
 
 def _cell(policy: str, chunk_size: int) -> Callable:

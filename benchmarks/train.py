@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from xlstm_eqx._bench import bench_train, print_train_table  # noqa: E402
+from xlstm_eqx.tools import bench_train, print_train_table
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

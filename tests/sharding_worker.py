@@ -29,10 +29,10 @@ def _setup() -> None:
 
 
 def _models() -> dict:
-    from xlstm_eqx._configs import ParallelConfig
-    from xlstm_eqx._llama import LlamaTransformer
-    from xlstm_eqx._model import xLSTMLMModel
-    from xlstm_eqx._presets import tiny_llama, tiny_xlstm, tiny_xlstm_slstm
+    from xlstm_eqx.core import ParallelConfig
+    from xlstm_eqx.llama import LlamaTransformer
+    from xlstm_eqx.presets import tiny_llama, tiny_xlstm, tiny_xlstm_slstm
+    from xlstm_eqx.xlstm import xLSTMLMModel
 
     def mixed():
         # "mlstm" layer (dense gates, conv, headwise q/k/v) + an sLSTM block, unscanned.
@@ -106,12 +106,11 @@ def run_equiv(names: list[str]) -> dict:
     import jax
     import jax.random as jr
 
-    from xlstm_eqx._sharding import (
+    from xlstm_eqx.parallel import (
         count_all_gathers,
         gather_at_use,
         init_sharded,
         make_mesh,
-        make_sharded_train_step,
         named_shardings,
         opt_state_specs,
         param_partition_specs,
@@ -119,7 +118,13 @@ def run_equiv(names: list[str]) -> dict:
         place_global,
         shard_model,
     )
-    from xlstm_eqx._train import TrainConfig, make_optimizer, next_token_loss, trainable_params
+    from xlstm_eqx.training import (
+        TrainConfig,
+        make_optimizer,
+        make_sharded_train_step,
+        next_token_loss,
+        trainable_params,
+    )
 
     out: dict = {}
     models = _models()
@@ -203,7 +208,7 @@ def run_equiv(names: list[str]) -> dict:
 
 
 def _bspec(pc):
-    from xlstm_eqx._sharding import batch_spec
+    from xlstm_eqx.parallel import batch_spec
 
     return batch_spec(pc)
 
@@ -213,7 +218,7 @@ def _bspec(pc):
 
 
 def _train_config(data_file: str, out: str):
-    from xlstm_eqx._train import TrainConfig
+    from xlstm_eqx.training import TrainConfig
 
     return TrainConfig(
         model="xlstm",
@@ -240,17 +245,21 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     import jax
     import jax.random as jr
 
-    from xlstm_eqx import _train
-    from xlstm_eqx._checkpoint import latest_checkpoint, restore_checkpoint
-    from xlstm_eqx._sharding import (
+    from xlstm_eqx import models as _models, training as _train
+    from xlstm_eqx.parallel import (
         make_mesh,
         named_shardings,
         opt_state_specs,
         param_partition_specs,
         parse_mesh_spec,
+    )
+    from xlstm_eqx.training import (
+        latest_checkpoint,
+        restore_checkpoint,
         restore_sharded_checkpoint,
         save_sharded_checkpoint,
         shard_train_state,
+        step as _step,
     )
 
     res: dict = {}
@@ -260,7 +269,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     res["seconds_single"] = round(time.perf_counter() - t0, 1)
 
     # The trainer's loop with its step replaced by the sharded one (what `--mesh` wires in).
-    original = _train._optimizer_and_step
+    original = _step._optimizer_and_step
     placed: dict = {}
 
     def sharded_optimizer_and_step(cfg, model, model_config, family):
@@ -279,11 +288,11 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
         return optimizer, counted
 
     t1 = time.perf_counter()
-    _train._optimizer_and_step = sharded_optimizer_and_step
+    _step._optimizer_and_step = sharded_optimizer_and_step
     try:
         meshed = _train.train(_train_config(data_file, os.path.join(out_dir, "mesh")), log=quiet)
     finally:
-        _train._optimizer_and_step = original
+        _step._optimizer_and_step = original
     res["seconds_mesh"] = round(time.perf_counter() - t1, 1)
     rows = {}
     for name in ("single", "mesh"):
@@ -306,7 +315,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     # Checkpoints across meshes: the mesh run's checkpoint → fsdp=8 → save → tp=2×dp=4 → one
     # device.
     t2 = time.perf_counter()
-    family = _train.MODEL_FAMILIES["xlstm"]
+    family = _models.MODEL_FAMILIES["xlstm"]
     config = meshed.model_config
     optimizer = _train.make_optimizer(_train_config(data_file, ""), meshed.model, config, family)
     skel = eqx.filter_eval_shape(family.build, config, key=jr.key(0))
@@ -368,9 +377,10 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     t3 = time.perf_counter()
     import jax.numpy as jnp
 
-    from xlstm_eqx._model import xLSTMLMModel
-    from xlstm_eqx._presets import tiny_xlstm
-    from xlstm_eqx._sharding import init_sharded, make_sharded_train_step
+    from xlstm_eqx.parallel import init_sharded
+    from xlstm_eqx.presets import tiny_xlstm
+    from xlstm_eqx.training import make_sharded_train_step
+    from xlstm_eqx.xlstm import xLSTMLMModel
 
     pc = parse_mesh_spec("fsdp=8", dataclasses.replace(base, fsdp_gather_dtype="bfloat16"))
     mesh = make_mesh(pc)
@@ -415,7 +425,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
 def run_dist(data_file: str, process_id: int, num_processes: int, port: int) -> dict:
     import jax
 
-    from xlstm_eqx._sharding import initialize_distributed
+    from xlstm_eqx.parallel import initialize_distributed
 
     up = initialize_distributed(
         f"localhost:{port}", num_processes, process_id, cpu_collectives="gloo"
@@ -423,15 +433,15 @@ def run_dist(data_file: str, process_id: int, num_processes: int, port: int) -> 
     import jax.random as jr
     import numpy as np
 
-    from xlstm_eqx import _train
-    from xlstm_eqx._sharding import shard_train_state
+    from xlstm_eqx import models as _models, training as _train
+    from xlstm_eqx.training import loop as _loop, shard_train_state, step as _step
 
     cfg = _train_config(data_file, "")
-    p = _train._prepare(cfg)
-    family = _train.MODEL_FAMILIES[p.kind]
+    p = _loop._prepare(cfg)
+    family = _models.MODEL_FAMILIES[p.kind]
     init_key, loop_key = jr.split(jr.key(cfg.seed))
     model = family.build(p.model_config, key=init_key)
-    optimizer, _ = _train._optimizer_and_step(cfg, model, p.model_config, family)
+    optimizer, _ = _step._optimizer_and_step(cfg, model, p.model_config, family)
     with jax.numpy_dtype_promotion("standard"):
         opt_state = optimizer.init(_train.trainable_params(model))
     model, opt_state, step, mesh = shard_train_state("dp=-1", model, opt_state, optimizer)

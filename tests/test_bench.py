@@ -6,9 +6,10 @@ import types
 import jax
 import pytest
 
-import xlstm_eqx._bench as bench
-from xlstm_eqx._bench import bench_train, run_bench, train_flops_per_token
-from xlstm_eqx._presets import tiny_llama, tiny_xlstm
+import xlstm_eqx.tools.bench as bench
+from xlstm_eqx.models import train_flops_per_token
+from xlstm_eqx.presets import tiny_llama, tiny_xlstm
+from xlstm_eqx.tools import bench_train, run_bench
 
 
 def test_train_flops_per_token_by_hand():

@@ -312,7 +312,7 @@ def test_shape_mismatch_names_dimension():
 
 def test_bad_input_errors_without_type_checker():
     # The library validates shapes itself too (the type checker is a development aid only).
-    from xlstm_eqx import _cell
+    from xlstm_eqx.cell import forms as _cell
 
     q, k, v, i, f = map(jnp.asarray, make_inputs(9, 1, 2, 10, 8, 4, (-5, 5), (-2, 8)))
     with pytest.raises(ValueError, match="DHQK"):

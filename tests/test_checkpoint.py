@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from xlstm_eqx._checkpoint import (
+from xlstm_eqx.training import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,

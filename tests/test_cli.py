@@ -12,8 +12,8 @@ import jax
 import jax.random as jr
 import pytest
 
-from xlstm_eqx._train import TrainConfig, load_run, read_metrics, sample_tokens
 from xlstm_eqx.cli import build_parser, main, resolve_train_config
+from xlstm_eqx.training import TrainConfig, load_run, read_metrics, sample_tokens
 
 
 TEXT = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    x: int = 0\n    y: int = 0\n\n" * 30
@@ -81,9 +81,8 @@ def test_train_resume_eval_info(tmp_path, corpus, capsys):
 
 
 def test_info_counts_parameters(capsys):
-    from xlstm_eqx._configs import LlamaConfig
-    from xlstm_eqx._llama import LlamaTransformer
-    from xlstm_eqx._presets import tiny_llama
+    from xlstm_eqx.llama import LlamaConfig, LlamaTransformer
+    from xlstm_eqx.presets import tiny_llama
 
     def count(config):
         model = eqx.filter_eval_shape(LlamaTransformer, config, key=jr.key(0))

@@ -10,11 +10,12 @@ import hypothesis.strategies as st
 import jax.numpy as jnp
 import pytest
 
-from xlstm_eqx._configs import (
-    FeedForwardConfig,
-    LlamaConfig,
-    ParallelConfig,
-    mLSTMBackendNameAndKwargs,
+from xlstm_eqx import PRESETS, get_preset
+from xlstm_eqx.cell import mLSTMBackendNameAndKwargs
+from xlstm_eqx.core import ParallelConfig
+from xlstm_eqx.llama import LlamaConfig
+from xlstm_eqx.nn import FeedForwardConfig
+from xlstm_eqx.xlstm import (
     mLSTMBlockConfig,
     mLSTMCellConfig,
     mLSTMLayerConfig,
@@ -25,7 +26,6 @@ from xlstm_eqx._configs import (
     xLSTMBlockStackConfig,
     xLSTMLMModelConfig,
 )
-from xlstm_eqx._presets import PRESETS, get_preset
 
 
 def _json_round_trip(cfg):

@@ -9,21 +9,19 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from xlstm_eqx._data import (
+from xlstm_eqx.data import (
     BatchSampler,
+    ByteTokenizer,
+    HFTokenizer,
     check_token_ids,
     default_corpus_files,
     eval_windows,
     load_corpus,
-    resolve_paths,
-    unigram_bits_per_byte,
-)
-from xlstm_eqx._tokenizer import (
-    ByteTokenizer,
-    HFTokenizer,
     load_tokenizer,
     padded_vocab_size,
+    resolve_paths,
     tokenizer_from_dict,
+    unigram_bits_per_byte,
 )
 
 

@@ -15,24 +15,22 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-import xlstm_eqx._generate as gen
+import xlstm_eqx.generation as gen
 from xlstm_eqx import (
     LlamaTransformer,
+    generate,
     mLSTMBackendNameAndKwargs,
     mLSTMBlockConfig,
     mLSTMCellConfig,
     mLSTMLayerConfig,
-    xLSTMLMModel,
-    xLSTMLMModelConfig,
-)
-from xlstm_eqx._generate import (
-    _text_pieces,
-    generate,
     sample_logits,
     stream_generate,
     stream_text,
+    xLSTMLMModel,
+    xLSTMLMModelConfig,
 )
-from xlstm_eqx._presets import tiny_llama, tiny_xlstm, tiny_xlstm_slstm
+from xlstm_eqx.generation import _text_pieces
+from xlstm_eqx.presets import tiny_llama, tiny_xlstm, tiny_xlstm_slstm
 
 
 V = 64

@@ -19,19 +19,9 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from xlstm_eqx._configs import (
-    FeedForwardConfig,
-    LlamaConfig,
-    mLSTMBackendNameAndKwargs,
-    mLSTMBlockConfig,
-    mLSTMCellConfig,
-    mLSTMLayerConfig,
-    xLSTMLMModelConfig,
-)
-from xlstm_eqx._generate import generate
-from xlstm_eqx._llama import LlamaTransformer
-from xlstm_eqx._model import count_params, xLSTMLMModel
-from xlstm_eqx._presets import tiny_xlstm_slstm
+from xlstm_eqx import generate
+from xlstm_eqx.cell import mLSTMBackendNameAndKwargs
+from xlstm_eqx.core import count_params
 from xlstm_eqx.interop import (
     InteropError,
     convert_main,
@@ -45,9 +35,19 @@ from xlstm_eqx.interop import (
     to_xlstm_jax,
     xlstm_jax_config,
 )
-from xlstm_eqx.interop._hf import hf_entries
+from xlstm_eqx.interop.hf import hf_entries
 from xlstm_eqx.interop.safetensors_files import SafetensorsError, SafetensorsFile, save_file
-from xlstm_eqx.interop._xlstm_jax import flatten_params, unflatten_params
+from xlstm_eqx.interop.xlstm_jax import flatten_params, unflatten_params
+from xlstm_eqx.llama import LlamaConfig, LlamaTransformer
+from xlstm_eqx.nn import FeedForwardConfig
+from xlstm_eqx.presets import tiny_xlstm_slstm
+from xlstm_eqx.xlstm import (
+    mLSTMBlockConfig,
+    mLSTMCellConfig,
+    mLSTMLayerConfig,
+    xLSTMLMModel,
+    xLSTMLMModelConfig,
+)
 
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "interop")
@@ -431,7 +431,7 @@ def test_xlstm_jax_config_quirks():
 
 
 def test_convert_cli_hf_eqx_hf(tmp_path):
-    from xlstm_eqx._train import load_run
+    from xlstm_eqx.training import load_run
 
     eqx_dir, hf_dir = str(tmp_path / "eqx"), str(tmp_path / "hf")
     assert convert_main(["--from", "hf", "--to", "eqx", fixture("hf_small"), eqx_dir]) == 0
@@ -447,7 +447,7 @@ def test_convert_cli_hf_eqx_hf(tmp_path):
 
 
 def test_convert_cli_xlstm_jax(tmp_path, capsys):
-    from xlstm_eqx._train import load_run
+    from xlstm_eqx.training import load_run
 
     out = str(tmp_path / "eqx")
     src = fixture("xlstm_jax_llama")

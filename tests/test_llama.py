@@ -12,9 +12,10 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from xlstm_eqx._configs import LlamaConfig, ParallelConfig
-from xlstm_eqx._llama import (
+from xlstm_eqx.core import ParallelConfig, count_params
+from xlstm_eqx.llama import (
     FFNBlock,
+    LlamaConfig,
     LlamaTransformer,
     SelfAttentionBlock,
     TransformerBlockStack,
@@ -22,7 +23,6 @@ from xlstm_eqx._llama import (
     multihead_attention,
     rope_sin_cos,
 )
-from xlstm_eqx._nn import count_params
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8) -> bool:

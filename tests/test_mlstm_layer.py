@@ -10,12 +10,13 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from xlstm_eqx._configs import mLSTMBackendNameAndKwargs, mLSTMCellConfig, mLSTMLayerConfig
-from xlstm_eqx._mlstm import (
+from xlstm_eqx.cell import mLSTMBackendNameAndKwargs, resolve_backend
+from xlstm_eqx.xlstm import (
     make_mlstm_layer,
+    mLSTMCellConfig,
     mLSTMLayer,
+    mLSTMLayerConfig,
     mLSTMLayerV1,
-    resolve_backend,
 )
 
 

@@ -14,20 +14,21 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from xlstm_eqx._blocks import xLSTMBlockStack
-from xlstm_eqx._configs import (
-    FeedForwardConfig,
-    ParallelConfig,
-    mLSTMBackendNameAndKwargs,
+from xlstm_eqx import PRESETS
+from xlstm_eqx.cell import mLSTMBackendNameAndKwargs
+from xlstm_eqx.core import ParallelConfig, count_params
+from xlstm_eqx.nn import FeedForwardConfig
+from xlstm_eqx.xlstm import (
+    decay_mask,
     mLSTMBlockConfig,
     mLSTMCellConfig,
     mLSTMLayerConfig,
     sLSTMBlockConfig,
     sLSTMLayerConfig,
+    xLSTMBlockStack,
+    xLSTMLMModel,
     xLSTMLMModelConfig,
 )
-from xlstm_eqx._model import count_params, decay_mask, xLSTMLMModel
-from xlstm_eqx._presets import PRESETS
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8) -> bool:

@@ -11,7 +11,8 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from xlstm_eqx._nn import (
+from xlstm_eqx.core import count_params
+from xlstm_eqx.nn import (
     ACTIVATIONS,
     CausalConv1d,
     Dense,
@@ -23,7 +24,6 @@ from xlstm_eqx._nn import (
     MultiHeadNorm,
     RMSNorm,
     bias_linspace_init,
-    count_params,
     dropout,
     get_activation,
     init_array,

@@ -14,7 +14,7 @@ import pytest
 from jax import export
 
 import xlstm_eqx as X
-from xlstm_eqx._pallas import REMAT_POLICIES, mlstm_chunkwise_pallas, mlstm_chunkwise_remat
+from xlstm_eqx.cell import REMAT_POLICIES, mlstm_chunkwise_pallas, mlstm_chunkwise_remat
 
 
 def rel_err(x, ref) -> float:
@@ -261,8 +261,8 @@ def test_model_backend_chunkwise_pallas_matches_chunkwise():
 # the "auto" backend
 
 
-import xlstm_eqx._pallas as pallas_module  # noqa: E402
-from xlstm_eqx._mlstm import run_backend  # noqa: E402
+import xlstm_eqx.cell.autotune as pallas_module  # noqa: E402
+from xlstm_eqx.cell import run_backend  # noqa: E402
 
 
 def test_auto_off_gpu_is_chunkwise_without_timing(monkeypatch):

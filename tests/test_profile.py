@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import jax.random as jr
 import pytest
 
-import xlstm_eqx._bench as bench
-from xlstm_eqx._presets import get_preset
-from xlstm_eqx._profile import (
+import xlstm_eqx.tools.bench as bench
+import xlstm_eqx.tools.train_setup as train_setup
+from xlstm_eqx import MODEL_FAMILIES, get_preset
+from xlstm_eqx.models import train_flops_per_token
+from xlstm_eqx.tools import (
     PARTS,
     OpTime,
     StepProfile,
@@ -22,7 +24,7 @@ from xlstm_eqx._profile import (
     profile_train_step,
     trace_self_times,
 )
-from xlstm_eqx._train import MODEL_FAMILIES, next_token_loss
+from xlstm_eqx.training import next_token_loss
 
 
 UNSCOPED = "loss, residuals, scan glue"
@@ -375,7 +377,7 @@ _MIXER = {"xlstm": "mLSTM cell", "llama": "attention"}
 @pytest.mark.parametrize("model", ["xlstm", "llama"])
 def test_profile_train_step_tiny(model, monkeypatch):
     S = 32
-    config = bench._train_config(model, "tiny", S)
+    config = train_setup._train_config(model, "tiny", S)
     profile = profile_train_step(model, size="tiny", seq_len=S, calls=1)
     assert profile.step_ms > 0 and profile.op_ms > 0
     parts = {r["part"]: r for r in profile.parts()}
@@ -396,14 +398,14 @@ def test_profile_train_step_tiny(model, monkeypatch):
     # preset with its blocks unrolled. The analytic count has only the matmuls (it leaves out
     # norms, gates, softmax, the loss and AdamW), which at this tiny size is 10-25% below XLA's
     # (measured: xlstm 1.23x, llama 1.15x), so it is a lower bound here, not a close match.
-    real = bench._train_config
+    real = train_setup._train_config
     monkeypatch.setattr(
         bench,
         "_train_config",
         lambda m, size, s: dataclasses.replace(real(m, size, s), scan_blocks=False),
     )
     unrolled = profile_train_step(model, size="tiny", seq_len=S, calls=1)
-    analytic = bench.train_flops_per_token(config, S) * S
+    analytic = train_flops_per_token(config, S) * S
     assert unrolled.xla_flops is not None
     assert analytic <= unrolled.xla_flops < 1.5 * analytic
     assert all(op.count == 1 for op in unrolled.ops if op.part == _MIXER[model])

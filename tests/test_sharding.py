@@ -27,11 +27,10 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from xlstm_eqx._configs import ParallelConfig
-from xlstm_eqx._llama import LlamaTransformer
-from xlstm_eqx._model import xLSTMLMModel
-from xlstm_eqx._presets import get_preset, tiny_llama, tiny_xlstm, tiny_xlstm_slstm
-from xlstm_eqx._sharding import (
+from xlstm_eqx import get_preset
+from xlstm_eqx.core import ParallelConfig
+from xlstm_eqx.llama import LlamaTransformer
+from xlstm_eqx.parallel import (
     axis_sizes,
     count_all_gathers,
     gather_at_use,
@@ -42,6 +41,8 @@ from xlstm_eqx._sharding import (
     param_partition_specs,
     parse_mesh_spec,
 )
+from xlstm_eqx.presets import tiny_llama, tiny_xlstm, tiny_xlstm_slstm
+from xlstm_eqx.xlstm import xLSTMLMModel
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -499,7 +500,7 @@ def _checkpoint_count(fn, *args) -> int:
     ],
 )
 def test_remat_follows_parallel_config(family, names, expected):
-    from xlstm_eqx._train import next_token_loss
+    from xlstm_eqx.training import next_token_loss
 
     if family == "llama":
         cfg = dataclasses.replace(tiny_llama(), parallel=ParallelConfig(remat=names))
@@ -519,7 +520,7 @@ def test_remat_follows_parallel_config(family, names, expected):
 
 
 def test_remat_keeps_gradients():
-    from xlstm_eqx._train import next_token_loss
+    from xlstm_eqx.training import next_token_loss
 
     plain = tiny_llama()
     remat = dataclasses.replace(plain, parallel=ParallelConfig(remat=["AttnBlock", "FFNBlock"]))
@@ -659,7 +660,7 @@ def test_fsdp_gathers_in_the_gather_dtype(results):
 
 
 def test_gather_cast_gradient_goes_through_the_scatter_dtype():
-    from xlstm_eqx._sharding import _gather_cast
+    from xlstm_eqx.parallel.fsdp import _gather_cast
 
     w = jnp.asarray([1.0, 1.0 + 2.0**-12, 3.0], jnp.float32)
     y, vjp = jax.vjp(lambda w: _gather_cast(w, "bfloat16", "bfloat16"), w)
@@ -690,7 +691,7 @@ def test_two_processes_train_data_parallel_like_one(results):
 def test_two_processes_run_the_trainer_loop_with_fsdp(results):
     """`train()` (what `xlstm-eqx train --mesh fsdp=-1` runs on every host) over two processes:
     the same losses as one device, one writer for every file, a checkpoint that loads."""
-    from xlstm_eqx._train import load_run
+    from xlstm_eqx.training import load_run
 
     single = _get(results, "train")["losses_single"]
     r0, r1 = _get(results, "dist0"), _get(results, "dist1")

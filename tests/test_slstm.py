@@ -9,8 +9,15 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from xlstm_eqx._configs import sLSTMCellConfig, sLSTMLayerConfig
-from xlstm_eqx._slstm import slstm_bias_init, sLSTMCell, sLSTMLayer, sLSTMLayerState, sLSTMState
+from xlstm_eqx.xlstm import (
+    slstm_bias_init,
+    sLSTMCell,
+    sLSTMCellConfig,
+    sLSTMLayer,
+    sLSTMLayerConfig,
+    sLSTMLayerState,
+    sLSTMState,
+)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,18 +13,19 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from xlstm_eqx._checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
-from xlstm_eqx._train import (
-    ModelFamily,
+from xlstm_eqx import ModelFamily, register_model_family
+from xlstm_eqx.training import (
+    CheckpointError,
     TrainConfig,
     TrainingDivergedError,
     default_decay_mask,
     evaluate_run,
+    latest_checkpoint,
     learning_rate_schedule,
+    list_checkpoints,
     make_optimizer,
     make_train_step,
     read_metrics,
-    register_model_family,
     sample_tokens,
     train,
     trainable_params,
@@ -78,7 +79,7 @@ class ToyLM(eqx.Module):
 register_model_family(
     ModelFamily(
         "toy",
-        ToyConfig.from_dict,
+        ToyConfig,
         lambda config, *, key: ToyLM(config, key=key),
         lambda: {"tiny": ToyConfig, "short": lambda: ToyConfig(context_length=8)},
     )

@@ -1,26 +1,27 @@
-"""Checkpoint interop: Hugging Face transformers `xLSTMForCausalLM` directories (the released
-xLSTM-7B format) and xlstm-jax (Flax) parameter trees, both ways; no pickle anywhere
+"""Level 6: checkpoint interop — Hugging Face transformers `xLSTMForCausalLM` directories (the
+released xLSTM-7B format) and xlstm-jax (Flax) parameter trees, both ways; no pickle anywhere
 (safetensors, JSON, NumPy ``.npz``).
 
 - `from_hf_pretrained(path, *, dtype=None) -> (model, config)`, `to_hf(model, config, path)`;
 - `from_xlstm_jax(params, config) -> model`, `to_xlstm_jax(model) -> params`;
-- `convert_main(argv)` / `generate_main(argv)`: the ``xlstm-eqx convert`` / ``generate --hf``
-  commands.
+- `save_eqx` / `load_eqx`: this library's run layout as a conversion format. The command-line
+  front ends are `xlstm_eqx.cli.convert_main` / `generate_main`.
 """
 
-from ._cli import (
-    convert_main as convert_main,
-    generate_main as generate_main,
-    load_hf_for_generation as load_hf_for_generation,
-)
-from ._common import InteropError as InteropError
-from ._hf import (
+from .common import InteropError as InteropError
+from .hf import (
     eqx_config_to_hf as eqx_config_to_hf,
     from_hf_pretrained as from_hf_pretrained,
     hf_config_to_eqx as hf_config_to_eqx,
     to_hf as to_hf,
 )
-from ._xlstm_jax import (
+from .runs import (
+    load_eqx as load_eqx,
+    load_hf_for_generation as load_hf_for_generation,
+    read_model_config as read_model_config,
+    save_eqx as save_eqx,
+)
+from .xlstm_jax import (
     from_xlstm_jax as from_xlstm_jax,
     load_xlstm_jax_params as load_xlstm_jax_params,
     save_xlstm_jax_params as save_xlstm_jax_params,

@@ -1,0 +1,33 @@
+"""Level 1: the mLSTM cell as pure functions on `(B, NH, S, DH)` arrays.
+
+Three forms of the same math — parallel (O(S²) memory), chunkwise (O(S)) and recurrent (O(1) per
+step) — plus the Pallas chunkwise kernels, the remat variants, and `BACKENDS`, the table from a
+backend name to its function.
+"""
+
+from .autotune import (
+    fastest_chunkwise_backend as fastest_chunkwise_backend,
+    time_chunkwise_backends as time_chunkwise_backends,
+)
+from .backend_config import (
+    MLSTM_BACKENDS as MLSTM_BACKENDS,
+    mLSTMBackendNameAndKwargs as mLSTMBackendNameAndKwargs,
+)
+from .backends import (
+    resolve_backend as resolve_backend,
+    run_backend as run_backend,
+)
+from .forms import (
+    mlstm_chunkwise as mlstm_chunkwise,
+    mlstm_recurrent as mlstm_recurrent,
+    mlstm_recurrent_step as mlstm_recurrent_step,
+    mLSTMState as mLSTMState,
+    parallel_stabilized_simple as parallel_stabilized_simple,
+)
+from .pallas import (
+    mlstm_chunkwise_pallas as mlstm_chunkwise_pallas,
+)
+from .remat import (
+    REMAT_POLICIES as REMAT_POLICIES,
+    mlstm_chunkwise_remat as mlstm_chunkwise_remat,
+)

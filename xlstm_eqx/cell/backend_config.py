@@ -1,0 +1,149 @@
+"""FIXME docstring."""
+
+import dataclasses
+from typing import Any, no_type_check
+
+from ..core.config import _check_positive_int, _Config, _config, _fail, _is_number
+
+
+#: The mLSTM backends implemented in this package, and the keyword arguments each one accepts.
+MLSTM_BACKENDS: dict[str, tuple[str, ...]] = {
+    "parallel_stabilized": ("eps",),
+    "chunkwise": ("chunk_size", "eps"),
+    "chunkwise_pallas": ("chunk_size", "eps"),
+    "auto": ("chunk_size", "eps"),
+    "recurrent": ("eps",),
+}
+
+
+#: Default keyword arguments filled in for each backend (so equal settings compare equal).
+_BACKEND_DEFAULT_KWARGS: dict[str, dict[str, Any]] = {
+    "parallel_stabilized": {},
+    "chunkwise": {"chunk_size": 64},
+    "chunkwise_pallas": {"chunk_size": 64},
+    "auto": {"chunk_size": 64},
+    "recurrent": {},
+}
+
+
+#: The reference's backend names: (name here, default chunk size or None, reference kwargs that are kept,
+#: reference kwargs that are accepted and dropped because they are dead or kernel-specific).
+_REFERENCE_BACKENDS: dict[str, tuple[str, int | None, tuple[str, ...], tuple[str, ...]]] = {
+    "fwbw_stabilized": (
+        "chunkwise",
+        512,
+        ("chunk_size",),
+        (
+            "return_state",
+            "use_initial_state",
+            "keep_G",
+            "keep_gates",
+            "keep_M",
+            "keep_c",
+            "stabilize_correctly",
+        ),
+    ),
+    "triton_kernels": (
+        "auto",
+        64,
+        ("chunk_size",),
+        (
+            "autocast_dtype",
+            "reduce_slicing",
+            "backend_name",
+            "eps",
+            "norm_val",
+            "stabilize_correctly",
+        ),
+    ),
+    "recurrent_triton": ("recurrent", None, ("eps",), ("state_dtype", "use_scan", "backend_name")),
+}
+
+
+#: Reference kwargs of the canonical names that are accepted and dropped.
+_DROPPED_KWARGS: dict[str, tuple[str, ...]] = {
+    "parallel_stabilized": ("context_length",),
+    "chunkwise": (),
+    "chunkwise_pallas": (),
+    "auto": (),
+    "recurrent": ("context_length", "state_dtype", "use_scan"),
+}
+
+
+# mLSTM backend (§2.7)
+
+
+@no_type_check
+@_config
+class mLSTMBackendNameAndKwargs(_Config):
+    """mLSTM backend name and its keyword arguments (passed to the cell function).
+
+    Names here: "parallel_stabilized" (kwargs: eps), "chunkwise" (kwargs: chunk_size, default 64; eps),
+    "chunkwise_pallas" (the Pallas kernels; same kwargs), "auto" (on a GPU whichever of the two is
+    faster for the shapes, measured once; "chunkwise" elsewhere), "recurrent" (kwargs: eps). The
+    reference's names are accepted and mapped at construction:
+    - "triton_kernels" -> "auto", chunk_size from kwargs (default 64). Its other kwargs
+      (backend_name, autocast_dtype, reduce_slicing, eps, norm_val, stabilize_correctly) are dead in the
+      reference and dropped; the kernel's eps is 1e-6, the cell default.
+    - "fwbw_stabilized" -> "chunkwise", chunk_size from kwargs (default 512). Its keep_* / return_state /
+      use_initial_state / stabilize_correctly kwargs are dropped. Note: fwbw uses the normaliser lower bound
+      1 and no eps (§5.4); the mapped backend uses exp(-m) and eps=1e-6 (differences vanish after the
+      per-head norm).
+    - "recurrent_triton" -> "recurrent" (eps kept; state_dtype, use_scan, backend_name dropped).
+    The reference kwargs "context_length" (parallel, recurrent), "state_dtype" and "use_scan" (recurrent) are
+    accepted and dropped. Anything else is an error, as are the reference's "attention" ablation backend
+    and unknown names.
+    """
+
+    name: str = "parallel_stabilized"
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def _derive(self) -> None:
+        if self.kwargs is None:
+            self.kwargs = {}
+        if not isinstance(self.name, str) or not isinstance(self.kwargs, dict):
+            return  # reported by _validate
+        kwargs = dict(self.kwargs)
+        if self.name in _REFERENCE_BACKENDS:
+            target, default_chunk, kept, dropped = _REFERENCE_BACKENDS[self.name]
+            unknown = sorted(set(kwargs) - set(kept) - set(dropped))
+            if unknown:
+                return  # reported by _validate
+            kwargs = {k: v for k, v in kwargs.items() if k in kept}
+            if default_chunk is not None:
+                kwargs.setdefault("chunk_size", default_chunk)
+            self.name = target
+        if self.name in MLSTM_BACKENDS:
+            kwargs = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS[self.name]}
+            for key, value in _BACKEND_DEFAULT_KWARGS[self.name].items():
+                kwargs.setdefault(key, value)
+        self.kwargs = kwargs
+
+    def _validate(self, root: str, prefix: str) -> None:
+        allowed_names = tuple(MLSTM_BACKENDS) + tuple(_REFERENCE_BACKENDS)
+        if not isinstance(self.name, str) or self.name not in allowed_names:
+            _fail(root, prefix + "name", f"must be one of {allowed_names}", self.name)
+        if not isinstance(self.kwargs, dict):
+            _fail(root, prefix + "kwargs", "must be a dict", self.kwargs)
+        if self.name in _REFERENCE_BACKENDS:  # _derive left it unmapped: unknown kwargs
+            _, _, kept, dropped = _REFERENCE_BACKENDS[self.name]
+            unknown = sorted(set(self.kwargs) - set(kept) - set(dropped))
+            _fail(
+                root,
+                prefix + "kwargs",
+                f"unknown keys {unknown} for backend {self.name!r}; allowed: {kept + dropped}",
+            )
+        allowed = MLSTM_BACKENDS[self.name]
+        unknown = sorted(set(self.kwargs) - set(allowed))
+        if unknown:
+            _fail(
+                root,
+                prefix + "kwargs",
+                f"unknown keys {unknown} for backend {self.name!r}; allowed: {allowed}",
+            )
+        if "chunk_size" in self.kwargs:
+            _check_positive_int(root, prefix + "kwargs.chunk_size", self.kwargs["chunk_size"])
+        if "eps" in self.kwargs:
+            eps = self.kwargs["eps"]
+            if not _is_number(eps) or eps < 0:
+                _fail(root, prefix + "kwargs.eps", "must be a number >= 0", eps)

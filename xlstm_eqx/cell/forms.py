@@ -1,0 +1,395 @@
+"""The mLSTM cell in three interchangeable forms.
+
+All forms compute, per batch element and head, with f̄ = logσ(f̃) and exponential input gates,
+
+    h_s = Σ_t C[s,t] v_t / (max(|Σ_t C[s,t]|, exp(-m_s)) + eps),
+    C[s,t] = (q_s·k_t / √DHQK) · exp(Σ_{t<u≤s} f̄_u + ĩ_t - m_s)   for t ≤ s,
+
+and differ only in how they organise the work and choose the stabiliser `m_s`:
+
+- `parallel_stabilized_simple`: the S×S matrix at once, `m_s` the row maximum. O(S²) memory.
+- `mlstm_chunkwise`: chunks of L tokens; an L×L matrix inside each chunk and a (C, n, m) state carried
+  between chunks. O(S) memory, forward and backward.
+- `mlstm_recurrent` / `mlstm_recurrent_step`: one token at a time. O(1) memory per step.
+
+The recurrent and chunkwise forms start from m₀ = 0 and so place `eps` slightly differently from the
+parallel form (the forms agree to about eps·exp(m)/|den|).
+
+Gates, their cumulative sums, the stabiliser and the states are computed in float32 (float64 for
+float64 inputs) whatever the dtype of q, k, v. Log-decay sums are never formed as differences of a
+running cumulative sum (which loses float32 precision once the sum grows large); every entry is a sum
+of its own terms only.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+
+GatePreact = Float[Array, "B NH S 1"] | Float[Array, "B NH S"]
+
+
+# Padded positions get this input-gate pre-activation: exp(_NO_INPUT - m) is exactly 0.
+_NO_INPUT = -1e30
+
+
+class mLSTMState(eqx.Module):
+    """Recurrent mLSTM memory, stabilised: the true state is (c, n) · exp(m)."""
+
+    c: Float[Array, "B NH DHQK DHV"]
+    n: Float[Array, "B NH DHQK"]
+    m: Float[Array, "B NH"]
+
+    @classmethod
+    def zeros(
+        cls, batch_size: int, num_heads: int, dhqk: int, dhv: int, dtype=jnp.float32
+    ) -> "mLSTMState":
+        return cls(
+            c=jnp.zeros((batch_size, num_heads, dhqk, dhv), dtype),
+            n=jnp.zeros((batch_size, num_heads, dhqk), dtype),
+            m=jnp.zeros((batch_size, num_heads), dtype),
+        )
+
+
+def _acc_dtype(*arrays) -> jnp.dtype:
+    """float32, or float64 if any input is: the dtype of gates, stabiliser, states and sums."""
+    wide = any(a.dtype == jnp.float64 for a in arrays)
+    return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
+def _max_exp_arg(dtype) -> float:
+    # exp(-m) is clamped here so that it and its derivative stay finite when m is very negative
+    # (then h ≈ 0 either way: the clamped normaliser is still ~1e19 in float32).
+    return 0.5 * math.log(float(jnp.finfo(dtype).max))
+
+
+def _normalise(num, den, m, eps):
+    lower = jnp.exp(jnp.minimum(-m, _max_exp_arg(m.dtype)))
+    return num / (jnp.maximum(jnp.abs(den), lower) + eps)[..., None]
+
+
+def _squeeze_gate(gate: Array, name: str, shape: tuple[int, ...]) -> Array:
+    if gate.ndim == 4:
+        if gate.shape[-1] != 1:
+            raise ValueError(
+                f"{name} must have shape (B, NH, S) or (B, NH, S, 1), got {gate.shape}"
+            )
+        gate = gate[..., 0]
+    if gate.shape != shape:
+        raise ValueError(
+            f"{name} has shape {gate.shape}; expected (B, NH, S) = {shape} from the queries"
+        )
+    return gate
+
+
+def _check_qkv(queries, keys, values) -> None:
+    names = ("B", "NH", "S")
+    for axis, name in enumerate(names):
+        for other_name, other in (("keys", keys), ("values", values)):
+            if other.shape[axis] != queries.shape[axis]:
+                raise ValueError(
+                    f"dimension {name} of {other_name} is {other.shape[axis]} but "
+                    f"{queries.shape[axis]} in queries"
+                )
+    if keys.shape[-1] != queries.shape[-1]:
+        raise ValueError(
+            f"dimension DHQK of keys is {keys.shape[-1]} but {queries.shape[-1]} in queries"
+        )
+
+
+def _prepare(queries, keys, values, igate_preact, fgate_preact):
+    """Validate shapes; return (q, k, v, ĩ, f̄) in the accumulation dtype, gates as (B, NH, S)."""
+    if queries.ndim != 4 or keys.ndim != 4 or values.ndim != 4:
+        raise ValueError(
+            "queries, keys and values must be (B, NH, S, DH); got shapes "
+            f"{queries.shape}, {keys.shape}, {values.shape}"
+        )
+    _check_qkv(queries, keys, values)
+    shape = queries.shape[:3]
+    igate = _squeeze_gate(igate_preact, "igate_preact", shape)
+    fgate = _squeeze_gate(fgate_preact, "fgate_preact", shape)
+    acc = _acc_dtype(queries, keys, values, igate, fgate)
+    q, k, v = (x.astype(acc) for x in (queries, keys, values))
+    igate = igate.astype(acc)
+    log_fgate = jax.nn.log_sigmoid(fgate.astype(acc))
+    return q, k, v, igate, log_fgate
+
+
+def _two_sum(a, b):
+    """a + b = s + e exactly (Knuth); e is the rounding error of s."""
+    s = a + b
+    b_virtual = s - a
+    e = (a - (s - b_virtual)) + (b - b_virtual)
+    return s, e
+
+
+def _double_cumsum(x: Float[Array, "*batch L"]) -> tuple[Array, Array]:
+    """Cumulative sum along the last axis as an unevaluated pair hi + lo (about twice the precision).
+
+    An associative scan of double-word additions: O(L log L) work, log depth, any dtype.
+    """
+
+    def add(a, b):
+        s, e = _two_sum(a[0], b[0])
+        e = e + (a[1] + b[1])
+        hi = s + e
+        return hi, e - (hi - s)
+
+    return jax.lax.associative_scan(add, (x, jnp.zeros_like(x)), axis=x.ndim - 1)
+
+
+def _segment_log_decay(log_fgate: Float[Array, "*batch L"]) -> Float[Array, "*batch L L"]:
+    """logF[s, t] = Σ_{t<u≤s} f̄_u for t < s, 0 on and above the diagonal.
+
+    A plain difference of running sums F_s - F_t has an absolute error of eps·|F_s|, which is large
+    once |F| grows (strongly negative forget gates, long sequences). Here F is carried in double-word
+    precision, so the difference is accurate relative to logF itself. The diagonal is exactly 0 and
+    takes no part in the gradient: its cotangent would otherwise enter twice with opposite signs and
+    cancel in float32.
+    """
+    hi, lo = _double_cumsum(log_fgate)
+    diff = (hi[..., :, None] - hi[..., None, :]) + (lo[..., :, None] - lo[..., None, :])
+    length = log_fgate.shape[-1]
+    return jnp.where(jnp.tri(length, length, k=-1, dtype=bool), diff, 0.0)
+
+
+def parallel_stabilized_simple(
+    queries: Float[Array, "B NH S DHQK"],
+    keys: Float[Array, "B NH S DHQK"],
+    values: Float[Array, "B NH S DHV"],
+    igate_preact: GatePreact,
+    fgate_preact: GatePreact,
+    lower_triangular_matrix: Bool[Array, "SL SL"] | None = None,
+    stabilize_rowwise: bool = True,
+    eps: float = 1e-6,
+    qkv_dtype=None,
+    gate_dtype=None,
+) -> Float[Array, "B NH S DHV"]:
+    """The mLSTM cell in parallel form, stabilised by the row maximum of the log gate matrix.
+
+    `lower_triangular_matrix` (S', S') with S' ≥ S is an optional causal mask (the top-left S×S block is
+    used); `stabilize_rowwise=False` subtracts one maximum per (batch, head) instead of per row.
+    `qkv_dtype` / `gate_dtype` cast the inputs first. Returns (B, NH, S, DHV) in the qkv dtype.
+    Memory is O(S²) per head.
+    """
+    if qkv_dtype is not None:
+        queries, keys, values = (x.astype(qkv_dtype) for x in (queries, keys, values))
+    if gate_dtype is not None:
+        igate_preact, fgate_preact = (
+            igate_preact.astype(gate_dtype),
+            fgate_preact.astype(gate_dtype),
+        )
+    out_dtype = queries.dtype
+    q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
+    seq_len, dhqk = q.shape[2], q.shape[3]
+    if lower_triangular_matrix is None:
+        causal = jnp.tri(seq_len, seq_len, dtype=bool)
+    else:
+        if lower_triangular_matrix.shape[0] < seq_len:
+            raise ValueError(
+                f"lower_triangular_matrix is {lower_triangular_matrix.shape} but the sequence "
+                f"length S is {seq_len}"
+            )
+        causal = lower_triangular_matrix[:seq_len, :seq_len].astype(bool)
+
+    log_d = _segment_log_decay(log_fgate) + igate[..., None, :]
+    log_d = jnp.where(causal, log_d, -jnp.inf)
+    if stabilize_rowwise:
+        m = jnp.max(log_d, axis=-1)
+    else:
+        m = jnp.broadcast_to(jnp.max(log_d, axis=(-2, -1))[..., None], log_d.shape[:-1])
+    decay = jnp.exp(log_d - m[..., None])
+
+    scores = jnp.einsum("bhsd,bhtd->bhst", q, k / math.sqrt(dhqk)) * decay
+    num = jnp.einsum("bhst,bhtv->bhsv", scores, v)
+    h = _normalise(num, jnp.sum(scores, axis=-1), m, eps)
+    return h.astype(out_dtype)
+
+
+def _step(state: mLSTMState, q, k, v, igate, log_fgate, eps: float):
+    """(C, n, m) ← one token; all arguments already in the accumulation dtype, f̄ = logσ(f̃).
+
+    The read-out is taken from the previous state plus the new token's own term, not from the updated
+    state: then the gradient's cancellation between numerator and normaliser happens on the scalar
+    q·k (as in the parallel form), which keeps float32 gradients accurate when one token dominates.
+    """
+    m_new = jnp.maximum(log_fgate + state.m, igate)
+    f_scale = jnp.exp(log_fgate + state.m - m_new)
+    i_scale = jnp.exp(igate - m_new)
+    c_new = f_scale[..., None, None] * state.c + i_scale[..., None, None] * (
+        k[..., :, None] * v[..., None, :]
+    )
+    n_new = f_scale[..., None] * state.n + i_scale[..., None] * k
+
+    q_scaled = q / math.sqrt(q.shape[-1])
+    qk = i_scale * jnp.einsum("bhd,bhd->bh", q_scaled, k)
+    num = f_scale[..., None] * jnp.einsum("bhd,bhdv->bhv", q_scaled, state.c) + qk[..., None] * v
+    den = f_scale * jnp.einsum("bhd,bhd->bh", q_scaled, state.n) + qk
+    return _normalise(num, den, m_new, eps), mLSTMState(c=c_new, n=n_new, m=m_new)
+
+
+def mlstm_recurrent_step(
+    state: mLSTMState,
+    q: Float[Array, "B NH DHQK"],
+    k: Float[Array, "B NH DHQK"],
+    v: Float[Array, "B NH DHV"],
+    igate_preact: Float[Array, "B NH"],
+    fgate_preact: Float[Array, "B NH"],
+    *,
+    eps: float = 1e-6,
+) -> tuple[Float[Array, "B NH DHV"], mLSTMState]:
+    """One time step: update (C, n, m) with (k, v, gates), then read out with q.
+
+    Used for generation: O(1) time and memory per token. The state is kept in float32 (or wider).
+    """
+    expected = (*q.shape, v.shape[-1])
+    if state.c.shape != expected:
+        raise ValueError(
+            f"state.c has shape {state.c.shape} but q and v give (B, NH, DHQK, DHV) = {expected}"
+        )
+    out_dtype = q.dtype
+    acc = _acc_dtype(state.c, q, k, v, igate_preact, fgate_preact)
+    state = jax.tree.map(lambda x: x.astype(acc), state)
+    q, k, v = (x.astype(acc) for x in (q, k, v))
+    log_fgate = jax.nn.log_sigmoid(fgate_preact.astype(acc))
+    h, state = _step(state, q, k, v, igate_preact.astype(acc), log_fgate, eps)
+    return h.astype(out_dtype), state
+
+
+def _initial_state(initial_state, batch, heads, dhqk, dhv, acc) -> mLSTMState:
+    if initial_state is None:
+        return mLSTMState.zeros(batch, heads, dhqk, dhv, acc)
+    expected = (batch, heads, dhqk, dhv)
+    if initial_state.c.shape != expected:
+        raise ValueError(
+            f"initial_state.c has shape {initial_state.c.shape}; "
+            f"expected (B, NH, DHQK, DHV) = {expected}"
+        )
+    return jax.tree.map(lambda x: x.astype(acc), initial_state)
+
+
+def mlstm_recurrent(
+    queries: Float[Array, "B NH S DHQK"],
+    keys: Float[Array, "B NH S DHQK"],
+    values: Float[Array, "B NH S DHV"],
+    igate_preact: GatePreact,
+    fgate_preact: GatePreact,
+    *,
+    initial_state: mLSTMState | None = None,
+    return_last_state: bool = False,
+    eps: float = 1e-6,
+) -> Float[Array, "B NH S DHV"] | tuple[Float[Array, "B NH S DHV"], mLSTMState]:
+    """The step form scanned over the sequence (`lax.scan`). Returns h, and the final state if asked."""
+    out_dtype = queries.dtype
+    q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
+    batch, heads, _, dhqk = q.shape
+    state = _initial_state(initial_state, batch, heads, dhqk, v.shape[-1], q.dtype)
+
+    def body(carry, xs):
+        h_t, carry = _step(carry, *xs, eps)
+        return carry, h_t
+
+    time_major = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, igate, log_fgate))
+    final, h = jax.lax.scan(body, state, time_major)
+    h = jnp.moveaxis(h, 0, 2).astype(out_dtype)
+    return (h, final) if return_last_state else h
+
+
+def _pad_time(x: Array, length: int, value: float) -> Array:
+    pad = [(0, 0)] * x.ndim
+    pad[2] = (0, length - x.shape[2])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def mlstm_chunkwise(
+    queries: Float[Array, "B NH S DHQK"],
+    keys: Float[Array, "B NH S DHQK"],
+    values: Float[Array, "B NH S DHV"],
+    igate_preact: GatePreact,
+    fgate_preact: GatePreact,
+    *,
+    chunk_size: int = 64,
+    initial_state: mLSTMState | None = None,
+    return_last_state: bool = False,
+    eps: float = 1e-6,
+) -> Float[Array, "B NH S DHV"] | tuple[Float[Array, "B NH S DHV"], mLSTMState]:
+    """The chunkwise form: L×L matrices inside chunks of `chunk_size`, a (C, n, m) state between them.
+
+    Memory is linear in S in the forward pass and under autodiff (the carried states are
+    NC·DHQK·DHV, the within-chunk matrices NC·L²). Any S works: the sequence is padded internally
+    with tokens that leave the state unchanged (f̄ = 0, no input), so the returned final state is
+    exactly that after the last real token.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    out_dtype = queries.dtype
+    q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
+    batch, heads, seq_len, dhqk = q.shape
+    dhv = v.shape[-1]
+    state = _initial_state(initial_state, batch, heads, dhqk, dhv, q.dtype)
+
+    chunk = min(chunk_size, seq_len)
+    num_chunks = -(-seq_len // chunk)
+    padded = num_chunks * chunk
+    if padded != seq_len:
+        q, k, v = (_pad_time(x, padded, 0.0) for x in (q, k, v))
+        igate = _pad_time(igate, padded, _NO_INPUT)
+        log_fgate = _pad_time(log_fgate, padded, 0.0)
+
+    def chunked(x):  # (B, NH, S, ...) -> (B, NH, NC, L, ...)
+        return x.reshape(batch, heads, num_chunks, chunk, *x.shape[3:])
+
+    q, k, v, igate, log_fgate = map(chunked, (q, k, v, igate, log_fgate))
+    q = q / math.sqrt(dhqk)
+
+    # Log decays inside each chunk, each a sum of its own terms.
+    to_here = jnp.cumsum(log_fgate, axis=-1)  # b_s = Σ_{u≤s} f̄_u
+    after = jnp.concatenate(  # Σ_{u>t} f̄_u
+        [
+            jax.lax.cumsum(log_fgate, axis=3, reverse=True)[..., 1:],
+            jnp.zeros_like(log_fgate[..., :1]),
+        ],
+        axis=-1,
+    )
+    total = to_here[..., -1]  # g_k, (B, NH, NC)
+    log_weight = after + igate  # a_t: weight of token t in the end-of-chunk state
+    log_weight_max = jnp.max(log_weight, axis=-1)
+    # Each chunk's contribution to the state, stabilised by its own maximum; rescaled in the scan.
+    chunk_kv = jnp.einsum(
+        "bhcl,bhcld,bhclv->bhcdv", jnp.exp(log_weight - log_weight_max[..., None]), k, v
+    )
+    chunk_k = jnp.einsum("bhcl,bhcld->bhcd", jnp.exp(log_weight - log_weight_max[..., None]), k)
+
+    def inter_chunk(carry: mLSTMState, xs):
+        g, a_max, kv, kk = xs
+        m_new = jnp.maximum(g + carry.m, a_max)
+        decay = jnp.exp(g + carry.m - m_new)
+        scale = jnp.exp(a_max - m_new)
+        new = mLSTMState(
+            c=decay[..., None, None] * carry.c + scale[..., None, None] * kv,
+            n=decay[..., None] * carry.n + scale[..., None] * kk,
+            m=m_new,
+        )
+        return new, carry
+
+    chunk_major = tuple(jnp.moveaxis(x, 2, 0) for x in (total, log_weight_max, chunk_kv, chunk_k))
+    final, before = jax.lax.scan(inter_chunk, state, chunk_major)
+    c_prev, n_prev, m_prev = (jnp.moveaxis(x, 0, 2) for x in (before.c, before.n, before.m))
+
+    # Within-chunk (causal L×L) part combined with the state entering the chunk.
+    causal = jnp.tri(chunk, chunk, dtype=bool)
+    log_d = jnp.where(causal, _segment_log_decay(log_fgate) + igate[..., None, :], -jnp.inf)
+    m_from_state = to_here + m_prev[..., None]
+    m = jnp.maximum(m_from_state, jnp.max(log_d, axis=-1))
+    scores = jnp.einsum("bhcsd,bhctd->bhcst", q, k) * jnp.exp(log_d - m[..., None])
+    state_scale = jnp.exp(m_from_state - m)
+    num = state_scale[..., None] * jnp.einsum("bhcsd,bhcdv->bhcsv", q, c_prev) + jnp.einsum(
+        "bhcst,bhctv->bhcsv", scores, v
+    )
+    den = state_scale * jnp.einsum("bhcsd,bhcd->bhcs", q, n_prev) + jnp.sum(scores, axis=-1)
+    h = _normalise(num, den, m, eps).reshape(batch, heads, padded, dhv)[:, :, :seq_len]
+    h = h.astype(out_dtype)
+    return (h, final) if return_last_state else h

@@ -1,0 +1,581 @@
+"""The chunkwise mLSTM as Pallas kernels, and memory-saving (remat) variants of the chunkwise form.
+
+`mlstm_chunkwise_pallas` computes exactly what `_cell.mlstm_chunkwise` computes (same stabiliser,
+same eps placement, same final state) with four kernels joined by `jax.custom_vjp`:
+
+- states (forward): one program per (batch, head) walks the chunks in order and writes the state
+  (C, n, m) entering every chunk, plus the final state. Work O(S·DHQK·DHV), sequential over chunks.
+- outputs (forward): one program per (batch, head, chunk): the causal L×L matrix of the chunk plus the
+  read-out of the entering state. Parallel over chunks.
+- outputs (backward): per (batch, head, chunk) again; recomputes the chunk's L×L matrices from the
+  saved chunk states and returns the token gradients and the cotangent of the entering state.
+- states (backward): per (batch, head), chunks in reverse; carries the state cotangent back and adds the
+  token gradients of the state updates.
+
+The only residuals kept between forward and backward are the inputs and the chunk states
+(NC·DHQK·DHV per head), so memory is linear in S with a small constant. The backward is the true
+gradient of the forward — the same as autodiff of `mlstm_chunkwise`, including the paths through the
+stabiliser `m` and the normaliser — not the convention of treating them as constants. Gate
+pre-processing (log-sigmoid, in-chunk cumulative sums, padding) is plain JAX around the kernels and is
+differentiated by JAX.
+
+Kernels are written for the Triton lowering (`pl.pallas_call` on GPU): tiles are powers of two of at
+least 16, so the chunk length is rounded up to one (the result does not depend on the chunk length
+beyond rounding) and DHQK, DHV are zero-padded to one. On other backends they run in Pallas interpret
+mode (slow; for tests).
+
+`mlstm_chunkwise_remat` is the pure-JAX chunkwise form under a rematerialisation policy; see there.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+from jaxtyping import Array, Float
+
+from .forms import (
+    _NO_INPUT,
+    GatePreact,
+    _double_cumsum,
+    _initial_state,
+    _max_exp_arg,
+    _pad_time,
+    _prepare,
+    mLSTMState,
+)
+
+
+# Smallest tile edge of a Triton `dot`.
+_MIN_TILE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelConfig:
+    """Static settings shared by the four kernels (hashable: a `custom_vjp` non-diff argument)."""
+
+    eps: float
+    interpret: bool
+    num_warps: int
+    num_stages: int
+
+
+# Per-chunk math on values (called inside the kernels; plain jnp on tiles)
+
+
+def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
+    """a @ b (optionally transposed operands) in full precision of the operand dtype."""
+    contract = (0 if trans_a else 1, 1 if trans_b else 0)
+    return jax.lax.dot_general(
+        a,
+        b,
+        (((contract[0],), (contract[1],)), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=a.dtype,
+    )
+
+
+def _weight_of_first(x, y):
+    """d max(x, y) / dx as JAX defines it: 1, 0, or 1/2 on a tie."""
+    # Casts rather than `where`: the Triton lowering failed on `where` over 0-d operands here.
+    return (x > y).astype(x.dtype) + 0.5 * (x == y).astype(x.dtype)
+
+
+def _sum_all(x):
+    return jnp.sum(jnp.sum(x, axis=1), axis=0)
+
+
+def _chunk_update(k, v, a, amax, g, c, n, m):
+    """State after a chunk from the state before it: the inter-chunk step of `mlstm_chunkwise`.
+
+    k (L, DK), v (L, DV), a (L) = log weight of each token in the end-of-chunk state, amax = max(a),
+    g = Σ f̄ over the chunk; c (DK, DV), n (DK), m () the entering state.
+    """
+    w = jnp.exp(a - amax)
+    kw = k * w[:, None]
+    kv = _dot(kw, v, trans_a=True)
+    kk = jnp.sum(kw, axis=0)
+    gm = g + m
+    m_new = jnp.maximum(gm, amax)
+    alpha = jnp.exp(gm - m_new)
+    beta = jnp.exp(amax - m_new)
+    return alpha * c + beta * kv, alpha * n + beta * kk, m_new
+
+
+def _chunk_outputs(q, k, v, ig, b, hi, lo, c, n, m_prev, eps):
+    """Outputs of one chunk and the intermediates the backward needs.
+
+    q (L, DK) already scaled by 1/√DHQK; ig (L) input-gate pre-activations; b (L) = Σ_{u≤s} f̄_u inside
+    the chunk; (hi, lo) the same cumulative sum in double-word form, for the pairwise log decays;
+    (c, n, m_prev) the state entering the chunk.
+    """
+    length = q.shape[0]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (length, length), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (length, length), 1)
+    strict = cols < rows
+    causal = cols <= rows
+    seg = jnp.where(strict, (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :]), 0.0)
+    log_d = jnp.where(causal, seg + ig[None, :], -jnp.inf)
+    row_max = jnp.max(log_d, axis=1)
+    m_state = b + m_prev
+    m = jnp.maximum(m_state, row_max)
+    decay = jnp.exp(log_d - m[:, None])
+    qk = _dot(q, k, trans_b=True)
+    scores = qk * decay
+    sigma = jnp.exp(m_state - m)
+    qc = _dot(q, c)
+    qn = jnp.sum(q * n[None, :], axis=1)
+    num = sigma[:, None] * qc + _dot(scores, v)
+    den = sigma * qn + jnp.sum(scores, axis=1)
+    lower = jnp.exp(jnp.minimum(-m, _max_exp_arg(m.dtype)))
+    denom = jnp.maximum(jnp.abs(den), lower) + eps
+    h = num / denom[:, None]
+    return dict(
+        strict=strict,
+        log_d=log_d,
+        row_max=row_max,
+        m_state=m_state,
+        m=m,
+        decay=decay,
+        qk=qk,
+        scores=scores,
+        sigma=sigma,
+        qc=qc,
+        qn=qn,
+        den=den,
+        lower=lower,
+        denom=denom,
+        h=h,
+    )
+
+
+def _chunk_outputs_backward(q, k, v, ig, b, hi, lo, c, n, m_prev, dh, eps):
+    """Reverse-mode derivative of `_chunk_outputs` (h only) for the cotangent dh (L, DV).
+
+    Returns dq, dk, dv, d ig, d b, d hi (= d lo), dc, dn, dm_prev. Ties in max/min/abs are split as
+    JAX's own derivatives split them.
+    """
+    f = _chunk_outputs(q, k, v, ig, b, hi, lo, c, n, m_prev, eps)
+    h, denom, den, lower, m = f["h"], f["denom"], f["den"], f["lower"], f["m"]
+    sigma, decay, scores = f["sigma"], f["decay"], f["scores"]
+
+    # h = num / (max(|den|, exp(min(-m, A))) + eps)
+    dnum = dh / denom[:, None]
+    ddenom = -jnp.sum(dh * h, axis=1) / denom
+    w_abs = _weight_of_first(jnp.abs(den), lower)
+    dden = ddenom * w_abs * jnp.where(den >= 0, 1.0, -1.0).astype(den.dtype)
+    dlower = ddenom * (1.0 - w_abs)
+    dm = -dlower * lower * _weight_of_first(jnp.full_like(m, _max_exp_arg(m.dtype)), -m)
+
+    # num = σ (q C) + scores v,  den = σ (q·n) + Σ_t scores
+    dsigma = jnp.sum(dnum * f["qc"], axis=1) + dden * f["qn"]
+    dq = sigma[:, None] * (_dot(dnum, c, trans_b=True) + dden[:, None] * n[None, :])
+    dc = _dot(q * sigma[:, None], dnum, trans_a=True)
+    dn = jnp.sum(q * (sigma * dden)[:, None], axis=0)
+    dscores = _dot(dnum, v, trans_b=True) + dden[:, None]
+    dv = _dot(scores, dnum, trans_a=True)
+
+    # scores = (q kᵀ) ⊙ exp(log_d - m)
+    dqk = dscores * decay
+    dq = dq + _dot(dqk, k)
+    dk = _dot(dqk, q, trans_a=True)
+    dlog_d = dscores * f["qk"] * decay
+    dm = dm - jnp.sum(dlog_d, axis=1)
+
+    # σ = exp(m_state - m),  m = max(m_state, max_t log_d)
+    dm_state = dsigma * sigma
+    dm = dm - dm_state
+    w_state = _weight_of_first(f["m_state"], f["row_max"])
+    dm_state = dm_state + dm * w_state
+    drow = dm * (1.0 - w_state)
+    is_max = f["log_d"] == f["row_max"][:, None]
+    count = jnp.sum(is_max.astype(dm.dtype), axis=1)
+    dlog_d = dlog_d + jnp.where(is_max, (drow / count)[:, None], 0.0)
+
+    # log_d = seg + ig (causal part), seg[s, t] = (hi_s - hi_t) + (lo_s - lo_t) for t < s
+    dig = jnp.sum(dlog_d, axis=0)
+    dseg = jnp.where(f["strict"], dlog_d, 0.0)
+    dhi = jnp.sum(dseg, axis=1) - jnp.sum(dseg, axis=0)
+    return dq, dk, dv, dig, dm_state, dhi, dc, dn, jnp.sum(dm_state)
+
+
+def _chunk_update_backward(k, v, a, amax, g, c, n, m, dc_new, dn_new, dm_new):
+    """Reverse-mode derivative of `_chunk_update` for the cotangent of the state after the chunk.
+
+    Returns dk, dv, da, d amax, dg and the cotangent (dc, dn, dm) of the state before the chunk.
+    """
+    w = jnp.exp(a - amax)
+    kw = k * w[:, None]
+    kv = _dot(kw, v, trans_a=True)
+    kk = jnp.sum(kw, axis=0)
+    gm = g + m
+    m_new = jnp.maximum(gm, amax)
+    alpha = jnp.exp(gm - m_new)
+    beta = jnp.exp(amax - m_new)
+
+    dalpha = _sum_all(dc_new * c) + jnp.sum(dn_new * n)
+    dbeta = _sum_all(dc_new * kv) + jnp.sum(dn_new * kk)
+    dm_total = dm_new - dalpha * alpha - dbeta * beta
+    w_gm = _weight_of_first(gm, amax)
+    dgm = dalpha * alpha + dm_total * w_gm
+    damax = dbeta * beta + dm_total * (1.0 - w_gm)
+
+    dkv = beta * dc_new
+    dkk = beta * dn_new
+    dkw = _dot(v, dkv, trans_b=True) + dkk[None, :]  # (L, DK)
+    dk = w[:, None] * dkw
+    dv = w[:, None] * _dot(k, dkv)
+    da = jnp.sum(k * dkw, axis=1) * w
+    damax = damax - jnp.sum(da)
+    return dk, dv, da, damax, dgm, alpha * dc_new, alpha * dn_new, dgm
+
+
+# Kernels
+
+
+def _states_kernel(
+    k_ref, v_ref, a_ref, amax_ref, g_ref, c0_ref, n0_ref, m0_ref, c_ref, n_ref, m_ref
+):
+    """One (batch, head): c_ref[j], n_ref[j], m_ref[j] = state entering chunk j (j = NC: final)."""
+    num_chunks = k_ref.shape[0]
+
+    def body(j, carry):
+        c, n, m = carry
+        c_ref[j] = c
+        n_ref[j] = n
+        m_ref[j] = m
+        return _chunk_update(k_ref[j], v_ref[j], a_ref[j], amax_ref[j], g_ref[j], c, n, m)
+
+    c, n, m = jax.lax.fori_loop(0, num_chunks, body, (c0_ref[...], n0_ref[...], m0_ref[...]))
+    c_ref[num_chunks] = c
+    n_ref[num_chunks] = n
+    m_ref[num_chunks] = m
+
+
+def _outputs_kernel(*refs, eps):
+    """One (batch, head, chunk): h of the chunk's L tokens. refs: the inputs of `_chunk_outputs`, h."""
+    *in_refs, h_ref = refs
+    h_ref[...] = _chunk_outputs(*(ref[...] for ref in in_refs), eps)["h"]
+
+
+def _outputs_backward_kernel(*refs, eps):
+    """One (batch, head, chunk): gradients through the chunk's outputs, its L×L matrices recomputed.
+
+    refs: the inputs of `_chunk_outputs_backward`, then one output per gradient it returns.
+    """
+    in_refs, out_refs = refs[:11], refs[11:]
+    grads = _chunk_outputs_backward(*(ref[...] for ref in in_refs), eps)
+    for ref, value in zip(out_refs, grads, strict=True):
+        ref[...] = value
+
+
+def _states_backward_kernel(
+    k_ref,
+    v_ref,
+    a_ref,
+    amax_ref,
+    g_ref,
+    c_ref,
+    n_ref,
+    m_ref,
+    dc_out_ref,
+    dn_out_ref,
+    dm_out_ref,
+    dc_fin_ref,
+    dn_fin_ref,
+    dm_fin_ref,
+    dk_ref,
+    dv_ref,
+    da_ref,
+    damax_ref,
+    dg_ref,
+    dc0_ref,
+    dn0_ref,
+    dm0_ref,
+):
+    """One (batch, head), chunks in reverse: carry the state cotangent back through the updates.
+
+    d*_out_ref[j] is the cotangent of the state entering chunk j from the outputs of chunk j.
+    """
+    num_chunks = k_ref.shape[0]
+
+    def body(step, carry):
+        j = num_chunks - 1 - step
+        dc, dn, dm = carry
+        dk, dv, da, damax, dg, dc, dn, dm = _chunk_update_backward(
+            k_ref[j],
+            v_ref[j],
+            a_ref[j],
+            amax_ref[j],
+            g_ref[j],
+            c_ref[j],
+            n_ref[j],
+            m_ref[j],
+            dc,
+            dn,
+            dm,
+        )
+        dk_ref[j] = dk
+        dv_ref[j] = dv
+        da_ref[j] = da
+        damax_ref[j] = damax
+        dg_ref[j] = dg
+        return dc + dc_out_ref[j], dn + dn_out_ref[j], dm + dm_out_ref[j]
+
+    dc, dn, dm = jax.lax.fori_loop(
+        0, num_chunks, body, (dc_fin_ref[...], dn_fin_ref[...], dm_fin_ref[...])
+    )
+    dc0_ref[...] = dc
+    dn0_ref[...] = dn
+    dm0_ref[...] = dm
+
+
+# pallas_call wrappers. Array layout: (BH, NC, L, ·) for tokens, (BH, NC + 1, ·) for chunk states.
+
+
+def _call(kernel, cfg: _KernelConfig, grid: tuple[int, ...], inputs, out_shapes, name: str):
+    """`pallas_call` on grid (BH,) or (BH, NC): each program sees every array's slice at its own
+    leading indices — a whole (batch, head), or one chunk (row j of the states: the entering one)."""
+    lead = len(grid)
+
+    def spec(shape):
+        rest = tuple(shape[lead:])
+        return pl.BlockSpec((None,) * lead + rest, lambda *idx: (*idx, *(0,) * len(rest)))
+
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[spec(x.shape) for x in inputs],
+        out_specs=[spec(s.shape) for s in out_shapes],
+        out_shape=out_shapes,
+        interpret=cfg.interpret,
+        compiler_params=pl_triton.CompilerParams(
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        ),
+        name=name,
+    )(*inputs)
+
+
+def _shapes(dtype, *shapes):
+    return [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
+
+
+def _states_forward(cfg: _KernelConfig, k, v, a, amax, g, c0, n0, m0):
+    """States entering each chunk and the final one: (BH, NC+1, DK, DV), (BH, NC+1, DK), (BH, NC+1)."""
+    bh, nc, _, dk = k.shape
+    dv = v.shape[-1]
+    out = _shapes(k.dtype, (bh, nc + 1, dk, dv), (bh, nc + 1, dk), (bh, nc + 1))
+    inputs = (k, v, a, amax, g, c0, n0, m0)
+    return _call(_states_kernel, cfg, (bh,), inputs, out, "mlstm_chunk_states_fwd")
+
+
+def _outputs_forward(cfg: _KernelConfig, q, k, v, ig, b, hi, lo, c_all, n_all, m_all):
+    """h, (BH, NC, L, DV)."""
+    bh, nc, length, _ = q.shape
+    kernel = functools.partial(_outputs_kernel, eps=cfg.eps)
+    inputs = (q, k, v, ig, b, hi, lo, c_all, n_all, m_all)
+    out = _shapes(q.dtype, (bh, nc, length, v.shape[-1]))
+    return _call(kernel, cfg, (bh, nc), inputs, out, "mlstm_chunk_outputs_fwd")[0]
+
+
+def _outputs_backward(cfg: _KernelConfig, q, k, v, ig, b, hi, lo, c_all, n_all, m_all, dh):
+    """Per chunk: dq, dk, dv, d ig, d b, d hi, and the cotangent of the entering state."""
+    bh, nc, length, dk = q.shape
+    dv = v.shape[-1]
+    kernel = functools.partial(_outputs_backward_kernel, eps=cfg.eps)
+    inputs = (q, k, v, ig, b, hi, lo, c_all, n_all, m_all, dh)
+    token, vector = (bh, nc, length), (bh, nc)
+    out = _shapes(
+        q.dtype,
+        (*token, dk),
+        (*token, dk),
+        (*token, dv),
+        token,
+        token,
+        token,
+        (*vector, dk, dv),
+        (*vector, dk),
+        vector,
+    )
+    return _call(kernel, cfg, (bh, nc), inputs, out, "mlstm_chunk_outputs_bwd")
+
+
+def _states_backward(
+    cfg: _KernelConfig, k, v, a, amax, g, c_all, n_all, m_all, dc_out, dn_out, dm_out, dfinal
+):
+    """dk, dv, da, d amax, dg from the state updates, and the cotangent of the initial state."""
+    bh, nc, length, dk = k.shape
+    dv = v.shape[-1]
+    inputs = (k, v, a, amax, g, c_all, n_all, m_all, dc_out, dn_out, dm_out, *dfinal)
+    out = _shapes(
+        k.dtype,
+        (bh, nc, length, dk),
+        (bh, nc, length, dv),
+        (bh, nc, length),
+        (bh, nc),
+        (bh, nc),
+        (bh, dk, dv),
+        (bh, dk),
+        (bh,),
+    )
+    return _call(_states_backward_kernel, cfg, (bh,), inputs, out, "mlstm_chunk_states_bwd")
+
+
+# custom_vjp core: inputs already padded, chunked and gate-preprocessed
+
+
+def _core_fwd(cfg, q, k, v, ig, b, hi, lo, a, amax, g, c0, n0, m0):
+    """(h, final c, n, m) and the residuals: the inputs and the states entering every chunk."""
+    c_all, n_all, m_all = _states_forward(cfg, k, v, a, amax, g, c0, n0, m0)
+    h = _outputs_forward(cfg, q, k, v, ig, b, hi, lo, c_all, n_all, m_all)
+    residuals = (q, k, v, ig, b, hi, lo, a, amax, g, c_all, n_all, m_all)
+    return (h, c_all[:, -1], n_all[:, -1], m_all[:, -1]), residuals
+
+
+def _core_bwd(cfg, residuals, cotangents):
+    q, k, v, ig, b, hi, lo, a, amax, g, c_all, n_all, m_all = residuals
+    dh, *dfinal = cotangents
+    dq, dk_out, dv_out, dig, db, dhi, dc_out, dn_out, dm_out = _outputs_backward(
+        cfg, q, k, v, ig, b, hi, lo, c_all, n_all, m_all, dh
+    )
+    dk_state, dv_state, da, damax, dg, dc0, dn0, dm0 = _states_backward(
+        cfg, k, v, a, amax, g, c_all, n_all, m_all, dc_out, dn_out, dm_out, dfinal
+    )
+    return (
+        dq,
+        dk_out + dk_state,
+        dv_out + dv_state,
+        dig,
+        db,
+        dhi,
+        dhi,
+        da,
+        damax,
+        dg,
+        dc0,
+        dn0,
+        dm0,
+    )
+
+
+def _core_impl(cfg, *arrays):
+    """h and the final state; `cfg` is static (a hashable dataclass)."""
+    return _core_fwd(cfg, *arrays)[0]
+
+
+_core = jax.custom_vjp(_core_impl, nondiff_argnums=(0,))
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+# Public functions
+
+
+def _tile(size: int) -> int:
+    """Smallest power of two ≥ max(size, 16)."""
+    return max(_MIN_TILE, pl.next_power_of_2(size))
+
+
+def _pad_last(x: Array, size: int) -> Array:
+    if x.shape[-1] == size:
+        return x
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])]
+    return jnp.pad(x, pad)
+
+
+def mlstm_chunkwise_pallas(
+    queries: Float[Array, "B NH S DHQK"],
+    keys: Float[Array, "B NH S DHQK"],
+    values: Float[Array, "B NH S DHV"],
+    igate_preact: GatePreact,
+    fgate_preact: GatePreact,
+    *,
+    chunk_size: int = 64,
+    initial_state: mLSTMState | None = None,
+    return_last_state: bool = False,
+    eps: float = 1e-6,
+    interpret: bool | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> Float[Array, "B NH S DHV"] | tuple[Float[Array, "B NH S DHV"], mLSTMState]:
+    """`mlstm_chunkwise` as Pallas kernels with a Pallas backward (`jax.custom_vjp`).
+
+    Same arguments, result and gradient as `mlstm_chunkwise`; like it, computes in float32 (float64
+    for float64 inputs) and returns h in the dtype of the queries. The chunk length used is
+    max(16, next power of two ≥ min(chunk_size, S)) (Triton tile constraint). `interpret=None` runs
+    the kernels compiled on GPU and in Pallas interpret mode on any other backend. `num_warps` /
+    `num_stages` are Triton launch settings (GPU only). Memory: inputs plus one (C, n, m) per chunk
+    are kept for the backward; the L×L matrices are recomputed there.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    cfg = _KernelConfig(
+        eps=float(eps), interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages
+    )
+    out_dtype = queries.dtype
+    q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
+    batch, heads, seq_len, dhqk = q.shape
+    dhv = v.shape[-1]
+    state = _initial_state(initial_state, batch, heads, dhqk, dhv, q.dtype)
+
+    length = _tile(min(chunk_size, seq_len))
+    num_chunks = -(-seq_len // length)
+    padded = num_chunks * length
+    dk, dv = _tile(dhqk), _tile(dhv)
+    if padded != seq_len:
+        q, k, v = (_pad_time(x, padded, 0.0) for x in (q, k, v))
+        igate = _pad_time(igate, padded, _NO_INPUT)
+        log_fgate = _pad_time(log_fgate, padded, 0.0)
+    q = _pad_last(q / math.sqrt(dhqk), dk)
+    k = _pad_last(k, dk)
+    v = _pad_last(v, dv)
+
+    def chunked(x):  # (B, NH, S, ...) -> (B·NH, NC, L, ...)
+        return x.reshape(batch * heads, num_chunks, length, *x.shape[3:])
+
+    q, k, v, igate, log_fgate = map(chunked, (q, k, v, igate, log_fgate))
+
+    # Gate bookkeeping per chunk, as in `mlstm_chunkwise` (every log decay a sum of its own terms).
+    to_here = jnp.cumsum(log_fgate, axis=-1)
+    after = jnp.concatenate(
+        [
+            jax.lax.cumsum(log_fgate, axis=2, reverse=True)[..., 1:],
+            jnp.zeros_like(log_fgate[..., :1]),
+        ],
+        axis=-1,
+    )
+    log_weight = after + igate
+    hi, lo = _double_cumsum(log_fgate)
+
+    c0 = _pad_last(_pad_last(state.c, dv).swapaxes(-1, -2), dk).swapaxes(-1, -2)
+    h, c, n, m = _core(
+        cfg,
+        q,
+        k,
+        v,
+        igate,
+        to_here,
+        hi,
+        lo,
+        log_weight,
+        jnp.max(log_weight, axis=-1),
+        to_here[..., -1],
+        c0.reshape(batch * heads, dk, dv),
+        _pad_last(state.n, dk).reshape(batch * heads, dk),
+        state.m.reshape(batch * heads),
+    )
+    h = h.reshape(batch, heads, padded, dv)[:, :, :seq_len, :dhv].astype(out_dtype)
+    if not return_last_state:
+        return h
+    final = mLSTMState(
+        c=c.reshape(batch, heads, dk, dv)[..., :dhqk, :dhv],
+        n=n.reshape(batch, heads, dk)[..., :dhqk],
+        m=m.reshape(batch, heads),
+    )
+    return h, final

@@ -1,0 +1,85 @@
+"""The `xlstm-eqx` command line: `train`, `eval`, `generate`, `info`, `convert`, `bench`.
+
+Every `TrainConfig` field is a `train` flag (`seq_len` → `--seq-len`, booleans as
+`--progress/--no-progress`, `--data` repeatable). Values are resolved in this order, later wins:
+the dataclass defaults, the run's saved `DIR/config.json` (with `--resume`), a `--config` JSON or
+YAML file (TrainConfig fields, or a run's whole `config.json`), then the flags given.
+
+Subcommands are registered in `COMMANDS` (name → (help, add_arguments, run)); each lives in its
+own module of this package (`convert` in `cli/convert.py`, `bench` in `xlstm_eqx.tools.bench`).
+"""
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from ..tools import bench
+from . import convert
+from .common import _user_errors, resolve_train_config
+from .convert import convert_main, generate_main
+from .generate import _generate_arguments, _generate_run
+from .info import _info_arguments, _info_run
+from .train import _eval_arguments, _eval_run, _train_arguments, _train_run
+
+
+__all__ = [
+    "COMMANDS",
+    "build_parser",
+    "convert_main",
+    "generate_main",
+    "main",
+    "resolve_train_config",
+]
+
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+COMMANDS: dict[str, Command] = {
+    "train": (
+        "train a model (no arguments: the small xLSTM on the stdlib corpus)",
+        _train_arguments,
+        _train_run,
+    ),
+    "eval": ("held-out loss and bits per byte of a saved run", _eval_arguments, _eval_run),
+    "generate": ("stream text sampled from a saved run", _generate_arguments, _generate_run),
+    "info": ("parameter count and configuration of a model", _info_arguments, _info_run),
+    "convert": (
+        "convert checkpoints between transformers (hf), xlstm-jax and this library (eqx)",
+        convert.add_convert_arguments,
+        convert.run_convert,
+    ),
+    "bench": (
+        "benchmarks: cell | train | generate | profile | all (time, tokens/s, memory, MFU, ratios vs peers, where the train step spends its time)",
+        bench.add_bench_arguments,
+        bench.run_bench_command,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xlstm-eqx", description="xLSTM (and Llama) language models in Equinox."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_, add_arguments, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `xlstm-eqx` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _, _, run = COMMANDS[args.command]
+    try:
+        return run(args)
+    except _user_errors() as e:
+        print(f"xlstm-eqx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"xlstm-eqx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

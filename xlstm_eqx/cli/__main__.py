@@ -1,0 +1,8 @@
+"""`python -m xlstm_eqx.cli`."""
+
+import sys
+
+from . import main
+
+
+sys.exit(main())

@@ -1,0 +1,195 @@
+"""``xlstm-eqx convert`` and ``xlstm-eqx generate --hf``: checkpoint conversion and sampling from a
+transformers directory, as ``argv -> exit status`` functions the main CLI dispatches to.
+
+Formats (``--from`` / ``--to``):
+
+- ``hf``: a transformers ``xLSTMForCausalLM`` directory (config.json + safetensors, optionally
+  sharded with an index, optionally a ``tokenizer.json``);
+- ``xlstm-jax``: reference Flax parameters — a ``.safetensors``/``.npz`` of flat ``a/b/c`` names,
+  a directory holding ``params.safetensors``/``params.npz``, or an orbax checkpoint (with the
+  optional orbax package) — plus ``--config FILE``, the model config as JSON
+  (``{"model_kind": "xlstm"|"llama", "model_config": {...}}``, our field names, which are the
+  reference's), read from ``PATH/config.json`` when not given;
+- ``eqx``: our own run layout — ``OUT/config.json`` (``model_kind``, ``model_config``, the
+  tokenizer when known) and ``OUT/checkpoints/step_00000000/`` (`save_checkpoint`), which
+  ``xlstm-eqx eval/generate --out OUT`` and `_train.load_run` read.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import jax.random as jr
+
+from ..generation import generate
+from ..interop.common import InteropError
+from ..interop.hf import from_hf_pretrained, to_hf
+from ..interop.runs import (
+    _hf_tokenizer,
+    _kind_of,
+    load_eqx,
+    load_hf_for_generation,
+    read_model_config,
+    save_eqx,
+)
+from ..interop.xlstm_jax import (
+    from_xlstm_jax,
+    load_xlstm_jax_params,
+    save_xlstm_jax_params,
+    to_xlstm_jax,
+    xlstm_jax_config,
+)
+
+
+FORMATS = ("hf", "xlstm-jax", "eqx")
+
+
+def _load(fmt: str, path: str, args: argparse.Namespace) -> tuple[Any, Any, str | None]:
+    if fmt == "hf":
+        model, config = from_hf_pretrained(path, dtype=args.dtype)
+        return model, config, _hf_tokenizer(path)
+    if fmt == "xlstm-jax":
+        cfg_path = args.config or os.path.join(
+            path if os.path.isdir(path) else os.path.dirname(path), "config.json"
+        )
+        config = xlstm_jax_config(read_model_config(cfg_path))
+        if args.dtype is not None:
+            config = dataclasses.replace(config, dtype=args.dtype)
+        return from_xlstm_jax(load_xlstm_jax_params(path), config), config, None
+    return load_eqx(path)
+
+
+def _convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xlstm-eqx convert",
+        description="Convert checkpoints between transformers (hf), xlstm-jax and xlstm_eqx (eqx).",
+    )
+    add_convert_arguments(p)
+    return p
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="src", required=True, choices=FORMATS, help="input format")
+    p.add_argument("--to", dest="dst", required=True, choices=FORMATS, help="output format")
+    p.add_argument("path", metavar="PATH", help="input checkpoint (directory or file)")
+    p.add_argument("out", metavar="OUT", help="output directory (xlstm-jax: a .safetensors file)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="xlstm-jax input: model config JSON (default PATH/config.json)",
+    )
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+    p.add_argument(
+        "--max-shard-size",
+        type=int,
+        metavar="BYTES",
+        help="hf output: split the safetensors into shards of at most this many bytes",
+    )
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    model, config, tokenizer = _load(args.src, args.path, args)
+    source = {"format": args.src, "path": os.path.abspath(args.path)}
+    if args.dst == "eqx":
+        save_eqx(model, config, args.out, tokenizer_file=tokenizer, source=source)
+    elif args.dst == "hf":
+        to_hf(
+            model,
+            config,
+            args.out,
+            max_shard_bytes=args.max_shard_size,
+            tokenizer_dir=None if tokenizer is None else os.path.dirname(tokenizer),
+        )
+    else:
+        out = args.out
+        if not out.endswith(".safetensors"):
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "config.json"), "w") as f:
+                json.dump(
+                    {"model_kind": _kind_of(config), "model_config": config.to_dict()}, f, indent=2
+                )
+            out = os.path.join(out, "params.safetensors")
+        save_xlstm_jax_params(to_xlstm_jax(model), out)
+    print(f"converted {args.src} {args.path} -> {args.dst} {args.out}")
+    return 0
+
+
+def _run_guarded(run: Any, args: argparse.Namespace, prog: str) -> int:
+    try:
+        return run(args)
+    except (InteropError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    """``xlstm-eqx convert --from hf|xlstm-jax|eqx --to eqx|hf|xlstm-jax PATH OUT``."""
+    args = _convert_parser().parse_args(argv)
+    return _run_guarded(run_convert, args, "xlstm-eqx convert")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf", required=True, metavar="PATH", help="transformers xLSTM directory")
+    p.add_argument(
+        "--tokenizer", metavar="FILE", help="tokenizer.json (default: PATH/tokenizer.json)"
+    )
+    p.add_argument("--prompt", default=None, help="text to continue (needs a tokenizer)")
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of text")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+    p.add_argument("--ids", action="store_true", help="print token ids instead of text")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+
+    model, _, tok = load_hf_for_generation(args.hf, dtype=args.dtype, tokenizer=args.tokenizer)
+    if args.prompt_ids is not None:
+        try:
+            prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise InteropError(
+                f"--prompt-ids must be comma-separated ints, got {args.prompt_ids!r}"
+            ) from None
+    else:
+        if tok is None:
+            raise InteropError(
+                f"{args.hf!r} has no tokenizer.json: pass --tokenizer FILE or --prompt-ids"
+            )
+        prompt = [int(t) for t in tok.encode(args.prompt or "")]
+    if not prompt:
+        raise InteropError("the prompt must have at least one token")
+    greedy = args.temperature == 0
+    out = generate(
+        model,
+        jnp.asarray(prompt, jnp.int32)[None, :],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        key=None if greedy else jr.key(args.seed),
+    )
+    ids = [int(t) for t in out[0]]
+    if args.ids or tok is None:
+        print(",".join(str(t) for t in ids))
+    else:
+        print(tok.decode(ids))
+    return 0
+
+
+def generate_main(argv: Sequence[str] | None = None) -> int:
+    """``xlstm-eqx generate --hf PATH [--prompt TEXT | --prompt-ids 1,2,3] ...``."""
+    p = argparse.ArgumentParser(
+        prog="xlstm-eqx generate", description="Generate from a transformers xLSTM directory."
+    )
+    add_generate_arguments(p)
+    args = p.parse_args(argv)
+    return _run_guarded(run_generate, args, "xlstm-eqx generate")

@@ -1,0 +1,35 @@
+"""FIXME docstring."""
+
+import json
+import os
+from typing import Any
+
+
+def read_mapping_file(path: str, what: str) -> dict[str, Any]:
+    """The mapping in a JSON or YAML (`.yaml`/`.yml`) file; errors name `what` and the path."""
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ImportError(f"reading {path!r} needs PyYAML (pip install pyyaml)") from e
+        d = yaml.safe_load(text)
+    else:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what} {path!r} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} {path!r} must hold a mapping, got {type(d).__name__}")
+    return d
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, allow_nan=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,40 @@
+"""FIXME docstring."""
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+# timing
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, *, warmup: int = 0) -> float:
+    """Median wall seconds of `repeats` calls of ``fn()``, each timed until its result is ready
+    (`jax.block_until_ready`), after `warmup` untimed calls (compilation)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_bytes(compiled: Any) -> int | None:
+    compiled = getattr(compiled, "compiled", compiled)  # eqx.filter_jit wraps jax's Compiled
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if m is None:
+        return None
+    return (
+        m.temp_size_in_bytes
+        + m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+    )

@@ -1,0 +1,372 @@
+"""Autoregressive generation for the xLSTM models and the Llama baseline.
+
+prompt ``(B, P)`` → prefill (one parallel pass over the prompt that also returns the decode
+state) → ``N`` new tokens, each from one O(state) decode step, inside one ``lax.scan``:
+
+- xLSTM (``xLSTMLMModel`` or anything with ``prefill``/``step``): the prompt runs through the
+  model's chunkwise/parallel backend, which returns every block's state (mLSTM ``C``/``n``/``m``,
+  sLSTM ``y``/``c``/``n``/``m``, the causal-conv windows); each new token is then one recurrent
+  step, whose cost does not depend on how long the context is.
+- Llama (``LlamaTransformer`` or anything with ``init_cache``/``decode``/``decode_step``): the prompt
+  fills a KV cache of ``P + N`` positions; each new token attends to the cache, so its cost grows
+  with the context.
+
+Token choice (``sample_logits``): **greedy (argmax) when ``temperature == 0`` or ``key is
+None``**; otherwise logits / temperature, then optionally the ``top_k`` largest, then optionally
+the smallest set of those whose probability mass reaches ``top_p`` (nucleus), then a categorical
+draw. Everything on the sampling path is float32.
+
+``generate`` compiles once per (model structure, B, P, N, top_k, greedy-or-not); temperature and
+top_p are traced, so changing them does not recompile. ``stream_generate`` yields tokens as they
+are produced, with one compiled prefill and one compiled step reused for every token;
+``stream_text`` wraps it for text in, text pieces out (what ``xlstm-eqx generate`` prints).
+"""
+
+from collections.abc import Iterator
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, PyTree
+
+
+# token choice
+
+
+def sample_logits(
+    logits: Float[Array, "B V"],
+    key: PRNGKeyArray | None = None,
+    *,
+    temperature: float | int | Float[Array, ""] = 1.0,
+    top_k: int | None = None,
+    top_p: float | Float[Array, ""] | None = None,
+) -> Int[Array, " B"]:
+    """Next token per row from logits ``(B, V)`` → int32 ``(B,)``.
+
+    Greedy (argmax, first index on ties) when ``key`` is None or ``temperature`` is exactly 0 (a
+    Python number; a traced temperature is never treated as greedy). Otherwise a categorical draw
+    from ``softmax(logits / temperature)`` restricted to the ``top_k`` largest logits (if given)
+    and then to the smallest prefix of those, by decreasing probability, whose mass reaches
+    ``top_p`` (if given; the most likely token is always kept). All in float32.
+    """
+    logits = logits.astype(jnp.float32)
+    if key is None or (isinstance(temperature, int | float) and temperature == 0):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / jnp.asarray(temperature, jnp.float32)
+    if top_k is None and top_p is None:
+        return jr.categorical(key, logits, axis=-1).astype(jnp.int32)
+    k = logits.shape[-1] if top_k is None else min(int(top_k), logits.shape[-1])
+    vals, idx = jax.lax.top_k(logits, k)  # sorted, largest first
+    if top_p is not None:
+        probs = jax.nn.softmax(vals, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        vals = jnp.where(mass_before < jnp.asarray(top_p, jnp.float32), vals, -jnp.inf)
+    choice = jr.categorical(key, vals, axis=-1)
+    return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+# model adapters: prefill → (last logits, state), step → (logits, state)
+
+
+def _is_kv_model(model: Any) -> bool:
+    return all(hasattr(model, n) for n in ("init_cache", "decode", "decode_step"))
+
+
+def _is_recurrent_model(model: Any) -> bool:
+    return all(hasattr(model, n) for n in ("init_state", "prefill", "step"))
+
+
+def _prefill(
+    model: Any, prompt: Int[Array, "B P"], cache_size: int
+) -> tuple[Float[Array, "B V"], PyTree]:
+    """Logits after the last prompt token and the decode state (KV cache of ``cache_size``)."""
+    if _is_kv_model(model):
+        cache = model.init_cache(prompt.shape[0], cache_size)
+        logits, cache = model.decode(prompt, cache)
+        return logits[:, -1], cache
+    stack = getattr(model, "xlstm_block_stack", None)
+    if stack is not None and hasattr(model, "embed") and hasattr(model, "head"):
+        # xLSTMLMModel: run the LM head on the last position only (not on all P).
+        x, state = stack.prefill(model.embed(prompt))
+        return model.head(x[:, -1]), state
+    logits, state = model.prefill(prompt)
+    return logits[:, -1], state
+
+
+def _step(model: Any, state: PyTree, token: Int[Array, " B"]) -> tuple[Float[Array, "B V"], PyTree]:
+    if _is_kv_model(model):
+        return model.decode_step(state, token)
+    return model.step(state, token)
+
+
+def _decode(
+    model: Any,
+    state: PyTree,
+    logits: Float[Array, "B V"],
+    keys: Key[Array, " N"] | None,
+    num_tokens: int,
+    temperature: Float[Array, ""],
+    top_k: int | None,
+    top_p: Float[Array, ""] | None,
+) -> Int[Array, "B N"]:
+    """``num_tokens`` tokens: the first from ``logits``, each later one from a decode step on the
+    previous token; ``keys`` is ``(num_tokens,)`` keys, or None for greedy."""
+
+    def choose(lg: Array, k: Any) -> Array:
+        return sample_logits(lg, k, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    first = choose(logits, None if keys is None else keys[0])
+
+    def body(carry: tuple[PyTree, Array], k: Any) -> tuple[tuple[PyTree, Array], Array]:
+        st, tok = carry
+        lg, st = _step(model, st, tok)
+        nxt = choose(lg, k)
+        return (st, nxt), nxt
+
+    if num_tokens == 1:
+        return first[:, None]
+    xs = None if keys is None else keys[1:]
+    _, rest = jax.lax.scan(body, (state, first), xs, length=num_tokens - 1)
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+@eqx.filter_jit
+def _generate_jit(
+    model: Any,
+    prompt: Int[Array, "B P"],
+    keys: Key[Array, " N"] | None,
+    num_tokens: int,
+    cache_size: int,
+    temperature: Float[Array, ""],
+    top_k: int | None,
+    top_p: Float[Array, ""] | None,
+) -> Int[Array, "B N"]:
+    logits, state = _prefill(model, prompt, cache_size)
+    return _decode(model, state, logits, keys, num_tokens, temperature, top_k, top_p)
+
+
+# input checks
+
+
+def _check(
+    model: Any,
+    prompt: Array,
+    max_new_tokens: int,
+    temperature: float | int,
+    top_k: int | None,
+    top_p: float | None,
+    max_len: int | None,
+) -> int:
+    """Validate everything before any compilation; return the KV-cache size to use."""
+    if not (_is_kv_model(model) or _is_recurrent_model(model)):
+        raise TypeError(
+            f"generate: {type(model).__name__} has no decode API (needs init_state/prefill/step "
+            "like xLSTMLMModel, or init_cache/decode/decode_step like LlamaTransformer)"
+        )
+    if prompt.ndim != 2:
+        raise ValueError(f"prompt_tokens must have shape (B, P), got {prompt.shape}")
+    B, P = prompt.shape
+    if B < 1 or P < 1:
+        raise ValueError(
+            f"prompt_tokens needs B >= 1 and P >= 1 (at least one token), got {(B, P)}"
+        )
+    if not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt_tokens must be integer token ids, got dtype {prompt.dtype}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
+        raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    vocab = int(model.vocab_size)
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must be in [1, vocab_size={vocab}], got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not isinstance(prompt, jax.core.Tracer):
+        lo, hi = int(jnp.min(prompt)), int(jnp.max(prompt))
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"prompt_tokens: token id {bad} is outside the vocabulary [0, vocab_size={vocab})"
+            )
+    needed = P + max_new_tokens
+    if max_len is None:
+        return needed
+    if not _is_kv_model(model):
+        raise ValueError(
+            f"max_len (the KV-cache size) applies to KV-cache models only, not {type(model).__name__}"
+        )
+    if max_len < needed:
+        raise ValueError(
+            f"prompt length {P} + max_new_tokens {max_new_tokens} = {needed} tokens do not fit in "
+            f"a KV cache of max_len={max_len}"
+        )
+    return int(max_len)
+
+
+def _sampling_keys(key: PRNGKeyArray | None, n: int, greedy: bool) -> Key[Array, " N"] | None:
+    return None if greedy or key is None else jr.split(key, n)
+
+
+# public API
+
+
+def generate(
+    model: Any,
+    prompt_tokens: Int[Array, "B P"],
+    max_new_tokens: int,
+    *,
+    temperature: float | int = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: PRNGKeyArray | None = None,
+    max_len: int | None = None,
+) -> Int[Array, "B T"]:
+    """The prompt followed by ``max_new_tokens`` generated tokens: int32 ``(B, P + N)``.
+
+    ``model`` is an ``xLSTMLMModel`` (prefill with its parallel/chunkwise backend, then one
+    O(1)-in-context recurrent step per token) or a ``LlamaTransformer`` (KV cache of ``max_len``
+    positions, default ``P + N``). Greedy when ``temperature == 0`` or ``key is None``; else
+    sampled with ``top_k`` / ``top_p`` filtering (see ``sample_logits``), reproducible for a
+    fixed ``key``. Raises ``ValueError`` for token ids outside ``[0, vocab_size)``, bad sampling
+    parameters, or a prompt + new tokens that do not fit in ``max_len``.
+    """
+    cache_size = _check(model, prompt_tokens, max_new_tokens, temperature, top_k, top_p, max_len)
+    prompt = prompt_tokens.astype(jnp.int32)
+    if max_new_tokens == 0:
+        return prompt
+    greedy = key is None or temperature == 0
+    new = _generate_jit(
+        model,
+        prompt,
+        _sampling_keys(key, max_new_tokens, greedy),
+        int(max_new_tokens),
+        cache_size,
+        jnp.asarray(1.0 if greedy else temperature, jnp.float32),
+        top_k,
+        None if top_p is None else jnp.asarray(top_p, jnp.float32),
+    )
+    return jnp.concatenate([prompt, new], axis=1)
+
+
+@eqx.filter_jit
+def _stream_prefill(
+    model: Any,
+    prompt: Int[Array, "B P"],
+    key: PRNGKeyArray | None,
+    cache_size: int,
+    temperature: Float[Array, ""],
+    top_k: int | None,
+    top_p: Float[Array, ""] | None,
+) -> tuple[Int[Array, " B"], PyTree]:
+    logits, state = _prefill(model, prompt, cache_size)
+    tok = sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+    return tok, state
+
+
+@eqx.filter_jit(donate="all-except-first")
+def _stream_step(
+    fixed: tuple[Any, PRNGKeyArray | None, Float[Array, ""], int | None, Float[Array, ""] | None],
+    state: PyTree,
+    token: Int[Array, " B"],
+) -> tuple[Int[Array, " B"], PyTree]:
+    """One token; ``fixed = (model, key, temperature, top_k, top_p)`` is not donated, the state
+    and the previous token are (the KV cache is updated in place)."""
+    model, key, temperature, top_k, top_p = fixed
+    logits, state = _step(model, state, token)
+    tok = sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+    return tok, state
+
+
+def stream_generate(
+    model: Any,
+    prompt_tokens: Int[Array, "B P"],
+    max_new_tokens: int,
+    *,
+    temperature: float | int = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: PRNGKeyArray | None = None,
+    max_len: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Like ``generate``, but yields each new token as soon as it exists: ``max_new_tokens``
+    NumPy int32 arrays of shape ``(B,)`` (host copies, so a consumer can print them at once).
+
+    Same arguments, checks and token choice as ``generate``: with the same ``key`` it yields
+    exactly ``generate(...)[:, P:]``. The checks run when this is called, not at the first
+    ``next``. One compiled prefill and one compiled step (state buffers donated) serve every
+    token, so a long stream does not recompile.
+    """
+    cache_size = _check(model, prompt_tokens, max_new_tokens, temperature, top_k, top_p, max_len)
+    greedy = key is None or temperature == 0
+    keys = _sampling_keys(key, max_new_tokens, greedy)
+    temp = jnp.asarray(1.0 if greedy else temperature, jnp.float32)
+    p = None if top_p is None else jnp.asarray(top_p, jnp.float32)
+    prompt = prompt_tokens.astype(jnp.int32)
+
+    def tokens() -> Iterator[np.ndarray]:
+        if max_new_tokens == 0:
+            return
+        k0 = None if keys is None else keys[0]
+        tok, state = _stream_prefill(model, prompt, k0, cache_size, temp, top_k, p)
+        yield np.asarray(tok)
+        for i in range(1, max_new_tokens):
+            ki = None if keys is None else keys[i]
+            tok, state = _stream_step((model, ki, temp, top_k, p), state, tok)
+            yield np.asarray(tok)
+
+    return tokens()
+
+
+def _text_pieces(tokens: Iterator[np.ndarray], tokenizer: Any, num_tokens: int) -> Iterator[str]:
+    """Decoded text of a token stream (batch 1), piece by piece: each piece is what the text of
+    all tokens so far adds to what was already yielded. While the text ends in U+FFFD (an
+    incomplete multi-byte character) it is held back, unless the stream has ended."""
+    ids: list[int] = []
+    emitted = 0
+    for i, tok in enumerate(tokens):
+        ids.append(int(np.asarray(tok).reshape(-1)[0]))
+        text = tokenizer.decode(np.asarray(ids, np.int32))
+        if text.endswith("\ufffd") and i < num_tokens - 1:
+            continue
+        if len(text) > emitted:
+            yield text[emitted:]
+            emitted = len(text)
+
+
+def stream_text(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float | int = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: PRNGKeyArray | None = None,
+    max_len: int | None = None,
+) -> Iterator[str]:
+    """One continuation of the text ``prompt``, as text pieces while it is generated (for
+    ``xlstm-eqx generate``). ``tokenizer`` has ``encode(str) -> ids`` and ``decode(ids) -> str``
+    (the package's byte or ``tokenizer.json`` tokenizers). Joined, the pieces are
+    ``tokenizer.decode`` of the new tokens; a multi-byte character is never split across pieces.
+    Other arguments and checks as ``stream_generate``.
+    """
+    ids = np.asarray(tokenizer.encode(prompt), np.int32).reshape(-1)
+    if ids.size == 0:
+        raise ValueError(f"stream_text: the prompt {prompt!r} encodes to no tokens")
+    tokens = stream_generate(
+        model,
+        jnp.asarray(ids)[None, :],
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        key=key,
+        max_len=max_len,
+    )
+    return _text_pieces(tokens, tokenizer, max_new_tokens)

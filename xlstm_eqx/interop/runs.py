@@ -1,0 +1,116 @@
+"""This library's own run layout as a conversion format, and loading a transformers directory
+for generation.
+
+A run directory holds ``config.json`` (``model_kind``, ``model_config``, the tokenizer when known)
+and ``checkpoints/step_00000000/`` (`save_checkpoint`); ``xlstm-eqx eval/generate --out DIR`` and
+`load_run` read it.
+"""
+
+import json
+import os
+import shutil
+from typing import Any
+
+from ..data.tokenizer import HFTokenizer
+from ..llama.config import LlamaConfig
+from ..models import MODEL_FAMILIES, family_of
+from ..training.checkpoint import save_checkpoint
+from ..training.evaluate import load_run
+from ..xlstm.config import xLSTMLMModelConfig
+from .common import InteropError
+from .hf import from_hf_pretrained
+
+
+def _kind_of(config: Any) -> str:
+    try:
+        return family_of(config).name
+    except TypeError as e:
+        raise InteropError(str(e)) from None
+
+
+def read_model_config(path: str) -> Any:
+    """A model config from JSON: ``{"model_kind", "model_config"}`` (a run's config.json or a
+    fixture's) or a bare config dict (Llama if it has ``head_dim`` and no ``mlstm_block``)."""
+
+    if not os.path.isfile(path):
+        raise InteropError(f"model config {path!r} does not exist")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InteropError(f"model config {path!r} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise InteropError(f"model config {path!r} must hold a JSON object")
+    if "model_kind" in d and "model_config" in d:
+        kind, d = d["model_kind"], d["model_config"]
+    else:
+        kind = "llama" if "head_dim" in d and "mlstm_block" not in d else "xlstm"
+    classes = {"xlstm": xLSTMLMModelConfig, "llama": LlamaConfig}
+    if kind not in classes:
+        raise InteropError(f"model config {path!r}: unknown model_kind {kind!r}")
+    try:
+        return classes[kind].from_dict(d)
+    except ValueError as e:
+        raise InteropError(f"model config {path!r}: {e}") from None
+
+
+def save_eqx(
+    model: Any,
+    config: Any,
+    out: str,
+    *,
+    tokenizer_file: str | None = None,
+    source: dict[str, Any] | None = None,
+) -> str:
+    """Write ``model`` as our run layout under ``out`` (see the module docstring)."""
+
+    os.makedirs(out, exist_ok=True)
+    run: dict[str, Any] = {"model_kind": _kind_of(config), "model_config": config.to_dict()}
+    if tokenizer_file is not None:
+        dst = os.path.join(out, "tokenizer.json")
+        if os.path.abspath(tokenizer_file) != os.path.abspath(dst):
+            shutil.copyfile(tokenizer_file, dst)
+        run["tokenizer"] = {"kind": "tokenizers", "path": os.path.abspath(dst)}
+    if source:
+        run["converted_from"] = source
+    save_checkpoint(
+        os.path.join(out, "checkpoints"),
+        0,
+        {"model": model},
+        {"step": 0, "run_config": run},
+        keep=None,
+    )
+    tmp = os.path.join(out, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(run, f, indent=2)
+    os.replace(tmp, os.path.join(out, "config.json"))
+    return out
+
+
+def load_eqx(path: str) -> tuple[Any, Any, str | None]:
+    """``(model, config, tokenizer file or None)`` from our run layout."""
+
+    model, run, _ = load_run(path)
+    config = MODEL_FAMILIES[run["model_kind"]].config_from_dict(run["model_config"])
+    tok = run.get("tokenizer") or {}
+    tok_file = tok.get("path") if tok.get("kind") == "tokenizers" else None
+    return model, config, tok_file
+
+
+def _hf_tokenizer(path: str) -> str | None:
+    f = os.path.join(path, "tokenizer.json")
+    return f if os.path.isfile(f) else None
+
+
+# generate --hf
+
+
+def load_hf_for_generation(
+    path: str, *, dtype: str | None = None, tokenizer: str | None = None
+) -> tuple[Any, Any, Any]:
+    """``(model, config, tokenizer or None)`` of a transformers directory; the tokenizer is
+    ``tokenizer`` (a ``tokenizer.json`` path) or ``PATH/tokenizer.json`` if present."""
+
+    model, config = from_hf_pretrained(path, dtype=dtype)
+    tok_file = tokenizer or _hf_tokenizer(path)
+    return model, config, None if tok_file is None else HFTokenizer(tok_file)

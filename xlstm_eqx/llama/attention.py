@@ -1,0 +1,274 @@
+"""FIXME docstring."""
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from ..nn.functional import dropout
+from ..nn.init import output_initializer, small_initializer
+from ..nn.linear import DenseGeneral
+from ..nn.norm import RMSNorm
+from .config import LlamaConfig
+
+
+AttentionBackend = Literal["xla", "cudnn", "pallas_triton"]
+
+
+ATTENTION_BACKENDS: tuple[str, ...] = ("xla", "cudnn", "pallas_triton")
+
+
+# Flax RMSNorm default, used by every norm of the reference Llama.
+_NORM_EPS = 1e-6
+
+
+# config helpers
+
+
+def _check_config(config: LlamaConfig) -> None:
+    """Re-validate the config (it may have been mutated since construction): a ``ValueError``
+    naming the field, before any array is made."""
+    if not isinstance(config, LlamaConfig):
+        raise TypeError(f"expected a LlamaConfig, got {type(config).__name__}")
+    config.validate()
+
+
+def _query_scale(config: LlamaConfig) -> float:
+    if config.query_scale_quirk:
+        return config.num_heads**-0.5  # the reference's NH^-1/2 (ARCHITECTURE §9.13)
+    return config.head_dim**-0.5
+
+
+def _remat(fn: Callable, enabled: bool) -> Callable:
+    """``fn`` rematerialised in the backward pass (``parallel.remat``, ARCHITECTURE §8.4)."""
+    return eqx.filter_checkpoint(fn, prevent_cse=False) if enabled else fn
+
+
+# rotary position embedding (interleaved pairs)
+
+
+def rope_sin_cos(
+    positions: Int[Array, "B S"], head_dim: int, theta: float
+) -> tuple[Float[Array, "B S half"], Float[Array, "B S half"]]:
+    """float32 ``(sin, cos)`` of the angles ``pos · θ^(−2j/hd)``, ``j < hd/2``."""
+    inv_freq = np.power(float(theta), -np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(
+    x: Float[Array, "B S NH hd"], sin: Float[Array, "B S half"], cos: Float[Array, "B S half"]
+) -> Float[Array, "B S NH hd"]:
+    """Rotate features ``(2j, 2j+1)`` of every head by the angle of pair ``j`` (in float32):
+    ``x'_{2j} = x_{2j} cos − x_{2j+1} sin``, ``x'_{2j+1} = x_{2j} sin + x_{2j+1} cos``."""
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    even, odd = xf[..., 0], xf[..., 1]
+    s, c = sin[:, :, None, :], cos[:, :, None, :]
+    out = jnp.stack([even * c - odd * s, even * s + odd * c], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+# attention core
+
+
+def segment_mask(segment_ids: Int[Array, "B S"]) -> Bool[Array, "B 1 S S"]:
+    """``mask[b, 0, i, j] = segment_ids[b, i] == segment_ids[b, j]`` (same document)."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def _check_backend_platform(backend: str, dtype: Any) -> None:
+    platform = jax.default_backend()
+    if backend in ("cudnn", "pallas_triton") and platform != "gpu":
+        raise RuntimeError(
+            f"attention_backend={backend!r} needs an NVIDIA GPU, but the JAX platform here is "
+            f"{platform!r}; use attention_backend='xla'"
+        )
+    if backend == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"attention_backend='cudnn' supports dtype bfloat16 or float16 only, got "
+            f"{jnp.dtype(dtype).name}; use attention_backend='xla' for float32"
+        )
+
+
+def _xla_attention(
+    q: Float[Array, "B T NH hd"],
+    k: Float[Array, "B S NH hd"],
+    v: Float[Array, "B S NH hd"],
+    mask: Bool[Array, "B 1 T S"] | Bool[Array, "T S"] | None,
+) -> Float[Array, "B T NH hd"]:
+    """softmax(q kᵀ) v with logits and softmax in float32 (float64 for float64 inputs); masked
+    logits get a large negative value, so a row keeps finite values even if fully masked."""
+    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    B, T, NH, _ = q.shape
+    S = k.shape[1]
+
+    # Batch and heads as one leading axis for both matmuls: with two batch axes XLA (seen on
+    # CPU, jax 0.10) transposes the T x S matrices in the backward; this form was 2x faster
+    # fwd+bwd at S=2048 (``xlstm-eqx bench profile --model llama``: 66% of the step before).
+    def rows(x: Array) -> Array:
+        return x.transpose(0, 2, 1, 3).reshape(B * NH, x.shape[1], x.shape[3])
+
+    logits = jnp.einsum("xth,xsh->xts", rows(q), rows(k), preferred_element_type=acc)
+    logits = logits.reshape(B, NH, T, S)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.asarray(-0.7 * jnp.finfo(acc).max, acc))
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B * NH, T, S)
+    out = jnp.einsum("xts,xsh->xth", probs, rows(v))
+    return out.reshape(B, NH, T, v.shape[3]).transpose(0, 2, 1, 3)
+
+
+def multihead_attention(
+    q: Float[Array, "B S NH hd"],
+    k: Float[Array, "B S NH hd"],
+    v: Float[Array, "B S NH hd"],
+    *,
+    causal: bool,
+    segment_ids: Int[Array, "B S"] | None = None,
+    backend: str = "xla",
+) -> Float[Array, "B S NH hd"]:
+    """Self-attention over a whole sequence with scale 1 (q comes pre-scaled).
+
+    Masks: causal if ``causal``; with ``segment_ids`` only within the same segment (document).
+    ``xla``: the einsum core above, on any platform; ``cudnn``: ``jax.nn.dot_product_attention``'s
+    cuDNN flash kernel; ``pallas_triton``: the Pallas Triton flash kernel. The last two need an
+    NVIDIA GPU and raise a clear error elsewhere.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"attention_backend={backend!r} is unknown; allowed: {', '.join(ATTENTION_BACKENDS)}"
+        )
+    _check_backend_platform(backend, q.dtype)
+    if backend == "pallas_triton":
+        from jax.experimental.pallas.ops.gpu.attention import mha
+
+        return mha(q, k, v, segment_ids, sm_scale=1.0, causal=causal)
+    seg_mask = None if segment_ids is None else segment_mask(segment_ids)
+    if backend == "cudnn":
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=seg_mask, scale=1.0, is_causal=causal, implementation="cudnn"
+        )
+    S = q.shape[1]
+    mask = jnp.tril(jnp.ones((S, S), bool)) if causal else None
+    if seg_mask is not None:
+        mask = seg_mask if mask is None else mask & seg_mask
+    return _xla_attention(q, k, v, mask)
+
+
+# blocks
+
+
+class SelfAttentionBlock(eqx.Module):
+    """``Attn(RMSNorm(x))`` without the residual (``TransformerBlock`` adds it).
+
+    q/k/v kernels ``(D, NH, hd)`` small-init(D), optional bias ``(NH, hd)``; optional q/k RMSNorm
+    over ``hd`` with scale ``(hd,)`` shared by the heads; RoPE; out kernel ``(NH, hd, D)``
+    init wang(D, 2·num_blocks); dropout on the output with a key.
+    """
+
+    pre_norm: RMSNorm
+    dense_q: DenseGeneral
+    dense_k: DenseGeneral
+    dense_v: DenseGeneral
+    q_norm: RMSNorm | None
+    k_norm: RMSNorm | None
+    dense_out: DenseGeneral
+    num_heads: int = eqx.field(static=True)
+    head_dim: int = eqx.field(static=True)
+    query_scale: float = eqx.field(static=True)
+    causal: bool = eqx.field(static=True)
+    attention_backend: str = eqx.field(static=True)
+    dropout_rate: float = eqx.field(static=True)
+
+    def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
+        _check_config(config)
+        D, hd = config.embedding_dim, config.head_dim
+        NH = D // hd
+        kq, kk, kv, ko = jr.split(key, 4)
+        dense = dict(use_bias=config.use_bias, dtype=config.dtype)
+        qkv_init = small_initializer(D)
+        out_init = output_initializer("wang", D, 2 * config.num_blocks)
+        self.pre_norm = RMSNorm(D, eps=_NORM_EPS, dtype=config.dtype)
+        self.dense_q = DenseGeneral(D, (NH, hd), kernel_init=qkv_init, key=kq, **dense)
+        self.dense_k = DenseGeneral(D, (NH, hd), kernel_init=qkv_init, key=kk, **dense)
+        self.dense_v = DenseGeneral(D, (NH, hd), kernel_init=qkv_init, key=kv, **dense)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, eps=_NORM_EPS, dtype=config.dtype)
+            self.k_norm = RMSNorm(hd, eps=_NORM_EPS, dtype=config.dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.dense_out = DenseGeneral((NH, hd), D, kernel_init=out_init, key=ko, **dense)
+        self.num_heads = NH
+        self.head_dim = hd
+        self.query_scale = float(_query_scale(config))
+        self.causal = bool(config.causal)
+        self.attention_backend = str(config.attention_backend)
+        self.dropout_rate = float(config.dropout_rate)
+
+    def project_qkv(
+        self,
+        x: Float[Array, "B S D"],
+        sin: Float[Array, "B S half"],
+        cos: Float[Array, "B S half"],
+    ) -> tuple[Float[Array, "B S NH hd"], Float[Array, "B S NH hd"], Float[Array, "B S NH hd"]]:
+        """Pre-norm, q/k/v projections, q/k norms, RoPE and the query scale."""
+        h = self.pre_norm(x)
+        q, k, v = self.dense_q(h), self.dense_k(h), self.dense_v(h)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        q = q * jnp.asarray(self.query_scale, q.dtype)
+        return q, k, v
+
+    def project_out(
+        self, attn: Float[Array, "B S NH hd"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "B S D"]:
+        return dropout(self.dense_out(attn), self.dropout_rate, key=key)
+
+    @jax.named_scope("SelfAttention")
+    def __call__(
+        self,
+        x: Float[Array, "B S D"],
+        sin: Float[Array, "B S half"],
+        cos: Float[Array, "B S half"],
+        segment_ids: Int[Array, "B S"] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "B S D"]:
+        """``sin``/``cos`` from ``rope_sin_cos``; ``segment_ids`` (document index per token) restrict
+        attention to the same document when given."""
+        q, k, v = self.project_qkv(x, sin, cos)
+        attn = multihead_attention(
+            q, k, v, causal=self.causal, segment_ids=segment_ids, backend=self.attention_backend
+        )
+        return self.project_out(attn, key=key)
+
+    def decode(
+        self,
+        x: Float[Array, "B T D"],
+        sin: Float[Array, "B T half"],
+        cos: Float[Array, "B T half"],
+        cache_k: Float[Array, "B Smax NH hd"],
+        cache_v: Float[Array, "B Smax NH hd"],
+        length: Int[Array, ""],
+    ) -> tuple[Float[Array, "B T D"], Float[Array, "B Smax NH hd"], Float[Array, "B Smax NH hd"]]:
+        """Attend the ``T`` new tokens (absolute positions ``length … length+T−1``) to the cache
+        plus themselves, causally; write their k/v into the cache. Always the XLA core."""
+        q, k, v = self.project_qkv(x, sin, cos)
+        zero = jnp.zeros((), length.dtype)
+        cache_k = jax.lax.dynamic_update_slice(
+            cache_k, k.astype(cache_k.dtype), (zero, length, zero, zero)
+        )
+        cache_v = jax.lax.dynamic_update_slice(
+            cache_v, v.astype(cache_v.dtype), (zero, length, zero, zero)
+        )
+        T, S_max = x.shape[1], cache_k.shape[1]
+        q_pos = length + jnp.arange(T, dtype=length.dtype)
+        k_pos = jnp.arange(S_max, dtype=length.dtype)
+        mask = k_pos[None, :] <= q_pos[:, None]  # (T, S_max): the past and the present
+        attn = _xla_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)
+        return self.project_out(attn), cache_k, cache_v

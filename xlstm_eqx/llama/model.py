@@ -1,0 +1,363 @@
+"""The Llama baseline (ARCHITECTURE §7): a pre-norm transformer with RoPE attention and SwiGLU.
+
+Data flow of ``LlamaTransformer``: tokens ``(B, S)`` → embedding ``(B, S, D)`` in ``dtype`` → optional
+embedding dropout → ``num_blocks`` × ``TransformerBlock`` (``x + Attn(RMSNorm(x))``, then
+``x + FFN(RMSNorm(x))``; scanned with stacked parameters if ``scan_blocks``) → ``out_norm`` →
+LM head ``(D, V)`` in ``dtype`` → float32 logits → optional soft cap.
+
+Departures from the reference, each deliberate:
+
+- Query scale: ``head_dim^-1/2``. The reference multiplies q by ``NH^-1/2`` (it reads the head
+  *count* axis, ARCHITECTURE §9.13); set ``query_scale_quirk=True`` on the config to reproduce that
+  for converted checkpoints.
+- RoPE is applied in float32 and the result cast back to ``dtype`` (the reference casts the sin/cos
+  tables to ``dtype`` first); the tables are computed at call time for the positions in use, so they
+  are not parameters and any sequence length works.
+- Dropout acts only when a ``key`` is passed (the reference's ``train`` flag).
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from ..core.utils import split_optional_key, to_dtype
+from ..nn.functional import dropout, soft_cap
+from ..nn.init import output_initializer, small_init_std, small_initializer
+from ..nn.linear import Dense, Embedding
+from ..nn.norm import RMSNorm
+from .attention import _NORM_EPS, SelfAttentionBlock, _check_config, _remat, rope_sin_cos
+from .config import LlamaConfig
+
+
+class FFNBlock(eqx.Module):
+    """``FFN(RMSNorm(x))`` without the residual: SwiGLU ``(x W_up ⊙ SiLU(x W_gate)) W_down``.
+
+    Up/gate kernels ``(D, H)`` small-init(D), down ``(H, D)`` wang(D, 2·num_blocks), with
+    ``H = config.ffn_hidden_dim`` (``int(8D/3)``, times ``ffn_dim_multiplier``, rounded up to a
+    multiple of ``ffn_multiple_of``); dropout on the output with a key.
+    """
+
+    pre_norm: RMSNorm
+    proj_up: Dense
+    proj_up_gate: Dense
+    proj_down: Dense
+    dropout_rate: float = eqx.field(static=True)
+
+    def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
+        _check_config(config)
+        D = config.embedding_dim
+        H = config.ffn_hidden_dim
+        kup, kgate, kdown = jr.split(key, 3)
+        dense = dict(use_bias=config.use_bias, dtype=config.dtype)
+        up_init = small_initializer(D)
+        down_init = output_initializer("wang", D, 2 * config.num_blocks)
+        self.pre_norm = RMSNorm(D, eps=_NORM_EPS, dtype=config.dtype)
+        self.proj_up = Dense(D, H, kernel_init=up_init, key=kup, **dense)
+        self.proj_up_gate = Dense(D, H, kernel_init=up_init, key=kgate, **dense)
+        self.proj_down = Dense(H, D, kernel_init=down_init, key=kdown, **dense)
+        self.dropout_rate = float(config.dropout_rate)
+
+    @jax.named_scope("FFNBlock")
+    def __call__(
+        self, x: Float[Array, "B S D"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "B S D"]:
+        h = self.pre_norm(x)
+        h = self.proj_up(h) * jax.nn.silu(self.proj_up_gate(h))
+        return dropout(self.proj_down(h), self.dropout_rate, key=key)
+
+
+def _call_attn(attn, x, sin, cos, segment_ids, key):
+    return attn(x, sin, cos, segment_ids, key=key)
+
+
+def _call_ffn(ffn, x, key):
+    return ffn(x, key=key)
+
+
+def _call_block(block, x, sin, cos, segment_ids, key):
+    return block(x, sin, cos, segment_ids, key=key)
+
+
+class TransformerBlock(eqx.Module):
+    """``x = x + Attn(RMSNorm(x))``; ``x = x + FFN(RMSNorm(x))``. ``"AttnBlock"`` / ``"FFNBlock"``
+    in ``parallel.remat`` rematerialise the two sub-blocks in the backward pass."""
+
+    attn: SelfAttentionBlock
+    ffn: FFNBlock
+    remat_attn: bool = eqx.field(static=True)
+    remat_ffn: bool = eqx.field(static=True)
+
+    def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
+        kattn, kffn = jr.split(key)
+        self.attn = SelfAttentionBlock(config, key=kattn)
+        self.ffn = FFNBlock(config, key=kffn)
+        self.remat_attn = "AttnBlock" in config.parallel.remat
+        self.remat_ffn = "FFNBlock" in config.parallel.remat
+
+    def __call__(
+        self,
+        x: Float[Array, "B S D"],
+        sin: Float[Array, "B S half"],
+        cos: Float[Array, "B S half"],
+        segment_ids: Int[Array, "B S"] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "B S D"]:
+        kattn, kffn = split_optional_key(key, 2)
+        attn = _remat(_call_attn, self.remat_attn)
+        x = x + attn(self.attn, x, sin, cos, segment_ids, kattn)
+        return x + _remat(_call_ffn, self.remat_ffn)(self.ffn, x, kffn)
+
+    def decode(
+        self,
+        x: Float[Array, "B T D"],
+        sin: Float[Array, "B T half"],
+        cos: Float[Array, "B T half"],
+        cache_k: Float[Array, "B Smax NH hd"],
+        cache_v: Float[Array, "B Smax NH hd"],
+        length: Int[Array, ""],
+    ) -> tuple[Float[Array, "B T D"], Float[Array, "B Smax NH hd"], Float[Array, "B Smax NH hd"]]:
+        y, cache_k, cache_v = self.attn.decode(x, sin, cos, cache_k, cache_v, length)
+        x = x + y
+        return x + self.ffn(x), cache_k, cache_v
+
+
+class LlamaKVCache(eqx.Module):
+    """Decode state of a ``LlamaTransformer``: per-layer keys and values (RoPE applied) for
+    ``max_len`` positions, in the compute dtype, and the number of positions filled so far."""
+
+    keys: Float[Array, "L B Smax NH hd"]
+    values: Float[Array, "L B Smax NH hd"]
+    length: Int[Array, ""]
+
+
+class TransformerBlockStack(eqx.Module):
+    """``num_blocks`` transformer blocks applied in order.
+
+    ``scan_blocks=True``: one ``TransformerBlock`` whose array leaves carry a leading axis of
+    length L (built with ``eqx.filter_vmap``), applied with ``jax.lax.scan``. ``False``: a tuple of
+    L blocks. Block ``l`` is built from key ``jr.split(key, L)[l]`` in both modes, so the same key
+    gives the same weights. ``"TransformerBlock" in parallel.remat`` rematerialises each block.
+    """
+
+    blocks: TransformerBlock | tuple[TransformerBlock, ...]
+    num_blocks: int = eqx.field(static=True)
+    scan_blocks: bool = eqx.field(static=True)
+    remat_block: bool = eqx.field(static=True)
+
+    def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
+        _check_config(config)
+        keys = jr.split(key, config.num_blocks)
+        if config.scan_blocks:
+            self.blocks = eqx.filter_vmap(lambda k: TransformerBlock(config, key=k))(keys)
+        else:
+            self.blocks = tuple(TransformerBlock(config, key=k) for k in keys)
+        self.num_blocks = config.num_blocks
+        self.scan_blocks = bool(config.scan_blocks)
+        self.remat_block = "TransformerBlock" in config.parallel.remat
+
+    def __call__(
+        self,
+        x: Float[Array, "B S D"],
+        sin: Float[Array, "B S half"],
+        cos: Float[Array, "B S half"],
+        segment_ids: Int[Array, "B S"] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "B S D"]:
+        keys = None if key is None else jr.split(key, self.num_blocks)
+        call = _remat(_call_block, self.remat_block)
+        if not self.scan_blocks:
+            assert isinstance(self.blocks, tuple)
+            for i, block in enumerate(self.blocks):
+                x = call(block, x, sin, cos, segment_ids, None if keys is None else keys[i])
+            return x
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def body(carry, xs):
+            block_params, block_key = xs
+            block = eqx.combine(block_params, static)
+            return call(block, carry, sin, cos, segment_ids, block_key), None
+
+        x, _ = jax.lax.scan(body, x, (params, keys))
+        return x
+
+    def decode(
+        self,
+        x: Float[Array, "B T D"],
+        sin: Float[Array, "B T half"],
+        cos: Float[Array, "B T half"],
+        cache: LlamaKVCache,
+    ) -> tuple[Float[Array, "B T D"], LlamaKVCache]:
+        """Run the blocks on ``T`` new tokens; the per-layer k/v caches go through the scan's
+        xs/ys (or the loop), and the cache length advances by ``T``."""
+        length = cache.length
+        if not self.scan_blocks:
+            assert isinstance(self.blocks, tuple)
+            new_k, new_v = [], []
+            for i, block in enumerate(self.blocks):
+                x, ck, cv = block.decode(x, sin, cos, cache.keys[i], cache.values[i], length)
+                new_k.append(ck)
+                new_v.append(cv)
+            keys, values = jnp.stack(new_k), jnp.stack(new_v)
+        else:
+            params, static = eqx.partition(self.blocks, eqx.is_array)
+
+            def body(carry, xs):
+                block_params, ck, cv = xs
+                block = eqx.combine(block_params, static)
+                carry, ck, cv = block.decode(carry, sin, cos, ck, cv, length)
+                return carry, (ck, cv)
+
+            x, (keys, values) = jax.lax.scan(body, x, (params, cache.keys, cache.values))
+        T = x.shape[1]
+        return x, LlamaKVCache(keys, values, length + jnp.asarray(T, length.dtype))
+
+
+# the model
+
+
+class LlamaTransformer(eqx.Module):
+    """Llama language model from a ``LlamaConfig``: tokens ``(B, S)`` → float32 logits ``(B, S, V)``.
+
+    Parameters are float32; ``dtype`` is the compute dtype of every layer and of the LM head.
+    Deterministic without a key; dropout (rate ``dropout_rate``: attention and FFN outputs, and the
+    embedding if ``add_embedding_dropout``) only with a key.
+    """
+
+    token_embedding: Embedding
+    blocks: TransformerBlockStack
+    out_norm: RMSNorm
+    lm_head: Dense
+    vocab_size: int = eqx.field(static=True)
+    embedding_dim: int = eqx.field(static=True)
+    num_heads: int = eqx.field(static=True)
+    head_dim: int = eqx.field(static=True)
+    theta: float = eqx.field(static=True)
+    dtype: str = eqx.field(static=True)
+    dropout_rate: float = eqx.field(static=True)
+    add_embedding_dropout: bool = eqx.field(static=True)
+    mask_across_document_boundaries: bool = eqx.field(static=True)
+    causal: bool = eqx.field(static=True)
+    logits_soft_cap: float | None = eqx.field(static=True)
+
+    def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
+        _check_config(config)
+        kembed, kblocks, khead = jr.split(key, 3)
+        D = config.embedding_dim
+        self.token_embedding = Embedding(
+            config.vocab_size, D, dtype=config.dtype, std=small_init_std(D), key=kembed
+        )
+        self.blocks = TransformerBlockStack(config, key=kblocks)
+        self.out_norm = RMSNorm(D, eps=_NORM_EPS, dtype=config.dtype)
+        self.lm_head = Dense(
+            D,
+            config.vocab_size,
+            use_bias=False,
+            dtype=config.dtype,
+            kernel_init=small_initializer(D),
+            key=khead,
+        )
+        self.vocab_size = config.vocab_size
+        self.embedding_dim = D
+        self.num_heads = D // config.head_dim
+        self.head_dim = config.head_dim
+        self.theta = float(config.theta)
+        self.dtype = to_dtype(config.dtype).name
+        self.dropout_rate = float(config.dropout_rate)
+        self.add_embedding_dropout = bool(config.add_embedding_dropout)
+        self.mask_across_document_boundaries = bool(config.mask_across_document_boundaries)
+        self.causal = bool(config.causal)
+        self.logits_soft_cap = (
+            None if config.logits_soft_cap is None else float(config.logits_soft_cap)
+        )
+
+    @jax.named_scope("LMHead")
+    def _head(self, x: Float[Array, "B S D"]) -> Float[Array, "B S V"]:
+        logits = self.lm_head(self.out_norm(x)).astype(jnp.float32)
+        return soft_cap(logits, self.logits_soft_cap)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B S"],
+        *,
+        key: PRNGKeyArray | None = None,
+        document_borders: Bool[Array, "B S"] | None = None,
+        positions: Int[Array, "B S"] | None = None,
+    ) -> Float[Array, "B S V"]:
+        """Logits for every position.
+
+        - ``document_borders``: True where a token starts a new document. Used only when
+          ``mask_across_document_boundaries``: tokens then attend only within their document
+          (document index = cumsum of the borders).
+        - ``positions``: RoPE positions (e.g. restarting at 0 in each document, as the reference
+          trainer passes them); default ``arange(S)``.
+        """
+        B, S = tokens.shape
+        if document_borders is not None and document_borders.shape != (B, S):
+            raise ValueError(
+                f"document_borders has shape {document_borders.shape}; expected (B, S) = {(B, S)}"
+            )
+        if positions is not None and positions.shape != (B, S):
+            raise ValueError(f"positions has shape {positions.shape}; expected (B, S) = {(B, S)}")
+        kembed, kblocks = split_optional_key(key, 2)
+        x = self.token_embedding(tokens)
+        if self.add_embedding_dropout:
+            x = dropout(x, self.dropout_rate, key=kembed)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        sin, cos = rope_sin_cos(positions, self.head_dim, self.theta)
+        segment_ids = None
+        if document_borders is not None and self.mask_across_document_boundaries:
+            segment_ids = jnp.cumsum(document_borders.astype(jnp.int32), axis=1, dtype=jnp.int32)
+        x = self.blocks(x, sin, cos, segment_ids, key=kblocks)
+        return self._head(x)
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def init_cache(self, batch_size: int, max_len: int) -> LlamaKVCache:
+        """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        if batch_size <= 0 or max_len <= 0:
+            raise ValueError(
+                f"init_cache: batch_size ({batch_size}) and max_len ({max_len}) must be positive"
+            )
+        shape = (self.blocks.num_blocks, batch_size, max_len, self.num_heads, self.head_dim)
+        zeros = jnp.zeros(shape, jnp.dtype(self.dtype))
+        return LlamaKVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+
+    def decode(
+        self, tokens: Int[Array, "B T"], cache: LlamaKVCache
+    ) -> tuple[Float[Array, "B T V"], LlamaKVCache]:
+        """Logits of ``T`` tokens that continue the cached sequence (prefill when the cache is
+        empty, one step when ``T == 1``), and the cache extended by them. No dropout; one
+        document per sequence. Equal to the matching rows of ``__call__`` on the whole sequence.
+        """
+        if not self.causal:
+            raise ValueError("decode needs a causal model (LlamaConfig.causal=True)")
+        B, T = tokens.shape
+        S_max = cache.keys.shape[2]
+        if cache.keys.shape[1] != B:
+            raise ValueError(
+                f"cache batch size {cache.keys.shape[1]} does not match tokens batch size {B}"
+            )
+        if T > S_max:
+            raise ValueError(f"{T} tokens do not fit in a KV cache of max_len {S_max}")
+        length = eqx.error_if(
+            cache.length,
+            cache.length + T > S_max,
+            f"KV cache overflow: decoding past max_len={S_max}",
+        )
+        positions = jnp.broadcast_to(length + jnp.arange(T, dtype=length.dtype), (B, T))
+        sin, cos = rope_sin_cos(positions, self.head_dim, self.theta)
+        x = self.token_embedding(tokens)
+        x, cache = self.blocks.decode(x, sin, cos, eqx.tree_at(lambda c: c.length, cache, length))
+        return self._head(x), cache
+
+    def decode_step(
+        self, cache: LlamaKVCache, token: Int[Array, " B"]
+    ) -> tuple[Float[Array, "B V"], LlamaKVCache]:
+        """One generation step: logits of the next token after ``token``, and the new cache."""
+        logits, cache = self.decode(token[:, None], cache)
+        return logits[:, 0], cache

@@ -1,0 +1,105 @@
+"""FIXME docstring."""
+
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..core.utils import _dtype_name
+
+
+# causal depthwise convolution (ARCHITECTURE §3.4)
+
+
+class CausalConv1d(eqx.Module):
+    """Causal depthwise conv over the sequence axis, computed in ``dtype``.
+
+    ``y[t, c] = b[c] + Σ_{j<K} kernel[j, c] · x[t − (K−1) + j, c]`` with ``x[<0] = 0``: ``kernel[K−1]``
+    weights the current token. kernel ``(K, C)`` — the Flax ``(K, 1, C)`` with the singleton
+    depthwise axis dropped (reshape when converting). ``K = 0`` is the identity (no params).
+    Init: kernel and bias ``U(−1/√K, 1/√K)`` (PyTorch default, fan-in K).
+
+    Decoding keeps a rolling state ``(B, K, C)`` of the last K inputs: see ``init_state``/``step``.
+    """
+
+    kernel: Float[Array, "K C"] | None
+    bias: Float[Array, " C"] | None
+    kernel_size: int = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
+    dtype: str = eqx.field(static=True)
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 4,
+        *,
+        use_bias: bool = True,
+        dtype: Any = "float32",
+        key: PRNGKeyArray,
+    ):
+        if kernel_size < 0:
+            raise ValueError(f"conv1d_kernel_size must be >= 0, got {kernel_size}")
+        if channels <= 0:
+            raise ValueError(f"CausalConv1d channels must be positive, got {channels}")
+        self.kernel_size = kernel_size
+        self.channels = channels
+        self.dtype = _dtype_name(dtype)
+        if kernel_size == 0:
+            self.kernel = None
+            self.bias = None
+            return
+        bound = 1.0 / math.sqrt(kernel_size)
+        kkey, bkey = jr.split(key)
+        self.kernel = jr.uniform(
+            kkey, (kernel_size, channels), jnp.float32, minval=-bound, maxval=bound
+        )
+        self.bias = (
+            jr.uniform(bkey, (channels,), jnp.float32, minval=-bound, maxval=bound)
+            if use_bias
+            else None
+        )
+
+    @jax.named_scope("CausalConv1d")
+    def __call__(self, x: Float[Array, "*batch S C"]) -> Float[Array, "*batch S C"]:
+        """Full sequence ``(..., S, C) -> (..., S, C)``."""
+        if self.kernel is None:
+            return x
+        dtype = jnp.dtype(self.dtype)
+        K, S = self.kernel_size, x.shape[-2]
+        x = x.astype(dtype)
+        w = self.kernel.astype(dtype)
+        pad = [(0, 0)] * (x.ndim - 2) + [(K - 1, 0), (0, 0)]
+        xp = jnp.pad(x, pad)
+        y = xp[..., 0:S, :] * w[0]
+        for j in range(1, K):
+            y = y + xp[..., j : j + S, :] * w[j]
+        if self.bias is not None:
+            y = y + self.bias.astype(dtype)
+        return y
+
+    def init_state(self, batch_size: int) -> Float[Array, "B K C"]:
+        """Zero conv state (the last K inputs) for decoding."""
+        return jnp.zeros((batch_size, self.kernel_size, self.channels), jnp.dtype(self.dtype))
+
+    def state_from_sequence(self, x: Float[Array, "B S C"]) -> Float[Array, "B K C"]:
+        """The conv state after consuming ``x``: its last K inputs, zero-padded on the left."""
+        K = self.kernel_size
+        xp = jnp.pad(x.astype(jnp.dtype(self.dtype)), ((0, 0), (K, 0), (0, 0)))
+        return xp[:, xp.shape[1] - K :, :]
+
+    def step(
+        self, state: Float[Array, "B K C"], x_t: Float[Array, "B C"]
+    ) -> tuple[Float[Array, "B C"], Float[Array, "B K C"]]:
+        """One decode step: push ``x_t`` into the window and return ``(y_t, new_state)``."""
+        if self.kernel is None:
+            return x_t, state
+        dtype = jnp.dtype(self.dtype)
+        state = jnp.concatenate([state[:, 1:, :], x_t.astype(dtype)[:, None, :]], axis=1)
+        y = jnp.sum(state * self.kernel.astype(dtype), axis=1)
+        if self.bias is not None:
+            y = y + self.bias.astype(dtype)
+        return y, state

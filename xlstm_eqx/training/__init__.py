@@ -1,0 +1,56 @@
+"""Level 5: training — `TrainConfig`, loss, optimizer and schedule, the train step (with or without
+a mesh), checkpoints, run files, the run loop and evaluation.
+"""
+
+from .checkpoint import (
+    FORMAT as FORMAT,
+    VERSION as VERSION,
+    CheckpointError as CheckpointError,
+    latest_checkpoint as latest_checkpoint,
+    list_checkpoints as list_checkpoints,
+    load_metadata as load_metadata,
+    restore_checkpoint as restore_checkpoint,
+    restore_sharded_checkpoint as restore_sharded_checkpoint,
+    save_checkpoint as save_checkpoint,
+    save_sharded_checkpoint as save_sharded_checkpoint,
+    step_dir_name as step_dir_name,
+)
+from .config import (
+    RESUMABLE_FIELDS as RESUMABLE_FIELDS,
+    TrainConfig as TrainConfig,
+    check_sequence_length as check_sequence_length,
+    resolve_model_config as resolve_model_config,
+)
+from .evaluate import (
+    EvalResult as EvalResult,
+    evaluate_run as evaluate_run,
+    has_decode_api as has_decode_api,
+    load_run as load_run,
+    sample_tokens as sample_tokens,
+)
+from .loop import (
+    TrainingDivergedError as TrainingDivergedError,
+    TrainResult as TrainResult,
+    run_config_dict as run_config_dict,
+    train as train,
+)
+from .loss import (
+    bits_per_byte as bits_per_byte,
+    evaluate_loss as evaluate_loss,
+    next_token_loss as next_token_loss,
+)
+from .optim import (
+    default_decay_mask as default_decay_mask,
+    learning_rate_schedule as learning_rate_schedule,
+    make_optimizer as make_optimizer,
+    trainable_params as trainable_params,
+)
+from .run_files import (
+    plot_metrics as plot_metrics,
+    read_metrics as read_metrics,
+)
+from .step import (
+    make_sharded_train_step as make_sharded_train_step,
+    make_train_step as make_train_step,
+    shard_train_state as shard_train_state,
+)

@@ -1,0 +1,234 @@
+"""FIXME docstring."""
+
+import dataclasses
+import os
+from typing import Any
+
+from ..core.files import read_mapping_file
+from ..data.tokenizer import Tokenizer, padded_vocab_size
+from ..models import MODEL_FAMILIES
+
+
+_COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+# configuration
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs. Every field is a `xlstm-eqx train` flag (`seq_len` →
+    `--seq-len`), can come from a JSON/YAML file (`--config`), and is saved in `DIR/config.json`."""
+
+    # model
+    model: str = dataclasses.field(
+        default="xlstm", metadata={"help": "'xlstm', 'llama', or a model-config JSON/YAML file"}
+    )
+    preset: str = dataclasses.field(
+        default="small", metadata={"help": "size preset of the model family (see `info`)"}
+    )
+    # data
+    data: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={"help": "text/JSONL file or glob, repeatable; none: embedded stdlib corpus"},
+    )
+    text_field: str = dataclasses.field(
+        default="text", metadata={"help": "JSONL field holding the text"}
+    )
+    tokenizer: str = dataclasses.field(
+        default="bytes", metadata={"help": "'bytes' or the path of a local tokenizer.json"}
+    )
+    eval_fraction: float = dataclasses.field(
+        default=0.05, metadata={"help": "share of documents (or text) held out for evaluation"}
+    )
+    max_data_bytes: int | None = dataclasses.field(
+        default=None, metadata={"help": "stop reading data after this many bytes"}
+    )
+    # batch shape and length
+    seq_len: int = dataclasses.field(default=128, metadata={"help": "tokens per sequence"})
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = dataclasses.field(
+        default=1, metadata={"help": "micro-batches accumulated per optimizer step"}
+    )
+    steps: int = dataclasses.field(default=300, metadata={"help": "optimizer steps"})
+    # optimizer
+    lr: float = dataclasses.field(default=3e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int | None = dataclasses.field(
+        default=None, metadata={"help": "linear warmup steps (default min(100, steps // 10))"}
+    )
+    min_lr_ratio: float = dataclasses.field(
+        default=0.1, metadata={"help": "final learning rate of the cosine, as a fraction of lr"}
+    )
+    weight_decay: float = dataclasses.field(
+        default=0.1, metadata={"help": "AdamW decoupled weight decay (kernels only)"}
+    )
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float | None = dataclasses.field(
+        default=1.0, metadata={"help": "global gradient-norm clip (none: off)"}
+    )
+    dtype: str = dataclasses.field(
+        default="float32", metadata={"help": "compute dtype: float32 or bfloat16"}
+    )
+    # run
+    seed: int = 0
+    out: str = dataclasses.field(
+        default="", metadata={"help": "output directory (default runs/<model>)"}
+    )
+    resume: bool = dataclasses.field(
+        default=False, metadata={"help": "continue the run in --out from its last checkpoint"}
+    )
+    log_every: int = dataclasses.field(default=10, metadata={"help": "steps between metric rows"})
+    eval_every: int = dataclasses.field(
+        default=100, metadata={"help": "steps between held-out evaluations"}
+    )
+    eval_batches: int = dataclasses.field(
+        default=8, metadata={"help": "held-out batches per evaluation"}
+    )
+    checkpoint_every: int = dataclasses.field(
+        default=100, metadata={"help": "steps between checkpoints"}
+    )
+    keep_checkpoints: int = dataclasses.field(
+        default=3, metadata={"help": "checkpoints kept (the newest)"}
+    )
+    progress: bool = dataclasses.field(default=True, metadata={"help": "show a progress bar"})
+    sample_tokens: int = dataclasses.field(
+        default=300, metadata={"help": "tokens sampled and printed at the end (0: none)"}
+    )
+    sample_prompt: str = "def "
+    sample_temperature: float = 0.8
+    mesh: str = dataclasses.field(
+        default="",
+        metadata={"help": "device mesh, e.g. 'dp=2,fsdp=2,tp=2' (default: one device)"},
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def out_dir(self) -> str:
+        if self.out:
+            return self.out
+        name = self.model if self.model in MODEL_FAMILIES else "custom"
+        return os.path.join("runs", name)
+
+    def resolved_warmup(self) -> int:
+        if self.warmup_steps is None:
+            return min(100, self.steps // 10)
+        return self.warmup_steps
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first field with an invalid value."""
+        positive = ["seq_len", "batch_size", "grad_accum", "steps", "log_every", "eval_every"]
+        positive += ["eval_batches", "checkpoint_every", "keep_checkpoints"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if self.dtype not in _COMPUTE_DTYPES:
+            raise ValueError(
+                f"TrainConfig.dtype must be one of {_COMPUTE_DTYPES}, got {self.dtype!r}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        w = self.resolved_warmup()
+        if not 0 <= w < self.steps:
+            raise ValueError(
+                f"TrainConfig.warmup_steps must be in [0, steps={self.steps}), got {w}"
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(
+                f"TrainConfig.eval_fraction must be in (0, 1), got {self.eval_fraction}"
+            )
+        if self.sample_tokens < 0:
+            raise ValueError(f"TrainConfig.sample_tokens must be >= 0, got {self.sample_tokens}")
+        if not self.sample_temperature >= 0:
+            raise ValueError(
+                f"TrainConfig.sample_temperature must be >= 0, got {self.sample_temperature}"
+            )
+
+
+# Fields that may differ between a run and its --resume (they do not change what is computed,
+# except `steps`, which extends or shortens the schedule on purpose).
+RESUMABLE_FIELDS = frozenset(
+    {
+        "steps",
+        "out",
+        "resume",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "progress",
+        "sample_tokens",
+        "sample_prompt",
+        "sample_temperature",
+        "mesh",  # the data order does not depend on the mesh
+    }
+)
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"model {path!r}: not a model family ({', '.join(sorted(MODEL_FAMILIES))}) "
+            "and no such config file"
+        )
+    return read_mapping_file(path, "model config")
+
+
+def resolve_model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[str, Any]:
+    """`(family name, model config)` for a new run: the preset or file, with the compute dtype
+    and (for presets, or a file without one) the tokenizer's vocabulary rounded up to 64."""
+    if cfg.model in MODEL_FAMILIES:
+        kind = cfg.model
+        family = MODEL_FAMILIES[kind]
+        presets = family.presets()
+        if cfg.preset not in presets:
+            raise ValueError(
+                f"unknown preset {cfg.preset!r} for model {kind!r}; "
+                f"available: {', '.join(sorted(presets))}"
+            )
+        # The stack pushes `dtype` down into every layer, cell and FFN config.
+        config = dataclasses.replace(
+            presets[cfg.preset](),
+            vocab_size=padded_vocab_size(tokenizer.vocab_size),
+            dtype=cfg.dtype,
+        )
+        return kind, config
+    d = _read_config_file(cfg.model)
+    if "model_kind" in d and "model_config" in d:  # a run's saved config.json
+        kind, d = d["model_kind"], dict(d["model_config"])
+    else:
+        guess = "llama" if "head_dim" in d and "mlstm_block" not in d else "xlstm"
+        kind = str(d.pop("kind", guess))
+    if kind not in MODEL_FAMILIES:
+        raise ValueError(f"model config {cfg.model!r}: unknown model kind {kind!r}")
+    if d.get("vocab_size", -1) in (-1, None):
+        d["vocab_size"] = padded_vocab_size(tokenizer.vocab_size)
+    d["dtype"] = cfg.dtype
+    return kind, MODEL_FAMILIES[kind].config_from_dict(d)
+
+
+def check_sequence_length(seq_len: int, model_config: Any) -> None:
+    ctx = getattr(model_config, "context_length", None)
+    if isinstance(ctx, int) and ctx > 0 and seq_len > ctx:
+        raise ValueError(
+            f"seq_len={seq_len} exceeds the model's context_length={ctx}; "
+            f"lower --seq-len or use a model with a longer context_length"
+        )

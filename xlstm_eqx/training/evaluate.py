@@ -1,0 +1,143 @@
+"""FIXME docstring."""
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import PRNGKeyArray
+
+from ..data.corpus import (
+    check_token_ids,
+    eval_windows,
+    load_corpus,
+    read_documents,
+    resolve_paths,
+    unigram_bits_per_byte,
+)
+from ..data.tokenizer import tokenizer_from_dict
+from ..generation import _is_kv_model, _is_recurrent_model
+from ..models import MODEL_FAMILIES
+from .checkpoint import CheckpointError, latest_checkpoint, load_metadata, restore_checkpoint
+from .config import TrainConfig
+from .loss import bits_per_byte, evaluate_loss
+
+
+# sampling for the end-of-run printout
+
+
+def sample_tokens(
+    model: Any,
+    prompt: Sequence[int],
+    num_tokens: int,
+    *,
+    window: int,
+    temperature: float,
+    key: PRNGKeyArray,
+) -> list[int]:
+    """Sample by recomputing a full forward pass per token (no recurrent state, no KV cache): the
+    end-of-run printout's fallback for models without a decode API; see `_generate` otherwise.
+
+    The sequence is right-padded to a fixed `window` so one compiled forward serves every step;
+    with a causal model, the logits at the last real position ignore the padding.
+    """
+    tokens = list(prompt) or [0]
+
+    @eqx.filter_jit
+    def next_logits(model, buf, pos):
+        logits = model(buf[None, :])[0]
+        return jax.lax.dynamic_index_in_dim(logits, pos, axis=0, keepdims=False)
+
+    for i in range(num_tokens):
+        ctx = tokens[-window:]
+        buf = np.zeros((window,), np.int32)
+        buf[: len(ctx)] = ctx
+        logits = next_logits(model, jnp.asarray(buf), jnp.asarray(len(ctx) - 1, jnp.int32))
+        if temperature == 0:
+            nxt = int(jnp.argmax(logits))
+        else:
+            nxt = int(jr.categorical(jr.fold_in(key, i), logits / temperature))
+        tokens.append(nxt)
+    return tokens[len(prompt) :] if prompt else tokens[1:]
+
+
+def has_decode_api(model: Any) -> bool:
+    """Whether `_generate.generate` can run this model (recurrent state or KV cache)."""
+
+    return _is_kv_model(model) or _is_recurrent_model(model)
+
+
+# evaluation of a saved run
+
+
+@dataclasses.dataclass
+class EvalResult:
+    step: int
+    eval_loss: float
+    bits_per_byte: float
+    unigram_bits_per_byte: float | None
+    num_tokens: int
+
+
+def load_run(out_dir: str, checkpoint: str | None = None) -> tuple[Any, dict[str, Any], int]:
+    """`(model, run_config, step)` from a run directory's newest (or the given) checkpoint."""
+    path = checkpoint or latest_checkpoint(os.path.join(out_dir, "checkpoints"))
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint found in {os.path.join(out_dir, 'checkpoints')!r}")
+    meta = load_metadata(path)
+    run = meta.get("metadata", {}).get("run_config")
+    if not isinstance(run, dict) or run.get("model_kind") not in MODEL_FAMILIES:
+        raise CheckpointError(f"checkpoint {path!r} has no usable run configuration")
+    family = MODEL_FAMILIES[run["model_kind"]]
+    model_config = family.config_from_dict(run["model_config"])
+    skeleton = eqx.filter_eval_shape(family.build, model_config, key=jr.key(0))
+    trees, meta2 = restore_checkpoint(path, {"model": skeleton})
+    return trees["model"], run, int(meta2["step"])
+
+
+def evaluate_run(
+    out_dir: str,
+    *,
+    data: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    max_batches: int | None = None,
+    checkpoint: str | None = None,
+) -> EvalResult:
+    """Held-out loss and bits per byte of a saved run: on its own held-out split, or on all
+    of `data` if given (then the unigram baseline still uses the run's training text)."""
+    model, run, step = load_run(out_dir, checkpoint)
+    tcfg = TrainConfig.from_dict(run["train"])
+    tokenizer = tokenizer_from_dict(run["tokenizer"])
+    vocab = int(run["model_config"]["vocab_size"])
+    bs = batch_size or tcfg.batch_size
+    nb = max_batches or tcfg.eval_batches
+    corpus = load_corpus(
+        tcfg.data,
+        tokenizer,
+        text_field=tcfg.text_field,
+        eval_fraction=tcfg.eval_fraction,
+        max_bytes=tcfg.max_data_bytes,
+    )
+    if data:
+        text = "\n\n".join(read_documents(resolve_paths(data), text_field=tcfg.text_field))
+        tokens = tokenizer.encode(text)
+        tokens_per_byte = len(tokens) / max(1, len(text.encode("utf-8")))
+        check_token_ids(tokens, vocab, what="evaluation data")
+    else:
+        tokens, tokens_per_byte = corpus.heldout, corpus.heldout_tokens_per_byte
+    batches = eval_windows(tokens, seq_len=tcfg.seq_len, batch_size=bs, max_batches=nb)
+    loss = evaluate_loss(model, batches)
+    unigram = unigram_bits_per_byte(corpus.train, tokens, vocab, tokens_per_byte)
+    num_tokens = sum(b[:, 1:].size for b in batches)
+    return EvalResult(
+        step=step,
+        eval_loss=loss,
+        bits_per_byte=bits_per_byte(loss, tokens_per_byte),
+        unigram_bits_per_byte=unigram,
+        num_tokens=int(num_tokens),
+    )

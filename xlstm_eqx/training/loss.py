@@ -1,0 +1,44 @@
+"""FIXME docstring."""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+
+# steps
+
+
+@jax.named_scope("loss")
+def next_token_loss(
+    model: Callable[..., Float[Array, "B S V"]],
+    tokens: Int[Array, "B S1"],
+    key: PRNGKeyArray | None = None,
+) -> Float[Array, ""]:
+    """Mean cross-entropy (nats) of predicting `tokens[:, 1:]` from `tokens[:, :-1]`, float32."""
+    logits = model(tokens[:, :-1], key=key)
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), tokens[:, 1:]
+    )
+    return jnp.mean(losses)
+
+
+@eqx.filter_jit
+def _eval_batch_loss(model: Any, tokens: Int[Array, "B S1"]) -> Float[Array, ""]:
+    return next_token_loss(model, tokens, None)
+
+
+def evaluate_loss(model: Any, batches: Sequence[np.ndarray]) -> float:
+    """Mean held-out next-token loss (nats) over equally sized batches, deterministic (no key)."""
+    losses = [float(_eval_batch_loss(model, jnp.asarray(b))) for b in batches]
+    return float(np.mean(losses))
+
+
+def bits_per_byte(loss_nats_per_token: float, tokens_per_byte: float) -> float:
+    return loss_nats_per_token * tokens_per_byte / math.log(2.0)

@@ -1,0 +1,79 @@
+"""FIXME docstring."""
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """Rows of a `metrics.jsonl`."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    # On resume, drop rows of steps after the checkpoint: they are recomputed identically.
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_metrics(metrics_path: str, png_path: str) -> str | None:
+    """Loss curves (train, held-out) from `metrics.jsonl` as a PNG; None if matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
+    if held:
+        ax.plot(*zip(*held, strict=True), "o-", label="held-out loss", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+class _InterruptFlag:
+    """While training, the first Ctrl-C (or SIGTERM) only sets a flag: the current step ends, a
+    checkpoint is written, then KeyboardInterrupt. A second Ctrl-C aborts at once."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.set = False
+        self._log = log
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        self._log("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}

@@ -1,0 +1,231 @@
+"""FIXME docstring."""
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+
+from ..core.parallel_config import ParallelConfig
+from ..models import ModelFamily
+from ..parallel.fsdp import gather_at_use
+from ..parallel.mesh import make_mesh, parse_mesh_spec
+from ..parallel.placement import (
+    _place,
+    batch_sharding,
+    named_shardings,
+    place_global,
+    shard_model,
+    shard_opt_state,
+)
+from ..parallel.rules import opt_state_specs, param_partition_specs
+from .config import TrainConfig
+from .loss import next_token_loss
+from .optim import make_optimizer, trainable_params
+
+
+def make_train_step(optimizer: optax.GradientTransformation) -> Callable[..., Any]:
+    """`step((batch, key), model, opt_state) -> (model, opt_state, loss, grad_norm)`.
+
+    `batch` is `(A, B, S+1)`: A micro-batches whose gradients are averaged (a `lax.scan`, so
+    memory stays that of one micro-batch). Jitted with the model and optimizer state donated.
+    """
+
+    def loss_and_grad(model, tokens, key):
+        return eqx.filter_value_and_grad(next_token_loss)(model, tokens, key)
+
+    @eqx.filter_jit(donate="all-except-first")
+    def step(inputs, model, opt_state):
+        batch, key = inputs
+        A = batch.shape[0]
+        keys = jr.split(key, A)
+        if A == 1:
+            loss, grads = loss_and_grad(model, batch[0], keys[0])
+        else:
+            params, static = eqx.partition(model, eqx.is_inexact_array)
+
+            def micro(carry, xs):
+                gsum, lsum = carry
+                mb, k = xs
+                loss_i, g = loss_and_grad(eqx.combine(params, static), mb, k)
+                g = eqx.filter(g, eqx.is_inexact_array)
+                return (jax.tree.map(jnp.add, gsum, g), lsum + loss_i), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (gsum, lsum), _ = jax.lax.scan(
+                micro, (zeros, jnp.zeros((), jnp.float32)), (batch, keys)
+            )
+            grads = jax.tree.map(lambda g: g / A, gsum)
+            loss = lsum / A
+        grad_norm = optax.tree.norm(grads)
+        # optax mixes Python floats with int32 step counts; allow that under strict promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, trainable_params(model))
+        model = eqx.apply_updates(model, updates)
+        return model, opt_state, loss, grad_norm
+
+    return step
+
+
+def make_sharded_train_step(
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    parallel_config: ParallelConfig,
+    model_specs: PyTree,
+    opt_specs: PyTree,
+    *,
+    return_grads: bool = False,
+) -> Callable[..., Any]:
+    """``step((batch, key), model, opt_state) -> (model, opt_state, loss, grad_norm)``: the trainer's
+    step (``_train.make_train_step``: mean next-token loss, micro-batches ``(A, B, S+1)`` averaged
+    in a ``lax.scan``, global grad norm, optax update under standard dtype promotion) on a mesh.
+
+    ``step`` places its inputs itself: the host batch split over ``(dp, fsdp)`` (``place_global``:
+    every process passes the same global batch), the key replicated, and the model / optimizer
+    state onto their shardings (a no-op when they are already there, e.g. the previous step's
+    outputs). Inside, the layouts are pinned with ``eqx.filter_shard`` so they are the same after
+    every step, and under FSDP the weights are gathered at use, per layer (``gather_at_use``), in
+    ``fsdp_gather_dtype`` if set. The jitted core (``step.core``, for ``.lower(...)``) donates the
+    model and optimizer buffers. ``return_grads=True`` also returns the averaged gradients.
+    """
+
+    pc = parallel_config
+    model_sh = named_shardings(model_specs, mesh)
+    opt_sh = named_shardings(opt_specs, mesh)
+    batch_sh = batch_sharding(mesh, pc, leading=1)
+    replicated = NamedSharding(mesh, P())
+
+    def loss_fn(model: Any, tokens: Array, key: PRNGKeyArray) -> Float[Array, ""]:
+        return next_token_loss(gather_at_use(model, model_specs, mesh, pc), tokens, key)
+
+    loss_and_grad = eqx.filter_value_and_grad(loss_fn)
+
+    @eqx.filter_jit(donate="all-except-first")
+    def core(inputs: Any, model: Any, opt_state: Any) -> Any:
+        batch, key_data = inputs
+        key = jr.wrap_key_data(key_data)
+        batch = jax.lax.with_sharding_constraint(batch, batch_sh)
+        model = eqx.filter_shard(model, model_sh)
+        opt_state = eqx.filter_shard(opt_state, opt_sh)
+        A = batch.shape[0]
+        keys = jr.split(key, A)
+        if A == 1:
+            loss, grads = loss_and_grad(model, batch[0], keys[0])
+        else:
+            params, static = eqx.partition(model, eqx.is_inexact_array)
+
+            def micro(carry: Any, xs: Any) -> Any:
+                gsum, lsum = carry
+                mb, k = xs
+                loss_i, g = loss_and_grad(eqx.combine(params, static), mb, k)
+                g = eqx.filter(g, eqx.is_inexact_array)
+                return (jax.tree.map(jnp.add, gsum, g), lsum + loss_i), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (gsum, lsum), _ = jax.lax.scan(
+                micro, (zeros, jnp.zeros((), jnp.float32)), (batch, keys)
+            )
+            grads = jax.tree.map(lambda g: g / A, gsum)
+            loss = lsum / A
+        grads = eqx.filter_shard(grads, model_sh)
+        grad_norm = optax.tree.norm(grads)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, trainable_params(model))
+        model = eqx.apply_updates(model, updates)
+        model = eqx.filter_shard(model, model_sh)
+        opt_state = eqx.filter_shard(opt_state, opt_sh)
+        if return_grads:
+            return model, opt_state, loss, grad_norm, grads
+        return model, opt_state, loss, grad_norm
+
+    def place_inputs(inputs: Any, model: Any, opt_state: Any) -> tuple[Any, Any, Any]:
+        batch, key = inputs
+        if np.ndim(batch) != 3:
+            raise ValueError(
+                f"batch must be (A, B, S+1) micro-batches of tokens, got shape {np.shape(batch)}"
+            )
+        data = mesh.shape[pc.data_axis_name] * mesh.shape[pc.fsdp_axis_name]
+        if np.shape(batch)[1] % data != 0:
+            raise ValueError(
+                f"batch size {np.shape(batch)[1]} is not divisible by the data-parallel size "
+                f"{pc.data_axis_name}×{pc.fsdp_axis_name} = {data} of the mesh {dict(mesh.shape)}"
+            )
+        key_data = place_global(np.asarray(jax.random.key_data(key)), replicated)
+        inputs = (place_global(batch, batch_sh), key_data)
+        return inputs, _place(model, model_sh), _place(opt_state, opt_sh)
+
+    def step(inputs: Any, model: Any, opt_state: Any) -> Any:
+        return core(*place_inputs(inputs, model, opt_state))
+
+    step.core = core  # type: ignore[attr-defined]
+    step.place_inputs = place_inputs  # type: ignore[attr-defined]
+    step.mesh = mesh  # type: ignore[attr-defined]
+    return step
+
+
+def shard_train_state(
+    mesh_spec: str | ParallelConfig,
+    model: PyTree,
+    opt_state: PyTree,
+    optimizer: optax.GradientTransformation,
+    *,
+    base: ParallelConfig | None = None,
+    devices: Sequence[Any] | None = None,
+) -> tuple[PyTree, PyTree, Callable[..., Any], Mesh]:
+    """Everything a training loop needs to run on a mesh, in one call:
+    ``(model, opt_state, step, mesh)`` with the model and optimizer state placed on the mesh and
+    ``step`` from ``make_sharded_train_step`` (same signature as the trainer's step; it places the
+    host batch itself).
+
+    ``mesh_spec``: a ``ParallelConfig`` or a string for ``parse_mesh_spec`` whose other fields come
+    from ``base`` (e.g. the model config's ``parallel``: FSDP modules, gather dtype).
+    """
+    if isinstance(mesh_spec, str):
+        pc = parse_mesh_spec(mesh_spec, base)
+    elif isinstance(mesh_spec, ParallelConfig):
+        pc = mesh_spec
+    else:
+        raise TypeError(
+            f"mesh_spec must be a str or ParallelConfig, got {type(mesh_spec).__name__}"
+        )
+    mesh = make_mesh(pc, devices)
+    specs = param_partition_specs(model, pc, num_devices=mesh.devices.size)
+
+    ospecs = opt_state_specs(opt_state, trainable_params(model), specs)
+    model = shard_model(model, mesh, specs)
+    opt_state = shard_opt_state(opt_state, mesh, ospecs)
+    return model, opt_state, make_sharded_train_step(optimizer, mesh, pc, specs, ospecs), mesh
+
+
+_STEP_CACHE: dict[str, tuple[optax.GradientTransformation, Callable[..., Any]]] = {}
+
+
+_OPTIMIZER_FIELDS = ("steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "beta1")
+
+
+_OPTIMIZER_FIELDS += ("beta2", "adam_eps", "grad_clip")
+
+
+def _optimizer_and_step(
+    cfg: TrainConfig, model: Any, model_config: Any, family: ModelFamily
+) -> tuple[optax.GradientTransformation, Callable[..., Any]]:
+    """The optimizer and its jitted step, shared by runs of the same model and optimizer
+    settings in one process (a resumed or repeated run then reuses the compiled step)."""
+    key = json.dumps(
+        [family.name, model_config.to_dict(), [getattr(cfg, f) for f in _OPTIMIZER_FIELDS]],
+        sort_keys=True,
+        default=repr,
+    )
+    if key not in _STEP_CACHE:
+        if len(_STEP_CACHE) >= 8:
+            _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+        optimizer = make_optimizer(cfg, model, model_config, family)
+        _STEP_CACHE[key] = (optimizer, make_train_step(optimizer))
+    return _STEP_CACHE[key]

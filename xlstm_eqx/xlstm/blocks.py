@@ -1,0 +1,296 @@
+"""xLSTM blocks and the block stack (ARCHITECTURE §1.2, §1.3).
+
+A block is pre-norm with a residual: ``x = x + PostNorm?(Layer(Norm(x)))`` with the mLSTM layer
+(``mlstm`` or ``mlstm_v1``) or the sLSTM layer, then optionally the same around a feed-forward.
+The stack applies the blocks in order, either as a tuple of blocks or — ``scan_blocks=True`` —
+as one block whose parameters are stacked on a leading axis of length L (built with
+``eqx.filter_vmap`` over split keys) and applied with ``jax.lax.scan``. Both layouts give the
+same parameters for the same key, hence the same outputs.
+"""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from ..core.utils import split_optional_key
+from ..nn.feedforward import FeedForward
+from ..nn.norm import LayerNorm, RMSNorm, make_norm
+from .mlstm_layer import mLSTMLayer
+from .mlstm_layer_v1 import mLSTMLayerV1
+from .slstm import sLSTMLayer
+
+
+def make_mlstm_layer(config: Any, *, key: PRNGKeyArray) -> mLSTMLayer | mLSTMLayerV1:
+    """The layer class chosen by ``config.layer_type`` (``"mlstm"`` or ``"mlstm_v1"``)."""
+    if config.layer_type == "mlstm":
+        return mLSTMLayer(config, key=key)
+    if config.layer_type == "mlstm_v1":
+        return mLSTMLayerV1(config, key=key)
+    raise ValueError(f"layer_type: unknown value {config.layer_type!r}; allowed: mlstm, mlstm_v1")
+
+
+def _remat_names(config: Any) -> tuple[str, ...]:
+    parallel = getattr(config, "parallel", None)
+    return tuple(parallel.remat) if parallel is not None else ()
+
+
+def _maybe_remat(fn: Any, enabled: bool) -> Any:
+    """``fn`` rematerialised in the backward pass when ``enabled`` (ARCHITECTURE §8.4: no
+    activations are saved inside; ``prevent_cse=False`` as the reference, fine under scan)."""
+    return eqx.filter_checkpoint(fn, prevent_cse=False) if enabled else fn
+
+
+def _call_res_block(res: "ResidualBlock", x: Array, key: Any, kwargs: dict[str, Any]) -> Array:
+    return res(x, key=key, **kwargs)
+
+
+class ResidualBlock(eqx.Module):
+    """``x + post_norm(layer(norm(x)))`` (``post_norm`` optional, Gemma-2 style: it sits before the
+    residual add, not on the stream). Extra keyword arguments go to the layer."""
+
+    norm: LayerNorm | RMSNorm
+    layer: Any
+    post_norm: LayerNorm | RMSNorm | None
+
+    def __call__(
+        self, x: Float[Array, "B S D"], *, key: PRNGKeyArray | None = None, **layer_kwargs: Any
+    ) -> Float[Array, "B S D"]:
+        y = self.layer(self.norm(x), key=key, **layer_kwargs)
+        if self.post_norm is not None:
+            y = self.post_norm(y)
+        return x + y.astype(x.dtype)
+
+
+class xLSTMBlock(eqx.Module):
+    """One xLSTM block from an ``xLSTMBlockConfig``: the mLSTM or sLSTM residual sub-block and an
+    optional feed-forward residual sub-block. Norms: ``norm_type`` with ``norm_eps``, scale only,
+    output in the compute dtype. ``"xLSTMResBlock"`` / ``"FFNResBlock"`` in ``parallel.remat``
+    rematerialise the sub-blocks in the backward pass."""
+
+    xlstm_res_block: ResidualBlock
+    ffn_res_block: ResidualBlock | None
+    is_slstm: bool = eqx.field(static=True)
+    remat_xlstm: bool = eqx.field(static=True)
+    remat_ffn: bool = eqx.field(static=True)
+
+    def __init__(self, config: Any, *, key: PRNGKeyArray):
+        klayer, kffn = jr.split(key)
+        if config.mlstm is not None:
+            layer = make_mlstm_layer(config.mlstm, key=klayer)
+            D = config.mlstm.embedding_dim
+            self.is_slstm = False
+        elif config.slstm is not None:
+            layer = sLSTMLayer(config.slstm, key=klayer)
+            D = config.slstm.embedding_dim
+            self.is_slstm = True
+        else:
+            raise ValueError("xLSTMBlockConfig: exactly one of 'mlstm' and 'slstm' must be set")
+
+        def norm() -> LayerNorm | RMSNorm:
+            return make_norm(config.norm_type, D, eps=config.norm_eps, dtype=config.dtype)
+
+        post = config.add_post_norm
+        self.xlstm_res_block = ResidualBlock(norm(), layer, norm() if post else None)
+        if config.feedforward is not None:
+            ffn = FeedForward(config.feedforward, key=kffn)
+            self.ffn_res_block = ResidualBlock(norm(), ffn, norm() if post else None)
+        else:
+            self.ffn_res_block = None
+        remat = _remat_names(config)
+        self.remat_xlstm = "xLSTMResBlock" in remat
+        self.remat_ffn = "FFNResBlock" in remat
+
+    def __call__(
+        self,
+        x: Float[Array, "B S D"],
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "B S D"]:
+        """``(B, S, D) -> (B, S, D)``. ``document_borders`` reach the mLSTM layer (memory reset);
+        the sLSTM layer has no reset. Dropout only with a key."""
+        klayer, kffn = split_optional_key(key, 2)
+        kwargs = {} if self.is_slstm else {"document_borders": document_borders}
+        x = _maybe_remat(_call_res_block, self.remat_xlstm)(self.xlstm_res_block, x, klayer, kwargs)
+        if self.ffn_res_block is not None:
+            x = _maybe_remat(_call_res_block, self.remat_ffn)(self.ffn_res_block, x, kffn, {})
+        return x
+
+    # decode API -------------------------------------------------------------------------------
+
+    def init_state(self, batch_size: int) -> Any:
+        """Zero decode state of the block's layer."""
+        return self.xlstm_res_block.layer.init_state(batch_size)
+
+    def prefill(
+        self,
+        x: Float[Array, "B S D"],
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S D"], Any]:
+        """Full sequence (deterministic), also returning the layer's decode state after it."""
+        res = self.xlstm_res_block
+        if self.is_slstm:
+            y, state = res.layer.prefill(res.norm(x))
+        else:
+            y, state = res.layer.prefill(res.norm(x), document_borders=document_borders)
+        if res.post_norm is not None:
+            y = res.post_norm(y)
+        x = x + y.astype(x.dtype)
+        if self.ffn_res_block is not None:
+            x = self.ffn_res_block(x)
+        return x, state
+
+    def step(
+        self,
+        state: Any,
+        x_t: Float[Array, "B D"],
+        *,
+        document_border: Bool[Array, " B"] | None = None,
+    ) -> tuple[Float[Array, "B D"], Any]:
+        """One decode step ``(B, D) -> (B, D)``."""
+        res = self.xlstm_res_block
+        if self.is_slstm:
+            y, state = res.layer.step(state, res.norm(x_t))
+        else:
+            y, state = res.layer.step(state, res.norm(x_t), document_border=document_border)
+        if res.post_norm is not None:
+            y = res.post_norm(y)
+        x_t = x_t + y.astype(x_t.dtype)
+        if self.ffn_res_block is not None:
+            x_t = self.ffn_res_block(x_t[:, None])[:, 0]
+        return x_t, state
+
+
+class xLSTMBlockStack(eqx.Module):
+    """The stack of ``num_blocks`` xLSTM blocks of a stack/LM config (no norm of its own).
+
+    ``scan_blocks=True`` (pure mLSTM stacks only): ``blocks`` is a single ``xLSTMBlock`` whose
+    array leaves carry a leading axis of length L; it is applied with ``jax.lax.scan``.
+    ``scan_blocks=False``: ``blocks`` is a tuple of L blocks. Block ``l`` is initialised from
+    ``jr.split(key, L)[l]`` in both layouts, so the same key gives the same weights.
+    ``"mLSTMBlock"`` in ``parallel.remat`` rematerialises each whole block (any block type).
+    """
+
+    blocks: xLSTMBlock | tuple[xLSTMBlock, ...]
+    num_blocks: int = eqx.field(static=True)
+    scan_blocks: bool = eqx.field(static=True)
+    remat_blocks: bool = eqx.field(static=True)
+
+    def __init__(self, config: Any, *, key: PRNGKeyArray):
+        block_configs = config.block_configs()
+        L = len(block_configs)
+        keys = jr.split(key, L)
+        if config.scan_blocks:
+            if any(c.slstm is not None for c in block_configs):
+                raise ValueError(
+                    "scan_blocks must be False when the stack has sLSTM blocks "
+                    f"(slstm_at={config.slstm_at})"
+                )
+            # Every block config is the same apart from _block_idx, which mLSTM blocks ignore.
+            template = block_configs[0]
+            self.blocks = eqx.filter_vmap(lambda k: xLSTMBlock(template, key=k))(keys)
+        else:
+            self.blocks = tuple(
+                xLSTMBlock(c, key=k) for c, k in zip(block_configs, keys, strict=True)
+            )
+        self.num_blocks = L
+        self.scan_blocks = bool(config.scan_blocks)
+        self.remat_blocks = "mLSTMBlock" in _remat_names(config)
+
+    def __call__(
+        self,
+        x: Float[Array, "B S D"],
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "B S D"]:
+        # "mLSTMBlock" in parallel.remat: each whole block is rematerialised in the backward pass.
+        call = _maybe_remat(
+            lambda block, h, k: block(h, document_borders=document_borders, key=k),
+            self.remat_blocks,
+        )
+        if not self.scan_blocks:
+            assert isinstance(self.blocks, tuple)
+            for block, k in zip(self.blocks, split_optional_key(key, self.num_blocks), strict=True):
+                x = call(block, x, k)
+            return x
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+        if key is None:
+
+            def body(h: Array, p: Any) -> tuple[Array, None]:
+                return call(eqx.combine(p, static), h, None), None
+
+            x, _ = jax.lax.scan(body, x, params)
+        else:
+
+            def body_key(h: Array, xs: Any) -> tuple[Array, None]:
+                p, k = xs
+                return call(eqx.combine(p, static), h, k), None
+
+            x, _ = jax.lax.scan(body_key, x, (params, jr.split(key, self.num_blocks)))
+        return x
+
+    def block_list(self) -> list[xLSTMBlock]:
+        """The blocks as a list of unstacked modules (either layout)."""
+        if isinstance(self.blocks, tuple):
+            return list(self.blocks)
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+        return [
+            eqx.combine(jax.tree.map(lambda a, i=i: a[i], params), static)
+            for i in range(self.num_blocks)
+        ]
+
+    # decode API -------------------------------------------------------------------------------
+    # States are per block: a tuple for the unrolled layout, a stacked PyTree (leading axis L)
+    # for the scanned one, carried through the scan's xs/ys.
+
+    def init_state(self, batch_size: int) -> Any:
+        if isinstance(self.blocks, tuple):
+            return tuple(b.init_state(batch_size) for b in self.blocks)
+        one = self.block_list()[0].init_state(batch_size)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_blocks, *a.shape)), one)
+
+    def prefill(
+        self,
+        x: Float[Array, "B S D"],
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S D"], Any]:
+        if isinstance(self.blocks, tuple):
+            states = []
+            for block in self.blocks:
+                x, s = block.prefill(x, document_borders=document_borders)
+                states.append(s)
+            return x, tuple(states)
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def body(h: Array, p: Any) -> tuple[Array, Any]:
+            return eqx.combine(p, static).prefill(h, document_borders=document_borders)
+
+        return jax.lax.scan(body, x, params)
+
+    def step(
+        self,
+        state: Any,
+        x_t: Float[Array, "B D"],
+        *,
+        document_border: Bool[Array, " B"] | None = None,
+    ) -> tuple[Float[Array, "B D"], Any]:
+        if isinstance(self.blocks, tuple):
+            new = []
+            for block, s in zip(self.blocks, state, strict=True):
+                x_t, s = block.step(s, x_t, document_border=document_border)
+                new.append(s)
+            return x_t, tuple(new)
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def body(h: Array, xs: Any) -> tuple[Array, Any]:
+            p, s = xs
+            return eqx.combine(p, static).step(s, h, document_border=document_border)
+
+        return jax.lax.scan(body, x_t, (params, state))

@@ -1,0 +1,425 @@
+"""Configuration dataclasses for the xLSTM and Llama language models.
+
+The names, fields and defaults follow NX-AI/xlstm-jax (ARCHITECTURE.md §2, §6.1). Configs are plain mutable
+`dataclasses.dataclass` objects: they hold no arrays, so they are cheap to build, compare, hash (modules keep
+them as `eqx.field(static=True)`), and serialise with `to_dict()` / `from_dict()`.
+
+Derived fields (names starting with `_`) are computed in `__post_init__`, following the reference's push-down
+chain (§2.8): the block stack pushes `embedding_dim`, `bias`, `dropout`, `context_length`, `dtype`,
+`norm_type` and `parallel` into its mLSTM layer template, which computes `_proj_up_dim` /
+`_inner_embedding_dim` and pushes them into the cell; `_block_map` is built from `slstm_at`; and
+`block_configs()` returns the per-block `xLSTMBlockConfig`s (deep copies with `_block_idx` set).
+
+Differences from the reference, all deliberate:
+- A parent deep-copies the child configs it is given before pushing values into them, so building a model
+  config never mutates the caller's objects, and `dataclasses.replace(cfg, ...)` is safe.
+- The stack also pushes `dtype` into the feed-forward configs and into the sLSTM layer (the reference
+  trainer sets the FFN dtype to the model dtype by hand; its stack does not). So `dtype` is the compute dtype
+  of the whole model.
+- Invalid values raise `ValueError` naming the field (dotted path from the config being validated) and the
+  allowed values, instead of `assert`s or silent fix-ups (the sLSTM's `num_heads <= 0 -> 1` becomes an error).
+- `mLSTMCellConfig.backend` takes a plain name or `mLSTMBackendNameAndKwargs`; the reference's backend names
+  are mapped onto the three JAX backends of this package (see `mLSTMBackendNameAndKwargs`).
+- `xLSTMLMModelConfig` accepts the reference's `vocab_size=-1` default ("unset, filled from the tokenizer")
+  at construction; a model must call `config.validate()`, which requires `vocab_size > 0`.
+  `context_length=-1` means "unbounded" (nothing in the port is sized by it).
+- `LlamaConfig` has two extra fields: `context_length` (-1 = unbounded; a bound for callers such as the CLI)
+  and `query_scale_quirk` (reproduce the reference's NH^-1/2 query scale, §7.2; default off).
+
+Reference quirks kept as fields (their handling is the modules' job; see ARCHITECTURE §9): `tie_weights`,
+`weight_decay_on_embedding` and `add_post_blocks_norm` (never read by the Flax model) are real fields here;
+the model-level `norm_type` overwrites the layer's and cell's `norm_type` (§2.8); the v1 out-norm uses
+`mlstm_cell.norm_type_v1`; the FFN's `dropout` is not pushed by the stack.
+"""
+
+import copy
+import dataclasses
+from typing import Any, ClassVar, Literal, no_type_check
+
+import jax.numpy as jnp
+
+from ..core.config import (
+    DTYPES,
+    INIT_DISTRIBUTIONS,
+    NORM_TYPES,
+    _check_bool,
+    _check_choice,
+    _check_divides,
+    _check_positive_float,
+    _check_positive_int,
+    _check_positive_or_unset,
+    _check_rate,
+    _Config,
+    _config,
+    _fail,
+    _is_int,
+    _validate_block_position,
+    _validate_child,
+)
+from ..core.parallel_config import ParallelConfig, _tp_size, _validate_parallel
+from ..nn.feedforward_config import FeedForwardConfig
+from .mlstm_config import mLSTMBlockConfig, mLSTMLayerConfig
+from .slstm_config import sLSTMBlockConfig, sLSTMLayerConfig
+
+
+# xLSTMBlockConfig (§2.4): one concrete block
+
+
+@no_type_check
+@_config
+class xLSTMBlockConfig(_Config):
+    """One block: exactly one of `mlstm` / `slstm`, an optional FFN, pre-norms of `norm_type`/`norm_eps`.
+
+    Pushes `_num_blocks`, `_block_idx`, `parallel` (and `norm_type` for mLSTM) into the layer and
+    `embedding_dim`, `parallel`, `_num_blocks`, `dtype` into the FFN (the `dtype` push is a port choice).
+    """
+
+    mlstm: mLSTMLayerConfig | None = None
+    slstm: sLSTMLayerConfig | None = None
+    parallel: ParallelConfig | None = None
+    feedforward: FeedForwardConfig | None = None
+    dtype: str = "bfloat16"
+    norm_eps: float = 1e-6
+    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
+    add_post_norm: bool = False
+    _num_blocks: int | None = None
+    _block_idx: int | None = None
+
+    _nested: ClassVar[dict[str, type[_Config]]] = {
+        "mlstm": mLSTMLayerConfig,
+        "slstm": sLSTMLayerConfig,
+        "feedforward": FeedForwardConfig,
+        "parallel": ParallelConfig,
+    }
+
+    def _derive(self) -> None:
+        for name, cls in (
+            ("mlstm", mLSTMLayerConfig),
+            ("slstm", sLSTMLayerConfig),
+            ("feedforward", FeedForwardConfig),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls.from_dict(value))
+            elif isinstance(value, cls):
+                setattr(self, name, copy.deepcopy(value))
+        layer: mLSTMLayerConfig | sLSTMLayerConfig | None = None
+        if isinstance(self.mlstm, mLSTMLayerConfig):
+            layer = self.mlstm
+            self.mlstm.norm_type = self.norm_type
+        elif isinstance(self.slstm, sLSTMLayerConfig):
+            layer = self.slstm
+        if layer is not None:
+            if self._num_blocks is not None:
+                layer._num_blocks = self._num_blocks
+            if self._block_idx is not None:
+                layer._block_idx = self._block_idx
+            layer.parallel = copy.deepcopy(self.parallel)
+            layer._derive()
+            if isinstance(self.feedforward, FeedForwardConfig):
+                self.feedforward.embedding_dim = layer.embedding_dim
+                self.feedforward.parallel = copy.deepcopy(self.parallel)
+                if self._num_blocks is not None:
+                    self.feedforward._num_blocks = self._num_blocks
+                self.feedforward.dtype = self.dtype
+                self.feedforward._derive()
+
+    def _validate(self, root: str, prefix: str) -> None:
+        p = prefix
+        _check_choice(root, p + "dtype", self.dtype, DTYPES)
+        _check_positive_float(root, p + "norm_eps", self.norm_eps)
+        _check_choice(root, p + "norm_type", self.norm_type, NORM_TYPES)
+        _check_bool(root, p + "add_post_norm", self.add_post_norm)
+        if (self.mlstm is None) == (self.slstm is None):
+            _fail(root, p + "mlstm", "exactly one of 'mlstm' and 'slstm' must be set")
+        _validate_child(root, p + "mlstm", self.mlstm, mLSTMLayerConfig, optional=True)
+        _validate_child(root, p + "slstm", self.slstm, sLSTMLayerConfig, optional=True)
+        _validate_child(root, p + "feedforward", self.feedforward, FeedForwardConfig, optional=True)
+        _validate_parallel(self, root, p)
+        _validate_block_position(self, root, p)
+        tp = _tp_size(self.parallel)
+        layer = self.mlstm if self.mlstm is not None else self.slstm
+        if tp > 1 and layer is not None and layer.embedding_dim != -1:
+            _check_divides(
+                root, p + "parallel.model_axis_size", tp, layer.embedding_dim, "embedding_dim"
+            )
+
+    @property
+    def _dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+# Stack and LM model (§2.1, §2.2)
+
+
+@no_type_check
+@_config
+class xLSTMBlockStackConfig(_Config):
+    """The block stack: templates for mLSTM and sLSTM blocks, placement by `slstm_at`, and stack-wide values
+    pushed into the templates (§2.8). `block_map` lists 0 (mLSTM) / 1 (sLSTM) per block;
+    `block_configs()` gives the per-block `xLSTMBlockConfig`s."""
+
+    mlstm_block: mLSTMBlockConfig | None = None
+    slstm_block: sLSTMBlockConfig | None = None
+    context_length: int = -1
+    num_blocks: int = 1
+    embedding_dim: int = 128
+    add_post_blocks_norm: bool = True
+    bias: bool = False
+    dropout: float = 0.0
+    scan_blocks: bool = False
+    dtype: str = "bfloat16"
+    parallel: ParallelConfig | None = None
+    init_distribution_embed: Literal["normal", "truncated_normal", "uniform"] = "normal"
+    init_distribution_out: Literal["normal", "truncated_normal", "uniform"] = "normal"
+    slstm_at: list[int] | Literal["all"] = dataclasses.field(default_factory=list)
+    _block_map: str | None = None
+
+    _nested: ClassVar[dict[str, type[_Config]]] = {
+        "mlstm_block": mLSTMBlockConfig,
+        "slstm_block": sLSTMBlockConfig,
+        "parallel": ParallelConfig,
+    }
+
+    @property
+    def block_map(self) -> list[int]:
+        """Per block: 0 = mLSTM block, 1 = sLSTM block."""
+        assert self._block_map is not None
+        return [int(x) for x in self._block_map.split(",")]
+
+    def _create_block_map(self) -> str:
+        block_map = [0] * self.num_blocks
+        for idx in self.slstm_at:
+            block_map[idx] = 1
+        return ",".join(map(str, block_map))
+
+    def _derive(self) -> None:
+        if isinstance(self.mlstm_block, dict):
+            self.mlstm_block = mLSTMBlockConfig.from_dict(self.mlstm_block)
+        if isinstance(self.slstm_block, dict):
+            self.slstm_block = sLSTMBlockConfig.from_dict(self.slstm_block)
+        if isinstance(self.parallel, dict):
+            self.parallel = ParallelConfig.from_dict(self.parallel)
+        if self.mlstm_block is None:
+            self.slstm_at = "all"
+        if self.slstm_at == "all" and _is_int(self.num_blocks):
+            self.slstm_at = list(range(self.num_blocks))
+        elif isinstance(self.slstm_at, tuple):
+            self.slstm_at = list(self.slstm_at)
+        norm_type = getattr(self, "norm_type", None)  # only the LM config has one
+        if isinstance(self.mlstm_block, mLSTMBlockConfig):
+            block = copy.deepcopy(self.mlstm_block)
+            layer = block.mlstm
+            if isinstance(layer, mLSTMLayerConfig):
+                layer.embedding_dim = self.embedding_dim
+                layer.bias = self.bias
+                layer.dropout = self.dropout
+                layer.context_length = self.context_length
+                layer.dtype = self.dtype
+                if norm_type is not None:
+                    layer.norm_type = norm_type
+                layer.parallel = copy.deepcopy(self.parallel)
+            block.parallel = copy.deepcopy(self.parallel)
+            block._num_blocks = self.num_blocks
+            self._push_ffn(block.feedforward)
+            block._derive()
+            self.mlstm_block = block
+        if isinstance(self.slstm_block, sLSTMBlockConfig):
+            block = copy.deepcopy(self.slstm_block)
+            if isinstance(block.slstm, sLSTMLayerConfig):
+                block.slstm.dropout = self.dropout
+                block.slstm.embedding_dim = self.embedding_dim
+                block.slstm.dtype = self.dtype
+            block._num_blocks = self.num_blocks
+            block.parallel = copy.deepcopy(self.parallel)
+            self._push_ffn(block.feedforward)
+            block._derive()
+            self.slstm_block = block
+        if self._slstm_at_ok():
+            self._block_map = self._create_block_map()
+
+    def _push_ffn(self, ffn: Any) -> None:
+        if isinstance(ffn, FeedForwardConfig):
+            ffn.embedding_dim = self.embedding_dim
+            ffn.parallel = copy.deepcopy(self.parallel)
+            ffn.dtype = self.dtype
+
+    def _slstm_at_ok(self) -> bool:
+        return (
+            _is_int(self.num_blocks)
+            and self.num_blocks > 0
+            and isinstance(self.slstm_at, list)
+            and all(_is_int(i) and 0 <= i < self.num_blocks for i in self.slstm_at)
+        )
+
+    def _validate(self, root: str, prefix: str) -> None:
+        p = prefix
+        _check_positive_int(root, p + "num_blocks", self.num_blocks)
+        _check_positive_int(root, p + "embedding_dim", self.embedding_dim)
+        _check_positive_or_unset(root, p + "context_length", self.context_length)
+        _check_bool(root, p + "add_post_blocks_norm", self.add_post_blocks_norm)
+        _check_bool(root, p + "bias", self.bias)
+        _check_rate(root, p + "dropout", self.dropout)
+        _check_bool(root, p + "scan_blocks", self.scan_blocks)
+        _check_choice(root, p + "dtype", self.dtype, DTYPES)
+        _check_choice(
+            root, p + "init_distribution_embed", self.init_distribution_embed, INIT_DISTRIBUTIONS
+        )
+        _check_choice(
+            root, p + "init_distribution_out", self.init_distribution_out, INIT_DISTRIBUTIONS
+        )
+        _validate_parallel(self, root, p)
+        if not isinstance(self.slstm_at, list) or not all(_is_int(i) for i in self.slstm_at):
+            _fail(
+                root,
+                p + "slstm_at",
+                "must be a list of block indices (int) or 'all'",
+                self.slstm_at,
+            )
+        for i in self.slstm_at:
+            if not 0 <= i < self.num_blocks:
+                _fail(
+                    root,
+                    p + "slstm_at",
+                    f"indices must be in [0, num_blocks={self.num_blocks})",
+                    self.slstm_at,
+                )
+        if len(set(self.slstm_at)) != len(self.slstm_at):
+            _fail(root, p + "slstm_at", "indices must not repeat", self.slstm_at)
+        if self.mlstm_block is not None:
+            if not isinstance(self.mlstm_block, mLSTMBlockConfig):
+                _fail(
+                    root, p + "mlstm_block", "must be an mLSTMBlockConfig or None", self.mlstm_block
+                )
+            self.mlstm_block._validate(root, p + "mlstm_block.")
+        if self.slstm_block is not None:
+            if not isinstance(self.slstm_block, sLSTMBlockConfig):
+                _fail(
+                    root, p + "slstm_block", "must be an sLSTMBlockConfig or None", self.slstm_block
+                )
+            self.slstm_block._validate(root, p + "slstm_block.")
+        if self.slstm_at and self.slstm_block is None:
+            _fail(
+                root,
+                p + "slstm_block",
+                f"must be set: slstm_at={self.slstm_at} places sLSTM blocks"
+                + (
+                    " (mlstm_block is None, so every block is an sLSTM block)"
+                    if self.mlstm_block is None
+                    else ""
+                ),
+            )
+        if self.scan_blocks and self.slstm_at:
+            _fail(
+                root,
+                p + "scan_blocks",
+                f"must be False when the stack has sLSTM blocks (slstm_at={self.slstm_at}): "
+                "their forget-gate init depends on the block index",
+                True,
+            )
+
+    def block_config(self, idx: int) -> xLSTMBlockConfig:
+        """The `xLSTMBlockConfig` of block `idx` (a deep copy of its template with `_block_idx=idx`)."""
+        if not _is_int(idx) or not 0 <= idx < self.num_blocks:
+            raise ValueError(
+                f"block index must be in [0, num_blocks={self.num_blocks}), got {idx!r}"
+            )
+        parallel = copy.deepcopy(self.parallel)
+        if self.block_map[idx] == 0:
+            assert self.mlstm_block is not None
+            block = copy.deepcopy(self.mlstm_block)
+            block._block_idx = idx
+            block._derive()
+            return xLSTMBlockConfig(
+                mlstm=block.mlstm,
+                slstm=None,
+                parallel=parallel,
+                feedforward=block.feedforward,
+                dtype=block.mlstm.dtype,
+                norm_eps=block.mlstm.mlstm_cell.norm_eps,
+                norm_type=block.mlstm.mlstm_cell.norm_type,
+                add_post_norm=block.add_post_norm,
+                _num_blocks=self.num_blocks,
+                _block_idx=idx,
+            )
+        assert self.slstm_block is not None
+        block_s = copy.deepcopy(self.slstm_block)
+        block_s._block_idx = idx
+        block_s._derive()
+        # sLSTM block norms: the model's norm_type/norm_eps when this is an LM config (a port choice; the
+        # PyTorch sLSTM block uses LayerNorm with eps 1e-5), else the xLSTMBlockConfig defaults.
+        norm_type = getattr(self, "norm_type", "layernorm")
+        norm_eps = getattr(self, "norm_eps", 1e-6)
+        return xLSTMBlockConfig(
+            mlstm=None,
+            slstm=block_s.slstm,
+            parallel=parallel,
+            feedforward=block_s.feedforward,
+            dtype=self.dtype,
+            norm_eps=norm_eps,
+            norm_type=norm_type,
+            add_post_norm=False,
+            _num_blocks=self.num_blocks,
+            _block_idx=idx,
+        )
+
+    def block_configs(self) -> list[xLSTMBlockConfig]:
+        """Per-block configs in stack order (deep copies with `_block_idx` set)."""
+        return [self.block_config(i) for i in range(self.num_blocks)]
+
+    @property
+    def _dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+@no_type_check
+@_config
+class xLSTMLMModelConfig(xLSTMBlockStackConfig):
+    """xLSTM language model: the stack plus embedding and LM head settings (§2.2).
+
+    `vocab_size=-1` (the reference default, "fill from the tokenizer") is accepted here; `validate()` — which
+    the model calls before making any array — requires a positive `vocab_size`. `norm_type` also sets the
+    mLSTM layer's and cell's norm type (reference behaviour).
+    """
+
+    vocab_size: int = -1
+    tie_weights: bool = False
+    weight_decay_on_embedding: bool = False
+    add_embedding_dropout: bool = False
+    norm_eps: float = 1e-6
+    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
+    logits_soft_cap: float | None = None
+    lm_head_dtype: str = "float32"
+    parallel: ParallelConfig | None = None
+
+    def _validate(self, root: str, prefix: str) -> None:
+        p = prefix
+        _check_choice(root, p + "norm_type", self.norm_type, NORM_TYPES)
+        _check_positive_or_unset(root, p + "vocab_size", self.vocab_size)
+        super()._validate(root, prefix)
+        _check_bool(root, p + "tie_weights", self.tie_weights)
+        _check_bool(root, p + "weight_decay_on_embedding", self.weight_decay_on_embedding)
+        _check_bool(root, p + "add_embedding_dropout", self.add_embedding_dropout)
+        _check_positive_float(root, p + "norm_eps", self.norm_eps)
+        _check_positive_float(root, p + "logits_soft_cap", self.logits_soft_cap, allow_none=True)
+        _check_choice(root, p + "lm_head_dtype", self.lm_head_dtype, DTYPES)
+        tp = _tp_size(self.parallel)
+        if tp > 1:
+            _check_divides(
+                root, p + "parallel.model_axis_size", tp, self.embedding_dim, "embedding_dim"
+            )
+
+    def validate(self) -> None:
+        """Full check before building a model: everything `__post_init__` checks, plus `vocab_size > 0`."""
+        self._validate(type(self).__name__, "")
+        if self.vocab_size <= 0:
+            _fail(
+                type(self).__name__,
+                "vocab_size",
+                "must be set to a positive int before a model is built (-1 means unset)",
+                self.vocab_size,
+            )
+
+    @property
+    def _lm_head_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.lm_head_dtype)
