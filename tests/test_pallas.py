@@ -4,10 +4,12 @@ On CPU the kernels run in Pallas interpret mode (compiling them takes seconds: t
 and few). Their Triton (GPU) lowering is checked by exporting for CUDA without a GPU.
 """
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import jaxtyping
 import numpy as np
 import pytest
@@ -341,3 +343,45 @@ def test_auto_times_for_real_while_jit_traces(monkeypatch):
         pallas_module.time_chunkwise_backends(
             (1, 1, 8, 4), (1, 1, 8, 4), jnp.float32, backends=("flash",)
         )
+
+
+def test_tune_auto_backend_times_before_tracing_and_never_during(monkeypatch):
+    """`tune_auto_backend` collects the cell shapes of a whole model by an abstract trace and
+    times them eagerly; compiling the model afterwards reads the choices and times nothing."""
+    calls = []
+
+    def fake_timing(q_shape, v_shape, dtype, *, chunk_size, eps):
+        calls.append(q_shape)
+        return {"chunkwise": 2.0, "chunkwise_pallas": 1.0}
+
+    monkeypatch.setattr(pallas_module, "time_chunkwise_backends", fake_timing)
+    monkeypatch.setattr(pallas_module, "_FASTEST", {})
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    config = dataclasses.replace(
+        X.get_preset("tiny_xlstm"),
+        mlstm_block=X.mLSTMBlockConfig(
+            mlstm=X.mLSTMLayerConfig(
+                num_heads=2, mlstm_cell=X.mLSTMCellConfig(backend={"name": "auto"})
+            )
+        ),
+    )
+    model = X.xLSTMLMModel(config, key=jr.key(0))
+    tokens = jnp.zeros((2, 24), jnp.int32)
+    choices = pallas_module.tune_auto_backend(lambda m, t: m(t), model, tokens)
+    assert set(choices.values()) == {"chunkwise_pallas"} and len(calls) == len(choices) >= 1
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed while tracing")
+
+    monkeypatch.setattr(pallas_module, "time_chunkwise_backends", no_timing)
+    picked = []
+    real = pallas_module.fastest_chunkwise_backend
+
+    def spy(*args, **kwargs):
+        picked.append(real(*args, **kwargs))
+        return picked[-1]
+
+    monkeypatch.setattr(pallas_module, "fastest_chunkwise_backend", spy)
+    jax.eval_shape(lambda m, t: m(t), model, tokens)
+    assert picked and set(picked) == {"chunkwise_pallas"}
+    assert pallas_module.tune_auto_backend(lambda m, t: m(t), model, tokens, platform="cpu") == {}

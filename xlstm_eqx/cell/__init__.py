@@ -6,8 +6,10 @@ backend name to its function.
 """
 
 from .autotune import (
+    auto_backend_choice as auto_backend_choice,
     fastest_chunkwise_backend as fastest_chunkwise_backend,
     time_chunkwise_backends as time_chunkwise_backends,
+    tune_auto_backend as tune_auto_backend,
 )
 from .backend_config import (
     MLSTM_BACKENDS as MLSTM_BACKENDS,
@@ -15,6 +17,7 @@ from .backend_config import (
 )
 from .backends import (
     resolve_backend as resolve_backend,
+    BACKENDS as BACKENDS,
     run_backend as run_backend,
 )
 from .forms import (

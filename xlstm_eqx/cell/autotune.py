@@ -1,6 +1,14 @@
-"""FIXME docstring."""
+"""The ``"auto"`` mLSTM backend: on a GPU, whichever of the Pallas kernels and the pure-JAX
+chunkwise form runs a layer's shapes faster, measured once per shape.
+
+Tuning is kept out of trace time: `tune_auto_backend(fn, *args)` traces ``fn`` abstractly
+(``jax.eval_shape``) to collect the shapes that reach the ``"auto"`` backend, then times each
+eagerly; when ``jit`` later traces ``fn``, `auto_backend_choice` only reads the result. The trainer
+and the benchmarks call it before compiling. Off a GPU ``"auto"`` is ``"chunkwise"``, untimed.
+"""
 
 import concurrent.futures
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable
@@ -13,9 +21,6 @@ from jaxtyping import Array
 from ..core.timing import median_seconds
 from .forms import mlstm_chunkwise
 from .pallas import mlstm_chunkwise_pallas
-
-
-# The "auto" backend: the kernels where they are faster
 
 
 # (device kind, q shape, v shape, dtype, chunk size, eps) -> the faster backend, measured once.
@@ -115,3 +120,48 @@ def fastest_chunkwise_backend(
             times = {"chunkwise": 0.0}
         _FASTEST[key] = min(times, key=times.__getitem__)
     return _FASTEST[key]
+
+
+# The shapes seen by the "auto" backend while `tune_auto_backend` traces; None when not tuning.
+_RECORDING: list[tuple[Any, ...]] | None = None
+
+
+def auto_backend_choice(
+    q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype: Any, *, chunk_size: int, eps: float
+) -> str:
+    """The backend ``"auto"`` runs for these shapes, as decided at trace time: while
+    `tune_auto_backend` traces, the shapes are recorded (and ``"chunkwise"`` stands in); otherwise
+    the tuned choice, or `fastest_chunkwise_backend`'s for shapes nobody tuned."""
+    if _RECORDING is not None:
+        _RECORDING.append((tuple(q_shape), tuple(v_shape), jnp.dtype(dtype), chunk_size, eps))
+        return "chunkwise"
+    return fastest_chunkwise_backend(q_shape, v_shape, dtype, chunk_size=chunk_size, eps=eps)
+
+
+@contextlib.contextmanager
+def _recording() -> Any:
+    global _RECORDING
+    previous, _RECORDING = _RECORDING, []
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING = previous
+
+
+def tune_auto_backend(
+    fn: Callable[..., Any], *args: Any, platform: str | None = None, **kwargs: Any
+) -> dict[tuple[Any, ...], str]:
+    """Time the ``"auto"`` backend's candidates for every cell call of ``fn(*args, **kwargs)``
+    before ``fn`` is compiled, so that compiling it times nothing. ``fn`` is traced abstractly
+    (no FLOPs, no memory); returns the choices made (empty off a GPU, where nothing is timed)."""
+    platform = platform or jax.default_backend()
+    if platform != "gpu":
+        return {}
+    with _recording() as seen:
+        jax.eval_shape(fn, *args, **kwargs)
+    choices = {}
+    for q_shape, v_shape, dtype, chunk_size, eps in dict.fromkeys(seen):
+        choices[(q_shape, v_shape, dtype.name, chunk_size, eps)] = fastest_chunkwise_backend(
+            q_shape, v_shape, dtype, chunk_size=chunk_size, eps=eps, platform=platform
+        )
+    return choices

@@ -1,18 +1,19 @@
-"""FIXME docstring."""
+"""The mLSTM backends as a table, ``name -> cell function``, and the dispatch the layers use.
 
-from collections.abc import Mapping
+A backend name comes from `mLSTMCellConfig.backend` (normalised by `resolve_backend`); every
+entry of `BACKENDS` takes the same arguments, so adding a backend is one function and one entry.
+"""
+
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 from jaxtyping import Array, Float
 
-from .autotune import fastest_chunkwise_backend
+from .autotune import auto_backend_choice
 from .backend_config import mLSTMBackendNameAndKwargs
 from .forms import mlstm_chunkwise, mlstm_recurrent, mLSTMState, parallel_stabilized_simple
 from .pallas import mlstm_chunkwise_pallas
-
-
-# backend dispatch
 
 
 def resolve_backend(backend: Any) -> tuple[str, tuple[tuple[str, Any], ...]]:
@@ -43,6 +44,83 @@ def _hashable(value: Any) -> Any:
     return value
 
 
+def _parallel(q, k, v, i, f, *, chunk_size, initial_state, return_last_state, eps):
+    if initial_state is not None or return_last_state:  # no state in the parallel form
+        return _chunkwise(
+            q,
+            k,
+            v,
+            i,
+            f,
+            chunk_size=chunk_size,
+            initial_state=initial_state,
+            return_last_state=return_last_state,
+            eps=eps,
+        )
+    return parallel_stabilized_simple(q, k, v, i, f, eps=eps)
+
+
+def _recurrent(q, k, v, i, f, *, chunk_size, initial_state, return_last_state, eps):
+    return mlstm_recurrent(
+        q, k, v, i, f, initial_state=initial_state, return_last_state=return_last_state, eps=eps
+    )
+
+
+def _chunkwise(q, k, v, i, f, *, chunk_size, initial_state, return_last_state, eps):
+    return mlstm_chunkwise(
+        q,
+        k,
+        v,
+        i,
+        f,
+        chunk_size=chunk_size,
+        initial_state=initial_state,
+        return_last_state=return_last_state,
+        eps=eps,
+    )
+
+
+def _chunkwise_pallas(q, k, v, i, f, *, chunk_size, initial_state, return_last_state, eps):
+    return mlstm_chunkwise_pallas(
+        q,
+        k,
+        v,
+        i,
+        f,
+        chunk_size=chunk_size,
+        initial_state=initial_state,
+        return_last_state=return_last_state,
+        eps=eps,
+    )
+
+
+def _auto(q, k, v, i, f, *, chunk_size, initial_state, return_last_state, eps):
+    name = auto_backend_choice(q.shape, v.shape, q.dtype, chunk_size=chunk_size, eps=eps)
+    return BACKENDS[name](
+        q,
+        k,
+        v,
+        i,
+        f,
+        chunk_size=chunk_size,
+        initial_state=initial_state,
+        return_last_state=return_last_state,
+        eps=eps,
+    )
+
+
+#: Backend name -> the cell function it runs, all with one keyword signature
+#: ``(q, k, v, i, f, *, chunk_size, initial_state, return_last_state, eps)``. The names are those
+#: of `MLSTM_BACKENDS`; `mLSTMBackendNameAndKwargs` maps the reference's names onto them.
+BACKENDS: dict[str, Callable[..., Any]] = {
+    "parallel_stabilized": _parallel,
+    "chunkwise": _chunkwise,
+    "chunkwise_pallas": _chunkwise_pallas,
+    "auto": _auto,
+    "recurrent": _recurrent,
+}
+
+
 @jax.named_scope("mLSTMCell")
 def run_backend(
     name: str,
@@ -56,44 +134,16 @@ def run_backend(
     initial_state: mLSTMState | None = None,
     return_last_state: bool = False,
 ) -> Float[Array, "B NH S DHV"] | tuple[Float[Array, "B NH S DHV"], mLSTMState]:
-    """Run the mLSTM cell with the backend ``name``.
+    """Run the mLSTM cell with the backend ``name`` (a key of `BACKENDS`).
 
     The parallel form has no state: when a state goes in or must come out (prefill), the
-    chunkwise form is used instead (same math; ARCHITECTURE §9.4 on the eps placement).
+    chunkwise form runs instead (the same math).
     """
+    fn = BACKENDS.get(name)
+    if fn is None:
+        raise ValueError(f"mlstm_cell.backend: unknown backend {name!r}; known: {sorted(BACKENDS)}")
     opts = dict(kwargs)
-    eps = float(opts.get("eps", 1e-6))
-    stateful = initial_state is not None or return_last_state
-    if name == "parallel_stabilized" and not stateful:
-        return parallel_stabilized_simple(q, k, v, igate_preact, fgate_preact, eps=eps)
-    if name == "recurrent":
-        return mlstm_recurrent(
-            q,
-            k,
-            v,
-            igate_preact,
-            fgate_preact,
-            initial_state=initial_state,
-            return_last_state=return_last_state,
-            eps=eps,
-        )
-    if name == "auto":
-        name = fastest_chunkwise_backend(
-            q.shape, v.shape, q.dtype, chunk_size=int(opts.get("chunk_size", 64)), eps=eps
-        )
-    if name == "chunkwise_pallas":  # Pallas kernels on GPU, interpret mode elsewhere
-        return mlstm_chunkwise_pallas(
-            q,
-            k,
-            v,
-            igate_preact,
-            fgate_preact,
-            chunk_size=int(opts.get("chunk_size", 64)),
-            initial_state=initial_state,
-            return_last_state=return_last_state,
-            eps=eps,
-        )
-    return mlstm_chunkwise(
+    return fn(
         q,
         k,
         v,
@@ -102,5 +152,5 @@ def run_backend(
         chunk_size=int(opts.get("chunk_size", 64)),
         initial_state=initial_state,
         return_last_state=return_last_state,
-        eps=eps,
+        eps=float(opts.get("eps", 1e-6)),
     )

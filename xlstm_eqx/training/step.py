@@ -1,4 +1,5 @@
-"""FIXME docstring."""
+"""The train step — one function for one device and for a mesh — and the set-up that places a
+model and its optimizer state on a mesh for it."""
 
 import json
 from collections.abc import Callable, Sequence
@@ -31,119 +32,98 @@ from .loss import next_token_loss
 from .optim import make_optimizer, trainable_params
 
 
-def make_train_step(optimizer: optax.GradientTransformation) -> Callable[..., Any]:
-    """`step((batch, key), model, opt_state) -> (model, opt_state, loss, grad_norm)`.
+def _loss_and_grads(
+    loss_and_grad: Callable[..., Any], model: PyTree, batch: Array, key: PRNGKeyArray
+) -> tuple[Float[Array, ""], PyTree]:
+    """Mean loss and gradients over the ``A`` micro-batches of ``batch`` ``(A, B, S+1)``: one
+    ``lax.scan`` that sums them, so memory stays that of one micro-batch."""
+    A = batch.shape[0]
+    keys = jr.split(key, A)
+    if A == 1:
+        return loss_and_grad(model, batch[0], keys[0])
+    params, static = eqx.partition(model, eqx.is_inexact_array)
 
-    `batch` is `(A, B, S+1)`: A micro-batches whose gradients are averaged (a `lax.scan`, so
-    memory stays that of one micro-batch). Jitted with the model and optimizer state donated.
-    """
+    def micro(carry: Any, xs: Any) -> Any:
+        gsum, lsum = carry
+        mb, k = xs
+        loss_i, g = loss_and_grad(eqx.combine(params, static), mb, k)
+        g = eqx.filter(g, eqx.is_inexact_array)
+        return (jax.tree.map(jnp.add, gsum, g), lsum + loss_i), None
 
-    def loss_and_grad(model, tokens, key):
-        return eqx.filter_value_and_grad(next_token_loss)(model, tokens, key)
-
-    @eqx.filter_jit(donate="all-except-first")
-    def step(inputs, model, opt_state):
-        batch, key = inputs
-        A = batch.shape[0]
-        keys = jr.split(key, A)
-        if A == 1:
-            loss, grads = loss_and_grad(model, batch[0], keys[0])
-        else:
-            params, static = eqx.partition(model, eqx.is_inexact_array)
-
-            def micro(carry, xs):
-                gsum, lsum = carry
-                mb, k = xs
-                loss_i, g = loss_and_grad(eqx.combine(params, static), mb, k)
-                g = eqx.filter(g, eqx.is_inexact_array)
-                return (jax.tree.map(jnp.add, gsum, g), lsum + loss_i), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (gsum, lsum), _ = jax.lax.scan(
-                micro, (zeros, jnp.zeros((), jnp.float32)), (batch, keys)
-            )
-            grads = jax.tree.map(lambda g: g / A, gsum)
-            loss = lsum / A
-        grad_norm = optax.tree.norm(grads)
-        # optax mixes Python floats with int32 step counts; allow that under strict promotion.
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(grads, opt_state, trainable_params(model))
-        model = eqx.apply_updates(model, updates)
-        return model, opt_state, loss, grad_norm
-
-    return step
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (gsum, lsum), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), (batch, keys))
+    return lsum / A, jax.tree.map(lambda g: g / A, gsum)
 
 
-def make_sharded_train_step(
+def make_train_step(
     optimizer: optax.GradientTransformation,
-    mesh: Mesh,
-    parallel_config: ParallelConfig,
-    model_specs: PyTree,
-    opt_specs: PyTree,
     *,
+    mesh: Mesh | None = None,
+    parallel_config: ParallelConfig | None = None,
+    model_specs: PyTree = None,
+    opt_specs: PyTree = None,
     return_grads: bool = False,
 ) -> Callable[..., Any]:
-    """``step((batch, key), model, opt_state) -> (model, opt_state, loss, grad_norm)``: the trainer's
-    step (``_train.make_train_step``: mean next-token loss, micro-batches ``(A, B, S+1)`` averaged
-    in a ``lax.scan``, global grad norm, optax update under standard dtype promotion) on a mesh.
+    """``step((batch, key), model, opt_state) -> (model, opt_state, loss, grad_norm)``, the one
+    train step, on one device or (with ``mesh``) on a mesh.
 
-    ``step`` places its inputs itself: the host batch split over ``(dp, fsdp)`` (``place_global``:
-    every process passes the same global batch), the key replicated, and the model / optimizer
-    state onto their shardings (a no-op when they are already there, e.g. the previous step's
-    outputs). Inside, the layouts are pinned with ``eqx.filter_shard`` so they are the same after
-    every step, and under FSDP the weights are gathered at use, per layer (``gather_at_use``), in
-    ``fsdp_gather_dtype`` if set. The jitted core (``step.core``, for ``.lower(...)``) donates the
-    model and optimizer buffers. ``return_grads=True`` also returns the averaged gradients.
+    ``batch`` is ``(A, B, S+1)``: A micro-batches whose gradients are averaged. The step takes the
+    mean next-token loss, the global gradient norm and the optax update (under standard dtype
+    promotion: optax mixes Python floats with int32 step counts). The jitted core donates the model
+    and optimizer state; ``return_grads=True`` also returns the averaged gradients.
+
+    With a ``mesh`` (and the ``parallel_config``, ``model_specs`` and ``opt_specs`` it was laid
+    out with), ``step`` places its inputs itself: the host batch split over ``(dp, fsdp)`` (every
+    process passes the same global batch), the key replicated, the model and optimizer state onto
+    their shardings (a no-op when already there). Inside, the layouts are pinned with
+    ``eqx.filter_shard`` so they are the same after every step, and under FSDP the weights are
+    gathered at use, per layer (``gather_at_use``). ``step.core`` is the jitted function (for
+    ``.lower(...)``), ``step.place_inputs`` the placement.
     """
+    if mesh is None:
+        model_sh = opt_sh = batch_sh = None
+        loss_fn = next_token_loss
+    else:
+        if parallel_config is None or model_specs is None or opt_specs is None:
+            raise ValueError(
+                "make_train_step: a mesh needs parallel_config, model_specs, opt_specs"
+            )
+        pc = parallel_config
+        model_sh = named_shardings(model_specs, mesh)
+        opt_sh = named_shardings(opt_specs, mesh)
+        batch_sh = batch_sharding(mesh, pc, leading=1)
 
-    pc = parallel_config
-    model_sh = named_shardings(model_specs, mesh)
-    opt_sh = named_shardings(opt_specs, mesh)
-    batch_sh = batch_sharding(mesh, pc, leading=1)
-    replicated = NamedSharding(mesh, P())
-
-    def loss_fn(model: Any, tokens: Array, key: PRNGKeyArray) -> Float[Array, ""]:
-        return next_token_loss(gather_at_use(model, model_specs, mesh, pc), tokens, key)
+        def loss_fn(model: Any, tokens: Array, key: PRNGKeyArray) -> Float[Array, ""]:
+            return next_token_loss(gather_at_use(model, model_specs, mesh, pc), tokens, key)
 
     loss_and_grad = eqx.filter_value_and_grad(loss_fn)
 
+    def pin(tree: PyTree, shardings: PyTree) -> PyTree:
+        return tree if shardings is None else eqx.filter_shard(tree, shardings)
+
     @eqx.filter_jit(donate="all-except-first")
     def core(inputs: Any, model: Any, opt_state: Any) -> Any:
-        batch, key_data = inputs
-        key = jr.wrap_key_data(key_data)
-        batch = jax.lax.with_sharding_constraint(batch, batch_sh)
-        model = eqx.filter_shard(model, model_sh)
-        opt_state = eqx.filter_shard(opt_state, opt_sh)
-        A = batch.shape[0]
-        keys = jr.split(key, A)
-        if A == 1:
-            loss, grads = loss_and_grad(model, batch[0], keys[0])
-        else:
-            params, static = eqx.partition(model, eqx.is_inexact_array)
-
-            def micro(carry: Any, xs: Any) -> Any:
-                gsum, lsum = carry
-                mb, k = xs
-                loss_i, g = loss_and_grad(eqx.combine(params, static), mb, k)
-                g = eqx.filter(g, eqx.is_inexact_array)
-                return (jax.tree.map(jnp.add, gsum, g), lsum + loss_i), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (gsum, lsum), _ = jax.lax.scan(
-                micro, (zeros, jnp.zeros((), jnp.float32)), (batch, keys)
-            )
-            grads = jax.tree.map(lambda g: g / A, gsum)
-            loss = lsum / A
-        grads = eqx.filter_shard(grads, model_sh)
+        batch, key = inputs
+        if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jr.wrap_key_data(key)  # placed on a mesh as raw key data
+        if batch_sh is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sh)
+        model, opt_state = pin(model, model_sh), pin(opt_state, opt_sh)
+        loss, grads = _loss_and_grads(loss_and_grad, model, batch, key)
+        grads = pin(grads, model_sh)
         grad_norm = optax.tree.norm(grads)
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = optimizer.update(grads, opt_state, trainable_params(model))
         model = eqx.apply_updates(model, updates)
-        model = eqx.filter_shard(model, model_sh)
-        opt_state = eqx.filter_shard(opt_state, opt_sh)
+        model, opt_state = pin(model, model_sh), pin(opt_state, opt_sh)
         if return_grads:
             return model, opt_state, loss, grad_norm, grads
         return model, opt_state, loss, grad_norm
+
+    if mesh is None:
+        return core
+
+    replicated = NamedSharding(mesh, P())
 
     def place_inputs(inputs: Any, model: Any, opt_state: Any) -> tuple[Any, Any, Any]:
         batch, key = inputs
@@ -168,6 +148,26 @@ def make_sharded_train_step(
     step.place_inputs = place_inputs  # type: ignore[attr-defined]
     step.mesh = mesh  # type: ignore[attr-defined]
     return step
+
+
+def make_sharded_train_step(
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    parallel_config: ParallelConfig,
+    model_specs: PyTree,
+    opt_specs: PyTree,
+    *,
+    return_grads: bool = False,
+) -> Callable[..., Any]:
+    """`make_train_step` on ``mesh`` (positional form)."""
+    return make_train_step(
+        optimizer,
+        mesh=mesh,
+        parallel_config=parallel_config,
+        model_specs=model_specs,
+        opt_specs=opt_specs,
+        return_grads=return_grads,
+    )
 
 
 def shard_train_state(
@@ -207,10 +207,17 @@ def shard_train_state(
 _STEP_CACHE: dict[str, tuple[optax.GradientTransformation, Callable[..., Any]]] = {}
 
 
-_OPTIMIZER_FIELDS = ("steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "beta1")
-
-
-_OPTIMIZER_FIELDS += ("beta2", "adam_eps", "grad_clip")
+_OPTIMIZER_FIELDS = (
+    "steps",
+    "lr",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "adam_eps",
+    "grad_clip",
+)
 
 
 def _optimizer_and_step(
