@@ -16,8 +16,8 @@ from .backend_config import (
     mLSTMBackendNameAndKwargs as mLSTMBackendNameAndKwargs,
 )
 from .backends import (
-    resolve_backend as resolve_backend,
     BACKENDS as BACKENDS,
+    resolve_backend as resolve_backend,
     run_backend as run_backend,
 )
 from .forms import (
