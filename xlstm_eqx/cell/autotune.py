@@ -1,4 +1,7 @@
-"""FIXME docstring."""
+"""The ``auto`` mLSTM backend: on a GPU, time the pure-JAX chunkwise form against the Pallas
+kernels once per shape and remember the faster; elsewhere use ``chunkwise`` without timing
+(docs/architecture.md, "Backends").
+"""
 
 import concurrent.futures
 import functools
