@@ -1,5 +1,6 @@
-"""The Llama baseline against a float64 NumPy forward written from the equations of ARCHITECTURE §7,
-plus causality, document masking, scan/unrolled equality, decoding, bf16 and parameter counts."""
+"""The Llama baseline against a float64 NumPy forward written from the equations in
+docs/architecture.md, "Llama", plus causality, document masking, scan/unrolled equality,
+decoding, bf16 and parameter counts."""
 
 import functools
 
@@ -164,7 +165,7 @@ def np_llama(model, cfg, tokens, *, positions=None, segment_ids=None, qk_scale=N
 @pytest.mark.parametrize(
     "dim, multiple_of, multiplier, expected",
     [
-        (768, 64, 1.0, 2048),  # llama165M (ARCHITECTURE §7.3)
+        (768, 64, 1.0, 2048),  # llama165M (docs/architecture.md, "Llama")
         (2048, 64, 1.0, 5504),  # 1.3B
         (4096, 64, 1.0, 10944),  # 7B
         (768, 64, 1.3, 2688),  # int(2048·1.3) = 2662 → up to 2688

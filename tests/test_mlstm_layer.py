@@ -1,5 +1,6 @@
-"""mLSTM layers (`mlstm` and `mlstm_v1`) against NumPy float64 implementations of ARCHITECTURE
-§3/§4/§5.1, plus backend dispatch, init values, decode (prefill + step) and the document reset."""
+"""mLSTM layers (`mlstm` and `mlstm_v1`) against NumPy float64 implementations of
+docs/architecture.md, "mLSTM layers" and "Parallel form", plus backend dispatch, init values,
+decode (prefill + step) and the document reset."""
 
 import math
 
@@ -72,7 +73,8 @@ def silu(x):
 
 
 def cell_numpy(q, k, v, i, f, eps=1e-6):
-    """§5.1 per (batch, head): q/k (S, DHQK), v (S, DHV), i/f (S,)."""
+    """The parallel form (docs/architecture.md, "Parallel form") per (batch, head): q/k (S, DHQK),
+    v (S, DHV), i/f (S,)."""
     S, dh = q.shape
     F = np.cumsum(log_sigmoid(f))
     log_d = np.full((S, S), -np.inf)
@@ -133,7 +135,7 @@ def gates_numpy(gate_layer, g, cap, borders, reset_value, headwise):
 
 
 def mlstm_layer_numpy(layer: mLSTMLayer, cfg, x, borders=None):
-    """§3.1 from the module's weights."""
+    """docs/architecture.md, "The mlstm layer", from the module's weights."""
     inner = layer.inner_layer
     cell = inner.mlstm_cell
     c = cfg.mlstm_cell
@@ -177,7 +179,7 @@ def mlstm_layer_numpy(layer: mLSTMLayer, cfg, x, borders=None):
 
 
 def v1_layer_numpy(layer: mLSTMLayerV1, cfg, x, borders=None):
-    """§4.1 from the module's weights."""
+    """docs/architecture.md, "The mlstm_v1 layer", from the module's weights."""
     c = cfg.mlstm_cell
     q, k, v, o = (
         x @ f64(d.kernel) for d in (layer.dense_q, layer.dense_k, layer.dense_v, layer.dense_o)

@@ -1,4 +1,5 @@
-"""Shared building blocks of `_nn.py` against NumPy float64 implementations of their equations."""
+"""The building blocks of `xlstm_eqx.nn` against NumPy float64 implementations of their
+equations."""
 
 import math
 

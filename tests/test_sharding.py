@@ -3,7 +3,8 @@
 Multi-device checks run in subprocesses (``tests/sharding_worker.py``) with 8 simulated CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``), so this process keeps one device. They are
 started together, once per session, by the ``results`` fixture; each test reads its numbers.
-Expected partition specs are written out by hand below from the rules of ARCHITECTURE §8.
+Expected partition specs are written out by hand below from the rules in docs/architecture.md,
+"Partition rules".
 """
 
 import ast
@@ -432,7 +433,7 @@ def test_count_all_gathers_parses_hlo():
 
 def test_memory_report_7b():
     cfg = get_preset("mLSTMv1_7B")
-    n = 6_865_424_896  # the preset's closed-form count (ARCHITECTURE / _presets docstring)
+    n = 6_865_424_896  # the closed-form count in the xlstm_eqx/presets.py docstring
     dp = memory_report(cfg, parse_mesh_spec("dp=8", cfg.parallel))
     assert dp.num_params == n
     assert dp.param_bytes == dp.param_bytes_per_device == 4 * n  # replicated float32

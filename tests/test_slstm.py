@@ -1,4 +1,5 @@
-"""sLSTM cell and layer (ARCHITECTURE §6) against independent float64 NumPy computations."""
+"""sLSTM cell and layer (docs/architecture.md, "sLSTM") against independent float64 NumPy
+computations."""
 
 import equinox as eqx
 import hypothesis
@@ -113,7 +114,7 @@ def np_headwise(x, kernel):
 
 
 def np_layer(layer: sLSTMLayer, x):
-    """The whole sLSTM layer (§6.2) in float64 from the layer's parameters."""
+    """The whole sLSTM layer in float64 from the layer's parameters."""
     cfg = layer.config
     x = np.asarray(x, np.float64)
     B, S, D = x.shape

@@ -4,7 +4,8 @@ The values follow NX-AI/xlstm-jax (commit 0f3ebc2) `configs/model/*.yaml` + `con
 reference trainer (`train_init_fns.init_model_config`) assembles them, with the experiment defaults
 `context_length: 2048` and vocab 50304 (GPT-2 tokenizer rounded up to a multiple of 64). Notes:
 - Backend: the yaml's `triton_kernels` / `chunkwise--triton_xl_chunk` is mapped to this package's
-  `chunkwise` backend with chunk size 64 (see `mLSTMBackendNameAndKwargs`).
+  `auto` backend with chunk size 64 (the chunkwise form, or the Pallas kernels on a GPU where
+  they are faster; see `mLSTMBackendNameAndKwargs`).
 - The yaml's `cell_norm_type` (rmsnorm) is overwritten by the model `norm_type` (also rmsnorm) as in the
   reference; the v1 out-norm uses `cell_norm_type_v1` (layernorm).
 - The `mlstm` configs have no FFN; the `mlstm_v1` configs use a SwiGLU FFN (proj_factor 2.667, "swish").

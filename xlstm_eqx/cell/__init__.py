@@ -1,8 +1,10 @@
 """Level 1: the mLSTM cell as pure functions on `(B, NH, S, DH)` arrays.
 
 Three forms of the same math — parallel (O(S²) memory), chunkwise (O(S)) and recurrent (O(1) per
-step) — plus the Pallas chunkwise kernels, the remat variants, and `BACKENDS`, the table from a
-backend name to its function.
+step) in `forms` — plus the Pallas chunkwise kernels (`pallas`), the remat variants (`remat`),
+the backend names and their keyword arguments (`MLSTM_BACKENDS`, `mLSTMBackendNameAndKwargs`),
+the dispatch from a name to its function (`run_backend`) and the ``auto`` backend's timing
+(`autotune`). See docs/architecture.md, "The mLSTM cell".
 """
 
 from .autotune import (

@@ -4,7 +4,8 @@ chunkwise form runs a layer's shapes faster, measured once per shape.
 Tuning is kept out of trace time: `tune_auto_backend(fn, *args)` traces ``fn`` abstractly
 (``jax.eval_shape``) to collect the shapes that reach the ``"auto"`` backend, then times each
 eagerly; when ``jit`` later traces ``fn``, `auto_backend_choice` only reads the result. The trainer
-and the benchmarks call it before compiling. Off a GPU ``"auto"`` is ``"chunkwise"``, untimed.
+and the benchmarks call it before compiling. Off a GPU ``"auto"`` is ``"chunkwise"``, untimed
+(docs/architecture.md, "Backends").
 """
 
 import concurrent.futures

@@ -1,4 +1,4 @@
-"""The mLSTM cell in three interchangeable forms.
+"""The mLSTM cell in three interchangeable forms (docs/architecture.md, "The mLSTM cell").
 
 All forms compute, per batch element and head, with f̄ = logσ(f̃) and exponential input gates,
 

@@ -1,6 +1,6 @@
-"""The chunkwise mLSTM as Pallas kernels, and memory-saving (remat) variants of the chunkwise form.
+"""The chunkwise mLSTM as Pallas kernels (docs/architecture.md, "Pallas kernel").
 
-`mlstm_chunkwise_pallas` computes exactly what `_cell.mlstm_chunkwise` computes (same stabiliser,
+`mlstm_chunkwise_pallas` computes exactly what `forms.mlstm_chunkwise` computes (same stabiliser,
 same eps placement, same final state) with four kernels joined by `jax.custom_vjp`:
 
 - states (forward): one program per (batch, head) walks the chunks in order and writes the state
@@ -23,8 +23,6 @@ Kernels are written for the Triton lowering (`pl.pallas_call` on GPU): tiles are
 least 16, so the chunk length is rounded up to one (the result does not depend on the chunk length
 beyond rounding) and DHQK, DHV are zero-padded to one. On other backends they run in Pallas interpret
 mode (slow; for tests).
-
-`mlstm_chunkwise_remat` is the pure-JAX chunkwise form under a rematerialisation policy; see there.
 """
 
 import dataclasses

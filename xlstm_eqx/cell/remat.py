@@ -1,4 +1,7 @@
-"""FIXME docstring."""
+"""`mlstm_chunkwise_remat`: the pure-JAX chunkwise form under a rematerialisation policy
+(`REMAT_POLICIES`), trading recomputation in the backward pass for activation memory; same
+result and gradient as `mlstm_chunkwise` (docs/architecture.md, "Cell remat policies").
+"""
 
 from collections.abc import Callable
 

@@ -12,7 +12,7 @@ Formats (``--from`` / ``--to``):
   reference's), read from ``PATH/config.json`` when not given;
 - ``eqx``: our own run layout — ``OUT/config.json`` (``model_kind``, ``model_config``, the
   tokenizer when known) and ``OUT/checkpoints/step_00000000/`` (`save_checkpoint`), which
-  ``xlstm-eqx eval/generate --out OUT`` and `_train.load_run` read.
+  ``xlstm-eqx eval/generate --out OUT`` and `xlstm_eqx.training.load_run` read.
 """
 
 import argparse

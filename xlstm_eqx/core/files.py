@@ -1,4 +1,6 @@
-"""FIXME docstring."""
+"""Small file helpers shared by the trainer and the CLI: reading a JSON or YAML
+mapping with errors that name the file, and writing JSON atomically.
+"""
 
 import json
 import os

@@ -1,4 +1,6 @@
-"""FIXME docstring."""
+"""`count_params`: the number of parameters of a model or of an `eqx.filter_eval_shape`
+skeleton, leaving out the non-trainable buffers a module lists in ``_buffer_fields``.
+"""
 
 import math
 from typing import Any

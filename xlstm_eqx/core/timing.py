@@ -1,4 +1,6 @@
-"""FIXME docstring."""
+"""Timing helpers used by the benchmarks, the profiler and the ``auto`` backend: the median wall
+time of a JAX call (waiting for its result), and XLA's planned peak memory of a compiled call.
+"""
 
 import statistics
 import time

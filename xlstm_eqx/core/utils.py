@@ -1,4 +1,6 @@
-"""FIXME docstring."""
+"""Dtype and PRNG-key helpers: a dtype from its name with a clear error, and splitting a key that
+may be None (deterministic calls pass no key).
+"""
 
 from typing import Any
 

@@ -2,7 +2,7 @@
 
 A tree is the nested ``params`` dict of a reference checkpoint (a top-level ``{"params": ...}``
 wrapper, ``FrozenDict``s and ``nn.Partitioned``-style boxes with a ``.value`` are accepted).
-Names follow the reference at tensor-parallel size 1 (ARCHITECTURE §1.7, §7, §8):
+Names follow the reference at tensor-parallel size 1 (docs/architecture.md, "Interop"):
 
 - ``token_embedding/sharded/embedding (1, V, D)``, ``lm_head/out_norm/scale``,
   ``lm_head/out_dense/kernel (D, V)``;
@@ -24,13 +24,14 @@ Every array under a ``…/sharded/…`` module carries a leading tensor-parallel
 conv kernel ``(1, K, 1, C)`` is ours ``(K, C)``. The sLSTM has no Flax implementation in the
 reference, so stacks with sLSTM blocks are refused.
 
-Reference quirks that change outputs (ARCHITECTURE §9) and how converted models keep the
-reference's logits: the Flax xLSTM ignores ``tie_weights`` (separate ``out_dense`` always) and
-``add_post_blocks_norm`` (``out_norm`` always applied), so `xlstm_jax_config` sets
-``tie_weights=False`` and ``add_post_blocks_norm=True``; the Llama scales queries by NH^-1/2, so
-it sets ``query_scale_quirk=True``. `to_xlstm_jax` goes the other way: a tied model exports its
-embedding as ``out_dense`` and a Llama with the clean head_dim^-1/2 scale has the ratio folded
-into its query projection (or its q-norm scale), so the reference reproduces its logits.
+Reference quirks that change outputs (docs/architecture.md, "Reference quirks kept") and how
+converted models keep the reference's logits: the Flax xLSTM ignores ``tie_weights`` (separate
+``out_dense`` always) and ``add_post_blocks_norm`` (``out_norm`` always applied), so
+`xlstm_jax_config` sets ``tie_weights=False`` and ``add_post_blocks_norm=True``; the Llama scales
+queries by NH^-1/2, so it sets ``query_scale_quirk=True``. `to_xlstm_jax` goes the other way: a
+tied model exports its embedding as ``out_dense`` and a Llama with the clean head_dim^-1/2 scale
+has the ratio folded into its query projection (or its q-norm scale), so the reference reproduces
+its logits.
 """
 
 import dataclasses

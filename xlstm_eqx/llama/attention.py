@@ -1,4 +1,9 @@
-"""FIXME docstring."""
+"""Self-attention of the Llama baseline: interleaved RoPE, the causal and same-document masks,
+the three attention cores (``xla``, ``cudnn``, ``pallas_triton``) and `SelfAttentionBlock`.
+
+Activations are ``(B, S, NH, hd)``; the core is called with scale 1 because the block scales q
+itself (docs/architecture.md, "Llama").
+"""
 
 from collections.abc import Callable
 from typing import Any, Literal
@@ -40,12 +45,14 @@ def _check_config(config: LlamaConfig) -> None:
 
 def _query_scale(config: LlamaConfig) -> float:
     if config.query_scale_quirk:
-        return config.num_heads**-0.5  # the reference's NH^-1/2 (ARCHITECTURE §9.13)
+        # The reference's NH^-1/2 (docs/architecture.md, "Reference quirks kept").
+        return config.num_heads**-0.5
     return config.head_dim**-0.5
 
 
 def _remat(fn: Callable, enabled: bool) -> Callable:
-    """``fn`` rematerialised in the backward pass (``parallel.remat``, ARCHITECTURE §8.4)."""
+    """``fn`` rematerialised in the backward pass (``parallel.remat``; docs/architecture.md,
+    "Module remat")."""
     return eqx.filter_checkpoint(fn, prevent_cse=False) if enabled else fn
 
 

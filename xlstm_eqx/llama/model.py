@@ -1,4 +1,5 @@
-"""The Llama baseline (ARCHITECTURE §7): a pre-norm transformer with RoPE attention and SwiGLU.
+"""The Llama baseline (docs/architecture.md, "Llama"): a pre-norm transformer with RoPE attention
+and SwiGLU.
 
 Data flow of ``LlamaTransformer``: tokens ``(B, S)`` → embedding ``(B, S, D)`` in ``dtype`` → optional
 embedding dropout → ``num_blocks`` × ``TransformerBlock`` (``x + Attn(RMSNorm(x))``, then
@@ -8,8 +9,8 @@ LM head ``(D, V)`` in ``dtype`` → float32 logits → optional soft cap.
 Departures from the reference, each deliberate:
 
 - Query scale: ``head_dim^-1/2``. The reference multiplies q by ``NH^-1/2`` (it reads the head
-  *count* axis, ARCHITECTURE §9.13); set ``query_scale_quirk=True`` on the config to reproduce that
-  for converted checkpoints.
+  *count* axis; docs/architecture.md, "Reference quirks kept"); set ``query_scale_quirk=True`` on
+  the config to reproduce that for converted checkpoints.
 - RoPE is applied in float32 and the result cast back to ``dtype`` (the reference casts the sin/cos
   tables to ``dtype`` first); the tables are computed at call time for the positions in use, so they
   are not parameters and any sequence length works.

@@ -1,7 +1,10 @@
 """Level 1: the building blocks — initialisers, dense/headwise/embedding, causal conv, norms, feed-forward.
 
-Modules take batched inputs, `(B, S, D)` activations, and compute in the dtype they are given
-(norm statistics in float32).
+Modules take batched inputs, `(B, S, D)` activations. Every parameter is created in float32. Each
+layer carries a static ``dtype`` string (the *compute* dtype): inputs and kernels are cast to it
+before the matmul, and outputs come back in it. Norm statistics are always computed in float32.
+Kernels use the Flax layout ``(in, out)``, so converting a reference checkpoint is a plain copy.
+See docs/architecture.md, "Building blocks" and "Initialisation".
 """
 
 from .conv import (

@@ -1,4 +1,6 @@
-"""FIXME docstring."""
+"""`CausalConv1d`: the depthwise causal convolution over the sequence axis used by the mLSTM and
+sLSTM layers, with a rolling ``(B, K, C)`` window for decoding.
+"""
 
 import math
 from typing import Any
@@ -12,7 +14,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ..core.utils import _dtype_name
 
 
-# causal depthwise convolution (ARCHITECTURE §3.4)
+# causal depthwise convolution (docs/architecture.md, "Building blocks")
 
 
 class CausalConv1d(eqx.Module):

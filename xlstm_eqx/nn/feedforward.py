@@ -1,4 +1,6 @@
-"""FIXME docstring."""
+"""`FeedForward`: the gated (``ffn_gated``) or plain (``ffn``) feed-forward sub-layer of xLSTM
+blocks, ``(..., D) -> (..., D)`` through a hidden width ``F`` fixed by its config.
+"""
 
 from typing import Any
 
@@ -12,7 +14,7 @@ from .init import output_initializer, small_initializer
 from .linear import Dense
 
 
-# feed-forward (ARCHITECTURE §4.2)
+# feed-forward (docs/architecture.md, "Building blocks")
 
 
 class FeedForward(eqx.Module):

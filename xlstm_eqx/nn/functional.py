@@ -1,4 +1,6 @@
-"""FIXME docstring."""
+"""Stateless helpers of the building blocks: the soft cap, the activation table, inverted dropout
+and a row-flattened matmul (the same product, laid out for a faster backward pass).
+"""
 
 from collections.abc import Callable
 

@@ -1,4 +1,7 @@
-"""FIXME docstring."""
+"""Initialisers: small-init and wang standard deviations, the three distributions, output-
+projection and gate-bias inits. Every initialiser returns float32 arrays
+(docs/architecture.md, "Initialisation").
+"""
 
 import math
 from collections.abc import Callable, Sequence
@@ -24,7 +27,7 @@ INIT_DISTRIBUTIONS: tuple[str, ...] = ("normal", "truncated_normal", "uniform")
 OUTPUT_INIT_FNS: tuple[str, ...] = ("small", "wang", "wang2", "zeros")
 
 
-# initialisers (ARCHITECTURE §3.6)
+# initialisers (docs/architecture.md, "Initialisation")
 
 
 def small_init_std(dim: int) -> float:

@@ -1,10 +1,7 @@
-"""Shared building blocks: initialisers, dense / headwise / conv layers, norms, feed-forward.
-
-Every parameter is created in float32. Each layer carries a static ``dtype`` string (the *compute*
-dtype): inputs and kernels are cast to it before the matmul, and outputs come back in it. Norm
-statistics are always computed in float32.
-
-Kernels use the Flax layout ``(in, out)`` so that converting a reference checkpoint is a plain copy.
+"""Linear maps and the token embedding: `Dense` ``(in, out)``, `DenseGeneral` over several axes,
+the block-diagonal `LinearHeadwiseExpand`, and `Embedding` ``(V, D)`` (whose ``attend`` is the
+tied LM head). Kernels are float32 parameters in the Flax ``(in, out)`` layout; each call computes
+in the layer's ``dtype``.
 """
 
 import math
@@ -118,7 +115,7 @@ class DenseGeneral(eqx.Module):
 
 
 class LinearHeadwiseExpand(eqx.Module):
-    """Block-diagonal linear map (ARCHITECTURE §3.5).
+    """Block-diagonal linear map (docs/architecture.md, "Building blocks").
 
     The input's last axis is split into ``num_blocks`` contiguous chunks of size ``in/P``; chunk
     ``p`` is mapped by its own matrix ``kernel[p]`` of shape ``(out/P, in/P)`` (out before in, as

@@ -1,4 +1,7 @@
-"""FIXME docstring."""
+"""Norms: `LayerNorm` and `RMSNorm` over the last axis, and `MultiHeadNorm`, the per-head norm
+after the mLSTM cell. Statistics are computed in float32 and the result is returned in the
+layer's compute dtype; scales are float32 parameters initialised to 1.
+"""
 
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -116,9 +119,10 @@ def make_norm(
 
 
 class MultiHeadNorm(eqx.Module):
-    """Per-head norm (ARCHITECTURE §3.3 step 7): each head's ``DH`` vector is normalised over its
-    own axis (``layernorm`` or ``rmsnorm``, stats in float32) and scaled by a separate learnable
-    scale per head, ``(NH, DH)`` (init 1). Equals a GroupNorm with NH groups. Output in ``dtype``."""
+    """Per-head norm (docs/architecture.md, "Building blocks"): each head's ``DH`` vector is
+    normalised over its own axis (``layernorm`` or ``rmsnorm``, stats in float32) and scaled by a
+    separate learnable scale per head, ``(NH, DH)`` (init 1). Equals a GroupNorm with NH groups.
+    Output in ``dtype``."""
 
     scale: Float[Array, "NH DH"]
     bias: Float[Array, "NH DH"] | None

@@ -1,4 +1,8 @@
-"""FIXME docstring."""
+"""FSDP gather-at-use: `gather_at_use` wraps the modules named in ``fsdp_modules`` so their
+sharded weights are all-gathered where they are called (per layer inside a block scan) and not kept
+for the backward pass, with gradients reduce-scattered back onto the shards
+(docs/architecture.md, "FSDP gather-at-use").
+"""
 
 import dataclasses
 import functools
@@ -16,7 +20,7 @@ from ..core.parallel_config import ParallelConfig
 from .rules import _CLASS_ALIASES, _FIELD_ALIASES, _STACKED, _child
 
 
-# the sharded train step
+# the cast before the gather: forward in fsdp_gather_dtype, gradient via fsdp_grad_scatter_dtype
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))

@@ -1,4 +1,7 @@
-"""FIXME docstring."""
+"""The device mesh: `make_mesh` builds the 4-axis ``(dp, fsdp, pp, tp)`` mesh of a
+`ParallelConfig` (a ``-1`` size takes the remaining devices), `parse_mesh_spec` reads the CLI's
+``"dp=2,fsdp=2,tp=2"`` form, and `initialize_distributed` starts JAX's multi-process runtime.
+"""
 
 import dataclasses
 import math

@@ -1,4 +1,7 @@
-"""FIXME docstring."""
+"""Putting arrays on a mesh: `NamedSharding`s from specs, placing a model, an optimizer state or
+a token batch, `init_sharded` (a model created directly in its sharded layout), and moving whole
+arrays between host and mesh for checkpoints (`gather_to_host`, `place_global`).
+"""
 
 import functools
 from collections.abc import Callable

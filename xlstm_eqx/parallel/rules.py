@@ -1,38 +1,8 @@
-"""Sharding: data, FSDP and tensor parallelism through ``jax.sharding`` on Equinox PyTrees.
-
-The reference runs its models inside ``shard_map`` over a 4-axis mesh ``(dp, fsdp, pp, tp)`` and writes
-its collectives by hand. Here the same layout (ARCHITECTURE §8) is expressed as ``PartitionSpec``s on the
-parameters of an Equinox model; the batch is split over ``(dp, fsdp)``; XLA's SPMD partitioner (GSPMD)
-inserts the collectives. Nothing in the models is mesh-aware, so one model class serves one device and a
-thousand.
-
-Pieces, in the order a run uses them:
-
-- ``make_mesh(parallel_config)``: the ``(dp, fsdp, pp, tp)`` mesh (a ``-1`` size takes the remaining
-  devices); ``parse_mesh_spec("dp=2,fsdp=2,tp=2")`` makes the ``ParallelConfig`` from a CLI string.
-- ``param_partition_specs(model, parallel_config)``: a ``PartitionSpec`` per array leaf, by rule on the
-  module path (``MODULE_NAME_MAP`` maps the reference's registered module names onto this package's
-  classes); ``shard_model`` / ``shard_opt_state`` place a model / its optax state on a mesh.
-- ``init_sharded(model_cls, config, key=..., mesh=...)``: a model born sharded (shapes from
-  ``eqx.filter_eval_shape``, arrays from a ``jax.jit`` of the init with ``out_shardings``).
-- ``make_sharded_train_step`` / ``shard_train_state``: the trainer's step (same signature, same math as
-  ``_train.make_train_step``) with the batch split over ``(dp, fsdp)``, FSDP weights gathered at use,
-  and the parameter and optimizer layouts pinned with ``eqx.filter_shard`` on the way in and out.
-- ``save_sharded_checkpoint`` / ``restore_sharded_checkpoint``: checkpoints are stored gathered (one
-  global array per leaf, the ``_checkpoint`` format), so a run saved on one mesh restores onto any other.
-- ``initialize_distributed()``: the multi-controller runtime (``jax.distributed.initialize``) from
-  explicit arguments, ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, or SLURM.
-- ``memory_report(config, parallel_config)``: per-device parameter and optimizer bytes from
-  ``eqx.filter_eval_shape`` (no allocation).
-
-FSDP follows the reference: weights are stored sharded and gathered *at use*, one layer at a time
-(``gather_at_use``, applied inside the loss). Without that, XLA is free to all-gather the batch-sharded
-activations instead of the weights, and does so for small models.
-
-Activation checkpointing is the models' own: ``parallel.remat`` of the *model* config names the modules
-that are rematerialised (xLSTM: ``xLSTMResBlock``, ``FFNResBlock``, and ``mLSTMBlock`` once the block
-stack applies it; Llama: ``TransformerBlock``, ``AttnBlock``, ``FFNBlock``), each wrapped in
-``eqx.filter_checkpoint``.
+"""Partition rules: a ``PartitionSpec`` for every array of a model from its module path
+(`param_partition_specs`), specs for an optax state (`opt_state_specs`) and for token batches
+(`batch_spec`), and `MODULE_NAME_MAP`, the reference's module names (as used in ``fsdp_modules``
+and ``remat``) on this package's classes. The rules are listed in docs/architecture.md,
+"Partition rules".
 
 Tensor parallelism for the Llama baseline is not in the reference; the rules here give it the usual
 Megatron layout (q/k/v and FFN up/gate column-parallel, attention out and FFN down row-parallel).
@@ -267,8 +237,8 @@ def param_partition_specs(
 ) -> PyTree:
     """A ``PartitionSpec`` for every array leaf of ``model`` (same structure; non-arrays → None).
 
-    Rules (ARCHITECTURE §8.2–8.3), applied per layer — stacked leading axes (scanned layers, the
-    vmapped q/k pair) are never sharded:
+    Rules (docs/architecture.md, "Partition rules"), applied per layer — stacked leading axes
+    (scanned layers, the vmapped q/k pair) are never sharded:
 
     - tensor parallel over ``tp`` (only when its size is > 1 and the axis divides): the embedding
       ``(V, D)`` over D; column-parallel up-projections (mLSTM ``proj_up_*``, v1 ``dense_q/k/v/o``

@@ -1,6 +1,6 @@
 """Benchmarks: the train step of the xLSTM LM against Llama (tokens/s, peak memory, MFU), and the
 `xlstm-eqx bench [cell|train|generate|profile|all]` command that also runs the scripts in
-`benchmarks/` (profile: `xlstm_eqx._profile`).
+`benchmarks/` (profile: `xlstm_eqx.tools.profile`).
 
 MFU = (model FLOPs per token, counted analytically by `train_flops_per_token`) x (tokens/s)
 divided by the FLOP/s of a large float32 `jnp.dot` timed in the same process (`matmul_flops`).
@@ -50,7 +50,8 @@ def bench_train(
     verbose: bool = False,
 ) -> list[dict[str, Any]]:
     """Time the trainer's own jitted train step (forward + backward + grad clip + AdamW,
-    `xlstm_eqx._train._optimizer_and_step`) on random byte tokens ``(1, batch_size, seq_len+1)``.
+    `xlstm_eqx.training.step._optimizer_and_step`) on random byte tokens
+    ``(1, batch_size, seq_len+1)``.
 
     Models are the presets ``f"{size}_{model}"`` (``small_xlstm`` / ``small_llama``, 3.35M
     parameters each; ``tiny_*`` for tests), context raised to `seq_len` if needed. One row per

@@ -306,7 +306,7 @@ def profile_train_step(
     logdir: str | None = None,
 ) -> StepProfile:
     """Profile the trainer's jitted step (forward + backward + clipping + AdamW) of the preset
-    ``f"{size}_{model}"`` on random tokens, as `xlstm_eqx._bench.bench_train` times it."""
+    ``f"{size}_{model}"`` on random tokens, as `xlstm_eqx.tools.bench.bench_train` times it."""
 
     try:
         _, params, opt_state, step, inputs = train_step_setup(model, size, seq_len, batch_size)

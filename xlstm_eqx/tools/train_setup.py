@@ -22,7 +22,7 @@ def _train_config(model: str, size: str, seq_len: int) -> Any:
 
 
 def train_step_setup(model_name: str, size: str, seq_len: int, batch_size: int) -> tuple[Any, ...]:
-    """The trainer's own jitted step (`xlstm_eqx._train._optimizer_and_step`) for the preset
+    """The trainer's own jitted step (`xlstm_eqx.training.step._optimizer_and_step`) for the preset
     ``f"{size}_{model_name}"`` (context raised to `seq_len` if needed) with its model, optimizer
     state and inputs: random tokens ``(1, batch_size, seq_len+1)`` and a key.
     Returns ``(config, model, opt_state, step, inputs)``; ``step(inputs, model, opt_state)``."""

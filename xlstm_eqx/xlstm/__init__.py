@@ -1,5 +1,15 @@
 """Level 2: the xLSTM family — its configs, the mLSTM (`mlstm`, `mlstm_v1`) and sLSTM cells and
 layers, residual blocks, the block stack and the language model `xLSTMLMModel`.
+
+Layers take ``(B, S, ·)`` activations; the mLSTM cell functions of `xlstm_eqx.cell` take
+``(B, NH, S, ·)`` and the layers transpose. Everything on the gate path is float32 by default
+(``gate_dtype``). Layers, blocks, the stack and the model share a decode API for generation:
+
+- ``init_state(batch_size)``: a zero state (cell memory, plus the conv window where there is one);
+- ``prefill(x, ...) -> (y, state)``: the full sequence, also returning the state after it;
+- ``step(state, x_t, ...) -> (y_t, state)``: one token, O(1) in the sequence length.
+
+See docs/architecture.md, "Data flow", "mLSTM layers" and "sLSTM".
 """
 
 from .blocks import (

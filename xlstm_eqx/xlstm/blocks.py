@@ -1,4 +1,4 @@
-"""xLSTM blocks and the block stack (ARCHITECTURE §1.2, §1.3).
+"""xLSTM blocks and the block stack (docs/architecture.md, "Forward pass of xLSTMLMModel").
 
 A block is pre-norm with a residual: ``x = x + PostNorm?(Layer(Norm(x)))`` with the mLSTM layer
 (``mlstm`` or ``mlstm_v1``) or the sLSTM layer, then optionally the same around a feed-forward.
@@ -39,8 +39,8 @@ def _remat_names(config: Any) -> tuple[str, ...]:
 
 
 def _maybe_remat(fn: Any, enabled: bool) -> Any:
-    """``fn`` rematerialised in the backward pass when ``enabled`` (ARCHITECTURE §8.4: no
-    activations are saved inside; ``prevent_cse=False`` as the reference, fine under scan)."""
+    """``fn`` rematerialised in the backward pass when ``enabled``: no activations are saved inside;
+    ``prevent_cse=False`` as the reference, fine under scan (docs/architecture.md, "Module remat")."""
     return eqx.filter_checkpoint(fn, prevent_cse=False) if enabled else fn
 
 

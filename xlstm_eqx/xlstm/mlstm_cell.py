@@ -1,14 +1,11 @@
-"""mLSTM layers: the Mamba-style ``mlstm`` layer (ARCHITECTURE §3) and the xLSTM-7B ``mlstm_v1``
-layer (§4), with the gate handling and backend dispatch to the cell functions of ``_cell.py``.
+"""Between an mLSTM layer and the cell functions of `xlstm_eqx.cell`: `mLSTMCell` (the ``mlstm``
+layer's gates, optional q/k norm, backend call and per-head out-norm) and the helpers the
+``mlstm_v1`` layer shares with it (gate layers, soft cap and document reset, head split, decode
+step).
 
-Layers take ``(B, S, ·)`` activations; the cell functions take ``(B, NH, S, ·)`` and the layers
-transpose. Gate pre-activations and everything on the gate path are float32 (``gate_dtype``).
-
-Each layer has a decode API for generation:
-
-- ``init_state(batch_size)``: a zero state (cell memory, plus the conv window for ``mlstm``);
-- ``prefill(x, ...) -> (y, state)``: the full sequence, also returning the state after it;
-- ``step(state, x_t, ...) -> (y_t, state)``: one token, O(1) in the sequence length.
+Activations here are ``(B, S, NH·DH)``; heads are split to ``(B, NH, S, DH)`` for the cell and
+merged after the per-head norm. Gate pre-activations are ``(B, S, NH)`` in ``gate_dtype`` (float32
+by default). See docs/architecture.md, "The mlstm layer" and "Gates and document reset".
 """
 
 from typing import Any
@@ -81,7 +78,8 @@ def _gate_preacts(
     reset_value: float,
 ) -> tuple[Float[Array, "B S NH"], Float[Array, "B S NH"]]:
     """ĩ, f̃ (float32 for gate_dtype float32): soft cap first, then the document reset of f̃
-    (ARCHITECTURE §5.5; the reset value lies deliberately outside the cap)."""
+    (docs/architecture.md, "Gates and document reset"; the reset value lies deliberately outside
+    the cap)."""
     i = soft_cap(igate(gate_input), gate_soft_cap)
     f = soft_cap(fgate(gate_input), gate_soft_cap)
     if reset and document_borders is not None:
@@ -170,11 +168,11 @@ def _cell_opts(cell_config: Any) -> dict[str, Any]:
     )
 
 
-# the mLSTM cell wrapper of the Mamba-style layer (§3.3)
+# the mLSTM cell wrapper of the Mamba-style layer (docs/architecture.md, "The mlstm layer")
 
 
 class mLSTMCell(eqx.Module):
-    """Gates, optional q/k norm, backend and per-head out-norm of the ``mlstm`` layer (§3.3).
+    """Gates, optional q/k norm, backend and per-head out-norm of the ``mlstm`` layer.
 
     ``__call__(q, k, v, gate_input, document_borders)`` with q/k ``(B, S, NH·DHQK)``, v
     ``(B, S, NH·DHV)`` and gate features ``(B, S, G)`` (see ``gate_features``) returns the

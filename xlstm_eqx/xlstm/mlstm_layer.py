@@ -1,4 +1,10 @@
-"""FIXME docstring."""
+"""The Mamba-style mLSTM layer, ``layer_type="mlstm"``: `mLSTMLayer` (up-projections, down
+projection, dropout) around `mLSTMInnerLayer` (causal conv, headwise q/k/v, the cell, learnable skip
+and SiLU(z) gate), and `mLSTMLayerState`, the decode state of either mLSTM layer type.
+
+``(B, S, D) -> (B, S, D)`` with inner width ``I = _inner_embedding_dim``; see docs/architecture.md,
+"The mlstm layer".
+"""
 
 from typing import Any
 
@@ -16,7 +22,7 @@ from ..nn.linear import Dense, LinearHeadwiseExpand
 from .mlstm_cell import _check_divides, mLSTMCell
 
 
-# the Mamba-style layer (§3)
+# the Mamba-style layer (docs/architecture.md, "The mlstm layer")
 
 
 class mLSTMLayerState(eqx.Module):
@@ -56,7 +62,8 @@ _GATE_INPUTS = ("qkv", "x_mlstm", "x_mlstm_conv", "x_mlstm_conv_act")
 
 
 class mLSTMInnerLayer(eqx.Module):
-    """Conv → headwise q/k/v → mLSTM cell → learnable skip → SiLU(z) gate (§3.1 steps 2–8).
+    """Conv → headwise q/k/v → mLSTM cell → learnable skip → SiLU(z) gate (steps 2–4 of
+    docs/architecture.md, "The mlstm layer").
 
     Input ``x_mlstm (B, S, I)`` and ``z (B, S, Dv)``; output ``(B, S, Dv)`` in float32 (the
     float32 ``learnable_skip`` promotes the branch to float32, as in the reference; the down
@@ -83,7 +90,8 @@ class mLSTMInnerLayer(eqx.Module):
         kconv, kq, kk, kv, kcell, kscale = jr.split(key, 6)
         dtype = config.dtype
         self.conv1d = CausalConv1d(inner, config.conv1d_kernel_size, dtype=dtype, key=kconv)
-        # q/k/v and the scaling use small-init of D, the model width (§3.6).
+        # q/k/v and the scaling use small-init of D, the model width (docs/architecture.md,
+        # "Initialisation").
         hw = dict(
             use_bias=config.bias,
             dtype=dtype,
@@ -217,7 +225,7 @@ class mLSTMInnerLayer(eqx.Module):
 
 
 class mLSTMLayer(eqx.Module):
-    """The Mamba-style mLSTM layer, ``layer_type="mlstm"`` (§3.1): ``(B, S, D) -> (B, S, D)``.
+    """The Mamba-style mLSTM layer, ``layer_type="mlstm"``: ``(B, S, D) -> (B, S, D)``.
 
     ``x_mlstm = x W_up_mlstm``, ``z = x W_up_z`` (small-init(D)), the inner layer, then
     ``y = h W_down`` (``output_init_fn`` with dim D and L blocks) and dropout (with a key).

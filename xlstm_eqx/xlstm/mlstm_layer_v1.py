@@ -1,4 +1,7 @@
-"""FIXME docstring."""
+"""The xLSTM-7B mLSTM layer, ``layer_type="mlstm_v1"``: dense q/k/v/o and gates straight from the
+block input, the cell, a per-head norm and a sigmoid output gate, ``(B, S, D) -> (B, S, D)``;
+see docs/architecture.md, "The mlstm_v1 layer".
+"""
 
 from typing import Any
 
@@ -24,7 +27,7 @@ from .mlstm_cell import (
 from .mlstm_layer import mLSTMLayerState
 
 
-# the xLSTM-7B layer (§4)
+# the xLSTM-7B layer (docs/architecture.md, "The mlstm_v1 layer")
 
 
 def _v1_dims(config: Any) -> tuple[int, int]:
@@ -36,7 +39,7 @@ def _v1_dims(config: Any) -> tuple[int, int]:
 
 
 class mLSTMLayerV1(eqx.Module):
-    """The xLSTM-7B mLSTM layer, ``layer_type="mlstm_v1"`` (§4.1): ``(B, S, D) -> (B, S, D)``.
+    """The xLSTM-7B mLSTM layer, ``layer_type="mlstm_v1"``: ``(B, S, D) -> (B, S, D)``.
 
     Dense q, k, v, o on x (o kernel zero, so σ(o) = ½ at init); gates from x (Dense D → NH in
     gate_dtype, kernel zero, bias per the cell config), soft cap, document reset; the cell; a

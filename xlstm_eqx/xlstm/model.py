@@ -1,9 +1,9 @@
-"""The xLSTM language model (ARCHITECTURE §1.2).
+"""The xLSTM language model (docs/architecture.md, "Forward pass of xLSTMLMModel").
 
 tokens ``(B, S)`` → embedding ``(B, S, D)`` in ``dtype`` → optional embedding dropout → block
 stack → post-blocks norm → LM head in ``lm_head_dtype`` → float32 logits → optional soft cap.
 
-Choices where the reference is quirky (ARCHITECTURE §9):
+Choices where the reference is quirky (docs/architecture.md, "Reference quirks kept"):
 
 - ``add_post_blocks_norm`` is honoured: the reference always applies ``out_norm`` (it ignores the
   flag). Its default is True, so every shipped config behaves as in the reference.

@@ -1,4 +1,5 @@
-"""The sLSTM of the original xLSTM paper (ARCHITECTURE §6): cell, layer, decode state.
+"""The sLSTM of the original xLSTM paper (docs/architecture.md, "sLSTM"): cell, layer, decode
+state.
 
 The reference Flax model has no sLSTM (it raises NotImplementedError); the semantics here follow the PyTorch
 copy in xlstm-jax (`xlstm_pytorch/blocks/slstm`), with its CUDA pointwise kernel as the ground truth:
@@ -55,7 +56,7 @@ def _zero_state(batch_size: int, num_heads: int, head_dim: int) -> sLSTMState:
 
 
 def slstm_bias_init(config: sLSTMCellConfig, *, key: PRNGKeyArray) -> Float[Array, "NH 4 DH"]:
-    """Gate biases `(NH, 4, DH)` in gate order (i, f, z, o) per `config.bias_init` (§6.5).
+    """Gate biases `(NH, 4, DH)` in gate order (i, f, z, o) per `config.bias_init`.
 
     `powerlaw_blockdependent`: forget bias of unit j is `-(-5 + 12 (j/(DH-1))^(0.3 + 1.3 r))` with
     `r = _block_idx / (_num_blocks - 1)` (0 for one block), from +5 (j=0) down to -7; other gates 0. With
@@ -84,7 +85,7 @@ def slstm_bias_init(config: sLSTMCellConfig, *, key: PRNGKeyArray) -> Float[Arra
 
 
 class sLSTMCell(eqx.Module):
-    """Recurrent sLSTM cell, scanned over time with `lax.scan` (§6.3).
+    """Recurrent sLSTM cell, scanned over time with `lax.scan` (recurrence in the module docstring).
 
     Input: gate pre-activations from the input projections, `(B, S, 4, NH, DH)` in gate order (i, f, z, o).
     Parameters: block-diagonal recurrent kernel `(NH, DH_in, 4, DH_out)` and bias `(NH, 4, DH)`, float32.
@@ -195,7 +196,7 @@ class sLSTMLayerState(eqx.Module):
 
 
 class sLSTMLayer(eqx.Module):
-    """sLSTM layer (§6.2): `(B, S, D) -> (B, S, D)`, input already pre-normed by the block.
+    """sLSTM layer: `(B, S, D) -> (B, S, D)`, input already pre-normed by the block.
 
     `x_c = SiLU(conv(x))` (identity if `conv1d_kernel_size == 0`); ĩ, f̃ from `x_c` and z̃, õ from `x` through
     four headwise block-diagonal projections (NH blocks of DH×DH, no bias, small-init(D)); the cell; dropout
