@@ -255,11 +255,11 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     )
     from xlstm_eqx.training import (
         latest_checkpoint,
+        loop as _loop,
         restore_checkpoint,
         restore_sharded_checkpoint,
         save_sharded_checkpoint,
         shard_train_state,
-        step as _step,
     )
 
     res: dict = {}
@@ -269,7 +269,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     res["seconds_single"] = round(time.perf_counter() - t0, 1)
 
     # The trainer's loop with its step replaced by the sharded one (what `--mesh` wires in).
-    original = _step._optimizer_and_step
+    original = _loop._optimizer_and_step
     placed: dict = {}
 
     def sharded_optimizer_and_step(cfg, model, model_config, family):
@@ -288,11 +288,11 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
         return optimizer, counted
 
     t1 = time.perf_counter()
-    _step._optimizer_and_step = sharded_optimizer_and_step
+    _loop._optimizer_and_step = sharded_optimizer_and_step
     try:
         meshed = _train.train(_train_config(data_file, os.path.join(out_dir, "mesh")), log=quiet)
     finally:
-        _step._optimizer_and_step = original
+        _loop._optimizer_and_step = original
     res["seconds_mesh"] = round(time.perf_counter() - t1, 1)
     rows = {}
     for name in ("single", "mesh"):

@@ -3,8 +3,8 @@
 Three forms of the same math — parallel (O(S²) memory), chunkwise (O(S)) and recurrent (O(1) per
 step) in `forms` — plus the Pallas chunkwise kernels (`pallas`), the remat variants (`remat`),
 the backend names and their keyword arguments (`MLSTM_BACKENDS`, `mLSTMBackendNameAndKwargs`),
-the dispatch from a name to its function (`run_backend`) and the ``auto`` backend's timing
-(`autotune`). See docs/architecture.md, "The mLSTM cell".
+the table from a name to its function (`BACKENDS`, dispatched by `run_backend`) and the
+``auto`` backend's tuning (`autotune`). See docs/architecture.md, "The mLSTM cell".
 """
 
 from .autotune import (

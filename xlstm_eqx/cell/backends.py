@@ -46,7 +46,7 @@ def _hashable(value: Any) -> Any:
 
 def _parallel(q, k, v, i, f, *, chunk_size, initial_state, return_last_state, eps):
     if initial_state is not None or return_last_state:  # no state in the parallel form
-        return _chunkwise(
+        return mlstm_chunkwise(
             q,
             k,
             v,
@@ -63,34 +63,6 @@ def _parallel(q, k, v, i, f, *, chunk_size, initial_state, return_last_state, ep
 def _recurrent(q, k, v, i, f, *, chunk_size, initial_state, return_last_state, eps):
     return mlstm_recurrent(
         q, k, v, i, f, initial_state=initial_state, return_last_state=return_last_state, eps=eps
-    )
-
-
-def _chunkwise(q, k, v, i, f, *, chunk_size, initial_state, return_last_state, eps):
-    return mlstm_chunkwise(
-        q,
-        k,
-        v,
-        i,
-        f,
-        chunk_size=chunk_size,
-        initial_state=initial_state,
-        return_last_state=return_last_state,
-        eps=eps,
-    )
-
-
-def _chunkwise_pallas(q, k, v, i, f, *, chunk_size, initial_state, return_last_state, eps):
-    return mlstm_chunkwise_pallas(
-        q,
-        k,
-        v,
-        i,
-        f,
-        chunk_size=chunk_size,
-        initial_state=initial_state,
-        return_last_state=return_last_state,
-        eps=eps,
     )
 
 
@@ -114,8 +86,8 @@ def _auto(q, k, v, i, f, *, chunk_size, initial_state, return_last_state, eps):
 #: of `MLSTM_BACKENDS`; `mLSTMBackendNameAndKwargs` maps the reference's names onto them.
 BACKENDS: dict[str, Callable[..., Any]] = {
     "parallel_stabilized": _parallel,
-    "chunkwise": _chunkwise,
-    "chunkwise_pallas": _chunkwise_pallas,
+    "chunkwise": mlstm_chunkwise,
+    "chunkwise_pallas": mlstm_chunkwise_pallas,
     "auto": _auto,
     "recurrent": _recurrent,
 }

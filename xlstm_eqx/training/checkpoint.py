@@ -266,7 +266,7 @@ def save_sharded_checkpoint(
     *,
     keep: int | None = 3,
 ) -> str | None:
-    """``_checkpoint.save_checkpoint`` for sharded trees: arrays are gathered to global host
+    """`save_checkpoint` for sharded trees: arrays are gathered to global host
     arrays (the stored format has no mesh in it), and only process 0 writes. Returns the path on
     process 0, None elsewhere. Every process must call it (the gather is collective)."""
 

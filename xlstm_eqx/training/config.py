@@ -1,4 +1,5 @@
-"""FIXME docstring."""
+"""`TrainConfig`, every option of a training run (each one an `xlstm-eqx train` flag), and how a run
+resolves its model config from a family preset or a config file."""
 
 import dataclasses
 import os

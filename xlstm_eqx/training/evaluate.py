@@ -1,4 +1,5 @@
-"""FIXME docstring."""
+"""Evaluating and sampling a finished run: `load_run` (model, run config and step from a run
+directory), `evaluate_run` (held-out loss and bits per byte), `sample_tokens`."""
 
 import dataclasses
 import os
@@ -41,7 +42,7 @@ def sample_tokens(
     key: PRNGKeyArray,
 ) -> list[int]:
     """Sample by recomputing a full forward pass per token (no recurrent state, no KV cache): the
-    end-of-run printout's fallback for models without a decode API; see `_generate` otherwise.
+    end-of-run printout's fallback for models without a decode API; see `xlstm_eqx.generation` otherwise.
 
     The sequence is right-padded to a fixed `window` so one compiled forward serves every step;
     with a causal model, the logits at the last real position ignore the padding.
@@ -67,7 +68,7 @@ def sample_tokens(
 
 
 def has_decode_api(model: Any) -> bool:
-    """Whether `_generate.generate` can run this model (recurrent state or KV cache)."""
+    """Whether `xlstm_eqx.generate` can run this model (recurrent state or KV cache)."""
 
     return _is_kv_model(model) or _is_recurrent_model(model)
 

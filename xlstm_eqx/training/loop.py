@@ -1,6 +1,4 @@
-"""Training: configuration, optimizer, the jitted train step, evaluation, and the run loop.
-
-`train(TrainConfig(...))` is what `xlstm-eqx train` runs:
+"""The run loop: `train(TrainConfig(...))`, what `xlstm-eqx train` runs.
 
 1. Everything is validated before anything is written: config fields, the model config (sequence
    length ≤ `context_length`), the data (paths, emptiness, token ids < vocab), and on `--resume`
@@ -33,6 +31,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
+from ..cell.autotune import tune_auto_backend
 from ..core.files import _write_json_atomic
 from ..data.corpus import (
     BatchSampler,
@@ -238,6 +237,9 @@ def train(
     # loaded into (a shape-only skeleton would do for the model, but the optimizer state and
     # the decay mask are derived from real leaves; the models trained here are small).
     model = family.build(p.model_config, key=init_key)
+    # The "auto" mLSTM backend times its candidates now, not while the step compiles (GPU only).
+    tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32)
+    tune_auto_backend(lambda m, t: m(t), model, tokens)
     optimizer, step_fn = _optimizer_and_step(cfg, model, p.model_config, family)
     with jax.numpy_dtype_promotion("standard"):
         opt_state = optimizer.init(trainable_params(model))

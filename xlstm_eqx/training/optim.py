@@ -1,4 +1,5 @@
-"""FIXME docstring."""
+"""The optimizer: global-norm clipping, then AdamW with linear warm-up and cosine decay, weight
+decay on kernels only (by the model family's mask where it has one)."""
 
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +24,7 @@ def _last_attr_name(path: Sequence[Any]) -> str:
 
 
 def default_decay_mask(params: PyTree, *, decay_embedding: bool = False) -> PyTree:
-    """The reference trainer's rule (ARCHITECTURE §1.4): decay every array whose field name ends
+    """The reference trainer's rule (docs/architecture.md, "Train step"): decay every array whose field name ends
     in `kernel` (dense, headwise, conv, recurrent kernels, stacked or not); the embedding table
     only if `decay_embedding`; never norm scales, biases, skips."""
 

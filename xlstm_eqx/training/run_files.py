@@ -1,4 +1,5 @@
-"""FIXME docstring."""
+"""The files a run keeps beside its checkpoints: `metrics.jsonl` (read, truncated to a resumed
+step), the loss plot, and the Ctrl-C/SIGTERM flag that turns an interrupt into a checkpoint."""
 
 import json
 import os
