@@ -12,15 +12,25 @@ previous checkpoints stay intact. Only the newest `keep` checkpoints are kept.
 
 Restoring takes a template for each tree (a real PyTree or an `eqx.filter_eval_shape` skeleton),
 checks that the saved leaves have the template's key paths, shapes and dtypes, and names every
-mismatch; `.npz` files are read with `allow_pickle=False`.
+mismatch (one line).
+
+Checkpoints are read as untrusted input: `meta.json` is strict JSON (bounded size and depth, no
+NaN, no repeated keys) whose structure is validated before use, each `.npz` member's `.npy` header
+is checked against the template (dtype, shape, the bytes the member really holds) before its data
+is allocated (`NpzReader`; nothing is unpickled), and floating-point leaves must be finite. Every
+failure is a one-line `CheckpointError`. The strict JSON parser and the npz reader also serve the
+interop loaders.
 """
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +38,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import PyTree
+from jaxtyping import PyTree, Shaped
 
 
 FORMAT = "xlstm_eqx-checkpoint"
@@ -38,6 +48,220 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint is unreadable, incomplete, or does not match what it is restored into."""
+
+
+# ----------------------------------------------------------------------------------------------
+# untrusted input: strict JSON and header-first npz reading
+
+# The JSON files read here and in interop are configs, indexes and metadata: kilobytes. The bounds
+# only keep a hostile file from costing memory (size) or the interpreter's stack (depth).
+MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_JSON_DEPTH = 100
+
+
+def printable(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped, so that a message built
+    from names found in an untrusted file stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _no_constant(token: str) -> Any:
+    raise ValueError(f"non-finite number {token}")
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValueError(f"number {token[:40]} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {printable(key)!r} is repeated")
+        out[key] = value
+    return out
+
+
+def _json_depth(value: Any) -> int:
+    depth, stack = 0, [(value, 1)]
+    while stack:  # iterative: safe at any depth
+        node, d = stack.pop()
+        if isinstance(node, dict | list):
+            depth = max(depth, d)
+            stack.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity or numbers beyond float range, no repeated keys, at
+    most `MAX_JSON_DEPTH` levels (what ``json.loads`` lets through would otherwise surface later
+    as inf weights or eps, or as `RecursionError`s). Raises a one-line `ValueError`."""
+    try:
+        value = json.loads(
+            raw.decode("utf-8"),
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integer digit limit, ours
+        raise ValueError(printable(str(e))) from None
+    if _json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def load_json(
+    path: str, *, error: type[Exception] = CheckpointError, max_bytes: int = MAX_JSON_BYTES
+) -> Any:
+    """`parse_json` of a file of at most ``max_bytes``; every failure is an ``error`` naming
+    the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise error(f"{path!r} cannot be read ({printable(str(e))})") from None
+    if len(raw) > max_bytes:
+        raise error(f"{path!r} is larger than {max_bytes} bytes, too large for a JSON file here")
+    try:
+        return parse_json(raw)
+    except ValueError as e:
+        raise error(f"{path!r} is not valid JSON: {e}") from None
+
+
+# What reading a malformed zip archive or .npy header can raise (zipfile and numpy.lib.format).
+_ZIP_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    NotImplementedError,
+    RuntimeError,
+    Warning,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+)
+_DEFLATE_MAX_RATIO = 1032  # the most a deflate stream can expand
+
+
+def numeric_dtype(dtype: Any) -> bool:
+    """Plain numbers (no objects, records or strings), including ml_dtypes' bfloat16 & co."""
+    dtype = np.dtype(dtype)
+    return dtype.kind in "biufc" or (dtype.kind == "V" and jnp.issubdtype(dtype, jnp.number))
+
+
+class NpzReader:
+    """An ``.npz`` archive read one member at a time, each member's ``.npy`` header checked
+    before its data is allocated: a numeric dtype and, when given, the expected dtype and shape;
+    and exactly the bytes the member holds (so the allocation is never larger than the archive,
+    or than what its deflate stream can expand to). No pickle. Every failure is an ``error``
+    naming ``what`` and the member. Use as a context manager."""
+
+    def __init__(self, path: str, *, error: type[Exception], what: str):
+        self.error, self.what = error, what
+        try:
+            size = os.path.getsize(path)
+            self._zip = zipfile.ZipFile(path)
+            infos = self._zip.infolist()
+        except _ZIP_ERRORS as e:
+            raise error(f"{what}: not a readable .npz archive ({printable(str(e))})") from None
+        self.members: dict[str, zipfile.ZipInfo] = {}
+        for info in infos:
+            if info.filename in self.members:
+                self._zip.close()
+                raise error(f"{what}: member {info.filename!r} is stored twice")
+            self.members[info.filename] = info
+        self._size = size
+
+    def names(self) -> list[str]:
+        """Array names in the archive (member names without ``.npy``)."""
+        return [n[: -len(".npy")] for n in self.members if n.endswith(".npy")]
+
+    def read(
+        self,
+        name: str,
+        *,
+        shape: tuple[int, ...] | None = None,
+        dtype: Any = None,
+        label: str = "",
+    ) -> np.ndarray:
+        """Array ``name`` (member ``name.npy``), checked against ``shape``/``dtype`` if given."""
+        where = f"{self.what}: member {name + '.npy'!r}{f' ({label})' if label else ''}"
+        info = self.members.get(name + ".npy")
+        if info is None:
+            raise self.error(f"{where} is missing")
+        if info.flag_bits & 0x1:
+            raise self.error(f"{where} is encrypted")
+        if info.compress_type == zipfile.ZIP_STORED:
+            limit = info.compress_size
+        elif info.compress_type == zipfile.ZIP_DEFLATED:
+            limit = info.compress_size * _DEFLATE_MAX_RATIO + 1024
+        else:
+            raise self.error(f"{where}: compression method {info.compress_type} is not read here")
+        if info.header_offset + info.compress_size > self._size or info.file_size > limit:
+            raise self.error(f"{where}: the zip directory declares more data than the file holds")
+        try:
+            with self._zip.open(info) as f, warnings.catch_warnings():
+                warnings.simplefilter("error")  # a doubtful header is refused, not warned about
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    got_shape, fortran, got_dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f".npy format version {version} is not read here")
+                if got_dtype.hasobject or not numeric_dtype(got_dtype):
+                    raise ValueError(f"dtype {got_dtype} is not a plain numeric type")
+                got = f"{got_dtype.str}{list(got_shape)}"
+                if dtype is not None and got_dtype != np.dtype(dtype):
+                    raise ValueError(f"holds {got}, expected dtype {np.dtype(dtype).str}")
+                if shape is not None and tuple(got_shape) != tuple(shape):
+                    raise ValueError(f"holds {got}, expected shape {list(shape)}")
+                nbytes = math.prod(got_shape) * got_dtype.itemsize
+                held = info.file_size - f.tell()
+                if nbytes != held:
+                    raise ValueError(f"header declares {got} ({nbytes} bytes), member holds {held}")
+                out = np.empty(tuple(reversed(got_shape)) if fortran else got_shape, got_dtype)
+                view, pos = out.reshape(-1).view(np.uint8), 0
+                while pos < nbytes:  # in slices: no second copy of a large member
+                    chunk = f.read(min(nbytes - pos, 1 << 24))
+                    if not chunk:
+                        raise ValueError(f"data ends after {pos} of {nbytes} bytes")
+                    view[pos : pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                    pos += len(chunk)
+        except _ZIP_ERRORS as e:
+            raise self.error(f"{where}: {printable(str(e))}") from None
+        out = out.T if fortran else out
+        if not out.dtype.isnative:
+            out = out.astype(out.dtype.newbyteorder("="))
+        return out
+
+    def close(self) -> None:
+        self._zip.close()
+
+    def __enter__(self) -> "NpzReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def count_nonfinite(array: Shaped[np.ndarray, "..."]) -> int:
+    """NaN/inf entries of a float array (0 for other dtypes), counted in slices so that the check
+    costs a small fraction of the array's memory."""
+    if not jnp.issubdtype(array.dtype, jnp.inexact):
+        return 0
+    flat, step = array.reshape(-1), 1 << 22
+    return sum(
+        int(np.count_nonzero(~np.isfinite(flat[i : i + step]))) for i in range(0, flat.size, step)
+    )
 
 
 def _is_leaf_array(x: Any) -> bool:
@@ -50,11 +274,15 @@ def _flatten(tree: PyTree) -> tuple[list[tuple[str, Any]], Any]:
     return [(jax.tree_util.keystr(p), leaf) for p, leaf in leaves_with_path], treedef
 
 
+def _storable_dtype(dtype: np.dtype) -> np.dtype:
+    # bfloat16 & co. are not native NumPy dtypes: their bits are stored as unsigned integers.
+    if dtype.kind in "biufc" and type(dtype).__module__.startswith("numpy"):
+        return dtype
+    return np.dtype(f"u{dtype.itemsize}")
+
+
 def _to_storable(x: np.ndarray) -> np.ndarray:
-    # bfloat16 & co. are not native NumPy dtypes: store their bits as unsigned integers.
-    if x.dtype.kind in "biufc" and type(x.dtype).__module__.startswith("numpy"):
-        return x
-    return x.view(np.dtype(f"u{x.dtype.itemsize}"))
+    return x.view(_storable_dtype(x.dtype))
 
 
 def _fsync_dir(path: str) -> None:
@@ -160,25 +388,70 @@ def save_checkpoint(
     return final
 
 
+def _dtype_name_ok(name: Any) -> bool:
+    if not isinstance(name, str):
+        return False
+    try:
+        dtype = jnp.dtype(name)
+    except (TypeError, ValueError):
+        return False
+    return str(dtype) == name and numeric_dtype(dtype)
+
+
+def _check_meta(meta: dict[str, Any], where: str) -> None:
+    """The structure `restore_checkpoint` and its callers rely on, checked once."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{where}: {what}")
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not is_int(meta.get("step")) or meta["step"] < 0:
+        raise bad("'step' must be an int >= 0")
+    if not isinstance(meta.get("metadata", {}), dict):
+        raise bad("'metadata' must be an object")
+    trees = meta.get("trees")
+    if not isinstance(trees, dict):
+        raise bad("'trees' must be an object (tree name -> leaves)")
+    for name, leaves in trees.items():
+        if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            raise bad(f"tree name {name!r} is not alphanumeric/underscore")
+        if not isinstance(leaves, list):
+            raise bad(f"trees.{name} must be a list of leaves")
+        for i, e in enumerate(leaves):
+            at = f"trees.{name}[{i}]"
+            if not isinstance(e, dict) or set(e) != {"path", "shape", "dtype"}:
+                raise bad(f"{at} must be an object with exactly 'path', 'shape' and 'dtype'")
+            if not isinstance(e["path"], str):
+                raise bad(f"{at}.path must be a string")
+            shape = e["shape"]
+            if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+                raise bad(f"{at}.shape must be a list of ints >= 0")
+            if not _dtype_name_ok(e["dtype"]):
+                raise bad(f"{at}.dtype {printable(str(e['dtype']))[:40]!r} is not a numeric dtype")
+
+
 def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The `meta.json` of a checkpoint directory, validated as one of ours."""
+    """The `meta.json` of a checkpoint directory, validated as one of ours (structure included)."""
     path = os.fspath(path)
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a directory")
+    if not os.path.exists(meta_path):
+        raise CheckpointError(f"checkpoint {path!r} is incomplete: no meta.json")
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path!r} is incomplete: no meta.json") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = load_json(meta_path, error=ValueError)
+    except ValueError as e:
         raise CheckpointError(f"checkpoint {path!r}: cannot read meta.json ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path!r}: meta.json is not an {FORMAT} file")
     if meta.get("version") != VERSION:
         raise CheckpointError(
-            f"checkpoint {path!r}: format version {meta.get('version')!r}, this code reads {VERSION}"
+            f"checkpoint {path!r}: format version {printable(repr(meta.get('version')))[:40]}, "
+            f"this code reads {VERSION}"
         )
+    _check_meta(meta, f"checkpoint {path!r}: meta.json")
     return meta
 
 
@@ -195,19 +468,21 @@ def restore_checkpoint(
     meta = load_metadata(path)
     out: dict[str, PyTree] = {}
     for name, template in templates.items():
-        saved = meta.get("trees", {}).get(name)
+        saved = meta["trees"].get(name)
         if saved is None:
             raise CheckpointError(f"checkpoint {path!r} has no tree {name!r}")
         flat, treedef = _flatten(template)
         problems = []
         saved_by_path = {e["path"]: e for e in saved}
+        if len(saved_by_path) != len(saved):
+            problems.append(f"{name}: meta.json lists a leaf path twice")
         want_paths = [p for p, _ in flat]
         for p in want_paths:
             if p not in saved_by_path:
                 problems.append(f"{name}{p}: missing from the checkpoint")
         for p in saved_by_path:
             if p not in set(want_paths):
-                problems.append(f"{name}{p}: in the checkpoint but not in the {name}")
+                problems.append(f"{name}{printable(p)}: in the checkpoint but not in the {name}")
         for p, leaf in flat:
             e = saved_by_path.get(p)
             if e is None:
@@ -221,31 +496,33 @@ def restore_checkpoint(
         if not problems and [e["path"] for e in saved] != want_paths:
             problems.append(f"{name}: leaves are stored in a different order")
         if problems:
-            shown = "\n  ".join(problems[:20])
-            more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
+            shown = "; ".join(problems[:20])
+            more = f"; … and {len(problems) - 20} more" if len(problems) > 20 else ""
             raise CheckpointError(
-                f"checkpoint {path!r} does not match the {name} it is restored into:\n  "
-                f"{shown}{more}"
+                f"checkpoint {path!r} does not match the {name} it is restored into: {shown}{more}"
             )
-        npz_path = os.path.join(path, f"{name}.npz")
-        try:
-            with np.load(npz_path, allow_pickle=False) as data:
-                leaves = []
-                for i, e in enumerate(saved):
-                    arr = data[f"a{i:06d}"]
-                    dtype = jnp.dtype(e["dtype"])
-                    if arr.dtype != dtype:
-                        arr = arr.view(dtype)
-                    if list(arr.shape) != e["shape"]:
-                        raise CheckpointError(
-                            f"checkpoint {path!r}: {name}{e['path']} stored with shape "
-                            f"{list(arr.shape)}, meta.json says {e['shape']}"
-                        )
-                    leaves.append(jnp.asarray(arr))
-        except CheckpointError:
-            raise
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            raise CheckpointError(f"checkpoint {path!r}: cannot read {name}.npz ({e})") from None
+        # Every leaf now matches the template: each npz member is checked against it before its
+        # data is read.
+        leaves = []
+        what = f"checkpoint {path!r}: cannot read {name}.npz"
+        with NpzReader(os.path.join(path, f"{name}.npz"), error=CheckpointError, what=what) as npz:
+            for i, (p, leaf) in enumerate(flat):
+                dtype = jnp.dtype(leaf.dtype)
+                arr = npz.read(
+                    f"a{i:06d}",
+                    shape=tuple(leaf.shape),
+                    dtype=_storable_dtype(dtype),
+                    label=f"{name}{p}",
+                )
+                if arr.dtype != dtype:
+                    arr = arr.view(dtype)
+                bad = count_nonfinite(arr)
+                if bad:
+                    raise CheckpointError(
+                        f"checkpoint {path!r}: {name}{p} holds {bad} non-finite value"
+                        f"{'s' if bad > 1 else ''} (NaN or inf) of {arr.size}"
+                    )
+                leaves.append(jnp.asarray(arr))
         arrays = jax.tree_util.tree_unflatten(treedef, leaves)
         _, static = eqx.partition(template, _is_leaf_array)
         out[name] = eqx.combine(arrays, static)
