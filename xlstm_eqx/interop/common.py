@@ -22,14 +22,59 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Shaped
+
+from ..core.untrusted import (
+    MAX_JSON_BYTES,
+    count_nonfinite,
+    load_json as _load_json,
+    printable as printable,
+)
 
 
 Path = tuple[str | int, ...]
 
 
 class InteropError(ValueError):
-    """A checkpoint or config cannot be converted: the message names every key, shape or config
-    value at fault."""
+    """A checkpoint or config cannot be converted: the message (one line) names every key, shape
+    or config value at fault."""
+
+
+# ----------------------------------------------------------------------------------------------
+# untrusted input
+
+
+def load_json(path: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Strict JSON (`parse_json`: bounded size and depth, no NaN, no repeated keys) of a file;
+    every failure is a one-line `InteropError` naming it."""
+    return _load_json(path, error=InteropError, max_bytes=max_bytes)
+
+
+def check_finite(array: Shaped[np.ndarray, "..."], what: str) -> None:
+    """Raise `InteropError` if a float tensor holds NaN or inf: such weights load silently into a
+    model whose every output is NaN, far from the tensor at fault."""
+    bad = count_nonfinite(array)
+    if bad:
+        raise InteropError(
+            f"{what} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) of "
+            f"{array.size}"
+        )
+
+
+# Blocks a loaded config may ask for (the 7B has 32): a bound before per-block lists are made.
+MAX_BLOCKS = 4096
+
+
+def check_block_count(
+    source: str, field: str, num_blocks: int, present: set[int], *, limit: int
+) -> None:
+    """Compare a config's block count with the blocks a checkpoint holds before anything of the
+    config's size is built (the per-block model and name lists are far larger than a header)."""
+    if num_blocks > limit:
+        raise InteropError(f"{source}: {field}={num_blocks} is more than {limit} blocks")
+    if num_blocks != len(present):
+        held = f"{len(present)} blocks" if present else "no blocks"
+        raise InteropError(f"{source}: {field}={num_blocks}, but the checkpoint holds {held}")
 
 
 def get_path(tree: Any, path: Path) -> Any:
@@ -115,9 +160,10 @@ def _fmt_shape(shape: Iterable[int]) -> str:
 
 
 def _listing(title: str, items: list[str], limit: int = 40) -> str:
-    shown = items[:limit]
-    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"  {title} ({len(items)}):\n    " + "\n    ".join(shown) + more
+    """One line: ``title (n): a; b; ... and k more`` (names from files made printable)."""
+    shown = [printable(i) for i in items[:limit]]
+    more = f"; ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{title} ({len(items)}): " + "; ".join(shown) + more
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
@@ -163,7 +209,7 @@ class ModelFiller:
         uncovered = [path_str(p) for p in self.leaves if p not in slots]
         if uncovered:
             raise InteropError(
-                f"{source}: the model has parameters this format cannot hold:\n"
+                f"{source}: the model has parameters this format cannot hold: "
                 + _listing("not expressible", uncovered)
             )
         for path, idx in slots.items():
@@ -215,7 +261,7 @@ class ModelFiller:
             parts.append(_listing("bad dtypes", bad_dtypes))
         if parts:
             raise InteropError(
-                f"{self.source} does not match the model its config describes:\n" + "\n".join(parts)
+                f"{self.source} does not match the model its config describes: " + " | ".join(parts)
             )
 
     def put(self, name: str, array: np.ndarray) -> None:
@@ -248,7 +294,7 @@ class ModelFiller:
         """The skeleton with every leaf filled (raises if a tensor never arrived)."""
         missing = sorted(set(self.entries) - self.seen)
         if missing:
-            raise InteropError(f"{self.source}:\n" + _listing("missing keys", missing))
+            raise InteropError(f"{self.source}: " + _listing("missing keys", missing))
         paths = list(self.done)
         return eqx.tree_at(
             lambda m: [get_path(m, p) for p in paths],
@@ -287,6 +333,4 @@ def check_matches_config(model: Any, skeleton: Any) -> None:
         if p in have and tuple(have[p].shape) != tuple(want[p].shape)
     ]
     if problems:
-        raise InteropError(
-            "the model does not match its config:\n" + _listing("problems", problems)
-        )
+        raise InteropError("the model does not match its config: " + _listing("problems", problems))

@@ -36,14 +36,20 @@ ignored. ``use_bias=True`` (biases on the norms, which our model does not have) 
 the ``xlstm`` package does not) are refused.
 
 Loading streams: every shard header is read and checked against the model first (missing and
-unexpected keys, shapes), then shard after shard, tensor after tensor, each tensor is copied into
-its (float32) leaf, and a leaf is handed to JAX once complete; peak host memory stays near one
-float32 copy of the weights plus one tensor.
+unexpected keys, shapes), then shard after shard, tensor after tensor, each tensor is checked for
+NaN/inf and copied into its (float32) leaf, and a leaf is handed to JAX once complete; peak host
+memory stays near one float32 copy of the weights plus one tensor.
+
+Checkpoint directories are untrusted input: ``config.json`` values are bounded (`_MAX_INT`,
+`_MAX_FACTOR`; far above the 7B's) and the block count is compared with the blocks the shard
+headers hold before a model of the config's size is described, so a config cannot make the
+loader build or allocate more than the weights on disk justify.
 """
 
 import dataclasses
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from typing import Any
@@ -58,6 +64,7 @@ from ..xlstm.config import xLSTMLMModelConfig
 from ..xlstm.mlstm_config import mLSTMBlockConfig, mLSTMCellConfig, mLSTMLayerConfig
 from ..xlstm.model import xLSTMLMModel
 from .common import (
+    MAX_BLOCKS,
     SAME,
     TRANSPOSE,
     Entry,
@@ -67,9 +74,13 @@ from .common import (
     Path,
     _fmt_shape,
     _leaf_paths,
+    check_block_count,
+    check_finite,
     check_matches_config,
     export_arrays,
     get_path,
+    load_json,
+    printable,
 )
 from .safetensors_files import SafetensorsError, SafetensorsFile, TensorInfo, read_index, save_file
 
@@ -106,6 +117,23 @@ _LAYER_DENSES = (
 
 _FFN_DENSES = (("proj_up_gate", "proj_up_gate"), ("proj_up", "proj_up"), ("proj_down", "proj_down"))
 
+# Upper bounds on config.json values, far above any xLSTM (the 7B: D=4096, L=32, V=50304, NH=8),
+# so that absurd values are refused before anything of their size is built.
+_MAX_INT = {
+    "hidden_size": 1 << 17,
+    "embedding_dim": 1 << 17,
+    "num_hidden_layers": MAX_BLOCKS,
+    "num_blocks": MAX_BLOCKS,
+    "vocab_size": 1 << 22,
+    "num_heads": 4096,
+    "chunk_size": 1 << 16,
+    "ffn_round_up_to_multiple_of": 1 << 16,
+}
+_MAX_FACTOR = 64.0  # qk_dim_factor, v_dim_factor, ffn_proj_factor
+_MAX_FLOAT = 1e30  # eps and soft caps: finite in float32 with room to spare
+_MAX_CONTEXT = 1 << 31
+_BLOCK_INDEX = re.compile(r"backbone\.blocks\.(\d{1,9})\.")
+
 
 # config
 
@@ -117,23 +145,44 @@ def _get(hf: Mapping[str, Any], *names: str, default: Any = None) -> Any:
     return default
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    """A short repr of a config value (values come from an untrusted file)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _unsupported(field: str, value: Any, why: str) -> InteropError:
-    return InteropError(f"unsupported transformers xLSTM config value {field}={value!r}: {why}")
+    return InteropError(
+        f"unsupported transformers xLSTM config value {field}={_show(value)}: {why}"
+    )
 
 
 def _positive_int(hf: Mapping[str, Any], *names: str, default: Any = None) -> int:
     value = _get(hf, *names, default=default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InteropError(f"config.json: {names[0]} must be a positive int, got {value!r}")
+    limit = _MAX_INT[names[0]]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+        raise InteropError(
+            f"config.json: {names[0]} must be a positive int of at most {limit}, got {_show(value)}"
+        )
     return value
 
 
-def _number(hf: Mapping[str, Any], name: str, default: Any, *, allow_none: bool = False) -> Any:
+def _number(
+    hf: Mapping[str, Any],
+    name: str,
+    default: Any,
+    *,
+    allow_none: bool = False,
+    limit: float = _MAX_FLOAT,
+) -> Any:
     value = hf.get(name, default)
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise InteropError(f"config.json: {name} must be a number > 0, got {value!r}")
+    # Compared before float(): a huge int would overflow it; NaN fails every comparison.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= limit:
+        raise InteropError(
+            f"config.json: {name} must be a number in (0, {limit:g}], got {_show(value)}"
+        )
     return float(value)
 
 
@@ -155,7 +204,7 @@ def hf_config_to_eqx(
     if model_type != "xlstm":
         raise _unsupported("model_type", model_type, "only 'xlstm' (xLSTMForCausalLM) is handled")
     archs = hf.get("architectures")
-    if archs and "xLSTMForCausalLM" not in archs:
+    if archs not in (None, []) and not (isinstance(archs, list) and "xLSTMForCausalLM" in archs):
         raise _unsupported("architectures", archs, "only xLSTMForCausalLM checkpoints are handled")
     if hf.get("use_bias", False):
         raise _unsupported(
@@ -199,12 +248,12 @@ def hf_config_to_eqx(
     if (
         isinstance(context_length, bool)
         or not isinstance(context_length, int)
-        or context_length <= 0
+        or not 0 < context_length <= _MAX_CONTEXT
     ):
         context_length = -1
     tie = hf.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
-        raise InteropError(f"config.json: tie_word_embeddings must be a bool, got {tie!r}")
+        raise InteropError(f"config.json: tie_word_embeddings must be a bool, got {_show(tie)}")
     if tie_weights is not None:  # what the stored tensors say (see from_hf_pretrained)
         tie = tie_weights
     try:
@@ -227,8 +276,8 @@ def hf_config_to_eqx(
                 mlstm=mLSTMLayerConfig(
                     layer_type="mlstm_v1",
                     num_heads=NH,
-                    qk_dim_factor=_number(hf, "qk_dim_factor", 0.5),
-                    v_dim_factor=_number(hf, "v_dim_factor", 1.0),
+                    qk_dim_factor=_number(hf, "qk_dim_factor", 0.5, limit=_MAX_FACTOR),
+                    v_dim_factor=_number(hf, "v_dim_factor", 1.0, limit=_MAX_FACTOR),
                     mlstm_cell=mLSTMCellConfig(
                         backend=mLSTMBackendNameAndKwargs(name="chunkwise", kwargs=backend_kwargs),
                         norm_eps=norm_eps,
@@ -240,7 +289,7 @@ def hf_config_to_eqx(
                     ),
                 ),
                 feedforward=FeedForwardConfig(
-                    proj_factor=_number(hf, "ffn_proj_factor", 2.667),
+                    proj_factor=_number(hf, "ffn_proj_factor", 2.667, limit=_MAX_FACTOR),
                     act_fn="swish",
                     ff_type="ffn_gated",
                     bias=False,
@@ -254,7 +303,9 @@ def hf_config_to_eqx(
     except ValueError as e:
         if isinstance(e, InteropError):
             raise
-        raise InteropError(f"config.json describes no valid xLSTM model: {e}") from None
+        raise InteropError(
+            f"config.json describes no valid xLSTM model: {printable(str(e))[:300]}"
+        ) from None
 
 
 def _require(ok: bool, field: str, value: Any, why: str) -> None:
@@ -428,7 +479,10 @@ def _shard_files(path: str) -> tuple[list[str], dict[str, str] | None]:
     index = os.path.join(path, INDEX_FILE)
     single = os.path.join(path, SINGLE_FILE)
     if os.path.isfile(index):
-        weight_map = read_index(index)
+        try:
+            weight_map = read_index(index)
+        except SafetensorsError as e:
+            raise InteropError(str(e)) from None
         files = sorted(set(weight_map.values()))
         for f in files:
             if not os.path.isfile(os.path.join(path, f)):
@@ -449,11 +503,10 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise InteropError(f"{path!r} has no {CONFIG_NAME}")
-    try:
-        with open(cfg_path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise InteropError(f"{cfg_path!r} is not valid JSON: {e}") from None
+    hf = load_json(cfg_path, max_bytes=16 * 1024 * 1024)
+    if not isinstance(hf, dict):
+        raise InteropError(f"{cfg_path!r} must hold a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def from_hf_pretrained(
@@ -489,6 +542,14 @@ def from_hf_pretrained(
             raise InteropError(
                 f"{INDEX_FILE} lists tensors that no shard holds: {listed_missing[:20]}"
             )
+    # The config's block count against the blocks on disk, before per-block work of its size.
+    check_block_count(
+        f"checkpoint {path!r}: config.json",
+        "num_hidden_layers",
+        _positive_int(hf, "num_hidden_layers", "num_blocks"),
+        {int(m.group(1)) for m in map(_BLOCK_INDEX.match, headers) if m},
+        limit=_MAX_INT["num_hidden_layers"],
+    )
 
     # transformers' xLSTMForCausalLM does not tie its head: with tie_word_embeddings=True it
     # still reads a stored lm_head.weight (and initialises a random one if there is none). So
@@ -550,15 +611,19 @@ def from_hf_pretrained(
     by_stored: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
     for name, (stored, rows) in sources.items():
         by_stored.setdefault(stored, []).append((name, rows))
-    for file in files:
-        with SafetensorsFile(file) as st:
-            for stored in sorted(st.tensors, key=lambda n: st.tensors[n].start):
-                if stored not in by_stored:
-                    continue
-                array = st.read(stored)
-                for name, rows in by_stored[stored]:
-                    filler.put(name, array if rows is None else array[rows[0] : rows[1]])
-                del array
+    try:
+        for file in files:
+            with SafetensorsFile(file) as st:
+                for stored in sorted(st.tensors, key=lambda n: st.tensors[n].start):
+                    if stored not in by_stored:
+                        continue
+                    array = st.read(stored)
+                    check_finite(array, f"checkpoint {path!r}: tensor {stored!r}")
+                    for name, rows in by_stored[stored]:
+                        filler.put(name, array if rows is None else array[rows[0] : rows[1]])
+                    del array
+    except SafetensorsError as e:  # e.g. a shard changed since its header was read
+        raise InteropError(str(e)) from None
     model = filler.finish()
     if (
         flag

@@ -17,7 +17,7 @@ from ..models import MODEL_FAMILIES, family_of
 from ..training.checkpoint import save_checkpoint
 from ..training.evaluate import load_run
 from ..xlstm.config import xLSTMLMModelConfig
-from .common import InteropError
+from .common import MAX_BLOCKS, InteropError, load_json, printable
 from .hf import from_hf_pretrained
 
 
@@ -34,11 +34,7 @@ def read_model_config(path: str) -> Any:
 
     if not os.path.isfile(path):
         raise InteropError(f"model config {path!r} does not exist")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise InteropError(f"model config {path!r} is not valid JSON: {e}") from None
+    d = load_json(path, max_bytes=16 * 1024 * 1024)
     if not isinstance(d, dict):
         raise InteropError(f"model config {path!r} must hold a JSON object")
     if "model_kind" in d and "model_config" in d:
@@ -46,12 +42,19 @@ def read_model_config(path: str) -> Any:
     else:
         kind = "llama" if "head_dim" in d and "mlstm_block" not in d else "xlstm"
     classes = {"xlstm": xLSTMLMModelConfig, "llama": LlamaConfig}
-    if kind not in classes:
-        raise InteropError(f"model config {path!r}: unknown model_kind {kind!r}")
+    if not isinstance(kind, str) or kind not in classes:
+        raise InteropError(
+            f"model config {path!r}: unknown model_kind {printable(repr(kind))[:60]}"
+        )
+    if not isinstance(d, dict):
+        raise InteropError(f"model config {path!r}: model_config must be a JSON object")
+    blocks = d.get("num_blocks")
+    if isinstance(blocks, int) and blocks > MAX_BLOCKS:  # before a per-block list is made
+        raise InteropError(f"model config {path!r}: num_blocks={blocks} is more than {MAX_BLOCKS}")
     try:
         return classes[kind].from_dict(d)
     except ValueError as e:
-        raise InteropError(f"model config {path!r}: {e}") from None
+        raise InteropError(f"model config {path!r}: {printable(str(e))}") from None
 
 
 def save_eqx(

@@ -1,11 +1,15 @@
-"""A small safetensors reader and writer on NumPy alone (no pickle, no extra dependency).
+"""Safetensors files: reading through the ``safetensors`` package's parser, writing on NumPy.
 
 The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length N,
 N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``
 padded with spaces, then the raw little-endian tensor bytes; offsets are relative to the end of the
-header. Reading here is lazy: opening a file parses only its header, and ``read(name)`` reads one
-tensor into a fresh array with ``readinto`` (no memory map), so a loader holds one tensor of a shard
-at a time on top of whatever it keeps. Sharded checkpoints come with an index
+header. Files are untrusted input: the package validates a header (size, JSON, dtypes, shapes,
+byte ranges that are in bounds, in order, without overlap or gap, and cover the data exactly)
+before anything is read; this module adds what it lets through (repeated names, dtypes NumPy
+cannot hold) and turns every failure into a one-line `SafetensorsError`. Reading is lazy: opening
+a file reads its header, ``read(name)`` reads one tensor into a fresh array with ``readinto`` (no
+memory map), so a loader holds one tensor of a shard at a time on top of whatever it keeps; a
+tensor is never larger than the file. Sharded checkpoints come with an index
 ``model.safetensors.index.json`` (``{"metadata": ..., "weight_map": {name: file}}``).
 """
 
@@ -20,6 +24,9 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import safetensors
+
+from ..core.untrusted import load_json, parse_json, printable
 
 
 __all__ = [
@@ -48,7 +55,6 @@ _DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES: dict[np.dtype, str] = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
 
 if sys.byteorder != "little":  # pragma: no cover - JAX's platforms are little-endian
     raise ImportError("xlstm_eqx.interop reads and writes safetensors on little-endian hosts only")
@@ -75,58 +81,68 @@ def _dtype_name(dtype: np.dtype) -> str:
         raise SafetensorsError(f"dtype {np.dtype(dtype)} cannot be stored in safetensors") from None
 
 
+def _read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor infos in file order and the metadata of a file whose header the package validated."""
+    try:
+        with safetensors.safe_open(path, framework="numpy") as f:
+            specs = {}
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                specs[name] = (tensor.get_dtype(), tuple(tensor.get_shape()))
+            metadata = f.metadata() or {}
+        with open(path, "rb") as raw:
+            (length,) = struct.unpack("<Q", raw.read(8))  # within the package's bounds
+            header = raw.read(length)
+    except safetensors.SafetensorError as e:
+        msg = printable(str(e))
+        if "invalid JSON" in msg or "invalid UTF-8" in msg:
+            raise SafetensorsError(f"{path!r}: header is not valid JSON ({msg})") from None
+        raise SafetensorsError(
+            f"{path!r}: not a valid safetensors file, its header or byte ranges are malformed "
+            f"({msg})"
+        ) from None
+    except OSError as e:
+        raise SafetensorsError(f"{path!r}: cannot be read ({printable(str(e))})") from None
+    # Read again for what the package does not report: repeated names (it keeps the last) and
+    # the byte offsets (valid: in bounds, without overlap or gap).
+    try:
+        entries = parse_json(header)
+        offsets = {name: tuple(int(x) for x in entries[name]["data_offsets"]) for name in specs}
+    except ValueError as e:
+        raise SafetensorsError(f"{path!r}: header: {e}") from None
+    except (KeyError, TypeError):
+        raise SafetensorsError(f"{path!r}: header changed while it was read") from None
+    tensors: dict[str, TensorInfo] = {}
+    base = 8 + length
+    for name in sorted(specs, key=lambda n: offsets[n]):
+        (dtype_name, shape), (begin, end) = specs[name], offsets[name]
+        dtype = _DTYPES.get(dtype_name)
+        if dtype is None:
+            raise SafetensorsError(
+                f"{path!r}: tensor {name!r} has dtype {dtype_name}, which is not read here "
+                f"(supported: {', '.join(_DTYPES)})"
+            )
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise SafetensorsError(f"{path!r}: header changed while it was read")
+        tensors[name] = TensorInfo(dtype, shape, base + begin, base + end)
+    return tensors, dict(metadata)
+
+
 class SafetensorsFile:
     """One ``.safetensors`` file opened for lazy reads. Use as a context manager.
 
-    ``keys()`` lists the tensor names, ``info(name)`` gives dtype/shape without reading, ``read(name)``
-    returns a new NumPy array (native byte order). ``metadata`` is the ``__metadata__`` dict.
+    ``keys()`` lists the tensor names in file order, ``info(name)`` gives dtype/shape without
+    reading, ``read(name)`` returns a new NumPy array (native byte order). ``metadata`` is the
+    ``__metadata__`` dict. Every failure is a `SafetensorsError`.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self._file = open(self.path, "rb")
+        self.tensors, self.metadata = _read_header(self.path)
         try:
-            self.tensors, self.metadata = self._parse_header()
-        except BaseException:
-            self._file.close()
-            raise
-
-    def _parse_header(self) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-        size = os.fstat(self._file.fileno()).st_size
-        raw = self._file.read(8)
-        if len(raw) != 8:
-            raise SafetensorsError(f"{self.path!r}: too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise SafetensorsError(
-                f"{self.path!r}: header length {n} is invalid (file size {size})"
-            )
-        try:
-            header = json.loads(self._file.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SafetensorsError(f"{self.path!r}: header is not valid JSON ({e})") from None
-        if not isinstance(header, dict):
-            raise SafetensorsError(f"{self.path!r}: header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        base = 8 + n
-        tensors: dict[str, TensorInfo] = {}
-        for name, entry in header.items():
-            try:
-                dtype = _DTYPES[entry["dtype"]]
-                shape = tuple(int(s) for s in entry["shape"])
-                begin, end = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise SafetensorsError(
-                    f"{self.path!r}: tensor {name!r} has a malformed header entry {entry!r}"
-                ) from None
-            nbytes = math.prod(shape) * dtype.itemsize
-            if begin < 0 or end - begin != nbytes or base + end > size:
-                raise SafetensorsError(
-                    f"{self.path!r}: tensor {name!r} ({entry['dtype']}{list(shape)}) has byte "
-                    f"range [{begin}, {end}), inconsistent with its shape or the file size"
-                )
-            tensors[name] = TensorInfo(dtype, shape, base + begin, base + end)
-        return tensors, dict(metadata)
+            self._file = open(self.path, "rb")
+        except OSError as e:
+            raise SafetensorsError(f"{self.path!r}: cannot be read ({printable(str(e))})") from None
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -142,8 +158,13 @@ class SafetensorsFile:
         info = self.info(name)
         out = np.empty(info.shape, info.dtype)
         if out.nbytes:
-            self._file.seek(info.start)
-            got = self._file.readinto(out.reshape(-1).view(np.uint8))
+            try:
+                self._file.seek(info.start)
+                got = self._file.readinto(out.reshape(-1).view(np.uint8))
+            except OSError as e:
+                raise SafetensorsError(
+                    f"{self.path!r}: tensor {name!r} cannot be read ({printable(str(e))})"
+                ) from None
             if got != out.nbytes:
                 raise SafetensorsError(f"{self.path!r}: short read for tensor {name!r}")
         return out
@@ -161,18 +182,14 @@ class SafetensorsFile:
 def read_index(path: str | os.PathLike) -> dict[str, str]:
     """The ``weight_map`` (tensor name -> shard file name) of a ``*.safetensors.index.json``."""
     path = os.fspath(path)
-    try:
-        with open(path) as f:
-            index = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SafetensorsError(f"{path!r} is not valid JSON ({e})") from None
+    index = load_json(path, error=SafetensorsError)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise SafetensorsError(f"{path!r} has no valid 'weight_map' (tensor name -> file name)")
     for name, file in weight_map.items():
-        if os.path.basename(file) != file:
+        if os.path.basename(file) != file or file in ("", ".", "..") or "\x00" in file:
             raise SafetensorsError(
                 f"{path!r}: shard {file!r} of tensor {name!r} must be a file name in the same "
                 "directory"
@@ -224,18 +241,23 @@ def save_file(
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, value, shape, dtype in described:
-            arr = value[2]() if isinstance(value, tuple) else value
-            arr = np.ascontiguousarray(np.asarray(arr))
-            if arr.shape != shape or arr.dtype != dtype:
-                raise SafetensorsError(
-                    f"tensor {name!r}: produced {arr.dtype}{list(arr.shape)}, announced "
-                    f"{dtype}{list(shape)}"
-                )
-            f.write(arr.reshape(-1).view(np.uint8))
-            del arr
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name, value, shape, dtype in described:
+                arr = value[2]() if isinstance(value, tuple) else value
+                arr = np.ascontiguousarray(np.asarray(arr))
+                if arr.shape != shape or arr.dtype != dtype:
+                    raise SafetensorsError(
+                        f"tensor {name!r}: produced {arr.dtype}{list(arr.shape)}, announced "
+                        f"{dtype}{list(shape)}"
+                    )
+                f.write(arr.reshape(-1).view(np.uint8))
+                del arr
+        os.replace(tmp, path)
+    except BaseException:  # no half-written file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return offset

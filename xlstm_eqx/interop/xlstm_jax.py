@@ -37,6 +37,7 @@ its logits.
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,13 +46,26 @@ import jax
 import jax.random as jr
 import numpy as np
 
+from ..core.untrusted import NpzReader
 from ..llama.config import LlamaConfig
 from ..llama.model import LlamaTransformer
 from ..xlstm.config import xLSTMLMModelConfig
 from ..xlstm.mlstm_layer import mLSTMLayer
 from ..xlstm.mlstm_layer_v1 import mLSTMLayerV1
 from ..xlstm.model import xLSTMLMModel
-from .common import SAME, Entry, InteropError, Layout, ModelFiller, Path, export_arrays, get_path
+from .common import (
+    MAX_BLOCKS,
+    SAME,
+    Entry,
+    InteropError,
+    Layout,
+    ModelFiller,
+    Path,
+    check_block_count,
+    check_finite,
+    export_arrays,
+    get_path,
+)
 from .safetensors_files import SafetensorsError, SafetensorsFile, save_file
 
 
@@ -65,6 +79,9 @@ _XLSTM_BLOCKS = "xlstm_block_stack/blocks/"
 
 
 _LLAMA_BLOCKS = "block_stack/"
+# A per-block name (after `_unscan`): its block index.
+_BLOCK_INDEX = re.compile(r"(?:xlstm_block_stack/blocks/|block_stack/block_)(\d{1,9})/")
+_MAX_NAME_DEPTH = 64
 
 
 # configs
@@ -287,13 +304,29 @@ def flatten_params(params: Any) -> dict[str, Any]:
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The nested dict of ``{"a/b/c": array}``; names must form a tree (a name that is also the
+    prefix of another would silently lose one of them)."""
     tree: dict[str, Any] = {}
     for name, value in flat.items():
+        parts = name.split("/")
+        if len(parts) > _MAX_NAME_DEPTH:
+            raise InteropError(
+                f"parameter name {name[:60]!r}... has more than {_MAX_NAME_DEPTH} levels"
+            )
         node = tree
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        for i, p in enumerate(parts):
+            child = node.get(p)
+            last = i == len(parts) - 1
+            if child is not None and (last or not isinstance(child, dict)):
+                prefix = "/".join(parts[: i + 1])
+                raise InteropError(
+                    f"parameter name {prefix[:100]!r} clashes with {name[:100]!r}: one is an "
+                    "array and a prefix of the other, or a name is repeated"
+                )
+            if last:
+                node[p] = value
+            else:
+                node = node.setdefault(p, {})
     return tree
 
 
@@ -333,14 +366,17 @@ def _unscan(flat: Mapping[str, Any], num_blocks: int) -> dict[str, Any]:
 
 def _scan(flat: Mapping[str, Any], num_blocks: int, per: str, stacked: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    first = per.format(i=0)
+    # One match per name (testing every block prefix per name made this quadratic in blocks).
+    block = re.compile(re.escape(per.split("{i}")[0]) + r"(\d{1,9})/")
     for name, value in flat.items():
-        if name.startswith(first):
-            rest = name[len(first) :]
+        m = block.match(name)
+        idx = int(m.group(1)) if m else None
+        if idx == 0:
+            rest = name[m.end() :]
             out[stacked + rest] = np.stack(
                 [flat[per.format(i=i) + rest] for i in range(num_blocks)]
             )
-        elif not any(name.startswith(per.format(i=i)) for i in range(1, num_blocks)):
+        elif idx is None or idx >= num_blocks:
             out[name] = value
     return out
 
@@ -359,11 +395,19 @@ def from_xlstm_jax(params: Any, config: Any) -> xLSTMLMModel | LlamaTransformer:
     """
     config = xlstm_jax_config(config)
     cls = xLSTMLMModel if isinstance(config, xLSTMLMModelConfig) else LlamaTransformer
+    flat = _unscan(flatten_params(params), config.num_blocks)
+    # The config's block count against the blocks the tree holds, before per-block work.
+    check_block_count(
+        "xlstm-jax parameters",
+        "num_blocks",
+        config.num_blocks,
+        {int(m.group(1)) for m in map(_BLOCK_INDEX.match, flat) if m},
+        limit=MAX_BLOCKS,
+    )
     try:
         skeleton = eqx.filter_eval_shape(cls, config, key=jr.key(0))
     except ValueError as e:
         raise InteropError(f"invalid model config: {e}") from None
-    flat = _unscan(flatten_params(params), config.num_blocks)
     for name, value in flat.items():
         shape = np.shape(value)
         if "/sharded/" in name and shape and shape[0] > 1:
@@ -377,7 +421,9 @@ def from_xlstm_jax(params: Any, config: Any) -> xLSTMLMModel | LlamaTransformer:
         {k: v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype for k, v in flat.items()},
     )
     for name in filler.entries:
-        filler.put(name, np.asarray(flat[name]))
+        array = np.asarray(flat[name])
+        check_finite(array, f"xlstm-jax parameters: {name}")
+        filler.put(name, array)
     return filler.finish()
 
 
@@ -482,8 +528,12 @@ def load_xlstm_jax_params(path: str | os.PathLike) -> dict[str, Any]:
         except SafetensorsError as e:
             raise InteropError(str(e)) from None
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            return unflatten_params({k: data[k] for k in data.files})
+        # Each member's header is checked before its data is allocated; no pickle.
+        with NpzReader(path, error=InteropError, what=repr(path)) as npz:
+            others = [n for n in npz.members if not n.endswith(".npy")]
+            if others:
+                raise InteropError(f"{path!r}: member {others[0]!r} is not a .npy array")
+            return unflatten_params({k: npz.read(k) for k in npz.names()})
     raise InteropError(f"{path!r}: expected a .safetensors or .npz file, or a checkpoint directory")
 
 

@@ -12,7 +12,14 @@ previous checkpoints stay intact. Only the newest `keep` checkpoints are kept.
 
 Restoring takes a template for each tree (a real PyTree or an `eqx.filter_eval_shape` skeleton),
 checks that the saved leaves have the template's key paths, shapes and dtypes, and names every
-mismatch; `.npz` files are read with `allow_pickle=False`.
+mismatch (one line).
+
+Checkpoints are read as untrusted input: `meta.json` is strict JSON (bounded size and depth, no
+NaN, no repeated keys) whose structure is validated before use, each `.npz` member's `.npy` header
+is checked against the template (dtype, shape, the bytes the member really holds) before its data
+is allocated (`NpzReader`; nothing is unpickled), and floating-point leaves must be finite. Every
+failure is a one-line `CheckpointError`. The strict JSON parser and the npz reader also serve the
+interop loaders.
 """
 
 import json
@@ -20,7 +27,6 @@ import os
 import re
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
+from ..core.untrusted import (
+    NpzReader,
+    count_nonfinite,
+    load_json,
+    numeric_dtype,
+    printable,
+)
 from ..parallel.placement import gather_to_host, place_global
 
 
@@ -56,11 +69,15 @@ def _flatten(tree: PyTree) -> tuple[list[tuple[str, Any]], Any]:
     return [(jax.tree_util.keystr(p), leaf) for p, leaf in leaves_with_path], treedef
 
 
+def _storable_dtype(dtype: np.dtype) -> np.dtype:
+    # bfloat16 & co. are not native NumPy dtypes: their bits are stored as unsigned integers.
+    if dtype.kind in "biufc" and type(dtype).__module__.startswith("numpy"):
+        return dtype
+    return np.dtype(f"u{dtype.itemsize}")
+
+
 def _to_storable(x: np.ndarray) -> np.ndarray:
-    # bfloat16 & co. are not native NumPy dtypes: store their bits as unsigned integers.
-    if x.dtype.kind in "biufc" and type(x.dtype).__module__.startswith("numpy"):
-        return x
-    return x.view(np.dtype(f"u{x.dtype.itemsize}"))
+    return x.view(_storable_dtype(x.dtype))
 
 
 def _fsync_dir(path: str) -> None:
@@ -166,25 +183,70 @@ def save_checkpoint(
     return final
 
 
+def _dtype_name_ok(name: Any) -> bool:
+    if not isinstance(name, str):
+        return False
+    try:
+        dtype = jnp.dtype(name)
+    except (TypeError, ValueError):
+        return False
+    return str(dtype) == name and numeric_dtype(dtype)
+
+
+def _check_meta(meta: dict[str, Any], where: str) -> None:
+    """The structure `restore_checkpoint` and its callers rely on, checked once."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{where}: {what}")
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not is_int(meta.get("step")) or meta["step"] < 0:
+        raise bad("'step' must be an int >= 0")
+    if not isinstance(meta.get("metadata", {}), dict):
+        raise bad("'metadata' must be an object")
+    trees = meta.get("trees")
+    if not isinstance(trees, dict):
+        raise bad("'trees' must be an object (tree name -> leaves)")
+    for name, leaves in trees.items():
+        if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            raise bad(f"tree name {name!r} is not alphanumeric/underscore")
+        if not isinstance(leaves, list):
+            raise bad(f"trees.{name} must be a list of leaves")
+        for i, e in enumerate(leaves):
+            at = f"trees.{name}[{i}]"
+            if not isinstance(e, dict) or set(e) != {"path", "shape", "dtype"}:
+                raise bad(f"{at} must be an object with exactly 'path', 'shape' and 'dtype'")
+            if not isinstance(e["path"], str):
+                raise bad(f"{at}.path must be a string")
+            shape = e["shape"]
+            if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+                raise bad(f"{at}.shape must be a list of ints >= 0")
+            if not _dtype_name_ok(e["dtype"]):
+                raise bad(f"{at}.dtype {printable(str(e['dtype']))[:40]!r} is not a numeric dtype")
+
+
 def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The `meta.json` of a checkpoint directory, validated as one of ours."""
+    """The `meta.json` of a checkpoint directory, validated as one of ours (structure included)."""
     path = os.fspath(path)
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a directory")
+    if not os.path.exists(meta_path):
+        raise CheckpointError(f"checkpoint {path!r} is incomplete: no meta.json")
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path!r} is incomplete: no meta.json") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = load_json(meta_path, error=ValueError)
+    except ValueError as e:
         raise CheckpointError(f"checkpoint {path!r}: cannot read meta.json ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path!r}: meta.json is not an {FORMAT} file")
     if meta.get("version") != VERSION:
         raise CheckpointError(
-            f"checkpoint {path!r}: format version {meta.get('version')!r}, this code reads {VERSION}"
+            f"checkpoint {path!r}: format version {printable(repr(meta.get('version')))[:40]}, "
+            f"this code reads {VERSION}"
         )
+    _check_meta(meta, f"checkpoint {path!r}: meta.json")
     return meta
 
 
@@ -201,19 +263,21 @@ def restore_checkpoint(
     meta = load_metadata(path)
     out: dict[str, PyTree] = {}
     for name, template in templates.items():
-        saved = meta.get("trees", {}).get(name)
+        saved = meta["trees"].get(name)
         if saved is None:
             raise CheckpointError(f"checkpoint {path!r} has no tree {name!r}")
         flat, treedef = _flatten(template)
         problems = []
         saved_by_path = {e["path"]: e for e in saved}
+        if len(saved_by_path) != len(saved):
+            problems.append(f"{name}: meta.json lists a leaf path twice")
         want_paths = [p for p, _ in flat]
         for p in want_paths:
             if p not in saved_by_path:
                 problems.append(f"{name}{p}: missing from the checkpoint")
         for p in saved_by_path:
             if p not in set(want_paths):
-                problems.append(f"{name}{p}: in the checkpoint but not in the {name}")
+                problems.append(f"{name}{printable(p)}: in the checkpoint but not in the {name}")
         for p, leaf in flat:
             e = saved_by_path.get(p)
             if e is None:
@@ -227,31 +291,33 @@ def restore_checkpoint(
         if not problems and [e["path"] for e in saved] != want_paths:
             problems.append(f"{name}: leaves are stored in a different order")
         if problems:
-            shown = "\n  ".join(problems[:20])
-            more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
+            shown = "; ".join(problems[:20])
+            more = f"; … and {len(problems) - 20} more" if len(problems) > 20 else ""
             raise CheckpointError(
-                f"checkpoint {path!r} does not match the {name} it is restored into:\n  "
-                f"{shown}{more}"
+                f"checkpoint {path!r} does not match the {name} it is restored into: {shown}{more}"
             )
-        npz_path = os.path.join(path, f"{name}.npz")
-        try:
-            with np.load(npz_path, allow_pickle=False) as data:
-                leaves = []
-                for i, e in enumerate(saved):
-                    arr = data[f"a{i:06d}"]
-                    dtype = jnp.dtype(e["dtype"])
-                    if arr.dtype != dtype:
-                        arr = arr.view(dtype)
-                    if list(arr.shape) != e["shape"]:
-                        raise CheckpointError(
-                            f"checkpoint {path!r}: {name}{e['path']} stored with shape "
-                            f"{list(arr.shape)}, meta.json says {e['shape']}"
-                        )
-                    leaves.append(jnp.asarray(arr))
-        except CheckpointError:
-            raise
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            raise CheckpointError(f"checkpoint {path!r}: cannot read {name}.npz ({e})") from None
+        # Every leaf now matches the template: each npz member is checked against it before its
+        # data is read.
+        leaves = []
+        what = f"checkpoint {path!r}: cannot read {name}.npz"
+        with NpzReader(os.path.join(path, f"{name}.npz"), error=CheckpointError, what=what) as npz:
+            for i, (p, leaf) in enumerate(flat):
+                dtype = jnp.dtype(leaf.dtype)
+                arr = npz.read(
+                    f"a{i:06d}",
+                    shape=tuple(leaf.shape),
+                    dtype=_storable_dtype(dtype),
+                    label=f"{name}{p}",
+                )
+                if arr.dtype != dtype:
+                    arr = arr.view(dtype)
+                bad = count_nonfinite(arr)
+                if bad:
+                    raise CheckpointError(
+                        f"checkpoint {path!r}: {name}{p} holds {bad} non-finite value"
+                        f"{'s' if bad > 1 else ''} (NaN or inf) of {arr.size}"
+                    )
+                leaves.append(jnp.asarray(arr))
         arrays = jax.tree_util.tree_unflatten(treedef, leaves)
         _, static = eqx.partition(template, _is_leaf_array)
         out[name] = eqx.combine(arrays, static)

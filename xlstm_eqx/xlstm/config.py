@@ -325,7 +325,10 @@ class xLSTMBlockStackConfig(_Config):
                 f"block index must be in [0, num_blocks={self.num_blocks}), got {idx!r}"
             )
         parallel = copy.deepcopy(self.parallel)
-        if self.block_map[idx] == 0:
+        # `_block_map` joins one digit per block with ",": block idx is character 2 * idx. (Parsing
+        # the whole map per block made `block_configs()` quadratic in num_blocks.)
+        assert self._block_map is not None
+        if self._block_map[2 * idx] == "0":
             assert self.mlstm_block is not None
             block = copy.deepcopy(self.mlstm_block)
             block._block_idx = idx
