@@ -425,7 +425,7 @@ class _Report:
             f"{meta.get('device_count')} device(s); jax {meta.get('jax_version')}",
             f"- mode: {'quick (tiny shapes; not a measurement)' if meta.get('quick') else 'full'}"
             f"; started {meta.get('started')}; Pallas interpret mode: {meta.get('pallas_interpret')}",
-            f"- datasheet bf16 peak: {_fmt(meta.get('peak_bf16_tflops_datasheet'))} TFLOP/s; "
+            f"- datasheet bf16 peak: {_fmt(meta.get('peak_bf16_tflops_datasheet')) or 'unknown'} TFLOP/s; "
             f"bf16 matmul measured here: {_fmt(meta.get('matmul_bf16_tflops'))} TFLOP/s",
             f"- mlstm-kernels: {meta.get('mlstm_kernels') or 'not installed'}",
             f"- tolerances: normalised max error max|x − ref| / max|ref|; "
