@@ -245,7 +245,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     import jax
     import jax.random as jr
 
-    from xlstm_eqx import models as _models, training as _train
+    from xlstm_eqx import models as _registry, training as _train
     from xlstm_eqx.parallel import (
         make_mesh,
         named_shardings,
@@ -315,7 +315,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     # Checkpoints across meshes: the mesh run's checkpoint → fsdp=8 → save → tp=2×dp=4 → one
     # device.
     t2 = time.perf_counter()
-    family = _models.MODEL_FAMILIES["xlstm"]
+    family = _registry.MODEL_FAMILIES["xlstm"]
     config = meshed.model_config
     optimizer = _train.make_optimizer(_train_config(data_file, ""), meshed.model, config, family)
     skel = eqx.filter_eval_shape(family.build, config, key=jr.key(0))
@@ -433,12 +433,12 @@ def run_dist(data_file: str, process_id: int, num_processes: int, port: int) -> 
     import jax.random as jr
     import numpy as np
 
-    from xlstm_eqx import models as _models, training as _train
+    from xlstm_eqx import models as _registry, training as _train
     from xlstm_eqx.training import loop as _loop, shard_train_state, step as _step
 
     cfg = _train_config(data_file, "")
     p = _loop._prepare(cfg)
-    family = _models.MODEL_FAMILIES[p.kind]
+    family = _registry.MODEL_FAMILIES[p.kind]
     init_key, loop_key = jr.split(jr.key(cfg.seed))
     model = family.build(p.model_config, key=init_key)
     optimizer, _ = _step._optimizer_and_step(cfg, model, p.model_config, family)

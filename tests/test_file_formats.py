@@ -25,12 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlstm_eqx.training import (
-    CheckpointError,
-    load_metadata,
-    restore_checkpoint,
-    save_checkpoint,
-)
 from xlstm_eqx.interop import (
     InteropError,
     from_hf_pretrained,
@@ -38,6 +32,12 @@ from xlstm_eqx.interop import (
     load_xlstm_jax_params,
 )
 from xlstm_eqx.interop.safetensors_files import SafetensorsError, SafetensorsFile, save_file
+from xlstm_eqx.training import (
+    CheckpointError,
+    load_metadata,
+    restore_checkpoint,
+    save_checkpoint,
+)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

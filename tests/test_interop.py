@@ -21,13 +21,12 @@ import pytest
 
 from xlstm_eqx import generate
 from xlstm_eqx.cell import mLSTMBackendNameAndKwargs
+from xlstm_eqx.cli import convert_main, generate_main
 from xlstm_eqx.core import count_params
 from xlstm_eqx.interop import (
     InteropError,
-    convert_main,
     from_hf_pretrained,
     from_xlstm_jax,
-    generate_main,
     hf_config_to_eqx,
     load_xlstm_jax_params,
     save_xlstm_jax_params,

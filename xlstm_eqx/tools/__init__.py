@@ -1,5 +1,5 @@
-"""Level 7: developer tools, a sub-namespace not re-exported at the root — benchmarks and the
-train-step profiler.
+"""Level 7: developer tools, a sub-namespace not re-exported at the root — benchmarks, the
+train-step profiler, and the one-command GPU check (`gpu_check`, `xlstm-eqx bench gpu`).
 """
 
 from .bench import (
@@ -11,6 +11,10 @@ from .bench import (
     run_bench as run_bench,
     run_bench_command as run_bench_command,
     train_step_setup as train_step_setup,
+)
+from .gpu_check import (
+    estimate_durations as estimate_durations,
+    run_gpu_check as run_gpu_check,
 )
 from .profile import (
     PARTS as PARTS,

@@ -21,11 +21,12 @@ import jax.random as jr
 from ..core.timing import _peak_bytes, median_seconds
 from ..models import MODEL_FAMILIES, train_flops_per_token
 from ..training.optim import trainable_params
+from . import gpu_check
 from .profile import print_profile, profile_train_step
 from .train_setup import _train_config, train_step_setup
 
 
-BENCHMARKS = ("cell", "train", "generate", "profile", "all")
+BENCHMARKS = ("cell", "train", "generate", "profile", "all", "gpu")
 
 
 def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -229,7 +230,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("tiny", "small"),
         help="presets for train/profile: {size}_xlstm and {size}_llama",
     )
+    gpu = parser.add_argument_group("bench gpu (validate and time everything on one GPU)")
+    gpu_check.add_arguments(gpu, quick=False)
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
+    if args.which == "gpu":
+        return gpu_check.run_command(args)
     return run_bench(args.which, args.quick, seq_len=args.seq_len, model=args.model, size=args.size)
