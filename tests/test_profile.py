@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import jax.random as jr
 import pytest
 
-import xlstm_eqx.tools.bench as bench
 import xlstm_eqx.tools.train_setup as train_setup
 from xlstm_eqx import MODEL_FAMILIES, get_preset
 from xlstm_eqx.models import train_flops_per_token
@@ -400,7 +399,7 @@ def test_profile_train_step_tiny(model, monkeypatch):
     # (measured: xlstm 1.23x, llama 1.15x), so it is a lower bound here, not a close match.
     real = train_setup._train_config
     monkeypatch.setattr(
-        bench,
+        train_setup,
         "_train_config",
         lambda m, size, s: dataclasses.replace(real(m, size, s), scan_blocks=False),
     )

@@ -149,7 +149,7 @@ def _repo_root() -> Path:
     env = os.environ.get("XLSTM_EQX_REPO")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def _load_script(name: str) -> Any:
