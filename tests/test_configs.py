@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import functools
 import json
 
 import equinox as eqx
@@ -324,26 +325,30 @@ def test_preset_values():
 
 
 _dims = st.sampled_from([16, 32, 48, 64])
+_BACKENDS = [
+    "parallel_stabilized",
+    "recurrent",
+    mLSTMBackendNameAndKwargs("chunkwise", {"chunk_size": 8}),
+    mLSTMBackendNameAndKwargs("triton_kernels", {"backend_name": "x"}),
+]
+_PARALLELS = [None, ParallelConfig(remat=["mLSTMBlock"])]
+_FFNS = [None, FeedForwardConfig(act_fn="swish")]
 
 
 @st.composite
 def _lm_configs(draw):
+    """A builder of a random LM config. Configs are built outside the strategy (the test calls
+    the builder; the sampled ones above at import): under the jaxtyping import hook their
+    constructors are beartype-checked, and beartype samples list and dict items with `random`,
+    which Hypothesis forbids inside a strategy."""
     num_blocks = draw(st.integers(1, 4))
     D = draw(_dims)
     slstm_at = draw(st.lists(st.integers(0, num_blocks - 1), unique=True, max_size=num_blocks))
-    backend = draw(
-        st.sampled_from(
-            [
-                "parallel_stabilized",
-                "recurrent",
-                mLSTMBackendNameAndKwargs("chunkwise", {"chunk_size": 8}),
-                mLSTMBackendNameAndKwargs("triton_kernels", {"backend_name": "x"}),
-            ]
-        )
-    )
+    backend = draw(st.sampled_from(_BACKENDS))
     bias_range = draw(st.sampled_from([None, 0.0, -10.0, (3.0, 6.0), (-1.5, 2.5)]))
     layer_type = draw(st.sampled_from(["mlstm", "mlstm_v1"]))
-    return xLSTMLMModelConfig(
+    return functools.partial(
+        _lm_config,
         vocab_size=draw(st.integers(1, 1000)),
         embedding_dim=D,
         num_blocks=num_blocks,
@@ -352,21 +357,34 @@ def _lm_configs(draw):
         norm_type=draw(st.sampled_from(["layernorm", "rmsnorm"])),
         logits_soft_cap=draw(st.sampled_from([None, 30.0])),
         slstm_at=slstm_at,
-        parallel=draw(st.sampled_from([None, ParallelConfig(remat=["mLSTMBlock"])])),
-        mlstm_block=mLSTMBlockConfig(
-            mlstm=mLSTMLayerConfig(
-                layer_type=layer_type,
-                num_heads=draw(st.sampled_from([1, 2, 4])),
-                mlstm_cell=mLSTMCellConfig(backend=backend, igate_bias_init_range=bias_range),
-            ),
-            feedforward=draw(st.sampled_from([None, FeedForwardConfig(act_fn="swish")])),
-        ),
-        slstm_block=sLSTMBlockConfig(slstm=sLSTMLayerConfig(num_heads=2)) if slstm_at else None,
+        parallel=draw(st.sampled_from(_PARALLELS)),
+        layer_type=layer_type,
+        num_heads=draw(st.sampled_from([1, 2, 4])),
+        backend=backend,
+        bias_range=bias_range,
+        feedforward=draw(st.sampled_from(_FFNS)),
     )
 
 
-@hypothesis.given(cfg=_lm_configs())
-def test_json_round_trip_hypothesis(cfg):
+def _lm_config(*, layer_type, num_heads, backend, bias_range, feedforward, slstm_at, **kw):
+    return xLSTMLMModelConfig(
+        slstm_at=slstm_at,
+        mlstm_block=mLSTMBlockConfig(
+            mlstm=mLSTMLayerConfig(
+                layer_type=layer_type,
+                num_heads=num_heads,
+                mlstm_cell=mLSTMCellConfig(backend=backend, igate_bias_init_range=bias_range),
+            ),
+            feedforward=feedforward,
+        ),
+        slstm_block=sLSTMBlockConfig(slstm=sLSTMLayerConfig(num_heads=2)) if slstm_at else None,
+        **kw,
+    )
+
+
+@hypothesis.given(build=_lm_configs())
+def test_json_round_trip_hypothesis(build):
+    cfg = build()
     again = _json_round_trip(cfg)
     assert again == cfg
     assert hash(again) == hash(cfg)
@@ -453,8 +471,9 @@ INVALID = {
     "block_norm_type": (lambda: xLSTMBlockConfig(mlstm=mLSTMLayerConfig(), norm_type="x"), r"xLSTMBlockConfig: invalid field 'norm_type'"),
     "layer_type": (lambda: _lm(mlstm_block=_ml(layer_type="mamba")), r"'layer_type'.*'mlstm_v1'"),
     "gate_input": (lambda: _ml(gate_input="q"), r"'gate_input'.*x_mlstm_conv_act"),
-    "backend_name": (lambda: _lm(mlstm_block=_cell(backend="flash")), r"mLSTMBackendNameAndKwargs: invalid field 'name'.*chunkwise"),
-    "backend_attention": (lambda: mLSTMCellConfig(backend="attention"), r"'name'.*parallel_stabilized"),
+    "backend_name": (lambda: _lm(mlstm_block=_cell(backend="flash")), r"mLSTMCellConfig: invalid field 'backend'.*chunkwise"),
+    "backend_attention": (lambda: mLSTMCellConfig(backend="attention"), r"'backend'.*parallel_stabilized"),
+    "backend_config_name": (lambda: mLSTMBackendNameAndKwargs("attention"), r"mLSTMBackendNameAndKwargs: invalid field 'name'.*chunkwise"),
     "backend_kwargs": (lambda: mLSTMCellConfig(backend=mLSTMBackendNameAndKwargs("chunkwise", {"chunk": 8})), r"'kwargs'.*chunk_size"),
     "backend_ref_kwargs": (lambda: mLSTMCellConfig(backend=mLSTMBackendNameAndKwargs("triton_kernels", {"blah": 1})), r"'kwargs'.*blah"),
     "act_fn": (lambda: _lm(mlstm_block=mLSTMBlockConfig(feedforward=FeedForwardConfig(act_fn="tanh"))), r"'act_fn'.*swish"),
