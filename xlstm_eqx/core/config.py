@@ -219,8 +219,12 @@ def _noun(tp: Any, plural: bool = False) -> str:
         inner = ", ".join(_noun(a) for a in args)
         return ("tuples" if plural else "a tuple") + f" ({inner})"
     if origin is dict:
-        keys = f" with {_noun(args[0]).split(' ', 1)[-1]} keys" if args[0] is not Any else ""
-        return ("dicts" if plural else "a dict") + keys
+        parts = [
+            f"{_noun(t).split(' ', 1)[-1]} {what}"
+            for t, what in zip(args, ("keys", "values"), strict=True)
+            if t is not Any
+        ]
+        return ("dicts" if plural else "a dict") + (" with " + " and ".join(parts) if parts else "")
     if isinstance(tp, type):
         return f"{tp.__name__} instances" if plural else f"{_article(tp.__name__)} {tp.__name__}"
     raise TypeError(f"config annotation {tp!r} is not supported")

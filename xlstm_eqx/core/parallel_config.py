@@ -27,10 +27,13 @@ class ParallelConfig(_Config):
     model_axis_size: int = field(1, check=AXIS_SIZE)
     """Size of the tensor-parallel axis (heads and FFN width split over it)."""
     data_axis_name: str = field("dp", check=NON_EMPTY)
-    """Mesh axis names; they must differ from each other."""
+    """Name of the data-parallel mesh axis (the four axis names must differ)."""
     fsdp_axis_name: str = field("fsdp", check=NON_EMPTY)
+    """Name of the FSDP mesh axis."""
     pipeline_axis_name: str = field("pp", check=NON_EMPTY)
+    """Name of the pipeline mesh axis."""
     model_axis_name: str = field("tp", check=NON_EMPTY)
+    """Name of the tensor-parallel mesh axis."""
     remat: list[str] = field(default_factory=list)
     """Module names rematerialised in the backward pass ("mLSTMBlock", "xLSTMResBlock",
     "FFNResBlock"; Llama: "TransformerBlock", "AttnBlock", "FFNBlock")."""
