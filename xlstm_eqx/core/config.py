@@ -271,20 +271,16 @@ class _FieldSpec(NamedTuple):
 
 
 def _check_value(root: str, path: str, value: Any, tp: Any, check: Check | None = None) -> None:
-    """THE field check: `value` must be of annotation `tp` and pass `check` (when not None); a
+    """The field check: `value` must be of annotation `tp` and pass `check` (when not None); a
     config instance is then validated field by field under `path`. (`_Config` runs the same
-    check from each field's precomputed `_FieldSpec`.)"""
+    check from each field's `_FieldSpec`, built once per class.)"""
     _check_spec(root, path, value, _spec(tp, check))
 
 
 @functools.cache
 def _spec(tp: Any, check: Check | None) -> _FieldSpec:
-    is_type = _predicate(tp)
-    if check is None:
-        ok = is_type
-    else:
-        test = check.test
-        ok = lambda v: is_type(v) and (v is None or test(v))  # noqa: E731
+    is_type, test = _predicate(tp), None if check is None else check.test
+    ok = is_type if test is None else (lambda v: is_type(v) and (v is None or test(v)))
     coerce = any(x is float or get_origin(x) in (list, tuple) for x in _walk(tp))
     return _FieldSpec(tp, ok, _describe(tp, check), _config_class_in(tp), coerce)
 
@@ -366,7 +362,7 @@ class _Config(metaclass=_ConfigMeta):
         pass
 
     def _validate(self, root: str, prefix: str) -> None:
-        for name, spec in type(self)._specs.items():
+        for name, spec in type(self)._specs.items():  # `_check_spec`, inlined: the hot loop
             value = getattr(self, name)
             if not spec.ok(value):
                 _fail(root, prefix + name, spec.message, value)
