@@ -20,6 +20,7 @@ from xlstm_eqx.nn import (
     DenseGeneral,
     Embedding,
     FeedForward,
+    FeedForwardConfig,
     LayerNorm,
     LinearHeadwiseExpand,
     MultiHeadNorm,
@@ -323,24 +324,23 @@ def test_dropout_only_with_key():
 # feed-forward
 
 
-class _FFNConfig:
-    def __init__(self, **kw):
-        self.embedding_dim = 8
-        self._proj_up_dim = 12
-        self.ff_type = "ffn_gated"
-        self.act_fn = "swish"
-        self.bias = False
-        self.dropout = 0.0
-        self.dtype = "float32"
-        self.init_distribution = "normal"
-        self.output_init_fn = "wang"
-        self._num_blocks = 3
-        self.__dict__.update(kw)
+def _ffn_config(**kw):
+    """D = 8 and F = `_proj_up_dim` = 12 (1.5 * 8 rounded to a multiple of 4) unless overridden."""
+    base = dict(
+        embedding_dim=8,
+        proj_factor=1.5,
+        round_proj_up_to_multiple_of=4,
+        ff_type="ffn_gated",
+        act_fn="swish",
+        dtype="float32",
+        _num_blocks=3,
+    )
+    return FeedForwardConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("ff_type", ["ffn_gated", "ffn"])
 def test_feedforward_matches_numpy(ff_type, getkey):
-    ffn = FeedForward(_FFNConfig(ff_type=ff_type, act_fn="gelu"), key=getkey())
+    ffn = FeedForward(_ffn_config(ff_type=ff_type, act_fn="gelu"), key=getkey())
     x = rand(getkey(), (2, 3, 8))
     xn = f64(x)
     act = lambda a: 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a**3)))  # noqa: E731
@@ -354,7 +354,9 @@ def test_feedforward_matches_numpy(ff_type, getkey):
 
 
 def test_feedforward_init_scales():
-    ffn = FeedForward(_FFNConfig(embedding_dim=256, _proj_up_dim=512, _num_blocks=2), key=jr.key(0))
+    config = _ffn_config(embedding_dim=256, proj_factor=2.0, _num_blocks=2)
+    assert config._proj_up_dim == 512
+    ffn = FeedForward(config, key=jr.key(0))
     assert float(jnp.std(ffn.proj_up.kernel)) == pytest.approx(math.sqrt(2 / (5 * 256)), rel=0.03)
     assert float(jnp.std(ffn.proj_down.kernel)) == pytest.approx(2 / (2 * 16), rel=0.03)
 

@@ -50,6 +50,7 @@ from .llama import (
 )
 from .models import (
     MODEL_FAMILIES as MODEL_FAMILIES,
+    ModelConfig as ModelConfig,
     ModelFamily as ModelFamily,
     build_model as build_model,
     family_of as family_of,

@@ -9,7 +9,7 @@ asking which class a config is.
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax
@@ -26,6 +26,19 @@ from .xlstm.mlstm_layer_v1 import _v1_dims
 from .xlstm.model import decay_mask as xlstm_decay_mask, xLSTMLMModel
 
 
+@runtime_checkable
+class ModelConfig(Protocol):
+    """What every registered family's config provides: a dict round trip (run files and
+    checkpoints store `to_dict()`; `ModelFamily.config_from_dict` reads it back). Functions that
+    take any family's config take this; the family itself is looked up by the config's class
+    (`family_of`). `xLSTMLMModelConfig` and `LlamaConfig` are the two families built in."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelFamily:
     """One model family: its config class, how to build a model from a config, its presets, and
@@ -37,7 +50,7 @@ class ModelFamily:
     presets: Callable[[], dict[str, Callable[[], Any]]]
     decay_mask: Callable[[Any, Any], Any] | None = None
 
-    def config_from_dict(self, d: dict[str, Any]) -> Any:
+    def config_from_dict(self, d: dict[str, Any]) -> ModelConfig:
         return self.config_cls.from_dict(d)
 
 
@@ -49,7 +62,7 @@ def register_model_family(family: ModelFamily) -> None:
     MODEL_FAMILIES[family.name] = family
 
 
-def family_of(config: Any) -> ModelFamily:
+def family_of(config: ModelConfig) -> ModelFamily:
     """The registered family whose config class `config` is an instance of (the most derived
     match wins), or a `TypeError` naming the config's type."""
     for cls in type(config).__mro__:
@@ -60,7 +73,7 @@ def family_of(config: Any) -> ModelFamily:
     raise TypeError(f"no model family for a config of type {type(config).__name__}; known: {known}")
 
 
-def build_model(config: Any, *, key: PRNGKeyArray) -> PyTree:
+def build_model(config: ModelConfig, *, key: PRNGKeyArray) -> PyTree:
     """The model of ``config``'s family, initialised with ``key``."""
     return family_of(config).build(config, key=key)
 
@@ -112,7 +125,7 @@ register_model_family(
 # FLOP counting
 
 
-def matmul_param_count(config: Any) -> int:
+def matmul_param_count(config: ModelConfig) -> int:
     """Parameters that take part in a matrix product per token: every array whose field name ends
     in `kernel` (dense, headwise, gate, conv and LM-head kernels, stacked or not), plus the
     embedding table when it doubles as the LM head (`tie_weights`). The embedding lookup itself
@@ -131,7 +144,7 @@ def matmul_param_count(config: Any) -> int:
     return total
 
 
-def _mlstm_dims(config: Any) -> tuple[int, int, int]:
+def _mlstm_dims(config: xLSTMLMModelConfig) -> tuple[int, int, int]:
     """(NH, DHQK, DHV) of the xLSTM model's mLSTM layers."""
 
     layer = config.mlstm_block.mlstm
@@ -143,7 +156,7 @@ def _mlstm_dims(config: Any) -> tuple[int, int, int]:
     return nh, qk_dim // nh, v_dim // nh
 
 
-def train_flops_per_token(config: Any, seq_len: int) -> float:
+def train_flops_per_token(config: xLSTMLMModelConfig | LlamaConfig, seq_len: int) -> float:
     """Model FLOPs of one training token (forward + backward = 3x forward), counted analytically.
 
     Dense part (both families): ``6 * N`` with ``N = matmul_param_count(config)`` (2 FLOPs per

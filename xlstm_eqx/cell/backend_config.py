@@ -1,9 +1,17 @@
-"""FIXME docstring."""
+"""`mLSTMBackendNameAndKwargs`: which mLSTM cell backend a layer runs, with its keyword
+arguments; the reference's backend names are mapped onto this package's (ARCHITECTURE §2.7)."""
 
-import dataclasses
-from typing import Any, no_type_check
+from typing import Any, Literal
 
-from ..core.config import _check_positive_int, _Config, _config, _fail, _is_number
+from ..core.config import NON_NEGATIVE, POSITIVE, _check_value, _Config, _config, _fail, field
+
+
+BackendName = Literal["parallel_stabilized", "chunkwise", "chunkwise_pallas", "auto", "recurrent"]
+"""The mLSTM backends implemented in this package."""
+
+
+ReferenceBackendName = Literal["fwbw_stabilized", "triton_kernels", "recurrent_triton"]
+"""The reference's backend names, mapped onto ours at construction."""
 
 
 #: The mLSTM backends implemented in this package, and the keyword arguments each one accepts.
@@ -60,6 +68,13 @@ _REFERENCE_BACKENDS: dict[str, tuple[str, int | None, tuple[str, ...], tuple[str
 }
 
 
+#: Types and constraints of the backend keyword arguments.
+_KWARG_TYPES: dict[str, tuple[Any, Any]] = {
+    "chunk_size": (int, POSITIVE),
+    "eps": (float, NON_NEGATIVE),
+}
+
+
 #: Reference kwargs of the canonical names that are accepted and dropped.
 _DROPPED_KWARGS: dict[str, tuple[str, ...]] = {
     "parallel_stabilized": ("context_length",),
@@ -73,77 +88,69 @@ _DROPPED_KWARGS: dict[str, tuple[str, ...]] = {
 # mLSTM backend (§2.7)
 
 
-@no_type_check
 @_config
 class mLSTMBackendNameAndKwargs(_Config):
     """mLSTM backend name and its keyword arguments (passed to the cell function).
 
-    Names here: "parallel_stabilized" (kwargs: eps), "chunkwise" (kwargs: chunk_size, default 64; eps),
-    "chunkwise_pallas" (the Pallas kernels; same kwargs), "auto" (on a GPU whichever of the two is
-    faster for the shapes, measured once; "chunkwise" elsewhere), "recurrent" (kwargs: eps). The
-    reference's names are accepted and mapped at construction:
-    - "triton_kernels" -> "auto", chunk_size from kwargs (default 64). Its other kwargs
-      (backend_name, autocast_dtype, reduce_slicing, eps, norm_val, stabilize_correctly) are dead in the
-      reference and dropped; the kernel's eps is 1e-6, the cell default.
-    - "fwbw_stabilized" -> "chunkwise", chunk_size from kwargs (default 512). Its keep_* / return_state /
-      use_initial_state / stabilize_correctly kwargs are dropped. Note: fwbw uses the normaliser lower bound
-      1 and no eps (§5.4); the mapped backend uses exp(-m) and eps=1e-6 (differences vanish after the
-      per-head norm).
-    - "recurrent_triton" -> "recurrent" (eps kept; state_dtype, use_scan, backend_name dropped).
-    The reference kwargs "context_length" (parallel, recurrent), "state_dtype" and "use_scan" (recurrent) are
-    accepted and dropped. Anything else is an error, as are the reference's "attention" ablation backend
-    and unknown names.
+    The reference's names are accepted and mapped at construction (`name` documents how); the
+    reference kwargs "context_length" (parallel, recurrent), "state_dtype" and "use_scan"
+    (recurrent) are accepted and dropped. Anything else is an error, as are the reference's
+    "attention" ablation backend and unknown names.
     """
 
-    name: str = "parallel_stabilized"
-    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    name: BackendName | ReferenceBackendName = "parallel_stabilized"
+    """"parallel_stabilized" (kwargs: eps); "chunkwise" (kwargs: chunk_size, default 64; eps);
+    "chunkwise_pallas" (the Pallas kernels; same kwargs); "auto" (on a GPU whichever of the two
+    is faster for the shapes, measured once; "chunkwise" elsewhere); "recurrent" (kwargs: eps).
+    The reference's names become ours:
+
+    - "triton_kernels" -> "auto", chunk_size from kwargs (default 64). Its other kwargs
+      (backend_name, autocast_dtype, reduce_slicing, eps, norm_val, stabilize_correctly) are dead
+      in the reference and dropped; the kernel's eps is 1e-6, the cell default.
+    - "fwbw_stabilized" -> "chunkwise", chunk_size from kwargs (default 512). Its keep_* /
+      return_state / use_initial_state / stabilize_correctly kwargs are dropped. Note: fwbw uses
+      the normaliser lower bound 1 and no eps (§5.4); the mapped backend uses exp(-m) and eps=1e-6
+      (differences vanish after the per-head norm).
+    - "recurrent_triton" -> "recurrent" (eps kept; state_dtype, use_scan, backend_name dropped).
+    """
+    kwargs: dict[str, Any] | None = field(default_factory=dict)
+    """Keyword arguments of the backend (see `name`; None means none). Defaults are filled in
+    (`chunk_size` 64), so equal settings compare equal."""
 
     def _derive(self) -> None:
-        if self.kwargs is None:
-            self.kwargs = {}
-        if not isinstance(self.name, str) or not isinstance(self.kwargs, dict):
-            return  # reported by _validate
-        kwargs = dict(self.kwargs)
+        kwargs = {} if self.kwargs is None else dict(self.kwargs)
         if self.name in _REFERENCE_BACKENDS:
             target, default_chunk, kept, dropped = _REFERENCE_BACKENDS[self.name]
-            unknown = sorted(set(kwargs) - set(kept) - set(dropped))
-            if unknown:
-                return  # reported by _validate
+            if set(kwargs) - set(kept) - set(dropped):
+                self.kwargs = kwargs
+                return  # unknown kwargs: reported by _cross_check
             kwargs = {k: v for k, v in kwargs.items() if k in kept}
             if default_chunk is not None:
                 kwargs.setdefault("chunk_size", default_chunk)
-            self.name = target
-        if self.name in MLSTM_BACKENDS:
-            kwargs = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS[self.name]}
-            for key, value in _BACKEND_DEFAULT_KWARGS[self.name].items():
-                kwargs.setdefault(key, value)
+            self.name = target  # type: ignore[assignment]
+        kwargs = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS[self.name]}
+        for key, value in _BACKEND_DEFAULT_KWARGS[self.name].items():
+            kwargs.setdefault(key, value)
         self.kwargs = kwargs
 
-    def _validate(self, root: str, prefix: str) -> None:
-        allowed_names = tuple(MLSTM_BACKENDS) + tuple(_REFERENCE_BACKENDS)
-        if not isinstance(self.name, str) or self.name not in allowed_names:
-            _fail(root, prefix + "name", f"must be one of {allowed_names}", self.name)
-        if not isinstance(self.kwargs, dict):
-            _fail(root, prefix + "kwargs", "must be a dict", self.kwargs)
+    def _cross_check(self, root: str, prefix: str) -> None:
+        kwargs = {} if self.kwargs is None else self.kwargs
         if self.name in _REFERENCE_BACKENDS:  # _derive left it unmapped: unknown kwargs
             _, _, kept, dropped = _REFERENCE_BACKENDS[self.name]
-            unknown = sorted(set(self.kwargs) - set(kept) - set(dropped))
+            unknown = sorted(set(kwargs) - set(kept) - set(dropped))
             _fail(
                 root,
                 prefix + "kwargs",
                 f"unknown keys {unknown} for backend {self.name!r}; allowed: {kept + dropped}",
             )
         allowed = MLSTM_BACKENDS[self.name]
-        unknown = sorted(set(self.kwargs) - set(allowed))
+        unknown = sorted(set(kwargs) - set(allowed))
         if unknown:
             _fail(
                 root,
                 prefix + "kwargs",
                 f"unknown keys {unknown} for backend {self.name!r}; allowed: {allowed}",
             )
-        if "chunk_size" in self.kwargs:
-            _check_positive_int(root, prefix + "kwargs.chunk_size", self.kwargs["chunk_size"])
-        if "eps" in self.kwargs:
-            eps = self.kwargs["eps"]
-            if not _is_number(eps) or eps < 0:
-                _fail(root, prefix + "kwargs.eps", "must be a number >= 0", eps)
+        for key, value in kwargs.items():
+            tp, check = _KWARG_TYPES[key]
+            _check_value(root, prefix + "kwargs." + key, value, tp, check)

@@ -1,87 +1,66 @@
-"""FIXME docstring."""
+"""`ParallelConfig`: the device mesh layout and the FSDP / remat choices (ARCHITECTURE §2.11)."""
 
-import dataclasses
-from typing import Any, ClassVar, no_type_check
+from typing import ClassVar
 
-from .config import (
-    DTYPES,
-    _check_bool,
-    _check_choice,
-    _check_nonneg_int,
-    _Config,
-    _config_kw,
-    _fail,
-    _is_int,
-    _validate_child,
+from .config import NON_EMPTY, NON_NEGATIVE, Check, DType, _Config, _config_kw, _fail, field
+
+
+AXIS_SIZE = Check(
+    lambda v: v > 0 or v == -1, "a positive {n} or -1 (fill with the remaining devices)"
 )
 
 
 # ParallelConfig (§2.11)
 
 
-@no_type_check
 @_config_kw
 class ParallelConfig(_Config):
-    """Mesh layout (dp, fsdp, pp, tp) and FSDP/remat choices. An axis size of -1 takes the remaining devices."""
+    """Mesh layout (dp, fsdp, pp, tp) and FSDP/remat choices."""
 
-    data_axis_size: int = -1
-    fsdp_axis_size: int = 1
-    pipeline_axis_size: int = 1
-    model_axis_size: int = 1
-    data_axis_name: str = "dp"
-    fsdp_axis_name: str = "fsdp"
-    pipeline_axis_name: str = "pp"
-    model_axis_name: str = "tp"
-    remat: list[str] = dataclasses.field(default_factory=list)
-    fsdp_modules: list[str] = dataclasses.field(default_factory=list)
-    fsdp_min_weight_size: int = 2**18
-    fsdp_gather_dtype: str | None = None
-    fsdp_grad_scatter_dtype: str | None = None
+    data_axis_size: int = field(-1, check=AXIS_SIZE)
+    """Size of the data-parallel mesh axis; -1 takes the devices the other axes leave (at most
+    one axis size may be -1)."""
+    fsdp_axis_size: int = field(1, check=AXIS_SIZE)
+    """Size of the FSDP axis (parameters of `fsdp_modules` sharded over it)."""
+    pipeline_axis_size: int = field(1, check=AXIS_SIZE)
+    """Size of the pipeline axis (kept for the reference's layout; no pipelining here)."""
+    model_axis_size: int = field(1, check=AXIS_SIZE)
+    """Size of the tensor-parallel axis (heads and FFN width split over it)."""
+    data_axis_name: str = field("dp", check=NON_EMPTY)
+    """Name of the data-parallel mesh axis (the four axis names must differ)."""
+    fsdp_axis_name: str = field("fsdp", check=NON_EMPTY)
+    """Name of the FSDP mesh axis."""
+    pipeline_axis_name: str = field("pp", check=NON_EMPTY)
+    """Name of the pipeline mesh axis."""
+    model_axis_name: str = field("tp", check=NON_EMPTY)
+    """Name of the tensor-parallel mesh axis."""
+    remat: list[str] = field(default_factory=list)
+    """Module names rematerialised in the backward pass ("mLSTMBlock", "xLSTMResBlock",
+    "FFNResBlock"; Llama: "TransformerBlock", "AttnBlock", "FFNBlock")."""
+    fsdp_modules: list[str] = field(default_factory=list)
+    """Module names whose parameters are sharded over the FSDP axis (e.g. "Embed", "LMHead")."""
+    fsdp_min_weight_size: int = field(2**18, check=NON_NEGATIVE)
+    """Arrays with at most this many elements (per tensor-parallel shard) are not FSDP-sharded."""
+    fsdp_gather_dtype: DType | None = None
+    """Dtype the FSDP all-gather of parameters runs in (None: the parameter dtype)."""
+    fsdp_grad_scatter_dtype: DType | None = None
+    """Dtype the FSDP reduce-scatter of gradients runs in (None: the gradient dtype)."""
     tp_async_dense: bool = False
+    """The reference's asynchronous tensor-parallel dense layers (accepted, no effect here)."""
 
     _AXES: ClassVar[tuple[str, ...]] = ("data", "fsdp", "pipeline", "model")
 
-    def _derive(self) -> None:
-        if isinstance(self.remat, tuple):
-            self.remat = list(self.remat)
-        if isinstance(self.fsdp_modules, tuple):
-            self.fsdp_modules = list(self.fsdp_modules)
-
-    def _validate(self, root: str, prefix: str) -> None:
-        sizes = {}
-        for axis in self._AXES:
-            name = f"{axis}_axis_size"
-            value = getattr(self, name)
-            if not _is_int(value) or (value <= 0 and value != -1):
-                _fail(
-                    root,
-                    prefix + name,
-                    "must be a positive int or -1 (fill with the remaining devices)",
-                    value,
-                )
-            sizes[name] = value
-        filled = [n for n, v in sizes.items() if v == -1]
+    def _cross_check(self, root: str, prefix: str) -> None:
+        filled = [f"{a}_axis_size" for a in self._AXES if getattr(self, f"{a}_axis_size") == -1]
         if len(filled) > 1:
             _fail(root, prefix + filled[1], f"at most one axis size may be -1, but {filled} are")
-        names = []
+        names: list[str] = []
         for axis in self._AXES:
             name = f"{axis}_axis_name"
             value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                _fail(root, prefix + name, "must be a non-empty str", value)
             if value in names:
                 _fail(root, prefix + name, f"must differ from the other axis names {names}", value)
             names.append(value)
-        for name in ("remat", "fsdp_modules"):
-            value = getattr(self, name)
-            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-                _fail(root, prefix + name, "must be a list of module names (str)", value)
-        _check_nonneg_int(root, prefix + "fsdp_min_weight_size", self.fsdp_min_weight_size)
-        for name in ("fsdp_gather_dtype", "fsdp_grad_scatter_dtype"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_choice(root, prefix + name, value, DTYPES + (None,))
-        _check_bool(root, prefix + "tp_async_dense", self.tp_async_dense)
 
 
 def _tp_size(parallel: ParallelConfig | None) -> int:
@@ -89,7 +68,3 @@ def _tp_size(parallel: ParallelConfig | None) -> int:
     if parallel is None or parallel.model_axis_size == -1:
         return 1
     return parallel.model_axis_size
-
-
-def _validate_parallel(obj: Any, root: str, prefix: str) -> None:
-    _validate_child(root, prefix + "parallel", obj.parallel, ParallelConfig, optional=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..data.tokenizer import HFTokenizer
 from ..llama.config import LlamaConfig
-from ..models import MODEL_FAMILIES, family_of
+from ..models import MODEL_FAMILIES, ModelConfig, family_of
 from ..training.checkpoint import save_checkpoint
 from ..training.evaluate import load_run
 from ..xlstm.config import xLSTMLMModelConfig
@@ -21,14 +21,14 @@ from .common import MAX_BLOCKS, InteropError, load_json, printable
 from .hf import from_hf_pretrained
 
 
-def _kind_of(config: Any) -> str:
+def _kind_of(config: ModelConfig) -> str:
     try:
         return family_of(config).name
     except TypeError as e:
         raise InteropError(str(e)) from None
 
 
-def read_model_config(path: str) -> Any:
+def read_model_config(path: str) -> xLSTMLMModelConfig | LlamaConfig:
     """A model config from JSON: ``{"model_kind", "model_config"}`` (a run's config.json or a
     fixture's) or a bare config dict (Llama if it has ``head_dim`` and no ``mlstm_block``)."""
 
@@ -59,7 +59,7 @@ def read_model_config(path: str) -> Any:
 
 def save_eqx(
     model: Any,
-    config: Any,
+    config: ModelConfig,
     out: str,
     *,
     tokenizer_file: str | None = None,

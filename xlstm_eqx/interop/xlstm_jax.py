@@ -87,7 +87,9 @@ _MAX_NAME_DEPTH = 64
 # configs
 
 
-def xlstm_jax_config(config: Any) -> Any:
+def xlstm_jax_config(
+    config: xLSTMLMModelConfig | LlamaConfig,
+) -> xLSTMLMModelConfig | LlamaConfig:
     """The config a reference checkpoint really runs with: a copy of ``config`` with the
     reference's output-changing quirks switched on (see the module docstring)."""
     if isinstance(config, xLSTMLMModelConfig):
@@ -384,7 +386,9 @@ def _scan(flat: Mapping[str, Any], num_blocks: int, per: str, stacked: str) -> d
 # conversions
 
 
-def from_xlstm_jax(params: Any, config: Any) -> xLSTMLMModel | LlamaTransformer:
+def from_xlstm_jax(
+    params: Any, config: xLSTMLMModelConfig | LlamaConfig
+) -> xLSTMLMModel | LlamaTransformer:
     """An `xLSTMLMModel` (``mlstm`` and ``mlstm_v1`` blocks) or `LlamaTransformer` from an
     xlstm-jax parameter tree and the config it was trained with (our config class; the block
     layout — scanned or not — of ``config.scan_blocks`` is used whatever the tree's).

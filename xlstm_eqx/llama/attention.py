@@ -6,7 +6,7 @@ itself (docs/architecture.md, "Llama").
 """
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, get_args
 
 import equinox as eqx
 import jax
@@ -19,13 +19,10 @@ from ..nn.functional import dropout
 from ..nn.init import output_initializer, small_initializer
 from ..nn.linear import DenseGeneral
 from ..nn.norm import RMSNorm
-from .config import LlamaConfig
+from .config import AttentionBackend, LlamaConfig
 
 
-AttentionBackend = Literal["xla", "cudnn", "pallas_triton"]
-
-
-ATTENTION_BACKENDS: tuple[str, ...] = ("xla", "cudnn", "pallas_triton")
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 
 # Flax RMSNorm default, used by every norm of the reference Llama.

@@ -1,65 +1,79 @@
-"""FIXME docstring."""
+"""`LlamaConfig`: the Llama baseline, one flat config (ARCHITECTURE §2.10)."""
 
 import copy
-import dataclasses
-from typing import ClassVar, Literal, no_type_check
+from typing import Any, Literal
 
 import jax.numpy as jnp
 
 from ..core.config import (
-    DTYPES,
-    _check_bool,
-    _check_choice,
+    POSITIVE,
+    POSITIVE_OR_UNSET,
+    RATE,
+    DType,
     _check_divides,
-    _check_positive_float,
-    _check_positive_int,
-    _check_positive_or_unset,
-    _check_rate,
     _Config,
     _config,
     _fail,
+    field,
 )
 from ..core.parallel_config import ParallelConfig
 
 
-ATTENTION_BACKENDS = ("xla", "cudnn", "pallas_triton")
+AttentionBackend = Literal["xla", "cudnn", "pallas_triton"]
 
 
 # Llama (§2.10)
 
 
-@no_type_check
 @_config
 class LlamaConfig(_Config):
     """Llama baseline, one flat config (§2.10). `num_heads = embedding_dim // head_dim`;
-    `ffn_hidden_dim` is the SwiGLU hidden size of §7.3.
+    `ffn_hidden_dim` is the SwiGLU hidden size of §7.3."""
 
-    Port additions: `context_length` (-1 = unbounded; an upper bound callers may enforce, nothing is sized by
-    it) and `query_scale_quirk` (True reproduces the reference's q scale NH^-1/2 instead of head_dim^-1/2).
-    """
-
-    vocab_size: int
-    embedding_dim: int
-    num_blocks: int
-    head_dim: int = 128
+    vocab_size: int = field(check=POSITIVE)
+    """Vocabulary size V."""
+    embedding_dim: int = field(check=POSITIVE)
+    """Model width D; a multiple of `head_dim`."""
+    num_blocks: int = field(check=POSITIVE)
+    """Number of transformer blocks."""
+    head_dim: int = field(128, check=POSITIVE)
+    """Width of an attention head (even: RoPE rotates pairs)."""
     qk_norm: bool = False
+    """RMS-norm q and k per head."""
     causal: bool = True
-    theta: float = 1e4
-    ffn_multiple_of: int = 64
-    ffn_dim_multiplier: float | None = 1.0
+    """Causal attention mask."""
+    theta: float = field(1e4, check=POSITIVE)
+    """RoPE base."""
+    ffn_multiple_of: int = field(64, check=POSITIVE)
+    """The SwiGLU hidden size is rounded up to a multiple of this."""
+    ffn_dim_multiplier: float | None = field(1.0, check=POSITIVE)
+    """Factor on the SwiGLU hidden size int(8D/3) (None: 1)."""
     use_bias: bool = False
+    """Biases in the dense layers."""
     scan_blocks: bool = True
-    attention_backend: Literal["xla", "cudnn", "pallas_triton"] = "xla"
+    """Stack the block parameters and apply them with `lax.scan`."""
+    attention_backend: AttentionBackend = "xla"
+    """Attention core: "xla" (any device), "cudnn" and "pallas_triton" (GPU)."""
     mask_across_document_boundaries: bool = False
-    dtype: str = "float32"
-    dropout_rate: float = 0.0
+    """Attend only within a document (segment ids from the document borders)."""
+    dtype: DType = "float32"
+    """Compute dtype."""
+    dropout_rate: float = field(0.0, check=RATE)
+    """Dropout rate on the attention and FFN outputs (and on the embeddings, see
+    `add_embedding_dropout`)."""
     add_embedding_dropout: bool = False
-    logits_soft_cap: float | None = None
-    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
-    context_length: int = -1
+    """Dropout on the token embeddings."""
+    logits_soft_cap: float | None = field(None, check=POSITIVE)
+    """Soft cap `c * tanh(x / c)` of the logits (None: no cap)."""
+    parallel: ParallelConfig | dict[str, Any] | None = field(default_factory=ParallelConfig)
+    """Mesh layout (a dict is parsed, None means the default); `model_axis_size` must be 1 (no
+    tensor parallelism)."""
+    context_length: int = field(-1, check=POSITIVE_OR_UNSET)
+    """Port addition: an upper bound on the sequence length callers such as the CLI may enforce
+    (-1: unbounded; nothing is sized by it)."""
     query_scale_quirk: bool = False
-
-    _nested: ClassVar[dict[str, type[_Config]]] = {"parallel": ParallelConfig}
+    """Port addition: scale queries by NH^-1/2 as the reference does, instead of head_dim^-1/2
+    (§7.2)."""
 
     def _derive(self) -> None:
         if isinstance(self.parallel, dict):
@@ -82,12 +96,8 @@ class LlamaConfig(_Config):
         m = self.ffn_multiple_of
         return m * ((hidden + m - 1) // m)
 
-    def _validate(self, root: str, prefix: str) -> None:
+    def _cross_check(self, root: str, prefix: str) -> None:
         p = prefix
-        _check_positive_int(root, p + "vocab_size", self.vocab_size)
-        _check_positive_int(root, p + "embedding_dim", self.embedding_dim)
-        _check_positive_int(root, p + "num_blocks", self.num_blocks)
-        _check_positive_int(root, p + "head_dim", self.head_dim)
         _check_divides(root, p + "head_dim", self.head_dim, self.embedding_dim, "embedding_dim")
         if self.head_dim % 2 != 0:
             _fail(
@@ -96,35 +106,13 @@ class LlamaConfig(_Config):
                 "must be even (RoPE rotates pairs of dimensions)",
                 self.head_dim,
             )
-        _check_bool(root, p + "qk_norm", self.qk_norm)
-        _check_bool(root, p + "causal", self.causal)
-        _check_positive_float(root, p + "theta", self.theta)
-        _check_positive_int(root, p + "ffn_multiple_of", self.ffn_multiple_of)
-        _check_positive_float(
-            root, p + "ffn_dim_multiplier", self.ffn_dim_multiplier, allow_none=True
-        )
-        _check_bool(root, p + "use_bias", self.use_bias)
-        _check_bool(root, p + "scan_blocks", self.scan_blocks)
-        _check_choice(root, p + "attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        _check_bool(
-            root, p + "mask_across_document_boundaries", self.mask_across_document_boundaries
-        )
-        _check_choice(root, p + "dtype", self.dtype, DTYPES)
-        _check_rate(root, p + "dropout_rate", self.dropout_rate)
-        _check_bool(root, p + "add_embedding_dropout", self.add_embedding_dropout)
-        _check_positive_float(root, p + "logits_soft_cap", self.logits_soft_cap, allow_none=True)
-        if not isinstance(self.parallel, ParallelConfig):
-            _fail(root, p + "parallel", "must be a ParallelConfig", self.parallel)
-        self.parallel._validate(root, p + "parallel.")
-        if self.parallel.model_axis_size != 1:
+        if isinstance(self.parallel, ParallelConfig) and self.parallel.model_axis_size != 1:
             _fail(
                 root,
                 p + "parallel.model_axis_size",
                 "must be 1: the Llama baseline has no tensor parallelism",
                 self.parallel.model_axis_size,
             )
-        _check_positive_or_unset(root, p + "context_length", self.context_length)
-        _check_bool(root, p + "query_scale_quirk", self.query_scale_quirk)
         if self.ffn_hidden_dim <= 0:
             _fail(
                 root,

@@ -2,13 +2,12 @@
 blocks, ``(..., D) -> (..., D)`` through a hidden width ``F`` fixed by its config.
 """
 
-from typing import Any
-
 import equinox as eqx
 import jax
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .feedforward_config import FeedForwardConfig
 from .functional import ACTIVATIONS, dropout, get_activation
 from .init import output_initializer, small_initializer
 from .linear import Dense
@@ -32,7 +31,7 @@ class FeedForward(eqx.Module):
     act_fn: str = eqx.field(static=True)
     dropout_rate: float = eqx.field(static=True)
 
-    def __init__(self, config: Any, *, key: PRNGKeyArray):
+    def __init__(self, config: FeedForwardConfig, *, key: PRNGKeyArray):
         D = config.embedding_dim
         F = config._proj_up_dim
         if D is None or D <= 0 or F is None or F <= 0:

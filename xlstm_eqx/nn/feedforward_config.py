@@ -1,89 +1,85 @@
-"""FIXME docstring."""
+"""`FeedForwardConfig`: the feed-forward sub-block of xLSTM blocks (ARCHITECTURE §2.9, §4.2)."""
 
-from typing import ClassVar, Literal, no_type_check
+from typing import Literal
 
 import jax.numpy as jnp
 
 from ..core.config import (
-    ACT_FNS,
-    DTYPES,
-    INIT_DISTRIBUTIONS,
-    OUTPUT_INIT_FNS,
-    _check_bool,
-    _check_choice,
+    POSITIVE,
+    POSITIVE_OR_UNSET,
+    RATE,
+    ActFn,
+    DType,
+    InitDistribution,
+    OutputInitFn,
     _check_divides,
-    _check_positive_float,
-    _check_positive_int,
-    _check_positive_or_unset,
-    _check_rate,
     _Config,
     _config,
     _fail,
     _proj_up_dim_of,
+    field,
 )
-from ..core.parallel_config import ParallelConfig, _tp_size, _validate_parallel
+from ..core.parallel_config import ParallelConfig, _tp_size
 
 
-FF_TYPES = ("ffn_gated", "ffn")
-
-
-@no_type_check
 @_config
 class FeedForwardConfig(_Config):
-    """Feed-forward sub-block (§2.9, §4.2): F = `_proj_up_dim` = round-up of `proj_factor * embedding_dim`."""
+    """Feed-forward sub-block (§2.9, §4.2): F = `_proj_up_dim` = round-up of `proj_factor *
+    embedding_dim`."""
 
-    proj_factor: float = 1.3
-    act_fn: str = "gelu"
-    embedding_dim: int = -1
-    dropout: float = 0.0
+    proj_factor: float = field(1.3, check=POSITIVE)
+    """Hidden width F over the model width, before rounding (see `round_proj_up_to_multiple_of`)."""
+    act_fn: ActFn = "gelu"
+    """Activation of the hidden layer ("gelu" is the tanh approximation, as Flax)."""
+    embedding_dim: int = field(-1, check=POSITIVE_OR_UNSET)
+    """Model width D; set by the block (-1 until then)."""
+    dropout: float = field(0.0, check=RATE)
+    """Dropout rate on the output (not pushed by the stack)."""
     bias: bool = False
-    init_distribution: Literal["normal", "truncated_normal", "uniform"] = "normal"
-    output_init_fn: Literal["small", "wang", "wang2", "zeros"] = "wang"
+    """Biases in the three projections."""
+    init_distribution: InitDistribution = "normal"
+    """Distribution of the kernel inits."""
+    output_init_fn: OutputInitFn = "wang"
+    """Init of the down projection (scaled by `_num_blocks` for "wang")."""
     ff_type: Literal["ffn_gated", "ffn"] = "ffn_gated"
-    dtype: str = "bfloat16"
+    """"ffn_gated": `(act(x W_gate) * x W_up) W_down`; "ffn": `act(x W_up) W_down`."""
+    dtype: DType = "bfloat16"
+    """Compute dtype; the block pushes its own (a port choice, see `xLSTMBlockConfig`)."""
     parallel: ParallelConfig | None = None
+    """Mesh layout, pushed by the block (the FFN width must divide by the tensor-parallel size)."""
     round_proj_up_dim_up: bool = True
-    round_proj_up_to_multiple_of: int = 64
+    """Round `proj_factor * embedding_dim` up (True) or down to the multiple."""
+    round_proj_up_to_multiple_of: int = field(64, check=POSITIVE)
+    """F is a multiple of this."""
     _proj_up_dim: int | None = None
-    _num_blocks: int = 1
-
-    _nested: ClassVar[dict[str, type[_Config]]] = {"parallel": ParallelConfig}
+    """Derived: the hidden width F (None while `embedding_dim` is unset)."""
+    _num_blocks: int = field(1, check=POSITIVE)
+    """Number of blocks of the stack (for the "wang" init); pushed by the stack."""
 
     def _derive(self) -> None:
-        self._proj_up_dim = _proj_up_dim_of(self)
-
-    def _validate(self, root: str, prefix: str) -> None:
-        p = prefix
-        _check_positive_float(root, p + "proj_factor", self.proj_factor)
-        _check_choice(root, p + "act_fn", self.act_fn, ACT_FNS)
-        _check_positive_or_unset(root, p + "embedding_dim", self.embedding_dim)
-        _check_rate(root, p + "dropout", self.dropout)
-        _check_bool(root, p + "bias", self.bias)
-        _check_choice(root, p + "init_distribution", self.init_distribution, INIT_DISTRIBUTIONS)
-        _check_choice(root, p + "output_init_fn", self.output_init_fn, OUTPUT_INIT_FNS)
-        _check_choice(root, p + "ff_type", self.ff_type, FF_TYPES)
-        _check_choice(root, p + "dtype", self.dtype, DTYPES)
-        _check_bool(root, p + "round_proj_up_dim_up", self.round_proj_up_dim_up)
-        _check_positive_int(
-            root, p + "round_proj_up_to_multiple_of", self.round_proj_up_to_multiple_of
+        self._proj_up_dim = _proj_up_dim_of(
+            self.embedding_dim,
+            self.proj_factor,
+            self.round_proj_up_to_multiple_of,
+            self.round_proj_up_dim_up,
         )
-        _check_positive_int(root, p + "_num_blocks", self._num_blocks)
-        _validate_parallel(self, root, p)
-        if self.embedding_dim != -1:
-            if self._proj_up_dim is None or self._proj_up_dim <= 0:
-                _fail(
-                    root,
-                    p + "proj_factor",
-                    f"proj_factor * embedding_dim rounded to a multiple of "
-                    f"{self.round_proj_up_to_multiple_of} must be positive "
-                    f"(embedding_dim={self.embedding_dim})",
-                    self.proj_factor,
-                )
-            tp = _tp_size(self.parallel)
-            if tp > 1:
-                _check_divides(
-                    root, p + "parallel.model_axis_size", tp, self._proj_up_dim, "FFN dim"
-                )
+
+    def _cross_check(self, root: str, prefix: str) -> None:
+        p = prefix
+        if self.embedding_dim == -1:
+            return
+        if self._proj_up_dim is None or self._proj_up_dim <= 0:
+            _fail(
+                root,
+                p + "proj_factor",
+                f"proj_factor * embedding_dim rounded to a multiple of "
+                f"{self.round_proj_up_to_multiple_of} must be positive "
+                f"(embedding_dim={self.embedding_dim})",
+                self.proj_factor,
+            )
+        tp = _tp_size(self.parallel)
+        if tp > 1:
+            _check_divides(root, p + "parallel.model_axis_size", tp, self._proj_up_dim, "FFN dim")
 
     @property
     def _dtype(self) -> jnp.dtype:

@@ -5,26 +5,22 @@ projection and gate-bias inits. Every initialiser returns float32 arrays
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, get_args
 
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-
-InitDistribution = Literal["normal", "truncated_normal", "uniform"]
-
-
-OutputInitFn = Literal["small", "wang", "wang2", "zeros"]
+from ..core.config import InitDistribution as InitDistribution, OutputInitFn as OutputInitFn
 
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...]], Float[Array, "..."]]
 
 
-INIT_DISTRIBUTIONS: tuple[str, ...] = ("normal", "truncated_normal", "uniform")
+INIT_DISTRIBUTIONS: tuple[str, ...] = get_args(InitDistribution)
 
 
-OUTPUT_INIT_FNS: tuple[str, ...] = ("small", "wang", "wang2", "zeros")
+OUTPUT_INIT_FNS: tuple[str, ...] = get_args(OutputInitFn)
 
 
 # initialisers (docs/architecture.md, "Initialisation")

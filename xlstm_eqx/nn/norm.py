@@ -4,17 +4,18 @@ layer's compute dtype; scales are float32 parameters initialised to 1.
 """
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ..core.config import NormType
 from ..core.utils import _dtype_name
 
 
-NORM_TYPES: tuple[str, ...] = ("layernorm", "rmsnorm")
+NORM_TYPES: tuple[str, ...] = get_args(NormType)
 
 
 # norms

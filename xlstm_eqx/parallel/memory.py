@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import PyTree
 
 from ..core.parallel_config import ParallelConfig
-from ..models import family_of
+from ..models import ModelConfig, family_of
 from .mesh import _AXES, axis_sizes
 from .rules import _is_array_like, opt_state_specs, param_partition_specs
 
@@ -75,7 +75,7 @@ def _tree_bytes(tree: PyTree, specs: PyTree, sizes: Mapping[str, int]) -> tuple[
 
 
 def memory_report(
-    config: Any,
+    config: ModelConfig,
     parallel_config: ParallelConfig | None = None,
     *,
     num_devices: int | None = None,

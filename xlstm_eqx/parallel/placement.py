@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..core.parallel_config import ParallelConfig
+from ..models import ModelConfig
 from .rules import _is_array_like, batch_spec, param_partition_specs
 
 
@@ -72,7 +73,7 @@ def place_global(x: Any, sharding: jax.sharding.Sharding) -> Array:
 
 def init_sharded(
     model_cls: Callable[..., Any],
-    config: Any,
+    config: ModelConfig,
     *,
     key: PRNGKeyArray,
     mesh: Mesh,

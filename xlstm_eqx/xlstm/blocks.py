@@ -16,15 +16,18 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from ..core.parallel_config import ParallelConfig
 from ..core.utils import split_optional_key
 from ..nn.feedforward import FeedForward
 from ..nn.norm import LayerNorm, RMSNorm, make_norm
+from .config import xLSTMBlockConfig, xLSTMBlockStackConfig
+from .mlstm_config import mLSTMLayerConfig
 from .mlstm_layer import mLSTMLayer
 from .mlstm_layer_v1 import mLSTMLayerV1
 from .slstm import sLSTMLayer
 
 
-def make_mlstm_layer(config: Any, *, key: PRNGKeyArray) -> mLSTMLayer | mLSTMLayerV1:
+def make_mlstm_layer(config: mLSTMLayerConfig, *, key: PRNGKeyArray) -> mLSTMLayer | mLSTMLayerV1:
     """The layer class chosen by ``config.layer_type`` (``"mlstm"`` or ``"mlstm_v1"``)."""
     if config.layer_type == "mlstm":
         return mLSTMLayer(config, key=key)
@@ -33,9 +36,9 @@ def make_mlstm_layer(config: Any, *, key: PRNGKeyArray) -> mLSTMLayer | mLSTMLay
     raise ValueError(f"layer_type: unknown value {config.layer_type!r}; allowed: mlstm, mlstm_v1")
 
 
-def _remat_names(config: Any) -> tuple[str, ...]:
-    parallel = getattr(config, "parallel", None)
-    return tuple(parallel.remat) if parallel is not None else ()
+def _remat_names(config: xLSTMBlockConfig | xLSTMBlockStackConfig) -> tuple[str, ...]:
+    parallel = config.parallel
+    return tuple(parallel.remat) if isinstance(parallel, ParallelConfig) else ()
 
 
 def _maybe_remat(fn: Any, enabled: bool) -> Any:
@@ -77,7 +80,7 @@ class xLSTMBlock(eqx.Module):
     remat_xlstm: bool = eqx.field(static=True)
     remat_ffn: bool = eqx.field(static=True)
 
-    def __init__(self, config: Any, *, key: PRNGKeyArray):
+    def __init__(self, config: xLSTMBlockConfig, *, key: PRNGKeyArray):
         klayer, kffn = jr.split(key)
         if config.mlstm is not None:
             layer = make_mlstm_layer(config.mlstm, key=klayer)
@@ -181,7 +184,7 @@ class xLSTMBlockStack(eqx.Module):
     scan_blocks: bool = eqx.field(static=True)
     remat_blocks: bool = eqx.field(static=True)
 
-    def __init__(self, config: Any, *, key: PRNGKeyArray):
+    def __init__(self, config: xLSTMBlockStackConfig, *, key: PRNGKeyArray):
         block_configs = config.block_configs()
         L = len(block_configs)
         keys = jr.split(key, L)

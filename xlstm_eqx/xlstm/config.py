@@ -18,8 +18,9 @@ Differences from the reference, all deliberate:
   of the whole model.
 - Invalid values raise `ValueError` naming the field (dotted path from the config being validated) and the
   allowed values, instead of `assert`s or silent fix-ups (the sLSTM's `num_heads <= 0 -> 1` becomes an error).
+  Each field's annotation says what it accepts and is checked at construction (see `core.config`).
 - `mLSTMCellConfig.backend` takes a plain name or `mLSTMBackendNameAndKwargs`; the reference's backend names
-  are mapped onto the three JAX backends of this package (see `mLSTMBackendNameAndKwargs`).
+  are mapped onto the JAX backends of this package (see `mLSTMBackendNameAndKwargs`).
 - `xLSTMLMModelConfig` accepts the reference's `vocab_size=-1` default ("unset, filled from the tokenizer")
   at construction; a model must call `config.validate()`, which requires `vocab_size > 0`.
   `context_length=-1` means "unbounded" (nothing in the port is sized by it).
@@ -33,30 +34,26 @@ the model-level `norm_type` overwrites the layer's and cell's `norm_type` (§2.8
 """
 
 import copy
-import dataclasses
-from typing import Any, ClassVar, Literal, no_type_check
+from typing import Any, Literal
 
 import jax.numpy as jnp
 
 from ..core.config import (
-    DTYPES,
-    INIT_DISTRIBUTIONS,
-    NORM_TYPES,
-    _check_bool,
-    _check_choice,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_OR_UNSET,
+    RATE,
+    DType,
+    InitDistribution,
+    NormType,
     _check_divides,
-    _check_positive_float,
-    _check_positive_int,
-    _check_positive_or_unset,
-    _check_rate,
     _Config,
     _config,
     _fail,
     _is_int,
-    _validate_block_position,
-    _validate_child,
+    field,
 )
-from ..core.parallel_config import ParallelConfig, _tp_size, _validate_parallel
+from ..core.parallel_config import ParallelConfig, _tp_size
 from ..nn.feedforward_config import FeedForwardConfig
 from .mlstm_config import mLSTMBlockConfig, mLSTMLayerConfig
 from .slstm_config import sLSTMBlockConfig, sLSTMLayerConfig
@@ -65,32 +62,36 @@ from .slstm_config import sLSTMBlockConfig, sLSTMLayerConfig
 # xLSTMBlockConfig (§2.4): one concrete block
 
 
-@no_type_check
+_LAYERS = (mLSTMLayerConfig, sLSTMLayerConfig)
+
+
 @_config
 class xLSTMBlockConfig(_Config):
-    """One block: exactly one of `mlstm` / `slstm`, an optional FFN, pre-norms of `norm_type`/`norm_eps`.
+    """One block: exactly one of `mlstm` / `slstm`, an optional FFN, pre-norms of
+    `norm_type`/`norm_eps`."""
 
-    Pushes `_num_blocks`, `_block_idx`, `parallel` (and `norm_type` for mLSTM) into the layer and
-    `embedding_dim`, `parallel`, `_num_blocks`, `dtype` into the FFN (the `dtype` push is a port choice).
-    """
-
-    mlstm: mLSTMLayerConfig | None = None
-    slstm: sLSTMLayerConfig | None = None
+    mlstm: mLSTMLayerConfig | dict[str, Any] | None = None
+    """The mLSTM layer (a dict is parsed); gets `_num_blocks`, `_block_idx`, `parallel` and
+    `norm_type`."""
+    slstm: sLSTMLayerConfig | dict[str, Any] | None = None
+    """The sLSTM layer (a dict is parsed); gets `_num_blocks`, `_block_idx` and `parallel`."""
     parallel: ParallelConfig | None = None
-    feedforward: FeedForwardConfig | None = None
-    dtype: str = "bfloat16"
-    norm_eps: float = 1e-6
-    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Mesh layout, pushed into the layer and the FFN."""
+    feedforward: FeedForwardConfig | dict[str, Any] | None = None
+    """The FFN after the layer, if any (a dict is parsed); gets `embedding_dim`, `parallel`,
+    `_num_blocks` and `dtype` (the `dtype` push is a port choice)."""
+    dtype: DType = "bfloat16"
+    """Compute dtype, pushed into the FFN."""
+    norm_eps: float = field(1e-6, check=POSITIVE)
+    """Eps of the pre-norms (and post-norms)."""
+    norm_type: NormType = "layernorm"
+    """Type of the block norms, pushed into the mLSTM layer."""
     add_post_norm: bool = False
-    _num_blocks: int | None = None
-    _block_idx: int | None = None
-
-    _nested: ClassVar[dict[str, type[_Config]]] = {
-        "mlstm": mLSTMLayerConfig,
-        "slstm": sLSTMLayerConfig,
-        "feedforward": FeedForwardConfig,
-        "parallel": ParallelConfig,
-    }
+    """A norm on the output of the layer and of the FFN, before each residual add."""
+    _num_blocks: int | None = field(None, check=POSITIVE)
+    """Number of blocks of the stack."""
+    _block_idx: int | None = field(None, check=NON_NEGATIVE)
+    """Index of this block."""
 
     def _derive(self) -> None:
         for name, cls in (
@@ -124,22 +125,13 @@ class xLSTMBlockConfig(_Config):
                 self.feedforward.dtype = self.dtype
                 self.feedforward._derive()
 
-    def _validate(self, root: str, prefix: str) -> None:
+    def _cross_check(self, root: str, prefix: str) -> None:
         p = prefix
-        _check_choice(root, p + "dtype", self.dtype, DTYPES)
-        _check_positive_float(root, p + "norm_eps", self.norm_eps)
-        _check_choice(root, p + "norm_type", self.norm_type, NORM_TYPES)
-        _check_bool(root, p + "add_post_norm", self.add_post_norm)
         if (self.mlstm is None) == (self.slstm is None):
             _fail(root, p + "mlstm", "exactly one of 'mlstm' and 'slstm' must be set")
-        _validate_child(root, p + "mlstm", self.mlstm, mLSTMLayerConfig, optional=True)
-        _validate_child(root, p + "slstm", self.slstm, sLSTMLayerConfig, optional=True)
-        _validate_child(root, p + "feedforward", self.feedforward, FeedForwardConfig, optional=True)
-        _validate_parallel(self, root, p)
-        _validate_block_position(self, root, p)
         tp = _tp_size(self.parallel)
         layer = self.mlstm if self.mlstm is not None else self.slstm
-        if tp > 1 and layer is not None and layer.embedding_dim != -1:
+        if tp > 1 and isinstance(layer, _LAYERS) and layer.embedding_dim != -1:
             _check_divides(
                 root, p + "parallel.model_axis_size", tp, layer.embedding_dim, "embedding_dim"
             )
@@ -152,34 +144,42 @@ class xLSTMBlockConfig(_Config):
 # Stack and LM model (§2.1, §2.2)
 
 
-@no_type_check
 @_config
 class xLSTMBlockStackConfig(_Config):
-    """The block stack: templates for mLSTM and sLSTM blocks, placement by `slstm_at`, and stack-wide values
-    pushed into the templates (§2.8). `block_map` lists 0 (mLSTM) / 1 (sLSTM) per block;
-    `block_configs()` gives the per-block `xLSTMBlockConfig`s."""
+    """The block stack: templates for mLSTM and sLSTM blocks, placement by `slstm_at`, and
+    stack-wide values pushed into the templates (§2.8). `block_map` lists 0 (mLSTM) / 1 (sLSTM)
+    per block; `block_configs()` gives the per-block `xLSTMBlockConfig`s."""
 
-    mlstm_block: mLSTMBlockConfig | None = None
-    slstm_block: sLSTMBlockConfig | None = None
-    context_length: int = -1
-    num_blocks: int = 1
-    embedding_dim: int = 128
+    mlstm_block: mLSTMBlockConfig | dict[str, Any] | None = None
+    """Template of the mLSTM blocks (a dict is parsed); None: every block is an sLSTM block."""
+    slstm_block: sLSTMBlockConfig | dict[str, Any] | None = None
+    """Template of the sLSTM blocks (a dict is parsed); needed when `slstm_at` places any."""
+    context_length: int = field(-1, check=POSITIVE_OR_UNSET)
+    """Sequence length bound (-1: unbounded; nothing in the port is sized by it)."""
+    num_blocks: int = field(1, check=POSITIVE)
+    """Number of blocks L."""
+    embedding_dim: int = field(128, check=POSITIVE)
+    """Model width D, pushed into the layers and FFNs."""
     add_post_blocks_norm: bool = True
+    """A norm after the last block (never read by the reference's Flax model)."""
     bias: bool = False
-    dropout: float = 0.0
+    """Biases in the mLSTM layer projections, pushed into the mLSTM template."""
+    dropout: float = field(0.0, check=RATE)
+    """Dropout rate of the layers, pushed into the templates (not into the FFNs)."""
     scan_blocks: bool = False
-    dtype: str = "bfloat16"
-    parallel: ParallelConfig | None = None
-    init_distribution_embed: Literal["normal", "truncated_normal", "uniform"] = "normal"
-    init_distribution_out: Literal["normal", "truncated_normal", "uniform"] = "normal"
-    slstm_at: list[int] | Literal["all"] = dataclasses.field(default_factory=list)
+    """Stack the block parameters and apply them with `lax.scan` (pure mLSTM stacks only)."""
+    dtype: DType = "bfloat16"
+    """Compute dtype of the whole model, pushed into the layers and FFNs."""
+    parallel: ParallelConfig | dict[str, Any] | None = None
+    """Mesh layout (a dict is parsed), pushed everywhere."""
+    init_distribution_embed: InitDistribution = "normal"
+    """Distribution of the token embedding init."""
+    init_distribution_out: InitDistribution = "normal"
+    """Distribution of the LM head init."""
+    slstm_at: list[int] | Literal["all"] = field(default_factory=list)
+    """Indices of the sLSTM blocks, or "all" (also when `mlstm_block` is None)."""
     _block_map: str | None = None
-
-    _nested: ClassVar[dict[str, type[_Config]]] = {
-        "mlstm_block": mLSTMBlockConfig,
-        "slstm_block": sLSTMBlockConfig,
-        "parallel": ParallelConfig,
-    }
+    """Derived: "0,1,..." per block, 0 = mLSTM, 1 = sLSTM."""
 
     @property
     def block_map(self) -> list[int]:
@@ -202,10 +202,8 @@ class xLSTMBlockStackConfig(_Config):
             self.parallel = ParallelConfig.from_dict(self.parallel)
         if self.mlstm_block is None:
             self.slstm_at = "all"
-        if self.slstm_at == "all" and _is_int(self.num_blocks):
+        if self.slstm_at == "all":
             self.slstm_at = list(range(self.num_blocks))
-        elif isinstance(self.slstm_at, tuple):
-            self.slstm_at = list(self.slstm_at)
         norm_type = getattr(self, "norm_type", None)  # only the LM config has one
         if isinstance(self.mlstm_block, mLSTMBlockConfig):
             block = copy.deepcopy(self.mlstm_block)
@@ -238,45 +236,21 @@ class xLSTMBlockStackConfig(_Config):
         if self._slstm_at_ok():
             self._block_map = self._create_block_map()
 
-    def _push_ffn(self, ffn: Any) -> None:
+    def _push_ffn(self, ffn: FeedForwardConfig | dict[str, Any] | None) -> None:
         if isinstance(ffn, FeedForwardConfig):
             ffn.embedding_dim = self.embedding_dim
             ffn.parallel = copy.deepcopy(self.parallel)
             ffn.dtype = self.dtype
 
     def _slstm_at_ok(self) -> bool:
-        return (
-            _is_int(self.num_blocks)
-            and self.num_blocks > 0
-            and isinstance(self.slstm_at, list)
-            and all(_is_int(i) and 0 <= i < self.num_blocks for i in self.slstm_at)
+        return isinstance(self.slstm_at, list) and all(
+            0 <= i < self.num_blocks for i in self.slstm_at
         )
 
-    def _validate(self, root: str, prefix: str) -> None:
+    def _cross_check(self, root: str, prefix: str) -> None:
         p = prefix
-        _check_positive_int(root, p + "num_blocks", self.num_blocks)
-        _check_positive_int(root, p + "embedding_dim", self.embedding_dim)
-        _check_positive_or_unset(root, p + "context_length", self.context_length)
-        _check_bool(root, p + "add_post_blocks_norm", self.add_post_blocks_norm)
-        _check_bool(root, p + "bias", self.bias)
-        _check_rate(root, p + "dropout", self.dropout)
-        _check_bool(root, p + "scan_blocks", self.scan_blocks)
-        _check_choice(root, p + "dtype", self.dtype, DTYPES)
-        _check_choice(
-            root, p + "init_distribution_embed", self.init_distribution_embed, INIT_DISTRIBUTIONS
-        )
-        _check_choice(
-            root, p + "init_distribution_out", self.init_distribution_out, INIT_DISTRIBUTIONS
-        )
-        _validate_parallel(self, root, p)
-        if not isinstance(self.slstm_at, list) or not all(_is_int(i) for i in self.slstm_at):
-            _fail(
-                root,
-                p + "slstm_at",
-                "must be a list of block indices (int) or 'all'",
-                self.slstm_at,
-            )
-        for i in self.slstm_at:
+        slstm_at = list(range(self.num_blocks)) if self.slstm_at == "all" else self.slstm_at
+        for i in slstm_at:
             if not 0 <= i < self.num_blocks:
                 _fail(
                     root,
@@ -284,21 +258,9 @@ class xLSTMBlockStackConfig(_Config):
                     f"indices must be in [0, num_blocks={self.num_blocks})",
                     self.slstm_at,
                 )
-        if len(set(self.slstm_at)) != len(self.slstm_at):
+        if len(set(slstm_at)) != len(slstm_at):
             _fail(root, p + "slstm_at", "indices must not repeat", self.slstm_at)
-        if self.mlstm_block is not None:
-            if not isinstance(self.mlstm_block, mLSTMBlockConfig):
-                _fail(
-                    root, p + "mlstm_block", "must be an mLSTMBlockConfig or None", self.mlstm_block
-                )
-            self.mlstm_block._validate(root, p + "mlstm_block.")
-        if self.slstm_block is not None:
-            if not isinstance(self.slstm_block, sLSTMBlockConfig):
-                _fail(
-                    root, p + "slstm_block", "must be an sLSTMBlockConfig or None", self.slstm_block
-                )
-            self.slstm_block._validate(root, p + "slstm_block.")
-        if self.slstm_at and self.slstm_block is None:
+        if slstm_at and self.slstm_block is None:
             _fail(
                 root,
                 p + "slstm_block",
@@ -309,7 +271,7 @@ class xLSTMBlockStackConfig(_Config):
                     else ""
                 ),
             )
-        if self.scan_blocks and self.slstm_at:
+        if self.scan_blocks and slstm_at:
             _fail(
                 root,
                 p + "scan_blocks",
@@ -375,41 +337,39 @@ class xLSTMBlockStackConfig(_Config):
         return jnp.dtype(self.dtype)
 
 
-@no_type_check
 @_config
 class xLSTMLMModelConfig(xLSTMBlockStackConfig):
     """xLSTM language model: the stack plus embedding and LM head settings (§2.2).
 
-    `vocab_size=-1` (the reference default, "fill from the tokenizer") is accepted here; `validate()` — which
-    the model calls before making any array — requires a positive `vocab_size`. `norm_type` also sets the
-    mLSTM layer's and cell's norm type (reference behaviour).
+    `vocab_size=-1` (the reference default, "fill from the tokenizer") is accepted here;
+    `validate()` — which the model calls before making any array — requires a positive
+    `vocab_size`.
     """
 
-    vocab_size: int = -1
+    vocab_size: int = field(-1, check=POSITIVE_OR_UNSET)
+    """Vocabulary size V (-1: unset, to be filled from the tokenizer before building a model)."""
     tie_weights: bool = False
+    """Use the embedding table as the LM head (the reference's Flax model ignores it)."""
     weight_decay_on_embedding: bool = False
+    """Apply weight decay to the embedding table."""
     add_embedding_dropout: bool = False
-    norm_eps: float = 1e-6
-    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
-    logits_soft_cap: float | None = None
-    lm_head_dtype: str = "float32"
-    parallel: ParallelConfig | None = None
+    """Dropout (rate `dropout`) on the token embeddings."""
+    norm_eps: float = field(1e-6, check=POSITIVE)
+    """Eps of the block norms and the output norm."""
+    norm_type: NormType = "layernorm"
+    """Type of the block norms and the output norm; also overwrites the mLSTM layer's and cell's
+    `norm_type` (reference behaviour)."""
+    logits_soft_cap: float | None = field(None, check=POSITIVE)
+    """Soft cap `c * tanh(x / c)` of the logits (None: no cap)."""
+    lm_head_dtype: DType = "float32"
+    """Dtype the LM head computes in."""
 
-    def _validate(self, root: str, prefix: str) -> None:
-        p = prefix
-        _check_choice(root, p + "norm_type", self.norm_type, NORM_TYPES)
-        _check_positive_or_unset(root, p + "vocab_size", self.vocab_size)
-        super()._validate(root, prefix)
-        _check_bool(root, p + "tie_weights", self.tie_weights)
-        _check_bool(root, p + "weight_decay_on_embedding", self.weight_decay_on_embedding)
-        _check_bool(root, p + "add_embedding_dropout", self.add_embedding_dropout)
-        _check_positive_float(root, p + "norm_eps", self.norm_eps)
-        _check_positive_float(root, p + "logits_soft_cap", self.logits_soft_cap, allow_none=True)
-        _check_choice(root, p + "lm_head_dtype", self.lm_head_dtype, DTYPES)
-        tp = _tp_size(self.parallel)
+    def _cross_check(self, root: str, prefix: str) -> None:
+        super()._cross_check(root, prefix)
+        tp = _tp_size(self.parallel) if not isinstance(self.parallel, dict) else 1
         if tp > 1:
             _check_divides(
-                root, p + "parallel.model_axis_size", tp, self.embedding_dim, "embedding_dim"
+                root, prefix + "parallel.model_axis_size", tp, self.embedding_dim, "embedding_dim"
             )
 
     def validate(self) -> None:

@@ -21,6 +21,7 @@ from ..nn.functional import soft_cap
 from ..nn.init import bias_linspace_init, zeros_init
 from ..nn.linear import Dense, LinearHeadwiseExpand
 from ..nn.norm import LayerNorm, MultiHeadNorm, RMSNorm, make_norm
+from .mlstm_config import mLSTMCellConfig
 
 
 # shared pieces of the two layer types
@@ -159,7 +160,7 @@ def _check_divides(field: str, value: int, num_heads: int) -> None:
         )
 
 
-def _cell_opts(cell_config: Any) -> dict[str, Any]:
+def _cell_opts(cell_config: mLSTMCellConfig) -> dict[str, Any]:
     cap = cell_config.gate_soft_cap
     return dict(
         gate_soft_cap=None if cap is None else float(cap),
@@ -200,7 +201,7 @@ class mLSTMCell(eqx.Module):
 
     def __init__(
         self,
-        config: Any,
+        config: mLSTMCellConfig,
         *,
         gate_in_features: int,
         qk_dim: int,
@@ -208,7 +209,7 @@ class mLSTMCell(eqx.Module):
         dtype: str,
         key: PRNGKeyArray,
     ):
-        """``config`` is an ``mLSTMCellConfig``; ``qk_dim``/``v_dim`` are the total (all heads)
+        """``qk_dim``/``v_dim`` are the total (all heads)
         q/k and v widths, ``gate_in_features`` the width of the gate features."""
         nh = config.num_heads
         _check_divides("mlstm_cell.num_heads: qk dim", qk_dim, nh)

@@ -1,130 +1,91 @@
-"""FIXME docstring."""
+"""mLSTM configs: the cell, the layer ("mlstm" and "mlstm_v1") and the block template
+(ARCHITECTURE §2.3, §2.5, §2.6)."""
 
 import copy
-import dataclasses
-import math
-from typing import Any, ClassVar, Literal, no_type_check
+from typing import Any, Literal
 
 import jax.numpy as jnp
 
-from ..cell.backend_config import mLSTMBackendNameAndKwargs
+from ..cell.backend_config import BackendName, ReferenceBackendName, mLSTMBackendNameAndKwargs
 from ..core.config import (
-    DTYPES,
-    INIT_DISTRIBUTIONS,
-    NORM_TYPES,
-    OUTPUT_INIT_FNS,
-    _check_bool,
-    _check_choice,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_OR_UNSET,
+    RATE,
+    DType,
+    InitDistribution,
+    NormType,
+    OutputInitFn,
     _check_divides,
-    _check_nonneg_int,
-    _check_positive_float,
-    _check_positive_int,
-    _check_positive_or_unset,
-    _check_rate,
     _Config,
     _config,
     _derived_copy,
     _fail,
-    _is_number,
     _proj_up_dim_of,
-    _validate_block_position,
-    _validate_child,
+    field,
 )
-from ..core.parallel_config import ParallelConfig, _tp_size, _validate_parallel
+from ..core.parallel_config import ParallelConfig, _tp_size
 from ..nn.feedforward_config import FeedForwardConfig
 
 
-LAYER_TYPES = ("mlstm", "mlstm_v1")
-
-
-GATE_INPUTS = ("qkv", "x_mlstm", "x_mlstm_conv", "x_mlstm_conv_act")
+GateInput = Literal["qkv", "x_mlstm", "x_mlstm_conv", "x_mlstm_conv_act"]
 
 
 # mLSTM cell, layer, block (§2.3, §2.5, §2.6)
 
 
-def _check_bias_range(root: str, path: str, value: Any) -> None:
-    if value is None or _is_number(value):
-        return
-    if isinstance(value, tuple) and len(value) == 2 and all(_is_number(x) for x in value):
-        return
-    _fail(root, path, "must be a (start, end) pair, a number, or None", value)
-
-
-def _as_range(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(value)
-    return value
-
-
-@no_type_check
 @_config
 class mLSTMCellConfig(_Config):
-    """mLSTM cell: backend, gates, out-norm. `context_length`, `embedding_dim`, `num_heads`, `dtype`,
-    `norm_type` and `parallel` are set by the layer."""
+    """mLSTM cell: backend, gates, out-norm. `context_length`, `embedding_dim`, `num_heads`,
+    `dtype`, `norm_type` and `parallel` are set by the layer."""
 
-    context_length: int = -1
-    embedding_dim: int = -1
-    num_heads: int = -1
-    backend: mLSTMBackendNameAndKwargs | str = dataclasses.field(
-        default_factory=mLSTMBackendNameAndKwargs
+    context_length: int = field(-1, check=POSITIVE_OR_UNSET)
+    """Sequence length bound (-1: unbounded); set by the layer, nothing is sized by it."""
+    embedding_dim: int = field(-1, check=POSITIVE_OR_UNSET)
+    """The layer's inner width; set by the layer."""
+    num_heads: int = field(-1, check=POSITIVE_OR_UNSET)
+    """Number of heads; set by the layer."""
+    backend: mLSTMBackendNameAndKwargs | BackendName | ReferenceBackendName | dict[str, Any] = (
+        field(default_factory=mLSTMBackendNameAndKwargs)
     )
-    norm_eps: float = 1e-6
-    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_type_v1: Literal["layernorm", "rmsnorm"] = "layernorm"
-    dtype: str = "bfloat16"
-    gate_dtype: str = "float32"
-    gate_soft_cap: float | None = None
+    """The cell backend: a name (ours or the reference's), its dict, or the config itself;
+    stored as `mLSTMBackendNameAndKwargs`."""
+    norm_eps: float = field(1e-6, check=POSITIVE)
+    """Eps of the per-head out-norm (and of the q/k norms)."""
+    norm_type: NormType = "layernorm"
+    """Type of the per-head out-norm and the q/k norms; set by the layer."""
+    norm_type_v1: NormType = "layernorm"
+    """Type of the per-head out-norm of the "mlstm_v1" layer (not overwritten by the model)."""
+    dtype: DType = "bfloat16"
+    """Compute dtype; set by the layer."""
+    gate_dtype: DType = "float32"
+    """Dtype the gate projections run in."""
+    gate_soft_cap: float | None = field(None, check=POSITIVE)
+    """Soft cap `c * tanh(x / c)` of the gate pre-activations (None: no cap)."""
     gate_linear_headwise: bool = False
+    """Headwise gate projections (head h sees only its slice) instead of dense ones."""
     igate_bias_init_range: tuple[float, float] | float | None = None
+    """Input-gate bias init: a (start, end) pair is spread linearly over the heads, a number is
+    a constant, None draws N(0, 0.1^2)."""
     fgate_bias_init_range: tuple[float, float] | float | None = (3.0, 6.0)
+    """Forget-gate bias init, as `igate_bias_init_range`."""
     add_qk_norm: bool = False
+    """Norm q and k per head before the cell."""
     reset_at_document_boundaries: bool = False
+    """Wipe the memory at each document border (the forget pre-activation set to
+    `reset_fgate_value`)."""
     reset_fgate_value: float = -25.0
+    """Forget-gate pre-activation at document borders (lies outside the soft cap on purpose)."""
     parallel: ParallelConfig | None = None
-
-    _nested: ClassVar[dict[str, type[_Config]]] = {
-        "backend": mLSTMBackendNameAndKwargs,
-        "parallel": ParallelConfig,
-    }
+    """Mesh layout; set by the layer."""
 
     def _derive(self) -> None:
         if isinstance(self.backend, str):
             self.backend = mLSTMBackendNameAndKwargs(name=self.backend)
         elif isinstance(self.backend, dict):
             self.backend = mLSTMBackendNameAndKwargs.from_dict(self.backend)
-        elif isinstance(self.backend, mLSTMBackendNameAndKwargs):
+        else:
             self.backend = copy.deepcopy(self.backend)
-        self.igate_bias_init_range = _as_range(self.igate_bias_init_range)
-        self.fgate_bias_init_range = _as_range(self.fgate_bias_init_range)
-
-    def _validate(self, root: str, prefix: str) -> None:
-        p = prefix
-        _check_positive_or_unset(root, p + "context_length", self.context_length)
-        _check_positive_or_unset(root, p + "embedding_dim", self.embedding_dim)
-        _check_positive_or_unset(root, p + "num_heads", self.num_heads)
-        if not isinstance(self.backend, mLSTMBackendNameAndKwargs):
-            _fail(
-                root,
-                p + "backend",
-                "must be a backend name or mLSTMBackendNameAndKwargs",
-                self.backend,
-            )
-        self.backend._validate(root, p + "backend.")
-        _check_positive_float(root, p + "norm_eps", self.norm_eps)
-        _check_choice(root, p + "norm_type", self.norm_type, NORM_TYPES)
-        _check_choice(root, p + "norm_type_v1", self.norm_type_v1, NORM_TYPES)
-        _check_choice(root, p + "dtype", self.dtype, DTYPES)
-        _check_choice(root, p + "gate_dtype", self.gate_dtype, DTYPES)
-        _check_positive_float(root, p + "gate_soft_cap", self.gate_soft_cap, allow_none=True)
-        _check_bool(root, p + "gate_linear_headwise", self.gate_linear_headwise)
-        _check_bias_range(root, p + "igate_bias_init_range", self.igate_bias_init_range)
-        _check_bias_range(root, p + "fgate_bias_init_range", self.fgate_bias_init_range)
-        _check_bool(root, p + "add_qk_norm", self.add_qk_norm)
-        _check_bool(root, p + "reset_at_document_boundaries", self.reset_at_document_boundaries)
-        if not _is_number(self.reset_fgate_value) or not math.isfinite(self.reset_fgate_value):
-            _fail(root, p + "reset_fgate_value", "must be a finite number", self.reset_fgate_value)
-        _validate_parallel(self, root, p)
 
     @property
     def _dtype(self) -> jnp.dtype:
@@ -135,64 +96,88 @@ class mLSTMCellConfig(_Config):
         return jnp.dtype(self.gate_dtype)
 
 
-@no_type_check
 @_config
 class mLSTMLayerConfig(_Config):
     """mLSTM layer (`layer_type` "mlstm": Mamba-style, §3; "mlstm_v1": xLSTM-7B style, §4).
+    `embedding_dim`, `bias`, `dropout`, `context_length`, `dtype`, `norm_type`, `parallel` and
+    `_num_blocks` are set by the stack."""
 
-    Derived: `_proj_up_dim` = `_inner_embedding_dim` = round-up of `proj_factor * embedding_dim` to a multiple
-    of `round_proj_up_to_multiple_of` (None while `embedding_dim` is unset). `embedding_dim`, `bias`,
-    `dropout`, `context_length`, `dtype`, `norm_type`, `parallel` and `_num_blocks` are set by the stack.
-    """
-
-    conv1d_kernel_size: int = 4
-    qkv_proj_blocksize: int = 4
-    num_heads: int = 4
-    proj_factor: float = 2.0
+    conv1d_kernel_size: int = field(4, check=NON_NEGATIVE)
+    """Kernel size of the causal conv ("mlstm"; 0: no conv)."""
+    qkv_proj_blocksize: int = field(4, check=POSITIVE)
+    """Block size of the headwise q/k/v projections ("mlstm"); must divide the inner dim."""
+    num_heads: int = field(4, check=POSITIVE)
+    """Number of heads; divides the q/k and v dims."""
+    proj_factor: float = field(2.0, check=POSITIVE)
+    """Inner width over the model width, before rounding ("mlstm")."""
     vmap_qk: bool = False
-    init_distribution: Literal["normal", "truncated_normal", "uniform"] = "normal"
-    output_init_fn: Literal["small", "wang", "wang2", "zeros"] = "wang"
+    """q and k as one vmapped headwise layer (kernels stacked as the reference)."""
+    init_distribution: InitDistribution = "normal"
+    """Distribution of the kernel inits."""
+    output_init_fn: OutputInitFn = "wang"
+    """Init of the down projection."""
     layer_type: Literal["mlstm", "mlstm_v1"] = "mlstm"
-    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
-    qk_dim_factor: float = 1.0
-    v_dim_factor: float = 1.0
-    embedding_dim: int = -1
+    """"mlstm": Mamba-style (up-projection, conv, headwise q/k/v); "mlstm_v1": xLSTM-7B style
+    (dense q/k/v/o on x)."""
+    norm_type: NormType = "layernorm"
+    """Norm type pushed into the cell (overwritten by the model's `norm_type`)."""
+    qk_dim_factor: float = field(1.0, check=POSITIVE)
+    """q/k dim over the inner dim ("mlstm") or the model width ("mlstm_v1")."""
+    v_dim_factor: float = field(1.0, check=POSITIVE)
+    """v dim over the inner dim ("mlstm") or the model width ("mlstm_v1")."""
+    embedding_dim: int = field(-1, check=POSITIVE_OR_UNSET)
+    """Model width D; set by the stack (-1 until then)."""
     bias: bool = False
-    dropout: float = 0.0
-    context_length: int = -1
-    dtype: str = "bfloat16"
+    """Biases in the projections; set by the stack."""
+    dropout: float = field(0.0, check=RATE)
+    """Dropout rate on the output; set by the stack."""
+    context_length: int = field(-1, check=POSITIVE_OR_UNSET)
+    """Sequence length bound; set by the stack."""
+    dtype: DType = "bfloat16"
+    """Compute dtype; set by the stack."""
     parallel: ParallelConfig | None = None
+    """Mesh layout; set by the stack."""
     debug_cell: bool = False
-    gate_input: Literal["qkv", "x_mlstm", "x_mlstm_conv", "x_mlstm_conv_act"] = "qkv"
+    """Skip the inner layer (`h = z`; debugging only)."""
+    gate_input: GateInput = "qkv"
+    """Features the gates see ("mlstm"): q, k, v concatenated, or the up-projected input before
+    the conv, after it, or after its activation."""
     round_proj_up_dim_up: bool = True
-    round_proj_up_to_multiple_of: int = 64
+    """Round `proj_factor * embedding_dim` up (True) or down to the multiple."""
+    round_proj_up_to_multiple_of: int = field(64, check=POSITIVE)
+    """The inner dim is a multiple of this."""
     _proj_up_dim: int | None = None
-    _num_blocks: int = 1
-    _block_idx: int | None = None
+    """Derived: the inner dim I = round-up of `proj_factor * embedding_dim` (None while
+    `embedding_dim` is unset)."""
+    _num_blocks: int = field(1, check=POSITIVE)
+    """Number of blocks of the stack (for the "wang" init); set by the stack."""
+    _block_idx: int | None = field(None, check=NON_NEGATIVE)
+    """Index of the block; set by the block."""
     _inner_embedding_dim: int | None = None
-    mlstm_cell: mLSTMCellConfig = dataclasses.field(default_factory=mLSTMCellConfig)
-
-    _nested: ClassVar[dict[str, type[_Config]]] = {
-        "mlstm_cell": mLSTMCellConfig,
-        "parallel": ParallelConfig,
-    }
+    """Derived: the same as `_proj_up_dim`, pushed into the cell as its `embedding_dim`."""
+    mlstm_cell: mLSTMCellConfig | dict[str, Any] = field(default_factory=mLSTMCellConfig)
+    """The cell (a dict is parsed); gets `context_length`, `embedding_dim` (the inner dim),
+    `num_heads`, `dtype`, `norm_type` and `parallel` from the layer."""
 
     def _derive(self) -> None:
-        self._proj_up_dim = _proj_up_dim_of(self)
+        self._proj_up_dim = _proj_up_dim_of(
+            self.embedding_dim,
+            self.proj_factor,
+            self.round_proj_up_to_multiple_of,
+            self.round_proj_up_dim_up,
+        )
         self._inner_embedding_dim = self._proj_up_dim
-        if isinstance(self.mlstm_cell, dict):
-            self.mlstm_cell = mLSTMCellConfig.from_dict(self.mlstm_cell)
-        if isinstance(self.mlstm_cell, mLSTMCellConfig):
-            cell = copy.deepcopy(self.mlstm_cell)
-            cell.context_length = self.context_length
-            inner = self._inner_embedding_dim
-            cell.embedding_dim = inner if inner is not None and inner > 0 else -1
-            cell.num_heads = self.num_heads
-            cell.dtype = self.dtype
-            cell.norm_type = self.norm_type
-            cell.parallel = copy.deepcopy(self.parallel)
-            cell._derive()
-            self.mlstm_cell = cell
+        cell = self.mlstm_cell
+        cell = mLSTMCellConfig.from_dict(cell) if isinstance(cell, dict) else copy.deepcopy(cell)
+        cell.context_length = self.context_length
+        inner = self._inner_embedding_dim
+        cell.embedding_dim = inner if inner is not None and inner > 0 else -1
+        cell.num_heads = self.num_heads
+        cell.dtype = self.dtype
+        cell.norm_type = self.norm_type
+        cell.parallel = copy.deepcopy(self.parallel)
+        cell._derive()
+        self.mlstm_cell = cell
 
     # Dimensions used by the layers (None while embedding_dim is unset).
     @property
@@ -213,37 +198,10 @@ class mLSTMLayerConfig(_Config):
             return None
         return round(self.v_dim_factor * self._inner_embedding_dim)
 
-    def _validate(self, root: str, prefix: str) -> None:
+    def _cross_check(self, root: str, prefix: str) -> None:
         p = prefix
-        _check_choice(root, p + "layer_type", self.layer_type, LAYER_TYPES)
-        _check_nonneg_int(root, p + "conv1d_kernel_size", self.conv1d_kernel_size)
-        _check_positive_int(root, p + "qkv_proj_blocksize", self.qkv_proj_blocksize)
-        _check_positive_int(root, p + "num_heads", self.num_heads)
-        _check_positive_float(root, p + "proj_factor", self.proj_factor)
-        _check_bool(root, p + "vmap_qk", self.vmap_qk)
-        _check_choice(root, p + "init_distribution", self.init_distribution, INIT_DISTRIBUTIONS)
-        _check_choice(root, p + "output_init_fn", self.output_init_fn, OUTPUT_INIT_FNS)
-        _check_choice(root, p + "norm_type", self.norm_type, NORM_TYPES)
-        _check_positive_float(root, p + "qk_dim_factor", self.qk_dim_factor)
-        _check_positive_float(root, p + "v_dim_factor", self.v_dim_factor)
-        _check_positive_or_unset(root, p + "embedding_dim", self.embedding_dim)
-        _check_bool(root, p + "bias", self.bias)
-        _check_rate(root, p + "dropout", self.dropout)
-        _check_positive_or_unset(root, p + "context_length", self.context_length)
-        _check_choice(root, p + "dtype", self.dtype, DTYPES)
-        _check_bool(root, p + "debug_cell", self.debug_cell)
-        _check_choice(root, p + "gate_input", self.gate_input, GATE_INPUTS)
-        _check_bool(root, p + "round_proj_up_dim_up", self.round_proj_up_dim_up)
-        _check_positive_int(
-            root, p + "round_proj_up_to_multiple_of", self.round_proj_up_to_multiple_of
-        )
-        _check_positive_int(root, p + "_num_blocks", self._num_blocks)
-        if self._block_idx is not None:
-            _check_nonneg_int(root, p + "_block_idx", self._block_idx)
-        _validate_parallel(self, root, p)
-        if not isinstance(self.mlstm_cell, mLSTMCellConfig):
-            _fail(root, p + "mlstm_cell", "must be an mLSTMCellConfig", self.mlstm_cell)
-        self.mlstm_cell._validate(root, p + "mlstm_cell.")
+        # the cell as derived (a dict set after construction is parsed by the next _derive)
+        cell = self.mlstm_cell if isinstance(self.mlstm_cell, mLSTMCellConfig) else None
         if self.embedding_dim == -1:
             return  # dimension checks need embedding_dim, which the stack sets
         nh = self.num_heads
@@ -284,7 +242,7 @@ class mLSTMLayerConfig(_Config):
                     f"(inner dim {inner} / qkv_proj_blocksize {self.qkv_proj_blocksize})",
                     self.v_dim_factor,
                 )
-            if self.mlstm_cell.gate_linear_headwise and self.gate_input != "qkv":
+            if cell is not None and cell.gate_linear_headwise and self.gate_input != "qkv":
                 _check_divides(root, p + "num_heads", nh, inner, "inner dim (headwise gates)")
         _check_divides(root, p + "num_heads", nh, qk_dim, "q/k dim")
         _check_divides(root, p + "num_heads", nh, v_dim, "v dim")
@@ -292,7 +250,7 @@ class mLSTMLayerConfig(_Config):
         if tp > 1:
             _check_divides(root, p + "parallel.model_axis_size", tp, nh, "num_heads")
             _check_divides(root, p + "parallel.model_axis_size", tp, v_dim, "v dim")
-            if self.layer_type == "mlstm" and not self.mlstm_cell.gate_linear_headwise:
+            if self.layer_type == "mlstm" and cell is not None and not cell.gate_linear_headwise:
                 _fail(
                     root,
                     p + "mlstm_cell.gate_linear_headwise",
@@ -305,32 +263,24 @@ class mLSTMLayerConfig(_Config):
         return jnp.dtype(self.dtype)
 
 
-@no_type_check
 @_config
 class mLSTMBlockConfig(_Config):
-    """Template for every mLSTM block: the layer, an optional FFN, an optional Gemma-2 style post-norm."""
+    """Template for every mLSTM block: the layer, an optional FFN, an optional Gemma-2 style
+    post-norm."""
 
-    mlstm: mLSTMLayerConfig = dataclasses.field(default_factory=mLSTMLayerConfig)
-    feedforward: FeedForwardConfig | None = None
+    mlstm: mLSTMLayerConfig | dict[str, Any] = field(default_factory=mLSTMLayerConfig)
+    """The layer (a dict is parsed); gets `_num_blocks` and `_block_idx` from the block."""
+    feedforward: FeedForwardConfig | dict[str, Any] | None = None
+    """The FFN after the layer, if any (a dict is parsed); gets `_num_blocks` from the block."""
     add_post_norm: bool = False
+    """A norm on the output of the layer and of the FFN, before each residual add."""
     parallel: ParallelConfig | None = None
-    _num_blocks: int | None = None
-    _block_idx: int | None = None
-
-    _nested: ClassVar[dict[str, type[_Config]]] = {
-        "mlstm": mLSTMLayerConfig,
-        "feedforward": FeedForwardConfig,
-        "parallel": ParallelConfig,
-    }
+    """Mesh layout; set by the stack."""
+    _num_blocks: int | None = field(None, check=POSITIVE)
+    """Number of blocks of the stack; set by the stack."""
+    _block_idx: int | None = field(None, check=NON_NEGATIVE)
+    """Index of the block; set by `xLSTMBlockStackConfig.block_config`."""
 
     def _derive(self) -> None:
         self.mlstm = _derived_copy(self.mlstm, mLSTMLayerConfig, self)
         self.feedforward = _derived_copy(self.feedforward, FeedForwardConfig, self, block_idx=False)
-
-    def _validate(self, root: str, prefix: str) -> None:
-        p = prefix
-        _validate_child(root, p + "mlstm", self.mlstm, mLSTMLayerConfig, optional=False)
-        _validate_child(root, p + "feedforward", self.feedforward, FeedForwardConfig, optional=True)
-        _check_bool(root, p + "add_post_norm", self.add_post_norm)
-        _validate_parallel(self, root, p)
-        _validate_block_position(self, root, p)

@@ -6,8 +6,6 @@ and SiLU(z) gate), and `mLSTMLayerState`, the decode state of either mLSTM layer
 "The mlstm layer".
 """
 
-from typing import Any
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -20,6 +18,7 @@ from ..nn.functional import dropout
 from ..nn.init import output_initializer, small_initializer
 from ..nn.linear import Dense, LinearHeadwiseExpand
 from .mlstm_cell import _check_divides, mLSTMCell
+from .mlstm_config import mLSTMLayerConfig
 
 
 # the Mamba-style layer (docs/architecture.md, "The mlstm layer")
@@ -33,7 +32,7 @@ class mLSTMLayerState(eqx.Module):
     conv: Float[Array, "B K C"] | None
 
 
-def _layer_dims(config: Any) -> tuple[int, int, int, int]:
+def _layer_dims(config: mLSTMLayerConfig) -> tuple[int, int, int, int]:
     """(I, Dqk, Dv, P) of an ``mlstm`` layer config, validated."""
     inner = config._inner_embedding_dim
     if inner is None or inner <= 0:
@@ -80,7 +79,7 @@ class mLSTMInnerLayer(eqx.Module):
     learnable_skip: Float[Array, " DV"]
     gate_input: str = eqx.field(static=True)
 
-    def __init__(self, config: Any, *, key: PRNGKeyArray):
+    def __init__(self, config: mLSTMLayerConfig, *, key: PRNGKeyArray):
         if config.gate_input not in _GATE_INPUTS:
             raise ValueError(
                 f"gate_input: unknown value {config.gate_input!r}; allowed: "
@@ -238,7 +237,7 @@ class mLSTMLayer(eqx.Module):
     proj_down: Dense
     dropout_rate: float = eqx.field(static=True)
 
-    def __init__(self, config: Any, *, key: PRNGKeyArray):
+    def __init__(self, config: mLSTMLayerConfig, *, key: PRNGKeyArray):
         inner, _, v_dim, _ = _layer_dims(config)
         D = config.embedding_dim
         kup, kz, kinner, kdown = jr.split(key, 4)

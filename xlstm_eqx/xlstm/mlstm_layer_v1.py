@@ -24,13 +24,14 @@ from .mlstm_cell import (
     _gate_preacts,
     _make_gate,
 )
+from .mlstm_config import mLSTMLayerConfig
 from .mlstm_layer import mLSTMLayerState
 
 
 # the xLSTM-7B layer (docs/architecture.md, "The mlstm_v1 layer")
 
 
-def _v1_dims(config: Any) -> tuple[int, int]:
+def _v1_dims(config: mLSTMLayerConfig) -> tuple[int, int]:
     D = config.embedding_dim
     qk_dim, v_dim = int(D * config.qk_dim_factor), int(D * config.v_dim_factor)
     _check_divides("num_heads: qk dim (embedding_dim * qk_dim_factor)", qk_dim, config.num_heads)
@@ -64,7 +65,7 @@ class mLSTMLayerV1(eqx.Module):
     reset_fgate_value: float = eqx.field(static=True)
     dropout_rate: float = eqx.field(static=True)
 
-    def __init__(self, config: Any, *, key: PRNGKeyArray):
+    def __init__(self, config: mLSTMLayerConfig, *, key: PRNGKeyArray):
         cell = config.mlstm_cell
         D, nh = config.embedding_dim, config.num_heads
         qk_dim, v_dim = _v1_dims(config)

@@ -28,6 +28,7 @@ from ..nn.init import small_init_std, small_initializer
 from ..nn.linear import Dense, Embedding
 from ..nn.norm import LayerNorm, RMSNorm, make_norm
 from .blocks import xLSTMBlockStack
+from .config import xLSTMLMModelConfig
 
 
 class xLSTMLMModel(eqx.Module):
@@ -56,7 +57,7 @@ class xLSTMLMModel(eqx.Module):
     weight_decay_on_embedding: bool = eqx.field(static=True)
     logits_soft_cap: float | None = eqx.field(static=True)
 
-    def __init__(self, config: Any, *, key: PRNGKeyArray):
+    def __init__(self, config: xLSTMLMModelConfig, *, key: PRNGKeyArray):
         config.validate()  # e.g. vocab_size=-1 (unset) fails here, before any array is made
         V, D = config.vocab_size, config.embedding_dim
         kemb, kstack, khead = jr.split(key, 3)
