@@ -1,5 +1,5 @@
 """`mLSTMBackendNameAndKwargs`: which mLSTM cell backend a layer runs, with its keyword
-arguments; the reference's backend names are mapped onto this package's (ARCHITECTURE §2.7)."""
+arguments; the reference's backend names are mapped onto this package's (docs/architecture.md, "Backends")."""
 
 from typing import Any, Literal
 
@@ -85,7 +85,7 @@ _DROPPED_KWARGS: dict[str, tuple[str, ...]] = {
 }
 
 
-# mLSTM backend (§2.7)
+# mLSTM backend (docs/architecture.md, "Backends")
 
 
 @_config
@@ -109,7 +109,7 @@ class mLSTMBackendNameAndKwargs(_Config):
       in the reference and dropped; the kernel's eps is 1e-6, the cell default.
     - "fwbw_stabilized" -> "chunkwise", chunk_size from kwargs (default 512). Its keep_* /
       return_state / use_initial_state / stabilize_correctly kwargs are dropped. Note: fwbw uses
-      the normaliser lower bound 1 and no eps (§5.4); the mapped backend uses exp(-m) and eps=1e-6
+      the normaliser lower bound 1 and no eps (docs/architecture.md, "Reference quirks kept"); the mapped backend uses exp(-m) and eps=1e-6
       (differences vanish after the per-head norm).
     - "recurrent_triton" -> "recurrent" (eps kept; state_dtype, use_scan, backend_name dropped).
     """

@@ -452,7 +452,7 @@ def _round_up_dim(factor: float | int, dim: int, multiple_of: int, round_up: boo
 def _proj_up_dim_of(
     embedding_dim: int, proj_factor: float, multiple_of: int, round_up: bool
 ) -> int | None:
-    """The up-projection width of a layer or FFN by the rounding rule (§2.8), or None while
+    """The up-projection width of a layer or FFN by the rounding rule (docs/architecture.md, "From config to module"), or None while
     `embedding_dim` is unset (-1)."""
     if embedding_dim == -1:
         return None

@@ -1,4 +1,4 @@
-"""`ParallelConfig`: the device mesh layout and the FSDP / remat choices (ARCHITECTURE §2.11)."""
+"""`ParallelConfig`: the device mesh layout and the FSDP / remat choices (docs/architecture.md, "Mesh and batch")."""
 
 from typing import ClassVar
 
@@ -10,7 +10,7 @@ AXIS_SIZE = Check(
 )
 
 
-# ParallelConfig (§2.11)
+# ParallelConfig (docs/architecture.md, "Mesh and batch")
 
 
 @_config_kw

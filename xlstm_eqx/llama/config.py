@@ -1,4 +1,4 @@
-"""`LlamaConfig`: the Llama baseline, one flat config (ARCHITECTURE §2.10)."""
+"""`LlamaConfig`: the Llama baseline, one flat config (docs/architecture.md, "Llama")."""
 
 import copy
 from typing import Any, Literal
@@ -22,13 +22,13 @@ from ..core.parallel_config import ParallelConfig
 AttentionBackend = Literal["xla", "cudnn", "pallas_triton"]
 
 
-# Llama (§2.10)
+# Llama (docs/architecture.md, "Llama")
 
 
 @_config
 class LlamaConfig(_Config):
-    """Llama baseline, one flat config (§2.10). `num_heads = embedding_dim // head_dim`;
-    `ffn_hidden_dim` is the SwiGLU hidden size of §7.3."""
+    """Llama baseline, one flat config (docs/architecture.md, "Llama"). `num_heads = embedding_dim // head_dim`;
+    `ffn_hidden_dim` is the SwiGLU hidden size of docs/architecture.md, "Llama"."""
 
     vocab_size: int = field(check=POSITIVE)
     """Vocabulary size V."""
@@ -73,7 +73,7 @@ class LlamaConfig(_Config):
     (-1: unbounded; nothing is sized by it)."""
     query_scale_quirk: bool = False
     """Port addition: scale queries by NH^-1/2 as the reference does, instead of head_dim^-1/2
-    (§7.2)."""
+    (docs/architecture.md, "Llama")."""
 
     def _derive(self) -> None:
         if isinstance(self.parallel, dict):

@@ -1,4 +1,4 @@
-"""`FeedForwardConfig`: the feed-forward sub-block of xLSTM blocks (ARCHITECTURE §2.9, §4.2)."""
+"""`FeedForwardConfig`: the feed-forward sub-block of xLSTM blocks (docs/architecture.md, "Building blocks")."""
 
 from typing import Literal
 
@@ -24,7 +24,7 @@ from ..core.parallel_config import ParallelConfig, _tp_size
 
 @_config
 class FeedForwardConfig(_Config):
-    """Feed-forward sub-block (§2.9, §4.2): F = `_proj_up_dim` = round-up of `proj_factor *
+    """Feed-forward sub-block (docs/architecture.md, "Building blocks"): F = `_proj_up_dim` = round-up of `proj_factor *
     embedding_dim`."""
 
     proj_factor: float = field(1.3, check=POSITIVE)

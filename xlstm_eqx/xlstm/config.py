@@ -1,36 +1,20 @@
-"""Configuration dataclasses for the xLSTM and Llama language models.
+"""The xLSTM model configs: one block (`xLSTMBlockConfig`), the block stack
+(`xLSTMBlockStackConfig`) and the language model (`xLSTMLMModelConfig`).
 
-The names, fields and defaults follow NX-AI/xlstm-jax (ARCHITECTURE.md §2, §6.1). Configs are plain mutable
-`dataclasses.dataclass` objects: they hold no arrays, so they are cheap to build, compare, hash (modules keep
-them as `eqx.field(static=True)`), and serialise with `to_dict()` / `from_dict()`.
+Names, fields and defaults are xlstm-jax's. Configs hold no arrays: they are cheap to build,
+compare and hash (modules keep them in static fields) and serialise with `to_dict()` /
+`from_dict()`. Derived fields (names starting with `_`) are pushed down by the parents: the stack
+pushes `embedding_dim`, `bias`, `dropout`, `context_length`, `dtype`, `norm_type` and `parallel`
+into its mLSTM and sLSTM templates, builds `_block_map` from `slstm_at`, and `block_configs()`
+returns one `xLSTMBlockConfig` per block (docs/architecture.md, "From config to module").
 
-Derived fields (names starting with `_`) are computed in `__post_init__`, following the reference's push-down
-chain (§2.8): the block stack pushes `embedding_dim`, `bias`, `dropout`, `context_length`, `dtype`,
-`norm_type` and `parallel` into its mLSTM layer template, which computes `_proj_up_dim` /
-`_inner_embedding_dim` and pushes them into the cell; `_block_map` is built from `slstm_at`; and
-`block_configs()` returns the per-block `xLSTMBlockConfig`s (deep copies with `_block_idx` set).
-
-Differences from the reference, all deliberate:
-- A parent deep-copies the child configs it is given before pushing values into them, so building a model
-  config never mutates the caller's objects, and `dataclasses.replace(cfg, ...)` is safe.
-- The stack also pushes `dtype` into the feed-forward configs and into the sLSTM layer (the reference
-  trainer sets the FFN dtype to the model dtype by hand; its stack does not). So `dtype` is the compute dtype
-  of the whole model.
-- Invalid values raise `ValueError` naming the field (dotted path from the config being validated) and the
-  allowed values, instead of `assert`s or silent fix-ups (the sLSTM's `num_heads <= 0 -> 1` becomes an error).
-  Each field's annotation says what it accepts and is checked at construction (see `core.config`).
-- `mLSTMCellConfig.backend` takes a plain name or `mLSTMBackendNameAndKwargs`; the reference's backend names
-  are mapped onto the JAX backends of this package (see `mLSTMBackendNameAndKwargs`).
-- `xLSTMLMModelConfig` accepts the reference's `vocab_size=-1` default ("unset, filled from the tokenizer")
-  at construction; a model must call `config.validate()`, which requires `vocab_size > 0`.
-  `context_length=-1` means "unbounded" (nothing in the port is sized by it).
-- `LlamaConfig` has two extra fields: `context_length` (-1 = unbounded; a bound for callers such as the CLI)
-  and `query_scale_quirk` (reproduce the reference's NH^-1/2 query scale, §7.2; default off).
-
-Reference quirks kept as fields (their handling is the modules' job; see ARCHITECTURE §9): `tie_weights`,
-`weight_decay_on_embedding` and `add_post_blocks_norm` (never read by the Flax model) are real fields here;
-the model-level `norm_type` overwrites the layer's and cell's `norm_type` (§2.8); the v1 out-norm uses
-`mlstm_cell.norm_type_v1`; the FFN's `dropout` is not pushed by the stack.
+Deliberate differences from the reference: a parent copies the child configs it is given before
+pushing values into them (building a config never mutates the caller's objects); the stack also
+pushes `dtype` into the feed-forward and sLSTM configs, so `dtype` is the compute dtype of the whole
+model; invalid values raise a `ValueError` naming the field instead of asserting or silently
+fixing up. `vocab_size=-1` ("unset, filled from the tokenizer") is accepted at construction and
+`validate()` requires a real one; `context_length=-1` means unbounded. Reference quirks kept as
+fields are listed in docs/architecture.md, "Reference quirks kept".
 """
 
 import copy
@@ -59,7 +43,7 @@ from .mlstm_config import mLSTMBlockConfig, mLSTMLayerConfig
 from .slstm_config import sLSTMBlockConfig, sLSTMLayerConfig
 
 
-# xLSTMBlockConfig (§2.4): one concrete block
+# xLSTMBlockConfig (docs/architecture.md, "From config to module"): one concrete block
 
 
 _LAYERS = (mLSTMLayerConfig, sLSTMLayerConfig)
@@ -141,13 +125,13 @@ class xLSTMBlockConfig(_Config):
         return jnp.dtype(self.dtype)
 
 
-# Stack and LM model (§2.1, §2.2)
+# Stack and LM model (docs/architecture.md, "Forward pass of xLSTMLMModel")
 
 
 @_config
 class xLSTMBlockStackConfig(_Config):
     """The block stack: templates for mLSTM and sLSTM blocks, placement by `slstm_at`, and
-    stack-wide values pushed into the templates (§2.8). `block_map` lists 0 (mLSTM) / 1 (sLSTM)
+    stack-wide values pushed into the templates (docs/architecture.md, "From config to module"). `block_map` lists 0 (mLSTM) / 1 (sLSTM)
     per block; `block_configs()` gives the per-block `xLSTMBlockConfig`s."""
 
     mlstm_block: mLSTMBlockConfig | dict[str, Any] | None = None
@@ -339,7 +323,7 @@ class xLSTMBlockStackConfig(_Config):
 
 @_config
 class xLSTMLMModelConfig(xLSTMBlockStackConfig):
-    """xLSTM language model: the stack plus embedding and LM head settings (§2.2).
+    """xLSTM language model: the stack plus embedding and LM head settings (docs/architecture.md, "Forward pass of xLSTMLMModel").
 
     `vocab_size=-1` (the reference default, "fill from the tokenizer") is accepted here;
     `validate()` — which the model calls before making any array — requires a positive

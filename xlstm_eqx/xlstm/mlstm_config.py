@@ -1,5 +1,5 @@
 """mLSTM configs: the cell, the layer ("mlstm" and "mlstm_v1") and the block template
-(ARCHITECTURE §2.3, §2.5, §2.6)."""
+(docs/architecture.md, "From config to module")."""
 
 import copy
 from typing import Any, Literal
@@ -31,7 +31,7 @@ from ..nn.feedforward_config import FeedForwardConfig
 GateInput = Literal["qkv", "x_mlstm", "x_mlstm_conv", "x_mlstm_conv_act"]
 
 
-# mLSTM cell, layer, block (§2.3, §2.5, §2.6)
+# mLSTM cell, layer, block (docs/architecture.md, "From config to module")
 
 
 @_config
@@ -98,7 +98,7 @@ class mLSTMCellConfig(_Config):
 
 @_config
 class mLSTMLayerConfig(_Config):
-    """mLSTM layer (`layer_type` "mlstm": Mamba-style, §3; "mlstm_v1": xLSTM-7B style, §4).
+    """mLSTM layer (`layer_type` "mlstm": Mamba-style, docs/architecture.md, "The mlstm layer"; "mlstm_v1": xLSTM-7B style, docs/architecture.md, "The mlstm_v1 layer").
     `embedding_dim`, `bias`, `dropout`, `context_length`, `dtype`, `norm_type`, `parallel` and
     `_num_blocks` are set by the stack."""
 

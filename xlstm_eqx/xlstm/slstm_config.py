@@ -1,4 +1,4 @@
-"""sLSTM configs: the cell, the layer and the block template (ARCHITECTURE §6.1).
+"""sLSTM configs: the cell, the layer and the block template (docs/architecture.md, "sLSTM").
 
 Kept from the PyTorch reference: the fields below. Not kept: the CUDA kernel layout fields
 (`batch_size`, `input_shape`, `internal_input_shape`, `output_shape`, `constants`), the
@@ -28,12 +28,12 @@ from ..core.parallel_config import ParallelConfig
 from ..nn.feedforward_config import FeedForwardConfig
 
 
-# sLSTM (§6.1)
+# sLSTM (docs/architecture.md, "sLSTM")
 
 
 @_config
 class sLSTMCellConfig(_Config):
-    """sLSTM cell (PyTorch xLSTM, §6.1). `hidden_size` is set by the layer;
+    """sLSTM cell (PyTorch xLSTM, docs/architecture.md, "sLSTM"). `hidden_size` is set by the layer;
     `head_dim = hidden_size / num_heads`."""
 
     hidden_size: int = field(-1, check=POSITIVE_OR_UNSET)
@@ -90,7 +90,7 @@ class sLSTMCellConfig(_Config):
 
 @_config
 class sLSTMLayerConfig(sLSTMCellConfig):
-    """sLSTM layer (§6.2): conv + 4 headwise gate projections + cell + per-head group norm.
+    """sLSTM layer (docs/architecture.md, "sLSTM"): conv + 4 headwise gate projections + cell + per-head group norm.
     `hidden_size` is set to `embedding_dim`."""
 
     embedding_dim: int = field(-1, check=POSITIVE_OR_UNSET)
