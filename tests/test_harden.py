@@ -1,8 +1,11 @@
 """Hardening: one run per --out (lock), torn metrics rows, interrupted runs' files, eval lines."""
 
+import argparse
 import dataclasses
+import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -213,3 +216,199 @@ def test_every_eval_logs_a_line_and_config_records_out(tmp_path, data_file, monk
     assert all("bits/byte" in m and "unigram baseline" in m for m in evals)
     with open(tmp_path / "runs" / "toy" / "config.json") as f:
         assert json.load(f)["train"]["out"] == os.path.join("runs", "toy")
+
+
+# --- one-line errors, raised before anything is written ---------------------------------------
+
+
+def _cli_fast(tmp_path, data_file):
+    return [
+        "--model",
+        "toy",
+        "--preset",
+        "tiny",
+        "--data",
+        data_file,
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--no-progress",
+        "--sample-tokens",
+        "0",
+        "--warmup-steps",
+        "0",
+        "--eval-batches",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_negative_seed_fails_before_anything_is_written(tmp_path, data_file, capsys):
+    from xlstm_eqx.cli import main
+
+    assert main(["train", *_cli_fast(tmp_path, data_file), "--seed", "-1"]) == 2
+    assert "TrainConfig.seed" in _one_error_line(capsys)
+    assert not os.path.exists(tmp_path / "run")
+    assert main(["train", *_cli_fast(tmp_path, data_file), "--max-data-bytes", "0"]) == 2
+    assert "TrainConfig.max_data_bytes" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "name,text,match",
+    [
+        (
+            "evil.yaml",
+            "seed: !!python/object/apply:os.system ['true']\n",
+            r"not valid \(safe\) YAML",
+        ),
+        ("broken.yaml", "steps: [1, 2\n", r"not valid \(safe\) YAML"),
+        ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("deep.yaml", "[" * 20_000 + "]" * 20_000, "evil|deep|YAML|nested"),
+        ("typed.json", '{"steps": "ten"}', "TrainConfig.steps must be int, got str 'ten'"),
+        ("flag.yaml", "progress: maybe\n", "TrainConfig.progress must be bool"),
+        ("list.json", '{"data": [1, 2]}', "TrainConfig.data must be a list of strings"),
+    ],
+)
+def test_config_file_errors_are_one_line(tmp_path, capsys, name, text, match):
+    from xlstm_eqx.cli import main
+
+    path = tmp_path / name
+    path.write_text(text)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = _one_error_line(capsys)
+    assert re.search(match, err), err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_string_data_value_is_one_file(tmp_path, data_file):
+    from xlstm_eqx.cli import build_parser, resolve_train_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: {data_file}\n")
+    cfg = resolve_train_config(build_parser().parse_args(["train", "--config", str(path)]))
+    assert cfg.data == [data_file]  # not one "file" per character
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS])
+def test_disk_full_or_read_only_is_one_line(tmp_path, data_file, capsys, monkeypatch, err):
+    from xlstm_eqx.cli import main
+    from xlstm_eqx.training import loop
+
+    def fail(path, obj):
+        raise OSError(err, os.strerror(err), path)
+
+    monkeypatch.setattr(loop, "_write_json_atomic", fail)
+    assert main(["train", *_cli_fast(tmp_path, data_file)]) == 2
+    line = _one_error_line(capsys)
+    assert os.strerror(err) in line and "config.json" in line
+
+
+# --- --help, the compilation cache ---------------------------------------------------------------
+
+
+def test_help_shows_every_default_and_the_dtype_choices():
+    from xlstm_eqx.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, p in sub.choices.items():
+        fmt = p._get_formatter()
+        for a in p._actions:
+            if not a.option_strings or isinstance(a, argparse._HelpAction) or a.required:
+                continue
+            if "default" not in fmt._expand_help(a):
+                missing.append(f"{name} {a.option_strings[0]}")
+    assert not missing, missing
+    assert "{float32,bfloat16}" in sub.choices["train"].format_help()
+    gen = sub.choices["generate"].format_help()
+    assert "(default: 0.8)" in gen and "(default: 200)" in gen
+
+
+def test_compile_cache_dir_resolution(tmp_path, monkeypatch):
+    from xlstm_eqx.core.compile_cache import CACHE_ENV, compile_cache_dir
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compile_cache_dir() == str(tmp_path / "home" / ".cache" / "xlstm_eqx" / "jax")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
+    assert compile_cache_dir() == str(tmp_path / "c")
+    assert compile_cache_dir(str(tmp_path / "flag")) == str(tmp_path / "flag")
+    assert compile_cache_dir("off") is None
+    monkeypatch.setenv(CACHE_ENV, "off")
+    assert compile_cache_dir() is None
+
+
+def test_cli_fills_the_persistent_compile_cache(tmp_path, data_file):
+    cache = tmp_path / "jax-cache"
+    env = _env(tmp_path)
+    env["XLSTM_EQX_CACHE_DIR"] = str(cache)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xlstm_eqx.cli",
+            "train",
+            "--preset",
+            "tiny_xlstm",
+            "--data",
+            data_file,
+            "--out",
+            str(tmp_path / "run"),
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--no-progress",
+            "--sample-tokens",
+            "0",
+            "--eval-batches",
+            "1",
+            "--warmup-steps",
+            "0",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    assert cache.is_dir() and any(cache.iterdir()), "nothing was cached"
+
+
+# --- generation: constant memory, a bound on the count ------------------------------------------
+
+
+def test_stream_generate_holds_no_per_token_buffers():
+    import jax
+    import jax.random as jr
+
+    from xlstm_eqx.generation import MAX_NEW_TOKENS, stream_generate
+
+    from .test_generate import _model, _prompt
+
+    model = _model("mlstm")
+    stream = stream_generate(model, _prompt(), 3, temperature=1.0, key=jr.key(0))
+    list(stream)  # compile first
+    before = sum(x.nbytes for x in jax.live_arrays())
+    stream = stream_generate(model, _prompt(), MAX_NEW_TOKENS, temperature=1.0, key=jr.key(0))
+    first = [next(stream) for _ in range(3)]
+    grown = sum(x.nbytes for x in jax.live_arrays()) - before
+    assert grown < 1_000_000, f"{grown:,} bytes held for a {MAX_NEW_TOKENS:,}-token stream"
+    assert all(t.shape == (2,) for t in first)
+    with pytest.raises(ValueError, match="max_new_tokens must be <= 10,000,000"):
+        stream_generate(model, _prompt(), MAX_NEW_TOKENS + 1, key=jr.key(0))

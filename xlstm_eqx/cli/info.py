@@ -21,7 +21,7 @@ from ..training.config import TrainConfig, resolve_model_config
 
 def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="xlstm", help="'xlstm', 'llama', or a model-config file")
-    p.add_argument("--preset", default="small", help="size preset (default: small)")
+    p.add_argument("--preset", default="small", help="size preset (see --list-presets)")
     p.add_argument("--out", metavar="DIR", help="describe this run's model instead")
     p.add_argument(
         "--tokenizer",

@@ -16,12 +16,23 @@ def read_mapping_file(path: str, what: str) -> dict[str, Any]:
             import yaml
         except ImportError as e:
             raise ImportError(f"reading {path!r} needs PyYAML (pip install pyyaml)") from e
-        d = yaml.safe_load(text)
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:  # syntax, and tags safe_load refuses (!!python/object…)
+            mark = getattr(e, "problem_mark", None)
+            first = getattr(e, "problem", None) or " ".join(str(e).split())
+            if mark is not None:
+                first += f" (line {mark.line + 1}, column {mark.column + 1})"
+            raise ValueError(f"{what} {path!r} is not valid (safe) YAML: {first}") from None
+        except RecursionError:
+            raise ValueError(f"{what} {path!r} is nested too deeply") from None
     else:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{what} {path!r} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError(f"{what} {path!r} is nested too deeply") from None
     if not isinstance(d, dict):
         raise ValueError(f"{what} {path!r} must hold a mapping, got {type(d).__name__}")
     return d

@@ -155,7 +155,9 @@ def run_gpu_check(
     return _clean(report.data)
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, quick: bool = True) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, quick: bool = True
+) -> None:
     """The command's flags; `xlstm-eqx bench gpu` adds them with ``quick=False`` (it has its own
     ``--quick``)."""
     parser.add_argument("--out", default=None, help="output folder (gpu_check.json, .md)")
