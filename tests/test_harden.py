@@ -412,3 +412,31 @@ def test_stream_generate_holds_no_per_token_buffers():
     assert all(t.shape == (2,) for t in first)
     with pytest.raises(ValueError, match="max_new_tokens must be <= 10,000,000"):
         stream_generate(model, _prompt(), MAX_NEW_TOKENS + 1, key=jr.key(0))
+
+
+# --- presets: one set of names, listed with their sizes ------------------------------------------
+
+
+def test_list_presets_shows_parameter_counts(capsys):
+    import equinox as eqx
+    import jax.random as jr
+
+    from xlstm_eqx.cli import main
+    from xlstm_eqx.core.params import count_params
+    from xlstm_eqx.models import MODEL_FAMILIES
+    from xlstm_eqx.presets import get_preset, tiny_xlstm
+
+    assert main(["info", "--list-presets"]) == 0
+    listing = capsys.readouterr().out
+    n = count_params(
+        eqx.filter_eval_shape(MODEL_FAMILIES["xlstm"].build, tiny_xlstm(), key=jr.key(0))
+    )
+    assert re.search(rf"tiny_xlstm \(tiny\)\s+{n:,} parameters", listing), listing
+    assert re.search(r"llama7B\s+[\d,]+ parameters \(6\.\d\dB\)", listing), listing
+    # every name a family's CLI knows, get_preset knows too, as the same config
+    for kind in ("xlstm", "llama"):
+        for name, fn in MODEL_FAMILIES[kind].presets().items():
+            assert get_preset(name, kind) == fn(), (kind, name)
+    assert get_preset("tiny_slstm") == get_preset("tiny_xlstm_slstm")
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*tiny_slstm"):
+        get_preset("huge")

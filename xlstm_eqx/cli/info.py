@@ -42,11 +42,41 @@ def _summary_lines(d: dict[str, Any], prefix: str = "") -> list[str]:
     return lines
 
 
+def _preset_listing() -> list[str]:
+    """Each family's presets with their parameter counts (shapes only: nothing is allocated);
+    names that stand for the same config share a line."""
+    lines = []
+    for kind, fam in sorted(MODEL_FAMILIES.items()):
+        lines.append(f"{kind}:")
+        groups: dict[int, list[str]] = {}
+        fns: dict[int, Any] = {}
+        for name, fn in fam.presets().items():
+            key = next((k for k, f in fns.items() if f is fn or f() == fn()), id(fn))
+            fns.setdefault(key, fn)
+            groups.setdefault(key, []).append(name)
+        rows = []
+        for key, names in groups.items():
+            skeleton = eqx.filter_eval_shape(fam.build, fns[key](), key=jr.key(0))
+            n = count_params(skeleton)
+            names = sorted(names, key=lambda s: (len(s), s))
+            label = names[-1] + (f" ({', '.join(names[:-1])})" if len(names) > 1 else "")
+            rows.append((n, label))
+        for n, label in sorted(rows):
+            lines.append(f"  {label:<40} {n:>15,} parameters ({_short(n)})")
+    return lines
+
+
+def _short(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
 def _info_run(args: argparse.Namespace) -> int:
 
     if args.list_presets:
-        for name, fam in sorted(MODEL_FAMILIES.items()):
-            print(f"{name}: {', '.join(sorted(fam.presets(), key=str.lower))}")
+        for line in _preset_listing():
+            print(line)
         return 0
     if args.out:
         path = os.path.join(args.out, "config.json")
