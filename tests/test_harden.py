@@ -440,3 +440,49 @@ def test_list_presets_shows_parameter_counts(capsys):
     assert get_preset("tiny_slstm") == get_preset("tiny_xlstm_slstm")
     with pytest.raises(ValueError, match="unknown preset 'huge'.*tiny_slstm"):
         get_preset("huge")
+
+
+# --- the newcomer's path: runs that would do nothing, unrelated --out, --mesh early ---------------
+
+
+def test_resume_that_would_do_nothing_is_an_error(tmp_path, data_file):
+    cfg = _cfg(tmp_path, data_file, steps=4, checkpoint_every=2)
+    train(cfg, log=_quiet)
+    with pytest.raises(ValueError, match="already at step 4.*--steps greater than 4"):
+        train(dataclasses.replace(cfg, resume=True, steps=3), log=_quiet)
+    with pytest.raises(ValueError, match="already at step 4"):
+        train(dataclasses.replace(cfg, resume=True, steps=4), log=_quiet)
+
+
+def test_out_with_unrelated_files_is_refused(tmp_path, data_file):
+    cfg = _cfg(tmp_path, data_file, steps=2)
+    os.makedirs(cfg.out)
+    (tmp_path / "run" / "thesis.tex").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"not a run's \(thesis.tex\)"):
+        train(cfg, log=_quiet)
+    assert sorted(os.listdir(cfg.out)) == ["thesis.tex"]
+
+
+def test_bad_mesh_fails_before_the_data_is_read(tmp_path, data_file, monkeypatch):
+    from xlstm_eqx.training import loop
+
+    def no_reading(*a, **k):
+        raise AssertionError("the corpus was loaded before the mesh was checked")
+
+    monkeypatch.setattr(loop, "load_corpus", no_reading)
+    for mesh, match in [("fsdp=3", "multiply to 3"), ("dp=2,bogus=2", "bogus")]:
+        cfg = _cfg(tmp_path, data_file, mesh=mesh)
+        with pytest.raises(ValueError, match=match):
+            train(cfg, log=_quiet)
+        assert not os.path.exists(cfg.out)
+
+
+def test_info_mesh_checks_heads_and_shows_the_mesh_config(capsys):
+    from xlstm_eqx.cli import main
+
+    assert main(["info", "--preset", "tiny", "--mesh", "fsdp=8,tp=3"]) == 2
+    assert "tensor-parallel size 3 does not divide" in _one_error_line(capsys)
+    assert main(["info", "--preset", "tiny", "--mesh", "fsdp=2,tp=2"]) == 0
+    text = capsys.readouterr().out
+    assert "  parallel.fsdp_axis_size = 2" in text and "  parallel.model_axis_size = 2" in text
+    assert "gradients and activations" in text

@@ -1,6 +1,7 @@
 """`xlstm-eqx info`: a model's parameter count, configuration and per-device memory."""
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Any
@@ -12,8 +13,8 @@ from ..core.params import count_params
 from ..data.tokenizer import load_tokenizer
 from ..models import MODEL_FAMILIES
 from ..parallel.memory import memory_report
-from ..parallel.mesh import parse_mesh_spec
 from ..training.config import TrainConfig, resolve_model_config
+from ..training.preflight import check_mesh
 
 
 # info
@@ -99,8 +100,11 @@ def _info_run(args: argparse.Namespace) -> int:
     print(f"model: {kind} ({label})")
     print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
     if args.mesh:
-        parallel = parse_mesh_spec(args.mesh, getattr(config, "parallel", None))
+        parallel = check_mesh(args.mesh, config, what_if=True)
+        if hasattr(config, "parallel"):  # the config shown is the one on this mesh
+            config = dataclasses.replace(config, parallel=parallel)
         print(memory_report(config, parallel))
+        print("  (parameters and AdamW state only: gradients and activations come on top)")
     print("config:")
     print("\n".join(_summary_lines(config.to_dict())))
     return 0

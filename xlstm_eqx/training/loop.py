@@ -58,6 +58,7 @@ from .config import RESUMABLE_FIELDS, TrainConfig, check_sequence_length, resolv
 from .evaluate import has_decode_api, sample_tokens
 from .loss import bits_per_byte, evaluate_loss
 from .optim import _lr_at, learning_rate_schedule, trainable_params
+from .preflight import check_mesh, check_out_dir, check_resume_steps
 from .run_files import (
     _InterruptFlag,
     _truncate_metrics,
@@ -143,11 +144,14 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
         if not isinstance(saved_run, dict) or "train" not in saved_run:
             raise CheckpointError(f"checkpoint {resume_from!r} has no run configuration")
         _compatible(saved_run["train"], cfg, out)
+        check_resume_steps(cfg.steps, int(resume_meta.get("step", 0)), out)
     elif list_checkpoints(ckpt_root):
         raise FileExistsError(
             f"{out!r} already holds a run with checkpoints; pass --resume to continue it "
             "or choose another --out"
         )
+    else:
+        check_out_dir(out)
 
     if saved_run is not None:
         tokenizer = tokenizer_from_dict(saved_run["tokenizer"])
@@ -159,6 +163,8 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
         tokenizer = load_tokenizer(cfg.tokenizer)
         kind, model_config = resolve_model_config(cfg, tokenizer)
     check_sequence_length(cfg.seq_len, model_config)
+    if cfg.mesh:  # before the data is read
+        check_mesh(cfg.mesh, model_config)
     vocab = int(model_config.vocab_size)
 
     corpus = load_corpus(
