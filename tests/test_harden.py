@@ -486,3 +486,30 @@ def test_info_mesh_checks_heads_and_shows_the_mesh_config(capsys):
     text = capsys.readouterr().out
     assert "  parallel.fsdp_axis_size = 2" in text and "  parallel.model_axis_size = 2" in text
     assert "gradients and activations" in text
+
+
+# --- --max-data-bytes bounds what is read and kept ---------------------------------------------
+
+
+def test_max_data_bytes_bounds_reading_and_the_crossing_document(tmp_path):
+    from xlstm_eqx.data.corpus import load_corpus, read_documents
+    from xlstm_eqx.data.tokenizer import load_tokenizer
+
+    big = tmp_path / "big.txt"
+    # 200 kB of text, then bytes that are not UTF-8: with a cap they are never read
+    big.write_bytes(("é" + "x" * 98 + "\n").encode() * 2000 + b"\xff\xfe" * 10)
+    docs = read_documents([str(big)], max_bytes=1001)
+    assert sum(len(d.encode()) for d in docs) <= 1001
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_documents([str(big)])
+    corpus = load_corpus([str(big)], load_tokenizer("bytes"), max_bytes=1000)
+    assert len(corpus.train) + len(corpus.heldout) <= 1000
+
+    jl = tmp_path / "docs.jsonl"
+    jl.write_text("".join(json.dumps({"text": "é" * 300}) + "\n" for _ in range(5)))
+    docs = read_documents([str(jl)], max_bytes=1001)
+    assert [len(d.encode()) for d in docs] == [600, 400]  # the crossing document is cut
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match="deep.jsonl:1: JSON nested too deeply"):
+        read_documents([str(deep)])
