@@ -16,7 +16,6 @@ import time
 import pytest
 
 from xlstm_eqx.training import read_metrics, train
-from xlstm_eqx.training.run_lock import RunLockedError, hold_run_lock
 
 from .test_train import TEXT, _cfg, _quiet
 
@@ -52,6 +51,8 @@ _HOLDER = textwrap.dedent(
 
 
 def test_lock_names_the_holder_and_a_killed_holder_is_taken_over(tmp_path):
+    from xlstm_eqx.training.run_lock import RunLockedError, hold_run_lock
+
     out = str(tmp_path / "run")
     proc = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, out],
@@ -83,6 +84,7 @@ def test_lock_names_the_holder_and_a_killed_holder_is_taken_over(tmp_path):
 def test_lock_fallback_without_flock(tmp_path, monkeypatch):
     """Where flock is refused (some NFS/FUSE mounts): O_EXCL + pid liveness on this host."""
     from xlstm_eqx.training import run_lock
+    from xlstm_eqx.training.run_lock import RunLockedError, hold_run_lock
 
     monkeypatch.setattr(run_lock, "_flock", lambda out, path: None)
     out = str(tmp_path / "run")
