@@ -9,6 +9,30 @@ import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
+# The CLI turns on JAX's persistent compilation cache (a user-level folder by default): tests
+# never write to the home directory; the cache tests point it at tmp_path themselves.
+os.environ["XLSTM_EQX_CACHE_DIR"] = "off"
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tree(root: str) -> list[tuple[str, int]]:
+    return sorted(
+        (os.path.join(d, f), os.stat(os.path.join(d, f)).st_mtime_ns)
+        for d, _, files in os.walk(root)
+        for f in files
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_test_writes_runs_into_the_checkout():
+    """`runs/` of the working tree is the user's (the README's first command writes there)."""
+    runs = os.path.join(_ROOT, "runs")
+    before = _tree(runs)
+    yield
+    assert _tree(runs) == before, f"a test wrote into {runs!r}; use tmp_path"
+
+
 hypothesis.settings.register_profile(
     "ci", max_examples=12, deadline=None, derandomize=True, print_blob=True
 )

@@ -436,7 +436,9 @@ def run_dist(data_file: str, process_id: int, num_processes: int, port: int) -> 
     from xlstm_eqx import models as _registry, training as _train
     from xlstm_eqx.training import loop as _loop, shard_train_state, step as _step
 
-    cfg = _train_config(data_file, "")
+    # Never the default out (runs/xlstm in the working tree): a real run there makes `_prepare`
+    # refuse ("already holds a run"), and tests must not write into the checkout.
+    cfg = _train_config(data_file, os.path.join(os.path.dirname(data_file), f"prep{process_id}"))
     p = _loop._prepare(cfg)
     family = _registry.MODEL_FAMILIES[p.kind]
     init_key, loop_key = jr.split(jr.key(cfg.seed))

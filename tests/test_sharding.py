@@ -72,10 +72,11 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def _start(args: list[str], devices: int) -> subprocess.Popen:
+def _start(args: list[str], devices: int, cwd: pathlib.Path) -> subprocess.Popen:
+    # cwd: the test's tmp folder, so a relative default path can never reach the checkout.
     return subprocess.Popen(
         [sys.executable, "-m", "tests.sharding_worker", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=_env(devices),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -108,11 +109,11 @@ def _run_workers(tmp: pathlib.Path) -> dict:
     port = _free_port()
     t0 = time.perf_counter()
     procs = {
-        "equiv_a": _start(["equiv", "xlstm_v1", "llama"], 8),
-        "equiv_b": _start(["equiv", "xlstm_mixed"], 8),
-        "train": _start(["train", str(data), str(tmp / "runs"), "dp=2,fsdp=2,tp=2"], 8),
-        "dist0": _start(["dist", str(data), "0", "2", str(port)], 2),
-        "dist1": _start(["dist", str(data), "1", "2", str(port)], 2),
+        "equiv_a": _start(["equiv", "xlstm_v1", "llama"], 8, tmp),
+        "equiv_b": _start(["equiv", "xlstm_mixed"], 8, tmp),
+        "train": _start(["train", str(data), str(tmp / "runs"), "dp=2,fsdp=2,tp=2"], 8, tmp),
+        "dist0": _start(["dist", str(data), "0", "2", str(port)], 2, tmp),
+        "dist1": _start(["dist", str(data), "1", "2", str(port)], 2, tmp),
     }
     out = {name: _collect(name, p, timeout=900) for name, p in procs.items()}
     out["seconds"] = time.perf_counter() - t0

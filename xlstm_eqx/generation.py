@@ -179,6 +179,11 @@ def _check(
         raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens > MAX_NEW_TOKENS:
+        raise ValueError(
+            f"max_new_tokens must be <= {MAX_NEW_TOKENS:,}, got {max_new_tokens:,} "
+            "(generate in several calls for more)"
+        )
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     vocab = int(model.vocab_size)
@@ -209,10 +214,18 @@ def _check(
 
 
 def _sampling_keys(key: PRNGKeyArray | None, n: int, greedy: bool) -> Key[Array, " N"] | None:
-    return None if greedy or key is None else jr.split(key, n)
+    # Token i's key is fold_in(key, i): `stream_generate` derives each one when it is needed
+    # (constant memory however many tokens), `generate` all at once; both draw the same tokens.
+    if greedy or key is None:
+        return None
+    return jax.vmap(lambda i: jr.fold_in(key, i))(jnp.arange(n, dtype=jnp.uint32))
 
 
 # public API
+
+# The most tokens one call generates: a bound far past any context, below what the outputs
+# (and a KV cache of prompt + new tokens) could hold.
+MAX_NEW_TOKENS = 10_000_000
 
 
 def generate(
@@ -303,7 +316,7 @@ def stream_generate(
     """
     cache_size = _check(model, prompt_tokens, max_new_tokens, temperature, top_k, top_p, max_len)
     greedy = key is None or temperature == 0
-    keys = _sampling_keys(key, max_new_tokens, greedy)
+    sample_key = None if greedy else key
     temp = jnp.asarray(1.0 if greedy else temperature, jnp.float32)
     p = None if top_p is None else jnp.asarray(top_p, jnp.float32)
     prompt = prompt_tokens.astype(jnp.int32)
@@ -311,11 +324,11 @@ def stream_generate(
     def tokens() -> Iterator[np.ndarray]:
         if max_new_tokens == 0:
             return
-        k0 = None if keys is None else keys[0]
+        k0 = None if sample_key is None else jr.fold_in(sample_key, 0)
         tok, state = _stream_prefill(model, prompt, k0, cache_size, temp, top_k, p)
         yield np.asarray(tok)
         for i in range(1, max_new_tokens):
-            ki = None if keys is None else keys[i]
+            ki = None if sample_key is None else jr.fold_in(sample_key, i)
             tok, state = _stream_step((model, ki, temp, top_k, p), state, tok)
             yield np.asarray(tok)
 

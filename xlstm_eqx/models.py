@@ -19,7 +19,7 @@ from jaxtyping import PRNGKeyArray, PyTree
 
 from .llama.config import LlamaConfig
 from .llama.model import LlamaTransformer
-from .presets import PRESETS, small_llama, small_xlstm
+from .presets import PRESETS, preset_aliases, small_llama, small_xlstm
 from .xlstm.config import xLSTMLMModelConfig
 from .xlstm.mlstm_layer import _layer_dims
 from .xlstm.mlstm_layer_v1 import _v1_dims
@@ -82,17 +82,16 @@ _MAIN_JOB_PRESETS = {"xlstm": small_xlstm, "llama": small_llama}
 
 
 def _family_presets(kind: str) -> dict[str, Callable[[], Any]]:
-    """`small` (the main job's size) plus every library preset of this family, under its own
-    name and, for names like `tiny_xlstm`, without the family part (`tiny`)."""
+    """Every library preset of this family under its own name, plus its short names
+    (`presets.preset_aliases`: `small`, the main job's size, `tiny`…); `get_preset(name, kind)`
+    knows the same names."""
     config_cls = MODEL_FAMILIES[kind].config_cls
     out: dict[str, Callable[[], Any]] = {"small": _MAIN_JOB_PRESETS[kind]}
     for name, fn in PRESETS.items():
-        if not isinstance(fn(), config_cls):
-            continue
-        out[name] = fn
-        parts = name.split("_")
-        if kind in parts and len(parts) > 1:
-            out.setdefault("_".join(p for p in parts if p != kind), fn)
+        if isinstance(fn(), config_cls):
+            out[name] = fn
+    for alias, name in preset_aliases(kind).items():
+        out.setdefault(alias, PRESETS[name])
     return out
 
 

@@ -400,11 +400,39 @@ PRESETS: dict[str, Callable[[], xLSTMLMModelConfig | LlamaConfig]] = {
 """Preset name (the reference's yaml names, e.g. "mLSTMv1_1.3B") -> a function returning a fresh config."""
 
 
-def get_preset(name: str) -> xLSTMLMModelConfig | LlamaConfig:
-    """A fresh config for `name`; "1.3B" may also be written "1_3B" (the function names)."""
+def preset_family(name: str) -> str:
+    """'xlstm' or 'llama': the family of the preset `name` (a key of `PRESETS`)."""
+    return "llama" if isinstance(PRESETS[name](), LlamaConfig) else "xlstm"
+
+
+def preset_aliases(family: str) -> dict[str, str]:
+    """Short names within a family → the `PRESETS` key: the family part dropped from names like
+    `tiny_xlstm` (`tiny`, and `tiny_slstm` for `tiny_xlstm_slstm`); `small` is the main job's."""
+    out: dict[str, str] = {}
+    for name in PRESETS:
+        parts = name.split("_")
+        if family in parts and len(parts) > 1 and preset_family(name) == family:
+            out.setdefault("_".join(p for p in parts if p != family), name)
+    return out
+
+
+def resolve_preset_name(name: str, family: str = "xlstm") -> str:
+    """The `PRESETS` key that `name` means in `family`: the key itself, "1.3B" written "1_3B",
+    or an alias of `preset_aliases(family)`; a ValueError naming the known names otherwise."""
     if name in PRESETS:
-        return PRESETS[name]()
-    for key, fn in PRESETS.items():
+        return name
+    for key in PRESETS:
         if key.replace(".", "_") == name:
-            return fn()
-    raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+            return key
+    aliases = preset_aliases(family)
+    if name in aliases:
+        return aliases[name]
+    known = sorted(PRESETS) + sorted(aliases)
+    raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
+
+
+def get_preset(name: str, family: str = "xlstm") -> xLSTMLMModelConfig | LlamaConfig:
+    """A fresh config for `name`; "1.3B" may also be written "1_3B" (the function names), and
+    the short names of `preset_aliases(family)` (`small`, `tiny`, `tiny_slstm` for xLSTM;
+    `small`, `tiny` for Llama with family="llama") are the presets they stand for."""
+    return PRESETS[resolve_preset_name(name, family)]()

@@ -10,12 +10,14 @@ own module of this package (`convert` in `cli/convert.py`, `bench` in `xlstm_eqx
 """
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 
+from ..core.compile_cache import CACHE_ENV, enable_compile_cache
 from ..tools import bench
 from . import convert
-from .common import _user_errors, resolve_train_config
+from .common import _DefaultsHelpFormatter, _one_line, _user_errors, resolve_train_config
 from .convert import convert_main, generate_main
 from .generate import _generate_arguments, _generate_run
 from .info import _info_arguments, _info_run
@@ -63,9 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_, add_arguments, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            formatter_class=_DefaultsHelpFormatter,
+        )
         add_arguments(p)
+        p.add_argument(
+            "--compile-cache",
+            metavar="DIR",
+            default=None,
+            help="JAX persistent compilation cache folder ('off': none; default: "
+            f"${CACHE_ENV}, else ~/.cache/xlstm_eqx/jax)",
+        )
     return parser
+
+
+# Operating-system errors about the place written to, not the program: one line, no traceback.
+_OS_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR}
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,9 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _, _, run = COMMANDS[args.command]
     try:
+        enable_compile_cache(args.compile_cache)
         return run(args)
     except _user_errors() as e:
-        print(f"xlstm-eqx {args.command}: error: {e}", file=sys.stderr)
+        print(f"xlstm-eqx {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _OS_ERRNOS:
+            raise
+        where = f": {e.filename!r}" if e.filename else ""
+        print(f"xlstm-eqx {args.command}: error: {e.strerror}{where}", file=sys.stderr)
         return 2
     except ImportError as e:
         print(f"xlstm-eqx {args.command}: error: {e}", file=sys.stderr)

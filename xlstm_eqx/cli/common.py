@@ -3,7 +3,6 @@
 
 import argparse
 import dataclasses
-import json
 import os
 import types
 import typing
@@ -15,10 +14,35 @@ from ..training.checkpoint import CheckpointError
 from ..training.config import TrainConfig
 
 
+def _one_line(e: BaseException) -> str:
+    """An error's message on one line (a multi-line message's lines joined by '; ')."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(e).__name__
+
+
 # Errors that are the user's input at fault: printed as one message, no traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, CheckpointError)
+
+
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already names one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if (
+            "default" in help_.lower()
+            or action.default is argparse.SUPPRESS
+            or not action.option_strings
+            or action.required
+            or isinstance(action, argparse._HelpAction | argparse._VersionAction)
+        ):
+            return help_
+        shown = "none" if action.default is None else "%(default)r"
+        if isinstance(action.default, bool) or action.nargs == 0:
+            shown = "%(default)s"
+        return f"{help_} (default: {shown})" if help_ else f"(default: {shown})"
 
 
 def _field_parser(tp: Any) -> tuple[Callable[[str], Any], bool]:
@@ -58,8 +82,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             )
         else:
             parse, _ = _field_parser(f.type)
+            choices = f.metadata.get("choices")
             parser.add_argument(
-                flag, type=parse, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_
+                flag,
+                type=parse,
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper() if choices is None else None,
+                choices=choices,
+                help=help_,
             )
 
 
@@ -89,9 +119,11 @@ def resolve_train_config(args: argparse.Namespace) -> Any:
         )
         saved = os.path.join(out, "config.json")
         if os.path.isfile(saved):
-            with open(saved) as f:
-                run = json.load(f)
-            values.update(run.get("train", {}))
+            run = read_mapping_file(saved, "run config")
+            train = run.get("train", {})
+            if not isinstance(train, dict):
+                raise ValueError(f"run config {saved!r}: 'train' must be a mapping")
+            values.update(train)
     if getattr(args, "config", None):
         values.update(_load_mapping(args.config))
     values.update(flags)

@@ -20,11 +20,13 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--out", metavar="DIR", help="the run whose model to sample")
     source.add_argument("--hf", metavar="DIR", help="a transformers xLSTMForCausalLM directory")
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (default: the model's own)")
-    p.add_argument("--prompt", default="def ", help="text to continue (default: 'def ')")
+    p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument(
+        "--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)"
+    )
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--checkpoint", metavar="PATH", help="a checkpoint directory (default: newest)")
 

@@ -1,6 +1,7 @@
 """`xlstm-eqx info`: a model's parameter count, configuration and per-device memory."""
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Any
@@ -12,8 +13,8 @@ from ..core.params import count_params
 from ..data.tokenizer import load_tokenizer
 from ..models import MODEL_FAMILIES
 from ..parallel.memory import memory_report
-from ..parallel.mesh import parse_mesh_spec
 from ..training.config import TrainConfig, resolve_model_config
+from ..training.preflight import check_mesh
 
 
 # info
@@ -21,7 +22,7 @@ from ..training.config import TrainConfig, resolve_model_config
 
 def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="xlstm", help="'xlstm', 'llama', or a model-config file")
-    p.add_argument("--preset", default="small", help="size preset (default: small)")
+    p.add_argument("--preset", default="small", help="size preset (see --list-presets)")
     p.add_argument("--out", metavar="DIR", help="describe this run's model instead")
     p.add_argument(
         "--tokenizer",
@@ -42,11 +43,41 @@ def _summary_lines(d: dict[str, Any], prefix: str = "") -> list[str]:
     return lines
 
 
+def _preset_listing() -> list[str]:
+    """Each family's presets with their parameter counts (shapes only: nothing is allocated);
+    names that stand for the same config share a line."""
+    lines = []
+    for kind, fam in sorted(MODEL_FAMILIES.items()):
+        lines.append(f"{kind}:")
+        groups: dict[int, list[str]] = {}
+        fns: dict[int, Any] = {}
+        for name, fn in fam.presets().items():
+            key = next((k for k, f in fns.items() if f is fn or f() == fn()), id(fn))
+            fns.setdefault(key, fn)
+            groups.setdefault(key, []).append(name)
+        rows = []
+        for key, names in groups.items():
+            skeleton = eqx.filter_eval_shape(fam.build, fns[key](), key=jr.key(0))
+            n = count_params(skeleton)
+            names = sorted(names, key=lambda s: (len(s), s))
+            label = names[-1] + (f" ({', '.join(names[:-1])})" if len(names) > 1 else "")
+            rows.append((n, label))
+        for n, label in sorted(rows):
+            lines.append(f"  {label:<40} {n:>15,} parameters ({_short(n)})")
+    return lines
+
+
+def _short(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
 def _info_run(args: argparse.Namespace) -> int:
 
     if args.list_presets:
-        for name, fam in sorted(MODEL_FAMILIES.items()):
-            print(f"{name}: {', '.join(sorted(fam.presets(), key=str.lower))}")
+        for line in _preset_listing():
+            print(line)
         return 0
     if args.out:
         path = os.path.join(args.out, "config.json")
@@ -69,8 +100,11 @@ def _info_run(args: argparse.Namespace) -> int:
     print(f"model: {kind} ({label})")
     print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
     if args.mesh:
-        parallel = parse_mesh_spec(args.mesh, getattr(config, "parallel", None))
+        parallel = check_mesh(args.mesh, config, what_if=True)
+        if hasattr(config, "parallel"):  # the config shown is the one on this mesh
+            config = dataclasses.replace(config, parallel=parallel)
         print(memory_report(config, parallel))
+        print("  (parameters and AdamW state only: gradients and activations come on top)")
     print("config:")
     print("\n".join(_summary_lines(config.to_dict())))
     return 0

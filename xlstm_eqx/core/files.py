@@ -16,12 +16,23 @@ def read_mapping_file(path: str, what: str) -> dict[str, Any]:
             import yaml
         except ImportError as e:
             raise ImportError(f"reading {path!r} needs PyYAML (pip install pyyaml)") from e
-        d = yaml.safe_load(text)
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:  # syntax, and tags safe_load refuses (!!python/object…)
+            mark = getattr(e, "problem_mark", None)
+            first = getattr(e, "problem", None) or " ".join(str(e).split())
+            if mark is not None:
+                first += f" (line {mark.line + 1}, column {mark.column + 1})"
+            raise ValueError(f"{what} {path!r} is not valid (safe) YAML: {first}") from None
+        except RecursionError:
+            raise ValueError(f"{what} {path!r} is nested too deeply") from None
     else:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{what} {path!r} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError(f"{what} {path!r} is nested too deeply") from None
     if not isinstance(d, dict):
         raise ValueError(f"{what} {path!r} must hold a mapping, got {type(d).__name__}")
     return d
@@ -35,3 +46,29 @@ def _write_json_atomic(path: str, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def clip_utf8(text: str, max_bytes: int) -> str:
+    """The longest prefix of `text` whose UTF-8 encoding has at most `max_bytes` bytes."""
+    if len(text) <= max_bytes // 4:  # at most 4 bytes per character: short texts fit as they are
+        return text
+    raw = text.encode("utf-8")
+    if len(raw) <= max_bytes:
+        return text
+    return raw[: max(0, max_bytes)].decode("utf-8", errors="ignore")
+
+
+def read_text_prefix(path: str, max_bytes: int | None) -> str:
+    """The UTF-8 text of `path`, or of its first `max_bytes` bytes (a character cut at the end
+    is dropped): only that much is read. Newlines as in text mode (`\\r\\n`, `\\r` → `\\n`).
+    A UnicodeDecodeError for invalid UTF-8 before the cut."""
+    with open(path, "rb") as f:
+        raw = f.read() if max_bytes is None else f.read(max(0, max_bytes))
+    if max_bytes is not None and len(raw) == max_bytes:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.reason == "unexpected end of data" and e.start >= len(raw) - 3:
+                raw = raw[: e.start]
+    text = raw.decode("utf-8")
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text

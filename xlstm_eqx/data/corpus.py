@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from jaxtyping import Int
 
+from ..core.files import clip_utf8, read_text_prefix
 from .tokenizer import Tokenizer
 
 
@@ -86,10 +87,11 @@ def read_documents(
     for path in paths:
         try:
             with open(path, encoding="utf-8") as f:
+                left = None if max_bytes is None else max_bytes - total
                 if path.endswith(".jsonl"):
-                    new = _jsonl_documents(f, path, text_field)
+                    new = _jsonl_documents(f, path, text_field, left)
                 else:
-                    new = [f.read()]
+                    new = [read_text_prefix(path, left)]  # reads no more than the cap
         except UnicodeDecodeError as e:
             raise ValueError(
                 f"data file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})"
@@ -97,6 +99,8 @@ def read_documents(
         except OSError as e:
             raise OSError(f"cannot read data file {path!r}: {e.strerror or e}") from e
         for doc in new:
+            if max_bytes is not None:  # the document that crosses the cap is cut at it
+                doc = clip_utf8(doc, max_bytes - total)
             if doc:
                 docs.append(doc)
                 total += len(doc.encode("utf-8"))
@@ -107,15 +111,20 @@ def read_documents(
     return docs
 
 
-def _jsonl_documents(f, path: str, text_field: str) -> list[str]:
+def _jsonl_documents(f, path: str, text_field: str, max_bytes: int | None = None) -> list[str]:
     docs = []
+    total = 0
     for lineno, line in enumerate(f, start=1):
+        if max_bytes is not None and total >= max_bytes:
+            break
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{lineno}: JSON nested too deeply") from None
         if not isinstance(obj, dict) or text_field not in obj:
             raise ValueError(f"{path}:{lineno}: no text field {text_field!r} in this JSON line")
         text = obj[text_field]
@@ -124,6 +133,7 @@ def _jsonl_documents(f, path: str, text_field: str) -> list[str]:
                 f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string"
             )
         docs.append(text)
+        total += len(text.encode("utf-8")) if max_bytes is not None else 0
     return docs
 
 

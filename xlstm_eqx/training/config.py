@@ -3,6 +3,7 @@ resolves its model config from a family preset or a config file."""
 
 import dataclasses
 import os
+import typing
 from typing import Any
 
 from ..core.files import read_mapping_file
@@ -70,7 +71,8 @@ class TrainConfig:
         default=1.0, metadata={"help": "global gradient-norm clip (none: off)"}
     )
     dtype: str = dataclasses.field(
-        default="float32", metadata={"help": "compute dtype: float32 or bfloat16"}
+        default="float32",
+        metadata={"help": "compute dtype (parameters stay float32)", "choices": _COMPUTE_DTYPES},
     )
     # run
     seed: int = 0
@@ -113,7 +115,7 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**{k: _checked_value(k, v) for k, v in d.items()})
 
     def out_dir(self) -> str:
         if self.out:
@@ -128,6 +130,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a ValueError naming the first field with an invalid value."""
+        for f in dataclasses.fields(self):
+            _checked_value(f.name, getattr(self, f.name))
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"TrainConfig.seed must be in [0, 2**32), got {self.seed}")
+        if self.max_data_bytes is not None and self.max_data_bytes < 1:
+            raise ValueError(
+                f"TrainConfig.max_data_bytes must be a positive integer or None, "
+                f"got {self.max_data_bytes}"
+            )
         positive = ["seq_len", "batch_size", "grad_accum", "steps", "log_every", "eval_every"]
         positive += ["eval_batches", "checkpoint_every", "keep_checkpoints"]
         for name in positive:
@@ -161,6 +172,35 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.sample_temperature must be >= 0, got {self.sample_temperature}"
             )
+
+
+def _checked_value(name: str, value: Any) -> Any:
+    """`value` for field `name` if it has the field's type (a single string is accepted for a
+    list field, an int for a float field), else a ValueError naming the field and the value."""
+    tp = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
+    text = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    optional = False
+    if getattr(tp, "__args__", None) and type(None) in tp.__args__:
+        optional = True
+        tp = next(a for a in tp.__args__ if a is not type(None))
+    if value is None and optional:
+        return None
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ValueError(f"TrainConfig.{name} must be a list of strings, got {text}")
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }[tp](value)
+    if not ok:
+        what = tp.__name__ + (" or null" if optional else "")
+        raise ValueError(f"TrainConfig.{name} must be {what}, got {type(value).__name__} {text}")
+    return float(value) if tp is float else value
 
 
 # Fields that may differ between a run and its --resume (they do not change what is computed,

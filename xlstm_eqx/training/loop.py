@@ -18,6 +18,7 @@ is `fold_in(key, step)`, and checkpoints hold the arrays bit for bit, so a run s
 and resumed logs the same losses as one that never stopped.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -57,7 +58,14 @@ from .config import RESUMABLE_FIELDS, TrainConfig, check_sequence_length, resolv
 from .evaluate import has_decode_api, sample_tokens
 from .loss import bits_per_byte, evaluate_loss
 from .optim import _lr_at, learning_rate_schedule, trainable_params
-from .run_files import _InterruptFlag, _truncate_metrics, plot_metrics
+from .preflight import check_mesh, check_out_dir, check_resume_steps
+from .run_files import (
+    _InterruptFlag,
+    _truncate_metrics,
+    _write_partial_run_files,
+    plot_metrics,
+)
+from .run_lock import hold_run_lock
 from .step import _optimizer_and_step, shard_train_state
 
 
@@ -136,11 +144,14 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
         if not isinstance(saved_run, dict) or "train" not in saved_run:
             raise CheckpointError(f"checkpoint {resume_from!r} has no run configuration")
         _compatible(saved_run["train"], cfg, out)
+        check_resume_steps(cfg.steps, int(resume_meta.get("step", 0)), out)
     elif list_checkpoints(ckpt_root):
         raise FileExistsError(
             f"{out!r} already holds a run with checkpoints; pass --resume to continue it "
             "or choose another --out"
         )
+    else:
+        check_out_dir(out)
 
     if saved_run is not None:
         tokenizer = tokenizer_from_dict(saved_run["tokenizer"])
@@ -152,6 +163,8 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
         tokenizer = load_tokenizer(cfg.tokenizer)
         kind, model_config = resolve_model_config(cfg, tokenizer)
     check_sequence_length(cfg.seq_len, model_config)
+    if cfg.mesh:  # before the data is read
+        check_mesh(cfg.mesh, model_config)
     vocab = int(model_config.vocab_size)
 
     corpus = load_corpus(
@@ -217,8 +230,23 @@ def train(
     """Run (or resume) training as configured; see the module docstring for what is written.
 
     `stop_after_step` ends the run early after that step (with a checkpoint), as an interruption
-    would — used to test resuming.
+    would — used to test resuming. Process 0 holds `DIR/.lock` for the whole run: a second run
+    into the same directory is refused at once, naming the holder (`run_lock.py`).
     """
+    cfg.validate()  # before the lock creates the directory
+    if not cfg.out:  # config.json records where the run really is
+        cfg = dataclasses.replace(cfg, out=cfg.out_dir())
+    lock = hold_run_lock(cfg.out_dir()) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train(cfg, stop_after_step=stop_after_step, log=log)
+
+
+def _train(
+    cfg: TrainConfig,
+    *,
+    stop_after_step: int | None,
+    log: Callable[[str], None],
+) -> TrainResult:
     t_start = time.perf_counter()
     p = _prepare(cfg)
     # In a multi-process run every process runs this loop; process 0 alone writes the run's files
@@ -358,12 +386,22 @@ def train(
                     if bpb is not None:
                         post["bpb"] = f"{bpb:.3f}"
                     bar.set_postfix(post, refresh=False)
-                elif do_eval:
-                    log(f"step {step}: loss {loss_f:.4f}, held-out {eval_loss:.4f} ({bpb:.3f} bpb)")
+                if do_eval:  # every evaluation gets a line, beside the unigram baseline
+                    line = (
+                        f"step {step}: loss {loss_f:.4f}, held-out {eval_loss:.4f} nats/token, "
+                        f"{bpb:.3f} bits/byte (unigram baseline {p.unigram_bpb:.3f})"
+                    )
+                    if bar is not None and log is print:
+                        bar.write(line)
+                    else:
+                        log(line)
                 interval_start, interval_steps = time.perf_counter(), 0
             if step % cfg.checkpoint_every == 0 or step == end_step or interrupt.set:
                 last_ckpt, last_ckpt_step = checkpoint(step), step
             if interrupt.set:
+                if writer:  # the plot and summary of the steps done, as a finished run has
+                    metrics_file.flush()
+                    _write_partial_run_files(out, metrics_path, step, cfg.steps, last_ckpt)
                 log(f"\ninterrupted after step {step}; saved {last_ckpt}; continue with --resume")
                 raise KeyboardInterrupt
     finally:

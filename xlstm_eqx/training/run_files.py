@@ -8,13 +8,32 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ..core.files import _write_json_atomic
+
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-    """Rows of a `metrics.jsonl`."""
+    """Rows of a `metrics.jsonl`. A torn last line (a write cut short by a full disk or a kill)
+    is dropped; a malformed line elsewhere is a ValueError naming the file and line."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows: list[dict[str, Any]] = []
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, RecursionError) as e:
+            if i == last:
+                break  # torn tail
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path}: line {i + 1} is not a metrics row ({msg})") from None
+        rows.append(row)
+    return rows
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -54,6 +73,25 @@ def plot_metrics(metrics_path: str, png_path: str) -> str | None:
     plt.close(fig)
     os.replace(tmp, png_path)
     return png_path
+
+
+def _write_partial_run_files(
+    out: str, metrics_path: str, step: int, steps: int, checkpoint: str | None
+) -> None:
+    """`loss.png` and `summary.json` of an interrupted run (up to `step`)."""
+    plot_metrics(metrics_path, os.path.join(out, "loss.png"))
+    rows = [r for r in read_metrics(metrics_path) if "eval_loss" in r]
+    last = rows[-1] if rows else {}
+    summary = {
+        "step": step,
+        "steps": steps,
+        "interrupted": True,
+        "eval_loss": last.get("eval_loss"),
+        "bits_per_byte": last.get("bits_per_byte"),
+        "unigram_bits_per_byte": last.get("unigram_bits_per_byte"),
+        "checkpoint": checkpoint,
+    }
+    _write_json_atomic(os.path.join(out, "summary.json"), summary)
 
 
 class _InterruptFlag:
