@@ -166,7 +166,7 @@ def test_console_module_runs():
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     )
     assert proc.returncode == 0
     for name in ("train", "eval", "generate", "info"):

@@ -49,7 +49,7 @@ from xlstm_eqx.xlstm import (
 )
 
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "interop")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "interop")
 HF_FIXTURES = ("hf_small", "hf_fused_tied")
 XJ_FIXTURES = ("xlstm_jax_mlstm_v1", "xlstm_jax_mlstm", "xlstm_jax_llama")
 TOL = 1e-4

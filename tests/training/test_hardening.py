@@ -20,7 +20,7 @@ from xlstm_eqx.training import read_metrics, train
 from .test_train import TEXT, _cfg, _quiet
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture
@@ -399,9 +399,8 @@ def test_stream_generate_holds_no_per_token_buffers():
     import jax
     import jax.random as jr
 
+    from tests.test_generation import _model, _prompt
     from xlstm_eqx.generation import MAX_NEW_TOKENS, stream_generate
-
-    from .test_generate import _model, _prompt
 
     model = _model("mlstm")
     stream = stream_generate(model, _prompt(), 3, temperature=1.0, key=jr.key(0))

@@ -1,6 +1,6 @@
 """Sharding: the mesh, the partition rules, sharded init / train step / checkpoints, multi-process.
 
-Multi-device checks run in subprocesses (``tests/sharding_worker.py``) with 8 simulated CPU devices
+Multi-device checks run in subprocesses (``tests/parallel/sharding_worker.py``) with 8 simulated CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``), so this process keeps one device. They are
 started together, once per session, by the ``results`` fixture; each test reads its numbers.
 Expected partition specs are written out by hand below from the rules in docs/architecture.md,
@@ -46,7 +46,7 @@ from xlstm_eqx.presets import tiny_llama, tiny_xlstm, tiny_xlstm_slstm
 from xlstm_eqx.xlstm import xLSTMLMModel
 
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Compile fast: the workers' programs are tiny and run once.
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 MESHES = ("dp=8", "fsdp=8", "tp=2,dp=4", "fsdp=4,tp=2")
@@ -75,7 +75,7 @@ def _env(devices: int) -> dict[str, str]:
 def _start(args: list[str], devices: int, cwd: pathlib.Path) -> subprocess.Popen:
     # cwd: the test's tmp folder, so a relative default path can never reach the checkout.
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.sharding_worker", *args],
+        [sys.executable, "-m", "tests.parallel.sharding_worker", *args],
         cwd=cwd,
         env=_env(devices),
         stdout=subprocess.PIPE,

@@ -40,7 +40,7 @@ from xlstm_eqx.training import (
 )
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "interop")
 
 
@@ -492,7 +492,9 @@ def test_checkpoint_npz_fortran_order_and_compressed_members_load(tmp_path):
 # under an address-space limit (one subprocess): declared sizes of gigabytes, and fuzzing
 
 LIMIT_HEADROOM = 3 << 30  # bytes of address space above the subprocess's warmed-up baseline
-CHILD = "import sys; from tests.test_file_formats import child_main; child_main(sys.argv[1])"
+CHILD = (
+    "import sys; from tests.interop.test_file_formats import child_main; child_main(sys.argv[1])"
+)
 
 # case -> (error type, text the message must contain); each refused fast, without allocating.
 HUGE_CASES = {

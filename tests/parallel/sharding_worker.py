@@ -1,7 +1,7 @@
-"""Multi-device work for tests/test_sharding.py, run in subprocesses so that the rest of the suite
+"""Multi-device work for tests/parallel/test_sharding.py, run in subprocesses so that the rest of the suite
 keeps its single CPU device.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharding_worker equiv xlstm
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.parallel.sharding_worker equiv xlstm
     ... sharding_worker train DATA_FILE OUT_DIR
     ... sharding_worker dist DATA_FILE PROCESS_ID NUM_PROCESSES PORT   (2 devices per process)
 
