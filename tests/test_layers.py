@@ -168,9 +168,15 @@ def test_no_import_cycles_between_layers():
     assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
-def test_folder_depth():
+def test_folder_depth_and_file_size():
+    """One concept per file: no file much above 500 lines (the Pallas kernels excepted), and at
+    most one folder level under the package."""
     for path in PACKAGE.rglob("*.py"):
-        assert len(path.relative_to(PACKAGE).parts) <= 2, f"{path}: deeper than one subpackage"
+        rel = path.relative_to(PACKAGE)
+        assert len(rel.parts) <= 2, f"{rel}: deeper than one subpackage"
+        lines = len(path.read_text().splitlines())
+        if rel.as_posix() != "cell/pallas.py":
+            assert lines <= 560, f"{rel}: {lines} lines; split it by concept"
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,11 @@ released xLSTM-7B format) and xlstm-jax (Flax) parameter trees, both ways; no pi
 """
 
 from .common import InteropError as InteropError
-from .hf import (
+from .hf import from_hf_pretrained as from_hf_pretrained, to_hf as to_hf
+from .hf_config import (
     eqx_config_to_hf as eqx_config_to_hf,
-    from_hf_pretrained as from_hf_pretrained,
     hf_config_to_eqx as hf_config_to_eqx,
-    to_hf as to_hf,
+    read_hf_config as read_hf_config,
 )
 from .runs import (
     load_eqx as load_eqx,
