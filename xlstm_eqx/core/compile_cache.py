@@ -8,6 +8,8 @@ environment variable, `$XDG_CACHE_HOME/xlstm_eqx/jax`, `~/.cache/xlstm_eqx/jax`.
 
 import os
 
+import jax
+
 
 __all__ = ["CACHE_ENV", "compile_cache_dir", "enable_compile_cache"]
 
@@ -34,8 +36,6 @@ def enable_compile_cache(flag: str | None = None) -> str | None:
         os.makedirs(path, exist_ok=True)
     except OSError:
         return None
-    import jax
-
     jax.config.update("jax_compilation_cache_dir", path)
     # Cache every compile that takes a while, not only those over JAX's default of 1 s.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..cell.autotune import tune_auto_backend
 from ..core.files import _write_json_atomic
@@ -324,8 +325,6 @@ def _train(
     end_step = cfg.steps if stop_after_step is None else min(cfg.steps, stop_after_step)
     bar = None
     if cfg.progress and writer:
-        from tqdm.auto import tqdm
-
         bar = tqdm(
             total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
         )
