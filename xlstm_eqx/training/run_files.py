@@ -7,6 +7,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """Rows of a `metrics.jsonl`."""
@@ -57,7 +61,8 @@ def plot_metrics(metrics_path: str, png_path: str) -> str | None:
 
 class _InterruptFlag:
     """While training, the first Ctrl-C (or SIGTERM) only sets a flag: the current step ends, a
-    checkpoint is written, then KeyboardInterrupt. A second Ctrl-C aborts at once."""
+    checkpoint is written (by every process, at the step they agree on: `agreed`), then
+    KeyboardInterrupt. A second Ctrl-C aborts at once."""
 
     def __init__(self, log: Callable[[str], None]):
         self.set = False
@@ -72,6 +77,15 @@ class _InterruptFlag:
             raise KeyboardInterrupt
         self.set = True
         self._log("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def agreed(self) -> bool:
+        """Whether any process was interrupted: every process calls this once per step, so all
+        of them see the same answer at the same step (one tiny all-gather over the processes;
+        nothing when there is only one) and save the same checkpoint before stopping."""
+        if jax.process_count() == 1:
+            return self.set
+        flags = multihost_utils.process_allgather(np.asarray([self.set], np.int32))
+        return bool(np.any(flags))
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
