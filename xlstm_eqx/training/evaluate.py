@@ -110,11 +110,11 @@ def load_run(
     model_config = family.config_from_dict(run["model_config"])
     skeleton = eqx.filter_eval_shape(family.build, model_config, key=jr.key(0))
     if npz:
-        trees, meta2 = npz_checkpoint.restore_checkpoint(path, {"model": skeleton})
+        trees, _ = npz_checkpoint.restore_checkpoint(path, {"model": skeleton})
     else:
         sh = None if shardings is None else {"model": shardings}
-        trees, meta2 = orbax_checkpoint.restore_checkpoint(path, {"model": skeleton}, sh)
-    return trees["model"], run, int(meta2["step"])
+        trees, _ = orbax_checkpoint.restore_checkpoint(path, {"model": skeleton}, sh)
+    return trees["model"], run, int(meta["step"])
 
 
 def evaluate_run(

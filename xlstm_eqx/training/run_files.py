@@ -21,8 +21,18 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
-    # On resume, drop rows of steps after the checkpoint: they are recomputed identically.
-    rows = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    # On resume, drop rows of steps after the checkpoint: they are recomputed identically. A run
+    # killed mid-write may have left a torn last line: it is one of those rows.
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step", 0) <= last_step:
+                    rows.append(row)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         for r in rows:
