@@ -387,3 +387,48 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, KILLME["steps"] + 1)), delay
     assert [r["loss"] for r in rows] == [full.losses[s] for s in sorted(full.losses)], delay
     assert min(resumed.losses) == done[-1][0] + 1
+
+
+# --- what `xlstm-eqx info --mesh --hosts` reports ------------------------------------------------
+
+
+def test_memory_report_per_host_and_checkpoint_7b():
+    from xlstm_eqx import get_preset
+    from xlstm_eqx.parallel import memory_report, parse_mesh_spec
+
+    cfg = get_preset("mLSTMv1_7B")
+    pc = parse_mesh_spec("fsdp=8,tp=4", cfg.parallel)
+    r = memory_report(cfg, pc, hosts=4)
+    total = r.param_bytes + r.opt_bytes
+    assert r.checkpoint_bytes == total and 76.7 < total / 2**30 < 76.8
+    assert r.param_bytes_per_host == 8 * r.param_bytes_per_device
+    assert r.opt_bytes_per_host == 8 * r.opt_bytes_per_device
+    # Each host writes and reads back about a quarter: nothing goes through one host.
+    assert total / 4 <= r.checkpoint_bytes_written_per_host < 1.01 * total / 4
+    assert total / 4 <= r.checkpoint_bytes_read_per_host < 1.01 * total / 4
+    one = memory_report(cfg, pc)
+    assert one.checkpoint_bytes_written_per_host == one.checkpoint_bytes_read_per_host == total
+
+
+def test_memory_report_per_host_by_hand():
+    """dp=8 over 2 hosts: every host holds (and reads back) everything, and writes half of it."""
+    from xlstm_eqx.core import ParallelConfig
+    from xlstm_eqx.parallel import memory_report
+    from xlstm_eqx.presets import tiny_llama
+
+    r = memory_report(tiny_llama(), ParallelConfig(data_axis_size=8), hosts=2)
+    total = r.param_bytes + r.opt_bytes
+    assert r.param_bytes_per_device == r.param_bytes
+    assert r.checkpoint_bytes_read_per_host == total
+    assert abs(r.checkpoint_bytes_written_per_host - total / 2) <= 1
+    with pytest.raises(ValueError, match="hosts=3"):
+        memory_report(tiny_llama(), ParallelConfig(data_axis_size=8), hosts=3)
+
+
+def test_info_mesh_hosts(capsys):
+    from xlstm_eqx.cli import main
+
+    assert main(["info", "--preset", "mLSTMv1_7B", "--mesh", "fsdp=8,tp=4", "--hosts", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "per host (4 host(s) x 8 devices): 19.23 GiB" in out
+    assert "checkpoint: 76.73 GiB; each host writes 19.18 GiB" in out
