@@ -21,7 +21,7 @@ FSDP = {"fsdp_modules": ["Embed", "LMHead", "mLSTMBlock"], "fsdp_min_weight_size
 
 
 # The run that is SIGKILLed (the test resumes it and runs it whole in its own process).
-KILLME = dict(steps=24, checkpoint_every=1, model="xlstm", preset="tiny")
+KILLME = dict(steps=12, checkpoint_every=1, model="xlstm", preset="tiny")
 
 
 def _model_file(out: str) -> str:
@@ -267,6 +267,9 @@ def run_procs(data: str, out: str, process_id: int, num_processes: int, port: in
         train,
     )
 
+    # The CPU collectives (gloo) are set up at the first one, which must find the other process
+    # within 30 s: meet here, while both are equally far, not after unequal work on a busy machine.
+    multihost_utils.sync_global_devices("checkpoint_worker start")
     res: dict = {"process_index": jax.process_index(), "devices": jax.device_count()}
     cfg = _cfg(data, out, "a", mesh="fsdp=8")
     a = train(cfg, log=_quiet)
@@ -332,10 +335,25 @@ def run_procs(data: str, out: str, process_id: int, num_processes: int, port: in
 
 
 def run_killme(data: str, out: str) -> dict:
-    from xlstm_eqx.training import train
+    import time
 
-    cfg = _cfg(data, out, "k", **KILLME)
-    train(cfg, log=_quiet)
+    from xlstm_eqx.training import loop as _loop, train
+
+    # Steps padded to >= 0.3 s, so that the kill lands mid-run on an idle machine too (the
+    # numbers are untouched).
+    original = _loop._optimizer_and_step
+
+    def slow(*args, **kwargs):
+        optimizer, step = original(*args, **kwargs)
+
+        def padded(*a):
+            time.sleep(0.3)
+            return step(*a)
+
+        return optimizer, padded
+
+    _loop._optimizer_and_step = slow
+    train(_cfg(data, out, "k", **KILLME), log=_quiet)
     return {}
 
 

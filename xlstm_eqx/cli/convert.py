@@ -87,8 +87,10 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-shard-size",
         type=int,
+        default=5 * 10**9,
         metavar="BYTES",
-        help="hf output: split the safetensors into shards of at most this many bytes",
+        help="hf output: safetensors shards of at most this many bytes, with an index "
+        "(default: 5 GB, as save_pretrained)",
     )
 
 

@@ -36,6 +36,7 @@ into its query projection (or its q-norm scale), so the reference reproduces its
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -261,6 +262,8 @@ def _unbox(x: Any) -> Any:
         and not isinstance(x, Mapping)
     ):
         return x.value
+    if isinstance(x, Mapping) and set(x) == {"value"} and not isinstance(x["value"], Mapping):
+        return x["value"]  # an nn.Partitioned box as orbax stores it (no target given)
     return x
 
 
@@ -449,13 +452,69 @@ def to_xlstm_jax(
 # files
 
 
+_ORBAX_STEP = re.compile(r"^(?:checkpoint_)?(\d+)$")
+
+
+def _orbax_params_item(path: str) -> str:
+    """The orbax item directory holding the parameters: ``path`` itself, its ``params/``, or the
+    newest ``checkpoint_<step>/params`` under it (or under its ``checkpoints/``)."""
+    if os.path.isfile(os.path.join(path, "_METADATA")):
+        return path
+    if os.path.isdir(os.path.join(path, "params")):
+        return _orbax_params_item(os.path.join(path, "params"))
+    for root in (path, os.path.join(path, "checkpoints")):
+        if not os.path.isdir(root):
+            continue
+        steps = sorted(
+            (int(m.group(1)), name)
+            for name in os.listdir(root)
+            if (m := _ORBAX_STEP.match(name)) and os.path.isdir(os.path.join(root, name, "params"))
+        )
+        if steps:
+            return os.path.join(root, steps[-1][1], "params")
+    raise InteropError(
+        f"{path!r} has no params.safetensors / params.npz and is not an orbax checkpoint "
+        "(no _METADATA, params/ or checkpoint_<step>/params)"
+    )
+
+
+def _read_orbax_params(path: str) -> Any:
+    """An orbax parameter tree as host arrays, whatever devices wrote it: each array is read
+    into one local CPU device (the saved shardings name devices this process may not have)."""
+    import orbax.checkpoint as ocp
+
+    item = os.path.abspath(_orbax_params_item(path))
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    try:
+        meta = checkpointer.metadata(item)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+
+        def target(m: Any) -> Any:
+            if not hasattr(m, "shape") or not hasattr(m, "dtype"):
+                raise InteropError(f"{item!r}: a non-array leaf ({type(m).__name__}) among params")
+            return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu)
+
+        abstract = jax.tree.map(target, tree, is_leaf=lambda m: hasattr(m, "shape"))
+        restored = checkpointer.restore(item, args=ocp.args.StandardRestore(abstract))
+    except InteropError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InteropError(f"{item!r}: cannot read the orbax checkpoint ({first})") from None
+    return jax.tree.map(np.asarray, restored)
+
+
 def load_xlstm_jax_params(path: str | os.PathLike) -> dict[str, Any]:
     """A reference parameter tree from disk, without pickle.
 
     ``path``: a ``.safetensors`` or ``.npz`` file of flat ``a/b/c`` names (as
     `save_xlstm_jax_params` writes), a directory holding ``params.safetensors`` or
-    ``params.npz``, or an orbax checkpoint directory of the reference trainer (needs the optional
-    ``orbax-checkpoint`` package; a ``params`` sub-tree is taken if present).
+    ``params.npz``, or an orbax checkpoint of the reference trainer: its ``checkpoints/``
+    directory (the newest ``checkpoint_<step>``), one step directory, or its ``params/`` item.
+    An orbax checkpoint saved on more devices (or hosts) than this process has is read all the
+    same: every array goes to one local CPU device.
     """
 
     path = os.fspath(path)
@@ -463,17 +522,7 @@ def load_xlstm_jax_params(path: str | os.PathLike) -> dict[str, Any]:
         for name in ("params.safetensors", "params.npz"):
             if os.path.isfile(os.path.join(path, name)):
                 return load_xlstm_jax_params(os.path.join(path, name))
-        try:
-            import orbax.checkpoint as ocp
-        except ImportError:
-            raise InteropError(
-                f"{path!r} has no params.safetensors / params.npz; reading an orbax checkpoint "
-                "needs the optional package orbax-checkpoint"
-            ) from None
-        tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
-        if isinstance(tree, Mapping) and "params" in tree:
-            tree = tree["params"]
-        return unflatten_params(flatten_params(tree))
+        return unflatten_params(flatten_params(_read_orbax_params(path)))
     if path.endswith(".safetensors"):
         try:
             with SafetensorsFile(path) as st:
