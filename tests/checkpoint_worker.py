@@ -241,6 +241,34 @@ def run_mesh8(data: str, out: str) -> dict:
     res["born_live_added"] = {d: after.get(d, 0) - before.get(d, 0) for d in after}
     res["born_per_device"] = _per_device_bytes({"m": model, "o": opt_state})
     res["born_whole"] = _whole_on_one_device(opt_state, layout.opt_shardings)
+    del model, opt_state
+
+    # Interop at size: a transformers checkpoint read straight into fsdp=8 shardings.
+    import pathlib
+
+    from xlstm_eqx.core import ParallelConfig
+    from xlstm_eqx.interop import from_hf_pretrained
+    from xlstm_eqx.parallel import (
+        make_mesh,
+        named_shardings,
+        param_partition_specs,
+        parse_mesh_spec,
+    )
+
+    hf = pathlib.Path(__file__).parent / "fixtures" / "interop" / "hf_small"
+    pc = parse_mesh_spec("fsdp=8", ParallelConfig(**FSDP))
+    mesh = make_mesh(pc)
+    plain, _ = from_hf_pretrained(hf)
+    placed, _ = from_hf_pretrained(hf, mesh=mesh, parallel=pc)
+    want = named_shardings(param_partition_specs(placed, pc), mesh)
+    res["hf_whole"] = _whole_on_one_device(placed, want)
+    res["hf_specs"] = _specs_of(placed)
+    res["hf_equal"] = bool(
+        eqx.tree_equal(
+            jax.device_get(eqx.filter(placed, eqx.is_array)),
+            jax.device_get(eqx.filter(plain, eqx.is_array)),
+        )
+    )
     return res
 
 

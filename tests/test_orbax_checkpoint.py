@@ -433,3 +433,51 @@ def test_info_mesh_hosts(capsys):
     out = capsys.readouterr().out
     assert "per host (4 host(s) x 8 devices): 19.23 GiB" in out
     assert "checkpoint: 76.73 GiB; each host writes 19.18 GiB" in out
+
+
+# --- interop at size --------------------------------------------------------------------------------
+
+
+def test_from_hf_pretrained_places_each_tensor_in_its_sharding(results):
+    r = _get(results, "mesh8")
+    assert r["hf_equal"] is True and r["hf_whole"] == []
+    assert r["hf_specs"][".token_embedding.embedding"] == "('fsdp',)"
+
+
+def test_to_hf_shards_at_5gb_like_save_pretrained():
+    import argparse
+    import inspect
+
+    from xlstm_eqx.cli.convert import add_convert_arguments
+    from xlstm_eqx.interop import to_hf
+
+    assert inspect.signature(to_hf).parameters["max_shard_bytes"].default == 5 * 10**9
+    parser = argparse.ArgumentParser()
+    add_convert_arguments(parser)
+    action = next(a for a in parser._actions if a.dest == "max_shard_size")
+    assert action.default == 5 * 10**9
+
+
+XJ_ORBAX = ROOT / "tests" / "fixtures" / "interop" / "xlstm_jax_mlstm_v1_orbax"
+
+
+@pytest.mark.parametrize(
+    "where", ["", "checkpoints", "checkpoints/checkpoint_3", "checkpoints/checkpoint_3/params"]
+)
+def test_xlstm_jax_orbax_checkpoint_from_8_devices_reads_on_one(where):
+    """xlstm-jax's trainer layout saved from 8 simulated devices, read in this one-device process:
+    the reference's parameters exactly, and its logits."""
+    from xlstm_eqx.interop import from_xlstm_jax, load_xlstm_jax_params
+    from xlstm_eqx.interop.runs import read_model_config
+    from xlstm_eqx.interop.xlstm_jax import flatten_params
+
+    params = flatten_params(load_xlstm_jax_params(XJ_ORBAX / where))
+    ref = flatten_params(load_xlstm_jax_params(XJ_ORBAX.parent / "xlstm_jax_mlstm_v1"))
+    assert sorted(params) == sorted(ref)
+    for k in ref:
+        np.testing.assert_array_equal(params[k], ref[k], err_msg=k)
+    if where == "":
+        model = from_xlstm_jax(params, read_model_config(str(XJ_ORBAX / "config.json")))
+        with np.load(XJ_ORBAX / "expected.npz", allow_pickle=False) as exp:
+            logits = np.asarray(eqx.filter_jit(model.__call__)(jnp.asarray(exp["input_ids"])))
+            assert np.max(np.abs(logits - exp["logits"])) <= 1e-4
