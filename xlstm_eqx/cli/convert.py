@@ -6,13 +6,15 @@ Formats (``--from`` / ``--to``):
 - ``hf``: a transformers ``xLSTMForCausalLM`` directory (config.json + safetensors, optionally
   sharded with an index, optionally a ``tokenizer.json``);
 - ``xlstm-jax``: reference Flax parameters — a ``.safetensors``/``.npz`` of flat ``a/b/c`` names,
-  a directory holding ``params.safetensors``/``params.npz``, or an orbax checkpoint (with the
-  optional orbax package) — plus ``--config FILE``, the model config as JSON
+  a directory holding ``params.safetensors``/``params.npz``, or an orbax checkpoint of the
+  reference trainer (saved on any number of devices) — plus ``--config FILE``, the model config
+  as JSON
   (``{"model_kind": "xlstm"|"llama", "model_config": {...}}``, our field names, which are the
   reference's), read from ``PATH/config.json`` when not given;
 - ``eqx``: our own run layout — ``OUT/config.json`` (``model_kind``, ``model_config``, the
-  tokenizer when known) and ``OUT/checkpoints/step_00000000/`` (`save_checkpoint`), which
-  ``xlstm-eqx eval/generate --out OUT`` and `_train.load_run` read.
+  tokenizer when known) and ``OUT/checkpoints/step_00000000/`` (an orbax checkpoint), which
+  ``xlstm-eqx eval/generate --out OUT`` and `load_run` read; as input, any training run
+  directory (its newest checkpoint).
 """
 
 import argparse

@@ -18,8 +18,8 @@ Pieces, in the order a run uses them:
 - ``make_sharded_train_step`` / ``shard_train_state``: the trainer's step (same signature, same math as
   ``_train.make_train_step``) with the batch split over ``(dp, fsdp)``, FSDP weights gathered at use,
   and the parameter and optimizer layouts pinned with ``eqx.filter_shard`` on the way in and out.
-- ``save_sharded_checkpoint`` / ``restore_sharded_checkpoint``: checkpoints are stored gathered (one
-  global array per leaf, the ``_checkpoint`` format), so a run saved on one mesh restores onto any other.
+- checkpoints (``training.orbax_checkpoint``): every process writes the shards it holds; a run saved
+  on one mesh restores onto any other, each array read straight into its new sharding.
 - ``initialize_distributed()``: the multi-controller runtime (``jax.distributed.initialize``) from
   explicit arguments, ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, or SLURM.
 - ``memory_report(config, parallel_config)``: per-device parameter and optimizer bytes from
