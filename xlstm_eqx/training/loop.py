@@ -231,7 +231,7 @@ def train(
     t_start = time.perf_counter()
     p = _prepare(cfg)
     # In a multi-process run every process runs this loop; process 0 alone writes the run's files
-    # and logs (checkpoints are gathered from all processes first).
+    # and logs; checkpoints are written by all processes together (each its own shards).
     writer = jax.process_index() == 0
     if not writer:
         log = _no_log
@@ -313,10 +313,7 @@ def train(
     eval_loss = bpb = None
     last_ckpt = latest_checkpoint(ckpt_root)
     last_ckpt_step = start_step if p.resume_from else 0
-    # Every process saves (each writes its own shards); saves are asynchronous: `save` returns
-    # once the arrays are off the devices and the next steps run while the files are written.
-    store = CheckpointStore(ckpt_root, keep=cfg.keep_checkpoints)
-    blocked: list[float] = []
+    blocked: list[float] = []  # seconds each save held the loop up
 
     def checkpoint(step: int) -> str:
         meta = {
@@ -342,6 +339,9 @@ def train(
     interval_steps = 0
     interrupt = _InterruptFlag(log)
     metrics_file = open(metrics_path if writer else os.devnull, "a")  # noqa: SIM115 - closed in finally
+    # Every process saves (each writes its own shards); saves are asynchronous: `save` returns
+    # once the arrays are off the devices and the next steps run while the files are written.
+    store = CheckpointStore(ckpt_root, keep=cfg.keep_checkpoints)
     try:
         for step in range(start_step + 1, end_step + 1):
             pos = (step - 1) * cfg.grad_accum
