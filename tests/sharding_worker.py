@@ -81,6 +81,12 @@ def _tree_rel_errors(a, b) -> tuple[float, float]:
     return norm_rel, max_rel
 
 
+def _parallel_config_cls():
+    from xlstm_eqx.core import ParallelConfig
+
+    return ParallelConfig
+
+
 def _specs_of(tree) -> dict[str, str]:
     import jax
 
@@ -255,10 +261,10 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     )
     from xlstm_eqx.training import (
         latest_checkpoint,
+        loop as _loop,
         restore_checkpoint,
         save_checkpoint,
         shard_train_state,
-        step as _step,
     )
 
     res: dict = {}
@@ -268,7 +274,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     res["seconds_single"] = round(time.perf_counter() - t0, 1)
 
     # The trainer's loop with its step replaced by the sharded one (what `--mesh` wires in).
-    original = _step._optimizer_and_step
+    original = _loop._optimizer_and_step
     placed: dict = {}
 
     def sharded_optimizer_and_step(cfg, model, model_config, family):
@@ -287,11 +293,11 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
         return optimizer, counted
 
     t1 = time.perf_counter()
-    _step._optimizer_and_step = sharded_optimizer_and_step
+    _loop._optimizer_and_step = sharded_optimizer_and_step  # the name the loop calls
     try:
         meshed = _train.train(_train_config(data_file, os.path.join(out_dir, "mesh")), log=quiet)
     finally:
-        _step._optimizer_and_step = original
+        _loop._optimizer_and_step = original
     res["seconds_mesh"] = round(time.perf_counter() - t1, 1)
     rows = {}
     for name in ("single", "mesh"):
@@ -321,7 +327,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     params = _train.trainable_params(meshed.model)
     with jax.numpy_dtype_promotion("standard"):
         opt_skel = jax.eval_shape(optimizer.init, params)
-    base = config.parallel or _models()["xlstm_v1"][2]
+    base = config.parallel or _parallel_config_cls()()
     base = dataclasses.replace(
         base, fsdp_modules=["Embed", "LMHead", "mLSTMBlock"], fsdp_min_weight_size=128
     )
