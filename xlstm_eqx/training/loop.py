@@ -13,7 +13,11 @@
    written after it, so the last good one stays the newest.
 4. `DIR/config.json` (resolved config), `DIR/metrics.jsonl` (one row per logged step: `step`,
    `loss`, `lr`, `grad_norm`, `tokens_per_s`…; eval steps add `eval_loss`, `bits_per_byte`),
-   `DIR/loss.png`, `DIR/checkpoints/step_*` (the last `keep_checkpoints`), `DIR/summary.json`.
+   `DIR/loss.png`, `DIR/checkpoints/step_*` (the last `keep_checkpoints`; orbax checkpoints that
+   every process writes its shards of, in the background), `DIR/summary.json`.
+5. With `--mesh`, the parameters and optimizer state are born sharded (or read straight into
+   their shardings on `--resume`, whatever mesh saved them). SIGTERM/Ctrl-C on any process stops
+   every process after the same step, with a checkpoint of it.
 
 Resume is exact: the data order depends only on the seed and the batch index, the step's RNG key
 is `fold_in(key, step)`, and checkpoints hold the arrays bit for bit, so a run stopped at step k

@@ -31,7 +31,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import PyTree
 
 from .checkpoint import CheckpointError
@@ -222,11 +221,10 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
         )
     if not (p / META_ITEM).is_dir():
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} is incomplete: no {META_ITEM}/ item")
-    ocp = _ocp()
+    # Read as a plain file (orbax's JSON item is one JSON file, ``metadata``): no collective, so
+    # one process alone can look (the arrays' restore is the collective part).
     try:
-        meta = _checkpointer(ocp.JsonCheckpointHandler()).restore(
-            p / META_ITEM, args=ocp.args.JsonRestore()
-        )
+        meta = json.loads((p / META_ITEM / "metadata").read_text())
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(
             f"checkpoint {os.fspath(path)!r}: cannot read {META_ITEM}/metadata ({e})"
@@ -454,13 +452,3 @@ def save_checkpoint(
     must call it."""
     with CheckpointStore(root, keep=keep, async_save=False) as store:
         return store.save(step, trees, metadata)
-
-
-def tree_bytes(tree: PyTree) -> int:
-    """Bytes of the array leaves of ``tree`` (shapes × dtype sizes)."""
-    return int(
-        sum(
-            int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-            for x in jax.tree.leaves(eqx.filter(tree, _is_leaf_array))
-        )
-    )
