@@ -1,36 +1,41 @@
 """Corpus loading, the train/held-out split, and deterministic, resumable batching.
 
-Sources (`--data`, repeatable): a file path, or a glob (`**` allowed). `*.jsonl` files hold one JSON
-object per line whose text field (default `"text"`) is a document; every other file is one UTF-8
-document. With no sources, the embedded default corpus is used: the top-level `*.py` files of this
-Python's standard library (`sysconfig.get_paths()["stdlib"]`), sorted by name — a few MB of real
-text present on every machine, no download.
+Sources (`--data`, repeatable): files, globs (`**` allowed), JSONL, parquet/arrow files and saved
+Hugging Face datasets (see `sources`). With no sources, the embedded default corpus is used: the
+top-level `*.py` files of this Python's standard library (`sysconfig.get_paths()["stdlib"]`),
+sorted by name — a few MB of real text present on every machine, no download.
 
-Split: with at least k = round(1/eval_fraction) documents, every k-th document (index % k == k-1)
-is held out, so held-out text is never seen in training; with fewer documents, the last
-`eval_fraction` of the token stream is held out. Documents are joined with a blank line.
+`load_corpus` tokenizes through the token store (`store`): once per corpus, per document, with an
+end-of-document token between documents, into memory-mapped files that later runs reuse. The split
+(every k-th document held out, or the tail with fewer than k documents) is described there.
 
 Batching: the training stream is cut into windows of `seq_len + 1` tokens at stride `seq_len`
 (input = window[:-1], target = window[1:]). Epoch e shuffles the windows with a generator seeded
 by (seed, e) and shifts them by a random offset. Batch i is a pure function of (tokens, seed, i),
-so a run resumed at batch i sees exactly the batches the uninterrupted run would have seen.
+so a run resumed at batch i sees exactly the batches the uninterrupted run would have seen, and
+any process can read any rows of it (`BatchSampler.rows`) without reading the others.
 """
 
 import dataclasses
 import glob
-import json
 import math
 import os
 import sysconfig
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from jaxtyping import Int
 
+from .sources import iter_pieces, resolve_sources
+from .store import (
+    StoreOptions,
+    check_files_unchanged,
+    check_identity_unchanged,
+    corpus_identity,
+    store_for,
+)
 from .tokenizer import Tokenizer
-
-
-_DOC_SEPARATOR = "\n\n"
 
 
 def default_corpus_files() -> list[str]:
@@ -48,58 +53,29 @@ def default_corpus_files() -> list[str]:
 
 def resolve_paths(sources: Sequence[str]) -> list[str]:
     """Expand files and globs into a sorted, de-duplicated file list; error on anything unusable."""
-    out: list[str] = []
-    seen: set[str] = set()
-    for src in sources:
-        if glob.has_magic(src):
-            matches = sorted(p for p in glob.glob(src, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise FileNotFoundError(f"data glob {src!r} matches no files")
-            matches = [p for p in matches if os.path.getsize(p) > 0]
-            if not matches:
-                raise ValueError(f"data glob {src!r} matches only empty files")
-        else:
-            if os.path.isdir(src):
-                raise IsADirectoryError(
-                    f"data path {src!r} is a directory; pass a glob such as "
-                    f"{os.path.join(src, '**', '*.txt')!r}"
-                )
-            if not os.path.exists(src):
-                raise FileNotFoundError(f"data path {src!r} does not exist")
-            if os.path.getsize(src) == 0:
-                raise ValueError(f"data file {src!r} is empty")
-            matches = [src]
-        for p in matches:
-            key = os.path.abspath(p)
-            if key not in seen:
-                seen.add(key)
-                out.append(p)
-    return out
+    return [s.path for s in resolve_sources(sources)]
 
 
 def read_documents(
-    paths: Sequence[str], *, text_field: str = "text", max_bytes: int | None = None
+    paths: Sequence[str],
+    *,
+    text_field: str = "text",
+    max_bytes: int | None = None,
+    split: str = "train",
 ) -> list[str]:
-    """Read every document of `paths` in order (stopping once `max_bytes` of text are read)."""
+    """Every document of `paths` as a string, in order (stopping once `max_bytes` of text are
+    read): for small texts, e.g. an evaluation file; training reads through the token store."""
     docs: list[str] = []
     total = 0
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                if path.endswith(".jsonl"):
-                    new = _jsonl_documents(f, path, text_field)
-                else:
-                    new = [f.read()]
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"data file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})"
-            ) from None
-        except OSError as e:
-            raise OSError(f"cannot read data file {path!r}: {e.strerror or e}") from e
-        for doc in new:
-            if doc:
-                docs.append(doc)
-                total += len(doc.encode("utf-8"))
+    for source in resolve_sources(paths):
+        for text, starts in iter_pieces(source, text_field=text_field, split=split):
+            if not text:
+                continue
+            if starts or not docs:
+                docs.append(text)
+            else:
+                docs[-1] += text
+            total += len(text.encode("utf-8"))
             if max_bytes is not None and total >= max_bytes:
                 return docs
     if not docs:
@@ -107,29 +83,10 @@ def read_documents(
     return docs
 
 
-def _jsonl_documents(f, path: str, text_field: str) -> list[str]:
-    docs = []
-    for lineno, line in enumerate(f, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or text_field not in obj:
-            raise ValueError(f"{path}:{lineno}: no text field {text_field!r} in this JSON line")
-        text = obj[text_field]
-        if not isinstance(text, str):
-            raise ValueError(
-                f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string"
-            )
-        docs.append(text)
-    return docs
-
-
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """Token streams of the training and held-out text, with their sizes in UTF-8 bytes."""
+    """Token streams of the training and held-out text (memory-mapped from the token store), with
+    their sizes in bytes (UTF-8 bytes of the text, plus one per end-of-document token)."""
 
     train: np.ndarray
     heldout: np.ndarray
@@ -137,11 +94,39 @@ class Corpus:
     heldout_bytes: int
     num_documents: int
     sources: tuple[str, ...]
+    train_counts: np.ndarray | None = None
+    heldout_counts: np.ndarray | None = None
+    identity: dict[str, Any] | None = None
+    eod_id: int | None = None
+    store_dir: str | None = None
 
     @property
     def heldout_tokens_per_byte(self) -> float:
         """Converts a loss in nats per token into nats per byte (exactly 1 for the byte tokenizer)."""
         return len(self.heldout) / self.heldout_bytes
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise if a token id of either split is outside [0, vocab_size), from the stored counts
+        (no pass over the tokens)."""
+        for counts, tokens, what in (
+            (self.train_counts, self.train, "training data"),
+            (self.heldout_counts, self.heldout, "held-out data"),
+        ):
+            if counts is None:
+                check_token_ids(tokens, vocab_size, what=what)
+            elif len(counts) > vocab_size and counts[vocab_size:].any():
+                bad = vocab_size + int(np.flatnonzero(counts[vocab_size:])[-1])
+                check_token_ids(np.asarray([bad]), vocab_size, what=what)
+
+    def unigram_bits_per_byte(self, vocab_size: int) -> float:
+        """`unigram_bits_per_byte` of the held-out split, from the stored counts."""
+        if self.train_counts is None or self.heldout_counts is None:
+            return unigram_bits_per_byte(
+                self.train, self.heldout, vocab_size, self.heldout_tokens_per_byte
+            )
+        return unigram_bits_per_byte_from_counts(
+            self.train_counts, self.heldout_counts, vocab_size, self.heldout_tokens_per_byte
+        )
 
 
 def load_corpus(
@@ -151,42 +136,50 @@ def load_corpus(
     text_field: str = "text",
     eval_fraction: float = 0.05,
     max_bytes: int | None = None,
+    split: str = "train",
+    eod_token: str = "",
+    cache_dir: str | None = None,
+    expected: dict[str, Any] | None = None,
+    where: str = "data",
+    build: bool = True,
 ) -> Corpus:
-    """Read, split and tokenize. Empty `sources` means the embedded default corpus."""
+    """The corpus of `sources` (empty: the embedded default corpus) from the token store, built
+    on first use. `expected`: a run's recorded `identity`, checked (files and sizes before any
+    tokenizing, then the token counts and hash), raising `CorpusChangedError` naming `where`."""
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    paths = resolve_paths(sources) if sources else default_corpus_files()
-    docs = read_documents(paths, text_field=text_field, max_bytes=max_bytes)
-    k = max(2, round(1.0 / eval_fraction))
-    if len(docs) >= k:
-        train_docs = [d for i, d in enumerate(docs) if i % k != k - 1]
-        held_docs = [d for i, d in enumerate(docs) if i % k == k - 1]
-        train_text = _DOC_SEPARATOR.join(train_docs)
-        held_text = _DOC_SEPARATOR.join(held_docs)
-        train = tokenizer.encode(train_text)
-        heldout = tokenizer.encode(held_text)
-        train_bytes = len(train_text.encode("utf-8"))
-        heldout_bytes = len(held_text.encode("utf-8"))
-    else:
-        text = _DOC_SEPARATOR.join(docs)
-        tokens = tokenizer.encode(text)
-        cut = len(tokens) - max(1, int(len(tokens) * eval_fraction))
-        train, heldout = tokens[:cut], tokens[cut:]
-        # Bytes of each part, by decoding (exact for bytes; the tokenizer's own split otherwise).
-        heldout_bytes = len(tokenizer.decode(heldout).encode("utf-8"))
-        train_bytes = len(text.encode("utf-8")) - heldout_bytes
-    if len(train) == 0 or len(heldout) == 0 or heldout_bytes == 0:
+    resolved = resolve_sources(sources) if sources else resolve_sources(default_corpus_files())
+    if expected is not None:
+        check_files_unchanged(expected, resolved, where)
+    options = StoreOptions(
+        text_field=text_field,
+        split=split,
+        eval_fraction=eval_fraction,
+        max_bytes=max_bytes,
+        eod_token=eod_token,
+    )
+    store = store_for(resolved, tokenizer, options, cache_dir=cache_dir, build=build)
+    identity = corpus_identity(store)
+    if expected is not None:
+        check_identity_unchanged(expected, identity, where)
+    idx = store.index
+    if len(store.train) == 0 or len(store.heldout) == 0 or idx["heldout"]["bytes"] == 0:
         raise ValueError(
             f"data sources {list(sources)!r} are too small to split into training and held-out "
-            f"text ({len(train)} + {len(heldout)} tokens)"
+            f"text ({len(store.train)} + {len(store.heldout)} tokens)"
         )
     return Corpus(
-        train=np.asarray(train, np.int32),
-        heldout=np.asarray(heldout, np.int32),
-        train_bytes=train_bytes,
-        heldout_bytes=heldout_bytes,
-        num_documents=len(docs),
-        sources=tuple(paths),
+        train=store.train,
+        heldout=store.heldout,
+        train_bytes=int(idx["train"]["bytes"]),
+        heldout_bytes=int(idx["heldout"]["bytes"]),
+        num_documents=int(idx["num_documents"]),
+        sources=tuple(s.path for s in resolved),
+        train_counts=store.train_counts,
+        heldout_counts=store.heldout_counts,
+        identity=identity,
+        eod_id=store.eod_id,
+        store_dir=store.directory,
     )
 
 
@@ -236,13 +229,21 @@ class BatchSampler:
 
     def batch(self, index: int) -> Int[np.ndarray, "B S1"]:
         """Windows `index*B … index*B+B-1` of the endless shuffled order, `(B, seq_len + 1)` int32."""
-        rows = []
-        for j in range(index * self.batch_size, (index + 1) * self.batch_size):
+        return self.rows(index, 0, self.batch_size)
+
+    def rows(self, index: int, start: int, stop: int) -> Int[np.ndarray, "R S1"]:
+        """Rows `start:stop` of `batch(index)`, reading only those windows."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows {start}:{stop} are not within a batch of {self.batch_size}")
+        out = np.empty((stop - start, self.seq_len + 1), np.int32)
+        for r, j in enumerate(
+            range(index * self.batch_size + start, index * self.batch_size + stop)
+        ):
             epoch, pos = divmod(j, self.num_windows)
             perm, shift = self._epoch(epoch)
-            start = shift + int(perm[pos]) * self.seq_len
-            rows.append(self.tokens[start : start + self.seq_len + 1])
-        return np.stack(rows).astype(np.int32)
+            begin = shift + int(perm[pos]) * self.seq_len
+            out[r] = self.tokens[begin : begin + self.seq_len + 1]
+        return out
 
 
 def eval_windows(
@@ -268,7 +269,19 @@ def unigram_bits_per_byte(
 ) -> float:
     """Cross-entropy of `targets` under add-one-smoothed training-set token frequencies, in bits
     per byte: the baseline a model that ignores context would reach."""
-    counts = np.bincount(train.reshape(-1), minlength=vocab_size).astype(np.float64) + 1.0
+    counts = np.bincount(np.asarray(train).reshape(-1), minlength=vocab_size)
+    target_counts = np.bincount(np.asarray(targets).reshape(-1), minlength=vocab_size)
+    return unigram_bits_per_byte_from_counts(counts, target_counts, vocab_size, tokens_per_byte)
+
+
+def unigram_bits_per_byte_from_counts(
+    train_counts: np.ndarray, target_counts: np.ndarray, vocab_size: int, tokens_per_byte: float
+) -> float:
+    """`unigram_bits_per_byte` from token frequencies (`np.bincount` of each side)."""
+    counts = np.zeros(vocab_size, np.float64)
+    counts[: min(vocab_size, len(train_counts))] += train_counts[:vocab_size]
+    counts += 1.0
     logp = np.log(counts / counts.sum())
-    nats_per_token = -float(logp[targets.reshape(-1)].mean())
+    tc = np.asarray(target_counts[:vocab_size], np.float64)
+    nats_per_token = -float((logp[: len(tc)] * tc).sum() / tc.sum())
     return nats_per_token * tokens_per_byte / math.log(2.0)

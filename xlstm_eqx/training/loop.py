@@ -34,14 +34,8 @@ import jax.random as jr
 import numpy as np
 
 from ..core.files import _write_json_atomic
-from ..data.corpus import (
-    BatchSampler,
-    Corpus,
-    check_token_ids,
-    eval_windows,
-    load_corpus,
-    unigram_bits_per_byte,
-)
+from ..data.corpus import BatchSampler, Corpus, eval_windows
+from ..data.loader import BatchLoader, load_corpus_all_processes
 from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
 from ..generation import generate
 from ..models import MODEL_FAMILIES
@@ -56,6 +50,7 @@ from .checkpoint import (
 )
 from .config import RESUMABLE_FIELDS, TrainConfig, check_sequence_length, resolve_model_config
 from .evaluate import has_decode_api, sample_tokens
+from .host_sync import PendingScalars, ProfileWindow
 from .loss import bits_per_byte, evaluate_loss
 from .optim import _lr_at, learning_rate_schedule, trainable_params
 from .run_files import _InterruptFlag, _truncate_metrics, plot_metrics
@@ -155,15 +150,20 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
     check_sequence_length(cfg.seq_len, model_config)
     vocab = int(model_config.vocab_size)
 
-    corpus = load_corpus(
+    corpus = load_corpus_all_processes(
         cfg.data,
         tokenizer,
         text_field=cfg.text_field,
         eval_fraction=cfg.eval_fraction,
         max_bytes=cfg.max_data_bytes,
+        split=cfg.data_split,
+        eod_token=cfg.eod_token,
+        cache_dir=cfg.data_cache or None,
+        # On --resume: the data must be what the run was trained on.
+        expected=(saved_run or {}).get("data", {}).get("identity"),
+        where=f"--resume {out!r}",
     )
-    check_token_ids(corpus.train, vocab, what="training data")
-    check_token_ids(corpus.heldout, vocab, what="held-out data")
+    corpus.check_vocab(vocab)
     sampler = BatchSampler(
         corpus.train, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed
     )
@@ -171,9 +171,7 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
         corpus.heldout, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_batches=cfg.eval_batches
     )
     # The baseline: every held-out token under the training text's token frequencies.
-    unigram = unigram_bits_per_byte(
-        corpus.train, corpus.heldout, vocab, corpus.heldout_tokens_per_byte
-    )
+    unigram = corpus.unigram_bits_per_byte(vocab)
     return _Prepared(
         cfg,
         kind,
@@ -201,6 +199,9 @@ def run_config_dict(p: _Prepared) -> dict[str, Any]:
             "train_tokens": int(len(p.corpus.train)),
             "heldout_tokens": int(len(p.corpus.heldout)),
             "heldout_bytes": p.corpus.heldout_bytes,
+            "eod_id": p.corpus.eod_id,
+            "store": p.corpus.store_dir,
+            "identity": p.corpus.identity,
         },
     }
 
@@ -303,34 +304,56 @@ def train(
     interval_steps = 0
     interrupt = _InterruptFlag(log)
     metrics_file = open(metrics_path if writer else os.devnull, "a")  # noqa: SIM115 - closed in finally
-    try:
-        for step in range(start_step + 1, end_step + 1):
-            pos = (step - 1) * cfg.grad_accum
-            batch = np.stack([p.sampler.batch(pos + a) for a in range(cfg.grad_accum)])
-            step_key = jr.fold_in(loop_key, step)
-            model, opt_state, loss, grad_norm = step_fn(
-                (jnp.asarray(batch), step_key), model, opt_state
-            )
-            loss_f, gnorm_f = float(loss), float(grad_norm)
-            if not (math.isfinite(loss_f) and math.isfinite(gnorm_f)):
-                what = f"loss {loss_f}" if not math.isfinite(loss_f) else f"gradient norm {gnorm_f}"
+    # Batches are read (this process's rows only) and placed on a background thread; the step
+    # results stay on the device until a step that logs, evaluates or checkpoints reads them.
+    loader = BatchLoader(
+        p.sampler,
+        grad_accum=cfg.grad_accum,
+        start_step=start_step,
+        end_step=end_step,
+        sharding=getattr(step_fn, "batch_sharding", None),
+        prefetch=cfg.prefetch,
+    )
+    pending = PendingScalars()
+
+    def drain() -> tuple[float, float]:
+        """Read the pending steps' loss and gradient norm; stop at the first non-finite one.
+        Returns the newest step's."""
+        last = (math.nan, math.nan)
+        for s, (loss_s, gnorm_s) in pending.read():
+            if not (math.isfinite(loss_s) and math.isfinite(gnorm_s)):
+                what = f"loss {loss_s}" if not math.isfinite(loss_s) else f"gradient norm {gnorm_s}"
                 where = (
                     f"last good checkpoint: {last_ckpt} (step {last_ckpt_step})"
                     if last_ckpt
                     else "no checkpoint was written"
                 )
                 raise TrainingDivergedError(
-                    f"training stopped at step {step}: {what} is not finite; nothing was saved "
+                    f"training stopped at step {s}: {what} is not finite; nothing was saved "
                     f"after step {last_ckpt_step}; {where}. Try a lower --lr or --grad-clip.",
-                    step,
+                    s,
                     last_ckpt,
                 )
-            losses[step] = loss_f
+            losses[s] = loss_s
+            last = (loss_s, gnorm_s)
+        return last
+
+    profile = ProfileWindow(cfg.profile_steps, os.path.join(out, "profile"))
+    try:
+        for step, batch in loader:
+            step_key = jr.fold_in(loop_key, step)
+            profile.before(step)
+            model, opt_state, loss, grad_norm = step_fn((batch, step_key), model, opt_state)
+            profile.after(step, loss)
+            pending.add(step, loss, grad_norm)
             interval_steps += 1
             if bar is not None:
                 bar.update(1)
             do_log = step % cfg.log_every == 0 or step == 1 or step == cfg.steps
             do_eval = step % cfg.eval_every == 0 or step == cfg.steps
+            do_ckpt = step % cfg.checkpoint_every == 0 or step == end_step
+            if do_log or do_eval or do_ckpt:
+                loss_f, gnorm_f = drain()
             if do_log or do_eval:
                 now = time.perf_counter()
                 tok_s = interval_steps * tokens_per_step / max(now - interval_start, 1e-9)
@@ -359,12 +382,15 @@ def train(
                 elif do_eval:
                     log(f"step {step}: loss {loss_f:.4f}, held-out {eval_loss:.4f} ({bpb:.3f} bpb)")
                 interval_start, interval_steps = time.perf_counter(), 0
-            if step % cfg.checkpoint_every == 0 or step == end_step or interrupt.set:
+            if do_ckpt or interrupt.set:
+                drain()  # (an interrupt may come at any time)
                 last_ckpt, last_ckpt_step = checkpoint(step), step
             if interrupt.set:
                 log(f"\ninterrupted after step {step}; saved {last_ckpt}; continue with --resume")
                 raise KeyboardInterrupt
     finally:
+        profile.stop()
+        loader.close()
         interrupt.restore()
         metrics_file.close()
         if bar is not None:
