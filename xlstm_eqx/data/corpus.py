@@ -30,6 +30,7 @@ from jaxtyping import Int
 from .sources import iter_pieces, resolve_sources
 from .store import (
     StoreOptions,
+    TokenFile,
     check_files_unchanged,
     check_identity_unchanged,
     corpus_identity,
@@ -99,6 +100,18 @@ class Corpus:
     identity: dict[str, Any] | None = None
     eod_id: int | None = None
     store_dir: str | None = None
+    train_file: TokenFile | None = None
+    heldout_file: TokenFile | None = None
+
+    @property
+    def train_reader(self) -> "np.ndarray | TokenFile":
+        """What to read training windows through: the store's file (no memory map), else the
+        array."""
+        return self.train_file if self.train_file is not None else self.train
+
+    @property
+    def heldout_reader(self) -> "np.ndarray | TokenFile":
+        return self.heldout_file if self.heldout_file is not None else self.heldout
 
     @property
     def heldout_tokens_per_byte(self) -> float:
@@ -180,6 +193,8 @@ def load_corpus(
         identity=identity,
         eod_id=store.eod_id,
         store_dir=store.directory,
+        train_file=store.token_file("train"),
+        heldout_file=store.token_file("heldout"),
     )
 
 
@@ -196,10 +211,57 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, *, what: str) -> None:
         )
 
 
-class BatchSampler:
-    """Deterministic shuffled windows; batch `i` depends only on (tokens, seq_len, batch, seed, i)."""
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
 
-    def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int):
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """A 64-bit integer hash (the splitmix64 finalizer), elementwise, wrapping."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _MIX1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+class WindowPermutation:
+    """A random permutation of `range(n)` evaluated one index at a time, in O(1) memory: a
+    4-round Feistel network over the smallest even-bit domain >= n, keyed by `keys`, with
+    cycle-walking back into `range(n)` (fewer than 4 rounds trips on average)."""
+
+    def __init__(self, n: int, keys: Sequence[int]):
+        self.n = n
+        bits = max(2, int(n - 1).bit_length())
+        self.half = np.uint64((bits + 1) // 2)
+        self.mask = np.uint64((1 << int(self.half)) - 1)
+        self.keys = [np.uint64(k) for k in keys]
+
+    def _round_trip(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix64(right ^ k) & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        y = self._round_trip(np.asarray(index, np.uint64))
+        out_of_range = y >= np.uint64(self.n)
+        while out_of_range.any():
+            y[out_of_range] = self._round_trip(y[out_of_range])
+            out_of_range = y >= np.uint64(self.n)
+        return y.astype(np.int64)
+
+
+class BatchSampler:
+    """Deterministic shuffled windows; batch `i` depends only on (tokens, seq_len, batch, seed, i).
+
+    Epoch e visits every window once, in the order of a `WindowPermutation` keyed by (seed, e),
+    shifted by an offset drawn from the same generator: no per-epoch array, so memory does not grow
+    with the corpus.
+    """
+
+    def __init__(
+        self, tokens: "np.ndarray | TokenFile", *, seq_len: int, batch_size: int, seed: int
+    ):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
         if len(tokens) < seq_len + 1:
@@ -213,14 +275,14 @@ class BatchSampler:
         self.seed = seed
         self.num_windows = (len(tokens) - 1) // seq_len
         self._slack = (len(tokens) - 1) - self.num_windows * seq_len
-        self._epoch_cache: tuple[int, np.ndarray, int] | None = None
+        self._epoch_cache: tuple[int, WindowPermutation, int] | None = None
 
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, int]:
+    def _epoch(self, epoch: int) -> tuple[WindowPermutation, int]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            perm = rng.permutation(self.num_windows)
+            keys = rng.integers(0, 2**63, size=4).tolist()
             shift = int(rng.integers(0, self._slack + 1))
-            self._epoch_cache = (epoch, perm, shift)
+            self._epoch_cache = (epoch, WindowPermutation(self.num_windows, keys), shift)
         return self._epoch_cache[1], self._epoch_cache[2]
 
     def epoch_of(self, index: int) -> float:
@@ -231,23 +293,32 @@ class BatchSampler:
         """Windows `index*B … index*B+B-1` of the endless shuffled order, `(B, seq_len + 1)` int32."""
         return self.rows(index, 0, self.batch_size)
 
-    def rows(self, index: int, start: int, stop: int) -> Int[np.ndarray, "R S1"]:
-        """Rows `start:stop` of `batch(index)`, reading only those windows."""
+    def window_starts(self, index: int, start: int, stop: int) -> np.ndarray:
+        """Token offsets of rows `start:stop` of `batch(index)`."""
         if not 0 <= start < stop <= self.batch_size:
             raise ValueError(f"rows {start}:{stop} are not within a batch of {self.batch_size}")
-        out = np.empty((stop - start, self.seq_len + 1), np.int32)
-        for r, j in enumerate(
-            range(index * self.batch_size + start, index * self.batch_size + stop)
-        ):
-            epoch, pos = divmod(j, self.num_windows)
-            perm, shift = self._epoch(epoch)
-            begin = shift + int(perm[pos]) * self.seq_len
+        j = np.arange(index * self.batch_size + start, index * self.batch_size + stop)
+        epochs, pos = np.divmod(j, self.num_windows)
+        out = np.empty(len(j), np.int64)
+        for e in np.unique(epochs):
+            perm, shift = self._epoch(int(e))
+            sel = epochs == e
+            out[sel] = shift + perm(pos[sel]) * self.seq_len
+        return out
+
+    def rows(self, index: int, start: int, stop: int) -> Int[np.ndarray, "R S1"]:
+        """Rows `start:stop` of `batch(index)`, reading only those windows."""
+        starts = self.window_starts(index, start, stop).tolist()
+        if isinstance(self.tokens, TokenFile):
+            return self.tokens.windows(starts, self.seq_len + 1).astype(np.int32)
+        out = np.empty((len(starts), self.seq_len + 1), np.int32)
+        for r, begin in enumerate(starts):
             out[r] = self.tokens[begin : begin + self.seq_len + 1]
         return out
 
 
 def eval_windows(
-    tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int
+    tokens: "np.ndarray | TokenFile", *, seq_len: int, batch_size: int, max_batches: int
 ) -> list[np.ndarray]:
     """A fixed set of held-out batches: non-overlapping windows spread evenly over the stream."""
     n = (len(tokens) - 1) // seq_len

@@ -238,7 +238,7 @@ def build_store(
     tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
     t0 = time.perf_counter()
     k = max(2, round(1.0 / options.eval_fraction))
-    eod_arr = np.asarray([eod if eod is not None else 0], np.int64)
+    eod_arr = np.asarray([eod if eod is not None else 0], np.int32)
     try:
         with (
             open(os.path.join(tmp, "train.bin"), "wb") as ftrain,
@@ -342,6 +342,61 @@ def _is_byte_level(tokenizer: Tokenizer) -> bool:
     return tokenizer.to_dict().get("kind") == "bytes"
 
 
+class TokenFile:
+    """`count` tokens of a token file from token `offset`, read with `os.pread`: slicing returns
+    a fresh array of just those tokens. What the batch sampler and the evaluation windows read
+    through: nothing is mapped, so reading scattered windows of a huge file adds nothing to the
+    process's RSS (a memory map would map, and count, whole page-cache folios around each)."""
+
+    def __init__(self, path: str, dtype: np.dtype, offset: int, count: int):
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.offset = offset
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.count,)
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        if not isinstance(item, slice):
+            raise TypeError(f"TokenFile supports slices only, got {type(item).__name__}")
+        start, stop, step = item.indices(self.count)
+        if step != 1:
+            raise ValueError("TokenFile supports contiguous slices only")
+        return self.windows([start], max(0, stop - start))[0]
+
+    def windows(self, starts: Sequence[int], length: int) -> np.ndarray:
+        """`(len(starts), length)` tokens: `length` from each start (each within the file)."""
+        size = self.dtype.itemsize
+        out = np.empty((len(starts), length), self.dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for r, start in enumerate(starts):
+                if start < 0 or start + length > self.count:
+                    raise IndexError(f"tokens {start}:{start + length} outside 0:{self.count}")
+                want = length * size
+                data = os.pread(fd, want, (self.offset + start) * size)
+                if len(data) != want:
+                    raise ValueError(f"token file {self.path!r} is shorter than its index says")
+                out[r] = np.frombuffer(data, self.dtype)
+        finally:
+            os.close(fd)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self[:]
+        return arr if dtype is None else arr.astype(dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenFile({self.path!r}, {self.dtype.name}, offset={self.offset}, count={self.count})"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenStore:
     """An opened store: the token streams as read-only memory maps, their sizes and counts."""
@@ -356,6 +411,18 @@ class TokenStore:
     @property
     def eod_id(self) -> int | None:
         return self.index["eod_id"]
+
+    def token_file(self, name: str) -> TokenFile:
+        """The `train` or `heldout` stream as a `TokenFile`."""
+        part = self.index[name]
+        path = os.path.join(self.directory, part["file"])
+        return TokenFile(path, np.dtype(self.index["dtype"]), part["offset"], part["tokens"])
+
+
+def _map_tokens(path: str, dtype: np.dtype, offset: int, count: int) -> np.ndarray:
+    """A read-only memory map of `count` tokens of `path` from token `offset` (for whole-array
+    use; batches read through `TokenFile`)."""
+    return np.memmap(path, dtype, mode="r", offset=offset * dtype.itemsize, shape=(count,))
 
 
 def open_store(directory: str) -> TokenStore:
@@ -375,13 +442,7 @@ def open_store(directory: str) -> TokenStore:
         if part["tokens"] == 0:
             maps[name] = np.zeros(0, dtype)
             continue
-        maps[name] = np.memmap(
-            file,
-            dtype,
-            mode="r",
-            offset=part["offset"] * dtype.itemsize,
-            shape=(part["tokens"],),
-        )
+        maps[name] = _map_tokens(file, dtype, part["offset"], part["tokens"])
     with np.load(os.path.join(directory, "counts.npz"), allow_pickle=False) as counts:
         train_counts, held_counts = counts["train"], counts["heldout"]
     return TokenStore(directory, index, maps["train"], maps["heldout"], train_counts, held_counts)

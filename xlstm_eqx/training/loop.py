@@ -50,9 +50,10 @@ from .checkpoint import (
 )
 from .config import RESUMABLE_FIELDS, TrainConfig, check_sequence_length, resolve_model_config
 from .evaluate import has_decode_api, sample_tokens
+from .extend import DECAY_START_DIR, is_decay_start, resume_point, supersede_after
 from .host_sync import PendingScalars, ProfileWindow
 from .loss import bits_per_byte, evaluate_loss
-from .optim import _lr_at, learning_rate_schedule, trainable_params
+from .optim import _lr_at, learning_rate_schedule, trainable_params, wsd_decay_start
 from .run_files import _InterruptFlag, _truncate_metrics, plot_metrics
 from .step import _optimizer_and_step, shard_train_state
 
@@ -105,10 +106,11 @@ class _Prepared:
 
 def _compatible(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
     given = cfg.to_dict()
+    default = TrainConfig().to_dict()  # a field the run predates had its default value
     diffs = [
-        f"{k}: checkpoint has {saved.get(k)!r}, given {given[k]!r}"
+        f"{k}: checkpoint has {saved.get(k, default[k])!r}, given {given[k]!r}"
         for k in given
-        if k not in RESUMABLE_FIELDS and saved.get(k) != given[k]
+        if k not in RESUMABLE_FIELDS and saved.get(k, default[k]) != given[k]
     ]
     if diffs:
         raise ValueError(
@@ -132,6 +134,10 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
         if not isinstance(saved_run, dict) or "train" not in saved_run:
             raise CheckpointError(f"checkpoint {resume_from!r} has no run configuration")
         _compatible(saved_run["train"], cfg, out)
+        # A wsd run extended past the decay it began restarts from that decay's start.
+        chosen = resume_point(cfg, saved_run["train"], resume_from, int(resume_meta["step"]), out)
+        if chosen != resume_from:
+            resume_from, resume_meta = chosen, load_metadata(chosen)
     elif list_checkpoints(ckpt_root):
         raise FileExistsError(
             f"{out!r} already holds a run with checkpoints; pass --resume to continue it "
@@ -165,10 +171,13 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
     )
     corpus.check_vocab(vocab)
     sampler = BatchSampler(
-        corpus.train, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed
+        corpus.train_reader, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed
     )
     batches = eval_windows(
-        corpus.heldout, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_batches=cfg.eval_batches
+        corpus.heldout_reader,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        max_batches=cfg.eval_batches,
     )
     # The baseline: every held-out token under the training text's token frequencies.
     unigram = corpus.unigram_bits_per_byte(vocab)
@@ -263,6 +272,9 @@ def train(
                 os.remove(metrics_path)
         else:
             _truncate_metrics(metrics_path, start_step)
+            if is_decay_start(p.resume_from, out):
+                for path in supersede_after(ckpt_root, start_step, out):
+                    log(f"extending the wsd run: moved {path} (the old decay) aside")
     if p.resume_from is not None:
         log(f"resumed from {p.resume_from} at step {start_step}")
 
@@ -279,7 +291,9 @@ def train(
     last_ckpt = latest_checkpoint(ckpt_root)
     last_ckpt_step = start_step if p.resume_from else 0
 
-    def checkpoint(step: int) -> str | None:
+    def checkpoint(
+        step: int, root: str = ckpt_root, keep: int | None = cfg.keep_checkpoints
+    ) -> str | None:
         meta = {
             "step": step,
             "data_position": step * cfg.grad_accum,
@@ -290,7 +304,7 @@ def train(
         if cfg.mesh:  # gathered from every process (a collective: all call it), written by 0
             save = save_sharded_checkpoint
         trees = {"model": model, "opt_state": opt_state}
-        return save(ckpt_root, step, trees, meta, keep=cfg.keep_checkpoints)
+        return save(root, step, trees, meta, keep=keep)
 
     end_step = cfg.steps if stop_after_step is None else min(cfg.steps, stop_after_step)
     bar = None
@@ -385,6 +399,9 @@ def train(
             if do_ckpt or interrupt.set:
                 drain()  # (an interrupt may come at any time)
                 last_ckpt, last_ckpt_step = checkpoint(step), step
+            if cfg.schedule == "wsd" and step == wsd_decay_start(cfg):
+                drain()  # where an extension of this run restarts (see training/extend.py)
+                checkpoint(step, os.path.join(out, DECAY_START_DIR), 1)
             if interrupt.set:
                 log(f"\ninterrupted after step {step}; saved {last_ckpt}; continue with --resume")
                 raise KeyboardInterrupt
