@@ -13,6 +13,11 @@ from .corpus import (
     unigram_bits_per_byte as unigram_bits_per_byte,
     unigram_bits_per_byte_from_counts as unigram_bits_per_byte_from_counts,
 )
+from .loader import (
+    BatchLoader as BatchLoader,
+    load_corpus_all_processes as load_corpus_all_processes,
+    process_rows as process_rows,
+)
 from .sources import (
     Source as Source,
     iter_pieces as iter_pieces,
@@ -22,6 +27,7 @@ from .sources import (
 from .store import (
     CorpusChangedError as CorpusChangedError,
     StoreOptions as StoreOptions,
+    TokenFile as TokenFile,
     TokenStore as TokenStore,
     build_store as build_store,
     corpus_identity as corpus_identity,

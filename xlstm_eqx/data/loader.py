@@ -29,9 +29,15 @@ def process_rows(
     for index in sharding.addressable_devices_indices_map(global_shape).values():
         start, stop, _ = index[axis].indices(global_shape[axis])
         ranges.add((start, stop))
-    out = sorted(ranges)
-    if any(b[0] < a[1] for a, b in zip(out, out[1:], strict=False)):
-        raise ValueError(f"batch sharding {sharding}: overlapping row blocks {out}")
+    blocks = sorted(ranges)
+    if any(b[0] < a[1] for a, b in zip(blocks, blocks[1:], strict=False)):
+        raise ValueError(f"batch sharding {sharding}: overlapping row blocks {blocks}")
+    out: list[tuple[int, int]] = []
+    for start, stop in blocks:  # adjacent blocks read as one
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], stop)
+        else:
+            out.append((start, stop))
     return out
 
 
