@@ -47,6 +47,7 @@ def _caches_in_tmp(tmp_path_factory):
         os.environ[name] = "1"
     os.environ["WANDB_MODE"] = "offline"
     os.environ["WANDB_SILENT"] = "true"
+    os.environ["TRACKIO_DIR"] = str(root / "trackio")
 
 
 @pytest.fixture

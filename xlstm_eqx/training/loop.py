@@ -56,6 +56,7 @@ from .loss import bits_per_byte, evaluate_loss
 from .optim import _lr_at, learning_rate_schedule, trainable_params, wsd_decay_start
 from .run_files import _InterruptFlag, _truncate_metrics, plot_metrics
 from .step import _optimizer_and_step, shard_train_state
+from .trackers import check_trackers_available, open_trackers
 
 
 # run bookkeeping
@@ -121,6 +122,8 @@ def _compatible(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
 
 def _prepare(cfg: TrainConfig) -> _Prepared:
     cfg.validate()
+    if jax.process_index() == 0:
+        check_trackers_available(cfg.trackers())
     out = cfg.out_dir()
     ckpt_root = os.path.join(out, "checkpoints")
     resume_from = resume_meta = None
@@ -316,6 +319,7 @@ def train(
         )
     interval_start = time.perf_counter()
     interval_steps = 0
+    trackers = open_trackers(cfg.trackers() if writer else [], out, cfg.tracker_project, run_config)
     interrupt = _InterruptFlag(log)
     metrics_file = open(metrics_path if writer else os.devnull, "a")  # noqa: SIM115 - closed in finally
     # Batches are read (this process's rows only) and placed on a background thread; the step
@@ -388,6 +392,7 @@ def train(
                     row["unigram_bits_per_byte"] = p.unigram_bpb
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+                trackers.log(row)
                 if bar is not None:
                     post = {"loss": f"{loss_f:.3f}", "tok/s": f"{tok_s:,.0f}"}
                     if bpb is not None:
@@ -408,6 +413,7 @@ def train(
     finally:
         profile.stop()
         loader.close()
+        trackers.close()
         interrupt.restore()
         metrics_file.close()
         if bar is not None:
