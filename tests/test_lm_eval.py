@@ -137,6 +137,7 @@ def _mc_task(tmp_path):
 
 
 def test_multiple_choice_task_through_the_cli(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
     data = tmp_path / "data.txt"
     data.write_text(TEXT)
     cfg = _cfg(tmp_path, str(data), steps=6, lr=3e-2)

@@ -217,7 +217,7 @@ def test_default_cache_dir_from_the_environment(tmp_path, monkeypatch):
 def _hf_inputs(tmp_path):
     """The same six documents as a JSONL file, a saved Dataset, a saved DatasetDict (split
     "train"), a parquet file and an arrow file."""
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     ds = datasets.Dataset.from_dict({"body": DOCS, "n": list(range(len(DOCS)))})
     base = tmp_path / "hf"

@@ -36,6 +36,8 @@ def _wandb_records(path):
 
 
 def test_trackers_hold_the_metrics_and_config(tmp_path):
+    for name in ("tensorboard", "wandb", "trackio"):
+        pytest.importorskip(name)
     data = tmp_path / "data.txt"
     data.write_text(TEXT)
     cfg = _cfg(tmp_path, str(data), steps=4, eval_every=2, tracker="tensorboard,wandb,trackio")
