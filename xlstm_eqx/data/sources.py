@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 
-PIECE_CHARS = 1 << 22  # 4 Mi characters per piece of a long document
+PIECE_CHARS = 1 << 20  # 1 Mi characters per piece of a long document
 
 _HF_KINDS = ("parquet", "arrow", "hf_disk")
 

@@ -40,7 +40,7 @@ from .tokenizer import Tokenizer, encode_batch, resolve_eod_id
 FORMAT = "xlstm_eqx-token-store"
 VERSION = 1
 _INDEX = "index.json"
-_BATCH_CHARS = 1 << 23  # characters tokenized per batch
+_BATCH_CHARS = 1 << 20  # characters tokenized per batch (more keeps more memory after the build)
 
 
 class CorpusChangedError(ValueError):
