@@ -18,6 +18,7 @@ parent if its RSS passes `--rss-cap-gib` (reported as "> cap").
 """
 
 import argparse
+import glob
 import json
 import os
 import resource
@@ -204,7 +205,7 @@ def _fmt(r: dict, cap: float) -> str:
     if r.get("killed"):
         return f"peak RSS > {cap:.1f} GiB (killed after {r['wall_s']:.0f} s)"
     return (
-        f"peak RSS {gib:5.2f} GiB, load {r['load_s']:7.1f} s, 20 steps {r['train_s']:6.1f} s, "
+        f"peak RSS {gib:5.2f} GiB, load {r['load_s']:8.2f} s, 20 steps {r['train_s']:6.1f} s, "
         f"{r['tokens']:,} tokens"
     )
 
@@ -222,6 +223,12 @@ def main() -> None:
     parser.add_argument("--legacy-src", default="", help="source tree of the old loader")
     parser.add_argument("--rss-cap-gib", type=float, default=12.0)
     parser.add_argument("--only", choices=["bytes", "bpe"], default=None)
+    parser.add_argument("--skip-store", action="store_true", help="measure the legacy loader only")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also the same 20 steps on a 1 MiB corpus: what the process needs besides the data",
+    )
     args = parser.parse_args()
     if args.cmd == "_child":
         child(args)
@@ -245,8 +252,19 @@ def main() -> None:
             continue
         print(f"\n{title}")
         cache = os.path.join(args.work, f"cache_{name}")
-        shutil.rmtree(cache, ignore_errors=True)
         out = os.path.join(args.work, f"run_{name}")
+        if args.baseline:
+            small = os.path.join(args.work, f"small_{name}" + os.path.splitext(data)[1])
+            with open(glob.glob(data)[0], "rb") as f, open(small, "wb") as g:
+                g.write(f.read(1 << 20).rsplit(b"\n", 1)[0] + b"\n")
+            base = measure(ROOT, small, tok, cache + "_small", out, args.rss_cap_gib)
+            print(f"  baseline, 1 MiB of it:     {_fmt(base, args.rss_cap_gib)}")
+        if args.skip_store:
+            if args.legacy_src:
+                legacy = measure(args.legacy_src, data, tok, cache, out, args.rss_cap_gib)
+                print(f"  legacy loader:             {_fmt(legacy, args.rss_cap_gib)}")
+            continue
+        shutil.rmtree(cache, ignore_errors=True)
         first = measure(ROOT, data, tok, cache, out, args.rss_cap_gib)
         print(f"  store, first run (build):  {_fmt(first, args.rss_cap_gib)}")
         second = measure(ROOT, data, tok, cache, out, args.rss_cap_gib)
