@@ -10,6 +10,7 @@ import math
 import os
 from types import SimpleNamespace
 
+import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -22,6 +23,11 @@ from xlstm_eqx.training import sample_tokens, train
 from xlstm_eqx.training.lm_eval import LMEvalAdapter, score_windows
 
 
+@eqx.filter_jit
+def _forward(model, tokens):
+    return model(tokens)
+
+
 def _direct(model, tokens, n, L):
     """Log-probability of the last n tokens: the continuation cut from its end into groups of at
     most L tokens, each predicted by one plain forward pass over the L tokens before its end."""
@@ -30,7 +36,7 @@ def _direct(model, tokens, n, L):
         k = min(L, end - first)
         start = max(0, end - 1 - L)
         window = np.asarray(tokens[start:end], np.int32)
-        logits = np.asarray(model(jnp.asarray(window[None, :-1]))[0], np.float64)
+        logits = np.asarray(_forward(model, jnp.asarray(window[None, :-1]))[0], np.float64)
         m = logits.max(-1, keepdims=True)
         logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
         targets = window[1:]
@@ -65,7 +71,9 @@ def test_loglikelihoods_equal_the_models_logits(family):
         L, model = config.context_length, fam.build(config, key=jr.key(0))
     adapter = LMEvalAdapter(model, ByteTokenizer(), max_length=L, batch_size=4)
     rng = np.random.default_rng(1)
-    lengths = [(0, 1), (3, 2), (L - 2, 3), (L + 5, 2), (3 * L, 4), (2, L + 3), (L + 1, 2 * L + 1)]
+    lengths = [(0, 1), (3, 2), (L + 5, 2), (L + 1, 2 * L + 1)]
+    if family == "toy":  # (cheap: more shapes)
+        lengths += [(L - 2, 3), (3 * L, 4), (2, L + 3)]
     pairs = [(_random_text(rng, a), _random_text(rng, b).strip() or "x") for a, b in lengths]
     requests = [SimpleNamespace(args=p) for p in pairs]
     got = adapter.loglikelihood(requests)
@@ -76,7 +84,7 @@ def test_loglikelihoods_equal_the_models_logits(family):
         assert lp == pytest.approx(want, rel=1e-5, abs=1e-4), (len(ctx), len(cont))
         assert isinstance(greedy, bool)
     # rolling: every token of the text after the end-of-document token
-    texts = [_random_text(rng, n) for n in (5, L, 4 * L + 3)]
+    texts = [_random_text(rng, n) for n in ((5, L, 4 * L + 3) if family == "toy" else (2 * L,))]
     rolling = adapter.loglikelihood_rolling([SimpleNamespace(args=(t,)) for t in texts])
     for text, lp in zip(texts, rolling, strict=True):
         tokens = [0, *text.encode()]
