@@ -70,6 +70,12 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     lm.add_argument(
         "--max-length", type=int, help="tokens per scoring window (default: context_length)"
     )
+    lm.add_argument(
+        "--eod-token",
+        metavar="TOKEN",
+        help="the end-of-document token scoring starts from (default: the run's, or the "
+        "tokenizer's own)",
+    )
 
 
 def _lm_eval_run(args: argparse.Namespace) -> int:
@@ -92,6 +98,8 @@ def _lm_eval_run(args: argparse.Namespace) -> int:
             tokenizer = tokenizer_from_dict(run["tokenizer"])
             eod_token = run.get("train", {}).get("eod_token", "")
         context = run["model_config"].get("context_length")
+    if args.eod_token is not None:
+        eod_token = args.eod_token
     max_length = args.max_length or context
     if not isinstance(max_length, int) or max_length < 1:
         raise ValueError("the model has no context_length; pass --max-length")
