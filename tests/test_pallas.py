@@ -341,3 +341,200 @@ def test_auto_times_for_real_while_jit_traces(monkeypatch):
         pallas_module.time_chunkwise_backends(
             (1, 1, 8, 4), (1, 1, 8, 4), jnp.float32, backends=("flash",)
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Edge cases: the same conventions as the pure-JAX forms (module docstring of `_cell`)
+# ---------------------------------------------------------------------------------------------------
+
+import inspect  # noqa: E402
+
+import hypothesis  # noqa: E402
+import hypothesis.strategies as st  # noqa: E402
+
+
+EDGE_SHAPE = (2, 2, 37, 8, 4)  # B, NH, S, DHQK, DHV: chunks of 16 with padding
+
+EDGE_FORMS = {
+    "pallas": functools.partial(mlstm_chunkwise_pallas, chunk_size=16),
+    "remat_chunk_states": functools.partial(
+        mlstm_chunkwise_remat, chunk_size=4, remat="chunk_states", chunks_per_step=2
+    ),
+    "chunkwise": functools.partial(X.mlstm_chunkwise, chunk_size=16),
+}
+
+
+@functools.cache
+def edge_form(name):
+    return jax.jit(functools.partial(EDGE_FORMS[name], return_last_state=True))
+
+
+def edge_inputs(seed=20):
+    inputs, state, _, _ = make_case(seed, *EDGE_SHAPE, (-5.0, 5.0), (-2.0, 8.0), True)
+    return list(inputs), state
+
+
+INVALID = {
+    "q": [np.nan, np.inf, -np.inf],
+    "k": [np.nan, np.inf, -np.inf],
+    "v": [np.nan, np.inf, -np.inf],
+    "i": [np.nan, np.inf],
+    "f": [np.nan],
+}
+
+
+@hypothesis.settings(max_examples=8)
+@hypothesis.given(
+    form=st.sampled_from(list(EDGE_FORMS)), which=st.sampled_from("qkvif"), data=st.data()
+)
+def test_invalid_token_reaches_only_later_outputs(form, which, data):
+    """A NaN/inf input at (batch 1, head 0, t): earlier outputs and other (batch, head) pairs exactly
+    as without it, NaN where it reaches (h_t for a query; h_s for s ≥ t and the final state else)."""
+    value = data.draw(st.sampled_from(INVALID[which]), label="value")
+    t = data.draw(st.integers(0, EDGE_SHAPE[2] - 1), label="t")
+    inputs, state = edge_inputs()
+    index = "qkvif".index(which)
+    bad = list(inputs)
+    if which in "qkv":
+        d = data.draw(st.integers(0, inputs[index].shape[-1] - 1), label="component")
+        bad[index] = inputs[index].at[1, 0, t, d].set(value)
+    else:
+        bad[index] = inputs[index].at[1, 0, t].set(value)
+    h_clean, final_clean = edge_form(form)(*inputs, initial_state=state)
+    h, final = edge_form(form)(*bad, initial_state=state)
+    h, h_clean = np.asarray(h), np.asarray(h_clean)
+    mask = np.zeros(h.shape[:3], bool)
+    mask[1, 0, t] = True
+    if which != "q":
+        mask[1, 0, t:] = True
+    assert np.all(np.isnan(h[mask])) and np.all(np.isfinite(h[~mask]))
+    np.testing.assert_array_equal(h[~mask], h_clean[~mask])
+    for x, x_clean in zip(jax.tree.leaves(final), jax.tree.leaves(final_clean), strict=True):
+        x, x_clean = np.asarray(x), np.asarray(x_clean)
+        if which == "q":
+            np.testing.assert_array_equal(x, x_clean)
+        else:
+            assert np.all(np.isnan(x[1, 0]))
+            np.testing.assert_array_equal(x[0], x_clean[0])
+            np.testing.assert_array_equal(x[1, 1], x_clean[1, 1])
+
+
+@functools.cache
+def _grad_before(t):
+    def loss(inputs, w):
+        h = mlstm_chunkwise_pallas(*inputs, chunk_size=16)
+        return jnp.sum(h[:, :, :t] * w)
+
+    return jax.jit(jax.grad(loss))
+
+
+@pytest.mark.parametrize("which", "qkvif")
+def test_gradient_before_invalid_token(which):
+    """A loss on the outputs before a NaN input: the gradient of the clean computation (finite)."""
+    inputs, _ = edge_inputs()
+    index = "qkvif".index(which)
+    bad = list(inputs)
+    bad[index] = inputs[index].at[1, 0, 20].set(jnp.nan)
+    w = jnp.asarray(np.random.default_rng(21).standard_normal((2, 2, 20, 4)), jnp.float32)
+    grads, grads_clean = _grad_before(20)(bad, w), _grad_before(20)(inputs, w)
+    for name, g, g_clean in zip("qkvif", grads, grads_clean, strict=True):
+        assert bool(jnp.all(jnp.isfinite(g))), name
+        assert rel_err(g, g_clean) <= 1e-6, name
+
+
+def _limit_loss(cell):
+    """Σ h·w + Σ c·w_c + Σ n·w_n (not m, which is -inf for an empty memory)."""
+
+    def loss(inputs, state, w_h, w_state):
+        h, final = cell(*inputs, initial_state=state, return_last_state=True)
+        total = jnp.sum(h * w_h) + jnp.sum(final.c * w_state.c) + jnp.sum(final.n * w_state.n)
+        return total, (h, final)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def test_infinite_gates_same_values_and_gradients_as_chunkwise():
+    """ĩ = -inf (no write), f̃ = -inf (memory cleared), f̃ = +inf (nothing forgotten), an initial state
+    with m = -inf (empty) and a head whose memory ends empty: values, final state and gradients as
+    `mlstm_chunkwise` (whose limits are checked against the float64 reference in test_cell)."""
+    inputs, state, w_h, w_state = make_case(22, *EDGE_SHAPE, (-5.0, 5.0), (-2.0, 8.0), True)
+    q, k, v, i, f = (np.array(x) for x in inputs)
+    rng = np.random.default_rng(22)
+    i[rng.random(i.shape) < 0.3] = -np.inf
+    f[rng.random(f.shape) < 0.1] = -np.inf
+    f[rng.random(f.shape) < 0.2] = np.inf
+    i[1, 1, 30:] = -np.inf  # cleared at 33, nothing written after: an empty final memory
+    f[1, 1, 33] = -np.inf
+    f[0, 1, 16] = -np.inf  # cleared at a chunk's first token
+    state = X.mLSTMState(c=state.c, n=state.n, m=state.m.at[0, 0].set(-jnp.inf))
+    inputs = tuple(map(jnp.asarray, (q, k, v, i, f)))
+    ours = _limit_loss(EDGE_FORMS["pallas"])(inputs, state, w_h, w_state)
+    ref = _limit_loss(EDGE_FORMS["chunkwise"])(inputs, state, w_h, w_state)
+    (_, (h, final)), grads = ours
+    (_, (h_ref, final_ref)), grads_ref = ref
+    assert bool(jnp.all(jnp.isfinite(h))) and rel_err(h, h_ref) <= 1e-4
+    assert float(final_ref.m[1, 1]) == -np.inf
+    for x, x_ref in zip(jax.tree.leaves(final), jax.tree.leaves(final_ref), strict=True):
+        x, x_ref = np.asarray(x), np.asarray(x_ref)
+        np.testing.assert_array_equal(np.isneginf(x), np.isneginf(x_ref))
+        assert (
+            rel_err(np.where(np.isneginf(x), 0, x), np.where(np.isneginf(x_ref), 0, x_ref)) <= 1e-4
+        )
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        assert bool(jnp.all(jnp.isfinite(g)))
+        assert rel_err(g, g_ref) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 3, 0, 8, 4), (0, 3, 5, 8, 4), (2, 0, 5, 8, 4), (2, 3, 5, 8, 0), (2, 3, 5, 0, 4)],
+    ids=["S=0", "B=0", "NH=0", "DHV=0", "DHQK=0"],
+)
+def test_empty_dimensions_as_chunkwise(shape):
+    inputs, state, _, _ = make_case(23, *shape, (-5.0, 5.0), (-2.0, 8.0), True)
+    h, final = mlstm_chunkwise_pallas(
+        *inputs, chunk_size=16, initial_state=state, return_last_state=True
+    )
+    h_ref, final_ref = X.mlstm_chunkwise(
+        *inputs, chunk_size=16, initial_state=state, return_last_state=True
+    )
+    assert h.shape == h_ref.shape == shape[:3] + (shape[4],)
+    if h.size:
+        assert rel_err(h, h_ref) <= 1e-5
+    for x, x_ref in zip(jax.tree.leaves(final), jax.tree.leaves(final_ref), strict=True):
+        assert x.shape == x_ref.shape
+        if x.size:
+            assert rel_err(x, x_ref) <= 1e-5
+    if shape[2] == 0:  # the initial state unchanged
+        for x, x0 in zip(jax.tree.leaves(final), jax.tree.leaves(state), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(x0))
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3, 2.5, True, "4", None], ids=repr)
+def test_chunk_size_must_be_a_positive_integer(chunk_size):
+    inputs, _, _, _ = make_case(24, 1, 2, 8, 4, 4, (0.0, 1.0), (0.0, 1.0), False)
+    calls = {
+        "chunk_size": [
+            functools.partial(mlstm_chunkwise_pallas, chunk_size=chunk_size),
+            functools.partial(mlstm_chunkwise_remat, chunk_size=chunk_size),
+        ],
+        "chunks_per_step": [functools.partial(mlstm_chunkwise_remat, chunks_per_step=chunk_size)],
+    }
+    for name, fns in calls.items():
+        for fn in fns:
+            with pytest.raises((jaxtyping.TypeCheckError, ValueError), match=name):
+                fn(*inputs)
+            raw = functools.partial(inspect.unwrap(fn.func), **fn.keywords)
+            with pytest.raises(ValueError, match=name):  # the library's own check
+                raw(*inputs)
+
+
+def test_integer_inputs_are_a_type_error():
+    inputs, _, _, _ = make_case(25, 1, 2, 8, 4, 4, (0.0, 1.0), (0.0, 1.0), False)
+    for fn in (mlstm_chunkwise_pallas, mlstm_chunkwise_remat):
+        for index, name in enumerate(["queries", "keys", "values", "igate_preact"]):
+            args = list(inputs)
+            args[index] = args[index].astype(jnp.int32)
+            for call in (fn, inspect.unwrap(fn)):
+                with pytest.raises(TypeError, match=rf"(?s)\b{name}\b.*(int32|i32)"):
+                    call(*args)

@@ -19,9 +19,34 @@ Gates, their cumulative sums, the stabiliser and the states are computed in floa
 float64 inputs) whatever the dtype of q, k, v. Log-decay sums are never formed as differences of a
 running cumulative sum (which loses float32 precision once the sum grows large); every entry is a sum
 of its own terms only.
+
+Edge cases, the same in every form (and in `_pallas.mlstm_chunkwise_pallas`):
+
+- Gate limits. ĩ_t = -inf: token t writes nothing (weight exp(ĩ_t) = 0). f̃_t = -inf: f̄_t = -inf, the
+  memory is cleared before token t's own write (token t is kept). f̃_t = +inf: f̄_t = 0, nothing is
+  forgotten. These are the limits of the finite equations; an output with nothing left to read is 0
+  (its normaliser floor exp(-m_s) → ∞) and a memory with nothing in it has m = -inf. Gradients stay
+  finite; the derivative through a gate at -inf is 0.
+- Invalid tokens: NaN or ±inf in q, k or v, NaN or +inf in ĩ, NaN in f̃ (there is no error at trace
+  time). Nothing leaks backwards in time: the forms compute with such values replaced by finite ones
+  and then set NaN where the token reaches. A bad q_s makes h_s NaN (all of DHV); a bad k_t, v_t, ĩ_t or
+  f̃_t makes h_s NaN for every s ≥ t and the final state NaN; other (batch, head) pairs and earlier
+  outputs are exactly as without the token. The NaN is added to the finite result, so a loss that
+  reads only the unaffected outputs has the finite gradient of the computation without the token (0
+  for the invalid entries); a loss that reads NaN outputs gets whatever its own cotangents give (NaN
+  for any loss not linear in h). An initial state
+  with NaN or ±inf in c or n, or NaN or +inf in m, makes every output and the final state NaN (m = -inf
+  is valid: the empty memory).
+- Empty inputs. S = 0: h is (B, NH, 0, DHV) and the last state is the initial state unchanged (zeros
+  without one), in the accumulation dtype. B, NH or DHV = 0: empty outputs. DHQK = 0: q·k = 0, h = 0.
+- Dtypes. q, k, v and the gates must be floating point (else `TypeError` naming the argument). q, k
+  and v may differ in dtype: each is cast to the accumulation dtype, and h comes back in the dtype of
+  the queries.
+- `chunk_size` must be a positive integer (a Python or NumPy int, not a bool), else `ValueError`.
 """
 
 import math
+import numbers
 
 import equinox as eqx
 import jax
@@ -31,8 +56,19 @@ from jaxtyping import Array, Bool, Float
 
 GatePreact = Float[Array, "B NH S 1"] | Float[Array, "B NH S"]
 
-# Padded positions get this input-gate pre-activation: exp(_NO_INPUT - m) is exactly 0.
-_NO_INPUT = -1e30
+# Padded positions get this input-gate pre-activation: no write (see "Gate limits" above), so the
+# memory after the padding is exactly the memory after the last real token.
+_NO_INPUT = -math.inf
+
+# A forget gate f̄ = -inf (cleared memory) inside a pairwise log decay Σ_{t<u≤s} f̄_u counts as this
+# instead: -inf cannot be carried in the double-word sums (-inf - -inf = NaN), and a separate count of
+# them is exact (entries that cross none get exactly +0). Every stabiliser subtracted is at least
+# _STABILISER_FLOOR (`_finite_stabiliser`), so an entry that crosses one has weight exp(≤ -2^99) = 0
+# exactly, as long as the gates and their sums stay below ~1e29 in magnitude; a float32 mask of the
+# same entries would cost memory in the backward. Sums of f̄ that are not pairwise (chunk totals,
+# states) carry the -inf as it is.
+_RESET_LOG_DECAY = -(2.0**100)
+_STABILISER_FLOOR = -(2.0**99)
 
 
 class mLSTMState(eqx.Module):
@@ -99,13 +135,35 @@ def _check_qkv(queries, keys, values) -> None:
         )
 
 
+def _check_floating(**arrays) -> None:
+    """`TypeError` naming the first argument whose dtype is not floating point (int, bool, complex)."""
+    for name, x in arrays.items():
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+
+
+def _check_chunk_size(value, name: str = "chunk_size") -> int:
+    """A positive Python or NumPy integer (not a bool, not a traced value), as int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _prepare(queries, keys, values, igate_preact, fgate_preact):
-    """Validate shapes; return (q, k, v, ĩ, f̄) in the accumulation dtype, gates as (B, NH, S)."""
+    """Validate shapes and dtypes; return (q, k, v, ĩ, f̄) in the accumulation dtype, gates as
+    (B, NH, S). Non-finite values are passed through (see `_sanitize`)."""
     if queries.ndim != 4 or keys.ndim != 4 or values.ndim != 4:
         raise ValueError(
             "queries, keys and values must be (B, NH, S, DH); got shapes "
             f"{queries.shape}, {keys.shape}, {values.shape}"
         )
+    _check_floating(
+        queries=queries,
+        keys=keys,
+        values=values,
+        igate_preact=igate_preact,
+        fgate_preact=fgate_preact,
+    )
     _check_qkv(queries, keys, values)
     shape = queries.shape[:3]
     igate = _squeeze_gate(igate_preact, "igate_preact", shape)
@@ -113,8 +171,92 @@ def _prepare(queries, keys, values, igate_preact, fgate_preact):
     acc = _acc_dtype(queries, keys, values, igate, fgate)
     q, k, v = (x.astype(acc) for x in (queries, keys, values))
     igate = igate.astype(acc)
-    log_fgate = jax.nn.log_sigmoid(fgate.astype(acc))
+    return q, k, v, igate, _log_forget(fgate.astype(acc))
+
+
+def _log_forget(fgate: Array) -> Array:
+    """f̄ = logσ(f̃), NaN where f̃ is NaN; logσ itself never sees the NaN (its derivative there would be
+    NaN, and 0·NaN through the later replacement of the NaN would still be NaN)."""
+    nan = jnp.isnan(fgate)
+    return jnp.where(nan, jnp.nan, jax.nn.log_sigmoid(jnp.where(nan, 0.0, fgate)))
+
+
+def _bad_query_and_write(q, k, v, igate, log_fgate) -> tuple[Array, Array]:
+    """Invalid tokens, (…, S) each: a non-finite query, and a non-finite write (k, v, NaN or +inf ĩ,
+    NaN f̄). The gates' -inf are valid limits; f̄ = logσ(f̃) is never +inf."""
+    bad_query = ~jnp.all(jnp.isfinite(q), axis=-1)
+    bad_write = (
+        ~jnp.all(jnp.isfinite(k), axis=-1)
+        | ~jnp.all(jnp.isfinite(v), axis=-1)
+        | jnp.isnan(igate)
+        | (igate == jnp.inf)
+        | jnp.isnan(log_fgate)
+    )
+    return bad_query, bad_write
+
+
+@jax.custom_jvp
+def _finite_or_zero(x: Array) -> Array:
+    return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+@_finite_or_zero.defjvp
+def _finite_or_zero_jvp(primals, tangents):
+    # Tangents pass unchanged: the backward has no extra pass over dq, dk, dv. (A cotangent that
+    # reaches an invalid entry comes only from outputs that are NaN anyway.)
+    return _finite_or_zero(primals[0]), tangents[0]
+
+
+def _sanitize(q, k, v, igate, log_fgate):
+    """Invalid values replaced by 0 (which one does not matter: every output they reach is set to NaN
+    by `_poison`), so that no NaN or inf enters a matrix product and leaks backwards in time, in the
+    forward or the backward pass."""
+    q, k, v = (_finite_or_zero(x) for x in (q, k, v))
+    igate = jnp.where(jnp.isnan(igate) | (igate == jnp.inf), 0.0, igate)
+    log_fgate = jnp.where(jnp.isnan(log_fgate), 0.0, log_fgate)
     return q, k, v, igate, log_fgate
+
+
+def _sanitize_state(state: mLSTMState) -> tuple[mLSTMState, Array]:
+    """The state with invalid entries replaced by 0, and whether it had any, (B, NH). m = -inf (an
+    empty memory) is valid."""
+    bad_m = jnp.isnan(state.m) | (state.m == jnp.inf)
+    bad = (
+        ~jnp.all(jnp.isfinite(state.c), axis=(-2, -1)) | ~jnp.all(jnp.isfinite(state.n), axis=-1)
+    ) | bad_m
+    clean = mLSTMState(
+        c=jnp.where(jnp.isfinite(state.c), state.c, 0.0),
+        n=jnp.where(jnp.isfinite(state.n), state.n, 0.0),
+        m=jnp.where(bad_m, 0.0, state.m),
+    )
+    return clean, bad
+
+
+def _poisoned_rows(bad_query, bad_write, bad_state) -> tuple[Array, Array]:
+    """Which outputs (B, NH, S) and which final states (B, NH) an invalid token or state reaches: a bad
+    query its own output; a bad write every output from it on, and the final state."""
+    written = jax.lax.cummax(bad_write.astype(jnp.int32), axis=bad_write.ndim - 1) > 0
+    rows = written | bad_query | bad_state[..., None]
+    return rows, written[..., -1] | bad_state
+
+
+def _poison(x: Array, where: Array) -> Array:
+    """x + NaN where `where` (broadcast over x's trailing axes); x itself elsewhere. Added rather than
+    selected, so that a cotangent passes through to x unchanged."""
+    nan = jnp.where(where, jnp.nan, 0.0).astype(x.dtype)
+    return x + nan.reshape(nan.shape + (1,) * (x.ndim - nan.ndim))
+
+
+def _poison_state(state: mLSTMState, where: Array) -> mLSTMState:
+    return jax.tree.map(lambda x: _poison(x, where), state)
+
+
+def _finite_stabiliser(m: Array) -> Array:
+    """The stabiliser to subtract: max(m, -2^99). Below -2^99 (m = -inf, or every log weight crosses a
+    cleared memory) there is nothing to read, and exp(x - max(m, -2^99)) is exactly 0 for every x ≤ m
+    instead of NaN (-inf - -inf) or 1; no derivative passes through the floor. (A maximum, not a
+    `where`: also used on scalars in the Triton kernels.)"""
+    return jnp.maximum(m, _STABILISER_FLOOR)
 
 
 def _two_sum(a, b):
@@ -140,17 +282,32 @@ def _double_cumsum(x: Float[Array, "*batch L"]) -> tuple[Array, Array]:
     return jax.lax.associative_scan(add, (x, jnp.zeros_like(x)), axis=x.ndim - 1)
 
 
+def _decay_sums(log_fgate: Float[Array, "*batch L"]) -> tuple[Array, Array, Array]:
+    """Running sums of f̄ for pairwise log decays: (hi, lo) = Σ_{u≤s} f̄_u in double-word form with the
+    -inf terms left out (they would make it NaN), and `resets` = -2^100 · #{u ≤ s: f̄_u = -inf}.
+
+    The count is an associative scan, not `cumsum`: XLA fuses a cumsum's reduce-window into the L×L
+    loops that use it, which made the whole chunkwise forward+backward ~15% slower on CPU.
+    """
+    cleared = log_fgate == -jnp.inf
+    hi, lo = _double_cumsum(jnp.where(cleared, 0.0, log_fgate))
+    count = jax.lax.associative_scan(jnp.add, cleared.astype(hi.dtype), axis=hi.ndim - 1)
+    return hi, lo, count * _RESET_LOG_DECAY
+
+
 def _segment_log_decay(log_fgate: Float[Array, "*batch L"]) -> Float[Array, "*batch L L"]:
-    """logF[s, t] = Σ_{t<u≤s} f̄_u for t < s, 0 on and above the diagonal.
+    """logF[s, t] = Σ_{t<u≤s} f̄_u for t < s, 0 on and above the diagonal; each f̄_u = -inf counts as
+    -2^100 (see `_RESET_LOG_DECAY`).
 
     A plain difference of running sums F_s - F_t has an absolute error of eps·|F_s|, which is large
     once |F| grows (strongly negative forget gates, long sequences). Here F is carried in double-word
     precision, so the difference is accurate relative to logF itself. The diagonal is exactly 0 and
     takes no part in the gradient: its cotangent would otherwise enter twice with opposite signs and
-    cancel in float32.
+    cancel in float32. The reset term is exact: a difference of equal counts is exactly 0.
     """
-    hi, lo = _double_cumsum(log_fgate)
+    hi, lo, resets = _decay_sums(log_fgate)
     diff = (hi[..., :, None] - hi[..., None, :]) + (lo[..., :, None] - lo[..., None, :])
+    diff = diff + (resets[..., :, None] - resets[..., None, :])
     length = log_fgate.shape[-1]
     return jnp.where(jnp.tri(length, length, k=-1, dtype=bool), diff, 0.0)
 
@@ -183,29 +340,34 @@ def parallel_stabilized_simple(
         )
     out_dtype = queries.dtype
     q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
-    seq_len, dhqk = q.shape[2], q.shape[3]
+    batch, heads, seq_len, dhqk = q.shape
+    if lower_triangular_matrix is not None and lower_triangular_matrix.shape[0] < seq_len:
+        raise ValueError(
+            f"lower_triangular_matrix is {lower_triangular_matrix.shape} but the sequence "
+            f"length S is {seq_len}"
+        )
+    if seq_len == 0:
+        return jnp.zeros((batch, heads, 0, v.shape[-1]), out_dtype)
+    bad_query, bad_write = _bad_query_and_write(q, k, v, igate, log_fgate)
+    poisoned, _ = _poisoned_rows(bad_query, bad_write, jnp.zeros((batch, heads), bool))
+    q, k, v, igate, log_fgate = _sanitize(q, k, v, igate, log_fgate)
     if lower_triangular_matrix is None:
         causal = jnp.tri(seq_len, seq_len, dtype=bool)
     else:
-        if lower_triangular_matrix.shape[0] < seq_len:
-            raise ValueError(
-                f"lower_triangular_matrix is {lower_triangular_matrix.shape} but the sequence "
-                f"length S is {seq_len}"
-            )
         causal = lower_triangular_matrix[:seq_len, :seq_len].astype(bool)
 
-    log_d = _segment_log_decay(log_fgate) + igate[..., None, :]
-    log_d = jnp.where(causal, log_d, -jnp.inf)
+    log_d = jnp.where(causal, _segment_log_decay(log_fgate) + igate[..., None, :], -jnp.inf)
     if stabilize_rowwise:
         m = jnp.max(log_d, axis=-1)
     else:
         m = jnp.broadcast_to(jnp.max(log_d, axis=(-2, -1))[..., None], log_d.shape[:-1])
-    decay = jnp.exp(log_d - m[..., None])
+    decay = jnp.exp(log_d - _finite_stabiliser(m)[..., None])
 
-    scores = jnp.einsum("bhsd,bhtd->bhst", q, k / math.sqrt(dhqk)) * decay
+    qk = jnp.einsum("bhsd,bhtd->bhst", q, k / math.sqrt(dhqk))
+    scores = jnp.where(causal, qk * decay, 0.0)  # selection: an inf in qk must not leak backwards
     num = jnp.einsum("bhst,bhtv->bhsv", scores, v)
     h = _normalise(num, jnp.sum(scores, axis=-1), m, eps)
-    return h.astype(out_dtype)
+    return _poison(h, poisoned).astype(out_dtype)
 
 
 def _step(state: mLSTMState, q, k, v, igate, log_fgate, eps: float):
@@ -216,8 +378,9 @@ def _step(state: mLSTMState, q, k, v, igate, log_fgate, eps: float):
     q·k (as in the parallel form), which keeps float32 gradients accurate when one token dominates.
     """
     m_new = jnp.maximum(log_fgate + state.m, igate)
-    f_scale = jnp.exp(log_fgate + state.m - m_new)
-    i_scale = jnp.exp(igate - m_new)
+    m_sub = _finite_stabiliser(m_new)  # m_new = -inf: nothing in the memory, nothing written
+    f_scale = jnp.exp(log_fgate + state.m - m_sub)
+    i_scale = jnp.exp(igate - m_sub)
     c_new = f_scale[..., None, None] * state.c + i_scale[..., None, None] * (
         k[..., :, None] * v[..., None, :]
     )
@@ -243,7 +406,10 @@ def mlstm_recurrent_step(
     """One time step: update (C, n, m) with (k, v, gates), then read out with q.
 
     Used for generation: O(1) time and memory per token. The state is kept in float32 (or wider).
+    Edge cases as in the module docstring, for one token: a bad q makes h NaN; a bad k, v or gate makes
+    h and the new state NaN; a state with invalid entries makes both NaN.
     """
+    _check_floating(q=q, k=k, v=v, igate_preact=igate_preact, fgate_preact=fgate_preact)
     expected = (*q.shape, v.shape[-1])
     if state.c.shape != expected:
         raise ValueError(
@@ -253,9 +419,13 @@ def mlstm_recurrent_step(
     acc = _acc_dtype(state.c, q, k, v, igate_preact, fgate_preact)
     state = jax.tree.map(lambda x: x.astype(acc), state)
     q, k, v = (x.astype(acc) for x in (q, k, v))
-    log_fgate = jax.nn.log_sigmoid(fgate_preact.astype(acc))
-    h, state = _step(state, q, k, v, igate_preact.astype(acc), log_fgate, eps)
-    return h.astype(out_dtype), state
+    igate = igate_preact.astype(acc)
+    log_fgate = _log_forget(fgate_preact.astype(acc))
+    bad_query, bad_write = _bad_query_and_write(q, k, v, igate, log_fgate)
+    state, bad_state = _sanitize_state(state)
+    h, state = _step(state, *_sanitize(q, k, v, igate, log_fgate), eps)
+    bad_write = bad_write | bad_state
+    return _poison(h, bad_write | bad_query).astype(out_dtype), _poison_state(state, bad_write)
 
 
 def _initial_state(initial_state, batch, heads, dhqk, dhv, acc) -> mLSTMState:
@@ -284,8 +454,15 @@ def mlstm_recurrent(
     """The step form scanned over the sequence (`lax.scan`). Returns h, and the final state if asked."""
     out_dtype = queries.dtype
     q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
-    batch, heads, _, dhqk = q.shape
+    batch, heads, seq_len, dhqk = q.shape
     state = _initial_state(initial_state, batch, heads, dhqk, v.shape[-1], q.dtype)
+    if seq_len == 0:
+        h = jnp.zeros((batch, heads, 0, v.shape[-1]), out_dtype)
+        return (h, state) if return_last_state else h
+    bad_query, bad_write = _bad_query_and_write(q, k, v, igate, log_fgate)
+    state, bad_state = _sanitize_state(state)
+    poisoned, final_poisoned = _poisoned_rows(bad_query, bad_write, bad_state)
+    q, k, v, igate, log_fgate = _sanitize(q, k, v, igate, log_fgate)
 
     def body(carry, xs):
         h_t, carry = _step(carry, *xs, eps)
@@ -293,8 +470,8 @@ def mlstm_recurrent(
 
     time_major = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, igate, log_fgate))
     final, h = jax.lax.scan(body, state, time_major)
-    h = jnp.moveaxis(h, 0, 2).astype(out_dtype)
-    return (h, final) if return_last_state else h
+    h = _poison(jnp.moveaxis(h, 0, 2), poisoned).astype(out_dtype)
+    return (h, _poison_state(final, final_poisoned)) if return_last_state else h
 
 
 def _pad_time(x: Array, length: int, value: float) -> Array:
@@ -322,13 +499,19 @@ def mlstm_chunkwise(
     with tokens that leave the state unchanged (f̄ = 0, no input), so the returned final state is
     exactly that after the last real token.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    chunk_size = _check_chunk_size(chunk_size)
     out_dtype = queries.dtype
     q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
     batch, heads, seq_len, dhqk = q.shape
     dhv = v.shape[-1]
     state = _initial_state(initial_state, batch, heads, dhqk, dhv, q.dtype)
+    if seq_len == 0:
+        h = jnp.zeros((batch, heads, 0, dhv), out_dtype)
+        return (h, state) if return_last_state else h
+    bad_query, bad_write = _bad_query_and_write(q, k, v, igate, log_fgate)
+    state, bad_state = _sanitize_state(state)
+    poisoned, final_poisoned = _poisoned_rows(bad_query, bad_write, bad_state)
+    q, k, v, igate, log_fgate = _sanitize(q, k, v, igate, log_fgate)
 
     chunk = min(chunk_size, seq_len)
     num_chunks = -(-seq_len // chunk)
@@ -357,16 +540,16 @@ def mlstm_chunkwise(
     log_weight = after + igate  # a_t: weight of token t in the end-of-chunk state
     log_weight_max = jnp.max(log_weight, axis=-1)
     # Each chunk's contribution to the state, stabilised by its own maximum; rescaled in the scan.
-    chunk_kv = jnp.einsum(
-        "bhcl,bhcld,bhclv->bhcdv", jnp.exp(log_weight - log_weight_max[..., None]), k, v
-    )
-    chunk_k = jnp.einsum("bhcl,bhcld->bhcd", jnp.exp(log_weight - log_weight_max[..., None]), k)
+    weight = jnp.exp(log_weight - _finite_stabiliser(log_weight_max)[..., None])
+    chunk_kv = jnp.einsum("bhcl,bhcld,bhclv->bhcdv", weight, k, v)
+    chunk_k = jnp.einsum("bhcl,bhcld->bhcd", weight, k)
 
     def inter_chunk(carry: mLSTMState, xs):
         g, a_max, kv, kk = xs
         m_new = jnp.maximum(g + carry.m, a_max)
-        decay = jnp.exp(g + carry.m - m_new)
-        scale = jnp.exp(a_max - m_new)
+        m_sub = _finite_stabiliser(m_new)
+        decay = jnp.exp(g + carry.m - m_sub)
+        scale = jnp.exp(a_max - m_sub)
         new = mLSTMState(
             c=decay[..., None, None] * carry.c + scale[..., None, None] * kv,
             n=decay[..., None] * carry.n + scale[..., None] * kk,
@@ -383,12 +566,14 @@ def mlstm_chunkwise(
     log_d = jnp.where(causal, _segment_log_decay(log_fgate) + igate[..., None, :], -jnp.inf)
     m_from_state = to_here + m_prev[..., None]
     m = jnp.maximum(m_from_state, jnp.max(log_d, axis=-1))
-    scores = jnp.einsum("bhcsd,bhctd->bhcst", q, k) * jnp.exp(log_d - m[..., None])
-    state_scale = jnp.exp(m_from_state - m)
+    m_sub = _finite_stabiliser(m)
+    qk = jnp.einsum("bhcsd,bhctd->bhcst", q, k)
+    scores = jnp.where(causal, qk * jnp.exp(log_d - m_sub[..., None]), 0.0)
+    state_scale = jnp.exp(m_from_state - m_sub)
     num = state_scale[..., None] * jnp.einsum("bhcsd,bhcdv->bhcsv", q, c_prev) + jnp.einsum(
         "bhcst,bhctv->bhcsv", scores, v
     )
     den = state_scale * jnp.einsum("bhcsd,bhcd->bhcs", q, n_prev) + jnp.sum(scores, axis=-1)
     h = _normalise(num, den, m, eps).reshape(batch, heads, padded, dhv)[:, :, :seq_len]
-    h = h.astype(out_dtype)
-    return (h, final) if return_last_state else h
+    h = _poison(h, poisoned).astype(out_dtype)
+    return (h, _poison_state(final, final_poisoned)) if return_last_state else h
