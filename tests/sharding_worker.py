@@ -246,7 +246,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     import jax
     import jax.random as jr
 
-    from xlstm_eqx import models as _models, training as _train
+    from xlstm_eqx import models as _families, training as _train
     from xlstm_eqx.parallel import (
         make_mesh,
         named_shardings,
@@ -256,6 +256,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     )
     from xlstm_eqx.training import (
         latest_checkpoint,
+        loop as _loop,
         restore_checkpoint,
         restore_sharded_checkpoint,
         save_sharded_checkpoint,
@@ -286,14 +287,16 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
             placed["after_step_specs"] = _specs_of(eqx.filter(model, eqx.is_array))
             return model, opt_state, loss, gnorm
 
+        counted.batch_sharding = step.batch_sharding  # the loader places batches on the mesh
         return optimizer, counted
 
     t1 = time.perf_counter()
-    _step._optimizer_and_step = sharded_optimizer_and_step
+    # (the loop module holds its own reference to the function)
+    _step._optimizer_and_step = _loop._optimizer_and_step = sharded_optimizer_and_step
     try:
         meshed = _train.train(_train_config(data_file, os.path.join(out_dir, "mesh")), log=quiet)
     finally:
-        _step._optimizer_and_step = original
+        _step._optimizer_and_step = _loop._optimizer_and_step = original
     res["seconds_mesh"] = round(time.perf_counter() - t1, 1)
     rows = {}
     for name in ("single", "mesh"):
@@ -316,7 +319,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     # Checkpoints across meshes: the mesh run's checkpoint → fsdp=8 → save → tp=2×dp=4 → one
     # device.
     t2 = time.perf_counter()
-    family = _models.MODEL_FAMILIES["xlstm"]
+    family = _families.MODEL_FAMILIES["xlstm"]
     config = meshed.model_config
     optimizer = _train.make_optimizer(_train_config(data_file, ""), meshed.model, config, family)
     skel = eqx.filter_eval_shape(family.build, config, key=jr.key(0))
