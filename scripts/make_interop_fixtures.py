@@ -21,6 +21,11 @@ on one CPU device in ``shard_map`` over a (dp, fsdp, pp, tp) = (1, 1, 1, 1) mesh
 randomised, stored flat (``a/b/c`` names, as the reference lays them out, tp axis included) in
 ``params.safetensors``; ``config.json`` holds ``{"model_kind", "model_config"}`` with the config
 fields (the reference's names, which are ours), ``expected.npz`` the input and logits.
+
+xlstm-jax trainer checkpoint (``xlstm_jax_mlstm_v1_orbax/``, ``--only xlstm-jax-orbax``, after the
+xlstm-jax fixtures, with any interpreter that has jax, orbax-checkpoint and safetensors): the same
+reference parameters in an orbax checkpoint laid out as xlstm-jax's trainer writes it, saved from 8
+simulated devices (the reference trainer itself needs GPUs to run; see `make_xlstm_jax_orbax`).
 """
 
 import argparse
@@ -529,9 +534,74 @@ def make_xlstm_jax(name, spec):
     print(f"xlstm_jax_{name}: logits {logits.shape}, |logits| max {np.abs(logits).max():.3g}")
 
 
+# ----------------------------------------------------------------------------------------------
+# xlstm-jax's trainer checkpoint (orbax), saved on 8 devices
+
+
+ORBAX_DEVICES = 8
+
+
+def make_xlstm_jax_orbax(name, step=3):
+    """``xlstm_jax_<name>_orbax/``: the reference parameters of ``xlstm_jax_<name>/`` saved the
+    way xlstm-jax's trainer saves them (its ``ModelCheckpoint``: an orbax ``CheckpointManager``
+    with ``step_prefix="checkpoint"`` and the items ``params`` (``StandardSave``), ``metadata``
+    (JSON)), every array sharded over 8 simulated devices along its largest axis divisible by 8
+    (replicated otherwise), and the arrays of ``…/sharded/…`` modules stored as their
+    ``nn.Partitioned`` boxes store them (a ``value`` entry). ``config.json`` and ``expected.npz``
+    are copied. Needs jax, orbax-checkpoint and safetensors only (no peer); run in a fresh process
+    (the device count is set before jax starts)."""
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ORBAX_DEVICES}"
+    jax = _jax_imports()
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from safetensors.numpy import load_file
+
+    if len(jax.devices()) != ORBAX_DEVICES:
+        raise SystemExit(f"need {ORBAX_DEVICES} devices, jax started with {len(jax.devices())}")
+    src = os.path.join(OUT, f"xlstm_jax_{name}")
+    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    flat = load_file(os.path.join(src, "params.safetensors"))
+    tree = {}
+    for key, value in flat.items():
+        axes = [d for d in np.argsort(value.shape)[::-1] if value.shape[d] % ORBAX_DEVICES == 0]
+        spec = [None] * value.ndim
+        if axes:
+            spec[int(axes[0])] = "fsdp"
+        arr = jax.make_array_from_callback(
+            value.shape, NamedSharding(mesh, P(*spec)), lambda idx, v=value: v[idx]
+        )
+        node = tree
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = {"value": arr} if "/sharded/" in key else arr
+    with open(os.path.join(src, "config.json")) as f:
+        ours = json.load(f)
+    out = os.path.join(OUT, f"xlstm_jax_{name}_orbax")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    options = ocp.CheckpointManagerOptions(step_prefix="checkpoint", create=True)
+    manager = ocp.CheckpointManager(os.path.join(out, "checkpoints"), options=options)
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(tree),
+            metadata=ocp.args.JsonSave({"model": ours["model_config"]}),
+        ),
+    )
+    manager.wait_until_finished()
+    manager.close()
+    for fname in ("config.json", "expected.npz"):
+        shutil.copyfile(os.path.join(src, fname), os.path.join(out, fname))
+    print(f"xlstm_jax_{name}_orbax: {len(flat)} arrays on {ORBAX_DEVICES} devices, step {step}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("hf", "xlstm-jax"), help="make only these fixtures")
+    parser.add_argument(
+        "--only", choices=("hf", "xlstm-jax", "xlstm-jax-orbax"), help="make only these fixtures"
+    )
     args = parser.parse_args(argv)
     os.makedirs(OUT, exist_ok=True)
     if args.only in (None, "hf"):
@@ -540,6 +610,8 @@ def main(argv=None):
     if args.only in (None, "xlstm-jax"):
         for name, spec in XJ_CONFIGS.items():
             make_xlstm_jax(name, spec)
+    if args.only == "xlstm-jax-orbax":  # from the xlstm-jax fixtures; a process of its own
+        make_xlstm_jax_orbax("mlstm_v1")
 
 
 if __name__ == "__main__":

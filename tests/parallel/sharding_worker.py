@@ -81,6 +81,12 @@ def _tree_rel_errors(a, b) -> tuple[float, float]:
     return norm_rel, max_rel
 
 
+def _parallel_config_cls():
+    from xlstm_eqx.core import ParallelConfig
+
+    return ParallelConfig
+
+
 def _specs_of(tree) -> dict[str, str]:
     import jax
 
@@ -257,8 +263,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
         latest_checkpoint,
         loop as _loop,
         restore_checkpoint,
-        restore_sharded_checkpoint,
-        save_sharded_checkpoint,
+        save_checkpoint,
         shard_train_state,
     )
 
@@ -322,7 +327,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     params = _train.trainable_params(meshed.model)
     with jax.numpy_dtype_promotion("standard"):
         opt_skel = jax.eval_shape(optimizer.init, params)
-    base = config.parallel or _models()["xlstm_v1"][2]
+    base = config.parallel or _parallel_config_cls()()
     base = dataclasses.replace(
         base, fsdp_modules=["Embed", "LMHead", "mLSTMBlock"], fsdp_min_weight_size=128
     )
@@ -336,10 +341,10 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
 
     ckpt = latest_checkpoint(os.path.join(out_dir, "mesh", "checkpoints"))
     templates = {"model": skel, "opt_state": opt_skel}
-    on_fsdp, _ = restore_sharded_checkpoint(ckpt, templates, layouts("fsdp=8"))
+    on_fsdp, _ = restore_checkpoint(ckpt, templates, layouts("fsdp=8"))
     res["fsdp8_specs"] = _specs_of(eqx.filter(on_fsdp["model"], eqx.is_array))
-    path = save_sharded_checkpoint(os.path.join(out_dir, "resharded"), 7, on_fsdp, {"step": 7})
-    on_tp, meta = restore_sharded_checkpoint(path, templates, layouts("tp=2,dp=4"))
+    path = save_checkpoint(os.path.join(out_dir, "resharded"), 7, on_fsdp, {"step": 7})
+    on_tp, meta = restore_checkpoint(path, templates, layouts("tp=2,dp=4"))
     res["tp_specs"] = _specs_of(eqx.filter(on_tp["model"], eqx.is_array))
     res["tp_opt_specs"] = sorted(
         set(_specs_of(eqx.filter(on_tp["opt_state"], eqx.is_array)).values())
@@ -455,7 +460,7 @@ def run_dist(data_file: str, process_id: int, num_processes: int, port: int) -> 
         losses.append(float(loss))
         norms.append(float(gnorm))
     # The trainer's own loop, as `xlstm-eqx train --mesh fsdp=-1` runs it on every process:
-    # FSDP over both processes, evaluation, checkpoints (gathered, written by process 0 only)
+    # FSDP over both processes, evaluation, orbax checkpoints (each process writes its shards)
     # and the end-of-run sample, all into one shared directory.
     run_dir = os.path.join(os.path.dirname(data_file), "dist_train")
     tcfg = dataclasses.replace(

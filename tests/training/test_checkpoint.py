@@ -1,4 +1,5 @@
-"""Checkpoints: exact round trips, atomic writes, keep-last-N, and clear errors on bad input."""
+"""The older `.npz` checkpoints (still read by `load_run`): exact round trips, atomic writes,
+keep-last-N, and clear errors on bad input. The orbax ones are in test_orbax_checkpoint.py."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from xlstm_eqx.training import (
+from xlstm_eqx.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,

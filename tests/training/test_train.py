@@ -199,10 +199,16 @@ def test_resume_errors_keep_files(tmp_path, data_file):
     assert _snapshot(cfg.out) == before
     # a damaged checkpoint: the error names it, nothing is overwritten
     ckpt = latest_checkpoint(os.path.join(cfg.out, "checkpoints"))
-    with open(os.path.join(ckpt, "model.npz"), "wb") as f:
-        f.write(b"not a zip")
+    damaged = 0
+    for dirpath, _, files in os.walk(os.path.join(ckpt, "model")):
+        if os.path.basename(dirpath) == "d":  # the OCDBT data files
+            for name in files:
+                with open(os.path.join(dirpath, name), "wb") as f:
+                    f.write(b"not tensorstore data")
+                damaged += 1
+    assert damaged
     before = _snapshot(cfg.out)
-    with pytest.raises(CheckpointError, match="model.npz"):
+    with pytest.raises(CheckpointError, match=r"cannot read model/"):
         train(dataclasses.replace(cfg, resume=True, steps=4), log=_quiet)
     assert _snapshot(cfg.out) == before
 
@@ -211,7 +217,7 @@ def test_resume_into_a_mismatched_model(tmp_path, data_file):
     cfg = _cfg(tmp_path, data_file, steps=2)
     train(cfg, log=_quiet)
     ckpt = latest_checkpoint(os.path.join(cfg.out, "checkpoints"))
-    meta_path = os.path.join(ckpt, "meta.json")
+    meta_path = os.path.join(ckpt, "meta", "metadata")  # the checkpoint's JSON item
     with open(meta_path) as f:
         meta = json.load(f)
     meta["metadata"]["run_config"]["model_config"]["embedding_dim"] = 8

@@ -6,13 +6,15 @@ Formats (``--from`` / ``--to``):
 - ``hf``: a transformers ``xLSTMForCausalLM`` directory (config.json + safetensors, optionally
   sharded with an index, optionally a ``tokenizer.json``);
 - ``xlstm-jax``: reference Flax parameters — a ``.safetensors``/``.npz`` of flat ``a/b/c`` names,
-  a directory holding ``params.safetensors``/``params.npz``, or an orbax checkpoint (with the
-  optional orbax package) — plus ``--config FILE``, the model config as JSON
+  a directory holding ``params.safetensors``/``params.npz``, or an orbax checkpoint of the
+  reference trainer (saved on any number of devices) — plus ``--config FILE``, the model config
+  as JSON
   (``{"model_kind": "xlstm"|"llama", "model_config": {...}}``, our field names, which are the
   reference's), read from ``PATH/config.json`` when not given;
 - ``eqx``: our own run layout — ``OUT/config.json`` (``model_kind``, ``model_config``, the
-  tokenizer when known) and ``OUT/checkpoints/step_00000000/`` (`save_checkpoint`), which
-  ``xlstm-eqx eval/generate --out OUT`` and `xlstm_eqx.training.load_run` read.
+  tokenizer when known) and ``OUT/checkpoints/step_00000000/`` (an orbax checkpoint), which
+  ``xlstm-eqx eval/generate --out OUT`` and `load_run` read; as input, any training run
+  directory (its newest checkpoint).
 """
 
 import argparse
@@ -37,13 +39,8 @@ from ..interop.runs import (
     read_model_config,
     save_eqx,
 )
-from ..interop.xlstm_jax import (
-    from_xlstm_jax,
-    load_xlstm_jax_params,
-    save_xlstm_jax_params,
-    to_xlstm_jax,
-    xlstm_jax_config,
-)
+from ..interop.xlstm_jax import from_xlstm_jax, to_xlstm_jax, xlstm_jax_config
+from ..interop.xlstm_jax_files import load_xlstm_jax_params, save_xlstm_jax_params
 
 
 FORMATS = ("hf", "xlstm-jax", "eqx")
@@ -87,8 +84,10 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-shard-size",
         type=int,
+        default=5 * 10**9,
         metavar="BYTES",
-        help="hf output: split the safetensors into shards of at most this many bytes",
+        help="hf output: safetensors shards of at most this many bytes, with an index "
+        "(default: 5 GB, as save_pretrained)",
     )
 
 

@@ -1,4 +1,5 @@
-"""`xlstm-eqx info`: a model's parameter count, configuration and per-device memory."""
+"""`xlstm-eqx info`: a model's parameter count, configuration, and with `--mesh` its memory per
+device and per host and what a checkpoint costs each host."""
 
 import argparse
 import dataclasses
@@ -31,7 +32,18 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
         "tokenizer.json; default: the preset's own vocabulary)",
     )
     p.add_argument("--list-presets", action="store_true", help="list the presets of each family")
-    p.add_argument("--mesh", metavar="SPEC", help="per-device memory on a mesh, e.g. 'fsdp=8,tp=4'")
+    p.add_argument(
+        "--mesh",
+        metavar="SPEC",
+        help="per-device and per-host memory and checkpoint bytes on a mesh, e.g. 'fsdp=8,tp=4'",
+    )
+    p.add_argument(
+        "--hosts",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --mesh: the processes (hosts) sharing the mesh's devices (default: 1)",
+    )
 
 
 def _summary_lines(d: dict[str, Any], prefix: str = "") -> list[str]:
@@ -103,7 +115,7 @@ def _info_run(args: argparse.Namespace) -> int:
         parallel = check_mesh(args.mesh, config, what_if=True)
         if hasattr(config, "parallel"):  # the config shown is the one on this mesh
             config = dataclasses.replace(config, parallel=parallel)
-        print(memory_report(config, parallel))
+        print(memory_report(config, parallel, hosts=args.hosts))
         print("  (parameters and AdamW state only: gradients and activations come on top)")
     print("config:")
     print("\n".join(_summary_lines(config.to_dict())))

@@ -23,8 +23,10 @@ from .runs import (
 )
 from .xlstm_jax import (
     from_xlstm_jax as from_xlstm_jax,
-    load_xlstm_jax_params as load_xlstm_jax_params,
-    save_xlstm_jax_params as save_xlstm_jax_params,
     to_xlstm_jax as to_xlstm_jax,
     xlstm_jax_config as xlstm_jax_config,
+)
+from .xlstm_jax_files import (
+    load_xlstm_jax_params as load_xlstm_jax_params,
+    save_xlstm_jax_params as save_xlstm_jax_params,
 )

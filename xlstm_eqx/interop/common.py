@@ -11,7 +11,9 @@ external names and shapes with the entries before any data is read, `put` copies
 its (float32, 64-byte aligned) leaf buffer as it arrives (one shard at a time), a leaf is handed
 to JAX as soon as all its slots are filled — adopted without a copy on the CPU backend — and
 `finish` puts the leaves into the skeleton with one `eqx.tree_at`. Peak host memory is one
-float32 copy of the weights plus the tensor being read.
+float32 copy of the weights plus the tensor being read. Given target shardings (`mesh_shardings`),
+each completed leaf goes straight into its sharding instead (each device receiving only its slice)
+and its host buffer is released: host memory then stays near the leaves still being filled.
 """
 
 import dataclasses
@@ -22,14 +24,18 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Shaped
 
+from ..core.parallel_config import ParallelConfig
 from ..core.untrusted import (
     MAX_JSON_BYTES,
     count_nonfinite,
     load_json as _load_json,
     printable as printable,
 )
+from ..parallel.placement import place_global
+from ..parallel.rules import param_partition_specs
 
 
 Path = tuple[str | int, ...]
@@ -137,18 +143,7 @@ def _leaf_paths(tree: Any) -> dict[Path, Any]:
     arrays, _ = eqx.partition(
         tree, lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
     )
-    out: dict[Path, Any] = {}
-    for keys, leaf in jax.tree_util.tree_flatten_with_path(arrays)[0]:
-        path: list[str | int] = []
-        for k in keys:
-            if isinstance(k, jax.tree_util.GetAttrKey):
-                path.append(k.name)
-            elif isinstance(k, jax.tree_util.SequenceKey):
-                path.append(k.idx)
-            else:  # pragma: no cover - our models only nest modules and tuples
-                raise InteropError(f"unexpected pytree key {k!r} in the model")
-        out[tuple(path)] = leaf
-    return out
+    return {_key_path(keys): leaf for keys, leaf in jax.tree_util.tree_flatten_with_path(arrays)[0]}
 
 
 def _slot_shape(leaf_shape: tuple[int, ...], index: int | None) -> tuple[int, ...]:
@@ -188,14 +183,65 @@ def _to_jax(buf: np.ndarray) -> jax.Array:
     return jnp.asarray(buf).block_until_ready()
 
 
+def _key_path(keys: Iterable[Any]) -> Path:
+    path: list[str | int] = []
+    for k in keys:
+        if isinstance(k, jax.tree_util.GetAttrKey):
+            path.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            path.append(k.idx)
+        else:  # pragma: no cover - our models only nest modules and tuples
+            raise InteropError(f"unexpected pytree key {k!r} in the model")
+    return tuple(path)
+
+
+def mesh_shardings(
+    skeleton: Any,
+    mesh: Mesh,
+    parallel: ParallelConfig | None = None,
+    *,
+    base: ParallelConfig | None = None,
+) -> dict[Path, NamedSharding]:
+    """The sharding of every leaf of ``skeleton`` on ``mesh`` by the partition rules of
+    ``parallel`` (default: ``base`` — e.g. the model config's ``parallel`` — with the mesh's axis
+    sizes)."""
+    if parallel is None:
+        base = base if isinstance(base, ParallelConfig) else ParallelConfig()
+        names = (
+            ("data_axis_size", base.data_axis_name),
+            ("fsdp_axis_size", base.fsdp_axis_name),
+            ("pipeline_axis_size", base.pipeline_axis_name),
+            ("model_axis_size", base.model_axis_name),
+        )
+        missing = [n for _, n in names if n not in mesh.shape]
+        if missing:
+            raise InteropError(
+                f"mesh axes {tuple(mesh.shape)} lack {missing}; pass parallel= with its axis names"
+            )
+        parallel = dataclasses.replace(base, **{f: int(mesh.shape[n]) for f, n in names})
+    specs = param_partition_specs(skeleton, parallel, num_devices=mesh.devices.size)
+    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
+    return {_key_path(k): NamedSharding(mesh, s) for k, s in flat if isinstance(s, P)}
+
+
 class ModelFiller:
     """Fills a model skeleton from external tensors described by ``entries``.
 
     Leaves are float32 parameters; external arrays of any float dtype are cast on the way in.
+    With ``shardings`` (leaf path → sharding, from `mesh_shardings`) each leaf is placed in its
+    sharding as soon as it is complete.
     """
 
-    def __init__(self, skeleton: Any, entries: list[Entry], *, source: str):
+    def __init__(
+        self,
+        skeleton: Any,
+        entries: list[Entry],
+        *,
+        source: str,
+        shardings: Mapping[Path, jax.sharding.Sharding] | None = None,
+    ):
         self.skeleton = skeleton
+        self.shardings = dict(shardings or {})
         self.source = source
         self.entries = {e.name: e for e in entries}
         if len(self.entries) != len(entries):
@@ -288,7 +334,11 @@ class ModelFiller:
         self.seen.add(name)
         self.remaining[e.leaf] -= 1
         if self.remaining[e.leaf] == 0:  # complete: hand the buffer to JAX
-            self.done[e.leaf] = _to_jax(self.buffers.pop(e.leaf))
+            sharding = self.shardings.get(e.leaf)
+            if sharding is None:
+                self.done[e.leaf] = _to_jax(self.buffers.pop(e.leaf))
+            else:  # each device gets its slice; the host buffer goes
+                self.done[e.leaf] = place_global(self.buffers.pop(e.leaf), sharding)
 
     def finish(self) -> Any:
         """The skeleton with every leaf filled (raises if a tensor never arrived)."""

@@ -56,7 +56,9 @@ from typing import Any
 import equinox as eqx
 import jax.random as jr
 import numpy as np
+from jax.sharding import Mesh
 
+from ..core.parallel_config import ParallelConfig
 from ..xlstm.config import xLSTMLMModelConfig
 from ..xlstm.model import xLSTMLMModel
 from .common import (
@@ -74,6 +76,7 @@ from .common import (
     check_matches_config,
     export_arrays,
     get_path,
+    mesh_shardings,
 )
 from .hf_config import (
     _MAX_INT,
@@ -202,14 +205,22 @@ def _shard_files(path: str) -> tuple[list[str], dict[str, str] | None]:
 
 
 def from_hf_pretrained(
-    path: str | os.PathLike, *, dtype: str | None = None, scan_blocks: bool = True
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    scan_blocks: bool = True,
+    mesh: Mesh | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> tuple[xLSTMLMModel, xLSTMLMModelConfig]:
     """Load a local transformers ``xLSTMForCausalLM`` directory as ``(model, config)``.
 
     ``dtype``: compute dtype (default: the checkpoint's dtype, float32 if unknown); parameters
     are float32. ``scan_blocks``: stack the blocks for ``lax.scan`` (default) or keep a tuple.
-    Raises `InteropError` naming missing/unexpected keys, shape mismatches (key and both shapes)
-    and unsupported config values, before reading any tensor data.
+    ``mesh``: place each parameter straight into its sharding on this mesh as soon as it is read
+    (partition rules of ``parallel``, default the config's own with the mesh's axis sizes), so
+    the model is never whole on one device; every process reads the files and keeps only its
+    devices' slices. Raises `InteropError` naming missing/unexpected keys, shape mismatches (key
+    and both shapes) and unsupported config values, before reading any tensor data.
     """
     path = os.fspath(path)
     hf = read_hf_config(path)
@@ -252,7 +263,12 @@ def from_hf_pretrained(
         hf, dtype=dtype, scan_blocks=scan_blocks, tie_weights=flag and not has_head
     )
     skeleton = eqx.filter_eval_shape(xLSTMLMModel, config, key=jr.key(0))
-    filler = ModelFiller(skeleton, hf_entries(skeleton), source=f"checkpoint {path!r}")
+    shardings = None
+    if mesh is not None:
+        shardings = mesh_shardings(skeleton, mesh, parallel, base=config.parallel)
+    filler = ModelFiller(
+        skeleton, hf_entries(skeleton), source=f"checkpoint {path!r}", shardings=shardings
+    )
     # virtual name -> (stored name, row range or None)
     sources: dict[str, tuple[str, tuple[int, int] | None]] = {}
     consumed: set[str] = set()
@@ -320,6 +336,7 @@ def from_hf_pretrained(
     if (
         flag
         and has_head
+        and model.lm_head.kernel.is_fully_addressable
         and np.array_equal(
             np.asarray(model.lm_head.kernel).T, np.asarray(model.token_embedding.embedding)
         )
@@ -348,11 +365,12 @@ def to_hf(
     config: xLSTMLMModelConfig,
     path: str | os.PathLike,
     *,
-    max_shard_bytes: int | None = None,
+    max_shard_bytes: int | None = 5 * 10**9,
     tokenizer_dir: str | os.PathLike | None = None,
 ) -> str:
     """Write ``model`` as a transformers ``xLSTMForCausalLM`` directory (``config.json`` and
-    float32 safetensors; shards of at most ``max_shard_bytes`` with an index when given).
+    float32 safetensors): like ``save_pretrained``, shards of at most ``max_shard_bytes`` (5 GB)
+    with ``model.safetensors.index.json`` when more than one is needed (``None``: one file).
     ``tokenizer_dir``: copy its ``tokenizer.json`` (and tokenizer/special-token configs) along.
     Returns ``path``."""
     hf = eqx_config_to_hf(config)

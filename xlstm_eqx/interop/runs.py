@@ -2,8 +2,8 @@
 for generation.
 
 A run directory holds ``config.json`` (``model_kind``, ``model_config``, the tokenizer when known)
-and ``checkpoints/step_00000000/`` (`save_checkpoint`); ``xlstm-eqx eval/generate --out DIR`` and
-`load_run` read it.
+and ``checkpoints/step_00000000/`` (an orbax checkpoint, `save_checkpoint`); ``xlstm-eqx
+eval/generate --out DIR`` and `load_run` read it.
 """
 
 import json
@@ -14,8 +14,8 @@ from typing import Any
 from ..data.tokenizer import HFTokenizer
 from ..llama.config import LlamaConfig
 from ..models import MODEL_FAMILIES, ModelConfig, family_of
-from ..training.checkpoint import save_checkpoint
 from ..training.evaluate import load_run
+from ..training.orbax_checkpoint import save_checkpoint
 from ..xlstm.config import xLSTMLMModelConfig
 from .common import MAX_BLOCKS, InteropError, load_json, printable
 from .hf import from_hf_pretrained
@@ -68,6 +68,9 @@ def save_eqx(
     """Write ``model`` as our run layout under ``out`` (see the module docstring)."""
 
     os.makedirs(out, exist_ok=True)
+    ckpt_root = os.path.join(out, "checkpoints")
+    if os.path.isdir(os.path.join(ckpt_root, "step_00000000")):  # converting again: replace it
+        shutil.rmtree(os.path.join(ckpt_root, "step_00000000"))
     run: dict[str, Any] = {"model_kind": _kind_of(config), "model_config": config.to_dict()}
     if tokenizer_file is not None:
         dst = os.path.join(out, "tokenizer.json")
@@ -77,7 +80,7 @@ def save_eqx(
     if source:
         run["converted_from"] = source
     save_checkpoint(
-        os.path.join(out, "checkpoints"),
+        ckpt_root,
         0,
         {"model": model},
         {"step": 0, "run_config": run},

@@ -36,7 +36,6 @@ its logits.
 
 import dataclasses
 import math
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -46,7 +45,6 @@ import jax
 import jax.random as jr
 import numpy as np
 
-from ..core.untrusted import NpzReader
 from ..llama.config import LlamaConfig
 from ..llama.model import LlamaTransformer
 from ..xlstm.config import xLSTMLMModelConfig
@@ -66,7 +64,6 @@ from .common import (
     export_arrays,
     get_path,
 )
-from .safetensors_files import SafetensorsError, SafetensorsFile, save_file
 
 
 _TP = Layout(ext_shape_fn=lambda s: (1, *s))  # leading tensor-parallel axis of size 1
@@ -281,6 +278,8 @@ def _unbox(x: Any) -> Any:
         and not isinstance(x, Mapping)
     ):
         return x.value
+    if isinstance(x, Mapping) and set(x) == {"value"} and not isinstance(x["value"], Mapping):
+        return x["value"]  # an nn.Partitioned box as orbax stores it (no target given)
     return x
 
 
@@ -495,54 +494,3 @@ def to_xlstm_jax(
     if scanned if scan_blocks is None else scan_blocks:
         flat = _scan(flat, num_blocks, per, stacked)
     return unflatten_params(flat)
-
-
-# files
-
-
-def load_xlstm_jax_params(path: str | os.PathLike) -> dict[str, Any]:
-    """A reference parameter tree from disk, without pickle.
-
-    ``path``: a ``.safetensors`` or ``.npz`` file of flat ``a/b/c`` names (as
-    `save_xlstm_jax_params` writes), a directory holding ``params.safetensors`` or
-    ``params.npz``, or an orbax checkpoint directory of the reference trainer (needs the optional
-    ``orbax-checkpoint`` package; a ``params`` sub-tree is taken if present).
-    """
-
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        for name in ("params.safetensors", "params.npz"):
-            if os.path.isfile(os.path.join(path, name)):
-                return load_xlstm_jax_params(os.path.join(path, name))
-        try:
-            import orbax.checkpoint as ocp
-        except ImportError:
-            raise InteropError(
-                f"{path!r} has no params.safetensors / params.npz; reading an orbax checkpoint "
-                "needs the optional package orbax-checkpoint"
-            ) from None
-        tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
-        if isinstance(tree, Mapping) and "params" in tree:
-            tree = tree["params"]
-        return unflatten_params(flatten_params(tree))
-    if path.endswith(".safetensors"):
-        try:
-            with SafetensorsFile(path) as st:
-                return unflatten_params({k: st.read(k) for k in st.keys()})
-        except SafetensorsError as e:
-            raise InteropError(str(e)) from None
-    if path.endswith(".npz"):
-        # Each member's header is checked before its data is allocated; no pickle.
-        with NpzReader(path, error=InteropError, what=repr(path)) as npz:
-            others = [n for n in npz.members if not n.endswith(".npy")]
-            if others:
-                raise InteropError(f"{path!r}: member {others[0]!r} is not a .npy array")
-            return unflatten_params({k: npz.read(k) for k in npz.names()})
-    raise InteropError(f"{path!r}: expected a .safetensors or .npz file, or a checkpoint directory")
-
-
-def save_xlstm_jax_params(params: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write a parameter tree as flat ``a/b/c`` names to a ``.safetensors`` file."""
-
-    flat = {k: np.asarray(v) for k, v in flatten_params(params).items()}
-    save_file(flat, path, metadata={"format": "flax"})

@@ -1,19 +1,12 @@
 """Level 5: training — `TrainConfig`, loss, optimizer and schedule, the train step (with or without
 a mesh), checkpoints, run files, the run loop and evaluation.
+
+Checkpoints are orbax ones (`orbax_checkpoint`: sharded, asynchronous, restorable onto any mesh);
+`checkpoint` holds the older ``.npz`` format, still read by `load_run` / ``xlstm-eqx eval``.
 """
 
 from .checkpoint import (
-    FORMAT as FORMAT,
-    VERSION as VERSION,
     CheckpointError as CheckpointError,
-    latest_checkpoint as latest_checkpoint,
-    list_checkpoints as list_checkpoints,
-    load_metadata as load_metadata,
-    restore_checkpoint as restore_checkpoint,
-    restore_sharded_checkpoint as restore_sharded_checkpoint,
-    save_checkpoint as save_checkpoint,
-    save_sharded_checkpoint as save_sharded_checkpoint,
-    step_dir_name as step_dir_name,
 )
 from .config import (
     RESUMABLE_FIELDS as RESUMABLE_FIELDS,
@@ -45,12 +38,27 @@ from .optim import (
     make_optimizer as make_optimizer,
     trainable_params as trainable_params,
 )
+from .orbax_checkpoint import (
+    FORMAT as FORMAT,
+    VERSION as VERSION,
+    CheckpointStore as CheckpointStore,
+    latest_checkpoint as latest_checkpoint,
+    list_checkpoints as list_checkpoints,
+    load_metadata as load_metadata,
+    npz_checkpoints as npz_checkpoints,
+    restore_checkpoint as restore_checkpoint,
+    save_checkpoint as save_checkpoint,
+    step_dir_name as step_dir_name,
+)
 from .run_files import (
     plot_metrics as plot_metrics,
     read_metrics as read_metrics,
 )
 from .step import (
+    MeshLayout as MeshLayout,
+    init_sharded_opt_state as init_sharded_opt_state,
     make_sharded_train_step as make_sharded_train_step,
     make_train_step as make_train_step,
+    mesh_layout as mesh_layout,
     shard_train_state as shard_train_state,
 )

@@ -24,7 +24,8 @@ from ..data.corpus import (
 from ..data.tokenizer import tokenizer_from_dict
 from ..generation import _is_kv_model, _is_recurrent_model
 from ..models import MODEL_FAMILIES
-from .checkpoint import CheckpointError, latest_checkpoint, load_metadata, restore_checkpoint
+from . import checkpoint as npz_checkpoint, orbax_checkpoint
+from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .loss import bits_per_byte, evaluate_loss
 
@@ -85,20 +86,36 @@ class EvalResult:
     num_tokens: int
 
 
-def load_run(out_dir: str, checkpoint: str | None = None) -> tuple[Any, dict[str, Any], int]:
-    """`(model, run_config, step)` from a run directory's newest (or the given) checkpoint."""
-    path = checkpoint or latest_checkpoint(os.path.join(out_dir, "checkpoints"))
+def load_run(
+    out_dir: str, checkpoint: str | None = None, *, shardings: Any = None
+) -> tuple[Any, dict[str, Any], int]:
+    """`(model, run_config, step)` from a run directory's newest (or the given) checkpoint.
+
+    The model is read onto the first local device, or straight into ``shardings`` (a tree of
+    ``Sharding``s for the model, e.g. from `mesh_layout`). Runs saved in the older ``.npz`` format
+    are read too (onto one device)."""
+    root = os.path.join(out_dir, "checkpoints")
+    path = checkpoint or orbax_checkpoint.latest_checkpoint(root)
     if path is None:
-        raise FileNotFoundError(f"no checkpoint found in {os.path.join(out_dir, 'checkpoints')!r}")
-    meta = load_metadata(path)
+        old = orbax_checkpoint.npz_checkpoints(root)
+        path = old[-1] if old else None
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint found in {root!r}")
+    npz = os.path.isfile(os.path.join(path, "meta.json"))
+    fmt = npz_checkpoint if npz else orbax_checkpoint
+    meta = fmt.load_metadata(path)
     run = meta.get("metadata", {}).get("run_config")
     if not isinstance(run, dict) or run.get("model_kind") not in MODEL_FAMILIES:
         raise CheckpointError(f"checkpoint {path!r} has no usable run configuration")
     family = MODEL_FAMILIES[run["model_kind"]]
     model_config = family.config_from_dict(run["model_config"])
     skeleton = eqx.filter_eval_shape(family.build, model_config, key=jr.key(0))
-    trees, meta2 = restore_checkpoint(path, {"model": skeleton})
-    return trees["model"], run, int(meta2["step"])
+    if npz:
+        trees, _ = npz_checkpoint.restore_checkpoint(path, {"model": skeleton})
+    else:
+        sh = None if shardings is None else {"model": shardings}
+        trees, _ = orbax_checkpoint.restore_checkpoint(path, {"model": skeleton}, sh)
+    return trees["model"], run, int(meta["step"])
 
 
 def evaluate_run(

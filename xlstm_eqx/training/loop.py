@@ -11,7 +11,11 @@
    written after it, so the last good one stays the newest.
 4. `DIR/config.json` (resolved config), `DIR/metrics.jsonl` (one row per logged step: `step`,
    `loss`, `lr`, `grad_norm`, `tokens_per_s`…; eval steps add `eval_loss`, `bits_per_byte`),
-   `DIR/loss.png`, `DIR/checkpoints/step_*` (the last `keep_checkpoints`), `DIR/summary.json`.
+   `DIR/loss.png`, `DIR/checkpoints/step_*` (the last `keep_checkpoints`; orbax checkpoints that
+   every process writes its shards of, in the background), `DIR/summary.json`.
+5. With `--mesh`, the parameters and optimizer state are born sharded (or read straight into
+   their shardings on `--resume`, whatever mesh saved them). SIGTERM/Ctrl-C on any process stops
+   every process after the same step, with a checkpoint of it.
 
 Resume is exact: the data order depends only on the seed and the batch index, the step's RNG key
 is `fold_in(key, step)`, and checkpoints hold the arrays bit for bit, so a run stopped at step k
@@ -27,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -46,19 +51,20 @@ from ..data.corpus import (
 from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
 from ..generation import generate
 from ..models import MODEL_FAMILIES
-from .checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    list_checkpoints,
-    load_metadata,
-    restore_checkpoint,
-    save_checkpoint,
-    save_sharded_checkpoint,
-)
+from ..parallel.placement import init_sharded
+from .checkpoint import CheckpointError
 from .config import RESUMABLE_FIELDS, TrainConfig, check_sequence_length, resolve_model_config
 from .evaluate import has_decode_api, sample_tokens
 from .loss import bits_per_byte, evaluate_loss
-from .optim import _lr_at, learning_rate_schedule, trainable_params
+from .optim import _lr_at, learning_rate_schedule, make_optimizer, trainable_params
+from .orbax_checkpoint import (
+    CheckpointStore,
+    latest_checkpoint,
+    list_checkpoints,
+    load_metadata,
+    refuse_npz_checkpoints,
+    restore_checkpoint,
+)
 from .preflight import check_mesh, check_out_dir, check_resume_steps
 from .run_files import (
     _InterruptFlag,
@@ -67,7 +73,12 @@ from .run_files import (
     plot_metrics,
 )
 from .run_lock import hold_run_lock
-from .step import _optimizer_and_step, shard_train_state
+from .step import (
+    _optimizer_and_step,
+    init_sharded_opt_state,
+    make_sharded_train_step,
+    mesh_layout,
+)
 
 
 # run bookkeeping
@@ -136,6 +147,7 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
     ckpt_root = os.path.join(out, "checkpoints")
     resume_from = resume_meta = None
     saved_run: dict[str, Any] | None = None
+    refuse_npz_checkpoints(ckpt_root)
     if cfg.resume:
         resume_from = latest_checkpoint(ckpt_root)
         if resume_from is None:
@@ -251,7 +263,7 @@ def _train(
     t_start = time.perf_counter()
     p = _prepare(cfg)
     # In a multi-process run every process runs this loop; process 0 alone writes the run's files
-    # and logs (checkpoints are gathered from all processes first).
+    # and logs; checkpoints are written by all processes together (each its own shards).
     writer = jax.process_index() == 0
     if not writer:
         log = _no_log
@@ -262,26 +274,54 @@ def _train(
 
     key = jr.key(cfg.seed)
     init_key, loop_key = jr.split(key)
-    # On resume these fresh arrays are the templates the checkpoint is checked against and
-    # loaded into (a shape-only skeleton would do for the model, but the optimizer state and
-    # the decay mask are derived from real leaves; the models trained here are small).
-    model = family.build(p.model_config, key=init_key)
+    # Shapes only (nothing allocated): the optimizer, the layout on a mesh and the templates a
+    # checkpoint is checked against and read into are all made from this skeleton.
+    skeleton = eqx.filter_eval_shape(family.build, p.model_config, key=init_key)
+    start_step = 0
+    if cfg.mesh:
+        # Born sharded: parameters and optimizer state are created (or read from the
+        # checkpoint) directly in their shardings; no array is ever whole on one device.
+        optimizer = make_optimizer(cfg, skeleton, p.model_config, family)
+        layout = mesh_layout(
+            cfg.mesh, skeleton, optimizer, base=getattr(p.model_config, "parallel", None)
+        )
+        if p.resume_from is not None:
+            opt_skeleton = _opt_skeleton(optimizer, skeleton)
+            trees, meta = restore_checkpoint(
+                p.resume_from,
+                {"model": skeleton, "opt_state": opt_skeleton},
+                {"model": layout.model_shardings, "opt_state": layout.opt_shardings},
+            )
+            model, opt_state = trees["model"], trees["opt_state"]
+        else:
+            model = init_sharded(
+                family.build,
+                p.model_config,
+                key=init_key,
+                mesh=layout.mesh,
+                parallel_config=layout.parallel_config,
+            )
+            opt_state = init_sharded_opt_state(optimizer, model, layout)
+        step_fn = make_sharded_train_step(
+            optimizer, layout.mesh, layout.parallel_config, layout.model_specs, layout.opt_specs
+        )
+    elif p.resume_from is not None:
+        optimizer, step_fn = _optimizer_and_step(cfg, skeleton, p.model_config, family)
+        trees, meta = restore_checkpoint(
+            p.resume_from, {"model": skeleton, "opt_state": _opt_skeleton(optimizer, skeleton)}
+        )
+        model, opt_state = trees["model"], trees["opt_state"]
+    else:
+        model = family.build(p.model_config, key=init_key)
+        optimizer, step_fn = _optimizer_and_step(cfg, model, p.model_config, family)
+        with jax.numpy_dtype_promotion("standard"):
+            opt_state = optimizer.init(trainable_params(model))
     # The "auto" mLSTM backend times its candidates now, not while the step compiles (GPU only).
     tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32)
     tune_auto_backend(lambda m, t: m(t), model, tokens)
-    optimizer, step_fn = _optimizer_and_step(cfg, model, p.model_config, family)
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = optimizer.init(trainable_params(model))
-    start_step = 0
     if p.resume_from is not None:
-        trees, meta = restore_checkpoint(p.resume_from, {"model": model, "opt_state": opt_state})
-        model, opt_state = trees["model"], trees["opt_state"]
         start_step = int(meta["step"])
         loop_key = jr.wrap_key_data(jnp.asarray(meta["rng_key"], jnp.uint32))
-    if cfg.mesh:  # place model and optimizer state on the mesh; the step shards each batch
-        model, opt_state, step_fn, _ = shard_train_state(
-            cfg.mesh, model, opt_state, optimizer, base=getattr(p.model_config, "parallel", None)
-        )
 
     # Everything is validated: only now is anything written.
     run_config = run_config_dict(p)
@@ -308,19 +348,19 @@ def _train(
     eval_loss = bpb = None
     last_ckpt = latest_checkpoint(ckpt_root)
     last_ckpt_step = start_step if p.resume_from else 0
+    blocked: list[float] = []  # seconds each save held the loop up
 
-    def checkpoint(step: int) -> str | None:
+    def checkpoint(step: int) -> str:
         meta = {
             "step": step,
             "data_position": step * cfg.grad_accum,
             "rng_key": np.asarray(jax.random.key_data(loop_key)).tolist(),
             "run_config": run_config,
         }
-        save = save_checkpoint
-        if cfg.mesh:  # gathered from every process (a collective: all call it), written by 0
-            save = save_sharded_checkpoint
-        trees = {"model": model, "opt_state": opt_state}
-        return save(ckpt_root, step, trees, meta, keep=cfg.keep_checkpoints)
+        t0 = time.perf_counter()
+        path = store.save(step, {"model": model, "opt_state": opt_state}, meta)
+        blocked.append(time.perf_counter() - t0)
+        return path
 
     end_step = cfg.steps if stop_after_step is None else min(cfg.steps, stop_after_step)
     bar = None
@@ -332,6 +372,9 @@ def _train(
     interval_steps = 0
     interrupt = _InterruptFlag(log)
     metrics_file = open(metrics_path if writer else os.devnull, "a")  # noqa: SIM115 - closed in finally
+    # Every process saves (each writes its own shards); saves are asynchronous: `save` returns
+    # once the arrays are off the devices and the next steps run while the files are written.
+    store = CheckpointStore(ckpt_root, keep=cfg.keep_checkpoints)
     try:
         for step in range(start_step + 1, end_step + 1):
             pos = (step - 1) * cfg.grad_accum
@@ -395,19 +438,27 @@ def _train(
                     else:
                         log(line)
                 interval_start, interval_steps = time.perf_counter(), 0
-            if step % cfg.checkpoint_every == 0 or step == end_step or interrupt.set:
+            # All processes stop at the same step, whichever of them got the signal.
+            stop = interrupt.agreed()
+            if step % cfg.checkpoint_every == 0 or step == end_step or stop:
                 last_ckpt, last_ckpt_step = checkpoint(step), step
-            if interrupt.set:
+            if stop:
+                store.wait()
                 if writer:  # the plot and summary of the steps done, as a finished run has
                     metrics_file.flush()
                     _write_partial_run_files(out, metrics_path, step, cfg.steps, last_ckpt)
-                log(f"\ninterrupted after step {step}; saved {last_ckpt}; continue with --resume")
+                who = "" if interrupt.set else " (another process was interrupted)"
+                log(
+                    f"\ninterrupted after step {step}{who}; saved {last_ckpt}; "
+                    "continue with --resume"
+                )
                 raise KeyboardInterrupt
     finally:
         interrupt.restore()
         metrics_file.close()
         if bar is not None:
             bar.close()
+        store.close()  # waits for the last write: a run ends with its checkpoints committed
 
     final_step = max(start_step, end_step)
     png = plot_metrics(metrics_path, os.path.join(out, "loss.png")) if writer else None
@@ -427,6 +478,8 @@ def _train(
         "parameters": int(n_params),
         "seconds": round(seconds, 1),
         "checkpoint": last_ckpt,
+        "checkpoints_saved": len(blocked),
+        "checkpoint_seconds_blocked": round(sum(blocked), 3),
     }
     if writer:
         _write_json_atomic(os.path.join(out, "summary.json"), summary)
@@ -455,6 +508,11 @@ def _train(
         sample=sample,
         seconds=seconds,
     )
+
+
+def _opt_skeleton(optimizer: Any, skeleton: Any) -> Any:
+    with jax.numpy_dtype_promotion("standard"):
+        return jax.eval_shape(optimizer.init, trainable_params(skeleton))
 
 
 def _sample(model: Any, p: _Prepared, cfg: TrainConfig) -> str:

@@ -39,8 +39,17 @@ def default_decay_mask(params: PyTree, *, decay_embedding: bool = False) -> PyTr
     return jax.tree_util.tree_map_with_path(rule, params)
 
 
+def _is_inexact_array_like(x: Any) -> bool:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return bool(jax.numpy.issubdtype(x.dtype, jax.numpy.inexact))
+    return eqx.is_inexact_array(x)
+
+
 def trainable_params(model: PyTree) -> PyTree:
-    return eqx.filter(model, eqx.is_inexact_array)
+    """The floating-point arrays of ``model`` (``None`` elsewhere). Also works on
+    ``eqx.filter_eval_shape`` skeletons, so an optimizer and its state's shapes can be made
+    without allocating the model."""
+    return eqx.filter(model, _is_inexact_array_like)
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -64,7 +73,7 @@ def make_optimizer(
         full = family.decay_mask(model, model_config)
         if full is not None:
             # The family's mask covers the whole model: keep its entries at trainable leaves.
-            spec = jax.tree.map(eqx.is_inexact_array, model)
+            spec = jax.tree.map(_is_inexact_array_like, model)
             mask = jax.tree.map(lambda m, s: bool(m) if s else None, full, spec)
     if mask is None:
         decay_embedding = bool(getattr(model_config, "weight_decay_on_embedding", False))

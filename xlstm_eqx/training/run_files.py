@@ -8,6 +8,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from ..core.files import _write_json_atomic
 
 
@@ -37,8 +41,18 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
-    # On resume, drop rows of steps after the checkpoint: they are recomputed identically.
-    rows = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    # On resume, drop rows of steps after the checkpoint: they are recomputed identically. A run
+    # killed mid-write may have left a torn last line: it is one of those rows.
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step", 0) <= last_step:
+                    rows.append(row)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         for r in rows:
@@ -96,7 +110,8 @@ def _write_partial_run_files(
 
 class _InterruptFlag:
     """While training, the first Ctrl-C (or SIGTERM) only sets a flag: the current step ends, a
-    checkpoint is written, then KeyboardInterrupt. A second Ctrl-C aborts at once."""
+    checkpoint is written (by every process, at the step they agree on: `agreed`), then
+    KeyboardInterrupt. A second Ctrl-C aborts at once."""
 
     def __init__(self, log: Callable[[str], None]):
         self.set = False
@@ -111,6 +126,15 @@ class _InterruptFlag:
             raise KeyboardInterrupt
         self.set = True
         self._log("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def agreed(self) -> bool:
+        """Whether any process was interrupted: every process calls this once per step, so all
+        of them see the same answer at the same step (one tiny all-gather over the processes;
+        nothing when there is only one) and save the same checkpoint before stopping."""
+        if jax.process_count() == 1:
+            return self.set
+        flags = multihost_utils.process_allgather(np.asarray([self.set], np.int32))
+        return bool(np.any(flags))
 
     def restore(self) -> None:
         for sig, handler in self._old.items():

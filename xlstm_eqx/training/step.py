@@ -1,6 +1,8 @@
 """The train step — one function for one device and for a mesh — and the set-up that places a
 model and its optimizer state on a mesh for it."""
 
+import dataclasses
+import functools
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -170,6 +172,71 @@ def make_sharded_train_step(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshLayout:
+    """Where a model and its optimizer state live on a mesh: the parallel config, the mesh, and
+    the ``PartitionSpec`` trees of the model (same structure, ``None`` at non-arrays) and of the
+    optimizer state."""
+
+    parallel_config: ParallelConfig
+    mesh: Mesh
+    model_specs: PyTree
+    opt_specs: PyTree
+
+    @property
+    def model_shardings(self) -> PyTree:
+        return named_shardings(self.model_specs, self.mesh)
+
+    @property
+    def opt_shardings(self) -> PyTree:
+        return named_shardings(self.opt_specs, self.mesh)
+
+
+def _parallel_config(
+    mesh_spec: str | ParallelConfig, base: ParallelConfig | None
+) -> ParallelConfig:
+    if isinstance(mesh_spec, str):
+        return parse_mesh_spec(mesh_spec, base)
+    if isinstance(mesh_spec, ParallelConfig):
+        return mesh_spec
+    raise TypeError(f"mesh_spec must be a str or ParallelConfig, got {type(mesh_spec).__name__}")
+
+
+def mesh_layout(
+    mesh_spec: str | ParallelConfig,
+    model: PyTree,
+    optimizer: optax.GradientTransformation,
+    *,
+    base: ParallelConfig | None = None,
+    devices: Sequence[Any] | None = None,
+) -> MeshLayout:
+    """The mesh and the partition specs of ``model`` (a real model or an
+    ``eqx.filter_eval_shape`` skeleton) and of ``optimizer``'s state, from shapes alone: nothing
+    is allocated. ``mesh_spec`` as for `shard_train_state`."""
+    pc = _parallel_config(mesh_spec, base)
+    mesh = make_mesh(pc, devices)
+    specs = param_partition_specs(model, pc, num_devices=mesh.devices.size)
+    params = trainable_params(model)
+    with jax.numpy_dtype_promotion("standard"):
+        opt_shapes = jax.eval_shape(optimizer.init, params)
+    ospecs = opt_state_specs(opt_shapes, params, specs)
+    return MeshLayout(pc, mesh, specs, ospecs)
+
+
+def init_sharded_opt_state(
+    optimizer: optax.GradientTransformation, model: PyTree, layout: MeshLayout
+) -> PyTree:
+    """``optimizer.init`` of ``model``'s trainable parameters, born in the layout's optimizer
+    shardings (one ``jit`` with ``out_shardings``): no moment exists whole on one device."""
+
+    @functools.partial(jax.jit, out_shardings=layout.opt_shardings)
+    def init(params: PyTree) -> PyTree:
+        with jax.numpy_dtype_promotion("standard"):
+            return optimizer.init(params)
+
+    return init(trainable_params(model))
+
+
 def shard_train_state(
     mesh_spec: str | ParallelConfig,
     model: PyTree,
@@ -187,14 +254,7 @@ def shard_train_state(
     ``mesh_spec``: a ``ParallelConfig`` or a string for ``parse_mesh_spec`` whose other fields come
     from ``base`` (e.g. the model config's ``parallel``: FSDP modules, gather dtype).
     """
-    if isinstance(mesh_spec, str):
-        pc = parse_mesh_spec(mesh_spec, base)
-    elif isinstance(mesh_spec, ParallelConfig):
-        pc = mesh_spec
-    else:
-        raise TypeError(
-            f"mesh_spec must be a str or ParallelConfig, got {type(mesh_spec).__name__}"
-        )
+    pc = _parallel_config(mesh_spec, base)
     mesh = make_mesh(pc, devices)
     specs = param_partition_specs(model, pc, num_devices=mesh.devices.size)
 
