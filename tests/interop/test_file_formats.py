@@ -9,6 +9,7 @@ allocate gigabytes on a regression run in one subprocess under an address-space 
 ``MemoryError`` reported as a failure rather than a machine driven into swap.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import warnings
 import zipfile
+from typing import Any
 
 import hypothesis
 import hypothesis.strategies as st
@@ -32,12 +34,8 @@ from xlstm_eqx.interop import (
     load_xlstm_jax_params,
 )
 from xlstm_eqx.interop.safetensors_files import SafetensorsError, SafetensorsFile, save_file
-from xlstm_eqx.training import (
-    CheckpointError,
-    load_metadata,
-    restore_checkpoint,
-    save_checkpoint,
-)
+from xlstm_eqx.training import CheckpointError, orbax_checkpoint
+from xlstm_eqx.training.checkpoint import load_metadata, restore_checkpoint, save_checkpoint
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -172,7 +170,33 @@ def template():
 
 
 def save_small_checkpoint(root, tree=None) -> str:
+    """The older single-file format (`training.checkpoint`), still read for runs made before."""
     return save_checkpoint(root, 1, {"model": template() if tree is None else tree}, {"k": [1]})
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointFormat:
+    """One checkpoint format's writer, reader and the JSON file it keeps its metadata in."""
+
+    module: Any
+    meta_file: str
+
+    def save(self, root, tree=None) -> str:
+        tree = template() if tree is None else tree
+        return self.module.save_checkpoint(root, 1, {"model": tree}, {"k": [1]})
+
+
+FORMATS = {
+    "npz": CheckpointFormat(sys.modules[save_checkpoint.__module__], "meta.json"),
+    "orbax": CheckpointFormat(orbax_checkpoint, os.path.join("meta", "metadata")),
+}
+
+
+@pytest.fixture(params=list(FORMATS))
+def ckpt_format(request) -> CheckpointFormat:
+    """The checks on checkpoint files apply to both formats: the trainer's orbax checkpoints and
+    the older `.npz` ones `load_run` still reads."""
+    return FORMATS[request.param]
 
 
 def rewrite_tensors(path, edit) -> None:
@@ -288,12 +312,12 @@ def test_xlstm_jax_inf_weight_is_named(tmp_path):
     one_line(e.value)
 
 
-def test_checkpoint_nan_leaf_is_named(tmp_path):
+def test_checkpoint_nan_leaf_is_named(tmp_path, ckpt_format):
     tree = template()
     tree["w"] = tree["w"].at[1, 2].set(jnp.nan)
-    path = save_small_checkpoint(tmp_path, tree)
+    path = ckpt_format.save(tmp_path, tree)
     with pytest.raises(CheckpointError, match=r"model\['w'\].*non-finite") as e:
-        restore_checkpoint(path, {"model": template()})
+        ckpt_format.module.restore_checkpoint(path, {"model": template()})
     one_line(e.value)
 
 
@@ -420,25 +444,25 @@ def test_hf_shard_index_errors_are_one_line(tmp_path):
         "repeated-key",
     ],
 )
-def test_malformed_checkpoint_metadata(tmp_path, path, mode, text):
-    ckpt = save_small_checkpoint(tmp_path)
-    meta_path = os.path.join(ckpt, "meta.json")
+def test_malformed_checkpoint_metadata(tmp_path, ckpt_format, path, mode, text):
+    ckpt = ckpt_format.save(tmp_path)
+    meta_path = os.path.join(ckpt, ckpt_format.meta_file)
     with open(meta_path) as f:
         meta = json.load(f)
     write(meta_path, dumps(mutate(meta, path, mode, Raw(text))))
     with pytest.raises(CheckpointError) as e:
-        load_metadata(ckpt)
-    assert "meta.json" in one_line(e.value)
+        ckpt_format.module.load_metadata(ckpt)
+    assert ckpt_format.meta_file in one_line(e.value)
     with pytest.raises(CheckpointError) as e:
-        restore_checkpoint(ckpt, {"model": template()})
+        ckpt_format.module.restore_checkpoint(ckpt, {"model": template()})
     one_line(e.value)
 
 
-def test_checkpoint_mismatch_is_one_line(tmp_path):
-    ckpt = save_small_checkpoint(tmp_path)
+def test_checkpoint_mismatch_is_one_line(tmp_path, ckpt_format):
+    ckpt = ckpt_format.save(tmp_path)
     other = dict(template(), w=jnp.zeros((4, 3), jnp.float32), x=jnp.zeros(2))
     with pytest.raises(CheckpointError, match=r"\['w'\].*\[3, 4\].*\[4, 3\]") as e:
-        restore_checkpoint(ckpt, {"model": other})
+        ckpt_format.module.restore_checkpoint(ckpt, {"model": other})
     assert "['x']: missing" in one_line(e.value)
 
 

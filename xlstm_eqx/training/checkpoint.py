@@ -227,6 +227,47 @@ def _check_meta(meta: dict[str, Any], where: str) -> None:
                 raise bad(f"{at}.dtype {printable(str(e['dtype']))[:40]!r} is not a numeric dtype")
 
 
+def check_manifest(
+    path: str,
+    name: str,
+    saved: list[dict[str, Any]],
+    wanted: list[tuple[str, list[int], str]],
+    *,
+    ordered: bool = False,
+) -> None:
+    """Compare a checkpoint's leaf manifest (validated ``{path, shape, dtype}`` entries) with the
+    ``(path, shape, dtype)`` of the tree it is restored into; every difference (missing and
+    unexpected keys, shapes, dtypes) is named in one `CheckpointError` line, before any array is
+    read. Both checkpoint formats use it."""
+    problems = []
+    saved_by_path = {e["path"]: e for e in saved}
+    if len(saved_by_path) != len(saved):
+        problems.append(f"{name}: the metadata lists a leaf path twice")
+    want_paths = [p for p, _, _ in wanted]
+    want_set = set(want_paths)
+    for p in want_paths:
+        if p not in saved_by_path:
+            problems.append(f"{name}{p}: missing from the checkpoint")
+    for p in saved_by_path:
+        if p not in want_set:
+            problems.append(f"{name}{printable(p)}: in the checkpoint but not in the {name}")
+    for p, want_shape, want_dtype in wanted:
+        e = saved_by_path.get(p)
+        if e is not None and (e["shape"] != want_shape or e["dtype"] != want_dtype):
+            problems.append(
+                f"{name}{p}: checkpoint has {e['dtype']}{e['shape']}, "
+                f"expected {want_dtype}{want_shape}"
+            )
+    if ordered and not problems and [e["path"] for e in saved] != want_paths:
+        problems.append(f"{name}: leaves are stored in a different order")
+    if problems:
+        shown = "; ".join(problems[:20])
+        more = f"; … and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CheckpointError(
+            f"checkpoint {path!r} does not match the {name} it is restored into: {shown}{more}"
+        )
+
+
 def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The `meta.json` of a checkpoint directory, validated as one of ours (structure included)."""
     path = os.fspath(path)
@@ -267,35 +308,13 @@ def restore_checkpoint(
         if saved is None:
             raise CheckpointError(f"checkpoint {path!r} has no tree {name!r}")
         flat, treedef = _flatten(template)
-        problems = []
-        saved_by_path = {e["path"]: e for e in saved}
-        if len(saved_by_path) != len(saved):
-            problems.append(f"{name}: meta.json lists a leaf path twice")
-        want_paths = [p for p, _ in flat]
-        for p in want_paths:
-            if p not in saved_by_path:
-                problems.append(f"{name}{p}: missing from the checkpoint")
-        for p in saved_by_path:
-            if p not in set(want_paths):
-                problems.append(f"{name}{printable(p)}: in the checkpoint but not in the {name}")
-        for p, leaf in flat:
-            e = saved_by_path.get(p)
-            if e is None:
-                continue
-            want_shape, want_dtype = list(leaf.shape), str(jnp.dtype(leaf.dtype))
-            if e["shape"] != want_shape or e["dtype"] != want_dtype:
-                problems.append(
-                    f"{name}{p}: checkpoint has {e['dtype']}{e['shape']}, "
-                    f"expected {want_dtype}{want_shape}"
-                )
-        if not problems and [e["path"] for e in saved] != want_paths:
-            problems.append(f"{name}: leaves are stored in a different order")
-        if problems:
-            shown = "; ".join(problems[:20])
-            more = f"; … and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise CheckpointError(
-                f"checkpoint {path!r} does not match the {name} it is restored into: {shown}{more}"
-            )
+        check_manifest(
+            path,
+            name,
+            saved,
+            [(p, list(leaf.shape), str(jnp.dtype(leaf.dtype))) for p, leaf in flat],
+            ordered=True,  # npz members are positional
+        )
         # Every leaf now matches the template: each npz member is checked against it before its
         # data is read.
         leaves = []

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from .checkpoint import CheckpointError
+from ..core.untrusted import load_json, printable
+from .checkpoint import CheckpointError, _check_meta, check_manifest
 
 
 FORMAT = "xlstm_eqx-orbax-checkpoint"
@@ -222,57 +223,25 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not (p / META_ITEM).is_dir():
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} is incomplete: no {META_ITEM}/ item")
     # Read as a plain file (orbax's JSON item is one JSON file, ``metadata``): no collective, so
-    # one process alone can look (the arrays' restore is the collective part).
+    # one process alone can look (the arrays' restore is the collective part). Strict JSON, size-
+    # and depth-bounded: the file is untrusted until its structure is checked.
+    where = f"checkpoint {os.fspath(path)!r}: {META_ITEM}/metadata"
     try:
-        meta = json.loads((p / META_ITEM / "metadata").read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(
-            f"checkpoint {os.fspath(path)!r}: cannot read {META_ITEM}/metadata ({e})"
-        ) from None
+        meta = load_json(os.fspath(p / META_ITEM / "metadata"), error=ValueError)
+    except ValueError as e:
+        raise CheckpointError(f"{where} cannot be read ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"checkpoint {os.fspath(path)!r}: {META_ITEM}/metadata is not an {FORMAT} file"
-        )
+        raise CheckpointError(f"{where} is not an {FORMAT} file")
     if meta.get("version") != VERSION:
         raise CheckpointError(
-            f"checkpoint {os.fspath(path)!r}: format version {meta.get('version')!r}, this code "
+            f"{where}: format version {printable(repr(meta.get('version')))[:40]}, this code "
             f"reads {VERSION}"
         )
+    _check_meta(meta, where)
     return meta
 
 
 # restore
-
-
-def _check_against(
-    path: str, name: str, saved: list[dict], flat: list[tuple[str, tuple[str, ...], Any]]
-) -> None:
-    problems = []
-    saved_by_path = {e["path"]: e for e in saved}
-    want_paths = [p for p, _, _ in flat]
-    want_set = set(want_paths)
-    for p in want_paths:
-        if p not in saved_by_path:
-            problems.append(f"{name}{p}: missing from the checkpoint")
-    for p in saved_by_path:
-        if p not in want_set:
-            problems.append(f"{name}{p}: in the checkpoint but not in the {name}")
-    for p, _, leaf in flat:
-        e = saved_by_path.get(p)
-        if e is None:
-            continue
-        want_shape, want_dtype = list(leaf.shape), _dtype_name(leaf)
-        if e["shape"] != want_shape or e["dtype"] != want_dtype:
-            problems.append(
-                f"{name}{p}: checkpoint has {e['dtype']}{e['shape']}, "
-                f"expected {want_dtype}{want_shape}"
-            )
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise CheckpointError(
-            f"checkpoint {path!r} does not match the {name} it is restored into:\n  {shown}{more}"
-        )
 
 
 def _target_shardings(
@@ -297,6 +266,36 @@ def _target_shardings(
                 s = default
         out.append(s)
     return out
+
+
+@jax.jit
+def _all_finite(leaves: list[Any]) -> list[Any]:
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def _check_finite(path: str, name: str, paths: list[str], leaves: list[Any]) -> None:
+    """Name the first restored leaf holding a NaN or inf (a damaged or diverged checkpoint would
+    otherwise only show up as ``loss nan`` later). One reduction per leaf, on the devices that
+    hold it; only one boolean per leaf reaches the host."""
+    floats = [
+        (p, x) for p, x in zip(paths, leaves, strict=True) if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    if not floats:
+        return
+    groups: dict[frozenset, list[tuple[str, Any]]] = {}  # one call per set of devices
+    for p, x in floats:
+        groups.setdefault(frozenset(x.sharding.device_set), []).append((p, x))
+    checked = [
+        (p, x, good)
+        for group in groups.values()
+        for (p, x), good in zip(group, _all_finite([x for _, x in group]), strict=True)
+    ]
+    for p, x, good in sorted(checked, key=lambda t: paths.index(t[0])):
+        if not bool(good):
+            raise CheckpointError(
+                f"checkpoint {path!r}: {name}{p} {x.dtype}{list(x.shape)} holds non-finite "
+                "values (NaN or inf)"
+            )
 
 
 def restore_checkpoint(
@@ -325,7 +324,7 @@ def restore_checkpoint(
         if saved is None:
             raise CheckpointError(f"checkpoint {spath!r} has no tree {name!r}")
         flat, treedef = _flatten(template)
-        _check_against(spath, name, saved, flat)
+        check_manifest(spath, name, saved, [(p, list(x.shape), _dtype_name(x)) for p, _, x in flat])
         targets = _target_shardings(name, flat, shardings.get(name))
         leaves: list[Any] = []
         if flat:
@@ -346,6 +345,7 @@ def restore_checkpoint(
                     f"checkpoint {spath!r}: cannot read {name}/ ({first})"
                 ) from None
             leaves = [_lookup(restored, keys) for _, keys, _ in flat]
+        _check_finite(spath, name, [pth for pth, _, _ in flat], leaves)
         arrays = jax.tree_util.tree_unflatten(treedef, leaves)
         _, static = eqx.partition(template, _is_leaf_array)
         out[name] = eqx.combine(arrays, static)
