@@ -470,7 +470,7 @@ def test_bad_mesh_fails_before_the_data_is_read(tmp_path, data_file, monkeypatch
     def no_reading(*a, **k):
         raise AssertionError("the corpus was loaded before the mesh was checked")
 
-    monkeypatch.setattr(loop, "load_corpus", no_reading)
+    monkeypatch.setattr(loop, "load_corpus_all_processes", no_reading)
     for mesh, match in [("fsdp=3", "multiply to 3"), ("dp=2,bogus=2", "bogus")]:
         cfg = _cfg(tmp_path, data_file, mesh=mesh)
         with pytest.raises(ValueError, match=match):

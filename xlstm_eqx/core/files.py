@@ -56,19 +56,3 @@ def clip_utf8(text: str, max_bytes: int) -> str:
     if len(raw) <= max_bytes:
         return text
     return raw[: max(0, max_bytes)].decode("utf-8", errors="ignore")
-
-
-def read_text_prefix(path: str, max_bytes: int | None) -> str:
-    """The UTF-8 text of `path`, or of its first `max_bytes` bytes (a character cut at the end
-    is dropped): only that much is read. Newlines as in text mode (`\\r\\n`, `\\r` → `\\n`).
-    A UnicodeDecodeError for invalid UTF-8 before the cut."""
-    with open(path, "rb") as f:
-        raw = f.read() if max_bytes is None else f.read(max(0, max_bytes))
-    if max_bytes is not None and len(raw) == max_bytes:
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if e.reason == "unexpected end of data" and e.start >= len(raw) - 3:
-                raw = raw[: e.start]
-    text = raw.decode("utf-8")
-    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text

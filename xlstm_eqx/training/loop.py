@@ -35,14 +35,8 @@ from tqdm.auto import tqdm
 
 from ..cell.autotune import tune_auto_backend
 from ..core.files import _write_json_atomic
-from ..data.corpus import (
-    BatchSampler,
-    Corpus,
-    check_token_ids,
-    eval_windows,
-    load_corpus,
-    unigram_bits_per_byte,
-)
+from ..data.corpus import BatchSampler, Corpus, eval_windows
+from ..data.loader import BatchLoader, load_corpus_all_processes
 from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
 from ..generation import generate
 from ..models import MODEL_FAMILIES
@@ -57,8 +51,10 @@ from .checkpoint import (
 )
 from .config import RESUMABLE_FIELDS, TrainConfig, check_sequence_length, resolve_model_config
 from .evaluate import has_decode_api, sample_tokens
+from .extend import DECAY_START_DIR, is_decay_start, resume_point, supersede_after
+from .host_sync import PendingScalars, ProfileWindow
 from .loss import bits_per_byte, evaluate_loss
-from .optim import _lr_at, learning_rate_schedule, trainable_params
+from .optim import _lr_at, learning_rate_schedule, trainable_params, wsd_decay_start
 from .preflight import check_mesh, check_out_dir, check_resume_steps
 from .run_files import (
     _InterruptFlag,
@@ -68,6 +64,7 @@ from .run_files import (
 )
 from .run_lock import hold_run_lock
 from .step import _optimizer_and_step, shard_train_state
+from .trackers import check_trackers_available, open_trackers
 
 
 # run bookkeeping
@@ -118,10 +115,11 @@ class _Prepared:
 
 def _compatible(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
     given = cfg.to_dict()
+    default = TrainConfig().to_dict()  # a field the run predates had its default value
     diffs = [
-        f"{k}: checkpoint has {saved.get(k)!r}, given {given[k]!r}"
+        f"{k}: checkpoint has {saved.get(k, default[k])!r}, given {given[k]!r}"
         for k in given
-        if k not in RESUMABLE_FIELDS and saved.get(k) != given[k]
+        if k not in RESUMABLE_FIELDS and saved.get(k, default[k]) != given[k]
     ]
     if diffs:
         raise ValueError(
@@ -132,6 +130,8 @@ def _compatible(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
 
 def _prepare(cfg: TrainConfig) -> _Prepared:
     cfg.validate()
+    if jax.process_index() == 0:
+        check_trackers_available(cfg.trackers())
     out = cfg.out_dir()
     ckpt_root = os.path.join(out, "checkpoints")
     resume_from = resume_meta = None
@@ -146,6 +146,10 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
             raise CheckpointError(f"checkpoint {resume_from!r} has no run configuration")
         _compatible(saved_run["train"], cfg, out)
         check_resume_steps(cfg.steps, int(resume_meta.get("step", 0)), out)
+        # A wsd run extended past the decay it began restarts from that decay's start.
+        chosen = resume_point(cfg, saved_run["train"], resume_from, int(resume_meta["step"]), out)
+        if chosen != resume_from:
+            resume_from, resume_meta = chosen, load_metadata(chosen)
     elif list_checkpoints(ckpt_root):
         raise FileExistsError(
             f"{out!r} already holds a run with checkpoints; pass --resume to continue it "
@@ -168,25 +172,31 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
         check_mesh(cfg.mesh, model_config)
     vocab = int(model_config.vocab_size)
 
-    corpus = load_corpus(
+    corpus = load_corpus_all_processes(
         cfg.data,
         tokenizer,
         text_field=cfg.text_field,
         eval_fraction=cfg.eval_fraction,
         max_bytes=cfg.max_data_bytes,
+        split=cfg.data_split,
+        eod_token=cfg.eod_token,
+        cache_dir=cfg.data_cache or None,
+        # On --resume: the data must be what the run was trained on.
+        expected=(saved_run or {}).get("data", {}).get("identity"),
+        where=f"--resume {out!r}",
     )
-    check_token_ids(corpus.train, vocab, what="training data")
-    check_token_ids(corpus.heldout, vocab, what="held-out data")
+    corpus.check_vocab(vocab)
     sampler = BatchSampler(
-        corpus.train, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed
+        corpus.train_reader, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed
     )
     batches = eval_windows(
-        corpus.heldout, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_batches=cfg.eval_batches
+        corpus.heldout_reader,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        max_batches=cfg.eval_batches,
     )
     # The baseline: every held-out token under the training text's token frequencies.
-    unigram = unigram_bits_per_byte(
-        corpus.train, corpus.heldout, vocab, corpus.heldout_tokens_per_byte
-    )
+    unigram = corpus.unigram_bits_per_byte(vocab)
     return _Prepared(
         cfg,
         kind,
@@ -214,6 +224,9 @@ def run_config_dict(p: _Prepared) -> dict[str, Any]:
             "train_tokens": int(len(p.corpus.train)),
             "heldout_tokens": int(len(p.corpus.heldout)),
             "heldout_bytes": p.corpus.heldout_bytes,
+            "eod_id": p.corpus.eod_id,
+            "store": p.corpus.store_dir,
+            "identity": p.corpus.identity,
         },
     }
 
@@ -293,6 +306,9 @@ def _train(
                 os.remove(metrics_path)
         else:
             _truncate_metrics(metrics_path, start_step)
+            if is_decay_start(p.resume_from, out):
+                for path in supersede_after(ckpt_root, start_step, out):
+                    log(f"extending the wsd run: moved {path} (the old decay) aside")
     if p.resume_from is not None:
         log(f"resumed from {p.resume_from} at step {start_step}")
 
@@ -309,7 +325,9 @@ def _train(
     last_ckpt = latest_checkpoint(ckpt_root)
     last_ckpt_step = start_step if p.resume_from else 0
 
-    def checkpoint(step: int) -> str | None:
+    def checkpoint(
+        step: int, root: str = ckpt_root, keep: int | None = cfg.keep_checkpoints
+    ) -> str | None:
         meta = {
             "step": step,
             "data_position": step * cfg.grad_accum,
@@ -320,7 +338,7 @@ def _train(
         if cfg.mesh:  # gathered from every process (a collective: all call it), written by 0
             save = save_sharded_checkpoint
         trees = {"model": model, "opt_state": opt_state}
-        return save(ckpt_root, step, trees, meta, keep=cfg.keep_checkpoints)
+        return save(root, step, trees, meta, keep=keep)
 
     end_step = cfg.steps if stop_after_step is None else min(cfg.steps, stop_after_step)
     bar = None
@@ -330,36 +348,59 @@ def _train(
         )
     interval_start = time.perf_counter()
     interval_steps = 0
+    trackers = open_trackers(cfg.trackers() if writer else [], out, cfg.tracker_project, run_config)
     interrupt = _InterruptFlag(log)
     metrics_file = open(metrics_path if writer else os.devnull, "a")  # noqa: SIM115 - closed in finally
-    try:
-        for step in range(start_step + 1, end_step + 1):
-            pos = (step - 1) * cfg.grad_accum
-            batch = np.stack([p.sampler.batch(pos + a) for a in range(cfg.grad_accum)])
-            step_key = jr.fold_in(loop_key, step)
-            model, opt_state, loss, grad_norm = step_fn(
-                (jnp.asarray(batch), step_key), model, opt_state
-            )
-            loss_f, gnorm_f = float(loss), float(grad_norm)
-            if not (math.isfinite(loss_f) and math.isfinite(gnorm_f)):
-                what = f"loss {loss_f}" if not math.isfinite(loss_f) else f"gradient norm {gnorm_f}"
+    # Batches are read (this process's rows only) and placed on a background thread; the step
+    # results stay on the device until a step that logs, evaluates or checkpoints reads them.
+    loader = BatchLoader(
+        p.sampler,
+        grad_accum=cfg.grad_accum,
+        start_step=start_step,
+        end_step=end_step,
+        sharding=getattr(step_fn, "batch_sharding", None),
+        prefetch=cfg.prefetch,
+    )
+    pending = PendingScalars()
+
+    def drain() -> tuple[float, float]:
+        """Read the pending steps' loss and gradient norm; stop at the first non-finite one.
+        Returns the newest step's."""
+        last = (math.nan, math.nan)
+        for s, (loss_s, gnorm_s) in pending.read():
+            if not (math.isfinite(loss_s) and math.isfinite(gnorm_s)):
+                what = f"loss {loss_s}" if not math.isfinite(loss_s) else f"gradient norm {gnorm_s}"
                 where = (
                     f"last good checkpoint: {last_ckpt} (step {last_ckpt_step})"
                     if last_ckpt
                     else "no checkpoint was written"
                 )
                 raise TrainingDivergedError(
-                    f"training stopped at step {step}: {what} is not finite; nothing was saved "
+                    f"training stopped at step {s}: {what} is not finite; nothing was saved "
                     f"after step {last_ckpt_step}; {where}. Try a lower --lr or --grad-clip.",
-                    step,
+                    s,
                     last_ckpt,
                 )
-            losses[step] = loss_f
+            losses[s] = loss_s
+            last = (loss_s, gnorm_s)
+        return last
+
+    profile = ProfileWindow(cfg.profile_steps, os.path.join(out, "profile"))
+    try:
+        for step, batch in loader:
+            step_key = jr.fold_in(loop_key, step)
+            profile.before(step)
+            model, opt_state, loss, grad_norm = step_fn((batch, step_key), model, opt_state)
+            profile.after(step, loss)
+            pending.add(step, loss, grad_norm)
             interval_steps += 1
             if bar is not None:
                 bar.update(1)
             do_log = step % cfg.log_every == 0 or step == 1 or step == cfg.steps
             do_eval = step % cfg.eval_every == 0 or step == cfg.steps
+            do_ckpt = step % cfg.checkpoint_every == 0 or step == end_step
+            if do_log or do_eval or do_ckpt:
+                loss_f, gnorm_f = drain()
             if do_log or do_eval:
                 now = time.perf_counter()
                 tok_s = interval_steps * tokens_per_step / max(now - interval_start, 1e-9)
@@ -380,6 +421,7 @@ def _train(
                     row["unigram_bits_per_byte"] = p.unigram_bpb
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+                trackers.log(row)
                 if bar is not None:
                     post = {"loss": f"{loss_f:.3f}", "tok/s": f"{tok_s:,.0f}"}
                     if bpb is not None:
@@ -395,8 +437,12 @@ def _train(
                     else:
                         log(line)
                 interval_start, interval_steps = time.perf_counter(), 0
-            if step % cfg.checkpoint_every == 0 or step == end_step or interrupt.set:
+            if do_ckpt or interrupt.set:
+                drain()  # (an interrupt may come at any time)
                 last_ckpt, last_ckpt_step = checkpoint(step), step
+            if cfg.schedule == "wsd" and step == wsd_decay_start(cfg):
+                drain()  # where an extension of this run restarts (see training/extend.py)
+                checkpoint(step, os.path.join(out, DECAY_START_DIR), 1)
             if interrupt.set:
                 if writer:  # the plot and summary of the steps done, as a finished run has
                     metrics_file.flush()
@@ -404,6 +450,9 @@ def _train(
                 log(f"\ninterrupted after step {step}; saved {last_ckpt}; continue with --resume")
                 raise KeyboardInterrupt
     finally:
+        profile.stop()
+        loader.close()
+        trackers.close()
         interrupt.restore()
         metrics_file.close()
         if bar is not None:
