@@ -164,7 +164,7 @@ def _rss_kib(pid: int) -> int:
 def measure(src: str, data: str, tokenizer: str, cache: str, out: str, cap_gib: float) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    env["XLSTM_EQX_CACHE"] = cache
+    env["XLSTM_EQX_DATA_CACHE_DIR"] = cache
     env["JAX_PLATFORMS"] = "cpu"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, os.path.abspath(__file__), "_child", "--data", data]
@@ -269,14 +269,7 @@ def main() -> None:
         print(f"  store, first run (build):  {_fmt(first, args.rss_cap_gib)}")
         second = measure(ROOT, data, tok, cache, out, args.rss_cap_gib)
         print(f"  store, second run (reuse): {_fmt(second, args.rss_cap_gib)}")
-        with open(
-            os.path.join(
-                cache,
-                "token_stores",
-                os.listdir(os.path.join(cache, "token_stores"))[0],
-                "index.json",
-            )
-        ) as f:
+        with open(os.path.join(cache, os.listdir(cache)[0], "index.json")) as f:
             index = json.load(f)
         print(
             f"  store build time (index): {index['build_seconds']:.1f} s, "

@@ -64,7 +64,7 @@ def _caches_in_tmp(tmp_path_factory):
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
-    os.environ["XLSTM_EQX_CACHE"] = str(root / "xlstm_eqx_cache")
+    os.environ["XLSTM_EQX_DATA_CACHE_DIR"] = str(root / "token_stores")
     os.environ["HF_DATASETS_CACHE"] = str(root / "hf_datasets_cache")
     os.environ["HF_HOME"] = str(root / "hf_home")
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):

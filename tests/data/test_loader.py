@@ -20,7 +20,7 @@ from xlstm_eqx.data import BatchLoader, BatchSampler, ByteTokenizer, load_corpus
 from xlstm_eqx.training import host_sync, list_checkpoints, read_metrics, train
 
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 

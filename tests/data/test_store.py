@@ -16,6 +16,8 @@ from xlstm_eqx.data import (
     CorpusChangedError,
     StoreOptions,
     build_store,
+    default_cache_dir,
+    iter_capped_pieces,
     load_corpus,
     load_tokenizer,
     resolve_sources,
@@ -134,6 +136,23 @@ def test_a_huge_document_is_read_in_pieces(tmp_path):
     assert index["heldout"]["bytes"] == n - cut
 
 
+def test_max_data_bytes_spans_sources_and_reads_no_further(tmp_path):
+    """The cap counts across sources; a text file is not read past it (its invalid bytes after
+    the cap are never decoded), the crossing piece is cut inside no character, and the store
+    built under the cap holds exactly the kept text."""
+    a = _write(tmp_path / "a.txt", "é" * 300)  # 600 bytes
+    b = tmp_path / "b.txt"
+    b.write_bytes(("ü" * 50).encode() + b"\xff" * 10)  # 100 bytes of text, then not UTF-8
+    pieces = list(iter_capped_pieces(resolve_sources([a, str(b)]), max_bytes=651, piece_chars=16))
+    kept = "".join(t for t, _ in pieces)
+    assert kept == "é" * 300 + "ü" * 25 and sum(s for _, s in pieces) == 2
+    with pytest.raises(ValueError, match="not UTF-8"):
+        list(iter_capped_pieces(resolve_sources([a, str(b)])))
+    corpus = load_corpus([a, str(b)], ByteTokenizer(), max_bytes=651, cache_dir=str(tmp_path / "c"))
+    assert corpus.num_documents == 2
+    assert corpus.train_bytes + corpus.heldout_bytes == 650 + 1  # the text and one EOD token
+
+
 @hypothesis.given(st.text(alphabet="ab \n", max_size=300), st.integers(1, 40))
 def test_split_text_pieces(text, size):
     pieces = list(split_text(text, size))
@@ -205,10 +224,13 @@ def test_an_interrupted_build_leaves_nothing(tmp_path):
 
 
 def test_default_cache_dir_from_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("XLSTM_EQX_CACHE", str(tmp_path / "root"))
+    monkeypatch.setenv("XLSTM_EQX_DATA_CACHE_DIR", str(tmp_path / "stores"))
     p = _write(tmp_path / "a.txt", DOCS[0] * 4)
     corpus = load_corpus([p], ByteTokenizer())
-    assert corpus.store_dir.startswith(str(tmp_path / "root" / "token_stores"))
+    assert corpus.store_dir.startswith(str(tmp_path / "stores" / ""))
+    monkeypatch.delenv("XLSTM_EQX_DATA_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == str(tmp_path / "xdg" / "xlstm_eqx" / "token_stores")
 
 
 # --- Hugging Face datasets -----------------------------------------------------------------------

@@ -175,7 +175,7 @@ def test_multiple_choice_task_through_the_cli(tmp_path, capsys):
     assert main([*args[:-1], str(tmp_path / "none")]) == 2
     assert "--include-path" in capsys.readouterr().err
     # a transformers directory (its tokenizer has no end-of-document token: name one)
-    hf = os.path.join(os.path.dirname(__file__), "fixtures", "interop", "hf_small")
+    hf = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "interop", "hf_small")
     hf_args = ["eval", "--hf", hf, "--out", str(tmp_path / "hf"), "--tasks", "toy_mc"]
     hf_args += ["--include-path", tasks, "--max-length", "32", "--limit", "2"]
     assert main(hf_args) == 2

@@ -1,5 +1,6 @@
 """Small file helpers shared by the trainer and the CLI: reading a JSON or YAML
-mapping with errors that name the file, and writing JSON atomically.
+mapping with errors that name the file, writing JSON atomically, syncing a folder, and cutting
+text at a UTF-8 byte count.
 """
 
 import json
@@ -46,6 +47,21 @@ def _write_json_atomic(path: str, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in the folder `path` durable (best effort: a file system that
+    cannot sync a folder is left alone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def clip_utf8(text: str, max_bytes: int) -> str:

@@ -17,7 +17,7 @@ corpus again). The key hashes the sources (paths, sizes, modification times), th
 file's contents), the end-of-document token and every option that changes the tokens. A build
 writes into a temporary sibling directory renamed into place when complete, so an interrupted
 build leaves nothing that a later run would use, and concurrent builders do not collide.
-`CACHE` is `--data-cache`, else `$XLSTM_EQX_CACHE/token_stores`, else
+`CACHE` is `--data-cache`, else `$XLSTM_EQX_DATA_CACHE_DIR`, else
 `~/.cache/xlstm_eqx/token_stores` (`$XDG_CACHE_HOME` respected).
 """
 
@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.files import fsync_dir
 from .sources import PIECE_CHARS, Source, iter_capped_pieces
 from .tokenizer import Tokenizer, encode_batch, resolve_eod_id
 
@@ -47,13 +48,17 @@ class CorpusChangedError(ValueError):
     """The data behind a run's `--data` is not what the run was started with."""
 
 
+CACHE_ENV = "XLSTM_EQX_DATA_CACHE_DIR"
+
+
 def default_cache_dir() -> str:
-    """Where token stores live unless `--data-cache` says otherwise."""
-    root = os.environ.get("XLSTM_EQX_CACHE")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "xlstm_eqx")
-    return os.path.join(root, "token_stores")
+    """Where token stores live unless `--data-cache` says otherwise (the same rule as the compile
+    cache's, `core/compile_cache.py`)."""
+    folder = os.environ.get(CACHE_ENV)
+    if folder:
+        return folder
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "xlstm_eqx", "token_stores")
 
 
 def _sha256_file(path: str) -> str:
@@ -185,19 +190,6 @@ def store_key(sources: Sequence[Source], tokenizer: Tokenizer, options: StoreOpt
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _chunked_counts(arr: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
     counts = np.zeros(0, np.int64)
     for i in range(0, len(arr), chunk):
@@ -318,14 +310,14 @@ def build_store(
             json.dump(index, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:
             os.rename(tmp, directory)
         except OSError:
             if not os.path.isfile(os.path.join(directory, _INDEX)):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same store first
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -56,7 +56,7 @@ class TrainConfig:
     data_cache: str = dataclasses.field(
         default="",
         metadata={
-            "help": "token-store cache directory (default $XLSTM_EQX_CACHE/token_stores or "
+            "help": "token-store cache directory (default $XLSTM_EQX_DATA_CACHE_DIR or "
             "~/.cache/xlstm_eqx/token_stores)"
         },
     )
