@@ -125,9 +125,9 @@ def test_wsd_run_extends_without_lr_jump(tmp_path, data_file):
     assert {s: fresh.losses[s] for s in range(9, 21)} == extended.losses
     fresh_rows = read_metrics(os.path.join(fresh.out_dir, "metrics.jsonl"))
     assert [r["loss"] for r in fresh_rows] == [r["loss"] for r in rows]
-    # the extended run resumes like any other afterwards
-    again = train(dataclasses.replace(short, resume=True, steps=20), log=_quiet)
-    assert again.step == 20 and again.losses == {}
+    # the extended run, finished, is like any other: a resume that would do nothing is refused
+    with pytest.raises(ValueError, match="already at step 20"):
+        train(dataclasses.replace(short, resume=True, steps=20), log=_quiet)
 
 
 def test_cosine_extension_jumps_up():
