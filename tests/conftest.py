@@ -56,6 +56,24 @@ class _KeyGen:
         return sub
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _caches_in_tmp(tmp_path_factory):
+    """Token stores, Hugging Face and W&B files go to the session's temporary directory (never the
+    working tree or the user's cache), and nothing reaches for the network. Set in os.environ, so
+    subprocesses started by tests inherit it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    os.environ["XLSTM_EQX_DATA_CACHE_DIR"] = str(root / "token_stores")
+    os.environ["HF_DATASETS_CACHE"] = str(root / "hf_datasets_cache")
+    os.environ["HF_HOME"] = str(root / "hf_home")
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[name] = "1"
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ["TRACKIO_DIR"] = str(root / "trackio")
+
+
 @pytest.fixture
 def getkey():
     return _KeyGen(0)

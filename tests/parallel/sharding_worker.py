@@ -4,6 +4,7 @@ keeps its single CPU device.
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.parallel.sharding_worker equiv xlstm
     ... sharding_worker train DATA_FILE OUT_DIR
     ... sharding_worker dist DATA_FILE PROCESS_ID NUM_PROCESSES PORT   (2 devices per process)
+    ... sharding_worker data DATA_FILE OUT_DIR PROCESS_ID NUM_PROCESSES PORT   (the batch loader)
 
 Each mode prints one line ``RESULT <json>`` with the numbers; the assertions live in the tests.
 """
@@ -290,6 +291,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
             placed["after_step_specs"] = _specs_of(eqx.filter(model, eqx.is_array))
             return model, opt_state, loss, gnorm
 
+        counted.batch_sharding = step.batch_sharding  # the loader places batches on the mesh
         return optimizer, counted
 
     t1 = time.perf_counter()
@@ -488,11 +490,70 @@ def run_dist(data_file: str, process_id: int, num_processes: int, port: int) -> 
     }
 
 
+# ----------------------------------------------------------------------------------------------
+# data: the trainer's batch loader over processes (each reads only its own rows of every batch)
+
+
+def run_data(data_file: str, out_dir: str, process_id: int, num_processes: int, port: int) -> dict:
+    """`train()` of the toy model from `tests/training/test_train.py` on the token store, data-parallel over
+    every device of `num_processes` processes (one process: no mesh), recording the rows of each
+    batch that this process read."""
+    import jax
+
+    from xlstm_eqx.parallel import initialize_distributed
+
+    if num_processes > 1:
+        initialize_distributed(
+            f"localhost:{port}", num_processes, process_id, cpu_collectives="gloo"
+        )
+    _setup()
+    import tests.training.test_train  # noqa: F401 - registers the "toy" model family
+    from xlstm_eqx.data import BatchSampler
+    from xlstm_eqx.training import TrainConfig, train
+
+    reads: list = []
+    original = BatchSampler.rows
+
+    def rows(self, index, start, stop):
+        reads.append([int(index), int(start), int(stop)])
+        return original(self, index, start, stop)
+
+    BatchSampler.rows = rows
+    cfg = TrainConfig(
+        model="toy",
+        preset="tiny",
+        data=[data_file],
+        seq_len=16,
+        batch_size=8,
+        steps=4,
+        lr=1e-2,
+        warmup_steps=1,
+        log_every=1,
+        eval_every=4,
+        eval_batches=1,
+        checkpoint_every=2,
+        progress=False,
+        sample_tokens=0,
+        out=out_dir,
+        mesh="dp=-1" if num_processes > 1 else "",
+    )
+    result = train(cfg, log=lambda msg: None)
+    return {
+        "losses": [result.losses[s] for s in sorted(result.losses)],
+        "eval_loss": result.eval_loss,
+        "reads": reads,
+        "process_index": jax.process_index(),
+        "devices": jax.device_count(),
+    }
+
+
 def main(argv: list[str]) -> None:
     mode = argv[0]
     if mode == "dist":
         # Collectives must be chosen before the backend starts: no JAX work before initialize.
         out = run_dist(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))
+    elif mode == "data":
+        out = run_data(argv[1], argv[2], int(argv[3]), int(argv[4]), int(argv[5]))
     else:
         _setup()
         if mode == "equiv":

@@ -465,12 +465,12 @@ def test_out_with_unrelated_files_is_refused(tmp_path, data_file):
 
 
 def test_bad_mesh_fails_before_the_data_is_read(tmp_path, data_file, monkeypatch):
-    from xlstm_eqx.training import loop
+    from xlstm_eqx.training import prepare
 
     def no_reading(*a, **k):
         raise AssertionError("the corpus was loaded before the mesh was checked")
 
-    monkeypatch.setattr(loop, "load_corpus", no_reading)
+    monkeypatch.setattr(prepare, "load_corpus_all_processes", no_reading)
     for mesh, match in [("fsdp=3", "multiply to 3"), ("dp=2,bogus=2", "bogus")]:
         cfg = _cfg(tmp_path, data_file, mesh=mesh)
         with pytest.raises(ValueError, match=match):

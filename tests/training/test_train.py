@@ -334,9 +334,12 @@ def test_tokenizer_json_run_reports_bits_per_byte(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
     )
     tok.train_from_iterator([TEXT], trainer)
+    eod = tok.token_to_id("<|endoftext|>")
     tok_path = str(tmp_path / "tokenizer.json")
     tok.save(tok_path)
     docs = tmp_path / "docs.jsonl"
@@ -349,11 +352,15 @@ def test_tokenizer_json_run_reports_bits_per_byte(tmp_path):
         run = json.load(f)
     vocab = tok.get_vocab_size()
     assert run["model_config"]["vocab_size"] == 64 * math.ceil(vocab / 64)
-    held_text = "\n\n".join(TEXT[i * 400 : (i + 1) * 400] for i in (3, 7))  # every 4th document
-    held_tokens = len(tok.encode(held_text).ids)
-    expected = result.eval_loss / math.log(2) * held_tokens / len(held_text.encode())
+    # Every 4th document is held out, each tokenized on its own, with the end-of-document token
+    # between them (counted as one byte).
+    held = [TEXT[i * 400 : (i + 1) * 400] for i in (3, 7)]
+    held_ids = tok.encode(held[0]).ids + [eod] + tok.encode(held[1]).ids
+    held_bytes = sum(len(d.encode()) for d in held) + 1
+    assert run["data"]["heldout_tokens"] == len(held_ids) and run["data"]["eod_id"] == eod
+    expected = result.eval_loss / math.log(2) * len(held_ids) / held_bytes
     assert result.bits_per_byte == pytest.approx(expected, rel=1e-9)
-    assert held_tokens < len(held_text.encode())  # BPE: fewer tokens than bytes
+    assert len(held_ids) < held_bytes  # BPE: fewer tokens than bytes
 
 
 def test_bfloat16_compute_keeps_float32_params(tmp_path, data_file):

@@ -43,7 +43,11 @@ COMMANDS: dict[str, Command] = {
         _train_arguments,
         _train_run,
     ),
-    "eval": ("held-out loss and bits per byte of a saved run", _eval_arguments, _eval_run),
+    "eval": (
+        "held-out loss and bits per byte of a saved run, or lm-eval tasks (--tasks)",
+        _eval_arguments,
+        _eval_run,
+    ),
     "generate": ("stream text sampled from a saved run", _generate_arguments, _generate_run),
     "info": ("parameter count and configuration of a model", _info_arguments, _info_run),
     "convert": (

@@ -40,7 +40,12 @@ def _train_run(args: argparse.Namespace) -> int:
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, metavar="DIR", help="the run directory to evaluate")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="the run directory to evaluate (with --hf: where lm-eval's results go)",
+    )
     p.add_argument(
         "--data",
         action="append",
@@ -48,13 +53,88 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
         help="evaluate on all of this text instead of the run's held-out split (repeatable)",
     )
     p.add_argument("--checkpoint", metavar="PATH", help="a checkpoint directory (default: newest)")
-    p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's)")
+    p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's; 8)")
     p.add_argument("--eval-batches", type=int, help="batches to evaluate (default: the run's)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    lm = p.add_argument_group("lm-eval harness (pip install 'xlstm_eqx[eval]')")
+    lm.add_argument(
+        "--tasks", metavar="T1,T2", help="lm-eval tasks (or groups) to run instead of held-out loss"
+    )
+    lm.add_argument("--include-path", metavar="DIR", help="a directory of task YAML files")
+    lm.add_argument("--limit", type=float, help="documents per task (a fraction if < 1)")
+    lm.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
+    lm.add_argument(
+        "--hf", metavar="DIR", help="evaluate a transformers xLSTMForCausalLM directory"
+    )
+    lm.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (default: the model's own)")
+    lm.add_argument(
+        "--max-length", type=int, help="tokens per scoring window (default: context_length)"
+    )
+    lm.add_argument(
+        "--eod-token",
+        metavar="TOKEN",
+        help="the end-of-document token scoring starts from (default: the run's, or the "
+        "tokenizer's own)",
+    )
+
+
+def _lm_eval_run(args: argparse.Namespace) -> int:
+    from ..data.tokenizer import load_tokenizer, tokenizer_from_dict
+    from ..interop.runs import load_hf_for_generation
+    from ..training.evaluate import load_run
+    from ..training.lm_eval import LMEvalAdapter, run_lm_eval
+
+    eod_token = ""
+    if args.hf:
+        model, config, tokenizer = load_hf_for_generation(args.hf, tokenizer=args.tokenizer)
+        if tokenizer is None:
+            raise ValueError(f"--hf {args.hf!r} has no tokenizer.json; pass --tokenizer FILE")
+        context = getattr(config, "context_length", None)
+    else:
+        model, run, _ = load_run(args.out, args.checkpoint)
+        if args.tokenizer:
+            tokenizer = load_tokenizer(args.tokenizer)
+        else:
+            tokenizer = tokenizer_from_dict(run["tokenizer"])
+            eod_token = run.get("train", {}).get("eod_token", "")
+        context = run["model_config"].get("context_length")
+    if args.eod_token is not None:
+        eod_token = args.eod_token
+    max_length = args.max_length or context
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError("the model has no context_length; pass --max-length")
+    adapter = LMEvalAdapter(
+        model,
+        tokenizer,
+        max_length=max_length,
+        batch_size=args.batch_size or 8,
+        eod_token=eod_token,
+    )
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results, path = run_lm_eval(
+        adapter,
+        tasks,
+        args.out,
+        include_path=args.include_path,
+        limit=limit,
+        num_fewshot=args.num_fewshot,
+    )
+    if args.json:
+        print(json.dumps(results["results"]))
+    else:
+        from lm_eval.utils import make_table
+
+        print(make_table(results))
+        print(f"wrote {path}")
+    return 0
 
 
 def _eval_run(args: argparse.Namespace) -> int:
-
+    if args.tasks:
+        return _lm_eval_run(args)
+    if args.hf:
+        raise ValueError("--hf evaluates with lm-eval: pass --tasks")
     r = evaluate_run(
         args.out,
         data=args.data,

@@ -1,5 +1,6 @@
 """Small file helpers shared by the trainer and the CLI: reading a JSON or YAML
-mapping with errors that name the file, and writing JSON atomically.
+mapping with errors that name the file, writing JSON atomically, syncing a folder, and cutting
+text at a UTF-8 byte count.
 """
 
 import json
@@ -48,6 +49,21 @@ def _write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in the folder `path` durable (best effort: a file system that
+    cannot sync a folder is left alone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def clip_utf8(text: str, max_bytes: int) -> str:
     """The longest prefix of `text` whose UTF-8 encoding has at most `max_bytes` bytes."""
     if len(text) <= max_bytes // 4:  # at most 4 bytes per character: short texts fit as they are
@@ -56,19 +72,3 @@ def clip_utf8(text: str, max_bytes: int) -> str:
     if len(raw) <= max_bytes:
         return text
     return raw[: max(0, max_bytes)].decode("utf-8", errors="ignore")
-
-
-def read_text_prefix(path: str, max_bytes: int | None) -> str:
-    """The UTF-8 text of `path`, or of its first `max_bytes` bytes (a character cut at the end
-    is dropped): only that much is read. Newlines as in text mode (`\\r\\n`, `\\r` → `\\n`).
-    A UnicodeDecodeError for invalid UTF-8 before the cut."""
-    with open(path, "rb") as f:
-        raw = f.read() if max_bytes is None else f.read(max(0, max_bytes))
-    if max_bytes is not None and len(raw) == max_bytes:
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if e.reason == "unexpected end of data" and e.start >= len(raw) - 3:
-                raw = raw[: e.start]
-    text = raw.decode("utf-8")
-    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text

@@ -1,37 +1,42 @@
 """Corpus loading, the train/held-out split, and deterministic, resumable batching.
 
-Sources (`--data`, repeatable): a file path, or a glob (`**` allowed). `*.jsonl` files hold one JSON
-object per line whose text field (default `"text"`) is a document; every other file is one UTF-8
-document. With no sources, the embedded default corpus is used: the top-level `*.py` files of this
-Python's standard library (`sysconfig.get_paths()["stdlib"]`), sorted by name — a few MB of real
-text present on every machine, no download.
+Sources (`--data`, repeatable): files, globs (`**` allowed), JSONL, parquet/arrow files and saved
+Hugging Face datasets (see `sources`). With no sources, the embedded default corpus is used: the
+top-level `*.py` files of this Python's standard library (`sysconfig.get_paths()["stdlib"]`),
+sorted by name — a few MB of real text present on every machine, no download.
 
-Split: with at least k = round(1/eval_fraction) documents, every k-th document (index % k == k-1)
-is held out, so held-out text is never seen in training; with fewer documents, the last
-`eval_fraction` of the token stream is held out. Documents are joined with a blank line.
+`load_corpus` tokenizes through the token store (`store`): once per corpus, per document, with an
+end-of-document token between documents, into memory-mapped files that later runs reuse. The split
+(every k-th document held out, or the tail with fewer than k documents) is described there.
 
 Batching: the training stream is cut into windows of `seq_len + 1` tokens at stride `seq_len`
 (input = window[:-1], target = window[1:]). Epoch e shuffles the windows with a generator seeded
 by (seed, e) and shifts them by a random offset. Batch i is a pure function of (tokens, seed, i),
-so a run resumed at batch i sees exactly the batches the uninterrupted run would have seen.
+so a run resumed at batch i sees exactly the batches the uninterrupted run would have seen, and
+any process can read any rows of it (`BatchSampler.rows`) without reading the others.
 """
 
 import dataclasses
 import glob
-import json
 import math
 import os
 import sysconfig
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from jaxtyping import Int
 
-from ..core.files import clip_utf8, read_text_prefix
+from .sources import iter_capped_pieces, resolve_sources
+from .store import (
+    StoreOptions,
+    TokenFile,
+    check_files_unchanged,
+    check_identity_unchanged,
+    corpus_identity,
+    store_for,
+)
 from .tokenizer import Tokenizer
-
-
-_DOC_SEPARATOR = "\n\n"
 
 
 def default_corpus_files() -> list[str]:
@@ -49,97 +54,37 @@ def default_corpus_files() -> list[str]:
 
 def resolve_paths(sources: Sequence[str]) -> list[str]:
     """Expand files and globs into a sorted, de-duplicated file list; error on anything unusable."""
-    out: list[str] = []
-    seen: set[str] = set()
-    for src in sources:
-        if glob.has_magic(src):
-            matches = sorted(p for p in glob.glob(src, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise FileNotFoundError(f"data glob {src!r} matches no files")
-            matches = [p for p in matches if os.path.getsize(p) > 0]
-            if not matches:
-                raise ValueError(f"data glob {src!r} matches only empty files")
-        else:
-            if os.path.isdir(src):
-                raise IsADirectoryError(
-                    f"data path {src!r} is a directory; pass a glob such as "
-                    f"{os.path.join(src, '**', '*.txt')!r}"
-                )
-            if not os.path.exists(src):
-                raise FileNotFoundError(f"data path {src!r} does not exist")
-            if os.path.getsize(src) == 0:
-                raise ValueError(f"data file {src!r} is empty")
-            matches = [src]
-        for p in matches:
-            key = os.path.abspath(p)
-            if key not in seen:
-                seen.add(key)
-                out.append(p)
-    return out
+    return [s.path for s in resolve_sources(sources)]
 
 
 def read_documents(
-    paths: Sequence[str], *, text_field: str = "text", max_bytes: int | None = None
+    paths: Sequence[str],
+    *,
+    text_field: str = "text",
+    max_bytes: int | None = None,
+    split: str = "train",
 ) -> list[str]:
-    """Read every document of `paths` in order (stopping once `max_bytes` of text are read)."""
+    """Every document of `paths` as a string, in order (at most `max_bytes` of text, the document
+    that crosses it cut at it): for small texts, e.g. an evaluation file; training reads through the token store."""
     docs: list[str] = []
-    total = 0
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                left = None if max_bytes is None else max_bytes - total
-                if path.endswith(".jsonl"):
-                    new = _jsonl_documents(f, path, text_field, left)
-                else:
-                    new = [read_text_prefix(path, left)]  # reads no more than the cap
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"data file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})"
-            ) from None
-        except OSError as e:
-            raise OSError(f"cannot read data file {path!r}: {e.strerror or e}") from e
-        for doc in new:
-            if max_bytes is not None:  # the document that crosses the cap is cut at it
-                doc = clip_utf8(doc, max_bytes - total)
-            if doc:
-                docs.append(doc)
-                total += len(doc.encode("utf-8"))
-            if max_bytes is not None and total >= max_bytes:
-                return docs
+    for text, starts in iter_capped_pieces(
+        resolve_sources(paths), text_field=text_field, split=split, max_bytes=max_bytes
+    ):
+        if not text:
+            continue
+        if starts or not docs:
+            docs.append(text)
+        else:
+            docs[-1] += text
     if not docs:
         raise ValueError(f"data sources {list(paths)!r} contain no text")
     return docs
 
 
-def _jsonl_documents(f, path: str, text_field: str, max_bytes: int | None = None) -> list[str]:
-    docs = []
-    total = 0
-    for lineno, line in enumerate(f, start=1):
-        if max_bytes is not None and total >= max_bytes:
-            break
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        except RecursionError:
-            raise ValueError(f"{path}:{lineno}: JSON nested too deeply") from None
-        if not isinstance(obj, dict) or text_field not in obj:
-            raise ValueError(f"{path}:{lineno}: no text field {text_field!r} in this JSON line")
-        text = obj[text_field]
-        if not isinstance(text, str):
-            raise ValueError(
-                f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string"
-            )
-        docs.append(text)
-        total += len(text.encode("utf-8")) if max_bytes is not None else 0
-    return docs
-
-
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """Token streams of the training and held-out text, with their sizes in UTF-8 bytes."""
+    """Token streams of the training and held-out text (memory-mapped from the token store), with
+    their sizes in bytes (UTF-8 bytes of the text, plus one per end-of-document token)."""
 
     train: np.ndarray
     heldout: np.ndarray
@@ -147,11 +92,51 @@ class Corpus:
     heldout_bytes: int
     num_documents: int
     sources: tuple[str, ...]
+    train_counts: np.ndarray | None = None
+    heldout_counts: np.ndarray | None = None
+    identity: dict[str, Any] | None = None
+    eod_id: int | None = None
+    store_dir: str | None = None
+    train_file: TokenFile | None = None
+    heldout_file: TokenFile | None = None
+
+    @property
+    def train_reader(self) -> "np.ndarray | TokenFile":
+        """What to read training windows through: the store's file (no memory map), else the
+        array."""
+        return self.train_file if self.train_file is not None else self.train
+
+    @property
+    def heldout_reader(self) -> "np.ndarray | TokenFile":
+        return self.heldout_file if self.heldout_file is not None else self.heldout
 
     @property
     def heldout_tokens_per_byte(self) -> float:
         """Converts a loss in nats per token into nats per byte (exactly 1 for the byte tokenizer)."""
         return len(self.heldout) / self.heldout_bytes
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise if a token id of either split is outside [0, vocab_size), from the stored counts
+        (no pass over the tokens)."""
+        for counts, tokens, what in (
+            (self.train_counts, self.train, "training data"),
+            (self.heldout_counts, self.heldout, "held-out data"),
+        ):
+            if counts is None:
+                check_token_ids(tokens, vocab_size, what=what)
+            elif len(counts) > vocab_size and counts[vocab_size:].any():
+                bad = vocab_size + int(np.flatnonzero(counts[vocab_size:])[-1])
+                check_token_ids(np.asarray([bad]), vocab_size, what=what)
+
+    def unigram_bits_per_byte(self, vocab_size: int) -> float:
+        """`unigram_bits_per_byte` of the held-out split, from the stored counts."""
+        if self.train_counts is None or self.heldout_counts is None:
+            return unigram_bits_per_byte(
+                self.train, self.heldout, vocab_size, self.heldout_tokens_per_byte
+            )
+        return unigram_bits_per_byte_from_counts(
+            self.train_counts, self.heldout_counts, vocab_size, self.heldout_tokens_per_byte
+        )
 
 
 def load_corpus(
@@ -161,42 +146,52 @@ def load_corpus(
     text_field: str = "text",
     eval_fraction: float = 0.05,
     max_bytes: int | None = None,
+    split: str = "train",
+    eod_token: str = "",
+    cache_dir: str | None = None,
+    expected: dict[str, Any] | None = None,
+    where: str = "data",
+    build: bool = True,
 ) -> Corpus:
-    """Read, split and tokenize. Empty `sources` means the embedded default corpus."""
+    """The corpus of `sources` (empty: the embedded default corpus) from the token store, built
+    on first use. `expected`: a run's recorded `identity`, checked (files and sizes before any
+    tokenizing, then the token counts and hash), raising `CorpusChangedError` naming `where`."""
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    paths = resolve_paths(sources) if sources else default_corpus_files()
-    docs = read_documents(paths, text_field=text_field, max_bytes=max_bytes)
-    k = max(2, round(1.0 / eval_fraction))
-    if len(docs) >= k:
-        train_docs = [d for i, d in enumerate(docs) if i % k != k - 1]
-        held_docs = [d for i, d in enumerate(docs) if i % k == k - 1]
-        train_text = _DOC_SEPARATOR.join(train_docs)
-        held_text = _DOC_SEPARATOR.join(held_docs)
-        train = tokenizer.encode(train_text)
-        heldout = tokenizer.encode(held_text)
-        train_bytes = len(train_text.encode("utf-8"))
-        heldout_bytes = len(held_text.encode("utf-8"))
-    else:
-        text = _DOC_SEPARATOR.join(docs)
-        tokens = tokenizer.encode(text)
-        cut = len(tokens) - max(1, int(len(tokens) * eval_fraction))
-        train, heldout = tokens[:cut], tokens[cut:]
-        # Bytes of each part, by decoding (exact for bytes; the tokenizer's own split otherwise).
-        heldout_bytes = len(tokenizer.decode(heldout).encode("utf-8"))
-        train_bytes = len(text.encode("utf-8")) - heldout_bytes
-    if len(train) == 0 or len(heldout) == 0 or heldout_bytes == 0:
+    resolved = resolve_sources(sources) if sources else resolve_sources(default_corpus_files())
+    if expected is not None:
+        check_files_unchanged(expected, resolved, where)
+    options = StoreOptions(
+        text_field=text_field,
+        split=split,
+        eval_fraction=eval_fraction,
+        max_bytes=max_bytes,
+        eod_token=eod_token,
+    )
+    store = store_for(resolved, tokenizer, options, cache_dir=cache_dir, build=build)
+    identity = corpus_identity(store)
+    if expected is not None:
+        check_identity_unchanged(expected, identity, where)
+    idx = store.index
+    if len(store.train) == 0 or len(store.heldout) == 0 or idx["heldout"]["bytes"] == 0:
         raise ValueError(
             f"data sources {list(sources)!r} are too small to split into training and held-out "
-            f"text ({len(train)} + {len(heldout)} tokens)"
+            f"text ({len(store.train)} + {len(store.heldout)} tokens)"
         )
     return Corpus(
-        train=np.asarray(train, np.int32),
-        heldout=np.asarray(heldout, np.int32),
-        train_bytes=train_bytes,
-        heldout_bytes=heldout_bytes,
-        num_documents=len(docs),
-        sources=tuple(paths),
+        train=store.train,
+        heldout=store.heldout,
+        train_bytes=int(idx["train"]["bytes"]),
+        heldout_bytes=int(idx["heldout"]["bytes"]),
+        num_documents=int(idx["num_documents"]),
+        sources=tuple(s.path for s in resolved),
+        train_counts=store.train_counts,
+        heldout_counts=store.heldout_counts,
+        identity=identity,
+        eod_id=store.eod_id,
+        store_dir=store.directory,
+        train_file=store.token_file("train"),
+        heldout_file=store.token_file("heldout"),
     )
 
 
@@ -213,10 +208,57 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, *, what: str) -> None:
         )
 
 
-class BatchSampler:
-    """Deterministic shuffled windows; batch `i` depends only on (tokens, seq_len, batch, seed, i)."""
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
 
-    def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int):
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """A 64-bit integer hash (the splitmix64 finalizer), elementwise, wrapping."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _MIX1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+class WindowPermutation:
+    """A random permutation of `range(n)` evaluated one index at a time, in O(1) memory: a
+    4-round Feistel network over the smallest even-bit domain >= n, keyed by `keys`, with
+    cycle-walking back into `range(n)` (fewer than 4 rounds trips on average)."""
+
+    def __init__(self, n: int, keys: Sequence[int]):
+        self.n = n
+        bits = max(2, int(n - 1).bit_length())
+        self.half = np.uint64((bits + 1) // 2)
+        self.mask = np.uint64((1 << int(self.half)) - 1)
+        self.keys = [np.uint64(k) for k in keys]
+
+    def _round_trip(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix64(right ^ k) & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        y = self._round_trip(np.asarray(index, np.uint64))
+        out_of_range = y >= np.uint64(self.n)
+        while out_of_range.any():
+            y[out_of_range] = self._round_trip(y[out_of_range])
+            out_of_range = y >= np.uint64(self.n)
+        return y.astype(np.int64)
+
+
+class BatchSampler:
+    """Deterministic shuffled windows; batch `i` depends only on (tokens, seq_len, batch, seed, i).
+
+    Epoch e visits every window once, in the order of a `WindowPermutation` keyed by (seed, e),
+    shifted by an offset drawn from the same generator: no per-epoch array, so memory does not grow
+    with the corpus.
+    """
+
+    def __init__(
+        self, tokens: "np.ndarray | TokenFile", *, seq_len: int, batch_size: int, seed: int
+    ):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
         if len(tokens) < seq_len + 1:
@@ -230,14 +272,14 @@ class BatchSampler:
         self.seed = seed
         self.num_windows = (len(tokens) - 1) // seq_len
         self._slack = (len(tokens) - 1) - self.num_windows * seq_len
-        self._epoch_cache: tuple[int, np.ndarray, int] | None = None
+        self._epoch_cache: tuple[int, WindowPermutation, int] | None = None
 
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, int]:
+    def _epoch(self, epoch: int) -> tuple[WindowPermutation, int]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            perm = rng.permutation(self.num_windows)
+            keys = rng.integers(0, 2**63, size=4).tolist()
             shift = int(rng.integers(0, self._slack + 1))
-            self._epoch_cache = (epoch, perm, shift)
+            self._epoch_cache = (epoch, WindowPermutation(self.num_windows, keys), shift)
         return self._epoch_cache[1], self._epoch_cache[2]
 
     def epoch_of(self, index: int) -> float:
@@ -246,17 +288,34 @@ class BatchSampler:
 
     def batch(self, index: int) -> Int[np.ndarray, "B S1"]:
         """Windows `index*B … index*B+B-1` of the endless shuffled order, `(B, seq_len + 1)` int32."""
-        rows = []
-        for j in range(index * self.batch_size, (index + 1) * self.batch_size):
-            epoch, pos = divmod(j, self.num_windows)
-            perm, shift = self._epoch(epoch)
-            start = shift + int(perm[pos]) * self.seq_len
-            rows.append(self.tokens[start : start + self.seq_len + 1])
-        return np.stack(rows).astype(np.int32)
+        return self.rows(index, 0, self.batch_size)
+
+    def window_starts(self, index: int, start: int, stop: int) -> np.ndarray:
+        """Token offsets of rows `start:stop` of `batch(index)`."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows {start}:{stop} are not within a batch of {self.batch_size}")
+        j = np.arange(index * self.batch_size + start, index * self.batch_size + stop)
+        epochs, pos = np.divmod(j, self.num_windows)
+        out = np.empty(len(j), np.int64)
+        for e in np.unique(epochs):
+            perm, shift = self._epoch(int(e))
+            sel = epochs == e
+            out[sel] = shift + perm(pos[sel]) * self.seq_len
+        return out
+
+    def rows(self, index: int, start: int, stop: int) -> Int[np.ndarray, "R S1"]:
+        """Rows `start:stop` of `batch(index)`, reading only those windows."""
+        starts = self.window_starts(index, start, stop).tolist()
+        if isinstance(self.tokens, TokenFile):
+            return self.tokens.windows(starts, self.seq_len + 1).astype(np.int32)
+        out = np.empty((len(starts), self.seq_len + 1), np.int32)
+        for r, begin in enumerate(starts):
+            out[r] = self.tokens[begin : begin + self.seq_len + 1]
+        return out
 
 
 def eval_windows(
-    tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int
+    tokens: "np.ndarray | TokenFile", *, seq_len: int, batch_size: int, max_batches: int
 ) -> list[np.ndarray]:
     """A fixed set of held-out batches: non-overlapping windows spread evenly over the stream."""
     n = (len(tokens) - 1) // seq_len
@@ -278,7 +337,19 @@ def unigram_bits_per_byte(
 ) -> float:
     """Cross-entropy of `targets` under add-one-smoothed training-set token frequencies, in bits
     per byte: the baseline a model that ignores context would reach."""
-    counts = np.bincount(train.reshape(-1), minlength=vocab_size).astype(np.float64) + 1.0
+    counts = np.bincount(np.asarray(train).reshape(-1), minlength=vocab_size)
+    target_counts = np.bincount(np.asarray(targets).reshape(-1), minlength=vocab_size)
+    return unigram_bits_per_byte_from_counts(counts, target_counts, vocab_size, tokens_per_byte)
+
+
+def unigram_bits_per_byte_from_counts(
+    train_counts: np.ndarray, target_counts: np.ndarray, vocab_size: int, tokens_per_byte: float
+) -> float:
+    """`unigram_bits_per_byte` from token frequencies (`np.bincount` of each side)."""
+    counts = np.zeros(vocab_size, np.float64)
+    counts[: min(vocab_size, len(train_counts))] += train_counts[:vocab_size]
+    counts += 1.0
     logp = np.log(counts / counts.sum())
-    nats_per_token = -float(logp[targets.reshape(-1)].mean())
+    tc = np.asarray(target_counts[:vocab_size], np.float64)
+    nats_per_token = -float((logp[: len(tc)] * tc).sum() / tc.sum())
     return nats_per_token * tokens_per_byte / math.log(2.0)

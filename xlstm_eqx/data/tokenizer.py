@@ -1,15 +1,31 @@
 """Tokenizers for training and sampling: raw UTF-8 bytes by default, or a local `tokenizer.json`.
 
 A tokenizer here is anything with `vocab_size`, `encode(text) -> int32 array`, `decode(ids) -> str`
-and `to_dict()` (enough to rebuild it with `tokenizer_from_dict`). The byte tokenizer needs no files
-and no download: token id = byte value, vocabulary 256 (already a multiple of 64). The
-`tokenizers` package (Hugging Face) is imported only when a `tokenizer.json` is asked for.
+and `to_dict()` (enough to rebuild it with `tokenizer_from_dict`); optionally `encode_batch(texts)`
+(used by the token store) and `eod_id` (the end-of-document token put between documents). The byte
+tokenizer needs no files and no download: token id = byte value, vocabulary 256 (already a multiple
+of 64), end of document = byte 0 (NUL, which text files do not contain). The `tokenizers` package
+(Hugging Face) is imported only when a `tokenizer.json` is asked for; its end-of-document token is
+the first of `EOD_TOKEN_NAMES` in its vocabulary, or the one named by `--eod-token`.
 """
 
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+
+EOD_TOKEN_NAMES = (
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<eos>",
+    "<|eos|>",
+    "[EOS]",
+    "<|im_end|>",
+    "[SEP]",
+)
 
 
 @runtime_checkable
@@ -34,9 +50,13 @@ class ByteTokenizer:
     """
 
     vocab_size: int = 256
+    eod_id: int = 0
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids: Any) -> str:
         arr = np.asarray(ids).reshape(-1)
@@ -84,6 +104,26 @@ class HFTokenizer:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int32)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Each text on its own (in parallel threads inside `tokenizers`), without offsets."""
+        fast = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
+        return [
+            np.asarray(e.ids, dtype=np.int32) for e in fast(list(texts), add_special_tokens=False)
+        ]
+
+    @property
+    def eod_id(self) -> int | None:
+        """The first of `EOD_TOKEN_NAMES` this tokenizer has, else None."""
+        for name in EOD_TOKEN_NAMES:
+            i = self._tok.token_to_id(name)
+            if i is not None:
+                return int(i)
+        return None
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self._tok.token_to_id(token)
+        return None if i is None else int(i)
+
     def decode(self, ids: Any) -> str:
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
@@ -114,3 +154,40 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
 def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
     """Round a tokenizer's vocabulary up to a multiple of `multiple` for the model's embedding."""
     return multiple * -(-vocab_size // multiple)
+
+
+def encode_batch(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+    """`tokenizer.encode_batch(texts)` if it has one, else `encode` on each text."""
+    batch = getattr(tokenizer, "encode_batch", None)
+    if batch is not None:
+        return batch(texts)
+    return [tokenizer.encode(t) for t in texts]
+
+
+def resolve_eod_id(tokenizer: Tokenizer, spec: str = "") -> int | None:
+    """The end-of-document token id: `spec` "" = the tokenizer's own (`eod_id`), "none" = no token
+    between documents, a token string of the tokenizer's vocabulary, or an integer id."""
+    if spec.lower() == "none":
+        return None
+    if spec == "":
+        eod = getattr(tokenizer, "eod_id", None)
+        if eod is None:
+            raise ValueError(
+                f"tokenizer {tokenizer!r} has no end-of-document token (none of "
+                f"{', '.join(EOD_TOKEN_NAMES)}); pass --eod-token TOKEN, or --eod-token none"
+            )
+        return int(eod)
+    lookup = getattr(tokenizer, "token_to_id", None)
+    found = lookup(spec) if lookup is not None else None
+    if found is None:
+        try:
+            found = int(spec)
+        except ValueError:
+            raise ValueError(
+                f"--eod-token {spec!r} is not a token of {tokenizer!r} nor a token id"
+            ) from None
+    if not 0 <= found < tokenizer.vocab_size:
+        raise ValueError(
+            f"--eod-token {spec!r}: id {found} is outside the vocabulary [0, {tokenizer.vocab_size})"
+        )
+    return int(found)

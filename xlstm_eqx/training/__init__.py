@@ -1,5 +1,6 @@
 """Level 5: training — `TrainConfig`, loss, optimizer and schedule, the train step (with or without
-a mesh), checkpoints, run files, the run loop and evaluation.
+a mesh), checkpoints, run files, experiment trackers, the run loop, evaluation and the lm-eval
+adapter.
 
 Checkpoints are orbax ones (`orbax_checkpoint`: sharded, asynchronous, restorable onto any mesh);
 `checkpoint` holds the older ``.npz`` format, still read by `load_run` / ``xlstm-eqx eval``.
@@ -9,7 +10,10 @@ from .checkpoint import (
     CheckpointError as CheckpointError,
 )
 from .config import (
+    OPTIMIZERS as OPTIMIZERS,
     RESUMABLE_FIELDS as RESUMABLE_FIELDS,
+    SCHEDULES as SCHEDULES,
+    TRACKERS as TRACKERS,
     TrainConfig as TrainConfig,
     check_sequence_length as check_sequence_length,
     resolve_model_config as resolve_model_config,
@@ -20,6 +24,18 @@ from .evaluate import (
     has_decode_api as has_decode_api,
     load_run as load_run,
     sample_tokens as sample_tokens,
+)
+from .extend import (
+    resume_point as resume_point,
+)
+from .host_sync import (
+    PendingScalars as PendingScalars,
+    ProfileWindow as ProfileWindow,
+)
+from .lm_eval import (
+    LMEvalAdapter as LMEvalAdapter,
+    run_lm_eval as run_lm_eval,
+    score_windows as score_windows,
 )
 from .loop import (
     TrainingDivergedError as TrainingDivergedError,
@@ -37,6 +53,7 @@ from .optim import (
     learning_rate_schedule as learning_rate_schedule,
     make_optimizer as make_optimizer,
     trainable_params as trainable_params,
+    wsd_decay_start as wsd_decay_start,
 )
 from .orbax_checkpoint import (
     FORMAT as FORMAT,
@@ -61,4 +78,8 @@ from .step import (
     make_train_step as make_train_step,
     mesh_layout as mesh_layout,
     shard_train_state as shard_train_state,
+)
+from .trackers import (
+    Trackers as Trackers,
+    open_trackers as open_trackers,
 )

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
+from ..core.files import fsync_dir
 from ..core.untrusted import (
     NpzReader,
     count_nonfinite,
@@ -78,19 +79,6 @@ def _storable_dtype(dtype: np.dtype) -> np.dtype:
 
 def _to_storable(x: np.ndarray) -> np.ndarray:
     return x.view(_storable_dtype(x.dtype))
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def step_dir_name(step: int) -> str:
@@ -163,7 +151,7 @@ def save_checkpoint(
             json.dump(meta, f, indent=1, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if os.path.exists(final):
             trash = tempfile.mkdtemp(prefix=".tmp-replaced-", dir=root)
             os.replace(final, os.path.join(trash, "old"))
@@ -171,7 +159,7 @@ def save_checkpoint(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,6 +12,9 @@ from ..models import MODEL_FAMILIES
 
 
 _COMPUTE_DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("adamw", "lion", "adafactor")
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+TRACKERS = ("tensorboard", "wandb", "trackio")
 
 
 # configuration
@@ -32,10 +35,33 @@ class TrainConfig:
     # data
     data: list[str] = dataclasses.field(
         default_factory=list,
-        metadata={"help": "text/JSONL file or glob, repeatable; none: embedded stdlib corpus"},
+        metadata={
+            "help": "text/JSONL/parquet/arrow file, glob, or saved HF dataset directory, "
+            "repeatable; none: embedded stdlib corpus"
+        },
     )
     text_field: str = dataclasses.field(
-        default="text", metadata={"help": "JSONL field holding the text"}
+        default="text", metadata={"help": "JSONL field / dataset column holding the text"}
+    )
+    data_split: str = dataclasses.field(
+        default="train", metadata={"help": "split of a saved HF DatasetDict"}
+    )
+    eod_token: str = dataclasses.field(
+        default="",
+        metadata={
+            "help": "end-of-document token between documents: '' = the tokenizer's own (byte 0 "
+            "for bytes), a token of the tokenizer, an id, or 'none'"
+        },
+    )
+    data_cache: str = dataclasses.field(
+        default="",
+        metadata={
+            "help": "token-store cache directory (default $XLSTM_EQX_DATA_CACHE_DIR or "
+            "~/.cache/xlstm_eqx/token_stores)"
+        },
+    )
+    prefetch: int = dataclasses.field(
+        default=2, metadata={"help": "batches prepared ahead of the train step"}
     )
     tokenizer: str = dataclasses.field(
         default="bytes", metadata={"help": "'bytes' or the path of a local tokenizer.json"}
@@ -54,15 +80,26 @@ class TrainConfig:
     )
     steps: int = dataclasses.field(default=300, metadata={"help": "optimizer steps"})
     # optimizer
+    optimizer: str = dataclasses.field(
+        default="adamw", metadata={"help": "adamw, lion or adafactor (optax)"}
+    )
+    schedule: str = dataclasses.field(
+        default="cosine",
+        metadata={"help": "learning-rate schedule after warmup: cosine, wsd, linear or constant"},
+    )
+    decay_fraction: float = dataclasses.field(
+        default=0.2, metadata={"help": "wsd: share of the steps in the final decay"}
+    )
     lr: float = dataclasses.field(default=3e-3, metadata={"help": "peak learning rate"})
     warmup_steps: int | None = dataclasses.field(
         default=None, metadata={"help": "linear warmup steps (default min(100, steps // 10))"}
     )
     min_lr_ratio: float = dataclasses.field(
-        default=0.1, metadata={"help": "final learning rate of the cosine, as a fraction of lr"}
+        default=0.1,
+        metadata={"help": "final learning rate (cosine, linear, wsd), as a fraction of lr"},
     )
     weight_decay: float = dataclasses.field(
-        default=0.1, metadata={"help": "AdamW decoupled weight decay (kernels only)"}
+        default=0.1, metadata={"help": "decoupled weight decay (kernels only)"}
     )
     beta1: float = 0.9
     beta2: float = 0.95
@@ -105,6 +142,16 @@ class TrainConfig:
         default="",
         metadata={"help": "device mesh, e.g. 'dp=2,fsdp=2,tp=2' (default: one device)"},
     )
+    tracker: str = dataclasses.field(
+        default="",
+        metadata={"help": "experiment trackers, comma-separated: tensorboard, wandb, trackio"},
+    )
+    tracker_project: str = dataclasses.field(
+        default="xlstm-eqx", metadata={"help": "project name for wandb / trackio"}
+    )
+    profile_steps: str = dataclasses.field(
+        default="", metadata={"help": "'A:B': write a jax.profiler trace of steps A to B"}
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,6 +170,10 @@ class TrainConfig:
         name = self.model if self.model in MODEL_FAMILIES else "custom"
         return os.path.join("runs", name)
 
+    def trackers(self) -> list[str]:
+        """The tracker names of `tracker`, in order."""
+        return [t.strip() for t in self.tracker.split(",") if t.strip()]
+
     def resolved_warmup(self) -> int:
         if self.warmup_steps is None:
             return min(100, self.steps // 10)
@@ -140,7 +191,7 @@ class TrainConfig:
                 f"got {self.max_data_bytes}"
             )
         positive = ["seq_len", "batch_size", "grad_accum", "steps", "log_every", "eval_every"]
-        positive += ["eval_batches", "checkpoint_every", "keep_checkpoints"]
+        positive += ["eval_batches", "checkpoint_every", "keep_checkpoints", "prefetch"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -166,6 +217,34 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.eval_fraction must be in (0, 1), got {self.eval_fraction}"
             )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}"
+            )
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(
+                f"TrainConfig.decay_fraction must be in (0, 1], got {self.decay_fraction}"
+            )
+        for name in self.trackers():
+            if name not in TRACKERS:
+                raise ValueError(
+                    f"TrainConfig.tracker: unknown tracker {name!r} (expected {TRACKERS})"
+                )
+        if self.profile_steps:
+            parts = self.profile_steps.split(":")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts):
+                raise ValueError(
+                    f"TrainConfig.profile_steps must be 'A:B' (steps), got {self.profile_steps!r}"
+                )
+            a, b = int(parts[0]), int(parts[1])
+            if not 1 <= a <= b:
+                raise ValueError(
+                    f"TrainConfig.profile_steps {self.profile_steps!r}: need 1 <= A <= B"
+                )
         if self.sample_tokens < 0:
             raise ValueError(f"TrainConfig.sample_tokens must be >= 0, got {self.sample_tokens}")
         if not self.sample_temperature >= 0:
@@ -220,6 +299,11 @@ RESUMABLE_FIELDS = frozenset(
         "sample_prompt",
         "sample_temperature",
         "mesh",  # the data order does not depend on the mesh
+        "data_cache",  # the store is found by its contents' key, wherever it is
+        "prefetch",
+        "tracker",
+        "tracker_project",
+        "profile_steps",
     }
 )
 

@@ -19,7 +19,7 @@ from ..data.corpus import (
     load_corpus,
     read_documents,
     resolve_paths,
-    unigram_bits_per_byte,
+    unigram_bits_per_byte_from_counts,
 )
 from ..data.tokenizer import tokenizer_from_dict
 from ..generation import _is_kv_model, _is_recurrent_model
@@ -140,17 +140,31 @@ def evaluate_run(
         text_field=tcfg.text_field,
         eval_fraction=tcfg.eval_fraction,
         max_bytes=tcfg.max_data_bytes,
+        split=tcfg.data_split,
+        eod_token=tcfg.eod_token,
+        cache_dir=tcfg.data_cache or None,
     )
     if data:
-        text = "\n\n".join(read_documents(resolve_paths(data), text_field=tcfg.text_field))
-        tokens = tokenizer.encode(text)
-        tokens_per_byte = len(tokens) / max(1, len(text.encode("utf-8")))
+        docs = read_documents(resolve_paths(data), text_field=tcfg.text_field)
+        eod = corpus.eod_id
+        parts = []
+        for i, doc in enumerate(docs):
+            if i and eod is not None:
+                parts.append(np.asarray([eod], np.int32))
+            parts.append(np.asarray(tokenizer.encode(doc), np.int32))
+        tokens = np.concatenate(parts)
+        nbytes = sum(len(d.encode("utf-8")) for d in docs) + (len(docs) - 1) * (eod is not None)
+        tokens_per_byte = len(tokens) / max(1, nbytes)
         check_token_ids(tokens, vocab, what="evaluation data")
+        target_counts = np.bincount(tokens, minlength=vocab)
     else:
-        tokens, tokens_per_byte = corpus.heldout, corpus.heldout_tokens_per_byte
+        tokens, tokens_per_byte = corpus.heldout_reader, corpus.heldout_tokens_per_byte
+        target_counts = corpus.heldout_counts
     batches = eval_windows(tokens, seq_len=tcfg.seq_len, batch_size=bs, max_batches=nb)
     loss = evaluate_loss(model, batches)
-    unigram = unigram_bits_per_byte(corpus.train, tokens, vocab, tokens_per_byte)
+    unigram = unigram_bits_per_byte_from_counts(
+        corpus.train_counts, target_counts, vocab, tokens_per_byte
+    )
     num_tokens = sum(b[:, 1:].size for b in batches)
     return EvalResult(
         step=step,

@@ -40,32 +40,24 @@ from tqdm.auto import tqdm
 
 from ..cell.autotune import tune_auto_backend
 from ..core.files import _write_json_atomic
-from ..data.corpus import (
-    BatchSampler,
-    Corpus,
-    check_token_ids,
-    eval_windows,
-    load_corpus,
-    unigram_bits_per_byte,
-)
-from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
+from ..data.loader import BatchLoader
+from ..data.tokenizer import Tokenizer
 from ..generation import generate
 from ..models import MODEL_FAMILIES
 from ..parallel.placement import init_sharded
-from .checkpoint import CheckpointError
-from .config import RESUMABLE_FIELDS, TrainConfig, check_sequence_length, resolve_model_config
+from .config import TrainConfig
 from .evaluate import has_decode_api, sample_tokens
+from .extend import DECAY_START_DIR, is_decay_start, supersede_after
+from .host_sync import PendingScalars, ProfileWindow
 from .loss import bits_per_byte, evaluate_loss
-from .optim import _lr_at, learning_rate_schedule, make_optimizer, trainable_params
+from .optim import _lr_at, learning_rate_schedule, make_optimizer, trainable_params, wsd_decay_start
 from .orbax_checkpoint import (
     CheckpointStore,
     latest_checkpoint,
-    list_checkpoints,
-    load_metadata,
-    refuse_npz_checkpoints,
     restore_checkpoint,
+    save_checkpoint,
 )
-from .preflight import check_mesh, check_out_dir, check_resume_steps
+from .prepare import _prepare, _Prepared, run_config_dict
 from .run_files import (
     _InterruptFlag,
     _truncate_metrics,
@@ -79,6 +71,7 @@ from .step import (
     make_sharded_train_step,
     mesh_layout,
 )
+from .trackers import open_trackers
 
 
 # run bookkeeping
@@ -111,123 +104,6 @@ class TrainResult:
 
 
 # the run
-
-
-@dataclasses.dataclass
-class _Prepared:
-    cfg: TrainConfig
-    kind: str
-    model_config: Any
-    tokenizer: Tokenizer
-    corpus: Corpus
-    sampler: BatchSampler
-    eval_batches: list[np.ndarray]
-    unigram_bpb: float
-    resume_from: str | None
-    resume_meta: dict[str, Any] | None
-
-
-def _compatible(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
-    given = cfg.to_dict()
-    diffs = [
-        f"{k}: checkpoint has {saved.get(k)!r}, given {given[k]!r}"
-        for k in given
-        if k not in RESUMABLE_FIELDS and saved.get(k) != given[k]
-    ]
-    if diffs:
-        raise ValueError(
-            f"--resume: the run in {path!r} was made with a different config:\n  "
-            + "\n  ".join(diffs)
-        )
-
-
-def _prepare(cfg: TrainConfig) -> _Prepared:
-    cfg.validate()
-    out = cfg.out_dir()
-    ckpt_root = os.path.join(out, "checkpoints")
-    resume_from = resume_meta = None
-    saved_run: dict[str, Any] | None = None
-    refuse_npz_checkpoints(ckpt_root)
-    if cfg.resume:
-        resume_from = latest_checkpoint(ckpt_root)
-        if resume_from is None:
-            raise FileNotFoundError(f"--resume: no checkpoint found in {ckpt_root!r}")
-        resume_meta = load_metadata(resume_from)
-        saved_run = resume_meta.get("metadata", {}).get("run_config")
-        if not isinstance(saved_run, dict) or "train" not in saved_run:
-            raise CheckpointError(f"checkpoint {resume_from!r} has no run configuration")
-        _compatible(saved_run["train"], cfg, out)
-        check_resume_steps(cfg.steps, int(resume_meta.get("step", 0)), out)
-    elif list_checkpoints(ckpt_root):
-        raise FileExistsError(
-            f"{out!r} already holds a run with checkpoints; pass --resume to continue it "
-            "or choose another --out"
-        )
-    else:
-        check_out_dir(out)
-
-    if saved_run is not None:
-        tokenizer = tokenizer_from_dict(saved_run["tokenizer"])
-        kind = saved_run["model_kind"]
-        if kind not in MODEL_FAMILIES:
-            raise CheckpointError(f"checkpoint {resume_from!r}: unknown model kind {kind!r}")
-        model_config = MODEL_FAMILIES[kind].config_from_dict(saved_run["model_config"])
-    else:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-        kind, model_config = resolve_model_config(cfg, tokenizer)
-    check_sequence_length(cfg.seq_len, model_config)
-    if cfg.mesh:  # before the data is read
-        check_mesh(cfg.mesh, model_config)
-    vocab = int(model_config.vocab_size)
-
-    corpus = load_corpus(
-        cfg.data,
-        tokenizer,
-        text_field=cfg.text_field,
-        eval_fraction=cfg.eval_fraction,
-        max_bytes=cfg.max_data_bytes,
-    )
-    check_token_ids(corpus.train, vocab, what="training data")
-    check_token_ids(corpus.heldout, vocab, what="held-out data")
-    sampler = BatchSampler(
-        corpus.train, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed
-    )
-    batches = eval_windows(
-        corpus.heldout, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_batches=cfg.eval_batches
-    )
-    # The baseline: every held-out token under the training text's token frequencies.
-    unigram = unigram_bits_per_byte(
-        corpus.train, corpus.heldout, vocab, corpus.heldout_tokens_per_byte
-    )
-    return _Prepared(
-        cfg,
-        kind,
-        model_config,
-        tokenizer,
-        corpus,
-        sampler,
-        batches,
-        unigram,
-        resume_from,
-        resume_meta,
-    )
-
-
-def run_config_dict(p: _Prepared) -> dict[str, Any]:
-    return {
-        "train": p.cfg.to_dict(),
-        "model_kind": p.kind,
-        "model_config": p.model_config.to_dict(),
-        "tokenizer": p.tokenizer.to_dict(),
-        "data": {
-            "sources": list(p.corpus.sources)[:50],
-            "num_sources": len(p.corpus.sources),
-            "num_documents": p.corpus.num_documents,
-            "train_tokens": int(len(p.corpus.train)),
-            "heldout_tokens": int(len(p.corpus.heldout)),
-            "heldout_bytes": p.corpus.heldout_bytes,
-        },
-    }
 
 
 def _no_log(message: str) -> None:
@@ -333,6 +209,9 @@ def _train(
                 os.remove(metrics_path)
         else:
             _truncate_metrics(metrics_path, start_step)
+            if is_decay_start(p.resume_from, out):
+                for path in supersede_after(ckpt_root, start_step, out):
+                    log(f"extending the wsd run: moved {path} (the old decay) aside")
     if p.resume_from is not None:
         log(f"resumed from {p.resume_from} at step {start_step}")
 
@@ -362,6 +241,18 @@ def _train(
         blocked.append(time.perf_counter() - t0)
         return path
 
+    def save_decay_start(step: int) -> None:
+        """Where an extension of a wsd run restarts (training/extend.py): one synchronous save,
+        once per run, into its own directory."""
+        meta = {
+            "step": step,
+            "data_position": step * cfg.grad_accum,
+            "rng_key": np.asarray(jax.random.key_data(loop_key)).tolist(),
+            "run_config": run_config,
+        }
+        trees = {"model": model, "opt_state": opt_state}
+        save_checkpoint(os.path.join(out, DECAY_START_DIR), step, trees, meta, keep=1)
+
     end_step = cfg.steps if stop_after_step is None else min(cfg.steps, stop_after_step)
     bar = None
     if cfg.progress and writer:
@@ -370,39 +261,62 @@ def _train(
         )
     interval_start = time.perf_counter()
     interval_steps = 0
+    trackers = open_trackers(cfg.trackers() if writer else [], out, cfg.tracker_project, run_config)
     interrupt = _InterruptFlag(log)
     metrics_file = open(metrics_path if writer else os.devnull, "a")  # noqa: SIM115 - closed in finally
-    # Every process saves (each writes its own shards); saves are asynchronous: `save` returns
-    # once the arrays are off the devices and the next steps run while the files are written.
-    store = CheckpointStore(ckpt_root, keep=cfg.keep_checkpoints)
-    try:
-        for step in range(start_step + 1, end_step + 1):
-            pos = (step - 1) * cfg.grad_accum
-            batch = np.stack([p.sampler.batch(pos + a) for a in range(cfg.grad_accum)])
-            step_key = jr.fold_in(loop_key, step)
-            model, opt_state, loss, grad_norm = step_fn(
-                (jnp.asarray(batch), step_key), model, opt_state
-            )
-            loss_f, gnorm_f = float(loss), float(grad_norm)
-            if not (math.isfinite(loss_f) and math.isfinite(gnorm_f)):
-                what = f"loss {loss_f}" if not math.isfinite(loss_f) else f"gradient norm {gnorm_f}"
+    # Batches are read (this process's rows only) and placed on a background thread; the step
+    # results stay on the device until a step that logs, evaluates or checkpoints reads them.
+    loader = BatchLoader(
+        p.sampler,
+        grad_accum=cfg.grad_accum,
+        start_step=start_step,
+        end_step=end_step,
+        sharding=getattr(step_fn, "batch_sharding", None),
+        prefetch=cfg.prefetch,
+    )
+    pending = PendingScalars()
+
+    def drain() -> tuple[float, float]:
+        """Read the pending steps' loss and gradient norm; stop at the first non-finite one.
+        Returns the newest step's."""
+        last = (math.nan, math.nan)
+        for s, (loss_s, gnorm_s) in pending.read():
+            if not (math.isfinite(loss_s) and math.isfinite(gnorm_s)):
+                what = f"loss {loss_s}" if not math.isfinite(loss_s) else f"gradient norm {gnorm_s}"
                 where = (
                     f"last good checkpoint: {last_ckpt} (step {last_ckpt_step})"
                     if last_ckpt
                     else "no checkpoint was written"
                 )
                 raise TrainingDivergedError(
-                    f"training stopped at step {step}: {what} is not finite; nothing was saved "
+                    f"training stopped at step {s}: {what} is not finite; nothing was saved "
                     f"after step {last_ckpt_step}; {where}. Try a lower --lr or --grad-clip.",
-                    step,
+                    s,
                     last_ckpt,
                 )
-            losses[step] = loss_f
+            losses[s] = loss_s
+            last = (loss_s, gnorm_s)
+        return last
+
+    profile = ProfileWindow(cfg.profile_steps, os.path.join(out, "profile"))
+    # Every process saves (each writes its own shards); saves are asynchronous: `save` returns
+    # once the arrays are off the devices and the next steps run while the files are written.
+    store = CheckpointStore(ckpt_root, keep=cfg.keep_checkpoints)
+    try:
+        for step, batch in loader:
+            step_key = jr.fold_in(loop_key, step)
+            profile.before(step)
+            model, opt_state, loss, grad_norm = step_fn((batch, step_key), model, opt_state)
+            profile.after(step, loss)
+            pending.add(step, loss, grad_norm)
             interval_steps += 1
             if bar is not None:
                 bar.update(1)
             do_log = step % cfg.log_every == 0 or step == 1 or step == cfg.steps
             do_eval = step % cfg.eval_every == 0 or step == cfg.steps
+            do_ckpt = step % cfg.checkpoint_every == 0 or step == end_step
+            if do_log or do_eval or do_ckpt:
+                loss_f, gnorm_f = drain()
             if do_log or do_eval:
                 now = time.perf_counter()
                 tok_s = interval_steps * tokens_per_step / max(now - interval_start, 1e-9)
@@ -423,6 +337,7 @@ def _train(
                     row["unigram_bits_per_byte"] = p.unigram_bpb
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+                trackers.log(row)
                 if bar is not None:
                     post = {"loss": f"{loss_f:.3f}", "tok/s": f"{tok_s:,.0f}"}
                     if bpb is not None:
@@ -440,8 +355,12 @@ def _train(
                 interval_start, interval_steps = time.perf_counter(), 0
             # All processes stop at the same step, whichever of them got the signal.
             stop = interrupt.agreed()
-            if step % cfg.checkpoint_every == 0 or step == end_step or stop:
+            if do_ckpt or stop:
+                drain()  # never a checkpoint after a non-finite loss
                 last_ckpt, last_ckpt_step = checkpoint(step), step
+            if cfg.schedule == "wsd" and step == wsd_decay_start(cfg):
+                drain()  # where an extension of this run restarts (see training/extend.py)
+                save_decay_start(step)
             if stop:
                 store.wait()
                 if writer:  # the plot and summary of the steps done, as a finished run has
@@ -454,6 +373,9 @@ def _train(
                 )
                 raise KeyboardInterrupt
     finally:
+        profile.stop()
+        loader.close()
+        trackers.close()
         interrupt.restore()
         metrics_file.close()
         if bar is not None:

@@ -1,5 +1,22 @@
-"""The optimizer: global-norm clipping, then AdamW with linear warm-up and cosine decay, weight
-decay on kernels only (by the model family's mask where it has one)."""
+"""The optimizer: global-norm clipping, then AdamW, Lion or Adafactor from optax, with weight decay
+on kernels only (by the model family's mask where it has one); and the learning-rate schedule.
+
+Schedules (`--schedule`), all after a linear warmup from 0 to `lr` over `warmup_steps`:
+
+- `cosine` (default): cosine decay to `lr * min_lr_ratio` at `steps`.
+- `linear`: linear decay to `lr * min_lr_ratio` at `steps`.
+- `constant`: `lr` until the end.
+- `wsd` (warmup-stable-decay): `lr` until the last `decay_fraction` of the steps, then linear decay
+  to `lr * min_lr_ratio` at `steps`. The run saves a checkpoint where the decay starts
+  (`DIR/wsd_decay_start/`).
+
+Extending a run (`--resume --steps N` with N larger than before): `constant` continues at `lr`;
+`cosine` and `linear` are stretched to the new length, so the learning rate at the resumed step is
+the longer schedule's (higher than where a finished run ended: it jumps up); `wsd` restarts from
+the checkpoint at the old decay start, where the learning rate was still `lr`, keeps it stable
+until the new decay start and decays over the new run's last `decay_fraction`: no jump. The old
+decay's metrics rows are replaced, its checkpoints moved to `DIR/superseded/`.
+"""
 
 from collections.abc import Sequence
 from typing import Any
@@ -52,21 +69,41 @@ def trainable_params(model: PyTree) -> PyTree:
     return eqx.filter(model, _is_inexact_array_like)
 
 
+def wsd_decay_start(cfg: TrainConfig) -> int:
+    """The step after which a `wsd` schedule decays (the last stable step)."""
+    decay = max(1, round(cfg.decay_fraction * cfg.steps))
+    return max(cfg.resolved_warmup(), cfg.steps - decay)
+
+
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `steps`."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.lr,
-        warmup_steps=cfg.resolved_warmup(),
-        decay_steps=cfg.steps,
-        end_value=cfg.lr * cfg.min_lr_ratio,
-    )
+    """Linear warmup from 0 to `lr`, then `cfg.schedule` (see the module docstring)."""
+    warmup, peak, end = cfg.resolved_warmup(), cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=peak,
+            warmup_steps=warmup,
+            decay_steps=cfg.steps,
+            end_value=end,
+        )
+    ramp = optax.linear_schedule(0.0, peak, max(1, warmup))
+    if cfg.schedule == "constant":
+        return optax.join_schedules([ramp, optax.constant_schedule(peak)], [warmup])
+    if cfg.schedule == "linear":
+        decay = optax.linear_schedule(peak, end, max(1, cfg.steps - warmup))
+        return optax.join_schedules([ramp, decay], [warmup])
+    if cfg.schedule == "wsd":
+        start = wsd_decay_start(cfg)
+        decay = optax.linear_schedule(peak, end, max(1, cfg.steps - start))
+        return optax.join_schedules([ramp, optax.constant_schedule(peak), decay], [warmup, start])
+    raise ValueError(f"TrainConfig.schedule: unknown schedule {cfg.schedule!r}")
 
 
 def make_optimizer(
     cfg: TrainConfig, model: PyTree, model_config: Any = None, family: ModelFamily | None = None
 ) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW with the warmup+cosine schedule and the decay mask."""
+    """Clip by global norm, then `cfg.optimizer` (AdamW, Lion or Adafactor) with the schedule and
+    the decay mask (decoupled weight decay, scaled by the learning rate, for all three)."""
     params = trainable_params(model)
     mask = None
     if family is not None and family.decay_mask is not None:
@@ -81,16 +118,34 @@ def make_optimizer(
     chain = []
     if cfg.grad_clip is not None:
         chain.append(optax.clip_by_global_norm(cfg.grad_clip))
-    chain.append(
-        optax.adamw(
-            learning_rate_schedule(cfg),
+    schedule = learning_rate_schedule(cfg)
+    if cfg.optimizer == "adamw":
+        opt = optax.adamw(
+            schedule,
             b1=cfg.beta1,
             b2=cfg.beta2,
             eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay,
             mask=mask,
         )
-    )
+    elif cfg.optimizer == "lion":
+        opt = optax.lion(
+            schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay, mask=mask
+        )
+    elif cfg.optimizer == "adafactor":
+        # optax.adafactor's defaults (factored second moments, block-RMS clipping at 1, updates
+        # relative to the parameter scale), with the weight decay scaled by the learning rate as
+        # for the other two (optax.adafactor's own `weight_decay_rate` is not).
+        opt = optax.chain(
+            optax.scale_by_factored_rms(),
+            optax.clip_by_block_rms(1.0),
+            optax.scale_by_param_block_rms(),
+            optax.add_decayed_weights(cfg.weight_decay, mask),
+            optax.scale_by_learning_rate(schedule),
+        )
+    else:
+        raise ValueError(f"TrainConfig.optimizer: unknown optimizer {cfg.optimizer!r}")
+    chain.append(opt)
     return optax.chain(*chain)
 
 

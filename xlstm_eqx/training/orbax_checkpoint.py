@@ -229,7 +229,9 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = load_json(os.fspath(p / META_ITEM / "metadata"), error=ValueError)
     except ValueError as e:
-        raise CheckpointError(f"{where} cannot be read ({e})") from None
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r}: cannot read {META_ITEM}/metadata ({e})"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{where} is not an {FORMAT} file")
     if meta.get("version") != VERSION:

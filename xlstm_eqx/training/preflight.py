@@ -17,6 +17,9 @@ __all__ = ["RUN_FILES", "check_mesh", "check_out_dir", "check_resume_steps"]
 # What a run writes into its --out (and the lock): anything else there is not ours.
 RUN_FILES = frozenset(
     {"config.json", "metrics.jsonl", "loss.png", "summary.json", "checkpoints", ".lock"}
+    # wsd extension (extend.py), trackers (trackers.py), --profile-steps, --lm-eval-tasks
+    | {"wsd_decay_start", "superseded", "trackers.json", "tensorboard", "wandb", "profile"}
+    | {"lm_eval"}
 )
 
 

@@ -149,6 +149,7 @@ def make_train_step(
     step.core = core  # type: ignore[attr-defined]
     step.place_inputs = place_inputs  # type: ignore[attr-defined]
     step.mesh = mesh  # type: ignore[attr-defined]
+    step.batch_sharding = batch_sh  # type: ignore[attr-defined]  # for the batch loader
     return step
 
 
@@ -268,6 +269,9 @@ _STEP_CACHE: dict[str, tuple[optax.GradientTransformation, Callable[..., Any]]] 
 
 
 _OPTIMIZER_FIELDS = (
+    "optimizer",
+    "schedule",
+    "decay_fraction",
     "steps",
     "lr",
     "warmup_steps",

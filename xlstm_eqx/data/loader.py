@@ -1,0 +1,160 @@
+"""Batches for the train loop: each process reads only its own rows, on a background thread.
+
+The global batch of step s is `(A, B, S+1)`: micro-batches `(s-1)*A … s*A-1` of the
+`BatchSampler`, each a pure function of (corpus, seed, index). With a batch sharding (a mesh), a
+process reads only the rows its devices hold (`process_rows`) and the global array is assembled
+with `jax.make_array_from_process_local_data`; without one, the whole batch goes to the default
+device. A daemon thread keeps up to `prefetch` placed batches ahead of the loop, so the host work
+(reading the memory-mapped store, copying to devices) overlaps the device's steps.
+"""
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from .corpus import BatchSampler, Corpus, load_corpus
+from .tokenizer import Tokenizer
+
+
+def process_rows(
+    sharding: jax.sharding.Sharding, global_shape: tuple[int, ...], axis: int = 1
+) -> list[tuple[int, int]]:
+    """The distinct `[start, stop)` ranges along `axis` that this process's devices hold, sorted:
+    the process-local data `jax.make_array_from_process_local_data` expects, in order."""
+    ranges = set()
+    for index in sharding.addressable_devices_indices_map(global_shape).values():
+        start, stop, _ = index[axis].indices(global_shape[axis])
+        ranges.add((start, stop))
+    blocks = sorted(ranges)
+    if any(b[0] < a[1] for a, b in zip(blocks, blocks[1:], strict=False)):
+        raise ValueError(f"batch sharding {sharding}: overlapping row blocks {blocks}")
+    out: list[tuple[int, int]] = []
+    for start, stop in blocks:  # adjacent blocks read as one
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], stop)
+        else:
+            out.append((start, stop))
+    return out
+
+
+def load_corpus_all_processes(
+    sources: Sequence[str], tokenizer: Tokenizer, **kwargs: Any
+) -> Corpus:
+    """`load_corpus` in every process of a run: process 0 builds the store (if the cache has none)
+    while the others wait, then each opens it (building its own if its cache directory is not
+    shared with process 0)."""
+    if jax.process_count() == 1:
+        return load_corpus(sources, tokenizer, **kwargs)
+    from jax.experimental import multihost_utils
+
+    corpus = None
+    if jax.process_index() == 0:
+        corpus = load_corpus(sources, tokenizer, **kwargs)
+    multihost_utils.sync_global_devices("xlstm_eqx token store")
+    if corpus is None:
+        corpus = load_corpus(sources, tokenizer, **kwargs)
+    return corpus
+
+
+class BatchLoader:
+    """`(step, batch)` for steps `start_step+1 … end_step`, the batch placed on the devices.
+
+    `sharding` is the batch's sharding over `(A, B, S+1)` (e.g. the train step's
+    `batch_sharding`); None places the whole batch on the default device. Use as an iterator and
+    `close()` it (or use it as a context manager); an error on the thread is raised by `next`.
+    """
+
+    def __init__(
+        self,
+        sampler: BatchSampler,
+        *,
+        grad_accum: int,
+        start_step: int,
+        end_step: int,
+        sharding: jax.sharding.Sharding | None = None,
+        prefetch: int = 2,
+    ):
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        self.sampler = sampler
+        self.grad_accum = grad_accum
+        self.sharding = sharding
+        self.global_shape = (grad_accum, sampler.batch_size, sampler.seq_len + 1)
+        if sharding is None:
+            self.row_ranges = [(0, sampler.batch_size)]
+        else:
+            try:
+                sharding.shard_shape(self.global_shape)
+            except ValueError as e:
+                raise ValueError(
+                    f"batch_size {sampler.batch_size} does not split evenly over the batch "
+                    f"sharding {sharding} ({e})"
+                ) from None
+            self.row_ranges = process_rows(sharding, self.global_shape)
+        self._steps = iter(range(start_step + 1, end_step + 1))
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="xlstm_eqx-batches", daemon=True)
+        self._thread.start()
+
+    def host_batch(self, step: int) -> np.ndarray:
+        """This process's rows of step `step`'s batch: `(A, rows, S+1)` int32."""
+        pos = (step - 1) * self.grad_accum
+        return np.stack(
+            [
+                np.concatenate([self.sampler.rows(pos + a, lo, hi) for lo, hi in self.row_ranges])
+                for a in range(self.grad_accum)
+            ]
+        )
+
+    def _place(self, host: np.ndarray) -> jax.Array:
+        if self.sharding is None:
+            return jax.device_put(host)
+        return jax.make_array_from_process_local_data(self.sharding, host, self.global_shape)
+
+    def _run(self) -> None:
+        try:
+            for step in self._steps:
+                item = (step, self._place(self.host_batch(step)))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(None)
+        except BaseException as e:  # handed to the consumer
+            self._queue.put(e)
+
+    def __iter__(self) -> Iterator[tuple[int, jax.Array]]:
+        return self
+
+    def __next__(self) -> tuple[int, jax.Array]:
+        item = self._queue.get()
+        if item is None:
+            self._queue.put(None)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+    def __enter__(self) -> "BatchLoader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

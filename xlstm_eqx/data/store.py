@@ -1,0 +1,507 @@
+"""The token store: a corpus tokenized once into memory-mapped token files, reused by later runs.
+
+Building streams every source in bounded pieces (`sources.iter_capped_pieces`), tokenizes them in
+batches of at most `batch_chars` characters (`encode_batch` for Hugging Face tokenizers), and
+appends the tokens to `train.bin` or `heldout.bin` (`uint16` when the vocabulary fits, else
+`uint32`), with the end-of-document token between consecutive documents of a stream. Peak memory
+is that of one batch, not of the corpus.
+
+Split: with at least k = round(1/eval_fraction) documents, document i is held out when
+i % k == k-1 (held-out text is never trained on); with fewer, the last `eval_fraction` of the
+token stream is. Sizes in bytes are the documents' UTF-8 bytes plus one per end-of-document token,
+so the byte tokenizer has exactly one token per byte.
+
+The store lives in `CACHE/<key>/` (`index.json`, the `.bin` files, `counts.npz`: the token
+frequencies of each stream, for the unigram baseline and the vocabulary check without reading the
+corpus again). The key hashes the sources (paths, sizes, modification times), the tokenizer (its
+file's contents), the end-of-document token and every option that changes the tokens. A build
+writes into a temporary sibling directory renamed into place when complete, so an interrupted
+build leaves nothing that a later run would use, and concurrent builders do not collide.
+`CACHE` is `--data-cache`, else `$XLSTM_EQX_DATA_CACHE_DIR`, else
+`~/.cache/xlstm_eqx/token_stores` (`$XDG_CACHE_HOME` respected).
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..core.files import fsync_dir
+from .sources import PIECE_CHARS, Source, iter_capped_pieces
+from .tokenizer import Tokenizer, encode_batch, resolve_eod_id
+
+
+FORMAT = "xlstm_eqx-token-store"
+VERSION = 1
+_INDEX = "index.json"
+_BATCH_CHARS = 1 << 20  # characters tokenized per batch (more keeps more memory after the build)
+
+
+class CorpusChangedError(ValueError):
+    """The data behind a run's `--data` is not what the run was started with."""
+
+
+CACHE_ENV = "XLSTM_EQX_DATA_CACHE_DIR"
+
+
+def default_cache_dir() -> str:
+    """Where token stores live unless `--data-cache` says otherwise (the same rule as the compile
+    cache's, `core/compile_cache.py`)."""
+    folder = os.environ.get(CACHE_ENV)
+    if folder:
+        return folder
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "xlstm_eqx", "token_stores")
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What identifies a tokenizer's output: its description, and its file's hash if it has one."""
+    d = dict(tokenizer.to_dict())
+    path = d.get("path")
+    if isinstance(path, str) and os.path.isfile(path):
+        d["sha256"] = _sha256_file(path)
+    return d
+
+
+def _file_stats(sources: Sequence[Source]) -> list[dict[str, Any]]:
+    out = []
+    for s in sources:
+        files = []
+        for f in s.files():
+            st = os.stat(f)
+            files.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+        out.append({"path": os.path.abspath(s.path), "kind": s.kind, "files": files})
+    return out
+
+
+@dataclasses.dataclass
+class _Stream:
+    """One output token file being written, with its running statistics."""
+
+    file: Any
+    dtype: np.dtype
+    counts: np.ndarray
+    tokens: int = 0
+    bytes: int = 0
+    documents: int = 0
+    hash: Any = dataclasses.field(default_factory=lambda: hashlib.blake2b(digest_size=16))
+
+    def write(self, parts: list[np.ndarray]) -> None:
+        if not parts:
+            return
+        ids = np.concatenate(parts)
+        if ids.size == 0:
+            return
+        if int(ids.min()) < 0 or int(ids.max()) > np.iinfo(self.dtype).max:
+            raise ValueError(f"token id outside the token store's {self.dtype} range")
+        data = ids.astype(self.dtype, copy=False).tobytes()
+        self.file.write(data)
+        self.hash.update(data)
+        self.tokens += int(ids.size)
+        self.counts = _add_counts(self.counts, np.bincount(ids, minlength=len(self.counts)))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "documents": self.documents,
+            "blake2b": self.hash.hexdigest(),
+        }
+
+
+def _add_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`a + b` for count vectors of possibly different lengths (in place into `a` if it can)."""
+    if len(a) < len(b):
+        a, b = b.astype(np.int64), a
+    a[: len(b)] += b
+    return a
+
+
+def _batches(
+    pieces: Iterator[tuple[int, str, bool]], batch_chars: int
+) -> Iterator[list[tuple[int, str, bool]]]:
+    batch: list[tuple[int, str, bool]] = []
+    size = 0
+    for item in pieces:
+        batch.append(item)
+        size += len(item[1])
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _numbered_pieces(
+    sources: Sequence[Source],
+    text_field: str,
+    split: str,
+    max_bytes: int | None,
+    piece_chars: int,
+) -> Iterator[tuple[int, str, bool]]:
+    """`(document number, piece, starts_document)` over all sources, up to `max_bytes` of text
+    (`iter_capped_pieces`)."""
+    doc = -1
+    for text, starts in iter_capped_pieces(
+        sources, text_field=text_field, split=split, max_bytes=max_bytes, piece_chars=piece_chars
+    ):
+        if not text:
+            continue
+        if starts:
+            doc += 1
+        yield doc, text, starts
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreOptions:
+    """Everything besides the sources and tokenizer that changes a store's tokens."""
+
+    text_field: str = "text"
+    split: str = "train"
+    eval_fraction: float = 0.05
+    max_bytes: int | None = None
+    eod_token: str = ""
+    piece_chars: int = PIECE_CHARS
+
+
+def store_key(sources: Sequence[Source], tokenizer: Tokenizer, options: StoreOptions) -> str:
+    ident = {
+        "format": FORMAT,
+        "version": VERSION,
+        "sources": _file_stats(sources),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "options": dataclasses.asdict(options),
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _chunked_counts(arr: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+    counts = np.zeros(0, np.int64)
+    for i in range(0, len(arr), chunk):
+        counts = _add_counts(counts, np.bincount(np.asarray(arr[i : i + chunk]).astype(np.int64)))
+    return counts
+
+
+def _decoded_bytes(tokenizer: Tokenizer, tokens: np.ndarray, chunk: int = 1 << 20) -> int:
+    total = 0
+    for i in range(0, len(tokens), chunk):
+        piece = np.asarray(tokens[i : i + chunk]).astype(np.int32)
+        total += len(tokenizer.decode(piece).encode("utf-8"))
+    return total
+
+
+def build_store(
+    sources: Sequence[Source],
+    tokenizer: Tokenizer,
+    directory: str,
+    options: StoreOptions,
+    *,
+    batch_chars: int = _BATCH_CHARS,
+) -> str:
+    """Tokenize `sources` into the store `directory` (atomically); returns `directory`."""
+    if not 0.0 < options.eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {options.eval_fraction}")
+    eod = resolve_eod_id(tokenizer, options.eod_token)
+    vocab = int(tokenizer.vocab_size)
+    dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
+    t0 = time.perf_counter()
+    k = max(2, round(1.0 / options.eval_fraction))
+    eod_arr = np.asarray([eod if eod is not None else 0], np.int32)
+    try:
+        with (
+            open(os.path.join(tmp, "train.bin"), "wb") as ftrain,
+            open(os.path.join(tmp, "heldout.bin"), "wb") as fheld,
+        ):
+            train = _Stream(ftrain, dtype, np.zeros(vocab, np.int64))
+            held = _Stream(fheld, dtype, np.zeros(vocab, np.int64))
+            pieces = _numbered_pieces(
+                sources, options.text_field, options.split, options.max_bytes, options.piece_chars
+            )
+            num_docs = 0
+            for batch in _batches(pieces, batch_chars):
+                encoded = encode_batch(tokenizer, [text for _, text, _ in batch])
+                parts: dict[int, list[np.ndarray]] = {id(train): [], id(held): []}
+                for (doc, text, starts), ids in zip(batch, encoded, strict=True):
+                    stream = held if doc % k == k - 1 else train
+                    if starts:
+                        num_docs = doc + 1
+                        if stream.documents and eod is not None:
+                            parts[id(stream)].append(eod_arr)
+                            stream.bytes += 1
+                        stream.documents += 1
+                    parts[id(stream)].append(np.asarray(ids))
+                    stream.bytes += len(text.encode("utf-8"))
+                del encoded
+                train.write(parts[id(train)])
+                held.write(parts[id(held)])
+            for f in (ftrain, fheld):
+                f.flush()
+                os.fsync(f.fileno())
+        if num_docs == 0 or train.tokens == 0:
+            names = [s.path for s in sources]
+            raise ValueError(f"data sources {names!r} contain no text")
+        index: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": dtype.name,
+            "eod_id": eod,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "options": dataclasses.asdict(options),
+            "sources": _file_stats(sources),
+            "num_documents": num_docs,
+        }
+        if held.documents > 0:
+            index["split"] = "documents"
+            index["train"] = {"file": "train.bin", "offset": 0, **train.stats()}
+            index["heldout"] = {"file": "heldout.bin", "offset": 0, **held.stats()}
+            train_counts, held_counts = train.counts, held.counts
+        else:
+            # Fewer documents than k: hold out the tail of the one stream.
+            all_tokens = np.memmap(os.path.join(tmp, "train.bin"), dtype, mode="r")
+            n = len(all_tokens)
+            cut = n - max(1, int(n * options.eval_fraction))
+            tail = all_tokens[cut:]
+            held_counts = _chunked_counts(tail)
+            train_counts = train.counts.copy()
+            train_counts[: len(held_counts)] -= held_counts
+            held_bytes = n - cut if _is_byte_level(tokenizer) else _decoded_bytes(tokenizer, tail)
+            del all_tokens, tail
+            index["split"] = "tail"
+            index["train"] = {
+                "file": "train.bin",
+                "offset": 0,
+                "tokens": cut,
+                "bytes": train.bytes - held_bytes,
+                "documents": train.documents,
+            }
+            index["heldout"] = {
+                "file": "train.bin",
+                "offset": cut,
+                "tokens": n - cut,
+                "bytes": held_bytes,
+                "documents": 0,
+            }
+            index["stream_blake2b"] = train.hash.hexdigest()
+        index["blake2b"] = hashlib.blake2b(
+            json.dumps([index["train"], index["heldout"], index.get("stream_blake2b")]).encode(),
+            digest_size=16,
+        ).hexdigest()
+        index["build_seconds"] = round(time.perf_counter() - t0, 2)
+        np.savez(os.path.join(tmp, "counts.npz"), train=train_counts, heldout=held_counts)
+        with open(os.path.join(tmp, _INDEX), "w") as f:
+            json.dump(index, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        try:
+            os.rename(tmp, directory)
+        except OSError:
+            if not os.path.isfile(os.path.join(directory, _INDEX)):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same store first
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _is_byte_level(tokenizer: Tokenizer) -> bool:
+    return tokenizer.to_dict().get("kind") == "bytes"
+
+
+class TokenFile:
+    """`count` tokens of a token file from token `offset`, read with `os.pread`: slicing returns
+    a fresh array of just those tokens. What the batch sampler and the evaluation windows read
+    through: nothing is mapped, so reading scattered windows of a huge file adds nothing to the
+    process's RSS (a memory map would map, and count, whole page-cache folios around each)."""
+
+    def __init__(self, path: str, dtype: np.dtype, offset: int, count: int):
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.offset = offset
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.count,)
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        if not isinstance(item, slice):
+            raise TypeError(f"TokenFile supports slices only, got {type(item).__name__}")
+        start, stop, step = item.indices(self.count)
+        if step != 1:
+            raise ValueError("TokenFile supports contiguous slices only")
+        return self.windows([start], max(0, stop - start))[0]
+
+    def windows(self, starts: Sequence[int], length: int) -> np.ndarray:
+        """`(len(starts), length)` tokens: `length` from each start (each within the file)."""
+        size = self.dtype.itemsize
+        out = np.empty((len(starts), length), self.dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for r, start in enumerate(starts):
+                if start < 0 or start + length > self.count:
+                    raise IndexError(f"tokens {start}:{start + length} outside 0:{self.count}")
+                want = length * size
+                data = os.pread(fd, want, (self.offset + start) * size)
+                if len(data) != want:
+                    raise ValueError(f"token file {self.path!r} is shorter than its index says")
+                out[r] = np.frombuffer(data, self.dtype)
+        finally:
+            os.close(fd)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self[:]
+        return arr if dtype is None else arr.astype(dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenFile({self.path!r}, {self.dtype.name}, offset={self.offset}, count={self.count})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStore:
+    """An opened store: the token streams as read-only memory maps, their sizes and counts."""
+
+    directory: str
+    index: dict[str, Any]
+    train: np.ndarray
+    heldout: np.ndarray
+    train_counts: np.ndarray
+    heldout_counts: np.ndarray
+
+    @property
+    def eod_id(self) -> int | None:
+        return self.index["eod_id"]
+
+    def token_file(self, name: str) -> TokenFile:
+        """The `train` or `heldout` stream as a `TokenFile`."""
+        part = self.index[name]
+        path = os.path.join(self.directory, part["file"])
+        return TokenFile(path, np.dtype(self.index["dtype"]), part["offset"], part["tokens"])
+
+
+def _map_tokens(path: str, dtype: np.dtype, offset: int, count: int) -> np.ndarray:
+    """A read-only memory map of `count` tokens of `path` from token `offset` (for whole-array
+    use; batches read through `TokenFile`)."""
+    return np.memmap(path, dtype, mode="r", offset=offset * dtype.itemsize, shape=(count,))
+
+
+def open_store(directory: str) -> TokenStore:
+    path = os.path.join(directory, _INDEX)
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"token store {directory!r} is unreadable ({e}); delete it") from None
+    if index.get("format") != FORMAT or index.get("version") != VERSION:
+        raise ValueError(f"token store {directory!r} has another format; delete it")
+    dtype = np.dtype(index["dtype"])
+    maps = {}
+    for name in ("train", "heldout"):
+        part = index[name]
+        file = os.path.join(directory, part["file"])
+        if part["tokens"] == 0:
+            maps[name] = np.zeros(0, dtype)
+            continue
+        maps[name] = _map_tokens(file, dtype, part["offset"], part["tokens"])
+    with np.load(os.path.join(directory, "counts.npz"), allow_pickle=False) as counts:
+        train_counts, held_counts = counts["train"], counts["heldout"]
+    return TokenStore(directory, index, maps["train"], maps["heldout"], train_counts, held_counts)
+
+
+def store_for(
+    sources: Sequence[Source],
+    tokenizer: Tokenizer,
+    options: StoreOptions,
+    *,
+    cache_dir: str | None = None,
+    build: bool = True,
+) -> TokenStore:
+    """The store of these sources, built first if the cache has none (unless `build=False`, then
+    FileNotFoundError)."""
+    cache = cache_dir or default_cache_dir()
+    directory = os.path.join(cache, store_key(sources, tokenizer, options))
+    if not os.path.isfile(os.path.join(directory, _INDEX)):
+        if not build:
+            raise FileNotFoundError(f"token store {directory!r} does not exist yet")
+        build_store(sources, tokenizer, directory, options)
+    return open_store(directory)
+
+
+# the corpus identity recorded in a run
+
+
+def corpus_identity(store: TokenStore) -> dict[str, Any]:
+    """What a run records about its data: every file with its size, the documents and tokens of
+    each split, and a hash of the tokens."""
+    idx = store.index
+    return {
+        "files": [[f[0], f[1]] for s in idx["sources"] for f in s["files"]],
+        "num_documents": idx["num_documents"],
+        "train_tokens": idx["train"]["tokens"],
+        "heldout_tokens": idx["heldout"]["tokens"],
+        "blake2b": idx["blake2b"],
+    }
+
+
+def check_files_unchanged(saved: dict[str, Any], sources: Sequence[Source], where: str) -> None:
+    """Compare the file list and sizes with a run's record before any tokenizing (cheap)."""
+    now = [[os.path.abspath(f), os.path.getsize(f)] for s in sources for f in s.files()]
+    before = [list(f) for f in saved.get("files", [])]
+    if now == before:
+        return
+    old = {f: n for f, n in before}
+    new = {f: n for f, n in now}
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    resized = sorted(f for f in set(old) & set(new) if old[f] != new[f])
+    what = []
+    if added:
+        what.append(f"{len(added)} file(s) added (first: {added[0]!r})")
+    if removed:
+        what.append(f"{len(removed)} file(s) missing (first: {removed[0]!r})")
+    if resized:
+        f = resized[0]
+        what.append(f"{len(resized)} file(s) changed size (first: {f!r}: {old[f]} -> {new[f]})")
+    if not what:
+        what.append("the files are in another order")
+    raise CorpusChangedError(
+        f"{where}: the data is not what the run was trained on: {'; '.join(what)}; "
+        "restore the data or start a new run"
+    )
+
+
+def check_identity_unchanged(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
+    """Compare the tokens (counts and hash) with a run's record."""
+    for key in ("num_documents", "train_tokens", "heldout_tokens", "blake2b"):
+        if key in saved and saved[key] != now[key]:
+            raise CorpusChangedError(
+                f"{where}: the data is not what the run was trained on: {key} was "
+                f"{saved[key]!r}, is now {now[key]!r} (a file's contents changed); restore the "
+                "data or start a new run"
+            )

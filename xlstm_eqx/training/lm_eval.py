@@ -1,0 +1,263 @@
+"""Downstream evaluation with the lm-eval harness (`lm-eval`, an optional extra): an `LM` adapter
+over a model and its tokenizer, and `run_lm_eval`, what `xlstm-eqx eval --tasks` runs.
+
+Scoring (`loglikelihood`, `loglikelihood_rolling`): the text is tokenized as a whole and split
+where the context ends (trailing spaces of the context go to the continuation), the
+end-of-document token is put in front (the state a document starts from in training), and every
+continuation token is scored exactly once, from the model's logits, in windows of at most
+`max_length` (the model's `context_length`) tokens: the continuation is cut, from its end, into
+groups of at most `max_length` tokens, and each group is predicted from the `max_length` tokens
+before its last one (a context longer than the window is cut from the left). Windows are right-
+padded to a power-of-two length and batched, so a causal model computes exactly the logits of the
+unpadded window, with a handful of compiled shapes.
+
+Generation (`generate_until`): greedy, through the library's `stream_generate` (recurrent state or
+KV cache; a full-forward loop for models without either), stopping at the first of the request's
+`until` strings (cut off) or after `max_gen_toks` tokens; the prompt keeps its last
+`max_length - max_gen_toks` tokens.
+"""
+
+import datetime
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+from ..data.tokenizer import Tokenizer, resolve_eod_id
+from ..generation import stream_generate
+from .evaluate import has_decode_api, sample_tokens
+
+
+def _import_lm_eval() -> Any:
+    try:
+        import lm_eval
+        import lm_eval.api.model
+    except ImportError as e:
+        raise ImportError(
+            "--tasks needs the optional package `lm-eval` (pip install 'xlstm_eqx[eval]')"
+        ) from e
+    return lm_eval
+
+
+def score_windows(
+    tokens: Sequence[int], first: int, max_length: int
+) -> list[tuple[list[int], int]]:
+    """The windows that score tokens `first…` of `tokens`, each token once: `(window, k)` where
+    the model reads `window[:-1]` and the last `k` targets `window[-k:]` are scored."""
+    if first < 1:
+        raise ValueError("the first token has nothing before it to be predicted from")
+    out = []
+    end = len(tokens)
+    while end > first:
+        k = min(max_length, end - first)
+        start = max(0, end - 1 - max_length)
+        out.append((list(tokens[start:end]), k))
+        end -= k
+    return out[::-1]
+
+
+def _bucket(n: int, max_length: int) -> int:
+    size = 16
+    while size < n:
+        size *= 2
+    return min(size, max(max_length, n))
+
+
+@eqx.filter_jit
+def _window_logprobs(model: Any, inputs: jax.Array, targets: jax.Array) -> tuple[Any, Any]:
+    logits = model(inputs).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    greedy = jnp.argmax(logits, axis=-1) == targets
+    return picked, greedy
+
+
+class LMEvalAdapter:
+    """The methods of lm-eval's `LM` over `model` (any causal LM of this library: tokens `(B, S)`
+    → logits `(B, S, V)`) and `tokenizer`. `as_lm()` returns the `lm_eval.api.model.LM` instance
+    (a subclass made when lm-eval is imported)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Tokenizer,
+        *,
+        max_length: int,
+        batch_size: int = 8,
+        eod_token: str = "",
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.batch_size = int(batch_size)
+        self.prefix_id = resolve_eod_id(tokenizer, eod_token)
+        if self.prefix_id is None:
+            raise ValueError("scoring needs an end-of-document token to start from; not 'none'")
+
+    # tokens
+
+    def _encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text)] if text else []
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation tokens: the whole text tokenized once, split where the
+        context's own tokens end."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self._encode(context + continuation)
+        ctx = self._encode(context)
+        return whole[: len(ctx)], whole[len(ctx) :]
+
+    # scoring
+
+    def score(self, items: Sequence[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+        """`(log-probability, all greedy)` of the last `n` tokens of each token list (whose other
+        tokens are the context), in batched windows."""
+        jobs = []  # (item, window, k)
+        for i, (tokens, n) in enumerate(items):
+            if n < 1:
+                raise ValueError("nothing to score: an empty continuation")
+            for window, k in score_windows(tokens, len(tokens) - n, self.max_length):
+                jobs.append((i, window, k))
+        total = [0.0] * len(items)
+        greedy = [True] * len(items)
+        order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][1]))
+        for b in range(0, len(order), self.batch_size):
+            chunk = [jobs[j] for j in order[b : b + self.batch_size]]
+            width = _bucket(max(len(w) - 1 for _, w, _ in chunk), self.max_length)
+            inputs = np.zeros((self.batch_size, width), np.int32)
+            targets = np.zeros((self.batch_size, width), np.int32)
+            for r, (_, w, _) in enumerate(chunk):
+                inputs[r, : len(w) - 1] = w[:-1]
+                targets[r, : len(w) - 1] = w[1:]
+            logp, hit = _window_logprobs(self.model, jnp.asarray(inputs), jnp.asarray(targets))
+            logp, hit = np.asarray(logp, np.float64), np.asarray(hit)
+            for r, (i, w, k) in enumerate(chunk):
+                end = len(w) - 1
+                total[i] += float(logp[r, end - k : end].sum())
+                greedy[i] = greedy[i] and bool(hit[r, end - k : end].all())
+        return list(zip(total, greedy, strict=True))
+
+    def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
+        items = []
+        for req in requests:
+            context, continuation = req.args
+            ctx, cont = self.encode_pair(context, continuation)
+            items.append(([self.prefix_id, *ctx, *cont], len(cont)))
+        return self.score(items)
+
+    def loglikelihood_rolling(self, requests: Sequence[Any]) -> list[float]:
+        items = []
+        for req in requests:
+            tokens = self._encode(req.args[0])
+            items.append(([self.prefix_id, *tokens], len(tokens)))
+        return [lp for lp, _ in self.score(items)]
+
+    # generation
+
+    def _greedy_tokens(self, prompt: list[int], max_new: int):
+        if has_decode_api(self.model):
+            yield from (
+                int(t[0])
+                for t in stream_generate(
+                    self.model, jnp.asarray(prompt, jnp.int32)[None, :], max_new, temperature=0.0
+                )
+            )
+        else:
+            yield from sample_tokens(
+                self.model,
+                prompt,
+                max_new,
+                window=self.max_length,
+                temperature=0.0,
+                key=jr.key(0),
+            )
+
+    def generate_until(self, requests: Sequence[Any]) -> list[str]:
+        out = []
+        for req in requests:
+            context, kwargs = req.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            if isinstance(until, str):
+                until = [until]
+            max_new = int(kwargs.get("max_gen_toks", 256))
+            keep = max(1, self.max_length - max_new)
+            prompt = [self.prefix_id, *self._encode(context)][-keep:]
+            ids: list[int] = []
+            text = ""
+            for tok in self._greedy_tokens(prompt, max_new):
+                ids.append(tok)
+                text = self.tokenizer.decode(np.asarray(ids, np.int32))
+                if any(s and s in text for s in until):
+                    break
+            cuts = [text.index(s) for s in until if s and s in text]
+            out.append(text[: min(cuts)] if cuts else text)
+        return out
+
+    def as_lm(self) -> Any:
+        lm_eval = _import_lm_eval()
+        adapter = self
+
+        class XLSTMEqxLM(lm_eval.api.model.LM):
+            def __init__(self) -> None:
+                super().__init__()
+
+            def loglikelihood(self, requests, disable_tqdm: bool = False):
+                return adapter.loglikelihood(requests)
+
+            def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+                return adapter.loglikelihood_rolling(requests)
+
+            def generate_until(self, requests, disable_tqdm: bool = False):
+                return adapter.generate_until(requests)
+
+        return XLSTMEqxLM()
+
+
+def run_lm_eval(
+    adapter: LMEvalAdapter,
+    tasks: Sequence[str],
+    out_dir: str,
+    *,
+    include_path: str | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+) -> tuple[dict[str, Any], str]:
+    """lm-eval's `simple_evaluate` of `tasks` on the adapter; its results JSON is written to
+    `out_dir/lm_eval/results_<time>.json`. Returns (results, path)."""
+    lm_eval = _import_lm_eval()
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable
+
+    if include_path is not None and not os.path.isdir(include_path):
+        raise FileNotFoundError(f"--include-path {include_path!r} is not a directory")
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    results = lm_eval.simple_evaluate(
+        model=adapter.as_lm(),
+        tasks=list(tasks),
+        limit=limit,
+        num_fewshot=num_fewshot,
+        task_manager=manager,
+        log_samples=False,
+        bootstrap_iters=0,
+        torch_random_seed=None,
+    )
+    if results is None:
+        raise RuntimeError("lm-eval returned no results")
+    folder = os.path.join(out_dir, "lm_eval")
+    os.makedirs(folder, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(folder, f"results_{stamp}.json")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2, default=handle_non_serializable)
+    os.replace(tmp, path)
+    return results, path

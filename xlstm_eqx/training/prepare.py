@@ -1,0 +1,160 @@
+"""What a run knows before it computes anything: `_prepare` validates the config, the model
+config, the mesh, the output directory and (on ``--resume``) the checkpoint and the data's
+identity, then opens the corpus; `run_config_dict` is what ``config.json`` and every checkpoint
+record of the run. Nothing here writes."""
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from ..data.corpus import BatchSampler, Corpus, eval_windows
+from ..data.loader import load_corpus_all_processes
+from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
+from ..models import MODEL_FAMILIES
+from .checkpoint import CheckpointError
+from .config import RESUMABLE_FIELDS, TrainConfig, check_sequence_length, resolve_model_config
+from .extend import resume_point
+from .orbax_checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_metadata,
+    refuse_npz_checkpoints,
+)
+from .preflight import check_mesh, check_out_dir, check_resume_steps
+from .trackers import check_trackers_available
+
+
+@dataclasses.dataclass
+class _Prepared:
+    cfg: TrainConfig
+    kind: str
+    model_config: Any
+    tokenizer: Tokenizer
+    corpus: Corpus
+    sampler: BatchSampler
+    eval_batches: list[np.ndarray]
+    unigram_bpb: float
+    resume_from: str | None
+    resume_meta: dict[str, Any] | None
+
+
+def _compatible(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
+    given = cfg.to_dict()
+    default = TrainConfig().to_dict()  # a field the run predates had its default value
+    diffs = [
+        f"{k}: checkpoint has {saved.get(k, default[k])!r}, given {given[k]!r}"
+        for k in given
+        if k not in RESUMABLE_FIELDS and saved.get(k, default[k]) != given[k]
+    ]
+    if diffs:
+        raise ValueError(
+            f"--resume: the run in {path!r} was made with a different config:\n  "
+            + "\n  ".join(diffs)
+        )
+
+
+def _prepare(cfg: TrainConfig) -> _Prepared:
+    cfg.validate()
+    if jax.process_index() == 0:
+        check_trackers_available(cfg.trackers())
+    out = cfg.out_dir()
+    ckpt_root = os.path.join(out, "checkpoints")
+    resume_from = resume_meta = None
+    saved_run: dict[str, Any] | None = None
+    refuse_npz_checkpoints(ckpt_root)
+    if cfg.resume:
+        resume_from = latest_checkpoint(ckpt_root)
+        if resume_from is None:
+            raise FileNotFoundError(f"--resume: no checkpoint found in {ckpt_root!r}")
+        resume_meta = load_metadata(resume_from)
+        saved_run = resume_meta.get("metadata", {}).get("run_config")
+        if not isinstance(saved_run, dict) or "train" not in saved_run:
+            raise CheckpointError(f"checkpoint {resume_from!r} has no run configuration")
+        _compatible(saved_run["train"], cfg, out)
+        check_resume_steps(cfg.steps, int(resume_meta.get("step", 0)), out)
+        # A wsd run extended past the decay it began restarts from that decay's start.
+        chosen = resume_point(cfg, saved_run["train"], resume_from, int(resume_meta["step"]), out)
+        if chosen != resume_from:
+            resume_from, resume_meta = chosen, load_metadata(chosen)
+    elif list_checkpoints(ckpt_root):
+        raise FileExistsError(
+            f"{out!r} already holds a run with checkpoints; pass --resume to continue it "
+            "or choose another --out"
+        )
+    else:
+        check_out_dir(out)
+
+    if saved_run is not None:
+        tokenizer = tokenizer_from_dict(saved_run["tokenizer"])
+        kind = saved_run["model_kind"]
+        if kind not in MODEL_FAMILIES:
+            raise CheckpointError(f"checkpoint {resume_from!r}: unknown model kind {kind!r}")
+        model_config = MODEL_FAMILIES[kind].config_from_dict(saved_run["model_config"])
+    else:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        kind, model_config = resolve_model_config(cfg, tokenizer)
+    check_sequence_length(cfg.seq_len, model_config)
+    if cfg.mesh:  # before the data is read
+        check_mesh(cfg.mesh, model_config)
+    vocab = int(model_config.vocab_size)
+
+    corpus = load_corpus_all_processes(
+        cfg.data,
+        tokenizer,
+        text_field=cfg.text_field,
+        eval_fraction=cfg.eval_fraction,
+        max_bytes=cfg.max_data_bytes,
+        split=cfg.data_split,
+        eod_token=cfg.eod_token,
+        cache_dir=cfg.data_cache or None,
+        # On --resume: the data must be what the run was trained on.
+        expected=(saved_run or {}).get("data", {}).get("identity"),
+        where=f"--resume {out!r}",
+    )
+    corpus.check_vocab(vocab)
+    sampler = BatchSampler(
+        corpus.train_reader, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed
+    )
+    batches = eval_windows(
+        corpus.heldout_reader,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        max_batches=cfg.eval_batches,
+    )
+    # The baseline: every held-out token under the training text's token frequencies.
+    unigram = corpus.unigram_bits_per_byte(vocab)
+    return _Prepared(
+        cfg,
+        kind,
+        model_config,
+        tokenizer,
+        corpus,
+        sampler,
+        batches,
+        unigram,
+        resume_from,
+        resume_meta,
+    )
+
+
+def run_config_dict(p: _Prepared) -> dict[str, Any]:
+    return {
+        "train": p.cfg.to_dict(),
+        "model_kind": p.kind,
+        "model_config": p.model_config.to_dict(),
+        "tokenizer": p.tokenizer.to_dict(),
+        "data": {
+            "sources": list(p.corpus.sources)[:50],
+            "num_sources": len(p.corpus.sources),
+            "num_documents": p.corpus.num_documents,
+            "train_tokens": int(len(p.corpus.train)),
+            "heldout_tokens": int(len(p.corpus.heldout)),
+            "heldout_bytes": p.corpus.heldout_bytes,
+            "eod_id": p.corpus.eod_id,
+            "store": p.corpus.store_dir,
+            "identity": p.corpus.identity,
+        },
+    }
