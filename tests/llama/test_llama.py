@@ -3,6 +3,7 @@ docs/architecture.md, "Llama", plus causality, document masking, scan/unrolled e
 decoding, bf16 and parameter counts."""
 
 import functools
+import inspect
 
 import equinox as eqx
 import hypothesis
@@ -541,3 +542,18 @@ def test_cudnn_needs_half_precision():
     )
     with pytest.raises(expected[0], match=expected[1]):
         _logits(model, jnp.zeros((1, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("shape", [(4,), (1, 2, 3)], ids=["1-D", "3-D"])
+def test_tokens_must_be_two_dimensional(shape):
+    """(issue 14) Tokens that are not (B, S): the jaxtyping checker of the test run fires first
+    (a TypeError naming tokens); without it, the model's own ValueError names the shape."""
+    model = _model()
+    tokens = jnp.ones(shape, jnp.int32)
+    cases = [("__call__", (), r"\(B, S\)"), ("decode", (model.init_cache(1, 8),), r"\(B, T\)")]
+    for method, extra, expected in cases:
+        with pytest.raises((ValueError, TypeError), match="tokens"):
+            getattr(model, method)(tokens, *extra)
+        unchecked = inspect.unwrap(getattr(type(model), method))
+        with pytest.raises(ValueError, match=rf"^tokens must have shape {expected}"):
+            unchecked(model, tokens, *extra)

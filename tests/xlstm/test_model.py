@@ -3,6 +3,7 @@ dynamic sequence length, document resets, decode, parameter counts, weight-decay
 
 import dataclasses
 import functools
+import inspect
 import math
 
 import equinox as eqx
@@ -407,6 +408,20 @@ def test_invalid_inputs_and_configs():
     # own ValueError fires — either way the message names document_borders)
     with pytest.raises((ValueError, TypeError), match="document_borders"):
         model(jnp.array([[1, 2]]), document_borders=jnp.array([[True, False, False]]))
+
+
+@pytest.mark.parametrize("shape", [(4,), (1, 2, 3)], ids=["1-D", "3-D"])
+def test_tokens_must_be_two_dimensional(shape):
+    """(issue 14) Tokens that are not (B, S): the jaxtyping checker of the test run fires first
+    (a TypeError naming tokens); without it, the model's own ValueError names the shape."""
+    model = built("v1")
+    tokens = jnp.ones(shape, jnp.int32)
+    for method in ("__call__", "prefill"):
+        with pytest.raises((ValueError, TypeError), match="tokens"):
+            getattr(model, method)(tokens)
+        unchecked = inspect.unwrap(getattr(type(model), method))
+        with pytest.raises(ValueError, match=r"^tokens must have shape \(B, S\)"):
+            unchecked(model, tokens)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,6 +19,11 @@ Gates, their cumulative sums, the stabiliser and the states are computed in floa
 float64 inputs) whatever the dtype of q, k, v. Log-decay sums are never formed as differences of a
 running cumulative sum (which loses float32 precision once the sum grows large); every entry is a sum
 of its own terms only.
+
+Edge cases are the same in every form (and in `pallas.mlstm_chunkwise_pallas`); docs/architecture.md,
+"Edge cases", states them: the gates' -inf are limits (no write; a cleared memory), a non-finite
+input never reaches earlier outputs (`nonfinite`), S = 0 or B = 0 give empty results, and bad
+arguments are a `ValueError` naming them before any computation (`checks`).
 """
 
 import math
@@ -28,12 +33,26 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from .checks import check_chunk_size, check_inputs, check_step
+from .nonfinite import (
+    RESET_LOG_DECAY,
+    bad_query_and_write,
+    finite_stabiliser,
+    log_forget,
+    poison,
+    poison_state,
+    poisoned_rows,
+    sanitize,
+    sanitize_state,
+)
+
 
 GatePreact = Float[Array, "B NH S 1"] | Float[Array, "B NH S"]
 
 
-# Padded positions get this input-gate pre-activation: exp(_NO_INPUT - m) is exactly 0.
-_NO_INPUT = -1e30
+# Padded positions get this input-gate pre-activation: no write (the limit ĩ = -inf), so the memory
+# after the padding is exactly the memory after the last real token.
+_NO_INPUT = -math.inf
 
 
 class mLSTMState(eqx.Module):
@@ -71,51 +90,25 @@ def _normalise(num, den, m, eps):
     return num / (jnp.maximum(jnp.abs(den), lower) + eps)[..., None]
 
 
-def _squeeze_gate(gate: Array, name: str, shape: tuple[int, ...]) -> Array:
-    if gate.ndim == 4:
-        if gate.shape[-1] != 1:
-            raise ValueError(
-                f"{name} must have shape (B, NH, S) or (B, NH, S, 1), got {gate.shape}"
-            )
-        gate = gate[..., 0]
-    if gate.shape != shape:
-        raise ValueError(
-            f"{name} has shape {gate.shape}; expected (B, NH, S) = {shape} from the queries"
-        )
-    return gate
-
-
-def _check_qkv(queries, keys, values) -> None:
-    names = ("B", "NH", "S")
-    for axis, name in enumerate(names):
-        for other_name, other in (("keys", keys), ("values", values)):
-            if other.shape[axis] != queries.shape[axis]:
-                raise ValueError(
-                    f"dimension {name} of {other_name} is {other.shape[axis]} but "
-                    f"{queries.shape[axis]} in queries"
-                )
-    if keys.shape[-1] != queries.shape[-1]:
-        raise ValueError(
-            f"dimension DHQK of keys is {keys.shape[-1]} but {queries.shape[-1]} in queries"
-        )
-
-
 def _prepare(queries, keys, values, igate_preact, fgate_preact):
-    """Validate shapes; return (q, k, v, ĩ, f̄) in the accumulation dtype, gates as (B, NH, S)."""
-    if queries.ndim != 4 or keys.ndim != 4 or values.ndim != 4:
-        raise ValueError(
-            "queries, keys and values must be (B, NH, S, DH); got shapes "
-            f"{queries.shape}, {keys.shape}, {values.shape}"
-        )
-    _check_qkv(queries, keys, values)
-    shape = queries.shape[:3]
-    igate = _squeeze_gate(igate_preact, "igate_preact", shape)
-    fgate = _squeeze_gate(fgate_preact, "fgate_preact", shape)
+    """Validate shapes and dtypes; return (q, k, v, ĩ, f̄) in the accumulation dtype, gates as
+    (B, NH, S). Non-finite values are passed through (`_sanitized` handles them)."""
+    igate, fgate = check_inputs(queries, keys, values, igate_preact, fgate_preact)
     acc = _acc_dtype(queries, keys, values, igate, fgate)
     q, k, v = (x.astype(acc) for x in (queries, keys, values))
-    igate = igate.astype(acc)
-    log_fgate = jax.nn.log_sigmoid(fgate.astype(acc))
-    return q, k, v, igate, log_fgate
+    return q, k, v, igate.astype(acc), log_forget(fgate.astype(acc))
+
+
+def _sanitized(q, k, v, igate, log_fgate, state: mLSTMState | None):
+    """The inputs (and state) with invalid values replaced, and where NaN is to be set afterwards:
+    (inputs, state, poisoned outputs (B, NH, S), poisoned final states (B, NH))."""
+    bad_query, bad_write = bad_query_and_write(q, k, v, igate, log_fgate)
+    if state is None:
+        bad_state = jnp.zeros(q.shape[:2], bool)
+    else:
+        state, bad_state = sanitize_state(state)
+    rows, final = poisoned_rows(bad_query, bad_write, bad_state)
+    return sanitize(q, k, v, igate, log_fgate), state, rows, final
 
 
 def _two_sum(a, b):
@@ -141,17 +134,33 @@ def _double_cumsum(x: Float[Array, "*batch L"]) -> tuple[Array, Array]:
     return jax.lax.associative_scan(add, (x, jnp.zeros_like(x)), axis=x.ndim - 1)
 
 
+def _decay_sums(log_fgate: Float[Array, "*batch L"]) -> tuple[Array, Array, Array]:
+    """Running sums of f̄ for pairwise log decays: (hi, lo) = Σ_{u≤s} f̄_u in double-word form with the
+    -inf terms left out (they would make it NaN), and `resets` = -2^100 · #{u ≤ s: f̄_u = -inf}
+    (`nonfinite.RESET_LOG_DECAY`).
+
+    The count is an associative scan, not `cumsum`: XLA fuses a cumsum's reduce-window into the L×L
+    loops that use it, which made the whole chunkwise forward+backward ~15% slower on CPU.
+    """
+    cleared = log_fgate == -jnp.inf
+    hi, lo = _double_cumsum(jnp.where(cleared, 0.0, log_fgate))
+    count = jax.lax.associative_scan(jnp.add, cleared.astype(hi.dtype), axis=hi.ndim - 1)
+    return hi, lo, count * RESET_LOG_DECAY
+
+
 def _segment_log_decay(log_fgate: Float[Array, "*batch L"]) -> Float[Array, "*batch L L"]:
-    """logF[s, t] = Σ_{t<u≤s} f̄_u for t < s, 0 on and above the diagonal.
+    """logF[s, t] = Σ_{t<u≤s} f̄_u for t < s, 0 on and above the diagonal; each f̄_u = -inf counts as
+    -2^100 (`nonfinite.RESET_LOG_DECAY`).
 
     A plain difference of running sums F_s - F_t has an absolute error of eps·|F_s|, which is large
     once |F| grows (strongly negative forget gates, long sequences). Here F is carried in double-word
     precision, so the difference is accurate relative to logF itself. The diagonal is exactly 0 and
     takes no part in the gradient: its cotangent would otherwise enter twice with opposite signs and
-    cancel in float32.
+    cancel in float32. The reset term is exact: a difference of equal counts is exactly 0.
     """
-    hi, lo = _double_cumsum(log_fgate)
+    hi, lo, resets = _decay_sums(log_fgate)
     diff = (hi[..., :, None] - hi[..., None, :]) + (lo[..., :, None] - lo[..., None, :])
+    diff = diff + (resets[..., :, None] - resets[..., None, :])
     length = log_fgate.shape[-1]
     return jnp.where(jnp.tri(length, length, k=-1, dtype=bool), diff, 0.0)
 
@@ -184,29 +193,32 @@ def parallel_stabilized_simple(
         )
     out_dtype = queries.dtype
     q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
-    seq_len, dhqk = q.shape[2], q.shape[3]
+    batch, heads, seq_len, dhqk = q.shape
+    if lower_triangular_matrix is not None and lower_triangular_matrix.shape[0] < seq_len:
+        raise ValueError(
+            f"lower_triangular_matrix is {lower_triangular_matrix.shape} but the sequence "
+            f"length S is {seq_len}"
+        )
+    if seq_len == 0:
+        return jnp.zeros((batch, heads, 0, v.shape[-1]), out_dtype)
+    (q, k, v, igate, log_fgate), _, poisoned, _ = _sanitized(q, k, v, igate, log_fgate, None)
     if lower_triangular_matrix is None:
         causal = jnp.tri(seq_len, seq_len, dtype=bool)
     else:
-        if lower_triangular_matrix.shape[0] < seq_len:
-            raise ValueError(
-                f"lower_triangular_matrix is {lower_triangular_matrix.shape} but the sequence "
-                f"length S is {seq_len}"
-            )
         causal = lower_triangular_matrix[:seq_len, :seq_len].astype(bool)
 
-    log_d = _segment_log_decay(log_fgate) + igate[..., None, :]
-    log_d = jnp.where(causal, log_d, -jnp.inf)
+    log_d = jnp.where(causal, _segment_log_decay(log_fgate) + igate[..., None, :], -jnp.inf)
     if stabilize_rowwise:
         m = jnp.max(log_d, axis=-1)
     else:
         m = jnp.broadcast_to(jnp.max(log_d, axis=(-2, -1))[..., None], log_d.shape[:-1])
-    decay = jnp.exp(log_d - m[..., None])
+    decay = jnp.exp(log_d - finite_stabiliser(m)[..., None])
 
-    scores = jnp.einsum("bhsd,bhtd->bhst", q, k / math.sqrt(dhqk)) * decay
+    qk = jnp.einsum("bhsd,bhtd->bhst", q, k / math.sqrt(dhqk))
+    scores = jnp.where(causal, qk * decay, 0.0)  # selection: inf·0 above the diagonal is not 0
     num = jnp.einsum("bhst,bhtv->bhsv", scores, v)
     h = _normalise(num, jnp.sum(scores, axis=-1), m, eps)
-    return h.astype(out_dtype)
+    return poison(h, poisoned).astype(out_dtype)
 
 
 def _step(state: mLSTMState, q, k, v, igate, log_fgate, eps: float):
@@ -217,8 +229,9 @@ def _step(state: mLSTMState, q, k, v, igate, log_fgate, eps: float):
     q·k (as in the parallel form), which keeps float32 gradients accurate when one token dominates.
     """
     m_new = jnp.maximum(log_fgate + state.m, igate)
-    f_scale = jnp.exp(log_fgate + state.m - m_new)
-    i_scale = jnp.exp(igate - m_new)
+    m_sub = finite_stabiliser(m_new)  # m_new = -inf: nothing in the memory, nothing written
+    f_scale = jnp.exp(log_fgate + state.m - m_sub)
+    i_scale = jnp.exp(igate - m_sub)
     c_new = f_scale[..., None, None] * state.c + i_scale[..., None, None] * (
         k[..., :, None] * v[..., None, :]
     )
@@ -244,7 +257,10 @@ def mlstm_recurrent_step(
     """One time step: update (C, n, m) with (k, v, gates), then read out with q.
 
     Used for generation: O(1) time and memory per token. The state is kept in float32 (or wider).
+    Edge cases as in the other forms, for one token: a bad q makes h NaN; a bad k, v or gate makes h
+    and the new state NaN; a state with invalid entries makes both NaN.
     """
+    check_step(q, k, v, igate_preact, fgate_preact)
     expected = (*q.shape, v.shape[-1])
     if state.c.shape != expected:
         raise ValueError(
@@ -254,9 +270,12 @@ def mlstm_recurrent_step(
     acc = _acc_dtype(state.c, q, k, v, igate_preact, fgate_preact)
     state = jax.tree.map(lambda x: x.astype(acc), state)
     q, k, v = (x.astype(acc) for x in (q, k, v))
-    log_fgate = jax.nn.log_sigmoid(fgate_preact.astype(acc))
-    h, state = _step(state, q, k, v, igate_preact.astype(acc), log_fgate, eps)
-    return h.astype(out_dtype), state
+    inputs = (q, k, v, igate_preact.astype(acc), log_forget(fgate_preact.astype(acc)))
+    bad_query, bad_write = bad_query_and_write(*inputs)
+    state, bad_state = sanitize_state(state)
+    h, state = _step(state, *sanitize(*inputs), eps)
+    bad_write = bad_write | bad_state
+    return poison(h, bad_write | bad_query).astype(out_dtype), poison_state(state, bad_write)
 
 
 def _initial_state(initial_state, batch, heads, dhqk, dhv, acc) -> mLSTMState:
@@ -285,17 +304,21 @@ def mlstm_recurrent(
     """The step form scanned over the sequence (`lax.scan`). Returns h, and the final state if asked."""
     out_dtype = queries.dtype
     q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
-    batch, heads, _, dhqk = q.shape
+    batch, heads, seq_len, dhqk = q.shape
     state = _initial_state(initial_state, batch, heads, dhqk, v.shape[-1], q.dtype)
+    if seq_len == 0:
+        h = jnp.zeros((batch, heads, 0, v.shape[-1]), out_dtype)
+        return (h, state) if return_last_state else h
+    inputs, state, poisoned, final_poisoned = _sanitized(q, k, v, igate, log_fgate, state)
 
     def body(carry, xs):
         h_t, carry = _step(carry, *xs, eps)
         return carry, h_t
 
-    time_major = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, igate, log_fgate))
+    time_major = tuple(jnp.moveaxis(x, 2, 0) for x in inputs)
     final, h = jax.lax.scan(body, state, time_major)
-    h = jnp.moveaxis(h, 0, 2).astype(out_dtype)
-    return (h, final) if return_last_state else h
+    h = poison(jnp.moveaxis(h, 0, 2), poisoned).astype(out_dtype)
+    return (h, poison_state(final, final_poisoned)) if return_last_state else h
 
 
 def _pad_time(x: Array, length: int, value: float) -> Array:
@@ -323,13 +346,17 @@ def mlstm_chunkwise(
     with tokens that leave the state unchanged (f̄ = 0, no input), so the returned final state is
     exactly that after the last real token.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    chunk_size = check_chunk_size(chunk_size)
     out_dtype = queries.dtype
     q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
     batch, heads, seq_len, dhqk = q.shape
     dhv = v.shape[-1]
     state = _initial_state(initial_state, batch, heads, dhqk, dhv, q.dtype)
+    if seq_len == 0:
+        h = jnp.zeros((batch, heads, 0, dhv), out_dtype)
+        return (h, state) if return_last_state else h
+    inputs, state, poisoned, final_poisoned = _sanitized(q, k, v, igate, log_fgate, state)
+    q, k, v, igate, log_fgate = inputs
 
     chunk = min(chunk_size, seq_len)
     num_chunks = -(-seq_len // chunk)
@@ -358,16 +385,16 @@ def mlstm_chunkwise(
     log_weight = after + igate  # a_t: weight of token t in the end-of-chunk state
     log_weight_max = jnp.max(log_weight, axis=-1)
     # Each chunk's contribution to the state, stabilised by its own maximum; rescaled in the scan.
-    chunk_kv = jnp.einsum(
-        "bhcl,bhcld,bhclv->bhcdv", jnp.exp(log_weight - log_weight_max[..., None]), k, v
-    )
-    chunk_k = jnp.einsum("bhcl,bhcld->bhcd", jnp.exp(log_weight - log_weight_max[..., None]), k)
+    weight = jnp.exp(log_weight - finite_stabiliser(log_weight_max)[..., None])
+    chunk_kv = jnp.einsum("bhcl,bhcld,bhclv->bhcdv", weight, k, v)
+    chunk_k = jnp.einsum("bhcl,bhcld->bhcd", weight, k)
 
     def inter_chunk(carry: mLSTMState, xs):
         g, a_max, kv, kk = xs
         m_new = jnp.maximum(g + carry.m, a_max)
-        decay = jnp.exp(g + carry.m - m_new)
-        scale = jnp.exp(a_max - m_new)
+        m_sub = finite_stabiliser(m_new)
+        decay = jnp.exp(g + carry.m - m_sub)
+        scale = jnp.exp(a_max - m_sub)
         new = mLSTMState(
             c=decay[..., None, None] * carry.c + scale[..., None, None] * kv,
             n=decay[..., None] * carry.n + scale[..., None] * kk,
@@ -384,12 +411,14 @@ def mlstm_chunkwise(
     log_d = jnp.where(causal, _segment_log_decay(log_fgate) + igate[..., None, :], -jnp.inf)
     m_from_state = to_here + m_prev[..., None]
     m = jnp.maximum(m_from_state, jnp.max(log_d, axis=-1))
-    scores = jnp.einsum("bhcsd,bhctd->bhcst", q, k) * jnp.exp(log_d - m[..., None])
-    state_scale = jnp.exp(m_from_state - m)
+    m_sub = finite_stabiliser(m)
+    qk = jnp.einsum("bhcsd,bhctd->bhcst", q, k)
+    scores = jnp.where(causal, qk * jnp.exp(log_d - m_sub[..., None]), 0.0)  # selection
+    state_scale = jnp.exp(m_from_state - m_sub)
     num = state_scale[..., None] * jnp.einsum("bhcsd,bhcdv->bhcsv", q, c_prev) + jnp.einsum(
         "bhcst,bhctv->bhcsv", scores, v
     )
     den = state_scale * jnp.einsum("bhcsd,bhcd->bhcs", q, n_prev) + jnp.sum(scores, axis=-1)
     h = _normalise(num, den, m, eps).reshape(batch, heads, padded, dhv)[:, :, :seq_len]
-    h = h.astype(out_dtype)
-    return (h, final) if return_last_state else h
+    h = poison(h, poisoned).astype(out_dtype)
+    return (h, poison_state(final, final_poisoned)) if return_last_state else h

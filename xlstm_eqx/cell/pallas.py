@@ -19,6 +19,13 @@ stabiliser `m` and the normaliser — not the convention of treating them as con
 pre-processing (log-sigmoid, in-chunk cumulative sums, padding) is plain JAX around the kernels and is
 differentiated by JAX.
 
+Edge cases are those of `forms` (docs/architecture.md, "Edge cases"), exactly: invalid tokens (NaN,
+inf) are replaced before the kernels and NaN is set after them where they reach (`nonfinite`);
+S = 0 and B·NH = 0 return without a kernel call; a forget gate at -inf (a cleared memory) enters
+the pairwise log decays as the count `resets` (`forms._decay_sums`), and every stabiliser is
+floored where it is subtracted (`nonfinite.finite_stabiliser`). The causal mask inside a chunk is
+a selection (`where`), not a product.
+
 Kernels are written for the Triton lowering (`pl.pallas_call` on GPU): tiles are powers of two of at
 least 16, so the chunk length is rounded up to one (the result does not depend on the chunk length
 beyond rounding) and DHQK, DHV are zero-padded to one. On other backends they run in Pallas interpret
@@ -35,16 +42,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 from jaxtyping import Array, Float
 
+from .checks import check_chunk_size
 from .forms import (
     _NO_INPUT,
     GatePreact,
-    _double_cumsum,
+    _decay_sums,
     _initial_state,
     _max_exp_arg,
     _pad_time,
     _prepare,
+    _sanitized,
     mLSTMState,
 )
+from .nonfinite import finite_stabiliser, poison, poison_state
 
 
 # Smallest tile edge of a Triton `dot`.
@@ -92,38 +102,39 @@ def _chunk_update(k, v, a, amax, g, c, n, m):
     k (L, DK), v (L, DV), a (L) = log weight of each token in the end-of-chunk state, amax = max(a),
     g = Σ f̄ over the chunk; c (DK, DV), n (DK), m () the entering state.
     """
-    w = jnp.exp(a - amax)
+    w = jnp.exp(a - finite_stabiliser(amax))
     kw = k * w[:, None]
     kv = _dot(kw, v, trans_a=True)
     kk = jnp.sum(kw, axis=0)
     gm = g + m
     m_new = jnp.maximum(gm, amax)
-    alpha = jnp.exp(gm - m_new)
-    beta = jnp.exp(amax - m_new)
+    alpha = jnp.exp(gm - finite_stabiliser(m_new))
+    beta = jnp.exp(amax - finite_stabiliser(m_new))
     return alpha * c + beta * kv, alpha * n + beta * kk, m_new
 
 
-def _chunk_outputs(q, k, v, ig, b, hi, lo, c, n, m_prev, eps):
+def _chunk_outputs(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, eps):
     """Outputs of one chunk and the intermediates the backward needs.
 
     q (L, DK) already scaled by 1/√DHQK; ig (L) input-gate pre-activations; b (L) = Σ_{u≤s} f̄_u inside
-    the chunk; (hi, lo) the same cumulative sum in double-word form, for the pairwise log decays;
-    (c, n, m_prev) the state entering the chunk.
+    the chunk (-inf from an f̄ = -inf on); (hi, lo, resets) the same cumulative sum for the pairwise
+    log decays, as `forms._decay_sums` gives it; (c, n, m_prev) the state entering the chunk.
     """
     length = q.shape[0]
     rows = jax.lax.broadcasted_iota(jnp.int32, (length, length), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (length, length), 1)
     strict = cols < rows
     causal = cols <= rows
-    seg = jnp.where(strict, (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :]), 0.0)
+    diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
+    seg = jnp.where(strict, diff + (resets[:, None] - resets[None, :]), 0.0)
     log_d = jnp.where(causal, seg + ig[None, :], -jnp.inf)
     row_max = jnp.max(log_d, axis=1)
     m_state = b + m_prev
     m = jnp.maximum(m_state, row_max)
-    decay = jnp.exp(log_d - m[:, None])
+    decay = jnp.exp(log_d - finite_stabiliser(m)[:, None])
     qk = _dot(q, k, trans_b=True)
-    scores = qk * decay
-    sigma = jnp.exp(m_state - m)
+    scores = jnp.where(causal, qk * decay, 0.0)
+    sigma = jnp.exp(m_state - finite_stabiliser(m))
     qc = _dot(q, c)
     qn = jnp.sum(q * n[None, :], axis=1)
     num = sigma[:, None] * qc + _dot(scores, v)
@@ -133,6 +144,7 @@ def _chunk_outputs(q, k, v, ig, b, hi, lo, c, n, m_prev, eps):
     h = num / denom[:, None]
     return dict(
         strict=strict,
+        causal=causal,
         log_d=log_d,
         row_max=row_max,
         m_state=m_state,
@@ -150,13 +162,14 @@ def _chunk_outputs(q, k, v, ig, b, hi, lo, c, n, m_prev, eps):
     )
 
 
-def _chunk_outputs_backward(q, k, v, ig, b, hi, lo, c, n, m_prev, dh, eps):
+def _chunk_outputs_backward(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, dh, eps):
     """Reverse-mode derivative of `_chunk_outputs` (h only) for the cotangent dh (L, DV).
 
     Returns dq, dk, dv, d ig, d b, d hi (= d lo), dc, dn, dm_prev. Ties in max/min/abs are split as
-    JAX's own derivatives split them.
+    JAX's own derivatives split them. Where m = -inf (a row with nothing to read) the subtracted
+    stabiliser is a finite constant, as in `forms`: every term through it is then 0.
     """
-    f = _chunk_outputs(q, k, v, ig, b, hi, lo, c, n, m_prev, eps)
+    f = _chunk_outputs(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, eps)
     h, denom, den, lower, m = f["h"], f["denom"], f["den"], f["lower"], f["m"]
     sigma, decay, scores = f["sigma"], f["decay"], f["scores"]
 
@@ -176,7 +189,8 @@ def _chunk_outputs_backward(q, k, v, ig, b, hi, lo, c, n, m_prev, dh, eps):
     dscores = _dot(dnum, v, trans_b=True) + dden[:, None]
     dv = _dot(scores, dnum, trans_a=True)
 
-    # scores = (q kᵀ) ⊙ exp(log_d - m)
+    # scores = (q kᵀ) ⊙ exp(log_d - m) on the causal entries, 0 elsewhere
+    dscores = jnp.where(f["causal"], dscores, 0.0)
     dqk = dscores * decay
     dq = dq + _dot(dqk, k)
     dk = _dot(dqk, q, trans_a=True)
@@ -193,7 +207,8 @@ def _chunk_outputs_backward(q, k, v, ig, b, hi, lo, c, n, m_prev, dh, eps):
     count = jnp.sum(is_max.astype(dm.dtype), axis=1)
     dlog_d = dlog_d + jnp.where(is_max, (drow / count)[:, None], 0.0)
 
-    # log_d = seg + ig (causal part), seg[s, t] = (hi_s - hi_t) + (lo_s - lo_t) for t < s
+    # log_d = seg + ig (causal part), seg[s, t] = (hi_s - hi_t) + (lo_s - lo_t) + const for t < s
+    dlog_d = jnp.where(f["causal"], dlog_d, 0.0)
     dig = jnp.sum(dlog_d, axis=0)
     dseg = jnp.where(f["strict"], dlog_d, 0.0)
     dhi = jnp.sum(dseg, axis=1) - jnp.sum(dseg, axis=0)
@@ -205,14 +220,14 @@ def _chunk_update_backward(k, v, a, amax, g, c, n, m, dc_new, dn_new, dm_new):
 
     Returns dk, dv, da, d amax, dg and the cotangent (dc, dn, dm) of the state before the chunk.
     """
-    w = jnp.exp(a - amax)
+    w = jnp.exp(a - finite_stabiliser(amax))
     kw = k * w[:, None]
     kv = _dot(kw, v, trans_a=True)
     kk = jnp.sum(kw, axis=0)
     gm = g + m
     m_new = jnp.maximum(gm, amax)
-    alpha = jnp.exp(gm - m_new)
-    beta = jnp.exp(amax - m_new)
+    alpha = jnp.exp(gm - finite_stabiliser(m_new))
+    beta = jnp.exp(amax - finite_stabiliser(m_new))
 
     dalpha = _sum_all(dc_new * c) + jnp.sum(dn_new * n)
     dbeta = _sum_all(dc_new * kv) + jnp.sum(dn_new * kk)
@@ -264,7 +279,7 @@ def _outputs_backward_kernel(*refs, eps):
 
     refs: the inputs of `_chunk_outputs_backward`, then one output per gradient it returns.
     """
-    in_refs, out_refs = refs[:11], refs[11:]
+    in_refs, out_refs = refs[:12], refs[12:]
     grads = _chunk_outputs_backward(*(ref[...] for ref in in_refs), eps)
     for ref, value in zip(out_refs, grads, strict=True):
         ref[...] = value
@@ -370,21 +385,21 @@ def _states_forward(cfg: _KernelConfig, k, v, a, amax, g, c0, n0, m0):
     return _call(_states_kernel, cfg, (bh,), inputs, out, "mlstm_chunk_states_fwd")
 
 
-def _outputs_forward(cfg: _KernelConfig, q, k, v, ig, b, hi, lo, c_all, n_all, m_all):
+def _outputs_forward(cfg: _KernelConfig, q, k, v, ig, b, hi, lo, resets, c_all, n_all, m_all):
     """h, (BH, NC, L, DV)."""
     bh, nc, length, _ = q.shape
     kernel = functools.partial(_outputs_kernel, eps=cfg.eps)
-    inputs = (q, k, v, ig, b, hi, lo, c_all, n_all, m_all)
+    inputs = (q, k, v, ig, b, hi, lo, resets, c_all, n_all, m_all)
     out = _shapes(q.dtype, (bh, nc, length, v.shape[-1]))
     return _call(kernel, cfg, (bh, nc), inputs, out, "mlstm_chunk_outputs_fwd")[0]
 
 
-def _outputs_backward(cfg: _KernelConfig, q, k, v, ig, b, hi, lo, c_all, n_all, m_all, dh):
+def _outputs_backward(cfg: _KernelConfig, q, k, v, ig, b, hi, lo, resets, c_all, n_all, m_all, dh):
     """Per chunk: dq, dk, dv, d ig, d b, d hi, and the cotangent of the entering state."""
     bh, nc, length, dk = q.shape
     dv = v.shape[-1]
     kernel = functools.partial(_outputs_backward_kernel, eps=cfg.eps)
-    inputs = (q, k, v, ig, b, hi, lo, c_all, n_all, m_all, dh)
+    inputs = (q, k, v, ig, b, hi, lo, resets, c_all, n_all, m_all, dh)
     token, vector = (bh, nc, length), (bh, nc)
     out = _shapes(
         q.dtype,
@@ -425,19 +440,19 @@ def _states_backward(
 # custom_vjp core: inputs already padded, chunked and gate-preprocessed
 
 
-def _core_fwd(cfg, q, k, v, ig, b, hi, lo, a, amax, g, c0, n0, m0):
+def _core_fwd(cfg, q, k, v, ig, b, hi, lo, resets, a, amax, g, c0, n0, m0):
     """(h, final c, n, m) and the residuals: the inputs and the states entering every chunk."""
     c_all, n_all, m_all = _states_forward(cfg, k, v, a, amax, g, c0, n0, m0)
-    h = _outputs_forward(cfg, q, k, v, ig, b, hi, lo, c_all, n_all, m_all)
-    residuals = (q, k, v, ig, b, hi, lo, a, amax, g, c_all, n_all, m_all)
+    h = _outputs_forward(cfg, q, k, v, ig, b, hi, lo, resets, c_all, n_all, m_all)
+    residuals = (q, k, v, ig, b, hi, lo, resets, a, amax, g, c_all, n_all, m_all)
     return (h, c_all[:, -1], n_all[:, -1], m_all[:, -1]), residuals
 
 
 def _core_bwd(cfg, residuals, cotangents):
-    q, k, v, ig, b, hi, lo, a, amax, g, c_all, n_all, m_all = residuals
+    q, k, v, ig, b, hi, lo, resets, a, amax, g, c_all, n_all, m_all = residuals
     dh, *dfinal = cotangents
     dq, dk_out, dv_out, dig, db, dhi, dc_out, dn_out, dm_out = _outputs_backward(
-        cfg, q, k, v, ig, b, hi, lo, c_all, n_all, m_all, dh
+        cfg, q, k, v, ig, b, hi, lo, resets, c_all, n_all, m_all, dh
     )
     dk_state, dv_state, da, damax, dg, dc0, dn0, dm0 = _states_backward(
         cfg, k, v, a, amax, g, c_all, n_all, m_all, dc_out, dn_out, dm_out, dfinal
@@ -450,6 +465,7 @@ def _core_bwd(cfg, residuals, cotangents):
         db,
         dhi,
         dhi,
+        None,  # resets: a count of -inf gates, no derivative
         da,
         damax,
         dg,
@@ -509,8 +525,7 @@ def mlstm_chunkwise_pallas(
     `num_stages` are Triton launch settings (GPU only). Memory: inputs plus one (C, n, m) per chunk
     are kept for the backward; the L×L matrices are recomputed there.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    chunk_size = check_chunk_size(chunk_size)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     cfg = _KernelConfig(
@@ -521,6 +536,11 @@ def mlstm_chunkwise_pallas(
     batch, heads, seq_len, dhqk = q.shape
     dhv = v.shape[-1]
     state = _initial_state(initial_state, batch, heads, dhqk, dhv, q.dtype)
+    if seq_len == 0 or batch * heads == 0:  # nothing to run the kernels on
+        h = jnp.zeros((batch, heads, seq_len, dhv), out_dtype)
+        return (h, state) if return_last_state else h
+    inputs, state, poisoned, final_poisoned = _sanitized(q, k, v, igate, log_fgate, state)
+    q, k, v, igate, log_fgate = inputs
 
     length = _tile(min(chunk_size, seq_len))
     num_chunks = -(-seq_len // length)
@@ -549,7 +569,7 @@ def mlstm_chunkwise_pallas(
         axis=-1,
     )
     log_weight = after + igate
-    hi, lo = _double_cumsum(log_fgate)
+    hi, lo, resets = _decay_sums(log_fgate)
 
     c0 = _pad_last(_pad_last(state.c, dv).swapaxes(-1, -2), dk).swapaxes(-1, -2)
     h, c, n, m = _core(
@@ -561,6 +581,7 @@ def mlstm_chunkwise_pallas(
         to_here,
         hi,
         lo,
+        resets,
         log_weight,
         jnp.max(log_weight, axis=-1),
         to_here[..., -1],
@@ -568,7 +589,8 @@ def mlstm_chunkwise_pallas(
         _pad_last(state.n, dk).reshape(batch * heads, dk),
         state.m.reshape(batch * heads),
     )
-    h = h.reshape(batch, heads, padded, dv)[:, :, :seq_len, :dhv].astype(out_dtype)
+    h = h.reshape(batch, heads, padded, dv)[:, :, :seq_len, :dhv]
+    h = poison(h, poisoned).astype(out_dtype)
     if not return_last_state:
         return h
     final = mLSTMState(
@@ -576,4 +598,4 @@ def mlstm_chunkwise_pallas(
         n=n.reshape(batch, heads, dk)[..., :dhqk],
         m=m.reshape(batch, heads),
     )
-    return h, final
+    return h, poison_state(final, final_poisoned)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .checks import check_chunk_size, check_inputs
 from .forms import GatePreact, _acc_dtype, _initial_state, mlstm_chunkwise, mLSTMState
 
 
@@ -45,10 +46,9 @@ def mlstm_chunkwise_remat(
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    if chunks_per_step < 1:
-        raise ValueError(f"chunks_per_step must be a positive integer, got {chunks_per_step}")
+    chunk_size = check_chunk_size(chunk_size)
+    chunks_per_step = check_chunk_size(chunks_per_step, "chunks_per_step")
+    check_inputs(queries, keys, values, igate_preact, fgate_preact)
 
     def cell(q, k, v, i, f, state):
         return mlstm_chunkwise(

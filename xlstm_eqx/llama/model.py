@@ -296,6 +296,8 @@ class LlamaTransformer(eqx.Module):
         - ``positions``: RoPE positions (e.g. restarting at 0 in each document, as the reference
           trainer passes them); default ``arange(S)``.
         """
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (B, S) (2-D), got shape {tokens.shape}")
         B, S = tokens.shape
         if document_borders is not None and document_borders.shape != (B, S):
             raise ValueError(
@@ -337,6 +339,8 @@ class LlamaTransformer(eqx.Module):
         """
         if not self.causal:
             raise ValueError("decode needs a causal model (LlamaConfig.causal=True)")
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (B, T) (2-D), got shape {tokens.shape}")
         B, T = tokens.shape
         S_max = cache.keys.shape[2]
         if cache.keys.shape[1] != B:

@@ -98,6 +98,8 @@ class xLSTMLMModel(eqx.Module):
         self.logits_soft_cap = None if cap is None else float(cap)
 
     def _check_inputs(self, tokens: Array, document_borders: Array | None) -> None:
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (B, S) (2-D), got shape {tokens.shape}")
         if document_borders is not None and document_borders.shape != tokens.shape:
             raise ValueError(
                 f"document_borders has shape {document_borders.shape}; expected the tokens' "
