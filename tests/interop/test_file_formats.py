@@ -34,7 +34,7 @@ from xlstm_eqx.interop import (
     load_xlstm_jax_params,
 )
 from xlstm_eqx.interop.safetensors_files import SafetensorsError, SafetensorsFile, save_file
-from xlstm_eqx.training import CheckpointError, orbax_checkpoint
+from xlstm_eqx.training import CheckpointError, checkpoint as npz_checkpoint, orbax_checkpoint
 from xlstm_eqx.training.checkpoint import load_metadata, restore_checkpoint, save_checkpoint
 
 
@@ -187,7 +187,7 @@ class CheckpointFormat:
 
 
 FORMATS = {
-    "npz": CheckpointFormat(sys.modules[save_checkpoint.__module__], "meta.json"),
+    "npz": CheckpointFormat(npz_checkpoint, "meta.json"),
     "orbax": CheckpointFormat(orbax_checkpoint, os.path.join("meta", "metadata")),
 }
 

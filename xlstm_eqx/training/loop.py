@@ -229,29 +229,26 @@ def _train(
     last_ckpt_step = start_step if p.resume_from else 0
     blocked: list[float] = []  # seconds each save held the loop up
 
-    def checkpoint(step: int) -> str:
-        meta = {
+    def run_meta(step: int) -> dict[str, Any]:
+        """What a checkpoint of `step` records beside the arrays (resume reads it back)."""
+        return {
             "step": step,
             "data_position": step * cfg.grad_accum,
             "rng_key": np.asarray(jax.random.key_data(loop_key)).tolist(),
             "run_config": run_config,
         }
+
+    def checkpoint(step: int) -> str:
         t0 = time.perf_counter()
-        path = store.save(step, {"model": model, "opt_state": opt_state}, meta)
+        path = store.save(step, {"model": model, "opt_state": opt_state}, run_meta(step))
         blocked.append(time.perf_counter() - t0)
         return path
 
     def save_decay_start(step: int) -> None:
         """Where an extension of a wsd run restarts (training/extend.py): one synchronous save,
         once per run, into its own directory."""
-        meta = {
-            "step": step,
-            "data_position": step * cfg.grad_accum,
-            "rng_key": np.asarray(jax.random.key_data(loop_key)).tolist(),
-            "run_config": run_config,
-        }
         trees = {"model": model, "opt_state": opt_state}
-        save_checkpoint(os.path.join(out, DECAY_START_DIR), step, trees, meta, keep=1)
+        save_checkpoint(os.path.join(out, DECAY_START_DIR), step, trees, run_meta(step), keep=1)
 
     end_step = cfg.steps if stop_after_step is None else min(cfg.steps, stop_after_step)
     bar = None

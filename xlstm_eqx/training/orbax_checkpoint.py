@@ -287,13 +287,12 @@ def _check_finite(path: str, name: str, paths: list[str], leaves: list[Any]) -> 
     groups: dict[frozenset, list[tuple[str, Any]]] = {}  # one call per set of devices
     for p, x in floats:
         groups.setdefault(frozenset(x.sharding.device_set), []).append((p, x))
-    checked = [
-        (p, x, good)
-        for group in groups.values()
-        for (p, x), good in zip(group, _all_finite([x for _, x in group]), strict=True)
-    ]
-    for p, x, good in sorted(checked, key=lambda t: paths.index(t[0])):
-        if not bool(good):
+    finite: dict[str, bool] = {}
+    for group in groups.values():
+        ok = jax.device_get(_all_finite([x for _, x in group]))
+        finite.update((p, bool(good)) for (p, _), good in zip(group, ok, strict=True))
+    for p, x in floats:  # the first in tree order
+        if not finite[p]:
             raise CheckpointError(
                 f"checkpoint {path!r}: {name}{p} {x.dtype}{list(x.shape)} holds non-finite "
                 "values (NaN or inf)"
