@@ -378,7 +378,6 @@ class CheckpointStore:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.root, options=options)
-        self.last_save_seconds: float | None = None
 
     def steps(self) -> list[int]:
         return sorted(int(s) for s in self._manager.all_steps())
