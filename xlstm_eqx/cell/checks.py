@@ -8,7 +8,12 @@ message that names the argument.
 import numbers
 
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
+
+
+# A Python or NumPy integer: what `check_chunk_size` accepts, as an annotation.
+IntLike = int | np.integer
 
 
 def check_floating(**arrays: Array) -> None:

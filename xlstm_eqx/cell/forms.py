@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from .checks import check_chunk_size, check_inputs, check_step
+from .checks import IntLike, check_chunk_size, check_inputs, check_step
 from .nonfinite import (
     RESET_LOG_DECAY,
     bad_query_and_write,
@@ -334,7 +334,7 @@ def mlstm_chunkwise(
     igate_preact: GatePreact,
     fgate_preact: GatePreact,
     *,
-    chunk_size: int = 64,
+    chunk_size: IntLike = 64,
     initial_state: mLSTMState | None = None,
     return_last_state: bool = False,
     eps: float = 1e-6,

@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 from jaxtyping import Array, Float
 
-from .checks import check_chunk_size
+from .checks import IntLike, check_chunk_size
 from .forms import (
     _NO_INPUT,
     GatePreact,
@@ -508,7 +508,7 @@ def mlstm_chunkwise_pallas(
     igate_preact: GatePreact,
     fgate_preact: GatePreact,
     *,
-    chunk_size: int = 64,
+    chunk_size: IntLike = 64,
     initial_state: mLSTMState | None = None,
     return_last_state: bool = False,
     eps: float = 1e-6,

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .checks import check_chunk_size, check_inputs
+from .checks import IntLike, check_chunk_size, check_inputs
 from .forms import GatePreact, _acc_dtype, _initial_state, mlstm_chunkwise, mLSTMState
 
 
@@ -26,12 +26,12 @@ def mlstm_chunkwise_remat(
     igate_preact: GatePreact,
     fgate_preact: GatePreact,
     *,
-    chunk_size: int = 64,
+    chunk_size: IntLike = 64,
     initial_state: mLSTMState | None = None,
     return_last_state: bool = False,
     eps: float = 1e-6,
     remat: str = "chunk_states",
-    chunks_per_step: int = 1,
+    chunks_per_step: IntLike = 1,
 ) -> Float[Array, "B NH S DHV"] | tuple[Float[Array, "B NH S DHV"], mLSTMState]:
     """`mlstm_chunkwise` under a rematerialisation policy; same result, same gradient.
 
