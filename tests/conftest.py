@@ -6,14 +6,14 @@ import jax
 import jax.random as jr
 import pytest
 
+from tests.multiprocess import FAST_XLA
+
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-# Compile fast: the test programs are small and most run once, so XLA's optimisation passes cost
-# more than they save (about 30% of the suite's time). Read when the backend starts, i.e. at the
-# first computation, after this module loads; subprocesses (CLI, notebooks, workers) inherit it.
+# Compile fast (about 30% of the suite's time): read when the backend starts, i.e. at the first
+# computation, after this module loads; subprocesses (CLI, notebooks, workers) inherit it.
 # XLSTM_EQX_TEST_FULL_XLA=1 keeps XLA's defaults.
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if not os.environ.get("XLSTM_EQX_TEST_FULL_XLA") and "optimization_level" not in os.environ.get(
     "XLA_FLAGS", ""
 ):

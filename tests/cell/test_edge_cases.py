@@ -232,7 +232,8 @@ def assert_states_equal(x, y, tol):
 
 
 @hypothesis.given(
-    seq_len=st.one_of(st.just(0), st.integers(0, 40)),
+    # a few lengths (each compiles every form once) across chunk boundaries; S = 0 included
+    seq_len=st.sampled_from([0, 1, 7, 16, 40]),
     seed=st.integers(0, 2**16),
     i_frac=st.sampled_from([0.0, 0.3, 0.8, 1.0]),
     f_frac=st.sampled_from([0.0, 0.1, 0.4, 1.0]),

@@ -206,6 +206,7 @@ def test_two_halves_equal_whole(form, split):
         "chunkwise": functools.partial(X.mlstm_chunkwise, chunk_size=16),
         "recurrent": X.mlstm_recurrent,
     }[form]
+    fn = jax.jit(fn, static_argnames="return_last_state")  # eager dispatch costs about a minute
     whole, whole_state = fn(*inputs, return_last_state=True)
     first, state = fn(*(x[:, :, :split] for x in inputs), return_last_state=True)
     second, last_state = fn(

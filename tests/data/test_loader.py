@@ -7,7 +7,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,10 @@ import time
 import numpy as np
 import pytest
 
+from tests.multiprocess import collect, free_port, result, start_worker, worker_env
 from tests.training.test_train import TEXT, _cfg, _quiet
 from xlstm_eqx.data import BatchLoader, BatchSampler, ByteTokenizer, load_corpus
 from xlstm_eqx.training import host_sync, list_checkpoints, read_metrics, train
-
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.fixture
@@ -30,16 +26,6 @@ def data_file(tmp_path):
     path.parent.mkdir()
     path.write_text(TEXT)
     return str(path)
-
-
-def _env(devices: int, fast: bool = True) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    if fast:  # (other optimization settings change the last bits of the losses)
-        env["XLA_FLAGS"] += " " + FAST_XLA
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 # --- the loader --------------------------------------------------------------------------------
@@ -120,41 +106,21 @@ def test_profile_window_writes_a_trace(tmp_path, data_file):
 # --- processes ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _worker(args: list[str], devices: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.parallel.sharding_worker", *args],
-        cwd=ROOT,
-        env=_env(devices),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _worker(args: list[str], devices: int, cwd: pathlib.Path) -> subprocess.Popen:
+    return start_worker("tests.parallel.sharding_worker", args, devices, cwd)
 
 
 def _result(proc: subprocess.Popen, timeout: float = 600) -> dict:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{err[-4000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
+    return result({"worker": collect("worker", proc, timeout)}, "worker")
 
 
 def test_two_processes_read_disjoint_rows_and_train_like_one(tmp_path, data_file):
     """Two processes with two CPU devices each (gloo), the batch split over the four: each reads
     only its half of every batch, and both log the losses of the one-process run."""
-    port = str(_free_port())
+    port = str(free_port())
     run = str(tmp_path / "two")
-    procs = [_worker(["data", data_file, run, str(i), "2", port], 2) for i in range(2)]
-    single = _worker(["data", data_file, str(tmp_path / "one"), "0", "1", "0"], 1)
+    procs = [_worker(["data", data_file, run, str(i), "2", port], 2, tmp_path) for i in range(2)]
+    single = _worker(["data", data_file, str(tmp_path / "one"), "0", "1", "0"], 1, tmp_path)
     r0, r1 = (_result(p) for p in procs)
     one = _result(single)
     assert (r0["process_index"], r1["process_index"], r0["devices"]) == (0, 1, 4)
@@ -182,7 +148,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, data_file):
     ckpts = os.path.join(out, "checkpoints")
     with open(log, "wb") as err:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=_env(1, fast=False), stdout=subprocess.DEVNULL, stderr=err
+            cmd, cwd=tmp_path, env=worker_env(1), stdout=subprocess.DEVNULL, stderr=err
         )
         try:
             deadline = time.time() + 300

@@ -11,11 +11,8 @@ import ast
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import socket
 import subprocess
-import sys
 import time
 
 import equinox as eqx
@@ -28,6 +25,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from tests.multiprocess import collect, free_port, once_per_session, result, start_worker
 from xlstm_eqx import get_preset
 from xlstm_eqx.core import ParallelConfig
 from xlstm_eqx.llama import LlamaTransformer
@@ -46,9 +44,6 @@ from xlstm_eqx.presets import tiny_llama, tiny_xlstm, tiny_xlstm_slstm
 from xlstm_eqx.xlstm import xLSTMLMModel
 
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-# Compile fast: the workers' programs are tiny and run once.
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 MESHES = ("dp=8", "fsdp=8", "tp=2,dp=4", "fsdp=4,tp=2")
 MODELS = ("xlstm_v1", "xlstm_mixed", "llama")
 TEXT = (
@@ -62,51 +57,14 @@ TEXT = (
 # the workers
 
 
-def _env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_XLA}"
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 def _start(args: list[str], devices: int, cwd: pathlib.Path) -> subprocess.Popen:
-    # cwd: the test's tmp folder, so a relative default path can never reach the checkout.
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.parallel.sharding_worker", *args],
-        cwd=cwd,
-        env=_env(devices),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _collect(name: str, proc: subprocess.Popen, timeout: float) -> dict | str:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        return f"{name}: timed out after {timeout:.0f} s\n{err[-3000:]}"
-    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        return f"{name}: exit {proc.returncode}\n{out[-2000:]}\n{err[-6000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+    return start_worker("tests.parallel.sharding_worker", args, devices, cwd)
 
 
 def _run_workers(tmp: pathlib.Path) -> dict:
     data = tmp / "corpus.txt"
     data.write_text(TEXT)
-    port = _free_port()
+    port = free_port()
     t0 = time.perf_counter()
     procs = {
         "equiv_a": _start(["equiv", "xlstm_v1", "llama"], 8, tmp),
@@ -115,42 +73,19 @@ def _run_workers(tmp: pathlib.Path) -> dict:
         "dist0": _start(["dist", str(data), "0", "2", str(port)], 2, tmp),
         "dist1": _start(["dist", str(data), "1", "2", str(port)], 2, tmp),
     }
-    out = {name: _collect(name, p, timeout=900) for name, p in procs.items()}
+    out = {name: collect(name, p, timeout=900) for name, p in procs.items()}
     out["seconds"] = time.perf_counter() - t0
     return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Run every worker once, concurrently: equivalence on 8 devices (two processes), the
-    trainer's loop on a mesh with checkpoints across meshes, and the two-process run.
-
-    Once per test session even under pytest-xdist: the first xdist worker to take the lock runs
-    them and stores the numbers next to the session's temporary directory; the others read them.
-    """
-    import fcntl
-
-    base = tmp_path_factory.getbasetemp()
-    # Under xdist each worker's base is <session dir>/popen-gwN: share the session dir.
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    stored = shared / "sharding_results.json"
-    with open(shared / "sharding_results.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if stored.exists():
-                return json.loads(stored.read_text())
-            out = _run_workers(tmp_path_factory.mktemp("sharding"))
-            stored.write_text(json.dumps(out))
-            return out
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Run every worker once per session, concurrently: equivalence on 8 devices (two processes),
+    the trainer's loop on a mesh with checkpoints across meshes, and the two-process run."""
+    return once_per_session(tmp_path_factory, "sharding", _run_workers)
 
 
-def _get(results, name):
-    r = results[name]
-    if isinstance(r, str):
-        pytest.fail(r)
-    return r
+_get = result
 
 
 def _equiv(results, model):

@@ -9,9 +9,7 @@ import json
 import os
 import pathlib
 import random
-import socket
 import subprocess
-import sys
 import time
 
 import equinox as eqx
@@ -22,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+from tests.multiprocess import collect, free_port, once_per_session, result, start_worker
 from xlstm_eqx.training import (
     CheckpointError,
     CheckpointStore,
@@ -39,7 +38,6 @@ from xlstm_eqx.training import (
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TEXT = (
     "The quick brown fox jumps over the lazy dog. "
     "Pack my box with five dozen liquor jugs. "
@@ -219,83 +217,30 @@ def test_older_npz_checkpoints_get_a_clear_error(tmp_path, getkey):
 # --- simulated devices: one process with 8, two processes with 4 each --------------------------------
 
 
-def _env(devices: int, fast: bool = True) -> dict[str, str]:
-    env = dict(os.environ)
-    flags = f"--xla_force_host_platform_device_count={devices}"
-    env["XLA_FLAGS"] = f"{flags} {FAST_XLA}" if fast else flags
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+def _start(args: list[str], devices: int, cwd: pathlib.Path) -> subprocess.Popen:
+    return start_worker("tests.training.checkpoint_worker", args, devices, cwd)
 
 
-def _start(args: list[str], devices: int, fast: bool = True) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.training.checkpoint_worker", *args],
-        cwd=ROOT,
-        env=_env(devices, fast),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _collect(name: str, proc: subprocess.Popen, timeout: float) -> dict | str:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        return f"{name}: timed out after {timeout:.0f} s\n{err[-3000:]}"
-    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        return f"{name}: exit {proc.returncode}\n{out[-2000:]}\n{err[-6000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+def _run_workers(tmp: pathlib.Path) -> dict:
+    data = _data(tmp)
+    port = free_port()
+    procs = {
+        "mesh8": _start(["mesh8", data, str(tmp / "mesh8")], 8, tmp),
+        "proc0": _start(["procs", data, str(tmp / "procs"), "0", "2", str(port)], 4, tmp),
+        "proc1": _start(["procs", data, str(tmp / "procs"), "1", "2", str(port)], 4, tmp),
+    }
+    out = {name: collect(name, p, timeout=900) for name, p in procs.items()}
+    out["procs_dir"] = str(tmp / "procs")
+    return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Run the workers once per session, concurrently (shared between xdist workers as in
-    test_sharding.py)."""
-    import fcntl
-
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    stored = shared / "orbax_checkpoint_results.json"
-    with open(shared / "orbax_checkpoint_results.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if stored.exists():
-                return json.loads(stored.read_text())
-            tmp = shared / "orbax_checkpoint_runs"
-            tmp.mkdir(exist_ok=True)
-            data = _data(tmp)
-            port = _free_port()
-            procs = {
-                "mesh8": _start(["mesh8", data, str(tmp / "mesh8")], 8),
-                "proc0": _start(["procs", data, str(tmp / "procs"), "0", "2", str(port)], 4),
-                "proc1": _start(["procs", data, str(tmp / "procs"), "1", "2", str(port)], 4),
-            }
-            out = {name: _collect(name, p, timeout=900) for name, p in procs.items()}
-            out["procs_dir"] = str(tmp / "procs")
-            stored.write_text(json.dumps(out))
-            return out
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Run the workers once per session, concurrently."""
+    return once_per_session(tmp_path_factory, "orbax_checkpoint", _run_workers)
 
 
-def _get(results, name):
-    r = results[name]
-    if isinstance(r, str):
-        pytest.fail(r)
-    return r
+_get = result
 
 
 def test_fsdp8_checkpoint_restores_onto_tp2_dp4_and_one_device(results):
@@ -364,7 +309,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(tmp_path):
 
     data = _data(tmp_path)
     out = tmp_path / "kill"
-    proc = _start(["killme", data, str(out)], 1, fast=False)
+    proc = _start(["killme", data, str(out)], 1, tmp_path)
     root = out / "k" / "checkpoints"
     deadline = time.monotonic() + 600
     while not list_checkpoints(root):
