@@ -11,6 +11,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import pytest
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Compile fast: test programs are small and most run once, so XLA's optimisation passes cost more
@@ -94,8 +96,6 @@ def once_per_session(tmp_path_factory, name: str, compute: Callable[[pathlib.Pat
 
 def result(results: dict, name: str) -> dict:
     """`results[name]`, failing the calling test with the worker's own message if it had none."""
-    import pytest
-
     r = results[name]
     if isinstance(r, str):
         pytest.fail(r)
