@@ -6,6 +6,7 @@ import jax
 import jax.random as jr
 import pytest
 
+from tests.corpus import write_corpus
 from tests.multiprocess import FAST_XLA
 
 
@@ -82,6 +83,12 @@ def _caches_in_tmp(tmp_path_factory):
     os.environ["WANDB_MODE"] = "offline"
     os.environ["WANDB_SILENT"] = "true"
     os.environ["TRACKIO_DIR"] = str(root / "trackio")
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    """The small training corpus (`tests/corpus.py`) as a file under `tmp_path/data/`."""
+    return write_corpus(tmp_path / "data")
 
 
 @pytest.fixture

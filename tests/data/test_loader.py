@@ -15,17 +15,9 @@ import numpy as np
 import pytest
 
 from tests.multiprocess import collect, free_port, result, start_worker, worker_env
-from tests.training.test_train import TEXT, _cfg, _quiet
+from tests.training.test_train import _cfg, _quiet
 from xlstm_eqx.data import BatchLoader, BatchSampler, ByteTokenizer, load_corpus
 from xlstm_eqx.training import host_sync, list_checkpoints, read_metrics, train
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    path = tmp_path / "data" / "corpus.txt"
-    path.parent.mkdir()
-    path.write_text(TEXT)
-    return str(path)
 
 
 # --- the loader --------------------------------------------------------------------------------

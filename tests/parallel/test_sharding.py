@@ -25,6 +25,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from tests.corpus import write_corpus
 from tests.multiprocess import collect, free_port, once_per_session, result, start_worker
 from xlstm_eqx import get_preset
 from xlstm_eqx.core import ParallelConfig
@@ -46,11 +47,6 @@ from xlstm_eqx.xlstm import xLSTMLMModel
 
 MESHES = ("dp=8", "fsdp=8", "tp=2,dp=4", "fsdp=4,tp=2")
 MODELS = ("xlstm_v1", "xlstm_mixed", "llama")
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. "
-    "Pack my box with five dozen liquor jugs. "
-    "How vexingly quick daft zebras jump! "
-) * 40
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,8 +58,7 @@ def _start(args: list[str], devices: int, cwd: pathlib.Path) -> subprocess.Popen
 
 
 def _run_workers(tmp: pathlib.Path) -> dict:
-    data = tmp / "corpus.txt"
-    data.write_text(TEXT)
+    data = write_corpus(tmp)
     port = free_port()
     t0 = time.perf_counter()
     procs = {

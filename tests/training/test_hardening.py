@@ -17,18 +17,10 @@ import pytest
 
 from xlstm_eqx.training import read_metrics, train
 
-from .test_train import TEXT, _cfg, _quiet
+from .test_train import _cfg, _quiet
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    path = tmp_path / "data" / "corpus.txt"
-    path.parent.mkdir()
-    path.write_text(TEXT)
-    return str(path)
 
 
 def _env(tmp_path):

@@ -16,7 +16,8 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from tests.training.test_train import TEXT, ToyConfig, ToyLM, _cfg, _quiet
+from tests.corpus import TEXT
+from tests.training.test_train import ToyConfig, ToyLM, _cfg, _quiet
 from xlstm_eqx.cli import main
 from xlstm_eqx.data import ByteTokenizer
 from xlstm_eqx.training import sample_tokens, train

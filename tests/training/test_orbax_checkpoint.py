@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+from tests.corpus import write_corpus
 from tests.multiprocess import collect, free_port, once_per_session, result, start_worker
 from xlstm_eqx.training import (
     CheckpointError,
@@ -38,11 +39,6 @@ from xlstm_eqx.training import (
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. "
-    "Pack my box with five dozen liquor jugs. "
-    "How vexingly quick daft zebras jump! "
-) * 40
 
 
 class Net(eqx.Module):
@@ -184,9 +180,7 @@ def test_no_pickle_in_files(tmp_path, getkey):
 
 
 def _data(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
+    return write_corpus(tmp_path)
 
 
 def test_older_npz_checkpoints_get_a_clear_error(tmp_path, getkey):

@@ -11,7 +11,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from tests.training.test_train import TEXT, ToyConfig, ToyLM, _cfg, _quiet
+from tests.training.test_train import ToyConfig, ToyLM, _cfg, _quiet
 from xlstm_eqx.training import (
     TrainConfig,
     learning_rate_schedule,
@@ -21,14 +21,6 @@ from xlstm_eqx.training import (
     train,
     trainable_params,
 )
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    path = tmp_path / "data" / "corpus.txt"
-    path.parent.mkdir()
-    path.write_text(TEXT)
-    return str(path)
 
 
 def _values(cfg, steps):

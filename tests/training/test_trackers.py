@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from tests.training.test_train import TEXT, _cfg, _quiet
+from tests.corpus import TEXT
+from tests.training.test_train import _cfg, _quiet
 from xlstm_eqx.training import read_metrics, train
 
 

@@ -13,6 +13,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+from tests.corpus import TEXT
 from xlstm_eqx import ModelFamily, register_model_family
 from xlstm_eqx.training import (
     CheckpointError,
@@ -84,20 +85,6 @@ register_model_family(
         lambda: {"tiny": ToyConfig, "short": lambda: ToyConfig(context_length=8)},
     )
 )
-
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. "
-    "Pack my box with five dozen liquor jugs. "
-    "How vexingly quick daft zebras jump! "
-) * 40
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    path = tmp_path / "data" / "corpus.txt"
-    path.parent.mkdir()
-    path.write_text(TEXT)
-    return str(path)
 
 
 def _cfg(tmp_path, data_file, **kw):
