@@ -15,13 +15,12 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 import numpy as np
-import optax
 import pytest
 
 from tests.corpus import write_corpus
 from tests.multiprocess import collect, free_port, once_per_session, result, start_worker
+from tests.training.test_checkpoint import Net, _same, _trees
 from xlstm_eqx.training import (
     CheckpointError,
     CheckpointStore,
@@ -39,40 +38,6 @@ from xlstm_eqx.training import (
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-class Net(eqx.Module):
-    layers: tuple
-    scale: jax.Array
-    counter: jax.Array
-    name: str = eqx.field(static=True)
-
-    def __init__(self, sizes, *, key, name="net"):
-        keys = jr.split(key, len(sizes) - 1)
-        self.layers = tuple(
-            eqx.nn.Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys, strict=True)
-        )
-        self.scale = jnp.ones((sizes[-1],), jnp.bfloat16)
-        self.counter = jnp.array(7, jnp.int32)
-        self.name = name
-
-
-def _trees(key, sizes=(3, 4, 2)):
-    net = Net(sizes, key=key)
-    opt = optax.adamw(1e-3)
-    params = eqx.filter(net, eqx.is_inexact_array)
-    opt_state = opt.init(params)
-    grads = jax.tree.map(jnp.ones_like, params)
-    with jax.numpy_dtype_promotion("standard"):  # optax mixes python floats and int32 counts
-        _, opt_state = opt.update(grads, opt_state, params)
-    return net, opt_state
-
-
-def _same(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 # --- one process, one device ---------------------------------------------------------------------
