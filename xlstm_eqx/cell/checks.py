@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
+from ..core.utils import check_rank
+
 
 # A Python or NumPy integer: what `check_chunk_size` accepts, as an annotation.
 IntLike = int | np.integer
@@ -22,13 +24,6 @@ def check_floating(**arrays: Array) -> None:
     for name, x in arrays.items():
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must have a floating-point dtype, got {x.dtype}")
-
-
-def check_rank(name: str, x: Array, expected: str) -> None:
-    """`ValueError` naming `name` unless x has as many axes as the shape `expected`, "(B, NH, ...)"."""
-    rank = expected.count(",") + 1
-    if x.ndim != rank:
-        raise ValueError(f"{name} must have shape {expected} ({rank}-D), got shape {x.shape}")
 
 
 def check_chunk_size(value: object, name: str = "chunk_size") -> int:

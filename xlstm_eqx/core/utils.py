@@ -1,5 +1,5 @@
 """Dtype and PRNG-key helpers: a dtype from its name with a clear error, and splitting a key that
-may be None (deterministic calls pass no key).
+may be None (deterministic calls pass no key); the rank check shared by the cell and the models.
 """
 
 from typing import Any
@@ -7,7 +7,17 @@ from typing import Any
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import PRNGKeyArray
+from jaxtyping import Array, PRNGKeyArray
+
+
+# arguments
+
+
+def check_rank(name: str, x: Array, expected: str) -> None:
+    """`ValueError` naming `name` unless x has as many axes as the shape `expected`, "(B, NH, ...)"."""
+    rank = expected.count(",") + 1
+    if x.ndim != rank:
+        raise ValueError(f"{name} must have shape {expected} ({rank}-D), got shape {x.shape}")
 
 
 # dtypes

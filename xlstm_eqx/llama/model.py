@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ..core.utils import split_optional_key, to_dtype
+from ..core.utils import check_rank, split_optional_key, to_dtype
 from ..nn.functional import dropout, soft_cap
 from ..nn.init import output_initializer, small_init_std, small_initializer
 from ..nn.linear import Dense, Embedding
@@ -296,8 +296,7 @@ class LlamaTransformer(eqx.Module):
         - ``positions``: RoPE positions (e.g. restarting at 0 in each document, as the reference
           trainer passes them); default ``arange(S)``.
         """
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape (B, S) (2-D), got shape {tokens.shape}")
+        check_rank("tokens", tokens, "(B, S)")
         B, S = tokens.shape
         if document_borders is not None and document_borders.shape != (B, S):
             raise ValueError(
@@ -339,8 +338,7 @@ class LlamaTransformer(eqx.Module):
         """
         if not self.causal:
             raise ValueError("decode needs a causal model (LlamaConfig.causal=True)")
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape (B, T) (2-D), got shape {tokens.shape}")
+        check_rank("tokens", tokens, "(B, T)")
         B, T = tokens.shape
         S_max = cache.keys.shape[2]
         if cache.keys.shape[1] != B:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
-from ..core.utils import split_optional_key
+from ..core.utils import check_rank, split_optional_key
 from ..nn.functional import dropout, soft_cap
 from ..nn.init import small_init_std, small_initializer
 from ..nn.linear import Dense, Embedding
@@ -98,8 +98,7 @@ class xLSTMLMModel(eqx.Module):
         self.logits_soft_cap = None if cap is None else float(cap)
 
     def _check_inputs(self, tokens: Array, document_borders: Array | None) -> None:
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape (B, S) (2-D), got shape {tokens.shape}")
+        check_rank("tokens", tokens, "(B, S)")
         if document_borders is not None and document_borders.shape != tokens.shape:
             raise ValueError(
                 f"document_borders has shape {document_borders.shape}; expected the tokens' "
