@@ -108,8 +108,9 @@ def _chunk_update(k, v, a, amax, g, c, n, m):
     kk = jnp.sum(kw, axis=0)
     gm = g + m
     m_new = jnp.maximum(gm, amax)
-    alpha = jnp.exp(gm - finite_stabiliser(m_new))
-    beta = jnp.exp(amax - finite_stabiliser(m_new))
+    m_sub = finite_stabiliser(m_new)
+    alpha = jnp.exp(gm - m_sub)
+    beta = jnp.exp(amax - m_sub)
     return alpha * c + beta * kv, alpha * n + beta * kk, m_new
 
 
@@ -226,8 +227,9 @@ def _chunk_update_backward(k, v, a, amax, g, c, n, m, dc_new, dn_new, dm_new):
     kk = jnp.sum(kw, axis=0)
     gm = g + m
     m_new = jnp.maximum(gm, amax)
-    alpha = jnp.exp(gm - finite_stabiliser(m_new))
-    beta = jnp.exp(amax - finite_stabiliser(m_new))
+    m_sub = finite_stabiliser(m_new)
+    alpha = jnp.exp(gm - m_sub)
+    beta = jnp.exp(amax - m_sub)
 
     dalpha = _sum_all(dc_new * c) + jnp.sum(dn_new * n)
     dbeta = _sum_all(dc_new * kv) + jnp.sum(dn_new * kk)
