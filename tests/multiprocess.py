@@ -94,9 +94,9 @@ def once_per_session(tmp_path_factory, name: str, compute: Callable[[pathlib.Pat
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def result(results: dict, name: str) -> dict:
-    """`results[name]`, failing the calling test with the worker's own message if it had none."""
-    r = results[name]
-    if isinstance(r, str):
-        pytest.fail(r)
-    return r
+def worker_result(value: dict | str) -> dict:
+    """A worker's result as `collect` gave it, failing the calling test with the worker's own
+    message if it had none."""
+    if isinstance(value, str):
+        pytest.fail(value)
+    return value

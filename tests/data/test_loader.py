@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.multiprocess import collect, free_port, result, start_worker, worker_env
+from tests.multiprocess import collect, free_port, start_worker, worker_env, worker_result
 from tests.training.test_train import _cfg, _quiet
 from xlstm_eqx.data import BatchLoader, BatchSampler, ByteTokenizer, load_corpus
 from xlstm_eqx.training import host_sync, list_checkpoints, read_metrics, train
@@ -103,7 +103,7 @@ def _worker(args: list[str], devices: int, cwd: pathlib.Path) -> subprocess.Pope
 
 
 def _result(proc: subprocess.Popen, timeout: float = 600) -> dict:
-    return result({"worker": collect("worker", proc, timeout)}, "worker")
+    return worker_result(collect("worker", proc, timeout))
 
 
 def test_two_processes_read_disjoint_rows_and_train_like_one(tmp_path, data_file):

@@ -26,7 +26,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.corpus import write_corpus
-from tests.multiprocess import collect, free_port, once_per_session, result, start_worker
+from tests.multiprocess import collect, free_port, once_per_session, start_worker, worker_result
 from xlstm_eqx import get_preset
 from xlstm_eqx.core import ParallelConfig
 from xlstm_eqx.llama import LlamaTransformer
@@ -64,9 +64,9 @@ def _run_workers(tmp: pathlib.Path) -> dict:
     procs = {
         "equiv_a": _start(["equiv", "xlstm_v1", "llama"], 8, tmp),
         "equiv_b": _start(["equiv", "xlstm_mixed"], 8, tmp),
-        "train": _start(["train", str(data), str(tmp / "runs"), "dp=2,fsdp=2,tp=2"], 8, tmp),
-        "dist0": _start(["dist", str(data), "0", "2", str(port)], 2, tmp),
-        "dist1": _start(["dist", str(data), "1", "2", str(port)], 2, tmp),
+        "train": _start(["train", data, str(tmp / "runs"), "dp=2,fsdp=2,tp=2"], 8, tmp),
+        "dist0": _start(["dist", data, "0", "2", str(port)], 2, tmp),
+        "dist1": _start(["dist", data, "1", "2", str(port)], 2, tmp),
     }
     out = {name: collect(name, p, timeout=900) for name, p in procs.items()}
     out["seconds"] = time.perf_counter() - t0
@@ -80,12 +80,9 @@ def results(tmp_path_factory):
     return once_per_session(tmp_path_factory, "sharding", _run_workers)
 
 
-_get = result
-
-
 def _equiv(results, model):
     part = "equiv_b" if model == "xlstm_mixed" else "equiv_a"
-    return _get(results, part)[model]
+    return worker_result(results[part])[model]
 
 
 def _norm(spec: str | P) -> tuple:
@@ -553,7 +550,7 @@ def test_fsdp_step_gathers_weights_per_layer(results, model):
 
 
 def test_trainer_loop_on_a_mesh_logs_the_same_losses(results):
-    r = _get(results, "train")
+    r = worker_result(results["train"])
     assert r["mesh_shape"] == {"dp": 2, "fsdp": 2, "pp": 1, "tp": 2}
     assert len(r["losses_mesh"]) == len(r["losses_single"]) == 3
     np.testing.assert_allclose(r["losses_mesh"], r["losses_single"], rtol=1e-5)
@@ -568,7 +565,7 @@ def test_trainer_loop_on_a_mesh_logs_the_same_losses(results):
 def test_checkpoints_restore_across_meshes(results):
     """Saved from fsdp=8, restored onto tp=2 x dp=4 and onto one device: the same arrays, in each
     mesh's own layout."""
-    r = _get(results, "train")
+    r = worker_result(results["train"])
     assert r["roundtrip_equal"] == {
         "fsdp8": True,
         "tp2dp4": True,
@@ -586,7 +583,7 @@ def test_fsdp_gathers_in_the_gather_dtype(results):
     """With fsdp_gather_dtype="bfloat16" the FSDP weights reach the model rounded to bfloat16:
     the step's loss is the float32 loss of the model with those weights rounded, not the plain
     one."""
-    r = _get(results, "train")
+    r = worker_result(results["train"])
     assert abs(r["loss_bf16_gather"] - r["loss_rounded_ref"]) <= 1e-5 * abs(r["loss_rounded_ref"])
     assert abs(r["loss_bf16_gather"] - r["loss_f32_ref"]) > 1e-6
 
@@ -609,15 +606,15 @@ def test_gather_cast_gradient_goes_through_the_scatter_dtype():
 def test_two_processes_train_data_parallel_like_one(results):
     """Two processes (2 CPU devices each, gloo collectives) train data-parallel over the 4
     devices; both log the losses of the one-process, one-device run of the same config."""
-    single = _get(results, "train")["losses_single"]
+    single = worker_result(results["train"])["losses_single"]
     for name in ("dist0", "dist1"):
-        r = _get(results, name)
+        r = worker_result(results[name])
         assert r["initialized"] is True
         assert r["process_count"] == 2 and r["local_devices"] == 2 and r["global_devices"] == 4
         assert r["mesh"] == {"dp": 4, "fsdp": 1, "pp": 1, "tp": 1}
         np.testing.assert_allclose(r["losses"], single, rtol=1e-5)
-    assert _get(results, "dist0")["process_index"] == 0
-    assert _get(results, "dist1")["process_index"] == 1
+    assert worker_result(results["dist0"])["process_index"] == 0
+    assert worker_result(results["dist1"])["process_index"] == 1
 
 
 def test_two_processes_run_the_trainer_loop_with_fsdp(results):
@@ -625,8 +622,8 @@ def test_two_processes_run_the_trainer_loop_with_fsdp(results):
     the same losses as one device, one writer for every file, a checkpoint that loads."""
     from xlstm_eqx.training import load_run
 
-    single = _get(results, "train")["losses_single"]
-    r0, r1 = _get(results, "dist0"), _get(results, "dist1")
+    single = worker_result(results["train"])["losses_single"]
+    r0, r1 = worker_result(results["dist0"]), worker_result(results["dist1"])
     for r in (r0, r1):
         np.testing.assert_allclose(r["trainer_losses"], single, rtol=1e-5)
         assert r["trainer_sample"] is not None and len(r["trainer_sample"]) > 0

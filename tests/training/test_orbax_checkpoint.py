@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.corpus import write_corpus
-from tests.multiprocess import collect, free_port, once_per_session, result, start_worker
+from tests.multiprocess import collect, free_port, once_per_session, start_worker, worker_result
 from tests.training.test_checkpoint import Net, _same, _trees
 from xlstm_eqx.training import (
     CheckpointError,
@@ -199,11 +199,8 @@ def results(tmp_path_factory):
     return once_per_session(tmp_path_factory, "orbax_checkpoint", _run_workers)
 
 
-_get = result
-
-
 def test_fsdp8_checkpoint_restores_onto_tp2_dp4_and_one_device(results):
-    r = _get(results, "mesh8")
+    r = worker_result(results["mesh8"])
     assert r["full_specs"][".token_embedding.embedding"] == "('fsdp',)"  # trained FSDP-sharded
     assert r["equal"] == {"tp_model": True, "one_model": True, "tp_opt_vs_one": True}
     assert r["tp_specs"][".token_embedding.embedding"] == "(None, 'tp')"
@@ -212,7 +209,7 @@ def test_fsdp8_checkpoint_restores_onto_tp2_dp4_and_one_device(results):
 
 
 def test_restore_never_places_a_whole_sharded_leaf_on_one_device(results):
-    r = _get(results, "mesh8")
+    r = worker_result(results["mesh8"])
     assert r["tp_whole"] == []  # every leaf has its target sharding; split leaves come back split
     # What restoring left alive on each device is exactly its shards: no stray whole copies.
     assert r["tp_live_added"] == r["tp_restored_per_device"]
@@ -223,18 +220,20 @@ def test_restore_never_places_a_whole_sharded_leaf_on_one_device(results):
 
 
 def test_resume_same_mesh_bit_identical_other_mesh_within_noise(results):
-    r = _get(results, "mesh8")
+    r = worker_result(results["mesh8"])
     assert r["same_mesh_losses"] == r["full_losses"]
     np.testing.assert_allclose(r["other_mesh_losses"], r["full_losses"], rtol=1e-5)
     assert r["other_mesh_specs"][".token_embedding.embedding"] == "(None, 'tp')"
 
 
 def test_two_processes_each_write_their_own_shards(results):
-    r0, r1 = _get(results, "proc0"), _get(results, "proc1")
+    r0, r1 = worker_result(results["proc0"]), worker_result(results["proc1"])
     assert (r0["process_index"], r1["process_index"]) == (0, 1)
     assert r0["devices"] == r1["devices"] == 8
     assert r0["a_losses"] == r1["a_losses"]
-    np.testing.assert_allclose(r0["a_losses"], _get(results, "mesh8")["full_losses"], rtol=1e-5)
+    np.testing.assert_allclose(
+        r0["a_losses"], worker_result(results["mesh8"])["full_losses"], rtol=1e-5
+    )
     step = pathlib.Path(results["procs_dir"]) / "a" / "checkpoints" / "step_00000006"
     for item in ("model", "opt_state"):
         sizes = []
@@ -251,7 +250,7 @@ def test_two_processes_each_write_their_own_shards(results):
 def test_sigterm_on_one_of_two_processes_saves_the_same_step_everywhere(results):
     """Process 1 alone gets SIGTERM during step 3: both processes finish step 3, save it
     together and stop; the resumed run logs the losses of the run that never stopped."""
-    r0, r1 = _get(results, "proc0"), _get(results, "proc1")
+    r0, r1 = worker_result(results["proc0"]), worker_result(results["proc1"])
     for r in (r0, r1):
         assert r["b_interrupted"] is True
         assert r["b_checkpoints"] == [3]
@@ -343,7 +342,7 @@ def test_info_mesh_hosts(capsys):
 
 
 def test_from_hf_pretrained_places_each_tensor_in_its_sharding(results):
-    r = _get(results, "mesh8")
+    r = worker_result(results["mesh8"])
     assert r["hf_equal"] is True
     assert r["hf_whole"] == []  # every leaf in the rules' sharding; split ones never whole
     assert "fsdp" in r["hf_specs"][".token_embedding.embedding"]
