@@ -66,9 +66,11 @@ def _ocp() -> Any:
 
 
 def _epath(path: str | os.PathLike) -> Any:
+    """An etils path; a local path made absolute, as orbax refuses relative ones."""
     from etils import epath
 
-    return epath.Path(path)
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def _name_format() -> Any:
