@@ -1,4 +1,4 @@
-"""The notebooks in ``notebooks/`` run top to bottom without an error, and are stored clean.
+"""The notebooks in ``notebooks/`` run top to bottom without an error, and are stored executed.
 
 Each notebook is executed by ``nbclient`` in a subprocess (its own Jupyter kernel, so this test
 process's warning filters and jaxtyping hook do not apply inside it), with the repository root
@@ -49,14 +49,20 @@ def test_expected_notebooks_exist():
 
 
 @pytest.mark.parametrize("path", _notebook_paths(), ids=lambda p: p.stem)
-def test_notebook_stored_without_outputs(path):
+def test_notebook_stored_executed(path):
+    """The stored copy is one whole run (scripts/execute_notebooks.py): every code cell executed
+    once, in order, with no error among its outputs, so a reader sees what the code prints."""
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, (
-                f"{path.name} cell {i} has stored outputs; clear them before committing"
-            )
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), (
+        f"{path.name} is not stored as one run from the top: "
+        "run `python scripts/execute_notebooks.py` before committing"
+    )
+    for i, cell in enumerate(code):
+        errors = [o for o in cell.outputs if o.output_type == "error"]
+        assert not errors, f"{path.name} code cell {i} stored an error: {errors[0].get('ename')}"
+    assert any(cell.outputs for cell in code), f"{path.name} stores no output at all"
 
 
 @pytest.mark.parametrize("path", _notebook_paths(), ids=lambda p: p.stem)
