@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 import equinox as eqx
 import hypothesis
@@ -35,13 +36,26 @@ def _tree(root: str) -> list[tuple[str, int]]:
     )
 
 
+def _git_status() -> str:
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _no_test_writes_runs_into_the_checkout():
-    """`runs/` of the working tree is the user's (the README's first command writes there)."""
+def _no_test_writes_into_the_checkout():
+    """`runs/` of the working tree is the user's (the README's first command writes there), and
+    nothing else git would show may appear either. The git check runs under CI only (a fresh
+    clone): in a working checkout its developer edits files while the tests run."""
     runs = os.path.join(_ROOT, "runs")
-    before = _tree(runs)
+    before, status = _tree(runs), _git_status() if os.environ.get("CI") else ""
     yield
     assert _tree(runs) == before, f"a test wrote into {runs!r}; use tmp_path"
+    if os.environ.get("CI"):
+        assert _git_status() == status, f"tests left files in the checkout:\n{_git_status()}"
 
 
 hypothesis.settings.register_profile(
