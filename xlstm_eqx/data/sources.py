@@ -24,10 +24,15 @@ at the few cut points).
 
 import codecs
 import dataclasses
+import fnmatch
 import glob
+import io
 import json
 import os
+import re
+import stat
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 from ..core.files import clip_utf8
 
@@ -72,14 +77,139 @@ def source_kind(path: str) -> str:
     return "text"
 
 
+def open_regular(path: str) -> BinaryIO:
+    """`path` opened for reading bytes if it is a regular file (checked on the opened file, and
+    without blocking on a FIFO): a FIFO would hang the run and a device such as `/dev/zero`
+    would never end."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"data path {path!r} is not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _hidden_ok(name: str, part: str) -> bool:
+    """glob's rule: a wildcard does not match a name starting with a dot."""
+    return not name.startswith(".") or part.startswith(".")
+
+
+def _glob_walk(pattern: str) -> list[str]:
+    """The paths of the regular files `pattern` matches (`**`: any number of folders), like
+    `glob.glob(pattern, recursive=True)` but bounded: a folder reached again through a symbolic
+    link (a loop such as `sub/up -> ..`) is not entered again at the same point of the pattern."""
+    drive, rest = os.path.splitdrive(pattern)
+    parts = rest.split(os.sep) if os.altsep is None else re.split(r"[\\/]", rest)
+    root = drive + (os.sep if parts and parts[0] == "" else "")
+    parts = [p for p in parts if p]
+    while parts and not glob.has_magic(parts[0]):
+        root = os.path.join(root, parts.pop(0)) if root else parts.pop(0)
+    seen: set[tuple[int, int, int]] = set()
+    found: list[str] = []
+    listings: dict[str, list[tuple[str, str, bool, bool]]] = {}
+    match = {p: re.compile(fnmatch.translate(p)).match for p in parts if glob.has_magic(p)}
+
+    def entered(folder: str, at: int) -> bool:
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return True
+        key = (st.st_dev, st.st_ino, at)
+        if key in seen:
+            return True
+        seen.add(key)
+        return False
+
+    def entries(folder: str) -> list[tuple[str, str, bool, bool]]:
+        """`(name, path, is_dir, is_file)` of each entry of `folder`, links followed, sorted."""
+        if folder in listings:
+            return listings[folder]
+        try:
+            with os.scandir(folder or os.curdir) as it:
+                found = [(e.name, e.is_dir(), e.is_file()) for e in it]
+        except OSError:
+            return []
+        listings[folder] = [(n, os.path.join(folder, n), d, f) for n, d, f in sorted(found)]
+        return listings[folder]
+
+    def walk(folder: str, at: int) -> None:
+        if at == len(parts):
+            return
+        part, last = parts[at], at == len(parts) - 1
+        if part == "**":
+            if entered(folder or os.curdir, at):
+                return
+            if last:  # `dir/**` matches the files of every folder below
+                for name, path, is_dir, is_file in entries(folder):
+                    if name.startswith("."):
+                        continue
+                    if is_dir:
+                        walk(path, at)
+                    elif is_file:
+                        found.append(path)
+                return
+            walk(folder, at + 1)
+            for name, path, is_dir, _ in entries(folder):
+                if is_dir and not name.startswith("."):
+                    walk(path, at)
+            return
+        if not glob.has_magic(part):
+            path = os.path.join(folder, part)
+            if last:
+                if os.path.isfile(path):
+                    found.append(path)
+            elif os.path.isdir(path):
+                walk(path, at + 1)
+            return
+        for name, path, is_dir, is_file in entries(folder):
+            if not match[part](name) or not _hidden_ok(name, part):
+                continue
+            if last:
+                if is_file:
+                    found.append(path)
+            elif is_dir:
+                walk(path, at + 1)
+
+    if not parts:
+        return [root] if os.path.isfile(root) else []
+    walk(root, 0)
+    return sorted(found)
+
+
+def absolute_patterns(sources: Sequence[str], cwd: str | None = None) -> list[str]:
+    """`sources` (files, globs, folders) made absolute against `cwd` (default: the current
+    directory), so a run's record of its data means the same files from any directory; the
+    directory's own glob characters are escaped."""
+    cwd = os.path.abspath(cwd or os.getcwd())
+    out = []
+    for src in sources:
+        if os.path.isabs(src):
+            out.append(src)
+        elif glob.has_magic(src):
+            out.append(os.path.join(glob.escape(cwd), src))
+        else:
+            out.append(os.path.join(cwd, src))
+    return out
+
+
+def _file_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
 def resolve_sources(sources: Sequence[str]) -> list[Source]:
-    """Expand files, globs (`**` allowed) and dataset directories into a de-duplicated list of
-    sources: glob matches sorted, empty files skipped; anything unusable is an error naming it."""
+    """Expand files, globs (`**` allowed) and dataset directories into a list of sources, each
+    real file once (however many links or globs reach it): glob matches sorted, empty files
+    skipped; anything unusable is an error naming it."""
     out: list[Source] = []
-    seen: set[str] = set()
+    seen: set[tuple[int, int]] = set()
     for src in sources:
         if glob.has_magic(src):
-            matches = sorted(p for p in glob.glob(src, recursive=True) if os.path.isfile(p))
+            matches = _glob_walk(src)
             if not matches:
                 raise FileNotFoundError(f"data glob {src!r} matches no files")
             matches = [p for p in matches if os.path.getsize(p) > 0]
@@ -93,11 +223,13 @@ def resolve_sources(sources: Sequence[str]) -> list[Source]:
                 )
             if not os.path.exists(src):
                 raise FileNotFoundError(f"data path {src!r} does not exist")
+            if not os.path.isdir(src) and not os.path.isfile(src):
+                raise ValueError(f"data path {src!r} is not a regular file")
             if os.path.isfile(src) and os.path.getsize(src) == 0:
                 raise ValueError(f"data file {src!r} is empty")
             matches = [src]
         for p in matches:
-            key = os.path.abspath(p)
+            key = _file_id(p)
             if key not in seen:
                 seen.add(key)
                 out.append(Source(p, source_kind(p)))
@@ -133,7 +265,7 @@ def _text_file_pieces(
     offset = 0
     first = True
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             while True:
                 size = piece_chars if max_bytes is None else min(piece_chars, max_bytes - offset)
                 raw = f.read(size) if size > 0 else b""
@@ -162,7 +294,7 @@ def _text_file_pieces(
 
 def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue

@@ -25,27 +25,42 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import socket
+import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..core.files import fsync_dir
-from .sources import PIECE_CHARS, Source, iter_capped_pieces
+from .sources import PIECE_CHARS, Source, iter_capped_pieces, open_regular
 from .tokenizer import Tokenizer, encode_batch, resolve_eod_id
 
 
 FORMAT = "xlstm_eqx-token-store"
-VERSION = 1
+VERSION = 2
 _INDEX = "index.json"
 _BATCH_CHARS = 1 << 20  # characters tokenized per batch (more keeps more memory after the build)
+_BLOCK = 1 << 22  # bytes of a token file per recorded sha256 (verified when the store is opened)
+_VERIFY_BLOCKS = 64  # at most this many blocks (256 MiB) are re-hashed per open, evenly spread
+_STALE_SECONDS = 7 * 24 * 3600  # a temporary folder of another host is removed after a week
 
 
 class CorpusChangedError(ValueError):
     """The data behind a run's `--data` is not what the run was started with."""
+
+
+class StoreDamagedError(ValueError):
+    """A token store on disk is incomplete or does not hold what its index says."""
+
+    def __init__(self, directory: str, what: str):
+        super().__init__(f"token store {directory!r} is damaged ({what})")
+        self.what = what
 
 
 CACHE_ENV = "XLSTM_EQX_DATA_CACHE_DIR"
@@ -73,9 +88,41 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> dict[str, Any]:
     """What identifies a tokenizer's output: its description, and its file's hash if it has one."""
     d = dict(tokenizer.to_dict())
     path = d.get("path")
-    if isinstance(path, str) and os.path.isfile(path):
+    if "sha256" not in d and isinstance(path, str) and os.path.isfile(path):
         d["sha256"] = _sha256_file(path)
     return d
+
+
+def _sha256_source_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open_regular(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_contents(sources: Sequence[Source]) -> list[list[Any]]:
+    """`[path, inode, ctime_ns, sha256]` of every file: what a reused store is checked against
+    (a same-size edit whose modification time was put back still changes the inode's ctime,
+    and then the bytes are hashed again)."""
+    out = []
+    for s in sources:
+        for f in s.files():
+            st = os.stat(f)
+            out.append([os.path.abspath(f), st.st_ino, st.st_ctime_ns, _sha256_source_file(f)])
+    return out
+
+
+def _changed_source(recorded: list[list[Any]], sources: Sequence[Source]) -> str | None:
+    """The first file whose bytes are not those the store was built from, else None."""
+    now = [(os.path.abspath(f), f) for s in sources for f in s.files()]
+    if [p for p, _ in now] != [r[0] for r in recorded]:
+        return now[0][1] if now else "the file list"
+    for (_, f), (_, ino, ctime, sha) in zip(now, recorded, strict=True):
+        st = os.stat(f)
+        if (st.st_ino, st.st_ctime_ns) != (ino, ctime) and _sha256_source_file(f) != sha:
+            return f
+    return None
 
 
 def _file_stats(sources: Sequence[Source]) -> list[dict[str, Any]]:
@@ -100,6 +147,7 @@ class _Stream:
     bytes: int = 0
     documents: int = 0
     hash: Any = dataclasses.field(default_factory=lambda: hashlib.blake2b(digest_size=16))
+    blocks: "_BlockHashes" = dataclasses.field(default_factory=lambda: _BlockHashes())
 
     def write(self, parts: list[np.ndarray]) -> None:
         if not parts:
@@ -112,6 +160,7 @@ class _Stream:
         data = ids.astype(self.dtype, copy=False).tobytes()
         self.file.write(data)
         self.hash.update(data)
+        self.blocks.update(data)
         self.tokens += int(ids.size)
         self.counts = _add_counts(self.counts, np.bincount(ids, minlength=len(self.counts)))
 
@@ -122,6 +171,30 @@ class _Stream:
             "documents": self.documents,
             "blake2b": self.hash.hexdigest(),
         }
+
+
+class _BlockHashes:
+    """sha256 of each `_BLOCK` bytes of a file as it is written."""
+
+    def __init__(self) -> None:
+        self.digests: list[str] = []
+        self.size = 0
+        self._h = hashlib.sha256()
+
+    def update(self, data: bytes) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = min(_BLOCK - self.size % _BLOCK, len(view))
+            self._h.update(view[:n])
+            self.size += n
+            view = view[n:]
+            if self.size % _BLOCK == 0:
+                self.digests.append(self._h.hexdigest())
+                self._h = hashlib.sha256()
+
+    def record(self) -> dict[str, Any]:
+        tail = [self._h.hexdigest()] if self.size % _BLOCK else []
+        return {"size": self.size, "block": _BLOCK, "sha256": self.digests + tail}
 
 
 def _add_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -221,8 +294,9 @@ def build_store(
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=_tmp_prefix(directory), dir=parent)
     t0 = time.perf_counter()
+    contents = _file_contents(sources)  # before reading: a file changed meanwhile is seen later
     k = max(2, round(1.0 / options.eval_fraction))
     eod_arr = np.asarray([eod if eod is not None else 0], np.int32)
     try:
@@ -266,6 +340,11 @@ def build_store(
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "options": dataclasses.asdict(options),
             "sources": _file_stats(sources),
+            "contents": contents,
+            "token_files": {
+                "train.bin": train.blocks.record(),
+                "heldout.bin": held.blocks.record(),
+            },
             "num_documents": num_docs,
         }
         if held.documents > 0:
@@ -311,17 +390,80 @@ def build_store(
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(tmp)
-        try:
-            os.rename(tmp, directory)
-        except OSError:
-            if not os.path.isfile(os.path.join(directory, _INDEX)):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same store first
+        _install(tmp, directory)
         fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _tmp_prefix(directory: str) -> str:
+    """`<key>.tmp-<host>-<pid>-`: whose temporary folder it is, for `clean_stale_temporaries`."""
+    host = socket.gethostname().replace("-", "_") or "host"
+    return f"{os.path.basename(directory)}.tmp-{host}-{os.getpid()}-"
+
+
+def clean_stale_temporaries(cache: str) -> list[str]:
+    """Remove the temporary folders of builds that died (killed, power lost): those of this host
+    whose process is gone, and any older than a week. Returns the paths removed."""
+    try:
+        names = os.listdir(cache)
+    except OSError:
+        return []
+    host = socket.gethostname().replace("-", "_") or "host"
+    removed = []
+    for name in names:
+        if ".tmp-" not in name:
+            continue
+        path = os.path.join(cache, name)
+        fields = name.split(".tmp-", 1)[1].split("-")
+        try:
+            age = time.time() - os.lstat(path).st_mtime
+        except OSError:
+            continue
+        dead = False
+        if len(fields) == 3 and fields[0] == host and fields[1].isdigit():
+            try:
+                os.kill(int(fields[1]), 0)  # signal 0: whether the builder still runs
+            except ProcessLookupError:
+                dead = True
+            except PermissionError:  # another user's live process
+                pass
+        if dead or age > _STALE_SECONDS:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _install(tmp: str, directory: str) -> None:
+    """Rename the built `tmp` to `directory`; a damaged store already there is moved aside and
+    removed; a complete one another process installed meanwhile wins (ours is dropped)."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, directory)
+            return
+        except OSError:
+            if not os.path.lexists(directory):
+                raise
+        if _problem(directory) is None:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same store
+            return
+        aside = f"{_tmp_prefix(directory)}{secrets.token_hex(4)}"
+        try:
+            os.rename(directory, os.path.join(os.path.dirname(directory), aside))
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(os.path.join(os.path.dirname(directory), aside), ignore_errors=True)
+    os.rename(tmp, directory)
+
+
+def _problem(directory: str) -> str | None:
+    try:
+        open_store(directory)
+    except StoreDamagedError as e:
+        return str(e)
+    return None
 
 
 def _is_byte_level(tokenizer: Tokenizer) -> bool:
@@ -411,27 +553,74 @@ def _map_tokens(path: str, dtype: np.dtype, offset: int, count: int) -> np.ndarr
     return np.memmap(path, dtype, mode="r", offset=offset * dtype.itemsize, shape=(count,))
 
 
+def _damaged(directory: str, what: str) -> StoreDamagedError:
+    return StoreDamagedError(directory, what)
+
+
+def _verify_token_file(directory: str, name: str, record: dict[str, Any]) -> None:
+    """The file's size, and the sha256 of its blocks: all of them up to `_VERIFY_BLOCKS`, else
+    that many spread evenly from the first to the last (each open reads at most 256 MiB)."""
+    path = os.path.join(directory, name)
+    try:
+        size = os.stat(path).st_size
+    except OSError as e:
+        raise _damaged(directory, f"{name}: {e.strerror}") from None
+    if size != record["size"]:
+        raise _damaged(directory, f"{name} holds {size} bytes, its index says {record['size']}")
+    digests = record["sha256"]
+    block = int(record["block"])
+    n = len(digests)
+    picks = range(n) if n <= _VERIFY_BLOCKS else np.linspace(0, n - 1, _VERIFY_BLOCKS).round()
+    with open(path, "rb") as f:
+        for i in sorted({int(i) for i in picks}):
+            f.seek(i * block)
+            if hashlib.sha256(f.read(block)).hexdigest() != digests[i]:
+                raise _damaged(
+                    directory, f"{name}: bytes {i * block}..{min(size, (i + 1) * block)} changed"
+                )
+
+
 def open_store(directory: str) -> TokenStore:
+    """The store in `directory`, checked against its index (file sizes, block hashes, counts);
+    a `StoreDamagedError` naming it and the fault otherwise."""
     path = os.path.join(directory, _INDEX)
     try:
         with open(path) as f:
             index = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"token store {directory!r} is unreadable ({e}); delete it") from None
-    if index.get("format") != FORMAT or index.get("version") != VERSION:
-        raise ValueError(f"token store {directory!r} has another format; delete it")
-    dtype = np.dtype(index["dtype"])
-    maps = {}
-    for name in ("train", "heldout"):
-        part = index[name]
-        file = os.path.join(directory, part["file"])
-        if part["tokens"] == 0:
-            maps[name] = np.zeros(0, dtype)
-            continue
-        maps[name] = _map_tokens(file, dtype, part["offset"], part["tokens"])
-    with np.load(os.path.join(directory, "counts.npz"), allow_pickle=False) as counts:
-        train_counts, held_counts = counts["train"], counts["heldout"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        what = "no index.json" if isinstance(e, FileNotFoundError) else f"index.json: {e}"
+        raise _damaged(directory, what) from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise _damaged(directory, "index.json is not a token store index")
+    if index.get("version") != VERSION:
+        raise _damaged(directory, f"format version {index.get('version')!r}, not {VERSION}")
+    try:
+        dtype = np.dtype(index["dtype"])
+        for name, record in index["token_files"].items():
+            _verify_token_file(directory, name, record)
+        maps = {}
+        for name in ("train", "heldout"):
+            part = index[name]
+            file = os.path.join(directory, part["file"])
+            end = (part["offset"] + part["tokens"]) * dtype.itemsize
+            if end > index["token_files"][part["file"]]["size"]:
+                raise _damaged(directory, f"{name} tokens run past the end of {part['file']}")
+            if part["tokens"] == 0:
+                maps[name] = np.zeros(0, dtype)
+                continue
+            maps[name] = _map_tokens(file, dtype, part["offset"], part["tokens"])
+        with np.load(os.path.join(directory, "counts.npz"), allow_pickle=False) as counts:
+            train_counts, held_counts = counts["train"], counts["heldout"]
+    except StoreDamagedError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
+        raise _damaged(directory, f"{type(e).__name__}: {e}") from None
     return TokenStore(directory, index, maps["train"], maps["heldout"], train_counts, held_counts)
+
+
+def warn(message: str) -> None:
+    """One line on stderr: what the data layer did on its own (e.g. rebuilt a damaged store)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def store_for(
@@ -442,14 +631,27 @@ def store_for(
     cache_dir: str | None = None,
     build: bool = True,
 ) -> TokenStore:
-    """The store of these sources, built first if the cache has none (unless `build=False`, then
-    FileNotFoundError)."""
-    cache = cache_dir or default_cache_dir()
+    """The store of these sources, built first if the cache has none, or rebuilt (with a warning
+    naming it) if the one there is damaged or was built from other bytes (unless `build=False`,
+    then FileNotFoundError). Temporary folders of dead builds are removed first."""
+    cache = os.path.abspath(cache_dir or default_cache_dir())
+    clean_stale_temporaries(cache)
     directory = os.path.join(cache, store_key(sources, tokenizer, options))
-    if not os.path.isfile(os.path.join(directory, _INDEX)):
+    if os.path.lexists(directory):
+        try:
+            store = open_store(directory)
+            changed = _changed_source(store.index["contents"], sources)
+            if changed is None:
+                return store
+            reason = f"was built from other bytes of {changed!r}"
+        except StoreDamagedError as e:
+            reason = f"is damaged ({e.what})"
         if not build:
-            raise FileNotFoundError(f"token store {directory!r} does not exist yet")
-        build_store(sources, tokenizer, directory, options)
+            raise FileNotFoundError(f"token store {directory!r} {reason}")
+        warn(f"token store {directory!r} {reason}; rebuilding it")
+    elif not build:
+        raise FileNotFoundError(f"token store {directory!r} does not exist yet")
+    build_store(sources, tokenizer, directory, options)
     return open_store(directory)
 
 

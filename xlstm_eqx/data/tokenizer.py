@@ -9,6 +9,7 @@ of 64), end of document = byte 0 (NUL, which text files do not contain). The `to
 the first of `EOD_TOKEN_NAMES` in its vocabulary, or the one named by `--eod-token`.
 """
 
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -79,7 +80,7 @@ class HFTokenizer:
     training stream is plain text.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, sha256: str | None = None):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer file not found: {path!r}")
@@ -90,8 +91,17 @@ class HFTokenizer:
                 f"reading {path!r} needs the optional package `tokenizers` "
                 "(pip install tokenizers); the default byte tokenizer needs nothing"
             ) from e
+        with open(path, "rb") as f:
+            raw = f.read()
+        # The hash of the bytes parsed (not of the file read again): what `to_dict` records.
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        if sha256 is not None and sha256 != self.sha256:
+            raise ValueError(
+                f"tokenizer file {os.path.abspath(path)!r} is not the one the run was made with "
+                f"(sha256 {self.sha256[:12]}…, the run recorded {sha256[:12]}…); restore it"
+            )
         try:
-            self._tok = tokenizers.Tokenizer.from_file(path)
+            self._tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as e:
             raise ValueError(f"cannot read tokenizer file {path!r}: {e}") from e
         self.path = os.path.abspath(path)
@@ -128,7 +138,7 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "tokenizers", "path": self.path}
+        return {"kind": "tokenizers", "path": self.path, "sha256": self.sha256}
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
@@ -142,12 +152,14 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
-    """Inverse of `to_dict`, used when a run is resumed or evaluated from its saved config."""
+    """Inverse of `to_dict`, used when a run is resumed or evaluated from its saved config: a
+    recorded `sha256` (runs made before it was recorded have none) must match the file's bytes,
+    so a replaced `tokenizer.json` is an error rather than another tokenization."""
     kind = d.get("kind")
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "tokenizers":
-        return HFTokenizer(d["path"])
+        return HFTokenizer(d["path"], sha256=d.get("sha256"))
     raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'bytes' or 'tokenizers')")
 
 

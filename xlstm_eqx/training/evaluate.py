@@ -17,10 +17,9 @@ from ..data.corpus import (
     check_token_ids,
     eval_windows,
     load_corpus,
-    read_documents,
-    resolve_paths,
     unigram_bits_per_byte_from_counts,
 )
+from ..data.sources import Source, iter_capped_pieces, resolve_sources
 from ..data.tokenizer import tokenizer_from_dict
 from ..generation import _is_kv_model, _is_recurrent_model
 from ..models import MODEL_FAMILIES
@@ -84,6 +83,12 @@ class EvalResult:
     bits_per_byte: float
     unigram_bits_per_byte: float | None
     num_tokens: int
+    # What was scored out of what: `num_batches` × `batch_size` windows of `seq_len` tokens out of
+    # `available_tokens` (the held-out split; with `--data`, the tokens read of it).
+    available_tokens: int = 0
+    num_batches: int = 0
+    batch_size: int = 0
+    seq_len: int = 0
 
 
 def load_run(
@@ -118,6 +123,29 @@ def load_run(
     return trees["model"], run, int(meta["step"])
 
 
+def _data_prefix(
+    sources: Sequence[Source], tokenizer: Any, eod: int | None, text_field: str, need: int
+) -> tuple[np.ndarray, int]:
+    """The first `need` tokens of `sources` (documents joined by `eod`) and the UTF-8 bytes they
+    came from, read and tokenized piece by piece: only what the scored windows need is read."""
+    parts: list[np.ndarray] = []
+    count = nbytes = 0
+    for text, starts in iter_capped_pieces(sources, text_field=text_field):
+        if not text:
+            continue
+        if starts and parts and eod is not None:
+            parts.append(np.asarray([eod], np.int32))
+            count, nbytes = count + 1, nbytes + 1
+        ids = np.asarray(tokenizer.encode(text), np.int32)
+        parts.append(ids)
+        count, nbytes = count + len(ids), nbytes + len(text.encode("utf-8"))
+        if count >= need:
+            break
+    if not parts:
+        raise ValueError(f"--data {[s.path for s in sources]!r} contains no text")
+    return np.concatenate(parts), nbytes
+
+
 def evaluate_run(
     out_dir: str,
     *,
@@ -126,34 +154,38 @@ def evaluate_run(
     max_batches: int | None = None,
     checkpoint: str | None = None,
 ) -> EvalResult:
-    """Held-out loss and bits per byte of a saved run: on its own held-out split, or on all
-    of `data` if given (then the unigram baseline still uses the run's training text)."""
+    """Held-out loss and bits per byte of a saved run: on its own held-out split (the files the
+    run recorded, checked against the run's record of them), or on the start of `data` if given
+    (as many windows as asked for; the unigram baseline still uses the run's training text)."""
+    sources = resolve_sources(data) if data else None  # a bad --data fails before the model loads
     model, run, step = load_run(out_dir, checkpoint)
     tcfg = TrainConfig.from_dict(run["train"])
     tokenizer = tokenizer_from_dict(run["tokenizer"])
     vocab = int(run["model_config"]["vocab_size"])
     bs = batch_size or tcfg.batch_size
     nb = max_batches or tcfg.eval_batches
+    record = run.get("data") or {}
+    # Runs made before the absolute paths were recorded: as typed, from this directory.
+    cache = tcfg.data_cache or None
+    store = record.get("store")
+    if isinstance(store, str) and os.path.isabs(store):
+        cache = os.path.dirname(store)
     corpus = load_corpus(
-        tcfg.data,
+        record.get("paths", tcfg.data),
         tokenizer,
         text_field=tcfg.text_field,
         eval_fraction=tcfg.eval_fraction,
         max_bytes=tcfg.max_data_bytes,
         split=tcfg.data_split,
         eod_token=tcfg.eod_token,
-        cache_dir=tcfg.data_cache or None,
+        cache_dir=cache,
+        expected=record.get("identity"),
+        where=f"run {out_dir!r}",
     )
-    if data:
-        docs = read_documents(resolve_paths(data), text_field=tcfg.text_field)
-        eod = corpus.eod_id
-        parts = []
-        for i, doc in enumerate(docs):
-            if i and eod is not None:
-                parts.append(np.asarray([eod], np.int32))
-            parts.append(np.asarray(tokenizer.encode(doc), np.int32))
-        tokens = np.concatenate(parts)
-        nbytes = sum(len(d.encode("utf-8")) for d in docs) + (len(docs) - 1) * (eod is not None)
+    if sources:
+        tokens, nbytes = _data_prefix(
+            sources, tokenizer, corpus.eod_id, tcfg.text_field, nb * bs * tcfg.seq_len + 1
+        )
         tokens_per_byte = len(tokens) / max(1, nbytes)
         check_token_ids(tokens, vocab, what="evaluation data")
         target_counts = np.bincount(tokens, minlength=vocab)
@@ -172,4 +204,8 @@ def evaluate_run(
         bits_per_byte=bits_per_byte(loss, tokens_per_byte),
         unigram_bits_per_byte=unigram,
         num_tokens=int(num_tokens),
+        available_tokens=int(len(tokens)),
+        num_batches=len(batches),
+        batch_size=int(batches[0].shape[0]),
+        seq_len=int(tcfg.seq_len),
     )

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..data.corpus import BatchSampler, Corpus, eval_windows
 from ..data.loader import load_corpus_all_processes
+from ..data.sources import absolute_patterns
 from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
 from ..models import MODEL_FAMILIES
 from .checkpoint import CheckpointError
@@ -39,6 +40,7 @@ class _Prepared:
     unigram_bpb: float
     resume_from: str | None
     resume_meta: dict[str, Any] | None
+    data_paths: tuple[str, ...] = ()  # `--data` made absolute when the run began
 
 
 def _compatible(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
@@ -101,8 +103,14 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
         check_mesh(cfg.mesh, model_config)
     vocab = int(model_config.vocab_size)
 
+    # A new run reads --data as typed and records it made absolute; --resume reads that record
+    # (from any directory; runs made before it was recorded: as typed).
+    paths = absolute_patterns(cfg.data)
+    data = cfg.data
+    if saved_run is not None and "paths" in saved_run.get("data", {}):
+        data = paths = saved_run["data"]["paths"]
     corpus = load_corpus_all_processes(
-        cfg.data,
+        data,
         tokenizer,
         text_field=cfg.text_field,
         eval_fraction=cfg.eval_fraction,
@@ -137,6 +145,7 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
         unigram,
         resume_from,
         resume_meta,
+        tuple(paths),
     )
 
 
@@ -147,6 +156,8 @@ def run_config_dict(p: _Prepared) -> dict[str, Any]:
         "model_config": p.model_config.to_dict(),
         "tokenizer": p.tokenizer.to_dict(),
         "data": {
+            # --data made absolute: `eval` and `--resume` read these files from any directory.
+            "paths": list(p.data_paths),
             "sources": list(p.corpus.sources)[:50],
             "num_sources": len(p.corpus.sources),
             "num_documents": p.corpus.num_documents,
