@@ -449,13 +449,20 @@ def _install(tmp: str, directory: str) -> None:
         if _problem(directory) is None:
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same store
             return
-        aside = f"{_tmp_prefix(directory)}{secrets.token_hex(4)}"
-        try:
-            os.rename(directory, os.path.join(os.path.dirname(directory), aside))
-        except FileNotFoundError:
-            continue
-        shutil.rmtree(os.path.join(os.path.dirname(directory), aside), ignore_errors=True)
+        _discard(directory)
     os.rename(tmp, directory)
+
+
+def _discard(directory: str) -> None:
+    """Remove a store: renamed aside first (to a temporary name), so no reader sees it half gone."""
+    aside = os.path.join(
+        os.path.dirname(directory), f"{_tmp_prefix(directory)}{secrets.token_hex(4)}"
+    )
+    try:
+        os.rename(directory, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _problem(directory: str) -> str | None:
@@ -649,6 +656,7 @@ def store_for(
         if not build:
             raise FileNotFoundError(f"token store {directory!r} {reason}")
         warn(f"token store {directory!r} {reason}; rebuilding it")
+        _discard(directory)
     elif not build:
         raise FileNotFoundError(f"token store {directory!r} does not exist yet")
     build_store(sources, tokenizer, directory, options)
