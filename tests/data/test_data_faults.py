@@ -198,3 +198,31 @@ def test_damaged_token_stores_are_rebuilt_with_a_warning(tmp_path, capsys):
     load_corpus(files, ByteTokenizer(), **kw)
     assert sorted(os.listdir(cache)) == sorted([key, live.name])
     assert clean_stale_temporaries(str(cache)) == []
+
+
+def test_a_large_corpus_is_tokenized_in_a_child_process(tmp_path, monkeypatch, bpe):  # noqa: F811
+    """The build's memory is freed before the run compiles: above `_CHILD_BYTES` the store is
+    built by another process (the parent's `build_store` is never called), with the same tokens
+    and the same one-line errors."""
+    from xlstm_eqx.data import load_tokenizer, store
+
+    files = []
+    for i, doc in enumerate(DOCS):
+        files.append(str(tmp_path / f"{i}.txt"))
+        with open(files[-1], "w", encoding="utf-8") as f:
+            f.write(doc * 3)
+    tok = load_tokenizer(bpe[0])
+    want = load_corpus(files, tok, eval_fraction=0.34, cache_dir=str(tmp_path / "a"))
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the store was built in the parent process")
+
+    monkeypatch.setattr(store, "_CHILD_BYTES", 1)
+    monkeypatch.setattr(store, "build_store", not_here)
+    got = load_corpus(files, tok, eval_fraction=0.34, cache_dir=str(tmp_path / "b"))
+    assert got.train.tolist() == want.train.tolist()
+    assert got.heldout.tolist() == want.heldout.tolist()
+    with open(files[2], "ab") as f:
+        f.write(b"\xff")
+    with pytest.raises(ValueError, match=r"2\.txt' is not UTF-8 text"):
+        load_corpus(files, tok, eval_fraction=0.34, cache_dir=str(tmp_path / "b"))

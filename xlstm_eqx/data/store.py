@@ -39,7 +39,7 @@ import numpy as np
 
 from ..core.files import fsync_dir
 from .sources import PIECE_CHARS, Source, iter_capped_pieces, open_regular
-from .tokenizer import Tokenizer, encode_batch, resolve_eod_id
+from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, encode_batch, resolve_eod_id
 
 
 FORMAT = "xlstm_eqx-token-store"
@@ -48,6 +48,7 @@ _INDEX = "index.json"
 _BATCH_CHARS = 1 << 20  # characters tokenized per batch (more keeps more memory after the build)
 _BLOCK = 1 << 22  # bytes of a token file per recorded sha256 (verified when the store is opened)
 _VERIFY_BLOCKS = 64  # at most this many blocks (256 MiB) are re-hashed per open, evenly spread
+_CHILD_BYTES = 8 << 20  # corpora this large are tokenized in a child process (see `store_for`)
 _STALE_SECONDS = 7 * 24 * 3600  # a temporary folder of another host is removed after a week
 
 
@@ -659,8 +660,28 @@ def store_for(
         _discard(directory)
     elif not build:
         raise FileNotFoundError(f"token store {directory!r} does not exist yet")
-    build_store(sources, tokenizer, directory, options)
+    if _build_elsewhere(sources, tokenizer):
+        from .build_child import build_in_child
+
+        build_in_child(sources, tokenizer, directory, options)
+    else:
+        build_store(sources, tokenizer, directory, options)
     return open_store(directory)
+
+
+def _build_elsewhere(sources: Sequence[Source], tokenizer: Tokenizer) -> bool:
+    """Whether to build in a child process (`build_child`): for a corpus of `_CHILD_BYTES` or
+    more through a tokenizer a child can rebuild from its `to_dict`; the child's start (~2 s)
+    costs more than it saves below that."""
+    if type(tokenizer) not in (ByteTokenizer, HFTokenizer):
+        return False
+    total = 0
+    for s in sources:
+        for f in s.files():
+            total += os.path.getsize(f)
+            if total >= _CHILD_BYTES:
+                return True
+    return False
 
 
 # the corpus identity recorded in a run
