@@ -22,11 +22,17 @@ mesh)``): every array is read straight into its target sharding, whatever mesh o
 processes wrote it, and each process reads only the chunks its devices need.
 """
 
+import contextlib
+import gc
 import json
+import logging
 import os
 import re
-from collections.abc import Mapping
-from typing import Any
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -58,11 +64,74 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TREE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
+class _NoOrbaxTracebacks(logging.Filter):
+    """Drops orbax's logged tracebacks (``absl`` ERROR records with exception info): every
+    failure they report reaches the caller as one `CheckpointError` line naming the checkpoint."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_orbax = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+        return not (from_orbax and record.levelno >= logging.ERROR and record.exc_info)
+
+
 def _ocp() -> Any:
     # orbax (and tensorstore) take seconds to import: only when a checkpoint is touched.
     import orbax.checkpoint as ocp
 
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _NoOrbaxTracebacks) for f in absl.filters):
+        absl.addFilter(_NoOrbaxTracebacks())
     return ocp
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror + (f": {e.filename!r}" if e.filename else "")
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost cause (orbax wraps tensorstore's error, which names the file and what is
+    wrong with it, in one that prints a whole TensorStore spec)."""
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:
+        e = e.__cause__
+        seen.add(id(e))
+    return e
+
+
+def _drop_failed_reads() -> None:
+    """Collect what a failed orbax restore leaves behind now, quietly: its other reads'
+    coroutines and tasks, whose collection would otherwise print "Exception ignored in ..." or
+    "Task exception was never retrieved" tracebacks later on."""
+    hook, log = sys.unraisablehook, logging.getLogger("asyncio")
+    sys.unraisablehook, disabled, log.disabled = (lambda _: None), log.disabled, True
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook, log.disabled = hook, disabled
+
+
+def _release_orbax_threads() -> None:
+    """Let the interpreter exit after a failed asynchronous save: orbax's commit threads that
+    wait for a signal the failed step never sends (e.g. "directory created") would otherwise
+    keep the process alive for orbax's coordination timeout (many minutes). Each is cancelled and
+    its signals set, so it wakes and returns at once."""
+    try:
+        from orbax.checkpoint._src.futures import future
+    except ImportError:
+        return
+    released = False
+    for t in threading.enumerate():
+        if isinstance(t, future._SignalingThread) and t.is_alive():
+            with contextlib.suppress(Exception):
+                t.cancel()
+                future.set_signals(t._receive_signals, operation_id=t._operation_id)
+                released = True
+    if released:  # their commits' coroutines are dropped unawaited: no warning for each at exit
+        warnings.filterwarnings(
+            "ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning
+        )
 
 
 def _epath(path: str | os.PathLike) -> Any:
@@ -242,6 +311,7 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"reads {VERSION}"
         )
     _check_meta(meta, where)
+    _check_checksums(meta, where)
     return meta
 
 
@@ -272,32 +342,117 @@ def _target_shardings(
     return out
 
 
+# Checksums of the arrays, recorded in the JSON item at save and compared after a restore: a
+# damaged shard that still decodes (a flipped bit, a chunk read back as fill value) is caught.
+# Per leaf: two wrapping uint32 sums over the elements of a mix (murmur3's finaliser) of each
+# element's bits with its flat index. Integer sums do not depend on the order of the reduction,
+# so the value is the same on any mesh and number of processes; any change to a single element
+# changes both sums (the mix is a bijection), and 64 bits make a chance match negligible.
+
+CHECKSUM = "fmix32x2"
+
+
+def _fmix(h: Any) -> Any:
+    h = h ^ (h >> jnp.uint32(16))
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> jnp.uint32(13))
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> jnp.uint32(16))
+
+
+def _bits32(x: Any) -> Any:
+    """The bits of each element as uint32 (a trailing axis of 2 for 64-bit dtypes)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return jnp.stack([_bits32(jnp.real(x)), _bits32(jnp.imag(x))], axis=-1)
+    size = jnp.dtype(x.dtype).itemsize
+    if size >= 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    narrow = jnp.uint8 if size == 1 else jnp.uint16
+    return jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
+
+
+def _leaf_checksum(x: Any) -> Any:
+    bits = _bits32(x)
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(bits.ndim)):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
+        index = index + iota * jnp.uint32(stride % 2**32)
+        stride *= bits.shape[axis]
+    key = _fmix(index + jnp.uint32(0x9E3779B9))
+    first = jnp.sum(_fmix(bits ^ key), dtype=jnp.uint32)
+    second = jnp.sum(_fmix(bits + _fmix(key ^ jnp.uint32(0x7F4A7C15))), dtype=jnp.uint32)
+    return jnp.stack([first, second])
+
+
 @jax.jit
-def _all_finite(leaves: list[Any]) -> list[Any]:
-    return [jnp.all(jnp.isfinite(x)) for x in leaves]
-
-
-def _check_finite(path: str, name: str, paths: list[str], leaves: list[Any]) -> None:
-    """Name the first restored leaf holding a NaN or inf (a damaged or diverged checkpoint would
-    otherwise only show up as ``loss nan`` later). One reduction per leaf, on the devices that
-    hold it; only one boolean per leaf reaches the host."""
-    floats = [
-        (p, x) for p, x in zip(paths, leaves, strict=True) if jnp.issubdtype(x.dtype, jnp.inexact)
+def _leaf_facts(leaves: list[Any]) -> tuple[list[Any], list[Any]]:
+    finite = [
+        jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+        for x in leaves
     ]
-    if not floats:
-        return
-    groups: dict[frozenset, list[tuple[str, Any]]] = {}  # one call per set of devices
-    for p, x in floats:
-        groups.setdefault(frozenset(x.sharding.device_set), []).append((p, x))
-    finite: dict[str, bool] = {}
-    for group in groups.values():
-        ok = jax.device_get(_all_finite([x for _, x in group]))
-        finite.update((p, bool(good)) for (p, _), good in zip(group, ok, strict=True))
-    for p, x in floats:  # the first in tree order
-        if not finite[p]:
+    return finite, [_leaf_checksum(x) for x in leaves]
+
+
+def _facts(leaves: list[Any]) -> list[tuple[bool, str]]:
+    """``(all finite, checksum)`` of each leaf, computed on the devices that hold it (one call per
+    set of devices); only two booleans' and integers' worth per leaf reach the host."""
+    groups: dict[frozenset, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
+    out: list[tuple[bool, str]] = [(True, "")] * len(leaves)
+    for idx in groups.values():
+        finite, sums = jax.device_get(_leaf_facts([leaves[i] for i in idx]))
+        for i, ok, (a, b) in zip(idx, finite, sums, strict=True):
+            out[i] = (bool(ok), f"{int(a):08x}{int(b):08x}")
+    return out
+
+
+def _checksums(leaves: list[Any]) -> list[str]:
+    return [c for _, c in _facts(leaves)]
+
+
+def _verify(
+    path: str, name: str, paths: list[str], leaves: list[Any], expected: dict[str, str] | None
+) -> None:
+    """Name the first restored leaf (in tree order) whose checksum differs from the one recorded
+    at save (``expected``; None for checkpoints that predate checksums), else the first holding
+    a NaN or inf (a diverged checkpoint would otherwise only show up as ``loss nan`` later)."""
+    facts = _facts(leaves)
+    if expected is not None:
+        for p, x, (_, got) in zip(paths, leaves, facts, strict=True):
+            if expected[p] != got:
+                raise CheckpointError(
+                    f"checkpoint {path!r} is damaged: {name}{p} {x.dtype}{list(x.shape)} does "
+                    "not match the checksum recorded when it was saved"
+                )
+    for p, x, (finite, _) in zip(paths, leaves, facts, strict=True):
+        if not finite:
             raise CheckpointError(
                 f"checkpoint {path!r}: {name}{p} {x.dtype}{list(x.shape)} holds non-finite "
                 "values (NaN or inf)"
+            )
+
+
+def _check_checksums(meta: dict[str, Any], where: str) -> None:
+    sums = meta.get("checksums")
+    if sums is None:
+        return
+    if meta.get("checksum") != CHECKSUM or not isinstance(sums, dict):
+        raise CheckpointError(f"{where}: 'checksums' are not {CHECKSUM} checksums per tree")
+    for name, values in sums.items():
+        leaves = meta["trees"].get(name)
+        if (
+            leaves is None
+            or not isinstance(values, list)
+            or len(values) != len(leaves)
+            or not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{16}", v) for v in values)
+        ):
+            raise CheckpointError(
+                f"{where}: checksums.{printable(str(name))[:40]} must list one 16-hex-digit "
+                "checksum per leaf of that tree"
             )
 
 
@@ -338,21 +493,101 @@ def restore_checkpoint(
                     for (pth, keys, leaf), s in zip(flat, targets, strict=True)
                 ],
             )
+            failure = None
             try:
                 restored = _checkpointer(ocp.StandardCheckpointHandler()).restore(
                     p / name, args=ocp.args.StandardRestore(abstract)
                 )
-            except (OSError, ValueError, KeyError, RuntimeError, FileNotFoundError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise CheckpointError(
-                    f"checkpoint {spath!r}: cannot read {name}/ ({first})"
-                ) from None
+            except Exception as e:  # a damaged or vanished file: whatever orbax raises, one line
+                failure = _first_line(_root_cause(e))
+            if failure is not None:
+                _drop_failed_reads()
+                raise CheckpointError(f"checkpoint {spath!r}: cannot read {name}/ ({failure})")
             leaves = [_lookup(restored, keys) for _, keys, _ in flat]
-        _check_finite(spath, name, [pth for pth, _, _ in flat], leaves)
+        sums = meta.get("checksums", {}).get(name)
+        expected = (
+            None if sums is None else dict(zip([e["path"] for e in saved], sums, strict=True))
+        )
+        _verify(spath, name, [pth for pth, _, _ in flat], leaves, expected)
         arrays = jax.tree_util.tree_unflatten(treedef, leaves)
         _, static = eqx.partition(template, _is_leaf_array)
         out[name] = eqx.combine(arrays, static)
     return out, meta.get("metadata", {})
+
+
+# the newest checkpoint that reads
+
+_T = TypeVar("_T")
+
+
+_MAX_TRIES = 32  # checkpoints tried by `read_newest` (new ones may appear while a run is live)
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def read_newest(
+    listing: Callable[[], list[str]],
+    read: Callable[[str], _T],
+    *,
+    where: str,
+    first: str | None = None,
+    warn: Callable[[str], None] = _warn,
+) -> tuple[_T, str, list[str]]:
+    """``read`` the newest checkpoint that reads (``first``, where given, else the newest of
+    ``listing()``, paths oldest first); returns ``(result, path, damaged paths)``.
+
+    A checkpoint that fails with a `CheckpointError` (or a vanished file) while still listed is
+    damaged: ``warn`` names it and the next older one is tried. One no longer listed was pruned
+    (by a live run keeping its newest N) between listing and reading: the listing is read again,
+    without a warning. Where none reads, one `CheckpointError` line names the newest damaged
+    checkpoint and why."""
+    tried: set[str] = set()
+    damaged: list[str] = []
+    error: Exception | None = None
+    for _ in range(_MAX_TRIES):
+        if first is not None and first not in tried:
+            path = first
+        else:
+            fresh = [p for p in listing() if p not in tried]
+            if not fresh:
+                break
+            path = fresh[-1]
+        tried.add(path)
+        try:
+            return read(path), path, damaged
+        except (CheckpointError, FileNotFoundError) as e:
+            if path not in listing():
+                continue
+            warn(f"warning: {_first_line(e)}; trying the next older checkpoint")
+            damaged.append(path)
+            error = error or e
+    if error is None:
+        raise FileNotFoundError(f"no checkpoint found in {where!r}")
+    raise CheckpointError(f"no intact checkpoint in {where!r}: {_first_line(error)}")
+
+
+def restore_newest_intact(
+    path: str | os.PathLike,
+    templates: Mapping[str, PyTree],
+    shardings: Mapping[str, PyTree] | None = None,
+    *,
+    warn: Callable[[str], None] = _warn,
+) -> tuple[dict[str, PyTree], dict[str, Any], str, list[str]]:
+    """`restore_checkpoint` of ``path`` or, where it is damaged, of the newest intact checkpoint
+    before it in its directory (see `read_newest`): ``(trees, metadata, path read, damaged)``."""
+    spath = os.fspath(_epath(path))  # as `list_checkpoints` names it
+    root = os.path.dirname(spath)
+    (trees, meta), used, damaged = read_newest(
+        lambda: [p for _, p in list_checkpoints(root)],
+        lambda p: restore_checkpoint(p, templates, shardings),
+        where=root,
+        first=spath,
+        warn=warn,
+    )
+    return trees, meta, used, damaged
 
 
 # save
@@ -380,6 +615,9 @@ class CheckpointStore:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.root, options=options)
+        self._last_step: int | None = None  # the save that may still be being written
+        self._failed = False  # a save failed (and was reported); nothing more is written
+        self._closed = False
 
     def steps(self) -> list[int]:
         return sorted(int(s) for s in self._manager.all_steps())
@@ -403,13 +641,18 @@ class CheckpointStore:
                     f"checkpoint tree name {name!r} must be alphanumeric/underscore and not "
                     f"{META_ITEM!r}"
                 )
+        if self._failed:
+            raise CheckpointError(f"cannot save {self.path_of(step)!r}: an earlier save failed")
+        self.wait()  # the previous save's error, if any, names its own checkpoint
         if step in self._manager.all_steps():
             raise CheckpointError(f"{self.path_of(step)!r} exists; checkpoints are not overwritten")
         manifest: dict[str, list[dict]] = {}
+        checksums: dict[str, list[str]] = {}
         items: dict[str, Any] = {}
         for name, tree in trees.items():
             flat, _ = _flatten(tree)
             manifest[name] = _leaf_manifest(name, flat)
+            checksums[name] = _checksums([leaf for _, _, leaf in flat])
             if flat:
                 items[name] = ocp.args.StandardSave(_nest(name, flat))
         meta = {
@@ -417,6 +660,8 @@ class CheckpointStore:
             "version": VERSION,
             "step": int(step),
             "trees": manifest,
+            "checksum": CHECKSUM,
+            "checksums": checksums,
             "metadata": dict(metadata or {}),
         }
         try:
@@ -424,16 +669,44 @@ class CheckpointStore:
         except (TypeError, ValueError) as e:
             raise ValueError(f"checkpoint metadata is not plain JSON: {e}") from None
         items[META_ITEM] = ocp.args.JsonSave(meta)
-        self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+        self._last_step = int(step)
+        try:
+            self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            raise self._failure(e) from None
         return self.path_of(step)
 
+    def _failure(self, e: BaseException) -> CheckpointError:
+        """A failed save as one line naming its checkpoint; orbax's threads waiting on the
+        failed step are released, so the process can exit (see `_release_orbax_threads`)."""
+        self._failed = True
+        _release_orbax_threads()
+        where = self.root if self._last_step is None else self.path_of(self._last_step)
+        return CheckpointError(f"cannot save checkpoint {where!r}: {_first_line(e)}")
+
     def wait(self) -> None:
-        """Block until the last save is written and committed."""
-        self._manager.wait_until_finished()
+        """Block until the last save is written and committed; a `CheckpointError` naming the
+        checkpoint if it failed (once: a failure is reported by the call that finds it)."""
+        if self._failed:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._failure(e) from None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            if self._failed:  # orbax's own close may fail again on the broken step
+                with contextlib.suppress(Exception):
+                    self._manager.close()
+                _release_orbax_threads()
+            else:
+                self._manager.close()
 
     def __enter__(self) -> "CheckpointStore":
         return self
