@@ -98,14 +98,25 @@ def load_run(
 
     The model is read onto the first local device, or straight into ``shardings`` (a tree of
     ``Sharding``s for the model, e.g. from `mesh_layout`). Runs saved in the older ``.npz`` format
-    are read too (onto one device)."""
+    are read too (onto one device). Without ``checkpoint``, a damaged newest checkpoint is
+    skipped with a warning naming it (the newest intact one is read), and one pruned by a live
+    run while being read is replaced by the newest one listed then (`read_newest`); a given
+    ``checkpoint`` is read as it is, or fails with one line."""
+    if checkpoint:
+        return _load_checkpoint(checkpoint, shardings)
     root = os.path.join(out_dir, "checkpoints")
-    path = checkpoint or orbax_checkpoint.latest_checkpoint(root)
-    if path is None:
-        old = orbax_checkpoint.npz_checkpoints(root)
-        path = old[-1] if old else None
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint found in {root!r}")
+
+    def listing() -> list[str]:
+        found = [path for _, path in orbax_checkpoint.list_checkpoints(root)]
+        return found or orbax_checkpoint.npz_checkpoints(root)
+
+    loaded, _, _ = orbax_checkpoint.read_newest(
+        listing, lambda path: _load_checkpoint(path, shardings), where=root
+    )
+    return loaded
+
+
+def _load_checkpoint(path: str, shardings: Any) -> tuple[Any, dict[str, Any], int]:
     npz = os.path.isfile(os.path.join(path, "meta.json"))
     fmt = npz_checkpoint if npz else orbax_checkpoint
     meta = fmt.load_metadata(path)

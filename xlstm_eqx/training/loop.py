@@ -54,7 +54,7 @@ from .optim import _lr_at, learning_rate_schedule, make_optimizer, trainable_par
 from .orbax_checkpoint import (
     CheckpointStore,
     latest_checkpoint,
-    restore_checkpoint,
+    restore_newest_intact,
     save_checkpoint,
 )
 from .prepare import _prepare, _Prepared, run_config_dict
@@ -163,7 +163,7 @@ def _train(
         )
         if p.resume_from is not None:
             opt_skeleton = _opt_skeleton(optimizer, skeleton)
-            trees, meta = restore_checkpoint(
+            trees, meta, resumed, damaged = restore_newest_intact(
                 p.resume_from,
                 {"model": skeleton, "opt_state": opt_skeleton},
                 {"model": layout.model_shardings, "opt_state": layout.opt_shardings},
@@ -183,7 +183,7 @@ def _train(
         )
     elif p.resume_from is not None:
         optimizer, step_fn = _optimizer_and_step(cfg, skeleton, p.model_config, family)
-        trees, meta = restore_checkpoint(
+        trees, meta, resumed, damaged = restore_newest_intact(
             p.resume_from, {"model": skeleton, "opt_state": _opt_skeleton(optimizer, skeleton)}
         )
         model, opt_state = trees["model"], trees["opt_state"]
@@ -196,6 +196,9 @@ def _train(
     tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32)
     tune_auto_backend(lambda m, t: m(t), model, tokens)
     if p.resume_from is not None:
+        # A damaged newest checkpoint was skipped (with a warning): the run goes on from the one
+        # read; the newer ones are moved aside, as the run will save those steps again.
+        p = dataclasses.replace(p, resume_from=resumed)
         start_step = int(meta["step"])
         loop_key = jr.wrap_key_data(jnp.asarray(meta["rng_key"], jnp.uint32))
 
@@ -212,6 +215,9 @@ def _train(
             if is_decay_start(p.resume_from, out):
                 for path in supersede_after(ckpt_root, start_step, out):
                     log(f"extending the wsd run: moved {path} (the old decay) aside")
+            elif damaged:
+                for path in supersede_after(ckpt_root, start_step, out):
+                    log(f"moved {path} aside (newer than step {start_step}, which resumes)")
     if p.resume_from is not None:
         log(f"resumed from {p.resume_from} at step {start_step}")
 
