@@ -19,6 +19,15 @@ writes into a temporary sibling directory renamed into place when complete, so a
 build leaves nothing that a later run would use, and concurrent builders do not collide.
 `CACHE` is `--data-cache`, else `$XLSTM_EQX_DATA_CACHE_DIR`, else
 `~/.cache/xlstm_eqx/token_stores` (`$XDG_CACHE_HOME` respected).
+
+Trust: the index records the sha256 of every 4 MiB block of the token files and each source
+file's sha256, inode and ctime. Opening a store checks the files' sizes and re-hashes their blocks
+(all of them up to 256 MiB, else 64 spread evenly: ~0.05 s for a 50 MB store); a source whose
+inode or ctime moved (a same-size edit with its mtime put back still moves the ctime) is hashed
+again. A damaged store, or one built from other bytes, is rebuilt with a warning naming it. The
+temporary folder of a build is `<key>.tmp-<host>-<pid>-…`: one whose builder is gone (or older
+than a week) is removed. Corpora of 8 MiB or more are tokenized in a child process
+(`build_child`), so the build's memory is given back before the run compiles.
 """
 
 import dataclasses
