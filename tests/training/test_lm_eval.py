@@ -6,6 +6,7 @@ generation with stop strings, and a local multiple-choice task end to end throug
 import dataclasses
 import glob
 import json
+import logging
 import math
 import os
 from types import SimpleNamespace
@@ -140,12 +141,13 @@ def _mc_task(tmp_path):
         'doc_to_text: "{{question}}"\n'
         'doc_to_choice: "{{choices}}"\n'
         'doc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n"
+        # as the README's task: aggregation and higher_is_better given, so lm-eval warns nothing
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
     )
     return str(tmp_path / "tasks"), docs
 
 
-def test_multiple_choice_task_through_the_cli(tmp_path, capsys):
+def test_multiple_choice_task_through_the_cli(tmp_path, capsys, caplog):
     pytest.importorskip("lm_eval")
     data = tmp_path / "data.txt"
     data.write_text(TEXT)
@@ -153,7 +155,10 @@ def test_multiple_choice_task_through_the_cli(tmp_path, capsys):
     train(cfg, log=_quiet)
     tasks, docs = _mc_task(tmp_path)
     args = ["eval", "--out", cfg.out, "--tasks", "toy_mc", "--include-path", tasks]
-    assert main([*args, "--limit", "4"]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert main([*args, "--limit", "4"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warned, warned
     printed = capsys.readouterr().out
     assert "toy_mc" in printed and "acc" in printed
     (path,) = glob.glob(os.path.join(cfg.out, "lm_eval", "results_*.json"))

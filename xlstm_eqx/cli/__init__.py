@@ -56,7 +56,9 @@ COMMANDS: dict[str, Command] = {
         convert.run_convert,
     ),
     "bench": (
-        "benchmarks: cell | train | generate | profile | all (time, tokens/s, memory, MFU, ratios vs peers, where the train step spends its time)",
+        "benchmarks: cell | train | generate | profile | all (time, tokens/s, memory, MFU, "
+        "ratios vs peers, where the train step spends its time) | gpu (check and time "
+        "everything on one GPU)",
         bench.add_bench_arguments,
         bench.run_bench_command,
     ),
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xlstm-eqx", description="xLSTM (and Llama) language models in Equinox."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_, add_arguments, _) in COMMANDS.items():
         p = sub.add_parser(
@@ -84,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
             f"${CACHE_ENV}, else ~/.cache/xlstm_eqx/jax)",
         )
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (the package metadata, not a copy of it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("xlstm_eqx")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 # Operating-system errors about the place written to, not the program: one line, no traceback.
@@ -111,6 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ImportError as e:
         print(f"xlstm-eqx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError as e:  # numpy's allocation error names the array's shape and size
+        print(
+            f"xlstm-eqx {args.command}: error: out of host memory ({_one_line(e)}); "
+            "lower --batch-size or --seq-len",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

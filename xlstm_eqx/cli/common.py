@@ -71,7 +71,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"{help_} (default: {default!r})" if help_ else f"(default: {default!r})"
+        if "default" not in help_.lower():  # one default per flag: the help's own, else this
+            help_ = f"{help_} (default: {default!r})" if help_ else f"(default: {default!r})"
         if f.type is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_

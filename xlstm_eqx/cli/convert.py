@@ -28,6 +28,8 @@ from typing import Any
 import jax.numpy as jnp
 import jax.random as jr
 
+from ..core.files import write_atomic
+from ..data.tokenizer import load_tokenizer
 from ..generation import generate
 from ..interop.common import InteropError
 from ..interop.hf import from_hf_pretrained, to_hf
@@ -82,6 +84,18 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
     p.add_argument(
+        "--tokenizer",
+        metavar="FILE|bytes",
+        help="the tokenizer recorded with the output: 'bytes' or a tokenizer.json "
+        "(default: the input's own, where it records one)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty OUT (its files of the same names are replaced; never the "
+        "input's own directory)",
+    )
+    p.add_argument(
         "--max-shard-size",
         type=int,
         default=5 * 10**9,
@@ -91,8 +105,34 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_target(args: argparse.Namespace) -> None:
+    """Refuse (before anything is read) an OUT that would overwrite the input, or another
+    run's or model's files: OUT must be new or empty unless --force."""
+    src = os.path.realpath(args.path)
+    src_dir = src if os.path.isdir(src) else os.path.dirname(src)
+    out = os.path.realpath(args.out)
+    if out == src or out == src_dir or src_dir.startswith(out.rstrip(os.sep) + os.sep):
+        raise ValueError(
+            f"OUT {args.out!r} would overwrite the input {args.path!r}; choose a new directory"
+        )
+    if os.path.isdir(args.out):
+        held = sorted(os.listdir(args.out))
+        if held and not args.force:
+            shown = ", ".join(held[:4]) + (", …" if len(held) > 4 else "")
+            raise FileExistsError(
+                f"OUT {args.out!r} is not empty (it holds {shown}); choose a new directory or "
+                "pass --force to write into it"
+            )
+    elif os.path.exists(args.out) and not args.force:
+        raise FileExistsError(f"OUT {args.out!r} exists; pass --force to replace it")
+
+
 def run_convert(args: argparse.Namespace) -> int:
+    _check_target(args)
+    if args.tokenizer is not None:
+        load_tokenizer(args.tokenizer)  # a bad --tokenizer fails before the model is read
     model, config, tokenizer = _load(args.src, args.path, args)
+    tokenizer = args.tokenizer or tokenizer
     source = {"format": args.src, "path": os.path.abspath(args.path)}
     if args.dst == "eqx":
         save_eqx(model, config, args.out, tokenizer_file=tokenizer, source=source)
@@ -102,16 +142,15 @@ def run_convert(args: argparse.Namespace) -> int:
             config,
             args.out,
             max_shard_bytes=args.max_shard_size,
-            tokenizer_dir=None if tokenizer is None else os.path.dirname(tokenizer),
+            tokenizer=tokenizer,
         )
     else:
         out = args.out
         if not out.endswith(".safetensors"):
             os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "config.json"), "w") as f:
-                json.dump(
-                    {"model_kind": _kind_of(config), "model_config": config.to_dict()}, f, indent=2
-                )
+            run = {"model_kind": _kind_of(config), "model_config": config.to_dict()}
+            text = json.dumps(run, indent=2) + "\n"
+            write_atomic(os.path.join(out, "config.json"), lambda f: f.write(text.encode()))
             out = os.path.join(out, "params.safetensors")
         save_xlstm_jax_params(to_xlstm_jax(model), out)
     print(f"converted {args.src} {args.path} -> {args.dst} {args.out}")
@@ -135,7 +174,9 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf", required=True, metavar="PATH", help="transformers xLSTM directory")
     p.add_argument(
-        "--tokenizer", metavar="FILE", help="tokenizer.json (default: PATH/tokenizer.json)"
+        "--tokenizer",
+        metavar="FILE|bytes",
+        help="'bytes' or a tokenizer.json (default: the directory's own)",
     )
     p.add_argument("--prompt", default=None, help="text to continue (needs a tokenizer)")
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of text")
@@ -161,7 +202,7 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         if tok is None:
             raise InteropError(
-                f"{args.hf!r} has no tokenizer.json: pass --tokenizer FILE or --prompt-ids"
+                f"{args.hf!r} records no tokenizer: pass --tokenizer FILE|bytes or --prompt-ids"
             )
         prompt = [int(t) for t in tok.encode(args.prompt or "")]
     if not prompt:

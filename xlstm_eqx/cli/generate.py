@@ -19,7 +19,11 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--out", metavar="DIR", help="the run whose model to sample")
     source.add_argument("--hf", metavar="DIR", help="a transformers xLSTMForCausalLM directory")
-    p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (default: the model's own)")
+    p.add_argument(
+        "--tokenizer",
+        metavar="FILE|bytes",
+        help="'bytes' or a tokenizer.json (default: the model's own)",
+    )
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -36,7 +40,10 @@ def _generate_run(args: argparse.Namespace) -> int:
     if args.hf is not None:
         model, _, tokenizer = load_hf_for_generation(args.hf, tokenizer=args.tokenizer)
         if tokenizer is None:
-            raise ValueError(f"--hf {args.hf!r} has no tokenizer.json; pass --tokenizer FILE")
+            raise ValueError(
+                f"--hf {args.hf!r} records no tokenizer; pass --tokenizer FILE (a tokenizer.json) "
+                "or --tokenizer bytes"
+            )
     else:
         model, run, _ = load_run(args.out, args.checkpoint)
         if args.tokenizer is not None:
@@ -44,7 +51,7 @@ def _generate_run(args: argparse.Namespace) -> int:
         elif "tokenizer" in run:
             tokenizer = tokenizer_from_dict(run["tokenizer"])
         else:
-            raise ValueError(f"run {args.out!r} records no tokenizer; pass --tokenizer FILE")
+            raise ValueError(f"run {args.out!r} records no tokenizer; pass --tokenizer FILE|bytes")
     prompt = [int(t) for t in tokenizer.encode(args.prompt)]
     if not prompt:
         raise ValueError("--prompt must encode to at least one token")

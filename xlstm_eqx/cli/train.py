@@ -66,7 +66,11 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     lm.add_argument(
         "--hf", metavar="DIR", help="evaluate a transformers xLSTMForCausalLM directory"
     )
-    lm.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (default: the model's own)")
+    lm.add_argument(
+        "--tokenizer",
+        metavar="FILE|bytes",
+        help="'bytes' or a tokenizer.json (default: the model's own)",
+    )
     lm.add_argument(
         "--max-length", type=int, help="tokens per scoring window (default: context_length)"
     )
@@ -88,7 +92,10 @@ def _lm_eval_run(args: argparse.Namespace) -> int:
     if args.hf:
         model, config, tokenizer = load_hf_for_generation(args.hf, tokenizer=args.tokenizer)
         if tokenizer is None:
-            raise ValueError(f"--hf {args.hf!r} has no tokenizer.json; pass --tokenizer FILE")
+            raise ValueError(
+                f"--hf {args.hf!r} records no tokenizer; pass --tokenizer FILE (a tokenizer.json) "
+                "or --tokenizer bytes"
+            )
         context = getattr(config, "context_length", None)
     else:
         model, run, _ = load_run(args.out, args.checkpoint)

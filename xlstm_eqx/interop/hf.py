@@ -50,7 +50,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from typing import Any
 
 import equinox as eqx
@@ -58,6 +57,7 @@ import jax.random as jr
 import numpy as np
 from jax.sharding import Mesh
 
+from ..core.files import copy_file_atomic, write_atomic
 from ..core.parallel_config import ParallelConfig
 from ..xlstm.config import xLSTMLMModelConfig
 from ..xlstm.model import xLSTMLMModel
@@ -96,6 +96,11 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+# An export of a byte-tokenizer model has no tokenizer.json (transformers has no byte tokenizer):
+# this file records the tokenizer instead, so `generate --hf` / `eval --hf` find it.
+TOKENIZER_MARKER = "xlstm_eqx_tokenizer.json"
 
 
 _FLAT = Layout(ext_shape_fn=lambda s: (int(np.prod(s)),))
@@ -367,12 +372,14 @@ def to_hf(
     *,
     max_shard_bytes: int | None = 5 * 10**9,
     tokenizer_dir: str | os.PathLike | None = None,
+    tokenizer: str | None = None,
 ) -> str:
     """Write ``model`` as a transformers ``xLSTMForCausalLM`` directory (``config.json`` and
     float32 safetensors): like ``save_pretrained``, shards of at most ``max_shard_bytes`` (5 GB)
     with ``model.safetensors.index.json`` when more than one is needed (``None``: one file).
     ``tokenizer_dir``: copy its ``tokenizer.json`` (and tokenizer/special-token configs) along.
-    Returns ``path``."""
+    ``tokenizer``: ``"bytes"`` (recorded in `TOKENIZER_MARKER`) or a tokenizer.json file, copied
+    as ``tokenizer.json`` (with the configs beside it). Returns ``path``."""
     hf = eqx_config_to_hf(config)
     if not isinstance(model, xLSTMLMModel):
         raise InteropError(f"expected an xLSTMLMModel, got {type(model).__name__}")
@@ -407,13 +414,36 @@ def to_hf(
             fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
             total += save_file(shard, os.path.join(path, fname), meta)
             weight_map.update({name: fname for name, _ in shard})
-        with open(os.path.join(path, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(hf, f, indent=2)
-    if tokenizer_dir is not None:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _write_text(os.path.join(path, INDEX_FILE), json.dumps(index, indent=2))
+    _write_text(os.path.join(path, CONFIG_NAME), json.dumps(hf, indent=2))
+    if tokenizer is not None:
+        _export_tokenizer(tokenizer, path)
+    elif tokenizer_dir is not None:
         for fname in TOKENIZER_FILES:
             src = os.path.join(os.fspath(tokenizer_dir), fname)
             if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(path, fname))
+                copy_file_atomic(src, os.path.join(path, fname))
     return path
+
+
+def _write_text(path: str, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _export_tokenizer(tokenizer: str, path: str) -> None:
+    """Record `tokenizer` ("bytes" or a tokenizer.json file) in the export `path`; a tokenizer
+    file of the other kind left by an earlier export is removed."""
+    if tokenizer in ("bytes", "byte"):
+        _write_text(os.path.join(path, TOKENIZER_MARKER), json.dumps({"kind": "bytes"}) + "\n")
+        stale = TOKENIZER_FILES
+    else:
+        copy_file_atomic(tokenizer, os.path.join(path, "tokenizer.json"))
+        for fname in TOKENIZER_FILES[1:]:
+            src = os.path.join(os.path.dirname(os.path.abspath(tokenizer)), fname)
+            if os.path.isfile(src):
+                copy_file_atomic(src, os.path.join(path, fname))
+        stale = (TOKENIZER_MARKER,)
+    for fname in stale:
+        if os.path.lexists(os.path.join(path, fname)):
+            os.remove(os.path.join(path, fname))

@@ -11,14 +11,15 @@ import os
 import shutil
 from typing import Any
 
-from ..data.tokenizer import HFTokenizer
+from ..core.files import copy_file_atomic, write_atomic
+from ..data.tokenizer import load_tokenizer
 from ..llama.config import LlamaConfig
 from ..models import MODEL_FAMILIES, ModelConfig, family_of
 from ..training.evaluate import load_run
 from ..training.orbax_checkpoint import save_checkpoint
 from ..xlstm.config import xLSTMLMModelConfig
 from .common import MAX_BLOCKS, InteropError, load_json, printable
-from .hf import from_hf_pretrained
+from .hf import TOKENIZER_MARKER, from_hf_pretrained
 
 
 def _kind_of(config: ModelConfig) -> str:
@@ -65,17 +66,20 @@ def save_eqx(
     tokenizer_file: str | None = None,
     source: dict[str, Any] | None = None,
 ) -> str:
-    """Write ``model`` as our run layout under ``out`` (see the module docstring)."""
+    """Write ``model`` as our run layout under ``out`` (see the module docstring).
+    ``tokenizer_file``: ``"bytes"`` or a tokenizer.json (copied into ``out``)."""
 
     os.makedirs(out, exist_ok=True)
     ckpt_root = os.path.join(out, "checkpoints")
     if os.path.isdir(os.path.join(ckpt_root, "step_00000000")):  # converting again: replace it
         shutil.rmtree(os.path.join(ckpt_root, "step_00000000"))
     run: dict[str, Any] = {"model_kind": _kind_of(config), "model_config": config.to_dict()}
-    if tokenizer_file is not None:
+    if tokenizer_file in ("bytes", "byte"):
+        run["tokenizer"] = {"kind": "bytes"}
+    elif tokenizer_file is not None:
         dst = os.path.join(out, "tokenizer.json")
         if os.path.abspath(tokenizer_file) != os.path.abspath(dst):
-            shutil.copyfile(tokenizer_file, dst)
+            copy_file_atomic(tokenizer_file, dst)
         run["tokenizer"] = {"kind": "tokenizers", "path": os.path.abspath(dst)}
     if source:
         run["converted_from"] = source
@@ -86,26 +90,37 @@ def save_eqx(
         {"step": 0, "run_config": run},
         keep=None,
     )
-    tmp = os.path.join(out, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(run, f, indent=2)
-    os.replace(tmp, os.path.join(out, "config.json"))
+    text = json.dumps(run, indent=2) + "\n"
+    write_atomic(os.path.join(out, "config.json"), lambda f: f.write(text.encode("utf-8")))
     return out
 
 
 def load_eqx(path: str) -> tuple[Any, Any, str | None]:
-    """``(model, config, tokenizer file or None)`` from our run layout."""
+    """``(model, config, tokenizer)`` from our run layout: the tokenizer as ``"bytes"``, a
+    tokenizer.json path, or None where the run records none."""
 
     model, run, _ = load_run(path)
     config = MODEL_FAMILIES[run["model_kind"]].config_from_dict(run["model_config"])
     tok = run.get("tokenizer") or {}
+    if tok.get("kind") == "bytes":
+        return model, config, "bytes"
     tok_file = tok.get("path") if tok.get("kind") == "tokenizers" else None
     return model, config, tok_file
 
 
 def _hf_tokenizer(path: str) -> str | None:
+    """The tokenizer of a transformers directory: its tokenizer.json, ``"bytes"`` where an export
+    of a byte-tokenizer model recorded that (`TOKENIZER_MARKER`), else None."""
     f = os.path.join(path, "tokenizer.json")
-    return f if os.path.isfile(f) else None
+    if os.path.isfile(f):
+        return f
+    marker = os.path.join(path, TOKENIZER_MARKER)
+    if os.path.isfile(marker):
+        d = load_json(marker, max_bytes=4096)
+        if not (isinstance(d, dict) and d.get("kind") == "bytes"):
+            raise InteropError(f'{marker!r} must hold {{"kind": "bytes"}}')
+        return "bytes"
+    return None
 
 
 # generate --hf
@@ -115,8 +130,8 @@ def load_hf_for_generation(
     path: str, *, dtype: str | None = None, tokenizer: str | None = None
 ) -> tuple[Any, Any, Any]:
     """``(model, config, tokenizer or None)`` of a transformers directory; the tokenizer is
-    ``tokenizer`` (a ``tokenizer.json`` path) or ``PATH/tokenizer.json`` if present."""
+    ``tokenizer`` (``"bytes"`` or a tokenizer.json path) or the directory's own (`_hf_tokenizer`)."""
 
     model, config = from_hf_pretrained(path, dtype=dtype)
-    tok_file = tokenizer or _hf_tokenizer(path)
-    return model, config, None if tok_file is None else HFTokenizer(tok_file)
+    spec = tokenizer or _hf_tokenizer(path)
+    return model, config, None if spec is None else load_tokenizer(spec)

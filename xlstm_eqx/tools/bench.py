@@ -212,7 +212,12 @@ def run_bench(
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "which", nargs="?", default="all", choices=BENCHMARKS, help="benchmark to run"
+        "which",
+        nargs="?",
+        default="all",
+        choices=BENCHMARKS,
+        help="benchmark to run: cell, train, generate, profile, all (the four), or gpu (check "
+        "and time everything on one GPU; its options below)",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument(

@@ -2,6 +2,7 @@
 resolves its model config from a family preset or a config file."""
 
 import dataclasses
+import math
 import os
 import typing
 from typing import Any
@@ -11,6 +12,9 @@ from ..data.tokenizer import Tokenizer, padded_vocab_size
 from ..models import MODEL_FAMILIES
 
 
+# Fields with a fixed set of values: `choices` in their metadata (the flag's argparse choices, and
+# what `validate` checks). Typed `str`, not Literal, so that a bad value from a config file or
+# Python is the ValueError of `validate` naming the field, not a type-checker error.
 _COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "lion", "adafactor")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
@@ -56,7 +60,7 @@ class TrainConfig:
     data_cache: str = dataclasses.field(
         default="",
         metadata={
-            "help": "token-store cache directory (default $XLSTM_EQX_DATA_CACHE_DIR or "
+            "help": "token-store cache directory (default: $XLSTM_EQX_DATA_CACHE_DIR, else "
             "~/.cache/xlstm_eqx/token_stores)"
         },
     )
@@ -81,18 +85,18 @@ class TrainConfig:
     steps: int = dataclasses.field(default=300, metadata={"help": "optimizer steps"})
     # optimizer
     optimizer: str = dataclasses.field(
-        default="adamw", metadata={"help": "adamw, lion or adafactor (optax)"}
+        default="adamw", metadata={"help": "optimizer (optax)", "choices": OPTIMIZERS}
     )
     schedule: str = dataclasses.field(
         default="cosine",
-        metadata={"help": "learning-rate schedule after warmup: cosine, wsd, linear or constant"},
+        metadata={"help": "learning-rate schedule after warmup", "choices": SCHEDULES},
     )
     decay_fraction: float = dataclasses.field(
         default=0.2, metadata={"help": "wsd: share of the steps in the final decay"}
     )
     lr: float = dataclasses.field(default=3e-3, metadata={"help": "peak learning rate"})
     warmup_steps: int | None = dataclasses.field(
-        default=None, metadata={"help": "linear warmup steps (default min(100, steps // 10))"}
+        default=None, metadata={"help": "linear warmup steps (default: min(100, steps // 10))"}
     )
     min_lr_ratio: float = dataclasses.field(
         default=0.1,
@@ -114,7 +118,7 @@ class TrainConfig:
     # run
     seed: int = 0
     out: str = dataclasses.field(
-        default="", metadata={"help": "output directory (default runs/<model>)"}
+        default="", metadata={"help": "output directory (default: runs/<model>)"}
     )
     resume: bool = dataclasses.field(
         default=False, metadata={"help": "continue the run in --out from its last checkpoint"}
@@ -180,77 +184,96 @@ class TrainConfig:
         return self.warmup_steps
 
     def validate(self) -> None:
-        """Raise a ValueError naming the first field with an invalid value."""
+        """Raise a ValueError naming the flag (and field) of the first invalid value, before
+        anything is read or written."""
         for f in dataclasses.fields(self):
             _checked_value(f.name, getattr(self, f.name))
         if not 0 <= self.seed < 2**32:
-            raise ValueError(f"TrainConfig.seed must be in [0, 2**32), got {self.seed}")
+            raise _invalid("seed", "in [0, 2**32)", self.seed)
         if self.max_data_bytes is not None and self.max_data_bytes < 1:
-            raise ValueError(
-                f"TrainConfig.max_data_bytes must be a positive integer or None, "
-                f"got {self.max_data_bytes}"
-            )
+            raise _invalid("max_data_bytes", "a positive integer or none", self.max_data_bytes)
         positive = ["seq_len", "batch_size", "grad_accum", "steps", "log_every", "eval_every"]
         positive += ["eval_batches", "checkpoint_every", "keep_checkpoints", "prefetch"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        if self.dtype not in _COMPUTE_DTYPES:
-            raise ValueError(
-                f"TrainConfig.dtype must be one of {_COMPUTE_DTYPES}, got {self.dtype!r}"
-            )
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+                raise _invalid(name, "a positive integer", value)
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise _invalid(f.name, f"one of {', '.join(choices)}", getattr(self, f.name))
+        _check_batch_memory(self)
+        # Floats: finite and in range (NaN fails every comparison, so `not (lo <= x)` catches it).
+        finite_ranges = [
+            ("lr", "> 0", lambda x: x > 0),
+            ("weight_decay", ">= 0", lambda x: x >= 0),
+            ("adam_eps", "> 0", lambda x: x > 0),
+            ("sample_temperature", ">= 0", lambda x: x >= 0),
+            ("min_lr_ratio", "in [0, 1]", lambda x: 0 <= x <= 1),
+            ("beta1", "in [0, 1)", lambda x: 0 <= x < 1),
+            ("beta2", "in [0, 1)", lambda x: 0 <= x < 1),
+            ("eval_fraction", "in (0, 1)", lambda x: 0 < x < 1),
+            ("decay_fraction", "in (0, 1]", lambda x: 0 < x <= 1),
+        ]
+        if self.grad_clip is not None:
+            finite_ranges.append(("grad_clip", "> 0 (or none)", lambda x: x > 0))
+        for name, what, ok in finite_ranges:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and ok(value)):
+                raise _invalid(name, f"a finite number {what}", value)
         w = self.resolved_warmup()
         if not 0 <= w < self.steps:
-            raise ValueError(
-                f"TrainConfig.warmup_steps must be in [0, steps={self.steps}), got {w}"
-            )
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0:
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(
-                f"TrainConfig.eval_fraction must be in (0, 1), got {self.eval_fraction}"
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}"
-            )
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise ValueError(
-                f"TrainConfig.decay_fraction must be in (0, 1], got {self.decay_fraction}"
-            )
+            raise _invalid("warmup_steps", f"in [0, steps={self.steps})", w)
         for name in self.trackers():
             if name not in TRACKERS:
                 raise ValueError(
-                    f"TrainConfig.tracker: unknown tracker {name!r} (expected {TRACKERS})"
+                    f"{_flag('tracker')}: unknown tracker {name!r} (expected {', '.join(TRACKERS)})"
                 )
+        if self.mesh:
+            parts = self.mesh.split(",")
+            if any(not p.strip() for p in parts):
+                raise _invalid("mesh", "AXIS=SIZE entries separated by single commas", self.mesh)
         if self.profile_steps:
             parts = self.profile_steps.split(":")
             if len(parts) != 2 or not all(p.isdigit() for p in parts):
-                raise ValueError(
-                    f"TrainConfig.profile_steps must be 'A:B' (steps), got {self.profile_steps!r}"
-                )
+                raise _invalid("profile_steps", "'A:B' (steps)", self.profile_steps)
             a, b = int(parts[0]), int(parts[1])
             if not 1 <= a <= b:
-                raise ValueError(
-                    f"TrainConfig.profile_steps {self.profile_steps!r}: need 1 <= A <= B"
-                )
+                raise _invalid("profile_steps", "'A:B' with 1 <= A <= B", self.profile_steps)
         if self.sample_tokens < 0:
-            raise ValueError(f"TrainConfig.sample_tokens must be >= 0, got {self.sample_tokens}")
-        if not self.sample_temperature >= 0:
-            raise ValueError(
-                f"TrainConfig.sample_temperature must be >= 0, got {self.sample_temperature}"
-            )
+            raise _invalid("sample_tokens", ">= 0", self.sample_tokens)
+
+
+def _flag(name: str) -> str:
+    """How a field is named in errors: its flag, then the field (for config files and Python)."""
+    return f"--{name.replace('_', '-')} (TrainConfig.{name})"
+
+
+def _invalid(name: str, what: str, value: Any) -> ValueError:
+    text = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return ValueError(f"{_flag(name)} must be {what}, got {text}")
+
+
+def _host_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_batch_memory(cfg: "TrainConfig") -> None:
+    """The loader keeps `prefetch + 2` steps' batches (int32 tokens) in host memory: a batch that
+    cannot fit this machine's memory is refused here, naming the flags, not by an allocation
+    error on the loader thread after the data is read."""
+    tokens = cfg.grad_accum * cfg.batch_size * (cfg.seq_len + 1)
+    need = tokens * 4 * (cfg.prefetch + 2)
+    have = _host_memory_bytes()
+    if have is not None and need > have:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} × --seq-len {cfg.seq_len} × --grad-accum "
+            f"{cfg.grad_accum}: the loader's {cfg.prefetch + 2} batches of {tokens:,} tokens "
+            f"need {need / 2**30:,.1f} GiB, more than this machine's {have / 2**30:,.1f} GiB"
+        )
 
 
 def _checked_value(name: str, value: Any) -> Any:

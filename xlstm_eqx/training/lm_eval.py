@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
+from ..core.files import write_atomic
 from ..data.tokenizer import Tokenizer, resolve_eod_id
 from ..generation import stream_generate
 from .evaluate import has_decode_api, sample_tokens
@@ -239,7 +240,7 @@ def run_lm_eval(
 
     if include_path is not None and not os.path.isdir(include_path):
         raise FileNotFoundError(f"--include-path {include_path!r} is not a directory")
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = _task_manager(TaskManager, list(tasks), include_path)
     results = lm_eval.simple_evaluate(
         model=adapter.as_lm(),
         tasks=list(tasks),
@@ -256,8 +257,51 @@ def run_lm_eval(
     os.makedirs(folder, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = os.path.join(folder, f"results_{stamp}.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2, default=handle_non_serializable)
-    os.replace(tmp, path)
+    text = json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
     return results, path
+
+
+def _task_manager(manager_cls: Any, tasks: list[str], include_path: str | None) -> Any:
+    """lm-eval's task index holding every name of `tasks`, else a ValueError naming the first
+    unknown one. Tasks that are all plain tasks of --include-path are found without indexing
+    lm-eval's own few thousand (about 20 s); a YAML file there that cannot be read (lm-eval
+    skips it silently) is an error naming the file, the line and why."""
+    if include_path:
+        own = manager_cls(include_path=include_path, include_defaults=False)
+        missing = [t for t in tasks if t not in own.all_subtasks]
+        if not missing:
+            return own
+        why = _unreadable_task_files(include_path)
+        if why:
+            more = f" (and {len(why) - 1} more)" if len(why) > 1 else ""
+            raise ValueError(f"--tasks {missing[0]!r}: {why[0]}{more}")
+    manager = manager_cls(include_path=include_path) if include_path else manager_cls()
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known and not os.path.isfile(t)]
+    if unknown:
+        where = f"lm-eval or --include-path {include_path!r}" if include_path else "lm-eval"
+        raise ValueError(
+            f"--tasks: {unknown[0]!r} is not a task, group or tag of {where} (`lm-eval ls "
+            "tasks` lists them; --include-path DIR adds your own YAML tasks)"
+        )
+    return manager
+
+
+def _unreadable_task_files(include_path: str) -> list[str]:
+    """One line for each YAML file under `include_path` that lm-eval's loader cannot read."""
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:  # another lm-eval layout: nothing more to say
+        return []
+    problems = []
+    for root, _, files in sorted(os.walk(include_path)):
+        for name in sorted(files):
+            if not name.endswith((".yaml", ".yml")):
+                continue
+            path = os.path.join(root, name)
+            try:
+                load_yaml(path, resolve_func=False)
+            except Exception as e:  # lm-eval's loader raises what YAML and its checks raise
+                problems.append(f"task file {path!r} cannot be read: {' '.join(str(e).split())}")
+    return problems

@@ -39,7 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..cell.autotune import tune_auto_backend
-from ..core.files import _write_json_atomic
+from ..core.files import _write_json_atomic, open_append
 from ..data.loader import BatchLoader
 from ..data.tokenizer import Tokenizer
 from ..generation import generate
@@ -266,7 +266,7 @@ def _train(
     interval_steps = 0
     trackers = open_trackers(cfg.trackers() if writer else [], out, cfg.tracker_project, run_config)
     interrupt = _InterruptFlag(log)
-    metrics_file = open(metrics_path if writer else os.devnull, "a")  # noqa: SIM115 - closed in finally
+    metrics_file = open_append(metrics_path if writer else os.devnull)  # closed in finally
     # Batches are read (this process's rows only) and placed on a background thread; the step
     # results stay on the device until a step that logs, evaluates or checkpoints reads them.
     loader = BatchLoader(
@@ -278,6 +278,13 @@ def _train(
         prefetch=cfg.prefetch,
     )
     pending = PendingScalars()
+
+    def say(line: str) -> None:
+        """A line of the run's log, above the progress bar when there is one."""
+        if bar is not None and log is print:
+            bar.write(line)
+        else:
+            log(line)
 
     def drain() -> tuple[float, float]:
         """Read the pending steps' loss and gradient norm; stop at the first non-finite one.
@@ -309,8 +316,16 @@ def _train(
         for step, batch in loader:
             step_key = jr.fold_in(loop_key, step)
             profile.before(step)
+            profiling = profile.active
+            if compiling := step == start_step + 1:  # the first call traces and compiles
+                say("compiling the train step…")
+                t_compile = time.perf_counter()
             model, opt_state, loss, grad_norm = step_fn((batch, step_key), model, opt_state)
+            if compiling:
+                say(f"compiled in {time.perf_counter() - t_compile:.1f} s")
             profile.after(step, loss)
+            if profiling and not profile.active:
+                say(f"wrote the profile trace of steps {cfg.profile_steps} to {profile.directory}")
             pending.add(step, loss, grad_norm)
             interval_steps += 1
             if bar is not None:
@@ -347,14 +362,10 @@ def _train(
                         post["bpb"] = f"{bpb:.3f}"
                     bar.set_postfix(post, refresh=False)
                 if do_eval:  # every evaluation gets a line, beside the unigram baseline
-                    line = (
+                    say(
                         f"step {step}: loss {loss_f:.4f}, held-out {eval_loss:.4f} nats/token, "
                         f"{bpb:.3f} bits/byte (unigram baseline {p.unigram_bpb:.3f})"
                     )
-                    if bar is not None and log is print:
-                        bar.write(line)
-                    else:
-                        log(line)
                 interval_start, interval_steps = time.perf_counter(), 0
             # All processes stop at the same step, whichever of them got the signal.
             stop = interrupt.agreed()
@@ -413,11 +424,10 @@ def _train(
             f"held-out after step {final_step}: loss {eval_loss:.4f} nats/token, "
             f"{bpb:.3f} bits/byte (unigram baseline {p.unigram_bpb:.3f} bits/byte)"
         )
-    log(
-        f"wrote {metrics_path}"
-        + (f", {png}" if png else " (pip install matplotlib for loss.png)")
-        + f", checkpoint {last_ckpt}"
-    )
+    if writer:
+        log("wrote " + ", ".join(_written_files(out, png, last_ckpt, cfg)))
+        if png is None:
+            log("(pip install matplotlib for loss.png)")
     if sample is not None:
         log(f"sample (temperature {cfg.sample_temperature}):\n{cfg.sample_prompt}{sample}")
     return TrainResult(
@@ -433,6 +443,21 @@ def _train(
         sample=sample,
         seconds=seconds,
     )
+
+
+def _written_files(
+    out: str, png: str | None, checkpoint: str | None, cfg: TrainConfig
+) -> list[str]:
+    """The run's files, each as a path under `out` as the user gave it (a checkpoint path may
+    have been made absolute for orbax)."""
+    files = [os.path.join(out, "metrics.jsonl")]
+    files += [png] if png else []
+    files.append(os.path.join(out, "summary.json"))
+    if checkpoint:
+        rel = os.path.relpath(os.path.abspath(checkpoint), os.path.abspath(out))
+        files.append(checkpoint if rel.startswith("..") else os.path.join(out, rel))
+    files += [os.path.join(out, t) for t in cfg.trackers() if t in ("tensorboard", "wandb")]
+    return files
 
 
 def _opt_skeleton(optimizer: Any, skeleton: Any) -> Any:

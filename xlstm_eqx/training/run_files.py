@@ -12,18 +12,20 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ..core.files import _write_json_atomic
+from ..core.files import _write_json_atomic, open_read_binary, write_atomic
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-    """Rows of a `metrics.jsonl`. A torn last line (a write cut short by a full disk or a kill)
-    is dropped; a malformed line elsewhere is a ValueError naming the file and line."""
+    """Rows of a `metrics.jsonl`. A torn last line (a write cut short by a full disk or a kill:
+    no newline at its end) is dropped; any other malformed line is a ValueError naming the file
+    and line. A symbolic link is refused, never followed."""
     if not os.path.exists(path):
         return []
-    with open(path, "rb") as f:
+    with open_read_binary(path) as f:
         lines = f.read().split(b"\n")
     rows: list[dict[str, Any]] = []
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    # Only a last line without its newline can be torn: a complete line ends with one.
+    last = len(lines) - 1
     for i, raw in enumerate(lines):
         if not raw.strip():
             continue
@@ -41,23 +43,17 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
-    # On resume, drop rows of steps after the checkpoint: they are recomputed identically. A run
-    # killed mid-write may have left a torn last line: it is one of those rows.
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if row.get("step", 0) <= last_step:
-                    rows.append(row)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    """On resume, drop rows of steps after the checkpoint: they are recomputed identically. A
+    run killed mid-write may have left a torn last line: it is one of those rows. A malformed
+    line elsewhere is a ValueError naming the file and line (`read_metrics`)."""
+    rows = [r for r in read_metrics(path) if _step_of(r) <= last_step]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _step_of(row: dict[str, Any]) -> int:
+    step = row.get("step", 0)
+    return step if isinstance(step, int) and not isinstance(step, bool) else 0
 
 
 def plot_metrics(metrics_path: str, png_path: str) -> str | None:
@@ -82,10 +78,10 @@ def plot_metrics(metrics_path: str, png_path: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        write_atomic(png_path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
     return png_path
 
 

@@ -8,7 +8,8 @@ not the lock itself. Where the file system refuses `flock` (some FUSE/NFS setups
 is `O_EXCL` creation of the file plus a liveness check of the recorded pid (same host only: a
 lock held from another host is never taken over automatically).
 
-Only process 0 of a multi-process run takes the lock: the other processes write nothing.
+Only process 0 of a multi-process run takes the lock: the other processes write nothing. A
+`.lock` that is a symbolic link is refused (O_NOFOLLOW), never followed: its target stays as it is.
 """
 
 import contextlib
@@ -20,8 +21,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ..core.files import open_read_binary
 
-__all__ = ["LOCK_NAME", "RunLockedError", "hold_run_lock"]
+
+__all__ = ["LOCK_NAME", "RunLockSymlinkError", "RunLockedError", "hold_run_lock"]
 
 LOCK_NAME = ".lock"
 
@@ -38,8 +41,8 @@ def _holder_text() -> str:
 
 def _read_holder(path: str) -> dict[str, Any]:
     try:
-        with open(path) as f:
-            d = json.loads(f.read(4096) or "{}")
+        with open_read_binary(path) as f:
+            d = json.loads(f.read(4096) or b"{}")
         return d if isinstance(d, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -74,12 +77,33 @@ def _write_holder(fd: int) -> None:
     os.pwrite(fd, _holder_text().encode(), 0)
 
 
+class RunLockSymlinkError(FileExistsError):
+    """The lock file is a symbolic link: never followed (its target would be overwritten)."""
+
+
+def _symlink_error(out: str, path: str) -> RunLockSymlinkError:
+    return RunLockSymlinkError(
+        f"--out {out!r}: the lock file {path!r} is a symbolic link; refusing to follow it "
+        "(remove the link)"
+    )
+
+
+def _open_lock_file(out: str, path: str, flags: int) -> int:
+    """The lock file opened with O_NOFOLLOW: a link there is refused, its target left alone."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP or (e.errno == errno.EEXIST and os.path.islink(path)):
+            raise _symlink_error(out, path) from None
+        raise
+
+
 def _flock(out: str, path: str) -> int | None:
     """The locked fd, or None where the file system does not support flock."""
     import fcntl
 
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(out, path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -106,7 +130,9 @@ def _exclusive(out: str, path: str) -> None:
     """Fallback: O_EXCL creation; a file whose pid is dead on this host is stale and replaced."""
     for _ in range(3):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = _open_lock_file(out, path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        except RunLockSymlinkError:
+            raise
         except FileExistsError:
             holder = _read_holder(path)
             pid = holder.get("pid")

@@ -20,7 +20,7 @@ import os
 import uuid
 from typing import Any, Protocol, runtime_checkable
 
-from ..core.files import _write_json_atomic
+from ..core.files import _write_json_atomic, read_mapping_file, refuse_symlink
 
 
 @runtime_checkable
@@ -117,6 +117,9 @@ class WandbTracker:
             dir=out,
             config=config,
             mode=_wandb_mode(),
+            # quiet: no end-of-run summary after the run's last lines (its header, where the
+            # offline run is saved, still comes at the start)
+            settings=wandb.Settings(quiet=True),
         )
         self._last_step = -1
 
@@ -171,9 +174,17 @@ def open_trackers(names: list[str], out: str, project: str, config: dict[str, An
     `DIR/trackers.json` so that a resumed run continues it)."""
     state_path = os.path.join(out, "trackers.json")
     state: dict[str, Any] = {}
+    refuse_symlink(state_path)
     if os.path.isfile(state_path):
-        with open(state_path) as f:
-            state = json.load(f)
+        state = read_mapping_file(state_path, "tracker state")
+        wandb_id = state.get("wandb_id")
+        if wandb_id is not None and not (
+            isinstance(wandb_id, str) and wandb_id.isascii() and wandb_id.isalnum()
+        ):
+            raise ValueError(
+                f"tracker state {state_path!r}: wandb_id must be a string of letters and "
+                f"digits, got {str(wandb_id)[:40]!r}"
+            )
     started: list[Tracker] = []
     try:
         for name in names:

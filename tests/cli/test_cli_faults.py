@@ -1,0 +1,263 @@
+"""The command line under bad input and planted files, as a user types it (relative paths from
+another working directory): one error line naming the flag or file, nothing followed through a
+symbolic link, `convert` never overwriting a run, an exported byte-tokenizer model that
+`generate --hf` can run, and the lines a run prints (compiling, the files it wrote)."""
+
+import contextlib
+import glob
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+
+from tests.cli.test_cli import FAST, TEXT
+from xlstm_eqx.cli import main
+from xlstm_eqx.training import run_lock
+
+
+RUN = os.path.join("runs", "mine")
+RESUME = ["train", "--out", RUN, "--resume", "--steps", "3", "--no-progress"]
+
+
+def _err_line(capsys) -> str:
+    """The one error line a failed command printed (and nothing else)."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A working directory holding `code.py` and a 2-step tiny run `runs/mine` (made with
+    relative paths), and what the run printed."""
+    base = tmp_path_factory.mktemp("work")
+    (base / "code.py").write_text(TEXT)
+    args = ["train", "--preset", "tiny", "--data", "code.py", "--out", RUN, "--steps", "2"]
+    args += ["--checkpoint-every", "1", "--eval-every", "2", "--profile-steps", "2:2", *FAST]
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.chdir(base)
+        assert main(args) == 0
+    return base, printed.getvalue()
+
+
+@pytest.fixture
+def work(trained, monkeypatch):
+    """The trained working directory as the current directory (not a copy: `--resume` checks
+    the data by where it is). A test puts back what it changes there."""
+    monkeypatch.chdir(trained[0])
+    return trained[0]
+
+
+def test_train_prints_compiling_profile_and_the_files_it_wrote(trained):
+    base, printed = trained
+    lines = printed.splitlines()
+    compiling = lines.index("compiling the train step…")
+    assert lines[compiling + 1].startswith("compiled in ") and lines[compiling + 1].endswith(" s")
+    trace = os.path.join(RUN, "profile")
+    assert f"wrote the profile trace of steps 2:2 to {trace}" in lines
+    assert glob.glob(str(base / trace / "**" / "*.xplane.pb"), recursive=True)
+    (ckpt,) = [os.path.relpath(p, base) for p in glob.glob(str(base / RUN / "checkpoints" / "*2"))]
+    files = ["metrics.jsonl", "loss.png", "summary.json"]
+    wrote = "wrote " + ", ".join([*(os.path.join(RUN, f) for f in files), ckpt])
+    assert wrote in lines, printed
+    for f in files:
+        assert (base / RUN / f).is_file()
+
+
+def test_float_flags_and_mesh_are_validated_before_anything_is_written(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (["--lr", "inf"], "--lr", "inf"),
+        (["--lr", "0"], "--lr", "0.0"),
+        (["--weight-decay", "nan"], "--weight-decay", "nan"),
+        (["--beta1", "nan"], "--beta1", "nan"),
+        (["--beta2", "2"], "--beta2", "2.0"),
+        (["--adam-eps", "-1"], "--adam-eps", "-1.0"),
+        (["--grad-clip", "inf"], "--grad-clip", "inf"),
+        (["--sample-temperature", "inf"], "--sample-temperature", "inf"),
+        (["--min-lr-ratio", "nan"], "--min-lr-ratio", "nan"),
+        (["--mesh", "dp=1,,tp=1"], "--mesh", "'dp=1,,tp=1'"),
+        (["--batch-size", "1000000000"], "--batch-size", "1000000000"),
+    ]
+    for flags, flag, shown in cases:
+        assert main(["train", *flags, "--out", "r"]) == 2, flags
+        err = _err_line(capsys)
+        assert err.startswith("xlstm-eqx train: error: ") and flag in err and shown in err, err
+    assert os.listdir(tmp_path) == []  # no run directory, no config.json.tmp-*
+
+    # choices are the parser's: listed in the help, a bad one names the flag at once
+    for flag, bad in (("--optimizer", "sgd"), ("--schedule", "cosin")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", flag, bad])
+        assert e.value.code == 2
+        assert f"argument {flag}: invalid choice: '{bad}'" in capsys.readouterr().err
+
+
+def test_help_shows_one_default_per_flag_choices_gpu_and_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--out OUT", "--warmup-steps WARMUP_STEPS", "--data-cache DATA_CACHE"):
+        entry = text.split(flag, 2)[-1].split(" --", 1)[0]
+        assert entry.count("default") == 1, entry
+    entry = text.split("--mesh MESH", 2)[-1].split(" --", 1)[0]
+    assert entry.count("default") == 1, entry
+    assert "--optimizer {adamw,lion,adafactor}" in text
+    assert "--schedule {cosine,wsd,linear,constant}" in text
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    bench = capsys.readouterr().out
+    assert "or gpu (check" in " ".join(bench.split())
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"xlstm-eqx {version('xlstm_eqx')}"
+
+
+def test_lock_symlink_is_refused_and_its_target_untouched(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "victim.txt").write_text("precious\n")
+    os.makedirs(RUN)
+    lock = os.path.join(RUN, ".lock")
+    os.symlink(os.path.join("..", "..", "victim.txt"), lock)
+    train = ["train", "--preset", "tiny", "--out", RUN, *FAST]
+    assert main(train) == 2
+    err = _err_line(capsys)
+    assert repr(lock) in err and "symbolic link" in err
+    assert (tmp_path / "victim.txt").read_text() == "precious\n"
+    assert os.path.islink(lock)
+    # a dangling link: its target is not created either, also where flock is not available
+    os.remove(lock)
+    os.symlink(os.path.join("..", "..", "ghost.txt"), lock)
+    assert main(train) == 2
+    assert "symbolic link" in _err_line(capsys)
+    monkeypatch.setattr(run_lock, "_flock", lambda out, path: None)
+    assert main(train) == 2
+    assert "symbolic link" in _err_line(capsys)
+    assert not (tmp_path / "ghost.txt").exists()
+
+
+def test_resume_refuses_planted_and_damaged_run_files(work, capsys):
+    victim = work / "victim.txt"
+    victim.write_text("precious\n")
+    metrics = work / RUN / "metrics.jsonl"
+    good = metrics.read_bytes()
+    config = (work / RUN / "config.json").read_bytes()
+    rows = good.splitlines(keepends=True)
+    assert len(rows) == 2
+
+    # metrics.jsonl as a link: refused, the target untouched
+    metrics.unlink()
+    metrics.symlink_to(victim)
+    assert main(RESUME) == 2
+    err = _err_line(capsys)
+    assert "metrics.jsonl" in err and "symbolic link" in err
+    assert victim.read_text() == "precious\n"
+    metrics.unlink()
+
+    # a row that is not an object, and a lone surrogate, each named by file and line
+    for bad in (b"5\n", b'{"step": 1, "note": "\xed\xa0\x80"}\n'):
+        metrics.write_bytes(rows[0] + bad + rows[1])
+        assert main(RESUME) == 2
+        err = _err_line(capsys)
+        assert "metrics.jsonl: line 2 is not a metrics row" in err, err
+
+    # trackers.json: not a mapping, or cut short
+    metrics.write_bytes(good)
+    state = work / RUN / "trackers.json"
+    for text, why in (("[]", "must hold a mapping, got list"), ('{"wandb_id": ', "line 1")):
+        state.write_text(text)
+        assert main(RESUME) == 2
+        err = _err_line(capsys)
+        assert "tracker state" in err and os.path.join(RUN, "trackers.json") in err and why in err
+    state.unlink()
+    victim.unlink()
+    (work / RUN / "config.json").write_bytes(config)  # the resumes recorded --steps 3
+    assert not glob.glob(str(work / RUN / "*.tmp*"))
+
+
+def test_converted_byte_model_generates_and_convert_never_overwrites(work, capsys):
+    hf = os.path.join("runs", "mine-hf")
+    assert main(["convert", "--from", "eqx", "--to", "hf", RUN, hf]) == 0
+    capsys.readouterr()
+    assert json.loads((work / hf / "xlstm_eqx_tokenizer.json").read_text()) == {"kind": "bytes"}
+    gen = ["--prompt", "def ", "--max-new-tokens", "6", "--temperature", "0"]
+    assert main(["generate", "--out", RUN, *gen]) == 0
+    expected = capsys.readouterr().out
+    assert main(["generate", "--hf", hf, *gen]) == 0
+    assert capsys.readouterr().out == expected
+    assert main(["generate", "--hf", hf, "--tokenizer", "bytes", *gen]) == 0
+    assert capsys.readouterr().out == expected
+    # back to a run: it records the byte tokenizer, so generate needs no --tokenizer
+    back = os.path.join("runs", "back")
+    assert main(["convert", "--from", "hf", "--to", "eqx", hf, back]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--out", back, *gen]) == 0
+    assert capsys.readouterr().out == expected
+
+    # a non-empty target is refused (a run's config.json stays as it is) unless --force
+    config = (work / RUN / "config.json").read_bytes()
+    assert main(["convert", "--from", "hf", "--to", "eqx", hf, RUN]) == 2
+    err = _err_line(capsys)
+    assert "not empty" in err and "--force" in err and repr(RUN) in err
+    assert main(["convert", "--from", "eqx", "--to", "hf", RUN, hf]) == 2
+    assert "not empty" in _err_line(capsys)
+    assert main(["convert", "--from", "eqx", "--to", "hf", RUN, hf, "--force"]) == 0
+    capsys.readouterr()
+    # the input's own directory: never, even with --force
+    for argv in (["eqx", RUN, RUN], ["eqx", RUN, "runs"], ["hf", RUN, RUN]):
+        fmt, src, dst = argv
+        assert main(["convert", "--from", "eqx", "--to", fmt, src, dst, "--force"]) == 2
+        assert "would overwrite the input" in _err_line(capsys)
+    assert (work / RUN / "config.json").read_bytes() == config
+    shutil.rmtree(work / hf)
+    shutil.rmtree(work / back)
+
+
+def test_eval_tasks_unknown_or_unreadable_is_one_line(work, capsys):
+    pytest.importorskip("lm_eval")
+    os.makedirs("tasks")
+    with open(os.path.join("tasks", "broken.yaml"), "w") as f:
+        f.write("task: mine\ndataset_path: json\n  data_files: [\n")
+    args = ["eval", "--out", RUN, "--tasks", "mine", "--include-path", "tasks"]
+    assert main(args) == 2
+    err = _err_line(capsys)
+    assert "'mine'" in err and os.path.join("tasks", "broken.yaml") in err and "line 3" in err
+    assert main(["eval", "--out", RUN, "--tasks", "no_such_task"]) == 2
+    err = _err_line(capsys)
+    assert "'no_such_task' is not a task, group or tag of lm-eval" in err
+    shutil.rmtree("tasks")
+
+
+def test_wandb_prints_no_summary_after_the_runs_last_lines(tmp_path):
+    """A subprocess: W&B prints only outside pytest (its output goes through its own process)."""
+    pytest.importorskip("wandb")
+    (tmp_path / "code.py").write_text(TEXT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "PYTEST_"))}
+    env["WANDB_MODE"] = "offline"
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        env[name] = str(tmp_path / "wandb-home")
+    args = ["train", "--preset", "tiny", "--data", "code.py", "--out", "r", "--steps", "2"]
+    args += ["--tracker", "wandb", *FAST]
+    proc = subprocess.run(
+        [sys.executable, "-m", "xlstm_eqx.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # its header (where the offline run is) comes at the start; no summary after our lines
+    printed = proc.stdout + proc.stderr
+    assert "Run summary" not in printed and "wandb sync" not in printed, printed
+    assert proc.stdout.splitlines()[-1].startswith("wrote r/metrics.jsonl")
+    assert proc.stdout.splitlines()[-1].endswith(os.path.join("r", "wandb"))
