@@ -34,10 +34,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import secrets
 import shutil
-import socket
-import sys
 import tempfile
 import time
 import zipfile
@@ -47,7 +44,20 @@ from typing import Any
 import numpy as np
 
 from ..core.files import fsync_dir
-from .sources import PIECE_CHARS, Source, iter_capped_pieces, open_regular
+from .sources import PIECE_CHARS, Source, iter_capped_pieces
+from .store_integrity import (
+    StoreDamagedError,
+    _BlockHashes,
+    _changed_source,
+    _damaged,
+    _discard,
+    _file_contents,
+    _tmp_prefix,
+    _verify_token_file,
+    clean_stale_temporaries,
+    warn,
+)
+from .token_file import TokenFile as TokenFile
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, encode_batch, resolve_eod_id
 
 
@@ -55,22 +65,11 @@ FORMAT = "xlstm_eqx-token-store"
 VERSION = 2
 _INDEX = "index.json"
 _BATCH_CHARS = 1 << 20  # characters tokenized per batch (more keeps more memory after the build)
-_BLOCK = 1 << 22  # bytes of a token file per recorded sha256 (verified when the store is opened)
-_VERIFY_BLOCKS = 64  # at most this many blocks (256 MiB) are re-hashed per open, evenly spread
 _CHILD_BYTES = 8 << 20  # corpora this large are tokenized in a child process (see `store_for`)
-_STALE_SECONDS = 7 * 24 * 3600  # a temporary folder of another host is removed after a week
 
 
 class CorpusChangedError(ValueError):
     """The data behind a run's `--data` is not what the run was started with."""
-
-
-class StoreDamagedError(ValueError):
-    """A token store on disk is incomplete or does not hold what its index says."""
-
-    def __init__(self, directory: str, what: str):
-        super().__init__(f"token store {directory!r} is damaged ({what})")
-        self.what = what
 
 
 CACHE_ENV = "XLSTM_EQX_DATA_CACHE_DIR"
@@ -101,38 +100,6 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> dict[str, Any]:
     if "sha256" not in d and isinstance(path, str) and os.path.isfile(path):
         d["sha256"] = _sha256_file(path)
     return d
-
-
-def _sha256_source_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open_regular(path) as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _file_contents(sources: Sequence[Source]) -> list[list[Any]]:
-    """`[path, inode, ctime_ns, sha256]` of every file: what a reused store is checked against
-    (a same-size edit whose modification time was put back still changes the inode's ctime,
-    and then the bytes are hashed again)."""
-    out = []
-    for s in sources:
-        for f in s.files():
-            st = os.stat(f)
-            out.append([os.path.abspath(f), st.st_ino, st.st_ctime_ns, _sha256_source_file(f)])
-    return out
-
-
-def _changed_source(recorded: list[list[Any]], sources: Sequence[Source]) -> str | None:
-    """The first file whose bytes are not those the store was built from, else None."""
-    now = [(os.path.abspath(f), f) for s in sources for f in s.files()]
-    if [p for p, _ in now] != [r[0] for r in recorded]:
-        return now[0][1] if now else "the file list"
-    for (_, f), (_, ino, ctime, sha) in zip(now, recorded, strict=True):
-        st = os.stat(f)
-        if (st.st_ino, st.st_ctime_ns) != (ino, ctime) and _sha256_source_file(f) != sha:
-            return f
-    return None
 
 
 def _file_stats(sources: Sequence[Source]) -> list[dict[str, Any]]:
@@ -181,30 +148,6 @@ class _Stream:
             "documents": self.documents,
             "blake2b": self.hash.hexdigest(),
         }
-
-
-class _BlockHashes:
-    """sha256 of each `_BLOCK` bytes of a file as it is written."""
-
-    def __init__(self) -> None:
-        self.digests: list[str] = []
-        self.size = 0
-        self._h = hashlib.sha256()
-
-    def update(self, data: bytes) -> None:
-        view = memoryview(data)
-        while len(view):
-            n = min(_BLOCK - self.size % _BLOCK, len(view))
-            self._h.update(view[:n])
-            self.size += n
-            view = view[n:]
-            if self.size % _BLOCK == 0:
-                self.digests.append(self._h.hexdigest())
-                self._h = hashlib.sha256()
-
-    def record(self) -> dict[str, Any]:
-        tail = [self._h.hexdigest()] if self.size % _BLOCK else []
-        return {"size": self.size, "block": _BLOCK, "sha256": self.digests + tail}
 
 
 def _add_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -408,44 +351,6 @@ def build_store(
     return directory
 
 
-def _tmp_prefix(directory: str) -> str:
-    """`<key>.tmp-<host>-<pid>-`: whose temporary folder it is, for `clean_stale_temporaries`."""
-    host = socket.gethostname().replace("-", "_") or "host"
-    return f"{os.path.basename(directory)}.tmp-{host}-{os.getpid()}-"
-
-
-def clean_stale_temporaries(cache: str) -> list[str]:
-    """Remove the temporary folders of builds that died (killed, power lost): those of this host
-    whose process is gone, and any older than a week. Returns the paths removed."""
-    try:
-        names = os.listdir(cache)
-    except OSError:
-        return []
-    host = socket.gethostname().replace("-", "_") or "host"
-    removed = []
-    for name in names:
-        if ".tmp-" not in name:
-            continue
-        path = os.path.join(cache, name)
-        fields = name.split(".tmp-", 1)[1].split("-")
-        try:
-            age = time.time() - os.lstat(path).st_mtime
-        except OSError:
-            continue
-        dead = False
-        if len(fields) == 3 and fields[0] == host and fields[1].isdigit():
-            try:
-                os.kill(int(fields[1]), 0)  # signal 0: whether the builder still runs
-            except ProcessLookupError:
-                dead = True
-            except PermissionError:  # another user's live process
-                pass
-        if dead or age > _STALE_SECONDS:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
 def _install(tmp: str, directory: str) -> None:
     """Rename the built `tmp` to `directory`; a damaged store already there is moved aside and
     removed; a complete one another process installed meanwhile wins (ours is dropped)."""
@@ -463,18 +368,6 @@ def _install(tmp: str, directory: str) -> None:
     os.rename(tmp, directory)
 
 
-def _discard(directory: str) -> None:
-    """Remove a store: renamed aside first (to a temporary name), so no reader sees it half gone."""
-    aside = os.path.join(
-        os.path.dirname(directory), f"{_tmp_prefix(directory)}{secrets.token_hex(4)}"
-    )
-    try:
-        os.rename(directory, aside)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def _problem(directory: str) -> str | None:
     try:
         open_store(directory)
@@ -485,61 +378,6 @@ def _problem(directory: str) -> str | None:
 
 def _is_byte_level(tokenizer: Tokenizer) -> bool:
     return tokenizer.to_dict().get("kind") == "bytes"
-
-
-class TokenFile:
-    """`count` tokens of a token file from token `offset`, read with `os.pread`: slicing returns
-    a fresh array of just those tokens. What the batch sampler and the evaluation windows read
-    through: nothing is mapped, so reading scattered windows of a huge file adds nothing to the
-    process's RSS (a memory map would map, and count, whole page-cache folios around each)."""
-
-    def __init__(self, path: str, dtype: np.dtype, offset: int, count: int):
-        self.path = path
-        self.dtype = np.dtype(dtype)
-        self.offset = offset
-        self.count = count
-
-    def __len__(self) -> int:
-        return self.count
-
-    @property
-    def shape(self) -> tuple[int]:
-        return (self.count,)
-
-    def __getitem__(self, item: slice) -> np.ndarray:
-        if not isinstance(item, slice):
-            raise TypeError(f"TokenFile supports slices only, got {type(item).__name__}")
-        start, stop, step = item.indices(self.count)
-        if step != 1:
-            raise ValueError("TokenFile supports contiguous slices only")
-        return self.windows([start], max(0, stop - start))[0]
-
-    def windows(self, starts: Sequence[int], length: int) -> np.ndarray:
-        """`(len(starts), length)` tokens: `length` from each start (each within the file)."""
-        size = self.dtype.itemsize
-        out = np.empty((len(starts), length), self.dtype)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for r, start in enumerate(starts):
-                if start < 0 or start + length > self.count:
-                    raise IndexError(f"tokens {start}:{start + length} outside 0:{self.count}")
-                want = length * size
-                data = os.pread(fd, want, (self.offset + start) * size)
-                if len(data) != want:
-                    raise ValueError(f"token file {self.path!r} is shorter than its index says")
-                out[r] = np.frombuffer(data, self.dtype)
-        finally:
-            os.close(fd)
-        return out
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        arr = self[:]
-        return arr if dtype is None else arr.astype(dtype)
-
-    def __repr__(self) -> str:
-        return (
-            f"TokenFile({self.path!r}, {self.dtype.name}, offset={self.offset}, count={self.count})"
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -568,33 +406,6 @@ def _map_tokens(path: str, dtype: np.dtype, offset: int, count: int) -> np.ndarr
     """A read-only memory map of `count` tokens of `path` from token `offset` (for whole-array
     use; batches read through `TokenFile`)."""
     return np.memmap(path, dtype, mode="r", offset=offset * dtype.itemsize, shape=(count,))
-
-
-def _damaged(directory: str, what: str) -> StoreDamagedError:
-    return StoreDamagedError(directory, what)
-
-
-def _verify_token_file(directory: str, name: str, record: dict[str, Any]) -> None:
-    """The file's size, and the sha256 of its blocks: all of them up to `_VERIFY_BLOCKS`, else
-    that many spread evenly from the first to the last (each open reads at most 256 MiB)."""
-    path = os.path.join(directory, name)
-    try:
-        size = os.stat(path).st_size
-    except OSError as e:
-        raise _damaged(directory, f"{name}: {e.strerror}") from None
-    if size != record["size"]:
-        raise _damaged(directory, f"{name} holds {size} bytes, its index says {record['size']}")
-    digests = record["sha256"]
-    block = int(record["block"])
-    n = len(digests)
-    picks = range(n) if n <= _VERIFY_BLOCKS else np.linspace(0, n - 1, _VERIFY_BLOCKS).round()
-    with open(path, "rb") as f:
-        for i in sorted({int(i) for i in picks}):
-            f.seek(i * block)
-            if hashlib.sha256(f.read(block)).hexdigest() != digests[i]:
-                raise _damaged(
-                    directory, f"{name}: bytes {i * block}..{min(size, (i + 1) * block)} changed"
-                )
 
 
 def open_store(directory: str) -> TokenStore:
@@ -633,11 +444,6 @@ def open_store(directory: str) -> TokenStore:
     except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
         raise _damaged(directory, f"{type(e).__name__}: {e}") from None
     return TokenStore(directory, index, maps["train"], maps["heldout"], train_counts, held_counts)
-
-
-def warn(message: str) -> None:
-    """One line on stderr: what the data layer did on its own (e.g. rebuilt a damaged store)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def store_for(
