@@ -194,3 +194,26 @@ def test_eval_survives_pruning_race(work, capsys, monkeypatch):
     assert main(["eval", "--out", RUN, "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["step"] == 1 and not captured.err
+
+
+def test_checkpoint_without_checksums_still_loads(tmp_path):
+    """Checkpoints written before checksums were recorded load unverified; a checksum list that
+    does not fit its tree is one error line."""
+    import jax.numpy as jnp
+
+    tree = {"w": jnp.arange(6.0).reshape(2, 3), "n": jnp.arange(4, dtype=jnp.int32)}
+    path = orbax_checkpoint.save_checkpoint(tmp_path / "ck", 1, {"model": tree})
+    meta_file = os.path.join(path, "meta", "metadata")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    assert len(meta["checksums"]["model"]) == 2
+    meta["checksums"]["model"] = meta["checksums"]["model"][:1]
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(orbax_checkpoint.CheckpointError, match="checksums.model must list"):
+        orbax_checkpoint.restore_checkpoint(path, {"model": tree})
+    del meta["checksum"], meta["checksums"]
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    trees, _ = orbax_checkpoint.restore_checkpoint(path, {"model": tree})
+    assert (trees["model"]["w"] == tree["w"]).all() and (trees["model"]["n"] == tree["n"]).all()
