@@ -8,8 +8,8 @@ Layout of one checkpoint, ``ROOT/step_00000123/`` (an orbax ``CheckpointManager`
   replica of each; nothing is gathered.
 - ``meta/metadata``: JSON: format, version, step, for each tree the leaves' key paths, shapes and
   dtypes (checked before any array is read), a checksum of each leaf (compared with what a
-  restore read: a damaged shard is named, not loaded), and the caller's metadata (the trainer stores the data
-  position, the RNG key data and the resolved run config). No pickle anywhere.
+  restore read: a damaged shard is named, not loaded), and the caller's metadata (the trainer
+  stores the data position, the RNG key data and the resolved run config). No pickle anywhere.
 
 `CheckpointStore.save` returns once every array has been copied off the devices; the files are
 written in the background while training goes on (the step may donate its buffers right away). A
