@@ -16,7 +16,7 @@ from importlib.metadata import version
 import pytest
 
 from tests.cli.test_cli import FAST, TEXT
-from xlstm_eqx.cli import main
+from xlstm_eqx.cli import convert_main, main
 from xlstm_eqx.training import run_lock
 
 
@@ -210,6 +210,8 @@ def test_converted_byte_model_generates_and_convert_never_overwrites(work, capsy
     assert "not empty" in err and "--force" in err and repr(RUN) in err
     assert main(["convert", "--from", "eqx", "--to", "hf", RUN, hf]) == 2
     assert "not empty" in _err_line(capsys)
+    assert convert_main(["--from", "eqx", "--to", "hf", RUN, hf]) == 2  # the Python entry point
+    assert "not empty" in _err_line(capsys)
     assert main(["convert", "--from", "eqx", "--to", "hf", RUN, hf, "--force"]) == 0
     capsys.readouterr()
     # the input's own directory: never, even with --force
@@ -261,3 +263,31 @@ def test_wandb_prints_no_summary_after_the_runs_last_lines(tmp_path):
     assert "Run summary" not in printed and "wandb sync" not in printed, printed
     assert proc.stdout.splitlines()[-1].startswith("wrote r/metrics.jsonl")
     assert proc.stdout.splitlines()[-1].endswith(os.path.join("r", "wandb"))
+
+
+def test_atomic_writes_never_follow_a_planted_link(tmp_path):
+    """The run's JSON files and exported safetensors: links at the file and at the temporary
+    names the writers used to use (`NAME.tmp-<pid>`, `NAME.tmp`) are replaced, never followed;
+    a failed write leaves no temporary file."""
+    import numpy as np
+
+    from xlstm_eqx.core.files import _write_json_atomic
+    from xlstm_eqx.interop.safetensors_files import save_file
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    summary = tmp_path / "summary.json"
+    tensors = tmp_path / "model.safetensors"
+    for planted in (summary, tensors, f"{summary}.tmp-{os.getpid()}", f"{tensors}.tmp"):
+        os.symlink(victim, planted)
+    _write_json_atomic(str(summary), {"step": 1})
+    save_file([("w", np.ones(3, np.float32))], str(tensors))
+    assert victim.read_text() == "precious\n"
+    assert json.loads(summary.read_text()) == {"step": 1} and not summary.is_symlink()
+    assert not tensors.is_symlink() and tensors.stat().st_size > 12
+    with pytest.raises(ValueError, match="summary.json"):
+        _write_json_atomic(str(summary), {"lr": float("inf")})
+    assert json.loads(summary.read_text()) == {"step": 1}
+    assert (
+        sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name and not p.is_symlink()) == []
+    )

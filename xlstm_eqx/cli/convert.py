@@ -160,7 +160,7 @@ def run_convert(args: argparse.Namespace) -> int:
 def _run_guarded(run: Any, args: argparse.Namespace, prog: str) -> int:
     try:
         return run(args)
-    except (InteropError, ValueError, FileNotFoundError, ImportError) as e:
+    except (InteropError, ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 

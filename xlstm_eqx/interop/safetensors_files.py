@@ -26,6 +26,7 @@ import ml_dtypes
 import numpy as np
 import safetensors
 
+from ..core.files import write_atomic
 from ..core.untrusted import load_json, parse_json, printable
 
 
@@ -240,24 +241,21 @@ def save_file(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    tmp = os.fspath(path) + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name, value, shape, dtype in described:
-                arr = value[2]() if isinstance(value, tuple) else value
-                arr = np.ascontiguousarray(np.asarray(arr))
-                if arr.shape != shape or arr.dtype != dtype:
-                    raise SafetensorsError(
-                        f"tensor {name!r}: produced {arr.dtype}{list(arr.shape)}, announced "
-                        f"{dtype}{list(shape)}"
-                    )
-                f.write(arr.reshape(-1).view(np.uint8))
-                del arr
-        os.replace(tmp, path)
-    except BaseException:  # no half-written file left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    def write(f: Any) -> None:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, value, shape, dtype in described:
+            arr = value[2]() if isinstance(value, tuple) else value
+            arr = np.ascontiguousarray(np.asarray(arr))
+            if arr.shape != shape or arr.dtype != dtype:
+                raise SafetensorsError(
+                    f"tensor {name!r}: produced {arr.dtype}{list(arr.shape)}, announced "
+                    f"{dtype}{list(shape)}"
+                )
+            f.write(arr.reshape(-1).view(np.uint8))
+            del arr
+
+    # whole or not at all, through a new temporary file (never a link planted at a fixed name)
+    write_atomic(os.fspath(path), write)
     return offset
