@@ -24,14 +24,10 @@ processes wrote it, and each process reads only the chunks its devices need.
 """
 
 import contextlib
-import gc
 import json
-import logging
 import os
 import re
 import sys
-import threading
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -42,97 +38,36 @@ from jaxtyping import PyTree
 
 from ..core.untrusted import load_json, printable
 from .checkpoint import CheckpointError, _check_meta, check_manifest
+from .leaf_checksums import (
+    CHECKSUM,
+    check_checksum_record,
+    leaf_checksums,
+    verify_leaves,
+)
+from .orbax_faults import (
+    drop_failed_reads,
+    first_line,
+    quiet_orbax_tracebacks,
+    release_orbax_threads,
+    root_cause,
+)
 
 
 FORMAT = "xlstm_eqx-orbax-checkpoint"
-
-
 VERSION = 1
-
-
 META_ITEM = "meta"
-
-
 _STEP_PREFIX = "step"
-
-
 _STEP_DIGITS = 8
-
-
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
 _TREE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
-
-
-class _NoOrbaxTracebacks(logging.Filter):
-    """Drops orbax's logged tracebacks (``absl`` ERROR records with exception info): every
-    failure they report reaches the caller as one `CheckpointError` line naming the checkpoint."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from_orbax = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
-        return not (from_orbax and record.levelno >= logging.ERROR and record.exc_info)
 
 
 def _ocp() -> Any:
     # orbax (and tensorstore) take seconds to import: only when a checkpoint is touched.
     import orbax.checkpoint as ocp
 
-    absl = logging.getLogger("absl")
-    if not any(isinstance(f, _NoOrbaxTracebacks) for f in absl.filters):
-        absl.addFilter(_NoOrbaxTracebacks())
+    quiet_orbax_tracebacks()
     return ocp
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    if isinstance(e, OSError) and e.strerror:
-        text = e.strerror + (f": {e.filename!r}" if e.filename else "")
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """The innermost cause (orbax wraps tensorstore's error, which names the file and what is
-    wrong with it, in one that prints a whole TensorStore spec)."""
-    seen = {id(e)}
-    while e.__cause__ is not None and id(e.__cause__) not in seen:
-        e = e.__cause__
-        seen.add(id(e))
-    return e
-
-
-def _drop_failed_reads() -> None:
-    """Collect what a failed orbax restore leaves behind now, quietly: its other reads'
-    coroutines and tasks, whose collection would otherwise print "Exception ignored in ..." or
-    "Task exception was never retrieved" tracebacks later on."""
-    hook, log = sys.unraisablehook, logging.getLogger("asyncio")
-    sys.unraisablehook, disabled, log.disabled = (lambda _: None), log.disabled, True
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook, log.disabled = hook, disabled
-
-
-def _release_orbax_threads() -> None:
-    """Let the interpreter exit after a failed asynchronous save: orbax's commit threads that
-    wait for a signal the failed step never sends (e.g. "directory created") would otherwise
-    keep the process alive for orbax's coordination timeout (many minutes). Each is cancelled and
-    its signals set, so it wakes and returns at once."""
-    try:
-        from orbax.checkpoint._src.futures import future
-    except ImportError:
-        return
-    released = False
-    for t in threading.enumerate():
-        if isinstance(t, future._SignalingThread) and t.is_alive():
-            with contextlib.suppress(Exception):
-                t.cancel()
-                future.set_signals(t._receive_signals, operation_id=t._operation_id)
-                released = True
-    if released:  # their commits' coroutines are dropped unawaited: no warning for each at exit
-        warnings.filterwarnings(
-            "ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning
-        )
 
 
 def _epath(path: str | os.PathLike) -> Any:
@@ -312,7 +247,7 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"reads {VERSION}"
         )
     _check_meta(meta, where)
-    _check_checksums(meta, where)
+    check_checksum_record(meta, where)
     return meta
 
 
@@ -341,120 +276,6 @@ def _target_shardings(
                 s = default
         out.append(s)
     return out
-
-
-# Checksums of the arrays, recorded in the JSON item at save and compared after a restore: a
-# damaged shard that still decodes (a flipped bit, a chunk read back as fill value) is caught.
-# Per leaf: two wrapping uint32 sums over the elements of a mix (murmur3's finaliser) of each
-# element's bits with its flat index. Integer sums do not depend on the order of the reduction,
-# so the value is the same on any mesh and number of processes; any change to a single element
-# changes both sums (the mix is a bijection), and 64 bits make a chance match negligible.
-
-CHECKSUM = "fmix32x2"
-
-
-def _fmix(h: Any) -> Any:
-    h = h ^ (h >> jnp.uint32(16))
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> jnp.uint32(13))
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> jnp.uint32(16))
-
-
-def _bits32(x: Any) -> Any:
-    """The bits of each element as uint32 (a trailing axis of 2 for 64-bit dtypes)."""
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        return jnp.stack([_bits32(jnp.real(x)), _bits32(jnp.imag(x))], axis=-1)
-    size = jnp.dtype(x.dtype).itemsize
-    if size >= 4:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32)
-    narrow = jnp.uint8 if size == 1 else jnp.uint16
-    return jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
-
-
-def _leaf_checksum(x: Any) -> Any:
-    bits = _bits32(x)
-    index = jnp.zeros(bits.shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(bits.ndim)):
-        iota = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
-        index = index + iota * jnp.uint32(stride % 2**32)
-        stride *= bits.shape[axis]
-    key = _fmix(index + jnp.uint32(0x9E3779B9))
-    first = jnp.sum(_fmix(bits ^ key), dtype=jnp.uint32)
-    second = jnp.sum(_fmix(bits + _fmix(key ^ jnp.uint32(0x7F4A7C15))), dtype=jnp.uint32)
-    return jnp.stack([first, second])
-
-
-@jax.jit
-def _leaf_facts(leaves: list[Any]) -> tuple[list[Any], list[Any]]:
-    finite = [
-        jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
-        for x in leaves
-    ]
-    return finite, [_leaf_checksum(x) for x in leaves]
-
-
-def _facts(leaves: list[Any]) -> list[tuple[bool, str]]:
-    """``(all finite, checksum)`` of each leaf, computed on the devices that hold it (one call per
-    set of devices); only two booleans' and integers' worth per leaf reach the host."""
-    groups: dict[frozenset, list[int]] = {}
-    for i, x in enumerate(leaves):
-        groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
-    out: list[tuple[bool, str]] = [(True, "")] * len(leaves)
-    for idx in groups.values():
-        finite, sums = jax.device_get(_leaf_facts([leaves[i] for i in idx]))
-        for i, ok, (a, b) in zip(idx, finite, sums, strict=True):
-            out[i] = (bool(ok), f"{int(a):08x}{int(b):08x}")
-    return out
-
-
-def _checksums(leaves: list[Any]) -> list[str]:
-    return [c for _, c in _facts(leaves)]
-
-
-def _verify(
-    path: str, name: str, paths: list[str], leaves: list[Any], expected: dict[str, str] | None
-) -> None:
-    """Name the first restored leaf (in tree order) whose checksum differs from the one recorded
-    at save (``expected``; None for checkpoints that predate checksums), else the first holding
-    a NaN or inf (a diverged checkpoint would otherwise only show up as ``loss nan`` later)."""
-    facts = _facts(leaves)
-    if expected is not None:
-        for p, x, (_, got) in zip(paths, leaves, facts, strict=True):
-            if expected[p] != got:
-                raise CheckpointError(
-                    f"checkpoint {path!r} is damaged: {name}{p} {x.dtype}{list(x.shape)} does "
-                    "not match the checksum recorded when it was saved"
-                )
-    for p, x, (finite, _) in zip(paths, leaves, facts, strict=True):
-        if not finite:
-            raise CheckpointError(
-                f"checkpoint {path!r}: {name}{p} {x.dtype}{list(x.shape)} holds non-finite "
-                "values (NaN or inf)"
-            )
-
-
-def _check_checksums(meta: dict[str, Any], where: str) -> None:
-    sums = meta.get("checksums")
-    if sums is None:
-        return
-    if meta.get("checksum") != CHECKSUM or not isinstance(sums, dict):
-        raise CheckpointError(f"{where}: 'checksums' are not {CHECKSUM} checksums per tree")
-    for name, values in sums.items():
-        leaves = meta["trees"].get(name)
-        if (
-            leaves is None
-            or not isinstance(values, list)
-            or len(values) != len(leaves)
-            or not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{16}", v) for v in values)
-        ):
-            raise CheckpointError(
-                f"{where}: checksums.{printable(str(name))[:40]} must list one 16-hex-digit "
-                "checksum per leaf of that tree"
-            )
 
 
 def restore_checkpoint(
@@ -500,16 +321,16 @@ def restore_checkpoint(
                     p / name, args=ocp.args.StandardRestore(abstract)
                 )
             except Exception as e:  # a damaged or vanished file: whatever orbax raises, one line
-                failure = _first_line(_root_cause(e))
+                failure = first_line(root_cause(e))
             if failure is not None:
-                _drop_failed_reads()
+                drop_failed_reads()
                 raise CheckpointError(f"checkpoint {spath!r}: cannot read {name}/ ({failure})")
             leaves = [_lookup(restored, keys) for _, keys, _ in flat]
         sums = meta.get("checksums", {}).get(name)
         expected = (
             None if sums is None else dict(zip([e["path"] for e in saved], sums, strict=True))
         )
-        _verify(spath, name, [pth for pth, _, _ in flat], leaves, expected)
+        verify_leaves(spath, name, [pth for pth, _, _ in flat], leaves, expected)
         arrays = jax.tree_util.tree_unflatten(treedef, leaves)
         _, static = eqx.partition(template, _is_leaf_array)
         out[name] = eqx.combine(arrays, static)
@@ -562,12 +383,12 @@ def read_newest(
         except (CheckpointError, FileNotFoundError) as e:
             if path not in listing():
                 continue
-            warn(f"warning: {_first_line(e)}; trying the next older checkpoint")
+            warn(f"warning: {first_line(e)}; trying the next older checkpoint")
             damaged.append(path)
             error = error or e
     if error is None:
         raise FileNotFoundError(f"no checkpoint found in {where!r}")
-    raise CheckpointError(f"no intact checkpoint in {where!r}: {_first_line(error)}")
+    raise CheckpointError(f"no intact checkpoint in {where!r}: {first_line(error)}")
 
 
 def restore_newest_intact(
@@ -653,7 +474,7 @@ class CheckpointStore:
         for name, tree in trees.items():
             flat, _ = _flatten(tree)
             manifest[name] = _leaf_manifest(name, flat)
-            checksums[name] = _checksums([leaf for _, _, leaf in flat])
+            checksums[name] = leaf_checksums([leaf for _, _, leaf in flat])
             if flat:
                 items[name] = ocp.args.StandardSave(_nest(name, flat))
         meta = {
@@ -679,11 +500,11 @@ class CheckpointStore:
 
     def _failure(self, e: BaseException) -> CheckpointError:
         """A failed save as one line naming its checkpoint; orbax's threads waiting on the
-        failed step are released, so the process can exit (see `_release_orbax_threads`)."""
+        failed step are released, so the process can exit (see `release_orbax_threads`)."""
         self._failed = True
-        _release_orbax_threads()
+        release_orbax_threads()
         where = self.root if self._last_step is None else self.path_of(self._last_step)
-        return CheckpointError(f"cannot save checkpoint {where!r}: {_first_line(e)}")
+        return CheckpointError(f"cannot save checkpoint {where!r}: {first_line(e)}")
 
     def wait(self) -> None:
         """Block until the last save is written and committed; a `CheckpointError` naming the
@@ -705,7 +526,7 @@ class CheckpointStore:
             if self._failed:  # orbax's own close may fail again on the broken step
                 with contextlib.suppress(Exception):
                     self._manager.close()
-                _release_orbax_threads()
+                release_orbax_threads()
             else:
                 self._manager.close()
 
