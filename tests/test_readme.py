@@ -29,6 +29,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 
 import pytest
@@ -252,7 +253,9 @@ def test_readme_runs_in_order_as_written(tmp_path):
                 for line in logical_lines(block.text)
             ]
             cmd = ["bash", "-euo", "pipefail", "-c", "\n".join(lines)]
+        t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+        print(f"README block at line {block.line}: {time.perf_counter() - t0:.1f} s")
         assert proc.returncode == 0, (
             f"README block at line {block.line} failed ({proc.returncode}):\n"
             f"{cmd[-1]}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
