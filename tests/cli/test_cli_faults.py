@@ -39,6 +39,7 @@ def trained(tmp_path_factory):
     (base / "code.py").write_text(TEXT)
     args = ["train", "--preset", "tiny", "--data", "code.py", "--out", RUN, "--steps", "2"]
     args += ["--checkpoint-every", "1", "--eval-every", "2", "--profile-steps", "2:2", *FAST]
+    args += ["--sample-tokens", "4"]  # the sample comes before the last line, `wrote …`
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         mp.chdir(base)
@@ -65,7 +66,8 @@ def test_train_prints_compiling_profile_and_the_files_it_wrote(trained):
     (ckpt,) = [os.path.relpath(p, base) for p in glob.glob(str(base / RUN / "checkpoints" / "*2"))]
     files = ["metrics.jsonl", "loss.png", "summary.json"]
     wrote = "wrote " + ", ".join([*(os.path.join(RUN, f) for f in files), ckpt])
-    assert wrote in lines, printed
+    assert lines[-1] == wrote, printed  # the last line, after the sample
+    assert any(line.startswith("sample (temperature") for line in lines[:-1]), printed
     for f in files:
         assert (base / RUN / f).is_file()
 
@@ -86,6 +88,8 @@ def test_float_flags_and_mesh_are_validated_before_anything_is_written(
         (["--min-lr-ratio", "nan"], "--min-lr-ratio", "nan"),
         (["--mesh", "dp=1,,tp=1"], "--mesh", "'dp=1,,tp=1'"),
         (["--batch-size", "1000000000"], "--batch-size", "1000000000"),
+        (["--steps", "4", "--profile-steps", "2:99"], "--profile-steps", "--steps 4"),
+        (["--preset", "tiny", "--seq-len", "128"], "seq_len=128", "context_length=64"),
     ]
     for flags, flag, shown in cases:
         assert main(["train", *flags, "--out", "r"]) == 2, flags
@@ -291,3 +295,118 @@ def test_atomic_writes_never_follow_a_planted_link(tmp_path):
     assert (
         sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name and not p.is_symlink()) == []
     )
+
+
+def test_seq_len_default_is_at_most_the_models_context():
+    """Not given (by flag, config file or saved run): min(128, context_length); recorded as
+    resolved in the TrainConfig that config.json is written from."""
+    from xlstm_eqx.cli import build_parser, resolve_train_config
+
+    def resolved(*flags):
+        return resolve_train_config(build_parser().parse_args(["train", *flags])).seq_len
+
+    assert resolved("--preset", "tiny") == 64
+    assert resolved("--preset", "small") == 128
+    assert resolved("--preset", "tiny", "--seq-len", "16") == 16
+
+
+def _word_tokenizer(path, size):
+    """A tokenizer.json of `size` ids (a word-level vocabulary), written to `path`."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, size)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return str(path)
+
+
+def test_tokenizer_override_in_eval_and_generate(work, capsys):
+    """`--tokenizer`: the run's own (bytes here) is accepted, another is refused for the held-out
+    split; generate refuses one that cannot decode the model's ids before sampling, and warns
+    about any other; a converted run names --data for eval and works with it."""
+    small = _word_tokenizer(work / "small.json", 50)
+    big = _word_tokenizer(work / "big.json", 300)
+    assert main(["eval", "--out", RUN, "--tokenizer", "bytes", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unigram_bits_per_byte"] is not None
+    assert main(["eval", "--out", RUN, "--tokenizer", "big.json"]) == 2
+    err = _err_line(capsys)
+    assert "--tokenizer 'big.json' is not the tokenizer" in err and repr(RUN) in err, err
+
+    gen = ["generate", "--out", RUN, "--max-new-tokens", "3", "--temperature", "0"]
+    assert main([*gen, "--tokenizer", "small.json", "--prompt", "w1"]) == 2
+    err = _err_line(capsys)
+    assert "decodes 50 token ids" in err and "emits ids up to 255" in err, err
+    assert main([*gen, "--tokenizer", "big.json", "--prompt", "w1"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith("w1")
+    assert printed.err.count("\n") == 1 and "warning: --tokenizer 'big.json' is not" in printed.err
+
+    # a converted run records no training data: one line naming --data; with it, a score
+    hf, back = os.path.join("runs", "f1-hf"), os.path.join("runs", "f1-back")
+    assert main(["convert", "--from", "eqx", "--to", "hf", RUN, hf]) == 0
+    assert main(["convert", "--from", "hf", "--to", "eqx", hf, back]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--out", back]) == 2
+    err = _err_line(capsys)
+    assert f"run {back!r} records no training data (converted from hf); pass --data" in err
+    assert main(["eval", "--out", back, "--data", "code.py", "--eval-batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "nats/token" in out and "tokens read of --data" in out, out
+    shutil.rmtree(work / hf)
+    shutil.rmtree(work / back)
+    os.remove(small)
+    os.remove(big)
+
+
+def test_a_moved_tokenizer_is_recognised_by_its_hash(tmp_path):
+    """A copy of the run's tokenizer.json (same sha256) is the run's own; another file is not."""
+    from xlstm_eqx.training.evaluate import run_tokenizer
+
+    own = _word_tokenizer(tmp_path / "tok.json", 300)
+    other = _word_tokenizer(tmp_path / "other.json", 301)
+    shutil.copy(own, tmp_path / "copy.json")
+    from xlstm_eqx.data.tokenizer import load_tokenizer
+
+    recorded = load_tokenizer(own).to_dict()
+    os.remove(own)  # moved away: the recorded path is gone
+    run = {"tokenizer": recorded}
+    with pytest.raises(FileNotFoundError):
+        run_tokenizer(run, None, "run 'r'")
+    tok, is_own = run_tokenizer(run, str(tmp_path / "copy.json"), "run 'r'")
+    assert is_own and tok.vocab_size == 300
+    assert run_tokenizer(run, other, "run 'r'")[1] is False
+    assert run_tokenizer(run, "bytes", "run 'r'")[1] is False
+
+
+def test_closed_stdout_stops_printing_not_the_command(work):
+    """`generate … | head -c 2` through a real pipe: exit 0, no traceback. train's log goes on
+    (silently) when stdout is closed: the run's files are its product."""
+    cmd = [sys.executable, "-m", "xlstm_eqx.cli", "generate", "--out", RUN]
+    proc = subprocess.Popen(
+        [*cmd, "--max-new-tokens", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout.read(2) == b"de"  # the prompt, written before the first token
+    proc.stdout.close()
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_train_log_survives_a_closed_stdout(monkeypatch):
+    import inspect
+
+    from xlstm_eqx.core import console
+    from xlstm_eqx.training.loop import train
+
+    assert inspect.signature(train).parameters["log"].default is console.print_line
+
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    console.print_line("step 1")  # no error: stdout now goes nowhere
+    console.print_line("step 2")
+    assert not isinstance(sys.stdout, Closed)
+    sys.stdout.close()  # the os.devnull it opened (monkeypatch puts the real stdout back)

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..core.compile_cache import CACHE_ENV, enable_compile_cache
+from ..core.console import silence_stdout
 from ..tools import bench
 from . import convert
 from .common import _DefaultsHelpFormatter, _one_line, _user_errors, resolve_train_config
@@ -112,7 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, _, run = COMMANDS[args.command]
     try:
         enable_compile_cache(args.compile_cache)
-        return run(args)
+        status = run(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return status
+    except BrokenPipeError:  # `generate … | head`: the reader has what it wanted; stop quietly
+        silence_stdout()
+        return 0
     except _user_errors() as e:
         print(f"xlstm-eqx {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.files import read_mapping_file
+from ..data.tokenizer import ByteTokenizer
 from ..training.checkpoint import CheckpointError
-from ..training.config import TrainConfig
+from ..training.config import SEQ_LEN, TrainConfig, resolve_model_config
 
 
 def _one_line(e: BaseException) -> str:
@@ -129,4 +130,17 @@ def resolve_train_config(args: argparse.Namespace) -> Any:
         values.update(_load_mapping(args.config))
     values.update(flags)
     cfg = TrainConfig.from_dict(values)
+    if "seq_len" not in values:  # not chosen: as long as the model allows, up to SEQ_LEN
+        cfg = dataclasses.replace(cfg, seq_len=min(SEQ_LEN, _context_length(cfg)))
     return cfg
+
+
+def _context_length(cfg: TrainConfig) -> int:
+    """The context length of the model `cfg` names (SEQ_LEN where it has none or is no model):
+    a bad --model or --preset is reported later, where it always is."""
+    try:
+        _, config = resolve_model_config(cfg, ByteTokenizer())
+    except (ValueError, OSError, TypeError, KeyError):
+        return SEQ_LEN
+    ctx = getattr(config, "context_length", None)
+    return ctx if isinstance(ctx, int) and ctx > 0 else SEQ_LEN

@@ -2,14 +2,15 @@
 
 import argparse
 import sys
+from typing import Any
 
 import jax.numpy as jnp
 import jax.random as jr
 
-from ..data.tokenizer import load_tokenizer, tokenizer_from_dict
+from ..data.tokenizer import Tokenizer, tokenizer_from_dict
 from ..generation import stream_generate
 from ..interop.runs import load_hf_for_generation
-from ..training.evaluate import load_run
+from ..training.evaluate import load_run, run_tokenizer
 
 
 # generate
@@ -46,12 +47,9 @@ def _generate_run(args: argparse.Namespace) -> int:
             )
     else:
         model, run, _ = load_run(args.out, args.checkpoint)
-        if args.tokenizer is not None:
-            tokenizer = load_tokenizer(args.tokenizer)
-        elif "tokenizer" in run:
-            tokenizer = tokenizer_from_dict(run["tokenizer"])
-        else:
-            raise ValueError(f"run {args.out!r} records no tokenizer; pass --tokenizer FILE|bytes")
+        tokenizer, own = run_tokenizer(run, args.tokenizer, f"run {args.out!r}")
+        if not own:
+            _check_other_tokenizer(tokenizer, run, args)
     prompt = [int(t) for t in tokenizer.encode(args.prompt)]
     if not prompt:
         raise ValueError("--prompt must encode to at least one token")
@@ -80,3 +78,29 @@ def _generate_run(args: argparse.Namespace) -> int:
     sys.stdout.write((rest[len(shown) :] if rest.startswith(shown) else "") + "\n")
     sys.stdout.flush()
     return 0
+
+
+def _check_other_tokenizer(
+    tokenizer: Tokenizer, run: dict[str, Any], args: argparse.Namespace
+) -> None:
+    """A `--tokenizer` that is not the run's: refused when the model can emit ids it cannot
+    decode (before sampling, not mid-stream); else a warning line, as the text may be junk."""
+    emits = int(run["model_config"]["vocab_size"])  # the padded embedding, at most
+    what = f"its vocab_size {emits}"
+    recorded = run.get("tokenizer")
+    if isinstance(recorded, dict):
+        try:  # the run's own tokenizer: the ids it was trained on
+            emits = tokenizer_from_dict(recorded).vocab_size
+            what = f"its tokenizer's vocabulary of {emits}"
+        except (OSError, ValueError, ImportError):
+            pass
+    if tokenizer.vocab_size < emits:
+        raise ValueError(
+            f"--tokenizer {args.tokenizer!r} decodes {tokenizer.vocab_size} token ids, but run "
+            f"{args.out!r} emits ids up to {emits - 1} ({what}); pass the run's tokenizer"
+        )
+    print(
+        f"xlstm-eqx generate: warning: --tokenizer {args.tokenizer!r} is not the tokenizer run "
+        f"{args.out!r} was trained with; the text may be meaningless",
+        file=sys.stderr,
+    )

@@ -148,16 +148,18 @@ def _eval_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_batches=args.eval_batches,
         checkpoint=args.checkpoint,
+        tokenizer=args.tokenizer,
     )
     if args.json:
         print(json.dumps(dataclasses.asdict(r)))
     else:
         of = "tokens read of --data" if args.data else "held-out tokens"
+        unigram = r.unigram_bits_per_byte
+        base = "" if unigram is None else f" (unigram baseline {unigram:.3f} bits/byte)"
         print(
             f"step {r.step}: held-out loss {r.eval_loss:.4f} nats/token, "
             f"{r.bits_per_byte:.3f} bits/byte over {r.num_tokens:,} of {r.available_tokens:,} "
             f"{of} ({r.num_batches} batches × {r.batch_size} × {r.seq_len}; more with "
-            f"--eval-batches, --batch-size) (unigram baseline {r.unigram_bits_per_byte:.3f} "
-            "bits/byte)"
+            f"--eval-batches, --batch-size){base}"
         )
     return 0

@@ -19,6 +19,7 @@ _COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "lion", "adafactor")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
 TRACKERS = ("tensorboard", "wandb", "trackio")
+SEQ_LEN = 128  # the default sequence length (the command line's: at most the context length)
 
 
 # configuration
@@ -77,7 +78,13 @@ class TrainConfig:
         default=None, metadata={"help": "stop reading data after this many bytes"}
     )
     # batch shape and length
-    seq_len: int = dataclasses.field(default=128, metadata={"help": "tokens per sequence"})
+    seq_len: int = dataclasses.field(
+        default=SEQ_LEN,
+        metadata={
+            "help": "tokens per sequence (default: the command line's is min(128, the "
+            "model's context_length); TrainConfig's is 128)"
+        },
+    )
     batch_size: int = dataclasses.field(default=16, metadata={"help": "sequences per micro-batch"})
     grad_accum: int = dataclasses.field(
         default=1, metadata={"help": "micro-batches accumulated per optimizer step"}
@@ -240,6 +247,10 @@ class TrainConfig:
             a, b = int(parts[0]), int(parts[1])
             if not 1 <= a <= b:
                 raise _invalid("profile_steps", "'A:B' with 1 <= A <= B", self.profile_steps)
+            if b > self.steps:
+                raise _invalid(
+                    "profile_steps", f"'A:B' with B <= --steps {self.steps}", self.profile_steps
+                )
         if self.sample_tokens < 0:
             raise _invalid("sample_tokens", ">= 0", self.sample_tokens)
 

@@ -20,7 +20,13 @@ from ..data.corpus import (
     unigram_bits_per_byte_from_counts,
 )
 from ..data.sources import Source, iter_capped_pieces, resolve_sources
-from ..data.tokenizer import tokenizer_from_dict
+from ..data.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    tokenizer_from_dict,
+)
 from ..generation import _is_kv_model, _is_recurrent_model
 from ..models import MODEL_FAMILIES
 from . import checkpoint as npz_checkpoint, orbax_checkpoint
@@ -134,6 +140,29 @@ def _load_checkpoint(path: str, shardings: Any) -> tuple[Any, dict[str, Any], in
     return trees["model"], run, int(meta["step"])
 
 
+def run_tokenizer(run: dict[str, Any], spec: str | None, where: str) -> tuple[Tokenizer, bool]:
+    """`(tokenizer, is_the_runs_own)`: the run's recorded tokenizer, or `spec` (`--tokenizer`).
+    A file whose sha256 is the recorded one is the run's own (a tokenizer.json that moved)."""
+    recorded = run.get("tokenizer")
+    if spec is None:
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{where} records no tokenizer; pass --tokenizer FILE|bytes")
+        return tokenizer_from_dict(recorded), True
+    tok = load_tokenizer(spec)
+    if not isinstance(recorded, dict):
+        return tok, False
+    if recorded.get("kind") == "bytes":
+        return tok, isinstance(tok, ByteTokenizer)
+    if recorded.get("kind") != "tokenizers" or not isinstance(tok, HFTokenizer):
+        return tok, False
+    sha = recorded.get("sha256")
+    if sha is None:  # converted runs record the copied file's path only
+        path = recorded.get("path")
+        if isinstance(path, str) and os.path.isfile(path):
+            sha = HFTokenizer(path).sha256
+    return tok, sha == tok.sha256
+
+
 def _data_prefix(
     sources: Sequence[Source], tokenizer: Any, eod: int | None, text_field: str, need: int
 ) -> tuple[np.ndarray, int]:
@@ -164,15 +193,37 @@ def evaluate_run(
     batch_size: int | None = None,
     max_batches: int | None = None,
     checkpoint: str | None = None,
+    tokenizer: str | None = None,
 ) -> EvalResult:
     """Held-out loss and bits per byte of a saved run: on its own held-out split (the files the
     run recorded, checked against the run's record of them), or on the start of `data` if given
-    (as many windows as asked for; the unigram baseline still uses the run's training text)."""
+    (as many windows as asked for; the unigram baseline still uses the run's training text).
+    `tokenizer` (`--tokenizer`) must be the run's own (its recorded hash: a moved file) for the
+    held-out split; any tokenizer the model's vocabulary covers may score `data`."""
     sources = resolve_sources(data) if data else None  # a bad --data fails before the model loads
     model, run, step = load_run(out_dir, checkpoint)
-    tcfg = TrainConfig.from_dict(run["train"])
-    tokenizer = tokenizer_from_dict(run["tokenizer"])
+    tok, own = run_tokenizer(run, tokenizer, f"run {out_dir!r}")
     vocab = int(run["model_config"]["vocab_size"])
+    if not isinstance(run.get("train"), dict):  # a converted model: no training data recorded
+        if sources is None:
+            how = run.get("converted_from", {}).get("format", "another format")
+            raise ValueError(
+                f"run {out_dir!r} records no training data (converted from {how}); pass --data FILE"
+            )
+        ctx = run["model_config"].get("context_length")
+        tcfg = TrainConfig()
+        if isinstance(ctx, int) and ctx > 0:
+            tcfg = dataclasses.replace(tcfg, seq_len=min(tcfg.seq_len, ctx))
+        return _evaluate_on(model, step, tok, sources, tcfg, batch_size, max_batches, vocab)
+    tcfg = TrainConfig.from_dict(run["train"])
+    if not own and sources is None:
+        raise ValueError(
+            f"--tokenizer {tokenizer!r} is not the tokenizer run {out_dir!r} was trained with: "
+            "its held-out split cannot be scored with it; pass the "
+            "run's tokenizer.json (or a copy of it), or --data FILE"
+        )
+    if not own:
+        return _evaluate_on(model, step, tok, sources, tcfg, batch_size, max_batches, vocab)
     bs = batch_size or tcfg.batch_size
     nb = max_batches or tcfg.eval_batches
     record = run.get("data") or {}
@@ -183,7 +234,7 @@ def evaluate_run(
         cache = os.path.dirname(store)
     corpus = load_corpus(
         record.get("paths", tcfg.data),
-        tokenizer,
+        tok,
         text_field=tcfg.text_field,
         eval_fraction=tcfg.eval_fraction,
         max_bytes=tcfg.max_data_bytes,
@@ -195,7 +246,7 @@ def evaluate_run(
     )
     if sources:
         tokens, nbytes = _data_prefix(
-            sources, tokenizer, corpus.eod_id, tcfg.text_field, nb * bs * tcfg.seq_len + 1
+            sources, tok, corpus.eod_id, tcfg.text_field, nb * bs * tcfg.seq_len + 1
         )
         tokens_per_byte = len(tokens) / max(1, nbytes)
         check_token_ids(tokens, vocab, what="evaluation data")
@@ -215,6 +266,40 @@ def evaluate_run(
         bits_per_byte=bits_per_byte(loss, tokens_per_byte),
         unigram_bits_per_byte=unigram,
         num_tokens=int(num_tokens),
+        available_tokens=int(len(tokens)),
+        num_batches=len(batches),
+        batch_size=int(batches[0].shape[0]),
+        seq_len=int(tcfg.seq_len),
+    )
+
+
+def _evaluate_on(
+    model: Any,
+    step: int,
+    tokenizer: Tokenizer,
+    sources: Sequence[Source],
+    tcfg: TrainConfig,
+    batch_size: int | None,
+    max_batches: int | None,
+    vocab: int,
+) -> EvalResult:
+    """Loss and bits per byte on the start of `sources` alone (no unigram baseline: no training
+    text to count): a converted model, or a tokenizer other than the run's."""
+    bs = batch_size or tcfg.batch_size
+    nb = max_batches or tcfg.eval_batches
+    eod = getattr(tokenizer, "eod_id", None)  # the tokenizer's own, if it has one
+    tokens, nbytes = _data_prefix(
+        sources, tokenizer, eod, tcfg.text_field, nb * bs * tcfg.seq_len + 1
+    )
+    check_token_ids(tokens, vocab, what="evaluation data")
+    batches = eval_windows(tokens, seq_len=tcfg.seq_len, batch_size=bs, max_batches=nb)
+    loss = evaluate_loss(model, batches)
+    return EvalResult(
+        step=step,
+        eval_loss=loss,
+        bits_per_byte=bits_per_byte(loss, len(tokens) / max(1, nbytes)),
+        unigram_bits_per_byte=None,
+        num_tokens=int(sum(b[:, 1:].size for b in batches)),
         available_tokens=int(len(tokens)),
         num_batches=len(batches),
         batch_size=int(batches[0].shape[0]),

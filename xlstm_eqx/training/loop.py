@@ -39,6 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..cell.autotune import tune_auto_backend
+from ..core.console import print_line, silence_stdout
 from ..core.files import _write_json_atomic, open_append
 from ..data.loader import BatchLoader
 from ..data.tokenizer import Tokenizer
@@ -114,9 +115,10 @@ def train(
     cfg: TrainConfig,
     *,
     stop_after_step: int | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print_line,
 ) -> TrainResult:
     """Run (or resume) training as configured; see the module docstring for what is written.
+    The default `log` prints, and stops printing (the run goes on) when stdout is closed.
 
     `stop_after_step` ends the run early after that step (with a checkpoint), as an interruption
     would — used to test resuming. Process 0 holds `DIR/.lock` for the whole run: a second run
@@ -281,8 +283,11 @@ def _train(
 
     def say(line: str) -> None:
         """A line of the run's log, above the progress bar when there is one."""
-        if bar is not None and log is print:
-            bar.write(line)
+        if bar is not None and log is print_line:
+            try:
+                bar.write(line)
+            except BrokenPipeError:
+                silence_stdout()
         else:
             log(line)
 
@@ -424,12 +429,12 @@ def _train(
             f"held-out after step {final_step}: loss {eval_loss:.4f} nats/token, "
             f"{bpb:.3f} bits/byte (unigram baseline {p.unigram_bpb:.3f} bits/byte)"
         )
+    if sample is not None:  # before the files written: that line is the run's last
+        log(f"sample (temperature {cfg.sample_temperature}):\n{cfg.sample_prompt}{sample}")
     if writer:
-        log("wrote " + ", ".join(_written_files(out, png, last_ckpt, cfg)))
         if png is None:
             log("(pip install matplotlib for loss.png)")
-    if sample is not None:
-        log(f"sample (temperature {cfg.sample_temperature}):\n{cfg.sample_prompt}{sample}")
+        log("wrote " + ", ".join(_written_files(out, png, last_ckpt, cfg)))
     return TrainResult(
         model=model,
         model_config=p.model_config,
