@@ -94,18 +94,26 @@ def test_eval_uses_the_runs_files_and_tokenizer_from_anywhere(tmp_path, monkeypa
     os.mkfifo("fifo")
     _loop_tree(work / "two")
     os.symlink("../..", work / "two" / "sub" / "up2")
+    os.mkfifo(work / "two" / "fifo.txt")  # among a glob's matches: skipped with a warning
+    os.symlink("/dev/zero", work / "two" / "zero.txt")
     bad = [
         ["train", "--data", "fifo", "--out", "runs/f", *FAST],
         ["train", "--data", "/dev/zero", "--out", "runs/z", *FAST],
         ["eval", *run, "--data", "fifo"],
         ["eval", *run, "--data", "/dev/zero"],
         ["eval", *run, "--data", "two/**/*.txt"],
+        ["eval", *run, "--data", "two/f*.txt"],
     ]
     results = _cli_in_child(work, bad)
     for (rc, err), path in zip(results[:4], ["fifo", "/dev/zero"] * 2, strict=True):
         assert rc == 2 and err.count("\n") == 1, err
         assert f"data path {path!r} is not a regular file" in err, err
     assert results[4][0] == 0, results[4][1]
+    warned = "warning: --data 'two/**/*.txt': skipped 2 entries that are not regular files "
+    assert results[4][1] == warned + "(first: 'two/fifo.txt')\n", results[4][1]
+    rc, err = results[5]  # only special files match: one error line, nothing read
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "'two/f*.txt' matches no regular files, only 1 entry that is not a regular file " in err
     assert not os.path.exists("runs/f") and not os.path.exists("runs/z")
 
     # A same-size edit with the modification time put back: the store is rebuilt (with a

@@ -63,16 +63,37 @@ def _damage(ckpt: str, how: str) -> None:
             f.write(bytes([byte ^ 0x10]))
 
 
+def _edit_meta(ckpt: str, **changes) -> None:
+    """Rewrite a checkpoint's meta/metadata with `changes` (None: the key removed)."""
+    meta_file = os.path.join(ckpt, "meta", "metadata")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    with open(meta_file, "w") as f:
+        json.dump(meta, f, indent=1)
+
+
 def test_relative_run_directory(work, capsys):
     """`--out runs/mine` as typed, from the run's parent directory: resume, eval, generate and
-    convert all read the checkpoints the fixture's `train --out runs/mine` wrote."""
+    convert all read the checkpoints the fixture's `train --out runs/mine` wrote; the checkpoint
+    paths printed are as relative as --out; a run directory that does not exist is named."""
     assert main(["train", "--out", RUN, "--resume", "--steps", "4", "--no-progress"]) == 0
-    assert "resumed from" in capsys.readouterr().out
+    relative = os.path.join(RUN, "checkpoints", "step_00000003")
+    assert f"resumed from {relative} at step 3\n" in capsys.readouterr().out
+    for cmd in (["eval"], ["generate", "--prompt", "a"]):
+        assert main([*cmd, "--out", "runs/does-not-exist"]) == 2
+        err = capsys.readouterr().err
+        assert err.endswith(": error: no run in 'runs/does-not-exist' (no such directory)\n"), err
     assert main(["eval", "--out", RUN, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 4
     assert main(["generate", "--out", RUN, "--prompt", "a", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("a")
     assert main(["convert", "--from", "eqx", "--to", "hf", RUN, "runs/mine-hf"]) == 0
+    assert capsys.readouterr().out == f"converted eqx {RUN} (step 4) -> hf runs/mine-hf\n"
     assert os.path.isfile(work / "runs" / "mine-hf" / "config.json")
 
 
@@ -132,13 +153,56 @@ def test_damaged_newest_checkpoint_falls_back(work, capsys, how):
     assert main(["train", "--out", RUN, "--resume", "--steps", "4", "--no-progress"]) == 0
     captured = capsys.readouterr()
     one_warning(captured.err)
-    assert f"resumed from {_ckpt(2)} at step 2" in captured.out
+    assert f"resumed from {os.path.join(RUN, 'checkpoints', 'step_00000002')} at step 2" in (
+        captured.out
+    )
     # the damaged step 3 was moved aside and saved again; the run goes on to step 4
     steps = [s for s, _ in orbax_checkpoint.list_checkpoints(os.path.join(RUN, "checkpoints"))]
     assert steps == [2, 3, 4]
     assert main(["eval", "--out", RUN, "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["step"] == 4 and not captured.err
+
+
+def test_damaged_metadata_falls_back(work, capsys):
+    """A newest step directory that is empty, or whose meta/metadata is truncated or deleted:
+    `convert` and `train --resume` skip it with a warning naming it, as eval does (resume used to
+    stop, convert to export an older step without saying which). An edited metadata (a step
+    changed) is damaged too: its recorded digest no longer matches, or without one, the step is
+    not its directory's."""
+    os.mkdir(_ckpt(9))
+    with open(os.path.join(_ckpt(3), "meta", "metadata"), "r+") as f:
+        f.truncate(40)
+    assert main(["convert", "--from", "eqx", "--to", "hf", RUN, "runs/mine-hf"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"converted eqx {RUN} (step 2) -> hf runs/mine-hf\n"
+    warnings = captured.err.splitlines()
+    assert [w[:9] for w in warnings] == ["warning: "] * 2, warnings
+    assert repr(_ckpt(9)) in warnings[0] and "no meta/ item" in warnings[0]
+    assert repr(_ckpt(3)) in warnings[1] and "cannot read meta/metadata" in warnings[1]
+
+    shutil.rmtree(os.path.join(_ckpt(3), "meta"))
+    assert main(["train", "--out", RUN, "--resume", "--steps", "4", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    warnings = captured.err.splitlines()
+    assert len(warnings) == 2 and repr(_ckpt(3)) in warnings[1], warnings
+    assert f"resumed from {os.path.join(RUN, 'checkpoints', 'step_00000002')} at step 2" in (
+        captured.out
+    )
+    root = os.path.join(RUN, "checkpoints")
+    assert [s for s, _ in orbax_checkpoint.list_checkpoints(root)] == [2, 3, 4]
+
+    _edit_meta(_ckpt(4), step=5)
+    assert main(["eval", "--out", RUN, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["step"] == 3
+    assert captured.err.startswith(f"warning: checkpoint {_ckpt(4)!r} is damaged: meta/metadata ")
+    assert "does not match the checksum recorded in it" in captured.err
+    _edit_meta(_ckpt(4), meta_sha256=None)
+    with pytest.raises(orbax_checkpoint.CheckpointError, match="records step 5, not the direc"):
+        orbax_checkpoint.load_metadata(_ckpt(4))
+    _edit_meta(_ckpt(3))  # rewritten in another layout, content unchanged: still intact
+    assert orbax_checkpoint.load_metadata(_ckpt(3))["step"] == 3
 
 
 def test_no_intact_checkpoint_is_one_error(work, capsys):
@@ -160,9 +224,11 @@ def test_no_intact_checkpoint_is_one_error(work, capsys):
     for args in commands:
         assert main(args) == 2
         lines = capsys.readouterr().err.splitlines()
-        assert [line[:8] for line in lines] == ["warning:"] * 3 + ["xlstm-eq"], lines
+        # a warning for each fallback tried (none for the oldest), then one line saying so
+        assert [line[:8] for line in lines] == ["warning:"] * 2 + ["xlstm-eq"], lines
+        assert "trying the next older" in lines[1] and repr(_ckpt(2)) in lines[1]
         assert lines[-1].startswith(f"xlstm-eqx {args[0]}: error: no intact checkpoint in ")
-        assert repr(_ckpt(3)) in lines[-1]
+        assert ": 3 damaged, the newest: " in lines[-1] and repr(_ckpt(3)) in lines[-1]
     # nothing was moved or written: the run is as it was
     steps = [s for s, _ in orbax_checkpoint.list_checkpoints(os.path.join(RUN, "checkpoints"))]
     assert steps == [1, 2, 3]
@@ -206,6 +272,7 @@ def test_checkpoint_without_checksums_still_loads(tmp_path):
     meta_file = os.path.join(path, "meta", "metadata")
     with open(meta_file) as f:
         meta = json.load(f)
+    del meta["meta_sha256"]  # recorded since; absent in those checkpoints
     assert len(meta["checksums"]["model"]) == 2
     meta["checksums"]["model"] = meta["checksums"]["model"][:1]
     with open(meta_file, "w") as f:

@@ -36,8 +36,8 @@ from ..interop.hf import from_hf_pretrained, to_hf
 from ..interop.runs import (
     _hf_tokenizer,
     _kind_of,
-    load_eqx,
     load_hf_for_generation,
+    read_eqx,
     read_model_config,
     save_eqx,
 )
@@ -48,10 +48,11 @@ from ..interop.xlstm_jax_files import load_xlstm_jax_params, save_xlstm_jax_para
 FORMATS = ("hf", "xlstm-jax", "eqx")
 
 
-def _load(fmt: str, path: str, args: argparse.Namespace) -> tuple[Any, Any, str | None]:
+def _load(fmt: str, path: str, args: argparse.Namespace) -> tuple[Any, Any, str | None, int | None]:
+    """``(model, config, tokenizer, step)``; the step of the checkpoint read (eqx only)."""
     if fmt == "hf":
         model, config = from_hf_pretrained(path, dtype=args.dtype)
-        return model, config, _hf_tokenizer(path)
+        return model, config, _hf_tokenizer(path), None
     if fmt == "xlstm-jax":
         cfg_path = args.config or os.path.join(
             path if os.path.isdir(path) else os.path.dirname(path), "config.json"
@@ -59,8 +60,8 @@ def _load(fmt: str, path: str, args: argparse.Namespace) -> tuple[Any, Any, str 
         config = xlstm_jax_config(read_model_config(cfg_path))
         if args.dtype is not None:
             config = dataclasses.replace(config, dtype=args.dtype)
-        return from_xlstm_jax(load_xlstm_jax_params(path), config), config, None
-    return load_eqx(path)
+        return from_xlstm_jax(load_xlstm_jax_params(path), config), config, None, None
+    return read_eqx(path)
 
 
 def _convert_parser() -> argparse.ArgumentParser:
@@ -131,7 +132,7 @@ def run_convert(args: argparse.Namespace) -> int:
     _check_target(args)
     if args.tokenizer is not None:
         load_tokenizer(args.tokenizer)  # a bad --tokenizer fails before the model is read
-    model, config, tokenizer = _load(args.src, args.path, args)
+    model, config, tokenizer, step = _load(args.src, args.path, args)
     tokenizer = args.tokenizer or tokenizer
     source = {"format": args.src, "path": os.path.abspath(args.path)}
     if args.dst == "eqx":
@@ -153,7 +154,8 @@ def run_convert(args: argparse.Namespace) -> int:
             write_atomic(os.path.join(out, "config.json"), lambda f: f.write(text.encode()))
             out = os.path.join(out, "params.safetensors")
         save_xlstm_jax_params(to_xlstm_jax(model), out)
-    print(f"converted {args.src} {args.path} -> {args.dst} {args.out}")
+    what = args.path if step is None else f"{args.path} (step {step})"
+    print(f"converted {args.src} {what} -> {args.dst} {args.out}")
     return 0
 
 

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import stat
+import sys
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
@@ -98,10 +99,13 @@ def _hidden_ok(name: str, part: str) -> bool:
     return not name.startswith(".") or part.startswith(".")
 
 
-def _glob_walk(pattern: str) -> list[str]:
+def _glob_walk(pattern: str, skipped: list[str] | None = None) -> list[str]:
     """The paths of the regular files `pattern` matches (`**`: any number of folders), like
     `glob.glob(pattern, recursive=True)` but bounded: a folder reached again through a symbolic
-    link (a loop such as `sub/up -> ..`) is not entered again at the same point of the pattern."""
+    link (a loop such as `sub/up -> ..`) is not entered again at the same point of the pattern.
+    Matches that are neither files nor folders (FIFOs, devices, dangling links) go to
+    `skipped`."""
+    skipped = [] if skipped is None else skipped
     drive, rest = os.path.splitdrive(pattern)
     parts = rest.split(os.sep) if os.altsep is None else re.split(r"[\\/]", rest)
     root = drive + (os.sep if parts and parts[0] == "" else "")
@@ -149,8 +153,8 @@ def _glob_walk(pattern: str) -> list[str]:
                         continue
                     if is_dir:
                         walk(path, at)
-                    elif is_file:
-                        found.append(path)
+                    else:
+                        (found if is_file else skipped).append(path)
                 return
             walk(folder, at + 1)
             for name, path, is_dir, _ in entries(folder):
@@ -162,6 +166,8 @@ def _glob_walk(pattern: str) -> list[str]:
             if last:
                 if os.path.isfile(path):
                     found.append(path)
+                elif os.path.lexists(path) and not os.path.isdir(path):
+                    skipped.append(path)
             elif os.path.isdir(path):
                 walk(path, at + 1)
             return
@@ -169,12 +175,14 @@ def _glob_walk(pattern: str) -> list[str]:
             if not match[part](name) or not _hidden_ok(name, part):
                 continue
             if last:
-                if is_file:
-                    found.append(path)
+                if not is_dir:
+                    (found if is_file else skipped).append(path)
             elif is_dir:
                 walk(path, at + 1)
 
     if not parts:
+        if os.path.lexists(root) and not os.path.isfile(root) and not os.path.isdir(root):
+            skipped.append(root)
         return [root] if os.path.isfile(root) else []
     walk(root, 0)
     return sorted(found)
@@ -196,6 +204,22 @@ def absolute_patterns(sources: Sequence[str], cwd: str | None = None) -> list[st
     return out
 
 
+def _skipped_entries(src: str, skipped: list[str], *, any_match: bool) -> None:
+    """Say which matches of glob `src` are not regular files (FIFOs, devices, dangling links):
+    a warning when regular files matched too, else the error that nothing usable matched."""
+    unique: dict[str, str] = {}  # each special file once, however many links or loops reach it
+    for path in skipped:
+        unique.setdefault(os.path.realpath(path), path)
+    names = list(unique.values())
+    if len(names) == 1:
+        what = f"1 entry that is not a regular file ({names[0]!r})"
+    else:
+        what = f"{len(names)} entries that are not regular files (first: {names[0]!r})"
+    if not any_match:
+        raise FileNotFoundError(f"data glob {src!r} matches no regular files, only {what}")
+    print(f"warning: --data {src!r}: skipped {what}", file=sys.stderr, flush=True)
+
+
 def _file_id(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return (st.st_dev, st.st_ino)
@@ -209,7 +233,10 @@ def resolve_sources(sources: Sequence[str]) -> list[Source]:
     seen: set[tuple[int, int]] = set()
     for src in sources:
         if glob.has_magic(src):
-            matches = _glob_walk(src)
+            skipped: list[str] = []
+            matches = _glob_walk(src, skipped)
+            if skipped:
+                _skipped_entries(src, skipped, any_match=bool(matches))
             if not matches:
                 raise FileNotFoundError(f"data glob {src!r} matches no files")
             matches = [p for p in matches if os.path.getsize(p) > 0]

@@ -99,13 +99,21 @@ def load_eqx(path: str) -> tuple[Any, Any, str | None]:
     """``(model, config, tokenizer)`` from our run layout: the tokenizer as ``"bytes"``, a
     tokenizer.json path, or None where the run records none."""
 
-    model, run, _ = load_run(path)
+    model, config, tok, _ = read_eqx(path)
+    return model, config, tok
+
+
+def read_eqx(path: str) -> tuple[Any, Any, str | None, int]:
+    """`load_eqx` and the step of the checkpoint read: a damaged newest one is skipped (with a
+    warning naming it), so the caller can say which step it got."""
+
+    model, run, step = load_run(path)
     config = MODEL_FAMILIES[run["model_kind"]].config_from_dict(run["model_config"])
     tok = run.get("tokenizer") or {}
     if tok.get("kind") == "bytes":
-        return model, config, "bytes"
+        return model, config, "bytes", step
     tok_file = tok.get("path") if tok.get("kind") == "tokenizers" else None
-    return model, config, tok_file
+    return model, config, tok_file, step
 
 
 def _hf_tokenizer(path: str) -> str | None:

@@ -110,6 +110,9 @@ def load_run(
     ``checkpoint`` is read as it is, or fails with one line."""
     if checkpoint:
         return _load_checkpoint(checkpoint, shardings)
+    if not os.path.isdir(out_dir):
+        what = "not a directory" if os.path.exists(out_dir) else "no such directory"
+        raise FileNotFoundError(f"no run in {out_dir!r} ({what})")
     root = os.path.join(out_dir, "checkpoints")
 
     def listing() -> list[str]:

@@ -7,6 +7,8 @@ on any mesh and number of processes; any change to a single element changes both
 bijection), and 64 bits make a chance match negligible.
 """
 
+import hashlib
+import json
 import re
 from typing import Any
 
@@ -17,7 +19,16 @@ from ..core.untrusted import printable
 from .checkpoint import CheckpointError
 
 
-__all__ = ["CHECKSUM", "check_checksum_record", "leaf_checksums", "leaf_facts", "verify_leaves"]
+__all__ = [
+    "CHECKSUM",
+    "META_DIGEST",
+    "check_checksum_record",
+    "check_meta_digest",
+    "leaf_checksums",
+    "leaf_facts",
+    "verify_leaves",
+    "with_meta_digest",
+]
 
 CHECKSUM = "fmix32x2"
 
@@ -124,3 +135,30 @@ def check_checksum_record(meta: dict[str, Any], where: str) -> None:
                 f"{where}: checksums.{printable(str(name))[:40]} must list one 16-hex-digit "
                 "checksum per leaf of that tree"
             )
+
+
+# The JSON item's own checksum: an edited value (a step, a data position) is damage, not data.
+
+META_DIGEST = "meta_sha256"
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != META_DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def with_meta_digest(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` as the JSON it is read back as, plus the SHA-256 of its canonical form."""
+    plain = json.loads(json.dumps(meta, allow_nan=False))
+    return {**plain, META_DIGEST: _meta_digest(plain)}
+
+
+def check_meta_digest(meta: dict[str, Any], path: str, item: str) -> None:
+    """A JSON item whose content no longer has the digest recorded in it is damaged (items
+    written before digests were recorded have none and are not checked)."""
+    if META_DIGEST in meta and meta[META_DIGEST] != _meta_digest(meta):
+        raise CheckpointError(
+            f"checkpoint {path!r} is damaged: {item} does not match the checksum recorded in it "
+            f"({META_DIGEST})"
+        )

@@ -217,11 +217,11 @@ def _train(
             if is_decay_start(p.resume_from, out):
                 for path in supersede_after(ckpt_root, start_step, out):
                     log(f"extending the wsd run: moved {path} (the old decay) aside")
-            elif damaged:
+            elif damaged or p.damaged:
                 for path in supersede_after(ckpt_root, start_step, out):
                     log(f"moved {path} aside (newer than step {start_step}, which resumes)")
     if p.resume_from is not None:
-        log(f"resumed from {p.resume_from} at step {start_step}")
+        log(f"resumed from {_as_given(p.resume_from, out)} at step {start_step}")
 
     n_params = sum(x.size for x in jax.tree.leaves(trainable_params(model)))
     tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len
@@ -387,7 +387,7 @@ def _train(
                     _write_partial_run_files(out, metrics_path, step, cfg.steps, last_ckpt)
                 who = "" if interrupt.set else " (another process was interrupted)"
                 log(
-                    f"\ninterrupted after step {step}{who}; saved {last_ckpt}; "
+                    f"\ninterrupted after step {step}{who}; saved {_as_given(last_ckpt, out)}; "
                     "continue with --resume"
                 )
                 raise KeyboardInterrupt
@@ -459,10 +459,16 @@ def _written_files(
     files += [png] if png else []
     files.append(os.path.join(out, "summary.json"))
     if checkpoint:
-        rel = os.path.relpath(os.path.abspath(checkpoint), os.path.abspath(out))
-        files.append(checkpoint if rel.startswith("..") else os.path.join(out, rel))
+        files.append(_as_given(checkpoint, out))
     files += [os.path.join(out, t) for t in cfg.trackers() if t in ("tensorboard", "wandb")]
     return files
+
+
+def _as_given(path: str, out: str) -> str:
+    """A path under `out` as the user gave `out` (relative stays relative), though orbax's
+    checkpoint paths are absolute; a path elsewhere as it is."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
+    return path if rel.startswith("..") else os.path.join(out, rel)
 
 
 def _opt_skeleton(optimizer: Any, skeleton: Any) -> Any:

@@ -24,12 +24,10 @@ processes wrote it, and each process reads only the chunks its devices need.
 """
 
 import contextlib
-import json
 import os
 import re
-import sys
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -41,9 +39,12 @@ from .checkpoint import CheckpointError, _check_meta, check_manifest
 from .leaf_checksums import (
     CHECKSUM,
     check_checksum_record,
+    check_meta_digest,
     leaf_checksums,
     verify_leaves,
+    with_meta_digest,
 )
+from .newest_intact import read_newest, warn as _warn
 from .orbax_faults import (
     drop_failed_reads,
     first_line,
@@ -248,6 +249,13 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
         )
     _check_meta(meta, where)
     check_checksum_record(meta, where)
+    check_meta_digest(meta, os.fspath(path), f"{META_ITEM}/metadata")
+    named = _STEP_DIR.match(os.path.basename(os.path.normpath(os.fspath(path))))
+    if named and int(named.group(1)) != meta["step"]:
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r} is damaged: {META_ITEM}/metadata records step "
+            f"{meta['step']}, not the directory's {int(named.group(1))}"
+        )
     return meta
 
 
@@ -339,57 +347,6 @@ def restore_checkpoint(
 
 # the newest checkpoint that reads
 
-_T = TypeVar("_T")
-
-
-_MAX_TRIES = 32  # checkpoints tried by `read_newest` (new ones may appear while a run is live)
-
-
-def _warn(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
-
-
-def read_newest(
-    listing: Callable[[], list[str]],
-    read: Callable[[str], _T],
-    *,
-    where: str,
-    first: str | None = None,
-    warn: Callable[[str], None] = _warn,
-) -> tuple[_T, str, list[str]]:
-    """``read`` the newest checkpoint that reads (``first``, where given, else the newest of
-    ``listing()``, paths oldest first); returns ``(result, path, damaged paths)``.
-
-    A checkpoint that fails with a `CheckpointError` (or a vanished file) while still listed is
-    damaged: ``warn`` names it and the next older one is tried. One no longer listed was pruned
-    (by a live run keeping its newest N) between listing and reading: the listing is read again,
-    without a warning. Where none reads, one `CheckpointError` line names the newest damaged
-    checkpoint and why."""
-    tried: set[str] = set()
-    damaged: list[str] = []
-    error: Exception | None = None
-    for _ in range(_MAX_TRIES):
-        if first is not None and first not in tried:
-            path = first
-        else:
-            fresh = [p for p in listing() if p not in tried]
-            if not fresh:
-                break
-            path = fresh[-1]
-        tried.add(path)
-        try:
-            return read(path), path, damaged
-        except (CheckpointError, FileNotFoundError) as e:
-            if path not in listing():
-                continue
-            warn(f"warning: {first_line(e)}; trying the next older checkpoint")
-            damaged.append(path)
-            error = error or e
-    if error is None:
-        raise FileNotFoundError(f"no checkpoint found in {where!r}")
-    raise CheckpointError(f"no intact checkpoint in {where!r}: {first_line(error)}")
-
 
 def restore_newest_intact(
     path: str | os.PathLike,
@@ -402,8 +359,14 @@ def restore_newest_intact(
     before it in its directory (see `read_newest`): ``(trees, metadata, path read, damaged)``."""
     spath = os.fspath(_epath(path))  # as `list_checkpoints` names it
     root = os.path.dirname(spath)
+    named = _STEP_DIR.match(os.path.basename(spath))
+    last = int(named.group(1)) if named else None  # never a newer one than `path`
+
+    def listing() -> list[str]:
+        return [p for s, p in list_checkpoints(root) if last is None or s <= last]
+
     (trees, meta), used, damaged = read_newest(
-        lambda: [p for _, p in list_checkpoints(root)],
+        listing,
         lambda p: restore_checkpoint(p, templates, shardings),
         where=root,
         first=spath,
@@ -487,7 +450,7 @@ class CheckpointStore:
             "metadata": dict(metadata or {}),
         }
         try:
-            json.dumps(meta, allow_nan=False)
+            meta = with_meta_digest(meta)
         except (TypeError, ValueError) as e:
             raise ValueError(f"checkpoint metadata is not plain JSON: {e}") from None
         items[META_ITEM] = ocp.args.JsonSave(meta)

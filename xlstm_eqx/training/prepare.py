@@ -18,12 +18,8 @@ from ..models import MODEL_FAMILIES
 from .checkpoint import CheckpointError
 from .config import RESUMABLE_FIELDS, TrainConfig, check_sequence_length, resolve_model_config
 from .extend import resume_point
-from .orbax_checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
-    load_metadata,
-    refuse_npz_checkpoints,
-)
+from .newest_intact import read_newest
+from .orbax_checkpoint import list_checkpoints, load_metadata, refuse_npz_checkpoints
 from .preflight import check_mesh, check_out_dir, check_resume_steps
 from .trackers import check_trackers_available
 
@@ -41,6 +37,7 @@ class _Prepared:
     resume_from: str | None
     resume_meta: dict[str, Any] | None
     data_paths: tuple[str, ...] = ()  # `--data` made absolute when the run began
+    damaged: tuple[str, ...] = ()  # newer checkpoints skipped on --resume (unreadable metadata)
 
 
 def _compatible(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
@@ -66,12 +63,18 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
     ckpt_root = os.path.join(out, "checkpoints")
     resume_from = resume_meta = None
     saved_run: dict[str, Any] | None = None
+    damaged: list[str] = []
     refuse_npz_checkpoints(ckpt_root)
     if cfg.resume:
-        resume_from = latest_checkpoint(ckpt_root)
-        if resume_from is None:
+        if not list_checkpoints(ckpt_root):
             raise FileNotFoundError(f"--resume: no checkpoint found in {ckpt_root!r}")
-        resume_meta = load_metadata(resume_from)
+        # A newest checkpoint whose metadata is damaged (or an empty step directory) is skipped
+        # with a warning, as its arrays are later (`restore_newest_intact`).
+        resume_meta, resume_from, damaged = read_newest(
+            lambda: [path for _, path in list_checkpoints(ckpt_root)],
+            load_metadata,
+            where=ckpt_root,
+        )
         saved_run = resume_meta.get("metadata", {}).get("run_config")
         if not isinstance(saved_run, dict) or "train" not in saved_run:
             raise CheckpointError(f"checkpoint {resume_from!r} has no run configuration")
@@ -146,6 +149,7 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
         resume_from,
         resume_meta,
         tuple(paths),
+        tuple(damaged),
     )
 
 
