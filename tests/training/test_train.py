@@ -31,6 +31,7 @@ from xlstm_eqx.training import (
     train,
     trainable_params,
 )
+from xlstm_eqx.training.leaf_checksums import with_meta_digest
 
 
 # --- a throwaway causal LM: fast to compile, same protocol as the real models -----------------
@@ -208,8 +209,8 @@ def test_resume_into_a_mismatched_model(tmp_path, data_file):
     with open(meta_path) as f:
         meta = json.load(f)
     meta["metadata"]["run_config"]["model_config"]["embedding_dim"] = 8
-    with open(meta_path, "w") as f:
-        json.dump(meta, f)
+    with open(meta_path, "w") as f:  # sealed again: a whole checkpoint of another model, not damage
+        json.dump(with_meta_digest(meta), f)
     before = _snapshot(cfg.out)
     with pytest.raises(
         CheckpointError, match=r"model\.embedding: checkpoint has float32\[256, 16\]"
