@@ -217,18 +217,22 @@ def evaluate_run(
         tcfg = TrainConfig()
         if isinstance(ctx, int) and ctx > 0:
             tcfg = dataclasses.replace(tcfg, seq_len=min(tcfg.seq_len, ctx))
-        return _evaluate_on(model, step, tok, sources, tcfg, batch_size, max_batches, vocab)
-    tcfg = TrainConfig.from_dict(run["train"])
+    else:
+        tcfg = TrainConfig.from_dict(run["train"])
+    bs = batch_size or tcfg.batch_size
+    nb = max_batches or tcfg.eval_batches
     if not own and sources is None:
         raise ValueError(
             f"--tokenizer {tokenizer!r} is not the tokenizer run {out_dir!r} was trained with: "
             "its held-out split cannot be scored with it; pass the "
             "run's tokenizer.json (or a copy of it), or --data FILE"
         )
-    if not own:
-        return _evaluate_on(model, step, tok, sources, tcfg, batch_size, max_batches, vocab)
-    bs = batch_size or tcfg.batch_size
-    nb = max_batches or tcfg.eval_batches
+    if sources is not None and (not own or not isinstance(run.get("train"), dict)):
+        # No unigram baseline: no training text to count (a converted model), or not in the
+        # tokens of this tokenizer.
+        eod = getattr(tok, "eod_id", None)  # the tokenizer's own, if it has one
+        tokens, tokens_per_byte = _scoring_data(sources, tok, eod, tcfg, bs * nb, vocab)
+        return _score(model, step, tokens, tokens_per_byte, tcfg.seq_len, bs, nb, None)
     record = run.get("data") or {}
     # Runs made before the absolute paths were recorded: as typed, from this directory.
     cache = tcfg.data_cache or None
@@ -248,63 +252,55 @@ def evaluate_run(
         where=f"run {out_dir!r}",
     )
     if sources:
-        tokens, nbytes = _data_prefix(
-            sources, tok, corpus.eod_id, tcfg.text_field, nb * bs * tcfg.seq_len + 1
-        )
-        tokens_per_byte = len(tokens) / max(1, nbytes)
-        check_token_ids(tokens, vocab, what="evaluation data")
+        tokens, tokens_per_byte = _scoring_data(sources, tok, corpus.eod_id, tcfg, bs * nb, vocab)
         target_counts = np.bincount(tokens, minlength=vocab)
     else:
         tokens, tokens_per_byte = corpus.heldout_reader, corpus.heldout_tokens_per_byte
         target_counts = corpus.heldout_counts
-    batches = eval_windows(tokens, seq_len=tcfg.seq_len, batch_size=bs, max_batches=nb)
-    loss = evaluate_loss(model, batches)
     unigram = unigram_bits_per_byte_from_counts(
         corpus.train_counts, target_counts, vocab, tokens_per_byte
     )
-    num_tokens = sum(b[:, 1:].size for b in batches)
+    return _score(model, step, tokens, tokens_per_byte, tcfg.seq_len, bs, nb, unigram)
+
+
+def _scoring_data(
+    sources: Sequence[Source],
+    tokenizer: Tokenizer,
+    eod: int | None,
+    tcfg: TrainConfig,
+    windows: int,
+    vocab: int,
+) -> tuple[np.ndarray, float]:
+    """The tokens of the start of `sources` that `windows` windows score, and their tokens per
+    UTF-8 byte; ids outside the model's vocabulary are an error."""
+    tokens, nbytes = _data_prefix(
+        sources, tokenizer, eod, tcfg.text_field, windows * tcfg.seq_len + 1
+    )
+    check_token_ids(tokens, vocab, what="evaluation data")
+    return tokens, len(tokens) / max(1, nbytes)
+
+
+def _score(
+    model: Any,
+    step: int,
+    tokens: Any,
+    tokens_per_byte: float,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int,
+    unigram: float | None,
+) -> EvalResult:
+    """Loss and bits per byte of `model` on up to `max_batches` batches of windows of `tokens`."""
+    batches = eval_windows(tokens, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+    loss = evaluate_loss(model, batches)
     return EvalResult(
         step=step,
         eval_loss=loss,
         bits_per_byte=bits_per_byte(loss, tokens_per_byte),
         unigram_bits_per_byte=unigram,
-        num_tokens=int(num_tokens),
-        available_tokens=int(len(tokens)),
-        num_batches=len(batches),
-        batch_size=int(batches[0].shape[0]),
-        seq_len=int(tcfg.seq_len),
-    )
-
-
-def _evaluate_on(
-    model: Any,
-    step: int,
-    tokenizer: Tokenizer,
-    sources: Sequence[Source],
-    tcfg: TrainConfig,
-    batch_size: int | None,
-    max_batches: int | None,
-    vocab: int,
-) -> EvalResult:
-    """Loss and bits per byte on the start of `sources` alone (no unigram baseline: no training
-    text to count): a converted model, or a tokenizer other than the run's."""
-    bs = batch_size or tcfg.batch_size
-    nb = max_batches or tcfg.eval_batches
-    eod = getattr(tokenizer, "eod_id", None)  # the tokenizer's own, if it has one
-    tokens, nbytes = _data_prefix(
-        sources, tokenizer, eod, tcfg.text_field, nb * bs * tcfg.seq_len + 1
-    )
-    check_token_ids(tokens, vocab, what="evaluation data")
-    batches = eval_windows(tokens, seq_len=tcfg.seq_len, batch_size=bs, max_batches=nb)
-    loss = evaluate_loss(model, batches)
-    return EvalResult(
-        step=step,
-        eval_loss=loss,
-        bits_per_byte=bits_per_byte(loss, len(tokens) / max(1, nbytes)),
-        unigram_bits_per_byte=None,
         num_tokens=int(sum(b[:, 1:].size for b in batches)),
         available_tokens=int(len(tokens)),
         num_batches=len(batches),
         batch_size=int(batches[0].shape[0]),
-        seq_len=int(tcfg.seq_len),
+        seq_len=int(seq_len),
     )
