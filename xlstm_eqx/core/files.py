@@ -50,7 +50,7 @@ def read_mapping_file(path: str, what: str) -> dict[str, Any]:
 
 # Run files are never written through a symbolic link: a link planted in a run directory (or at
 # a predictable temporary name) would otherwise make the run overwrite the link's target.
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def refuse_symlink(path: str) -> None:
@@ -63,7 +63,7 @@ def refuse_symlink(path: str) -> None:
 
 def _open_fd(path: str, flags: int) -> int:
     try:
-        return os.open(path, flags | _NOFOLLOW, 0o644)
+        return os.open(path, flags | NOFOLLOW, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link
             refuse_symlink(path)
@@ -91,7 +91,7 @@ def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
             folder, f"{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         )
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
             break
         except FileExistsError:
             continue

@@ -49,12 +49,12 @@ from .store_integrity import (
     StoreDamagedError,
     _BlockHashes,
     _changed_source,
-    _damaged,
     _discard,
     _file_contents,
     _tmp_prefix,
     _verify_token_file,
     clean_stale_temporaries,
+    sha256_file,
     warn,
 )
 from .token_file import TokenFile as TokenFile
@@ -85,20 +85,12 @@ def default_cache_dir() -> str:
     return os.path.join(base, "xlstm_eqx", "token_stores")
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> dict[str, Any]:
     """What identifies a tokenizer's output: its description, and its file's hash if it has one."""
     d = dict(tokenizer.to_dict())
     path = d.get("path")
     if "sha256" not in d and isinstance(path, str) and os.path.isfile(path):
-        d["sha256"] = _sha256_file(path)
+        d["sha256"] = sha256_file(path)
     return d
 
 
@@ -361,19 +353,19 @@ def _install(tmp: str, directory: str) -> None:
         except OSError:
             if not os.path.lexists(directory):
                 raise
-        if _problem(directory) is None:
+        if _intact(directory):
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same store
             return
         _discard(directory)
     os.rename(tmp, directory)
 
 
-def _problem(directory: str) -> str | None:
+def _intact(directory: str) -> bool:
     try:
         open_store(directory)
-    except StoreDamagedError as e:
-        return str(e)
-    return None
+    except StoreDamagedError:
+        return False
+    return True
 
 
 def _is_byte_level(tokenizer: Tokenizer) -> bool:
@@ -417,11 +409,13 @@ def open_store(directory: str) -> TokenStore:
             index = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         what = "no index.json" if isinstance(e, FileNotFoundError) else f"index.json: {e}"
-        raise _damaged(directory, what) from None
+        raise StoreDamagedError(directory, what) from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise _damaged(directory, "index.json is not a token store index")
+        raise StoreDamagedError(directory, "index.json is not a token store index")
     if index.get("version") != VERSION:
-        raise _damaged(directory, f"format version {index.get('version')!r}, not {VERSION}")
+        raise StoreDamagedError(
+            directory, f"format version {index.get('version')!r}, not {VERSION}"
+        )
     try:
         dtype = np.dtype(index["dtype"])
         for name, record in index["token_files"].items():
@@ -432,7 +426,9 @@ def open_store(directory: str) -> TokenStore:
             file = os.path.join(directory, part["file"])
             end = (part["offset"] + part["tokens"]) * dtype.itemsize
             if end > index["token_files"][part["file"]]["size"]:
-                raise _damaged(directory, f"{name} tokens run past the end of {part['file']}")
+                raise StoreDamagedError(
+                    directory, f"{name} tokens run past the end of {part['file']}"
+                )
             if part["tokens"] == 0:
                 maps[name] = np.zeros(0, dtype)
                 continue
@@ -442,7 +438,7 @@ def open_store(directory: str) -> TokenStore:
     except StoreDamagedError:
         raise
     except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
-        raise _damaged(directory, f"{type(e).__name__}: {e}") from None
+        raise StoreDamagedError(directory, f"{type(e).__name__}: {e}") from None
     return TokenStore(directory, index, maps["train"], maps["heldout"], train_counts, held_counts)
 
 

@@ -30,7 +30,8 @@ class StoreDamagedError(ValueError):
         self.what = what
 
 
-def _sha256_source_file(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """The sha256 of a regular file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -46,7 +47,7 @@ def _file_contents(sources: Sequence[Source]) -> list[list[Any]]:
     for s in sources:
         for f in s.files():
             st = os.stat(f)
-            out.append([os.path.abspath(f), st.st_ino, st.st_ctime_ns, _sha256_source_file(f)])
+            out.append([os.path.abspath(f), st.st_ino, st.st_ctime_ns, sha256_file(f)])
     return out
 
 
@@ -57,7 +58,7 @@ def _changed_source(recorded: list[list[Any]], sources: Sequence[Source]) -> str
         return now[0][1] if now else "the file list"
     for (_, f), (_, ino, ctime, sha) in zip(now, recorded, strict=True):
         st = os.stat(f)
-        if (st.st_ino, st.st_ctime_ns) != (ino, ctime) and _sha256_source_file(f) != sha:
+        if (st.st_ino, st.st_ctime_ns) != (ino, ctime) and sha256_file(f) != sha:
             return f
     return None
 
@@ -86,10 +87,14 @@ class _BlockHashes:
         return {"size": self.size, "block": _BLOCK, "sha256": self.digests + tail}
 
 
+def _host() -> str:
+    """This host's name as a temporary folder's name holds it (no `-`, the field separator)."""
+    return socket.gethostname().replace("-", "_") or "host"
+
+
 def _tmp_prefix(directory: str) -> str:
     """`<key>.tmp-<host>-<pid>-`: whose temporary folder it is, for `clean_stale_temporaries`."""
-    host = socket.gethostname().replace("-", "_") or "host"
-    return f"{os.path.basename(directory)}.tmp-{host}-{os.getpid()}-"
+    return f"{os.path.basename(directory)}.tmp-{_host()}-{os.getpid()}-"
 
 
 def clean_stale_temporaries(cache: str) -> list[str]:
@@ -99,7 +104,7 @@ def clean_stale_temporaries(cache: str) -> list[str]:
         names = os.listdir(cache)
     except OSError:
         return []
-    host = socket.gethostname().replace("-", "_") or "host"
+    host = _host()
     removed = []
     for name in names:
         if ".tmp-" not in name:
@@ -136,10 +141,6 @@ def _discard(directory: str) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _damaged(directory: str, what: str) -> StoreDamagedError:
-    return StoreDamagedError(directory, what)
-
-
 def _verify_token_file(directory: str, name: str, record: dict[str, Any]) -> None:
     """The file's size, and the sha256 of its blocks: all of them up to `_VERIFY_BLOCKS`, else
     that many spread evenly from the first to the last (each open reads at most 256 MiB)."""
@@ -147,9 +148,11 @@ def _verify_token_file(directory: str, name: str, record: dict[str, Any]) -> Non
     try:
         size = os.stat(path).st_size
     except OSError as e:
-        raise _damaged(directory, f"{name}: {e.strerror}") from None
+        raise StoreDamagedError(directory, f"{name}: {e.strerror}") from None
     if size != record["size"]:
-        raise _damaged(directory, f"{name} holds {size} bytes, its index says {record['size']}")
+        raise StoreDamagedError(
+            directory, f"{name} holds {size} bytes, its index says {record['size']}"
+        )
     digests = record["sha256"]
     block = int(record["block"])
     n = len(digests)
@@ -158,7 +161,7 @@ def _verify_token_file(directory: str, name: str, record: dict[str, Any]) -> Non
         for i in sorted({int(i) for i in picks}):
             f.seek(i * block)
             if hashlib.sha256(f.read(block)).hexdigest() != digests[i]:
-                raise _damaged(
+                raise StoreDamagedError(
                     directory, f"{name}: bytes {i * block}..{min(size, (i + 1) * block)} changed"
                 )
 

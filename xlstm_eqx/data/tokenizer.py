@@ -144,9 +144,13 @@ class HFTokenizer:
         return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
+# What names the byte tokenizer where a tokenizer is given as text (`--tokenizer`, convert).
+BYTES_SPECS = ("bytes", "byte")
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
     """`"bytes"` (the default) or the path of a local `tokenizer.json`."""
-    if spec in ("bytes", "byte", ""):
+    if spec in BYTES_SPECS or spec == "":
         return ByteTokenizer()
     return HFTokenizer(spec)
 

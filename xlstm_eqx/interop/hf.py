@@ -59,6 +59,7 @@ from jax.sharding import Mesh
 
 from ..core.files import copy_file_atomic, write_atomic
 from ..core.parallel_config import ParallelConfig
+from ..data.tokenizer import BYTES_SPECS
 from ..xlstm.config import xLSTMLMModelConfig
 from ..xlstm.model import xLSTMLMModel
 from .common import (
@@ -434,7 +435,7 @@ def _write_text(path: str, text: str) -> None:
 def _export_tokenizer(tokenizer: str, path: str) -> None:
     """Record `tokenizer` ("bytes" or a tokenizer.json file) in the export `path`; a tokenizer
     file of the other kind left by an earlier export is removed."""
-    if tokenizer in ("bytes", "byte"):
+    if tokenizer in BYTES_SPECS:
         _write_text(os.path.join(path, TOKENIZER_MARKER), json.dumps({"kind": "bytes"}) + "\n")
         stale = TOKENIZER_FILES
     else:

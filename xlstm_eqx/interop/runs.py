@@ -12,7 +12,7 @@ import shutil
 from typing import Any
 
 from ..core.files import copy_file_atomic, write_atomic
-from ..data.tokenizer import load_tokenizer
+from ..data.tokenizer import BYTES_SPECS, load_tokenizer
 from ..llama.config import LlamaConfig
 from ..models import MODEL_FAMILIES, ModelConfig, family_of
 from ..training.evaluate import load_run
@@ -74,7 +74,7 @@ def save_eqx(
     if os.path.isdir(os.path.join(ckpt_root, "step_00000000")):  # converting again: replace it
         shutil.rmtree(os.path.join(ckpt_root, "step_00000000"))
     run: dict[str, Any] = {"model_kind": _kind_of(config), "model_config": config.to_dict()}
-    if tokenizer_file in ("bytes", "byte"):
+    if tokenizer_file in BYTES_SPECS:
         run["tokenizer"] = {"kind": "bytes"}
     elif tokenizer_file is not None:
         dst = os.path.join(out, "tokenizer.json")

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ..core.files import open_read_binary
+from ..core.files import NOFOLLOW, open_read_binary
 
 
 __all__ = ["LOCK_NAME", "RunLockSymlinkError", "RunLockedError", "hold_run_lock"]
@@ -91,7 +91,7 @@ def _symlink_error(out: str, path: str) -> RunLockSymlinkError:
 def _open_lock_file(out: str, path: str, flags: int) -> int:
     """The lock file opened with O_NOFOLLOW: a link there is refused, its target left alone."""
     try:
-        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        return os.open(path, flags | NOFOLLOW, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP or (e.errno == errno.EEXIST and os.path.islink(path)):
             raise _symlink_error(out, path) from None
