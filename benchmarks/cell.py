@@ -23,7 +23,7 @@ import numpy as np
 
 import xlstm_eqx as X
 from xlstm_eqx.core import median_seconds
-from xlstm_eqx.core.timing import _peak_bytes
+from xlstm_eqx.core.timing import peak_bytes
 
 
 def _ours(chunk_size: int) -> dict[str, Callable]:
@@ -117,7 +117,7 @@ def run(
                 start = time.perf_counter()
                 compiled = _compile(fn, backward, args)
                 row["compile_s"] = time.perf_counter() - start
-                peak = _peak_bytes(compiled)
+                peak = peak_bytes(compiled)
                 row["peak_mb"] = None if peak is None else peak / 2**20
                 if peak is not None and peak > budget_gb * 2**30:
                     row["ms"] = None

@@ -275,7 +275,7 @@ def test_atomic_writes_never_follow_a_planted_link(tmp_path):
     a failed write leaves no temporary file."""
     import numpy as np
 
-    from xlstm_eqx.core.files import _write_json_atomic
+    from xlstm_eqx.core.files import write_json_atomic
     from xlstm_eqx.interop.safetensors_files import save_file
 
     victim = tmp_path / "victim.txt"
@@ -284,13 +284,13 @@ def test_atomic_writes_never_follow_a_planted_link(tmp_path):
     tensors = tmp_path / "model.safetensors"
     for planted in (summary, tensors, f"{summary}.tmp-{os.getpid()}", f"{tensors}.tmp"):
         os.symlink(victim, planted)
-    _write_json_atomic(str(summary), {"step": 1})
+    write_json_atomic(str(summary), {"step": 1})
     save_file([("w", np.ones(3, np.float32))], str(tensors))
     assert victim.read_text() == "precious\n"
     assert json.loads(summary.read_text()) == {"step": 1} and not summary.is_symlink()
     assert not tensors.is_symlink() and tensors.stat().st_size > 12
     with pytest.raises(ValueError, match="summary.json"):
-        _write_json_atomic(str(summary), {"lr": float("inf")})
+        write_json_atomic(str(summary), {"lr": float("inf")})
     assert json.loads(summary.read_text()) == {"step": 1}
     assert (
         sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name and not p.is_symlink()) == []

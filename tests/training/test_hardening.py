@@ -301,7 +301,7 @@ def test_disk_full_or_read_only_is_one_line(tmp_path, data_file, capsys, monkeyp
     def fail(path, obj):
         raise OSError(err, os.strerror(err), path)
 
-    monkeypatch.setattr(loop, "_write_json_atomic", fail)
+    monkeypatch.setattr(loop, "write_json_atomic", fail)
     assert main(["train", *_cli_fast(tmp_path, data_file)]) == 2
     line = _one_error_line(capsys)
     assert os.strerror(err) in line and "config.json" in line

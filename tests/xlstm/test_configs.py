@@ -39,9 +39,9 @@ from xlstm_eqx.core.config import (
     POSITIVE_OR_UNSET,
     RATE,
     ActFn,
+    Config,
     DType,
-    _Config,
-    _config,
+    configclass,
     field,
 )
 from xlstm_eqx.llama import LlamaConfig
@@ -649,7 +649,7 @@ PACKAGE_DIR = pathlib.Path(xlstm_eqx.__file__).parent
 
 
 def _package_config_classes():
-    todo, out = [_Config], []
+    todo, out = [Config], []
     while todo:
         for sub in todo.pop().__subclasses__():
             todo.append(sub)
@@ -662,8 +662,8 @@ def test_every_config_class_is_covered():
     assert set(_package_config_classes()) == set(CONFIG_CLASSES)
 
 
-@_config
-class _Kinds(_Config):
+@configclass
+class _Kinds(Config):
     """One field of each annotation kind the checker knows."""
 
     choice: Literal["a", "b"] = "a"
@@ -967,7 +967,7 @@ def _is_config_hint(hint):
     alts = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
     alts = [a for a in alts if a is not type(None)]
     return bool(alts) and all(
-        a is ModelConfig or (isinstance(a, type) and issubclass(a, _Config)) for a in alts
+        a is ModelConfig or (isinstance(a, type) and issubclass(a, Config)) for a in alts
     )
 
 
@@ -987,7 +987,7 @@ def test_no_public_constructor_or_function_takes_an_untyped_config():
         for name, obj in vars(module).items():
             if name.startswith("_"):
                 continue
-            if inspect.isclass(obj) and not issubclass(obj, _Config) and "__init__" in vars(obj):
+            if inspect.isclass(obj) and not issubclass(obj, Config) and "__init__" in vars(obj):
                 fn = obj.__init__
             elif inspect.isfunction(obj):
                 fn = obj

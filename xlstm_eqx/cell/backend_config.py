@@ -3,7 +3,15 @@ arguments; the reference's backend names are mapped onto this package's (docs/ar
 
 from typing import Any, Literal
 
-from ..core.config import NON_NEGATIVE, POSITIVE, _check_value, _Config, _config, _fail, field
+from ..core.config import (
+    NON_NEGATIVE,
+    POSITIVE,
+    Config,
+    check_value,
+    configclass,
+    fail_field,
+    field,
+)
 
 
 BackendName = Literal["parallel_stabilized", "chunkwise", "chunkwise_pallas", "auto", "recurrent"]
@@ -88,8 +96,8 @@ _DROPPED_KWARGS: dict[str, tuple[str, ...]] = {
 # mLSTM backend (docs/architecture.md, "Backends")
 
 
-@_config
-class mLSTMBackendNameAndKwargs(_Config):
+@configclass
+class mLSTMBackendNameAndKwargs(Config):
     """mLSTM backend name and its keyword arguments (passed to the cell function).
 
     The reference's names are accepted and mapped at construction (`name` documents how); the
@@ -138,7 +146,7 @@ class mLSTMBackendNameAndKwargs(_Config):
         if self.name in _REFERENCE_BACKENDS:  # _derive left it unmapped: unknown kwargs
             _, _, kept, dropped = _REFERENCE_BACKENDS[self.name]
             unknown = sorted(set(kwargs) - set(kept) - set(dropped))
-            _fail(
+            fail_field(
                 root,
                 prefix + "kwargs",
                 f"unknown keys {unknown} for backend {self.name!r}; allowed: {kept + dropped}",
@@ -146,11 +154,11 @@ class mLSTMBackendNameAndKwargs(_Config):
         allowed = MLSTM_BACKENDS[self.name]
         unknown = sorted(set(kwargs) - set(allowed))
         if unknown:
-            _fail(
+            fail_field(
                 root,
                 prefix + "kwargs",
                 f"unknown keys {unknown} for backend {self.name!r}; allowed: {allowed}",
             )
         for key, value in kwargs.items():
             tp, check = _KWARG_TYPES[key]
-            _check_value(root, prefix + "kwargs." + key, value, tp, check)
+            check_value(root, prefix + "kwargs." + key, value, tp, check)

@@ -27,7 +27,7 @@ from typing import Any
 import jax.numpy as jnp
 import jax.random as jr
 
-from ..core.files import _write_json_atomic
+from ..core.files import write_json_atomic
 from ..data.tokenizer import load_tokenizer
 from ..generation import generate
 from ..interop.common import InteropError
@@ -149,7 +149,7 @@ def run_convert(args: argparse.Namespace) -> int:
         if not out.endswith(".safetensors"):
             os.makedirs(out, exist_ok=True)
             run = {"model_kind": _kind_of(config), "model_config": config.to_dict()}
-            _write_json_atomic(os.path.join(out, "config.json"), run)
+            write_json_atomic(os.path.join(out, "config.json"), run)
             out = os.path.join(out, "params.safetensors")
         save_xlstm_jax_params(to_xlstm_jax(model), out)
     what = args.path if step is None else f"{args.path} (step {step})"

@@ -1,9 +1,9 @@
 """The config base: typed dataclass fields, validated against their annotations; dict/JSON/YAML
 round trip; hashing.
 
-A config class is a `_Config` subclass decorated with `@_config` (`@_config_kw` for keyword-only
+A config class is a `Config` subclass decorated with `@configclass` (`@configclass_kw` for keyword-only
 fields). Its field annotations say what each field accepts, and one checker validates every field
-against its annotation (`_spec` builds it once per field, `_check_value` runs it):
+against its annotation (`_spec` builds it once per field, `check_value` runs it):
 
 - `Literal[...]`: one of the listed values (of the same type: `True` is not `1`);
 - `int`: an int, not a bool; `float`: a finite int or float, not a bool; `bool`; `str`; `None`;
@@ -91,12 +91,12 @@ def field(
 # The checker
 
 
-def _fail(root: str, path: str, message: str, value: Any = dataclasses.MISSING) -> None:
+def fail_field(root: str, path: str, message: str, value: Any = dataclasses.MISSING) -> None:
     got = "" if value is dataclasses.MISSING else f", got {value!r}"
     raise ValueError(f"{root}: invalid field '{path}': {message}{got}")
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -162,7 +162,7 @@ def _coerce(value: Any, tp: Any) -> Any:
     `float` becomes a float, a list for a `tuple[...]` a tuple, a tuple for a `list[...]` a list
     (element-wise). Anything else is returned as is (for the checker to report)."""
     alts = get_args(tp) if _is_union(tp) else (tp,)
-    if _is_int(value):
+    if is_int(value):
         return float(value) if float in alts and int not in alts else value
     if not isinstance(value, (list, tuple)):
         return value
@@ -261,18 +261,18 @@ def _describe(tp: Any, check: Check | None = None) -> str:
 
 
 class _FieldSpec(NamedTuple):
-    """A config field as the checker needs it (built once per class by `@_config`)."""
+    """A config field as the checker needs it (built once per class by `@configclass`)."""
 
     tp: Any  # the annotation
     ok: Callable[[Any], bool]  # of type `tp` and passes the field's check
     message: str  # what the value must be, for the error
-    config_cls: "type[_Config] | None"  # the config class named in `tp`, for `from_dict`
+    config_cls: "type[Config] | None"  # the config class named in `tp`, for `from_dict`
     coerce: bool  # whether `_coerce` may change a value of this field
 
 
-def _check_value(root: str, path: str, value: Any, tp: Any, check: Check | None = None) -> None:
+def check_value(root: str, path: str, value: Any, tp: Any, check: Check | None = None) -> None:
     """The field check: `value` must be of annotation `tp` and pass `check` (when not None); a
-    config instance is then validated field by field under `path`. (`_Config` runs the same
+    config instance is then validated field by field under `path`. (`Config` runs the same
     check from each field's `_FieldSpec`, built once per class.)"""
     _check_spec(root, path, value, _spec(tp, check))
 
@@ -292,8 +292,8 @@ def _walk(tp: Any) -> list[Any]:
 
 def _check_spec(root: str, path: str, value: Any, spec: _FieldSpec) -> None:
     if not spec.ok(value):
-        _fail(root, path, spec.message, value)
-    if isinstance(value, _Config):
+        fail_field(root, path, spec.message, value)
+    if isinstance(value, Config):
         value._validate(root, path + ".")
 
 
@@ -302,7 +302,7 @@ def _check_spec(root: str, path: str, value: Any, spec: _FieldSpec) -> None:
 
 def _freeze(obj: Any) -> Any:
     """A hashable image of a config value (lists -> tuples, dicts -> sorted item tuples)."""
-    if isinstance(obj, _Config):
+    if isinstance(obj, Config):
         return (type(obj).__name__,) + tuple(
             (f.name, _freeze(getattr(obj, f.name))) for f in dataclasses.fields(obj)
         )
@@ -314,7 +314,7 @@ def _freeze(obj: Any) -> Any:
 
 
 def _to_jsonable(obj: Any) -> Any:
-    if isinstance(obj, _Config):
+    if isinstance(obj, Config):
         return obj.to_dict()
     if isinstance(obj, dict):
         return {str(k): _to_jsonable(v) for k, v in obj.items()}
@@ -323,7 +323,7 @@ def _to_jsonable(obj: Any) -> Any:
     return obj
 
 
-_C = TypeVar("_C", bound="_Config")
+_C = TypeVar("_C", bound="Config")
 
 
 class _ConfigMeta(type):
@@ -332,7 +332,7 @@ class _ConfigMeta(type):
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         specs: dict[str, _FieldSpec] | None = cls.__dict__.get("_specs")
-        if specs is None:  # not a `@_config` class
+        if specs is None:  # not a `@configclass` class
             return super().__call__(*args, **kwargs)
         bound = cls.__signature__.bind(*args, **kwargs)  # type: ignore[attr-defined]
         for name, value in bound.arguments.items():
@@ -343,7 +343,7 @@ class _ConfigMeta(type):
         return super().__call__(*bound.args, **bound.kwargs)
 
 
-class _Config(metaclass=_ConfigMeta):
+class Config(metaclass=_ConfigMeta):
     """Mixin: annotation-driven validation, dict round trip, hashing.
 
     `_derive()` computes derived fields and pushes values into children; `_validate(root,
@@ -365,8 +365,8 @@ class _Config(metaclass=_ConfigMeta):
         for name, spec in type(self)._specs.items():  # `_check_spec`, inlined: the hot loop
             value = getattr(self, name)
             if not spec.ok(value):
-                _fail(root, prefix + name, spec.message, value)
-            if isinstance(value, _Config):
+                fail_field(root, prefix + name, spec.message, value)
+            if isinstance(value, Config):
                 value._validate(root, prefix + name + ".")
         self._cross_check(root, prefix)
 
@@ -400,9 +400,9 @@ class _Config(metaclass=_ConfigMeta):
         return cls(**kwargs)
 
 
-def _config_class_in(tp: Any) -> type[_Config] | None:
+def _config_class_in(tp: Any) -> type[Config] | None:
     alts = get_args(tp) if _is_union(tp) else (tp,)
-    found = [a for a in alts if isinstance(a, type) and issubclass(a, _Config)]
+    found = [a for a in alts if isinstance(a, type) and issubclass(a, Config)]
     if len(found) > 1:
         raise TypeError(f"a config field may name one config class, not {tp!r}")
     return found[0] if found else None
@@ -410,7 +410,7 @@ def _config_class_in(tp: Any) -> type[_Config] | None:
 
 def _make_config(cls: type[_C], kw_only: bool) -> type[_C]:
     cls = dataclasses.dataclass(kw_only=kw_only)(cls)
-    cls.__hash__ = _Config.__hash__  # type: ignore[method-assign]  # eq dataclasses drop it
+    cls.__hash__ = Config.__hash__  # type: ignore[method-assign]  # eq dataclasses drop it
     hints = typing.get_type_hints(cls)
     cls._specs = {
         f.name: _spec(hints[f.name], f.metadata.get("check"))
@@ -423,23 +423,23 @@ def _make_config(cls: type[_C], kw_only: bool) -> type[_C]:
     return cls
 
 
-def _config(cls: type[_C]) -> type[_C]:
-    """`@dataclass` for a `_Config` subclass: keeps `_Config.__hash__` (an eq dataclass would set
+def configclass(cls: type[_C]) -> type[_C]:
+    """`@dataclass` for a `Config` subclass: keeps `Config.__hash__` (an eq dataclass would set
     it to None) and records each field's annotation and constraint for the checker."""
     return _make_config(cls, kw_only=False)
 
 
-def _config_kw(cls: type[_C]) -> type[_C]:
-    """`_config` with keyword-only fields."""
+def configclass_kw(cls: type[_C]) -> type[_C]:
+    """`configclass` with keyword-only fields."""
     return _make_config(cls, kw_only=True)
 
 
 # Helpers of the config classes
 
 
-def _check_divides(root: str, path: str, divisor: int, dim: int, dim_name: str) -> None:
+def check_field_divides(root: str, path: str, divisor: int, dim: int, dim_name: str) -> None:
     if dim % divisor != 0:
-        _fail(root, path, f"must divide {dim_name}={dim}", divisor)
+        fail_field(root, path, f"must divide {dim_name}={dim}", divisor)
 
 
 def _round_up_dim(factor: float | int, dim: int, multiple_of: int, round_up: bool) -> int:
@@ -449,7 +449,7 @@ def _round_up_dim(factor: float | int, dim: int, multiple_of: int, round_up: boo
     return int(multiplier * multiple_of)
 
 
-def _proj_up_dim_of(
+def proj_up_dim_of(
     embedding_dim: int, proj_factor: float, multiple_of: int, round_up: bool
 ) -> int | None:
     """The up-projection width of a layer or FFN by the rounding rule (docs/architecture.md, "From config to module"), or None while
@@ -459,8 +459,8 @@ def _proj_up_dim_of(
     return _round_up_dim(proj_factor, embedding_dim, multiple_of, round_up)
 
 
-def _derived_copy(
-    value: Any, cls: type[_C], parent: _Config, *, block_idx: bool = True, **fields: Any
+def derived_copy(
+    value: Any, cls: type[_C], parent: Config, *, block_idx: bool = True, **fields: Any
 ) -> Any:
     """A nested config as its parent's `_derive` needs it: a dict is parsed, a `cls` copied (so
     parents never share a child), the parent's `_num_blocks` (and `_block_idx` if `block_idx`)

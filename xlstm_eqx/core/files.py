@@ -116,7 +116,7 @@ def copy_file_atomic(src: str, dst: str) -> None:
     write_atomic(dst, lambda f: f.write(data))
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
+def write_json_atomic(path: str, obj: Any) -> None:
     """`obj` as indented JSON in `path`, atomically (`write_atomic`). A value JSON cannot hold
     (NaN, inf) is a ValueError naming the file, raised before anything is created."""
     try:

@@ -2,7 +2,7 @@
 
 from typing import ClassVar
 
-from .config import NON_EMPTY, NON_NEGATIVE, Check, DType, _Config, _config_kw, _fail, field
+from .config import NON_EMPTY, NON_NEGATIVE, Check, Config, DType, configclass_kw, fail_field, field
 
 
 AXIS_SIZE = Check(
@@ -13,8 +13,8 @@ AXIS_SIZE = Check(
 # ParallelConfig (docs/architecture.md, "Mesh and batch")
 
 
-@_config_kw
-class ParallelConfig(_Config):
+@configclass_kw
+class ParallelConfig(Config):
     """Mesh layout (dp, fsdp, pp, tp) and FSDP/remat choices."""
 
     data_axis_size: int = field(-1, check=AXIS_SIZE)
@@ -53,17 +53,21 @@ class ParallelConfig(_Config):
     def _cross_check(self, root: str, prefix: str) -> None:
         filled = [f"{a}_axis_size" for a in self._AXES if getattr(self, f"{a}_axis_size") == -1]
         if len(filled) > 1:
-            _fail(root, prefix + filled[1], f"at most one axis size may be -1, but {filled} are")
+            fail_field(
+                root, prefix + filled[1], f"at most one axis size may be -1, but {filled} are"
+            )
         names: list[str] = []
         for axis in self._AXES:
             name = f"{axis}_axis_name"
             value = getattr(self, name)
             if value in names:
-                _fail(root, prefix + name, f"must differ from the other axis names {names}", value)
+                fail_field(
+                    root, prefix + name, f"must differ from the other axis names {names}", value
+                )
             names.append(value)
 
 
-def _tp_size(parallel: ParallelConfig | None) -> int:
+def tp_size(parallel: ParallelConfig | None) -> int:
     """Tensor-parallel size known from the config (1 if unset or inferred with -1)."""
     if parallel is None or parallel.model_axis_size == -1:
         return 1

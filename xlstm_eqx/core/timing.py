@@ -26,7 +26,7 @@ def median_seconds(fn: Callable[[], Any], repeats: int, *, warmup: int = 0) -> f
     return statistics.median(times)
 
 
-def _peak_bytes(compiled: Any) -> int | None:
+def peak_bytes(compiled: Any) -> int | None:
     compiled = getattr(compiled, "compiled", compiled)  # eqx.filter_jit wraps jax's Compiled
     try:
         m = compiled.memory_analysis()

@@ -33,7 +33,7 @@ def to_dtype(dtype: Any) -> np.dtype:
         ) from e
 
 
-def _dtype_name(dtype: Any) -> str:
+def dtype_name(dtype: Any) -> str:
     return to_dtype(dtype).name
 
 

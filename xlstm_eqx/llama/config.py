@@ -9,11 +9,11 @@ from ..core.config import (
     POSITIVE,
     POSITIVE_OR_UNSET,
     RATE,
+    Config,
     DType,
-    _check_divides,
-    _Config,
-    _config,
-    _fail,
+    check_field_divides,
+    configclass,
+    fail_field,
     field,
 )
 from ..core.parallel_config import ParallelConfig
@@ -25,8 +25,8 @@ AttentionBackend = Literal["xla", "cudnn", "pallas_triton"]
 # Llama (docs/architecture.md, "Llama")
 
 
-@_config
-class LlamaConfig(_Config):
+@configclass
+class LlamaConfig(Config):
     """Llama baseline, one flat config (docs/architecture.md, "Llama"). `num_heads = embedding_dim // head_dim`;
     `ffn_hidden_dim` is the SwiGLU hidden size of docs/architecture.md, "Llama"."""
 
@@ -98,23 +98,25 @@ class LlamaConfig(_Config):
 
     def _cross_check(self, root: str, prefix: str) -> None:
         p = prefix
-        _check_divides(root, p + "head_dim", self.head_dim, self.embedding_dim, "embedding_dim")
+        check_field_divides(
+            root, p + "head_dim", self.head_dim, self.embedding_dim, "embedding_dim"
+        )
         if self.head_dim % 2 != 0:
-            _fail(
+            fail_field(
                 root,
                 p + "head_dim",
                 "must be even (RoPE rotates pairs of dimensions)",
                 self.head_dim,
             )
         if isinstance(self.parallel, ParallelConfig) and self.parallel.model_axis_size != 1:
-            _fail(
+            fail_field(
                 root,
                 p + "parallel.model_axis_size",
                 "must be 1: the Llama baseline has no tensor parallelism",
                 self.parallel.model_axis_size,
             )
         if self.ffn_hidden_dim <= 0:
-            _fail(
+            fail_field(
                 root,
                 p + "ffn_dim_multiplier",
                 "gives an empty FFN hidden dim",

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..core.utils import _dtype_name
+from ..core.utils import dtype_name
 
 
 # causal depthwise convolution (docs/architecture.md, "Building blocks")
@@ -49,7 +49,7 @@ class CausalConv1d(eqx.Module):
             raise ValueError(f"CausalConv1d channels must be positive, got {channels}")
         self.kernel_size = kernel_size
         self.channels = channels
-        self.dtype = _dtype_name(dtype)
+        self.dtype = dtype_name(dtype)
         if kernel_size == 0:
             self.kernel = None
             self.bias = None

@@ -9,21 +9,21 @@ from ..core.config import (
     POSITIVE_OR_UNSET,
     RATE,
     ActFn,
+    Config,
     DType,
     InitDistribution,
     OutputInitFn,
-    _check_divides,
-    _Config,
-    _config,
-    _fail,
-    _proj_up_dim_of,
+    check_field_divides,
+    configclass,
+    fail_field,
     field,
+    proj_up_dim_of,
 )
-from ..core.parallel_config import ParallelConfig, _tp_size
+from ..core.parallel_config import ParallelConfig, tp_size
 
 
-@_config
-class FeedForwardConfig(_Config):
+@configclass
+class FeedForwardConfig(Config):
     """Feed-forward sub-block (docs/architecture.md, "Building blocks"): F = `_proj_up_dim` = round-up of `proj_factor *
     embedding_dim`."""
 
@@ -57,7 +57,7 @@ class FeedForwardConfig(_Config):
     """Number of blocks of the stack (for the "wang" init); pushed by the stack."""
 
     def _derive(self) -> None:
-        self._proj_up_dim = _proj_up_dim_of(
+        self._proj_up_dim = proj_up_dim_of(
             self.embedding_dim,
             self.proj_factor,
             self.round_proj_up_to_multiple_of,
@@ -69,7 +69,7 @@ class FeedForwardConfig(_Config):
         if self.embedding_dim == -1:
             return
         if self._proj_up_dim is None or self._proj_up_dim <= 0:
-            _fail(
+            fail_field(
                 root,
                 p + "proj_factor",
                 f"proj_factor * embedding_dim rounded to a multiple of "
@@ -77,9 +77,11 @@ class FeedForwardConfig(_Config):
                 f"(embedding_dim={self.embedding_dim})",
                 self.proj_factor,
             )
-        tp = _tp_size(self.parallel)
+        tp = tp_size(self.parallel)
         if tp > 1:
-            _check_divides(root, p + "parallel.model_axis_size", tp, self._proj_up_dim, "FFN dim")
+            check_field_divides(
+                root, p + "parallel.model_axis_size", tp, self._proj_up_dim, "FFN dim"
+            )
 
     @property
     def _dtype(self) -> jnp.dtype:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ..core.utils import _dtype_name
+from ..core.utils import dtype_name
 from .functional import matmul_rows
 from .init import Initializer, init_array, small_init_std, small_initializer
 
@@ -52,7 +52,7 @@ class Dense(eqx.Module):
         self.bias = jnp.zeros((out_features,), jnp.float32) if use_bias else None
         self.in_features = in_features
         self.out_features = out_features
-        self.dtype = _dtype_name(dtype)
+        self.dtype = dtype_name(dtype)
 
     def __call__(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
         dtype = jnp.dtype(self.dtype)
@@ -98,7 +98,7 @@ class DenseGeneral(eqx.Module):
         self.bias = jnp.zeros(out_shape, jnp.float32) if use_bias else None
         self.in_shape = in_shape
         self.out_shape = out_shape
-        self.dtype = _dtype_name(dtype)
+        self.dtype = dtype_name(dtype)
 
     def __call__(self, x: Float[Array, "..."]) -> Float[Array, "..."]:
         """``x (*batch, *in_shape) -> (*batch, *out_shape)``."""
@@ -158,7 +158,7 @@ class LinearHeadwiseExpand(eqx.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.num_blocks = num_blocks
-        self.dtype = _dtype_name(dtype)
+        self.dtype = dtype_name(dtype)
 
     def __call__(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
         dtype = jnp.dtype(self.dtype)
@@ -194,7 +194,7 @@ class Embedding(eqx.Module):
             )
         std = small_init_std(embedding_dim) if std is None else std
         self.embedding = init_array(key, (num_embeddings, embedding_dim), std, distribution)
-        self.dtype = _dtype_name(dtype)
+        self.dtype = dtype_name(dtype)
 
     @jax.named_scope("Embedding")
     def __call__(self, tokens: Int[Array, "*batch"]) -> Float[Array, "*batch D"]:

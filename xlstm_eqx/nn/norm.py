@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ..core.config import NormType
-from ..core.utils import _dtype_name
+from ..core.utils import dtype_name
 
 
 NORM_TYPES: tuple[str, ...] = get_args(NormType)
@@ -83,7 +83,7 @@ class _Norm(eqx.Module):
         self.scale = jnp.ones((dim,), jnp.float32)
         self.bias = jnp.zeros((dim,), jnp.float32) if use_bias else None
         self.eps = float(eps)
-        self.dtype = _dtype_name(dtype)
+        self.dtype = dtype_name(dtype)
 
     @jax.named_scope("Norm")
     def __call__(self, x: Float[Array, "*batch D"]) -> Float[Array, "*batch D"]:
@@ -146,7 +146,7 @@ class MultiHeadNorm(eqx.Module):
         self.bias = jnp.zeros((num_heads, head_dim), jnp.float32) if use_bias else None
         self.norm_type = norm_type
         self.eps = float(eps)
-        self.dtype = _dtype_name(dtype)
+        self.dtype = dtype_name(dtype)
 
     @jax.named_scope("MultiHeadNorm")
     def __call__(self, x: Float[Array, "*batch NH DH"]) -> Float[Array, "*batch NH DH"]:

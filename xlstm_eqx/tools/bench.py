@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
-from ..core.timing import _peak_bytes, median_seconds
+from ..core.timing import median_seconds, peak_bytes
 from ..models import MODEL_FAMILIES, train_flops_per_token
 from ..training.optim import trainable_params
 from . import gpu_check
@@ -79,7 +79,7 @@ def bench_train(
         n_params = sum(x.size for x in jax.tree.leaves(trainable_params(model)))
         peak = None
         if memory:
-            peak = _peak_bytes(step.lower(inputs, model, opt_state).compile())
+            peak = peak_bytes(step.lower(inputs, model, opt_state).compile())
         start = time.perf_counter()
         model, opt_state, loss, _ = step(inputs, model, opt_state)
         jax.block_until_ready(loss)

@@ -14,7 +14,7 @@ from jaxtyping import Array
 
 from ..cell import fastest_chunkwise_backend, mlstm_chunkwise, mlstm_chunkwise_pallas
 from ..core import median_seconds
-from ..core.timing import _peak_bytes
+from ..core.timing import peak_bytes
 from ..models import _mlstm_dims
 from ..presets import get_preset
 from .gpu_report import _gib, _memory_limit, _mlstm_inputs, _Part
@@ -110,7 +110,7 @@ def _time_form(
     t0 = time.perf_counter()
     compiled = _compile_cell(fn, backward, args, w)
     row: dict[str, Any] = {"compile_s": time.perf_counter() - t0}
-    peak = _peak_bytes(compiled)
+    peak = peak_bytes(compiled)
     row["peak_gib"] = _gib(peak)
     if peak is not None and limit is not None and peak > limit:
         row.update(status="skipped", note=f"plan needs {peak / 2**30:.1f} GiB > the limit")

@@ -46,7 +46,7 @@ def _bf16_matmul_flops(n: int, repeats: int = 10) -> float:
 def _plan_bytes(compiled: Any) -> tuple[int, int] | None:
     """(fixed, temporary) bytes of XLA's plan for a compiled program: fixed = arguments +
     outputs - aliased (donated) buffers, the part that does not grow with the batch; peak =
-    fixed + temporary, as `_peak_bytes` counts it. None where the backend has no analysis."""
+    fixed + temporary, as `peak_bytes` counts it. None where the backend has no analysis."""
     compiled = getattr(compiled, "compiled", compiled)  # eqx.filter_jit wraps jax's Compiled
     try:
         m = compiled.memory_analysis()

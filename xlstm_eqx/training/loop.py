@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..cell.autotune import tune_auto_backend
 from ..core.console import print_line, silence_stdout
-from ..core.files import _write_json_atomic, open_append
+from ..core.files import open_append, write_json_atomic
 from ..data.loader import BatchLoader
 from ..data.tokenizer import Tokenizer
 from ..generation import generate
@@ -208,7 +208,7 @@ def _train(
     run_config = run_config_dict(p)
     if writer:
         os.makedirs(out, exist_ok=True)
-        _write_json_atomic(os.path.join(out, "config.json"), run_config)
+        write_json_atomic(os.path.join(out, "config.json"), run_config)
         if p.resume_from is None:
             if os.path.exists(metrics_path):
                 os.remove(metrics_path)
@@ -423,7 +423,7 @@ def _train(
         "checkpoint_seconds_blocked": round(sum(blocked), 3),
     }
     if writer:
-        _write_json_atomic(os.path.join(out, "summary.json"), summary)
+        write_json_atomic(os.path.join(out, "summary.json"), summary)
     if bpb is not None:
         log(
             f"held-out after step {final_step}: loss {eval_loss:.4f} nats/token, "

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ..core.files import _write_json_atomic, open_read_binary, write_atomic
+from ..core.files import open_read_binary, write_atomic, write_json_atomic
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -101,7 +101,7 @@ def _write_partial_run_files(
         "unigram_bits_per_byte": last.get("unigram_bits_per_byte"),
         "checkpoint": checkpoint,
     }
-    _write_json_atomic(os.path.join(out, "summary.json"), summary)
+    write_json_atomic(os.path.join(out, "summary.json"), summary)
 
 
 class _InterruptFlag:

@@ -20,7 +20,7 @@ import os
 import uuid
 from typing import Any, Protocol, runtime_checkable
 
-from ..core.files import _write_json_atomic, read_mapping_file, refuse_symlink
+from ..core.files import read_mapping_file, refuse_symlink, write_json_atomic
 
 
 @runtime_checkable
@@ -201,7 +201,7 @@ def open_trackers(names: list[str], out: str, project: str, config: dict[str, An
         Trackers(started).close()
         raise
     if state:
-        _write_json_atomic(state_path, state)
+        write_json_atomic(state_path, state)
     return Trackers(started)
 
 

@@ -27,17 +27,17 @@ from ..core.config import (
     POSITIVE,
     POSITIVE_OR_UNSET,
     RATE,
+    Config,
     DType,
     InitDistribution,
     NormType,
-    _check_divides,
-    _Config,
-    _config,
-    _fail,
-    _is_int,
+    check_field_divides,
+    configclass,
+    fail_field,
     field,
+    is_int,
 )
-from ..core.parallel_config import ParallelConfig, _tp_size
+from ..core.parallel_config import ParallelConfig, tp_size
 from ..nn.feedforward_config import FeedForwardConfig
 from .mlstm_config import mLSTMBlockConfig, mLSTMLayerConfig
 from .slstm_config import sLSTMBlockConfig, sLSTMLayerConfig
@@ -49,8 +49,8 @@ from .slstm_config import sLSTMBlockConfig, sLSTMLayerConfig
 _LAYERS = (mLSTMLayerConfig, sLSTMLayerConfig)
 
 
-@_config
-class xLSTMBlockConfig(_Config):
+@configclass
+class xLSTMBlockConfig(Config):
     """One block: exactly one of `mlstm` / `slstm`, an optional FFN, pre-norms of
     `norm_type`/`norm_eps`."""
 
@@ -112,11 +112,11 @@ class xLSTMBlockConfig(_Config):
     def _cross_check(self, root: str, prefix: str) -> None:
         p = prefix
         if (self.mlstm is None) == (self.slstm is None):
-            _fail(root, p + "mlstm", "exactly one of 'mlstm' and 'slstm' must be set")
-        tp = _tp_size(self.parallel)
+            fail_field(root, p + "mlstm", "exactly one of 'mlstm' and 'slstm' must be set")
+        tp = tp_size(self.parallel)
         layer = self.mlstm if self.mlstm is not None else self.slstm
         if tp > 1 and isinstance(layer, _LAYERS) and layer.embedding_dim != -1:
-            _check_divides(
+            check_field_divides(
                 root, p + "parallel.model_axis_size", tp, layer.embedding_dim, "embedding_dim"
             )
 
@@ -128,8 +128,8 @@ class xLSTMBlockConfig(_Config):
 # Stack and LM model (docs/architecture.md, "Forward pass of xLSTMLMModel")
 
 
-@_config
-class xLSTMBlockStackConfig(_Config):
+@configclass
+class xLSTMBlockStackConfig(Config):
     """The block stack: templates for mLSTM and sLSTM blocks, placement by `slstm_at`, and
     stack-wide values pushed into the templates (docs/architecture.md, "From config to module"). `block_map` lists 0 (mLSTM) / 1 (sLSTM)
     per block; `block_configs()` gives the per-block `xLSTMBlockConfig`s."""
@@ -236,16 +236,16 @@ class xLSTMBlockStackConfig(_Config):
         slstm_at = list(range(self.num_blocks)) if self.slstm_at == "all" else self.slstm_at
         for i in slstm_at:
             if not 0 <= i < self.num_blocks:
-                _fail(
+                fail_field(
                     root,
                     p + "slstm_at",
                     f"indices must be in [0, num_blocks={self.num_blocks})",
                     self.slstm_at,
                 )
         if len(set(slstm_at)) != len(slstm_at):
-            _fail(root, p + "slstm_at", "indices must not repeat", self.slstm_at)
+            fail_field(root, p + "slstm_at", "indices must not repeat", self.slstm_at)
         if slstm_at and self.slstm_block is None:
-            _fail(
+            fail_field(
                 root,
                 p + "slstm_block",
                 f"must be set: slstm_at={self.slstm_at} places sLSTM blocks"
@@ -256,7 +256,7 @@ class xLSTMBlockStackConfig(_Config):
                 ),
             )
         if self.scan_blocks and slstm_at:
-            _fail(
+            fail_field(
                 root,
                 p + "scan_blocks",
                 f"must be False when the stack has sLSTM blocks (slstm_at={self.slstm_at}): "
@@ -266,7 +266,7 @@ class xLSTMBlockStackConfig(_Config):
 
     def block_config(self, idx: int) -> xLSTMBlockConfig:
         """The `xLSTMBlockConfig` of block `idx` (a deep copy of its template with `_block_idx=idx`)."""
-        if not _is_int(idx) or not 0 <= idx < self.num_blocks:
+        if not is_int(idx) or not 0 <= idx < self.num_blocks:
             raise ValueError(
                 f"block index must be in [0, num_blocks={self.num_blocks}), got {idx!r}"
             )
@@ -321,7 +321,7 @@ class xLSTMBlockStackConfig(_Config):
         return jnp.dtype(self.dtype)
 
 
-@_config
+@configclass
 class xLSTMLMModelConfig(xLSTMBlockStackConfig):
     """xLSTM language model: the stack plus embedding and LM head settings (docs/architecture.md, "Forward pass of xLSTMLMModel").
 
@@ -350,9 +350,9 @@ class xLSTMLMModelConfig(xLSTMBlockStackConfig):
 
     def _cross_check(self, root: str, prefix: str) -> None:
         super()._cross_check(root, prefix)
-        tp = _tp_size(self.parallel) if not isinstance(self.parallel, dict) else 1
+        tp = tp_size(self.parallel) if not isinstance(self.parallel, dict) else 1
         if tp > 1:
-            _check_divides(
+            check_field_divides(
                 root, prefix + "parallel.model_axis_size", tp, self.embedding_dim, "embedding_dim"
             )
 
@@ -360,7 +360,7 @@ class xLSTMLMModelConfig(xLSTMBlockStackConfig):
         """Full check before building a model: everything `__post_init__` checks, plus `vocab_size > 0`."""
         self._validate(type(self).__name__, "")
         if self.vocab_size <= 0:
-            _fail(
+            fail_field(
                 type(self).__name__,
                 "vocab_size",
                 "must be set to a positive int before a model is built (-1 means unset)",

@@ -12,19 +12,19 @@ from ..core.config import (
     POSITIVE,
     POSITIVE_OR_UNSET,
     RATE,
+    Config,
     DType,
     InitDistribution,
     NormType,
     OutputInitFn,
-    _check_divides,
-    _Config,
-    _config,
-    _derived_copy,
-    _fail,
-    _proj_up_dim_of,
+    check_field_divides,
+    configclass,
+    derived_copy,
+    fail_field,
     field,
+    proj_up_dim_of,
 )
-from ..core.parallel_config import ParallelConfig, _tp_size
+from ..core.parallel_config import ParallelConfig, tp_size
 from ..nn.feedforward_config import FeedForwardConfig
 
 
@@ -34,8 +34,8 @@ GateInput = Literal["qkv", "x_mlstm", "x_mlstm_conv", "x_mlstm_conv_act"]
 # mLSTM cell, layer, block (docs/architecture.md, "From config to module")
 
 
-@_config
-class mLSTMCellConfig(_Config):
+@configclass
+class mLSTMCellConfig(Config):
     """mLSTM cell: backend, gates, out-norm. `context_length`, `embedding_dim`, `num_heads`,
     `dtype`, `norm_type` and `parallel` are set by the layer."""
 
@@ -96,8 +96,8 @@ class mLSTMCellConfig(_Config):
         return jnp.dtype(self.gate_dtype)
 
 
-@_config
-class mLSTMLayerConfig(_Config):
+@configclass
+class mLSTMLayerConfig(Config):
     """mLSTM layer (`layer_type` "mlstm": Mamba-style, docs/architecture.md, "The mlstm layer"; "mlstm_v1": xLSTM-7B style, docs/architecture.md, "The mlstm_v1 layer").
     `embedding_dim`, `bias`, `dropout`, `context_length`, `dtype`, `norm_type`, `parallel` and
     `_num_blocks` are set by the stack."""
@@ -160,7 +160,7 @@ class mLSTMLayerConfig(_Config):
     `num_heads`, `dtype`, `norm_type` and `parallel` from the layer."""
 
     def _derive(self) -> None:
-        self._proj_up_dim = _proj_up_dim_of(
+        self._proj_up_dim = proj_up_dim_of(
             self.embedding_dim,
             self.proj_factor,
             self.round_proj_up_to_multiple_of,
@@ -206,7 +206,7 @@ class mLSTMLayerConfig(_Config):
             return  # dimension checks need embedding_dim, which the stack sets
         nh = self.num_heads
         if self._proj_up_dim is None or self._proj_up_dim <= 0:
-            _fail(
+            fail_field(
                 root,
                 p + "proj_factor",
                 f"proj_factor * embedding_dim rounded to a multiple of {self.round_proj_up_to_multiple_of} "
@@ -216,18 +216,20 @@ class mLSTMLayerConfig(_Config):
         qk_dim, v_dim = self.qk_dim, self.v_dim
         assert qk_dim is not None and v_dim is not None
         if qk_dim <= 0:
-            _fail(root, p + "qk_dim_factor", "gives an empty q/k dimension", self.qk_dim_factor)
+            fail_field(
+                root, p + "qk_dim_factor", "gives an empty q/k dimension", self.qk_dim_factor
+            )
         if v_dim <= 0:
-            _fail(root, p + "v_dim_factor", "gives an empty v dimension", self.v_dim_factor)
+            fail_field(root, p + "v_dim_factor", "gives an empty v dimension", self.v_dim_factor)
         if self.layer_type == "mlstm":
             inner = self._inner_embedding_dim
             assert inner is not None
-            _check_divides(
+            check_field_divides(
                 root, p + "qkv_proj_blocksize", self.qkv_proj_blocksize, inner, "inner dim"
             )
             num_blocks = inner // self.qkv_proj_blocksize
             if qk_dim % num_blocks != 0:
-                _fail(
+                fail_field(
                     root,
                     p + "qk_dim_factor",
                     f"q/k dim {qk_dim} must be a multiple of the {num_blocks} headwise blocks "
@@ -235,7 +237,7 @@ class mLSTMLayerConfig(_Config):
                     self.qk_dim_factor,
                 )
             if v_dim % num_blocks != 0:
-                _fail(
+                fail_field(
                     root,
                     p + "v_dim_factor",
                     f"v dim {v_dim} must be a multiple of the {num_blocks} headwise blocks "
@@ -243,15 +245,15 @@ class mLSTMLayerConfig(_Config):
                     self.v_dim_factor,
                 )
             if cell is not None and cell.gate_linear_headwise and self.gate_input != "qkv":
-                _check_divides(root, p + "num_heads", nh, inner, "inner dim (headwise gates)")
-        _check_divides(root, p + "num_heads", nh, qk_dim, "q/k dim")
-        _check_divides(root, p + "num_heads", nh, v_dim, "v dim")
-        tp = _tp_size(self.parallel)
+                check_field_divides(root, p + "num_heads", nh, inner, "inner dim (headwise gates)")
+        check_field_divides(root, p + "num_heads", nh, qk_dim, "q/k dim")
+        check_field_divides(root, p + "num_heads", nh, v_dim, "v dim")
+        tp = tp_size(self.parallel)
         if tp > 1:
-            _check_divides(root, p + "parallel.model_axis_size", tp, nh, "num_heads")
-            _check_divides(root, p + "parallel.model_axis_size", tp, v_dim, "v dim")
+            check_field_divides(root, p + "parallel.model_axis_size", tp, nh, "num_heads")
+            check_field_divides(root, p + "parallel.model_axis_size", tp, v_dim, "v dim")
             if self.layer_type == "mlstm" and cell is not None and not cell.gate_linear_headwise:
-                _fail(
+                fail_field(
                     root,
                     p + "mlstm_cell.gate_linear_headwise",
                     "must be True when parallel.model_axis_size > 1 (dense gates are not tensor-parallel)",
@@ -263,8 +265,8 @@ class mLSTMLayerConfig(_Config):
         return jnp.dtype(self.dtype)
 
 
-@_config
-class mLSTMBlockConfig(_Config):
+@configclass
+class mLSTMBlockConfig(Config):
     """Template for every mLSTM block: the layer, an optional FFN, an optional Gemma-2 style
     post-norm."""
 
@@ -282,5 +284,5 @@ class mLSTMBlockConfig(_Config):
     """Index of the block; set by `xLSTMBlockStackConfig.block_config`."""
 
     def _derive(self) -> None:
-        self.mlstm = _derived_copy(self.mlstm, mLSTMLayerConfig, self)
-        self.feedforward = _derived_copy(self.feedforward, FeedForwardConfig, self, block_idx=False)
+        self.mlstm = derived_copy(self.mlstm, mLSTMLayerConfig, self)
+        self.feedforward = derived_copy(self.feedforward, FeedForwardConfig, self, block_idx=False)

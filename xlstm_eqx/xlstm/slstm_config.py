@@ -16,12 +16,12 @@ from ..core.config import (
     POSITIVE,
     POSITIVE_OR_UNSET,
     RATE,
+    Config,
     DType,
-    _check_divides,
-    _Config,
-    _config,
-    _derived_copy,
-    _fail,
+    check_field_divides,
+    configclass,
+    derived_copy,
+    fail_field,
     field,
 )
 from ..core.parallel_config import ParallelConfig
@@ -31,8 +31,8 @@ from ..nn.feedforward_config import FeedForwardConfig
 # sLSTM (docs/architecture.md, "sLSTM")
 
 
-@_config
-class sLSTMCellConfig(_Config):
+@configclass
+class sLSTMCellConfig(Config):
     """sLSTM cell (PyTorch xLSTM, docs/architecture.md, "sLSTM"). `hidden_size` is set by the layer;
     `head_dim = hidden_size / num_heads`."""
 
@@ -77,18 +77,20 @@ class sLSTMCellConfig(_Config):
     def _cross_check(self, root: str, prefix: str) -> None:
         p = prefix
         if self._block_idx >= self._num_blocks:
-            _fail(
+            fail_field(
                 root, p + "_block_idx", f"must be < _num_blocks={self._num_blocks}", self._block_idx
             )
         if self.hidden_size != -1:
-            _check_divides(root, p + "num_heads", self.num_heads, self.hidden_size, "hidden_size")
+            check_field_divides(
+                root, p + "num_heads", self.num_heads, self.hidden_size, "hidden_size"
+            )
 
     @property
     def _dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
 
-@_config
+@configclass
 class sLSTMLayerConfig(sLSTMCellConfig):
     """sLSTM layer (docs/architecture.md, "sLSTM"): conv + 4 headwise gate projections + cell + per-head group norm.
     `hidden_size` is set to `embedding_dim`."""
@@ -111,8 +113,8 @@ class sLSTMLayerConfig(sLSTMCellConfig):
         super()._derive()
 
 
-@_config
-class sLSTMBlockConfig(_Config):
+@configclass
+class sLSTMBlockConfig(Config):
     """Template for sLSTM blocks: the layer and a gated FFN by default (proj_factor 1.3, GELU)."""
 
     slstm: sLSTMLayerConfig | dict[str, Any] = field(default_factory=sLSTMLayerConfig)
@@ -129,7 +131,7 @@ class sLSTMBlockConfig(_Config):
     """Index of the block; set by `xLSTMBlockStackConfig.block_config`."""
 
     def _derive(self) -> None:
-        self.slstm = _derived_copy(
+        self.slstm = derived_copy(
             self.slstm, sLSTMLayerConfig, self, parallel=copy.deepcopy(self.parallel)
         )
-        self.feedforward = _derived_copy(self.feedforward, FeedForwardConfig, self, block_idx=False)
+        self.feedforward = derived_copy(self.feedforward, FeedForwardConfig, self, block_idx=False)
