@@ -5,22 +5,31 @@ Prints the longest functions of `xlstm_eqx/`, the imports of `_private` names ac
 `xlstm/`, functions over 60 lines in `training/` and annotations `config: Any`.
 
     python scripts/code_metrics.py [--top 10]
+
+The functions below are public: `tests/test_structure.py` asserts the same limits with them.
 """
 
 import argparse
 import ast
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "xlstm_eqx"
+# the folders whose sources may not import a `_private` name from another module of the package
+SOURCE_FOLDERS = ("xlstm_eqx", "tests", "benchmarks", "scripts")
+LONG_FUNCTION_LINES = 60  # limit for a function in training/
+MAX_PARAMETERS = 8  # limit for a free function in xlstm/
+
+FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
 
 
-def _functions(tree: ast.AST):
+def functions(tree: ast.AST) -> Iterator[tuple[str, FunctionNode]]:
     """(qualified name, node) for every function, methods as `Class.method`."""
 
-    def walk(node: ast.AST, prefix: str):
+    def walk(node: ast.AST, prefix: str) -> Iterator[tuple[str, FunctionNode]]:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
                 name = f"{prefix}{child.name}"
@@ -32,12 +41,20 @@ def _functions(tree: ast.AST):
     yield from walk(tree, "")
 
 
-def _length(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+def function_length(node: FunctionNode) -> int:
+    """Lines from the first decorator to the end of the body."""
     start = min([node.lineno] + [d.lineno for d in node.decorator_list])
     return (node.end_lineno or node.lineno) - start + 1
 
 
-def _module_name(path: Path) -> str:
+def parameter_count(node: FunctionNode) -> int:
+    """Parameters other than `self`/`cls`, `*args` and `**kwargs` counted as one each."""
+    a = node.args
+    params = [p for p in [*a.posonlyargs, *a.args, *a.kwonlyargs] if p.arg not in ("self", "cls")]
+    return len(params) + sum(x is not None for x in (a.vararg, a.kwarg))
+
+
+def module_name(path: Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
@@ -54,10 +71,16 @@ def _resolve(module: str | None, level: int, importer: str, is_package: bool) ->
     return ".".join(base + ([module] if module else []))
 
 
-def _private_imports(path: Path, source: str) -> list[tuple[str, str]]:
-    """(module, name) of each `_name` imported from another module of the package."""
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_imports(path: Path, source: str) -> list[tuple[str, str]]:
+    """(module, name) of each `_name` imported from another module of the package: `from
+    xlstm_eqx.m import _name` (or from a `_private` module), `import xlstm_eqx.m._name` and the
+    attribute `xlstm_eqx.m._name`. Uses of the file's own module are not counted."""
     tree = ast.parse(source)
-    importer = _module_name(path) if path.is_relative_to(ROOT) else path.stem
+    importer = module_name(path) if path.is_relative_to(ROOT) else path.stem
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -65,20 +88,15 @@ def _private_imports(path: Path, source: str) -> list[tuple[str, str]]:
             if not target.startswith(PACKAGE):
                 continue
             for alias in node.names:
-                name = alias.name
-                if name.startswith("_") and not name.startswith("__"):
-                    found.append((target, name))
-                elif target.split(".")[-1].startswith("_"):
-                    found.append((target, name))
+                if _is_private(alias.name) or _is_private(target.split(".")[-1]):
+                    found.append((target, alias.name))
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith(PACKAGE) and any(
-                    p.startswith("_") and not p.startswith("__") for p in alias.name.split(".")
+                    _is_private(part) for part in alias.name.split(".")
                 ):
                     found.append((alias.name, "*"))
-        elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
-            if node.attr.startswith("__"):
-                continue
+        elif isinstance(node, ast.Attribute) and _is_private(node.attr):
             chain = node.value
             dotted = []
             while isinstance(chain, ast.Attribute):
@@ -86,11 +104,14 @@ def _private_imports(path: Path, source: str) -> list[tuple[str, str]]:
                 chain = chain.value
             if isinstance(chain, ast.Name) and chain.id == PACKAGE:
                 found.append((".".join([PACKAGE, *reversed(dotted)]), node.attr))
-    return found
+    own = module_name(path) if path.suffix == ".py" and path.is_relative_to(ROOT) else None
+    return [(m, n) for m, n in found if m != own]
 
 
-def _sources():
-    for folder in ("xlstm_eqx", "tests", "benchmarks", "scripts"):
+def sources() -> Iterator[tuple[Path, str]]:
+    """Every Python source of SOURCE_FOLDERS and the code cells of `notebooks/*.ipynb` (without
+    the `%`/`!` lines, which are not Python)."""
+    for folder in SOURCE_FOLDERS:
         for path in sorted((ROOT / folder).rglob("*.py")):
             yield path, path.read_text()
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
@@ -100,57 +121,83 @@ def _sources():
         yield path, "\n".join(lines)
 
 
+def cross_module_private_imports() -> list[tuple[str, str, str]]:
+    """(file, module, name) of every import of a `_private` name from another module."""
+    return [
+        (path.relative_to(ROOT).as_posix(), module, name)
+        for path, source in sources()
+        for module, name in private_imports(path, source)
+    ]
+
+
+def package_functions() -> Iterator[tuple[str, str, FunctionNode]]:
+    """(file, qualified name, node) for every function of the package."""
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        for name, node in functions(ast.parse(path.read_text())):
+            yield rel, name, node
+
+
+def long_training_functions() -> list[tuple[int, str]]:
+    """(lines, `file:function`) of each function in training/ over LONG_FUNCTION_LINES."""
+    return [
+        (function_length(node), f"{rel}:{name}")
+        for rel, name, node in package_functions()
+        if rel.startswith(f"{PACKAGE}/training/") and function_length(node) > LONG_FUNCTION_LINES
+    ]
+
+
+def wide_xlstm_functions() -> list[tuple[int, str]]:
+    """(parameters, `file:function`) of each free function in xlstm/ over MAX_PARAMETERS."""
+    return [
+        (parameter_count(node), f"{rel}:{name}")
+        for rel, name, node in package_functions()
+        if rel.startswith(f"{PACKAGE}/xlstm/")
+        and "." not in name
+        and parameter_count(node) > MAX_PARAMETERS
+    ]
+
+
+def config_any() -> list[str]:
+    """`file:line` of each `config: Any` in the package."""
+    return [
+        f"{path.relative_to(ROOT).as_posix()}:{i}"
+        for path in sorted((ROOT / PACKAGE).rglob("*.py"))
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        for _ in range(line.count("config: Any"))
+    ]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--top", type=int, default=10)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--top", type=int, default=10, help="a negative value lists every import")
     args = parser.parse_args()
 
-    lengths, training_long, wide = [], [], []
-    config_any = 0
-    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
-        source = path.read_text()
-        rel = path.relative_to(ROOT).as_posix()
-        config_any += source.count("config: Any")
-        for name, node in _functions(ast.parse(source)):
-            n = _length(node)
-            lengths.append((n, f"{rel}:{name}"))
-            if rel.startswith(f"{PACKAGE}/training/") and n > 60:
-                training_long.append((n, f"{rel}:{name}"))
-            a = node.args
-            params = [*a.posonlyargs, *a.args, *a.kwonlyargs]
-            params = [p for p in params if p.arg not in ("self", "cls")]
-            params += [x for x in (a.vararg, a.kwarg) if x is not None]
-            if rel.startswith(f"{PACKAGE}/xlstm/") and "." not in name and len(params) > 8:
-                wide.append((len(params), f"{rel}:{name}"))
-
+    lengths = [(function_length(node), f"{rel}:{name}") for rel, name, node in package_functions()]
     print(f"## {args.top} longest functions in {PACKAGE}/ (lines)")
     for n, where in sorted(lengths, reverse=True)[: args.top]:
         print(f"{n:5d}  {where}")
+    training_long = long_training_functions()
     print(f"\n## functions over 60 lines in {PACKAGE}/training/: {len(training_long)}")
     for n, where in sorted(training_long, reverse=True):
         print(f"{n:5d}  {where}")
+    wide = wide_xlstm_functions()
     print(f"\n## free functions with more than 8 parameters in {PACKAGE}/xlstm/: {len(wide)}")
     for n, where in sorted(wide, reverse=True):
         print(f"{n:5d}  {where}")
-    print(f"\n## `config: Any` annotations in {PACKAGE}/: {config_any}")
+    print(f"\n## `config: Any` annotations in {PACKAGE}/: {len(config_any())}")
 
-    imports, names, files = 0, set(), set()
-    for path, source in _sources():
-        found = _private_imports(path, source)
-        rel = path.relative_to(ROOT).as_posix()
-        own = _module_name(path) if path.suffix == ".py" else None
-        found = [(m, n) for m, n in found if m != own]
-        if found:
-            files.add(rel)
-        imports += len(found)
-        names.update(found)
-        for module, name in found:
-            print(f"  {rel}: {module}.{name}") if args.top < 0 else None
+    imports = cross_module_private_imports()
+    if args.top < 0:
+        for rel, module, name in imports:
+            print(f"  {rel}: {module}.{name}")
+    files = sorted({rel for rel, _, _ in imports})
+    names = {(module, name) for _, module, name in imports}
     print(
-        f"\n## imports of private names across modules: {imports} "
+        f"\n## imports of private names across modules: {len(imports)} "
         f"({len(names)} names, {len(files)} files)"
     )
-    for rel in sorted(files):
+    for rel in files:
         print(f"  {rel}")
 
 
