@@ -15,6 +15,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ..nn.axes import REPLICATED
 from ..nn.functional import dropout
 from ..nn.init import output_initializer, small_initializer
 from ..nn.linear import DenseGeneral
@@ -196,16 +197,27 @@ class SelfAttentionBlock(eqx.Module):
         dense = dict(use_bias=config.use_bias, dtype=config.dtype)
         qkv_init = small_initializer(D)
         out_init = output_initializer("wang", D, 2 * config.num_blocks)
-        self.pre_norm = RMSNorm(D, eps=_NORM_EPS, dtype=config.dtype)
-        self.dense_q = DenseGeneral(D, (NH, hd), kernel_init=qkv_init, key=kq, **dense)
-        self.dense_k = DenseGeneral(D, (NH, hd), kernel_init=qkv_init, key=kk, **dense)
-        self.dense_v = DenseGeneral(D, (NH, hd), kernel_init=qkv_init, key=kv, **dense)
+        # Megatron layout (logical axes: nn.axes): the residual stream replicated over tp, q/k/v
+        # column-parallel over heads, the output projection row-parallel.
+        self.pre_norm = RMSNorm(D, eps=_NORM_EPS, dtype=config.dtype, axes=REPLICATED)
+        qkv = dict(kernel_init=qkv_init, axes=("embed", "heads", "head_dim"), **dense)
+        self.dense_q = DenseGeneral(D, (NH, hd), key=kq, **qkv)
+        self.dense_k = DenseGeneral(D, (NH, hd), key=kk, **qkv)
+        self.dense_v = DenseGeneral(D, (NH, hd), key=kv, **qkv)
         if config.qk_norm:
-            self.q_norm = RMSNorm(hd, eps=_NORM_EPS, dtype=config.dtype)
-            self.k_norm = RMSNorm(hd, eps=_NORM_EPS, dtype=config.dtype)
+            self.q_norm = RMSNorm(hd, eps=_NORM_EPS, dtype=config.dtype, axes=("head_dim",))
+            self.k_norm = RMSNorm(hd, eps=_NORM_EPS, dtype=config.dtype, axes=("head_dim",))
         else:
             self.q_norm = self.k_norm = None
-        self.dense_out = DenseGeneral((NH, hd), D, kernel_init=out_init, key=ko, **dense)
+        self.dense_out = DenseGeneral(
+            (NH, hd),
+            D,
+            kernel_init=out_init,
+            axes=("heads", "head_dim", "embed"),
+            bias_axes=REPLICATED,
+            key=ko,
+            **dense,
+        )
         self.num_heads = NH
         self.head_dim = hd
         self.query_scale = float(_query_scale(config))

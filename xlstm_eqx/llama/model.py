@@ -17,6 +17,8 @@ Departures from the reference, each deliberate:
 - Dropout acts only when a ``key`` is passed (the reference's ``train`` flag).
 """
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..core.utils import check_rank, split_optional_key, to_dtype
+from ..nn.axes import LM_HEAD_AXES, REPLICATED, LogicalAxes
 from ..nn.functional import dropout, soft_cap
 from ..nn.init import output_initializer, small_init_std, small_initializer
 from ..nn.linear import Dense, Embedding
@@ -54,10 +57,21 @@ class FFNBlock(eqx.Module):
         dense = dict(use_bias=config.use_bias, dtype=config.dtype)
         up_init = small_initializer(D)
         down_init = output_initializer("wang", D, 2 * config.num_blocks)
-        self.pre_norm = RMSNorm(D, eps=_NORM_EPS, dtype=config.dtype)
-        self.proj_up = Dense(D, H, kernel_init=up_init, key=kup, **dense)
-        self.proj_up_gate = Dense(D, H, kernel_init=up_init, key=kgate, **dense)
-        self.proj_down = Dense(H, D, kernel_init=down_init, key=kdown, **dense)
+        # Megatron layout (logical axes: nn.axes): the residual stream replicated over tp,
+        # column-parallel up/gate, a row-parallel down-projection.
+        self.pre_norm = RMSNorm(D, eps=_NORM_EPS, dtype=config.dtype, axes=REPLICATED)
+        up = dict(kernel_init=up_init, axes=("embed", "mlp"), **dense)
+        self.proj_up = Dense(D, H, key=kup, **up)
+        self.proj_up_gate = Dense(D, H, key=kgate, **up)
+        self.proj_down = Dense(
+            H,
+            D,
+            kernel_init=down_init,
+            axes=("mlp", "embed"),
+            bias_axes=REPLICATED,
+            key=kdown,
+            **dense,
+        )
         self.dropout_rate = float(config.dropout_rate)
 
     @jax.named_scope("FFNBlock")
@@ -147,6 +161,8 @@ class TransformerBlockStack(eqx.Module):
     num_blocks: int = eqx.field(static=True)
     scan_blocks: bool = eqx.field(static=True)
     remat_block: bool = eqx.field(static=True)
+    # logical name (nn.axes) of the leading axis of the scanned (single, stacked) block
+    blocks_axes: ClassVar[LogicalAxes] = ("layers",)
 
     def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
         _check_config(config)
@@ -252,13 +268,14 @@ class LlamaTransformer(eqx.Module):
             config.vocab_size, D, dtype=config.dtype, std=small_init_std(D), key=kembed
         )
         self.blocks = TransformerBlockStack(config, key=kblocks)
-        self.out_norm = RMSNorm(D, eps=_NORM_EPS, dtype=config.dtype)
+        self.out_norm = RMSNorm(D, eps=_NORM_EPS, dtype=config.dtype, axes=LM_HEAD_AXES[:1])
         self.lm_head = Dense(
             D,
             config.vocab_size,
             use_bias=False,
             dtype=config.dtype,
             kernel_init=small_initializer(D),
+            axes=LM_HEAD_AXES,
             key=khead,
         )
         self.vocab_size = config.vocab_size

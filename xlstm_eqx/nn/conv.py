@@ -12,6 +12,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..core.utils import dtype_name
+from .axes import LogicalAxes
 
 
 # causal depthwise convolution (docs/architecture.md, "Building blocks")
@@ -26,6 +27,7 @@ class CausalConv1d(eqx.Module):
     Init: kernel and bias ``U(−1/√K, 1/√K)`` (PyTorch default, fan-in K).
 
     Decoding keeps a rolling state ``(B, K, C)`` of the last K inputs: see ``init_state``/``step``.
+    ``channels_axis`` is the logical name of C (``nn.axes``), e.g. ``"mlp"``.
     """
 
     kernel: Float[Array, "K C"] | None
@@ -33,6 +35,8 @@ class CausalConv1d(eqx.Module):
     kernel_size: int = eqx.field(static=True)
     channels: int = eqx.field(static=True)
     dtype: str = eqx.field(static=True)
+    kernel_axes: LogicalAxes | None = eqx.field(static=True)
+    bias_axes: LogicalAxes | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -41,6 +45,7 @@ class CausalConv1d(eqx.Module):
         *,
         use_bias: bool = True,
         dtype: Any = "float32",
+        channels_axis: str | None = None,
         key: PRNGKeyArray,
     ):
         if kernel_size < 0:
@@ -50,6 +55,8 @@ class CausalConv1d(eqx.Module):
         self.kernel_size = kernel_size
         self.channels = channels
         self.dtype = dtype_name(dtype)
+        self.kernel_axes = None if channels_axis is None else ("conv_window", channels_axis)
+        self.bias_axes = None if channels_axis is None else (channels_axis,)
         if kernel_size == 0:
             self.kernel = None
             self.bias = None

@@ -7,6 +7,7 @@ import jax
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .axes import REPLICATED
 from .feedforward_config import FeedForwardConfig
 from .functional import ACTIVATIONS, dropout, get_activation
 from .init import output_initializer, small_initializer
@@ -47,14 +48,31 @@ class FeedForward(eqx.Module):
             config.output_init_fn, D, num_blocks, config.init_distribution
         )
         kup, kgate, kdown = jr.split(key, 3)
-        dense = dict(use_bias=config.bias, dtype=config.dtype)
-        self.proj_up = Dense(D, F, kernel_init=up_init, key=kup, **dense)
-        self.proj_up_gate = (
-            Dense(D, F, kernel_init=up_init, key=kgate, **dense)
-            if config.ff_type == "ffn_gated"
-            else None
+
+        # Megatron layout: column-parallel up-projections, a row-parallel down-projection.
+        def up_projection(key: PRNGKeyArray) -> Dense:
+            return Dense(
+                D,
+                F,
+                use_bias=config.bias,
+                dtype=config.dtype,
+                kernel_init=up_init,
+                axes=("embed", "mlp"),
+                key=key,
+            )
+
+        self.proj_up = up_projection(kup)
+        self.proj_up_gate = up_projection(kgate) if config.ff_type == "ffn_gated" else None
+        self.proj_down = Dense(
+            F,
+            D,
+            use_bias=config.bias,
+            dtype=config.dtype,
+            kernel_init=down_init,
+            axes=("mlp", "embed"),
+            bias_axes=REPLICATED,
+            key=kdown,
         )
-        self.proj_down = Dense(F, D, kernel_init=down_init, key=kdown, **dense)
         self.act_fn = config.act_fn
         self.dropout_rate = float(config.dropout)
 

@@ -6,7 +6,7 @@ in the layer's ``dtype``.
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -14,14 +14,24 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..core.utils import dtype_name
+from .axes import REPLICATED, LogicalAxes
 from .functional import matmul_rows
 from .init import Initializer, init_array, small_init_std, small_initializer
+
+
+def _trailing_axes(axes: LogicalAxes | None, count: int) -> LogicalAxes | None:
+    """The logical axes of a bias: the kernel's last ``count`` (output) axes."""
+    if axes is None or axes == REPLICATED:
+        return axes
+    return axes[len(axes) - count :]
 
 
 class Dense(eqx.Module):
     """``y = x @ kernel (+ bias)`` over the last axis, computed in ``dtype``.
 
-    kernel ``(in, out)`` (Flax layout), bias ``(out,)``. Any leading dims.
+    kernel ``(in, out)`` (Flax layout), bias ``(out,)``. Any leading dims. ``axes`` names the
+    kernel's logical axes (``nn.axes``); the bias takes the output axis unless ``bias_axes`` says
+    otherwise (a row-parallel layer's bias, added after the reduction, is `REPLICATED`).
     """
 
     kernel: Float[Array, "d_in d_out"]
@@ -29,6 +39,8 @@ class Dense(eqx.Module):
     in_features: int = eqx.field(static=True)
     out_features: int = eqx.field(static=True)
     dtype: str = eqx.field(static=True)
+    kernel_axes: LogicalAxes | None = eqx.field(static=True)
+    bias_axes: LogicalAxes | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -38,6 +50,8 @@ class Dense(eqx.Module):
         use_bias: bool = False,
         dtype: Any = "float32",
         kernel_init: Initializer | None = None,
+        axes: LogicalAxes | None = None,
+        bias_axes: LogicalAxes | None = None,
         key: PRNGKeyArray,
     ):
         """``kernel_init`` defaults to small-init(in_features), normal. Bias starts at zero."""
@@ -53,6 +67,8 @@ class Dense(eqx.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = dtype_name(dtype)
+        self.kernel_axes = axes
+        self.bias_axes = _trailing_axes(axes, 1) if bias_axes is None else bias_axes
 
     def __call__(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
         dtype = jnp.dtype(self.dtype)
@@ -67,6 +83,7 @@ class DenseGeneral(eqx.Module):
 
     kernel ``(*in_shape, *out_shape)``, e.g. ``(D, NH, hd)`` for attention q/k/v or
     ``(NH, hd, D)`` for the attention output; bias ``out_shape``. Computed in ``dtype``.
+    ``axes``/``bias_axes``: the logical axes, as for `Dense` (the bias takes the output axes).
     """
 
     kernel: Float[Array, "..."]
@@ -74,6 +91,8 @@ class DenseGeneral(eqx.Module):
     in_shape: tuple[int, ...] = eqx.field(static=True)
     out_shape: tuple[int, ...] = eqx.field(static=True)
     dtype: str = eqx.field(static=True)
+    kernel_axes: LogicalAxes | None = eqx.field(static=True)
+    bias_axes: LogicalAxes | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -83,6 +102,8 @@ class DenseGeneral(eqx.Module):
         use_bias: bool = False,
         dtype: Any = "float32",
         kernel_init: Initializer | None = None,
+        axes: LogicalAxes | None = None,
+        bias_axes: LogicalAxes | None = None,
         key: PRNGKeyArray,
     ):
         in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
@@ -99,6 +120,8 @@ class DenseGeneral(eqx.Module):
         self.in_shape = in_shape
         self.out_shape = out_shape
         self.dtype = dtype_name(dtype)
+        self.kernel_axes = axes
+        self.bias_axes = _trailing_axes(axes, len(out_shape)) if bias_axes is None else bias_axes
 
     def __call__(self, x: Float[Array, "..."]) -> Float[Array, "..."]:
         """``x (*batch, *in_shape) -> (*batch, *out_shape)``."""
@@ -119,7 +142,8 @@ class LinearHeadwiseExpand(eqx.Module):
 
     The input's last axis is split into ``num_blocks`` contiguous chunks of size ``in/P``; chunk
     ``p`` is mapped by its own matrix ``kernel[p]`` of shape ``(out/P, in/P)`` (out before in, as
-    the reference): ``y[p, o] = Σ_d x[p, d] kernel[p, o, d]``. Bias ``(out,)``.
+    the reference): ``y[p, o] = Σ_d x[p, d] kernel[p, o, d]``. Bias ``(out,)``, whose logical
+    axis (``features_axis``, e.g. ``"mlp"``) the caller names; the blocks are heads.
     """
 
     kernel: Float[Array, "P out_per_block in_per_block"]
@@ -128,6 +152,8 @@ class LinearHeadwiseExpand(eqx.Module):
     out_features: int = eqx.field(static=True)
     num_blocks: int = eqx.field(static=True)
     dtype: str = eqx.field(static=True)
+    bias_axes: LogicalAxes | None = eqx.field(static=True)
+    kernel_axes: ClassVar[LogicalAxes] = ("heads", "head_dim", "head_dim")
 
     def __init__(
         self,
@@ -138,6 +164,7 @@ class LinearHeadwiseExpand(eqx.Module):
         use_bias: bool = False,
         dtype: Any = "float32",
         kernel_init: Initializer | None = None,
+        features_axis: str | None = None,
         key: PRNGKeyArray,
     ):
         """``out_features`` defaults to ``in_features``; ``kernel_init`` to small-init(in/P)."""
@@ -159,6 +186,7 @@ class LinearHeadwiseExpand(eqx.Module):
         self.out_features = out_features
         self.num_blocks = num_blocks
         self.dtype = dtype_name(dtype)
+        self.bias_axes = None if features_axis is None else (features_axis,)
 
     def __call__(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
         dtype = jnp.dtype(self.dtype)
@@ -175,6 +203,7 @@ class Embedding(eqx.Module):
 
     embedding: Float[Array, "V D"]
     dtype: str = eqx.field(static=True)
+    embedding_axes: ClassVar[LogicalAxes] = ("vocab", "embed")
 
     def __init__(
         self,

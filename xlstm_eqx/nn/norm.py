@@ -13,6 +13,7 @@ from jaxtyping import Array, Float
 
 from ..core.config import NormType
 from ..core.utils import dtype_name
+from .axes import LogicalAxes
 
 
 NORM_TYPES: tuple[str, ...] = get_args(NormType)
@@ -70,6 +71,8 @@ class _Norm(eqx.Module):
     bias: Float[Array, " D"] | None
     eps: float = eqx.field(static=True)
     dtype: str = eqx.field(static=True)
+    scale_axes: LogicalAxes | None = eqx.field(static=True)
+    bias_axes: LogicalAxes | None = eqx.field(static=True)
     norm_type: ClassVar[str]
 
     def __init__(
@@ -79,11 +82,15 @@ class _Norm(eqx.Module):
         eps: float | int = 1e-6,
         use_bias: bool = False,
         dtype: Any = "float32",
+        axes: LogicalAxes | None = None,
     ):
+        """``axes``: the logical axes of scale and bias (``nn.axes``), e.g. ``("embed",)``."""
         self.scale = jnp.ones((dim,), jnp.float32)
         self.bias = jnp.zeros((dim,), jnp.float32) if use_bias else None
         self.eps = float(eps)
         self.dtype = dtype_name(dtype)
+        self.scale_axes = axes
+        self.bias_axes = axes
 
     @jax.named_scope("Norm")
     def __call__(self, x: Float[Array, "*batch D"]) -> Float[Array, "*batch D"]:
@@ -96,6 +103,8 @@ class LayerNorm(_Norm):
     learnable scale ``(D,)`` (init 1), optional bias (init 0), output in ``dtype``."""
 
     norm_type: ClassVar[str] = "layernorm"
+    # Said explicitly: a type checker would otherwise give the subclass a generated __init__.
+    __init__ = _Norm.__init__
 
 
 class RMSNorm(_Norm):
@@ -103,6 +112,8 @@ class RMSNorm(_Norm):
     optional bias, output in ``dtype``."""
 
     norm_type: ClassVar[str] = "rmsnorm"
+    # Said explicitly: a type checker would otherwise give the subclass a generated __init__.
+    __init__ = _Norm.__init__
 
 
 def make_norm(
@@ -112,11 +123,12 @@ def make_norm(
     eps: float | int = 1e-6,
     use_bias: bool = False,
     dtype: Any = "float32",
+    axes: LogicalAxes | None = None,
 ) -> LayerNorm | RMSNorm:
     """``LayerNorm`` or ``RMSNorm`` by name (``"layernorm"`` / ``"rmsnorm"``)."""
     _check_norm_type(norm_type)
     cls = LayerNorm if norm_type == "layernorm" else RMSNorm
-    return cls(dim, eps=eps, use_bias=use_bias, dtype=dtype)
+    return cls(dim, eps=eps, use_bias=use_bias, dtype=dtype, axes=axes)
 
 
 class MultiHeadNorm(eqx.Module):
@@ -130,6 +142,8 @@ class MultiHeadNorm(eqx.Module):
     norm_type: str = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     dtype: str = eqx.field(static=True)
+    scale_axes: ClassVar[LogicalAxes] = ("heads", "head_dim")
+    bias_axes: ClassVar[LogicalAxes] = ("heads", "head_dim")
 
     def __init__(
         self,

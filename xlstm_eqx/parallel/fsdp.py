@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, PyTree
 
 from ..core.parallel_config import ParallelConfig
-from .rules import _CLASS_ALIASES, _FIELD_ALIASES, _STACKED, _child
+from .rules import child, module_names, stacked_axes
 
 
 # the cast before the gather: forward in fsdp_gather_dtype, gradient via fsdp_grad_scatter_dtype
@@ -164,18 +164,15 @@ def _fsdp_targets(model: Any, wanted: set[str]) -> list[tuple[tuple[Any, ...], i
     def visit(node: Any, path: tuple[Any, ...], parent: tuple[str, str] | None, lead: int) -> None:
         if isinstance(node, eqx.Module):
             cls = type(node).__name__
-            names = {cls, _CLASS_ALIASES.get(cls, cls)}
-            if parent is not None and parent in _FIELD_ALIASES:
-                names.add(_FIELD_ALIASES[parent])
-            if names & wanted:
+            if module_names(node, parent) & wanted:
                 targets.append((path, lead))
                 return
             for f in dataclasses.fields(node):
                 if f.metadata.get("static", False):
                     continue
-                child = getattr(node, f.name)
-                extra = 1 if (cls, f.name) in _STACKED and isinstance(child, eqx.Module) else 0
-                visit(child, (*path, jax.tree_util.GetAttrKey(f.name)), (cls, f.name), lead + extra)
+                value = getattr(node, f.name)
+                extra = len(stacked_axes(node, f.name))
+                visit(value, (*path, jax.tree_util.GetAttrKey(f.name)), (cls, f.name), lead + extra)
         elif isinstance(node, (list, tuple)):
             for i, c in enumerate(node):
                 visit(c, (*path, jax.tree_util.SequenceKey(i)), parent, lead)
@@ -186,7 +183,7 @@ def _fsdp_targets(model: Any, wanted: set[str]) -> list[tuple[tuple[Any, ...], i
 
 def _follow(node: Any, path: Sequence[Any]) -> Any:
     for entry in path:
-        node = _child(node, entry)
+        node = child(node, entry)
     return node
 
 

@@ -21,8 +21,8 @@ from jaxtyping import PyTree
 
 from ..core.parallel_config import ParallelConfig
 from ..models import ModelConfig, family_of
-from .mesh import _AXES, axis_sizes
-from .rules import _is_array_like, opt_state_specs, param_partition_specs
+from .mesh import MESH_AXES, axis_sizes
+from .rules import is_array_like, opt_state_specs, param_partition_specs
 
 
 # memory report
@@ -165,7 +165,7 @@ def memory_report(
     pc = ParallelConfig() if pc is None else pc
     if num_devices is None:  # a -1 axis gets size 1 (the data axis never shards parameters)
         num_devices = math.prod(
-            s for s in (getattr(pc, f"{prefix}_axis_size") for prefix, _ in _AXES) if s != -1
+            s for s in (getattr(pc, f"{prefix}_axis_size") for prefix, _ in MESH_AXES) if s != -1
         )
     sizes = axis_sizes(pc, num_devices)
     n_dev = math.prod(sizes.values())
@@ -173,11 +173,11 @@ def memory_report(
         raise ValueError(f"hosts={hosts} must be >= 1 and divide the {n_dev} devices of the mesh")
     skeleton = eqx.filter_eval_shape(model_cls, config, key=jr.key(0))
     specs = param_partition_specs(skeleton, pc, num_devices=n_dev)
-    arrays = eqx.filter(skeleton, _is_array_like)
+    arrays = eqx.filter(skeleton, is_array_like)
     arr_specs = eqx.filter(specs, lambda s: isinstance(s, P), is_leaf=lambda s: isinstance(s, P))
     p_total, p_local = _tree_bytes(arrays, arr_specs, sizes)
     params = eqx.filter(
-        skeleton, lambda x: _is_array_like(x) and jnp.issubdtype(x.dtype, jnp.inexact)
+        skeleton, lambda x: is_array_like(x) and jnp.issubdtype(x.dtype, jnp.inexact)
     )
     opt = optax.adamw(1e-3) if optimizer is None else optimizer
     with jax.numpy_dtype_promotion("standard"):

@@ -18,7 +18,7 @@ from ..core.parallel_config import ParallelConfig
 
 
 # (ParallelConfig prefix, default axis name) in mesh order.
-_AXES: tuple[tuple[str, str], ...] = (
+MESH_AXES: tuple[tuple[str, str], ...] = (
     ("data", "dp"),
     ("fsdp", "fsdp"),
     ("pipeline", "pp"),
@@ -50,7 +50,7 @@ def axis_sizes(parallel_config: ParallelConfig, num_devices: int | None = None) 
 
     Raises a ``ValueError`` naming the sizes when they cannot give ``num_devices``."""
     pc = parallel_config
-    sizes = [getattr(pc, f"{prefix}_axis_size") for prefix, _ in _AXES]
+    sizes = [getattr(pc, f"{prefix}_axis_size") for prefix, _ in MESH_AXES]
     names = _axis_names(pc)
     shown = ", ".join(f"{n}={s}" for n, s in zip(names, sizes, strict=True))
     if num_devices is None:
@@ -103,7 +103,7 @@ def parse_mesh_spec(spec: str, base: ParallelConfig | None = None) -> ParallelCo
         raise ValueError(
             f"mesh spec must be a non-empty string like 'dp=2,fsdp=2,tp=2', got {spec!r}"
         )
-    own = {name: prefix for (prefix, _), name in zip(_AXES, _axis_names(base), strict=True)}
+    own = {name: prefix for (prefix, _), name in zip(MESH_AXES, _axis_names(base), strict=True)}
     sizes: dict[str, int] = {}
     for part in spec.split(","):
         part = part.strip()
@@ -136,7 +136,7 @@ def parse_mesh_spec(spec: str, base: ParallelConfig | None = None) -> ParallelCo
     fill_data = "data" not in sizes and -1 not in sizes.values()
     kwargs = {
         f"{prefix}_axis_size": sizes.get(prefix, -1 if (prefix == "data" and fill_data) else 1)
-        for prefix, _ in _AXES
+        for prefix, _ in MESH_AXES
     }
     return dataclasses.replace(base, **kwargs)
 

@@ -16,7 +16,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ..core.parallel_config import ParallelConfig
 from ..models import ModelConfig
-from .rules import _is_array_like, batch_spec, param_partition_specs
+from .rules import batch_spec, is_array_like, param_partition_specs
 
 
 def named_shardings(specs: PyTree, mesh: Mesh) -> PyTree:
@@ -92,7 +92,7 @@ def init_sharded(
         pc = ParallelConfig()
     skeleton = eqx.filter_eval_shape(model_cls, config, key=key)
     specs = param_partition_specs(skeleton, pc, num_devices=mesh.devices.size)
-    _, static = eqx.partition(skeleton, _is_array_like)
+    _, static = eqx.partition(skeleton, is_array_like)
     shardings = named_shardings(specs, mesh)  # None at the non-array leaves, as eqx.filter gives
 
     @functools.partial(jax.jit, out_shardings=shardings)

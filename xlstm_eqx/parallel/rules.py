@@ -11,7 +11,7 @@ Megatron layout (q/k/v and FFN up/gate column-parallel, attention out and FFN do
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import PyTree
 
 from ..core.parallel_config import ParallelConfig
+from ..nn.axes import REPLICATED, LogicalAxes, axes_field_name
 from .mesh import axis_sizes
 
 
@@ -61,64 +62,50 @@ _FIELD_ALIASES: dict[tuple[str, str], str] = {
 }
 
 
-# (module class, field) whose value, when it is a single module, carries stacked leading axes.
-_STACKED: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("xLSTMBlockStack", "blocks"),
-        ("TransformerBlockStack", "blocks"),
-        ("mLSTMInnerLayer", "qk_proj"),
-    }
-)
+# The one mapping from logical axes (declared where each weight is created: nn.axes) to the mesh.
+
+#: How the mesh splits an array axis of this logical name: ``"tp"``, over the tensor-parallel axis
+#: (when its size divides the axis); ``"tp_largest"``, the LM head's rule: its largest axis that
+#: the tp size divides, only if the array has more than ``fsdp_min_weight_size`` elements; None,
+#: never over tp. An array splits one axis over tp at most: of its ``"tp"`` axes, the one whose
+#: name comes first here (heads, then mlp, then embed), so a column-parallel kernel
+#: ``("embed", "mlp")`` splits its outputs and a row-parallel ``("mlp", "embed")`` its inputs.
+#: FSDP does not look at names (the reference's choice: the largest free axis that the fsdp size
+#: divides, in the modules named in ``fsdp_modules``); neither splits stacked leading axes
+#: (``"layers"`` of scanned blocks, the ``"qk"`` pair), and ``dp``/``pp`` never split parameters.
+LOGICAL_AXIS_RULES: dict[str, Literal["tp", "tp_largest"] | None] = {
+    "heads": "tp",  # attention / mLSTM / sLSTM heads, headwise blocks
+    "mlp": "tp",  # up-projected width: FFN hidden, mLSTM inner and v dims
+    "embed": "tp",  # model width D: the xLSTM residual stream is feature-sharded over tp
+    "lm_head_embed": "tp_largest",
+    "lm_head_vocab": "tp_largest",
+    "vocab": None,
+    "head_dim": None,
+    "gates": None,  # the sLSTM's four gates
+    "gate_features": None,  # the concatenated input of a dense mLSTM gate
+    "conv_window": None,
+    "layers": None,  # stacked: scanned blocks
+    "qk": None,  # stacked: the vmapped q/k pair
+}
 
 
-# Tensor-parallel rules: (parent module, field holding the layer) → which axis of the layer's
-# kernel / bias is split over tp. Column-parallel layers split their output features, row-parallel
-# ones their input features (their bias, added after the reduction, stays replicated).
-_COLUMN_PARALLEL: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("mLSTMLayer", "proj_up_mlstm"),
-        ("mLSTMLayer", "proj_up_z"),
-        ("mLSTMLayerV1", "dense_q"),
-        ("mLSTMLayerV1", "dense_k"),
-        ("mLSTMLayerV1", "dense_v"),
-        ("mLSTMLayerV1", "dense_o"),
-        ("mLSTMLayerV1", "igate"),
-        ("mLSTMLayerV1", "fgate"),
-        ("mLSTMCell", "igate"),
-        ("mLSTMCell", "fgate"),
-        ("FeedForward", "proj_up"),
-        ("FeedForward", "proj_up_gate"),
-        ("FFNBlock", "proj_up"),
-        ("FFNBlock", "proj_up_gate"),
-        ("SelfAttentionBlock", "dense_q"),
-        ("SelfAttentionBlock", "dense_k"),
-        ("SelfAttentionBlock", "dense_v"),
-    }
-)
-
-
-_ROW_PARALLEL: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("mLSTMLayer", "proj_down"),
-        ("mLSTMLayerV1", "proj_down"),
-        ("FeedForward", "proj_down"),
-        ("FFNBlock", "proj_down"),
-        ("SelfAttentionBlock", "dense_out"),
-    }
-)
+_TP_PRIORITY: dict[str, int] = {name: i for i, name in enumerate(LOGICAL_AXIS_RULES)}
 
 
 @dataclasses.dataclass(frozen=True)
 class _Leaf:
-    """Where an array sits: the chain of (module class, field) from the root, the registered names
-    of its enclosing modules, and how many stacked leading axes (scan layers, vmapped q/k) it has."""
+    """Where an array sits: the registered names of its enclosing modules, the logical names of
+    its stacked leading axes (scanned layers, the vmapped q/k pair) and the logical axes its owner
+    declares for it (None: undeclared)."""
 
-    chain: tuple[tuple[str, str], ...]
     names: frozenset[str]
-    lead: int
+    stacked: tuple[str, ...]
+    axes: LogicalAxes | None
+    owner: str
 
 
-def _child(node: Any, entry: Any) -> Any:
+def child(node: Any, entry: Any) -> Any:
+    """The child of a PyTree node at one path entry (attribute, index or dict key)."""
     if isinstance(entry, jax.tree_util.GetAttrKey):
         return getattr(node, entry.name)
     if isinstance(entry, jax.tree_util.SequenceKey):
@@ -128,66 +115,95 @@ def _child(node: Any, entry: Any) -> Any:
     raise TypeError(f"unsupported PyTree key {entry!r}")
 
 
+def stacked_axes(module: eqx.Module, field: str) -> tuple[str, ...]:
+    """The logical names of the stacked leading axes that the arrays under ``module.field`` carry:
+    declared by ``module`` (``<field>_axes``, nn.axes) for a field holding one vmapped module; none
+    for anything else (a tuple of blocks carries none)."""
+    declared = getattr(module, axes_field_name(field), None)
+    if declared is None or declared == REPLICATED:
+        return ()
+    return tuple(declared) if isinstance(getattr(module, field), eqx.Module) else ()
+
+
 def _locate(root: Any, path: Sequence[Any]) -> _Leaf:
     chain: list[tuple[str, str]] = []
     names: set[str] = set()
-    lead = 0
+    stacked: list[str] = []
+    axes: LogicalAxes | None = None
     node = root
     for entry in path:
         if isinstance(node, eqx.Module) and isinstance(entry, jax.tree_util.GetAttrKey):
             cls = type(node).__name__
-            names.add(cls)
-            if cls in _CLASS_ALIASES:
-                names.add(_CLASS_ALIASES[cls])
-            if chain and (chain[-1][0], chain[-1][1]) in _FIELD_ALIASES:
-                names.add(_FIELD_ALIASES[chain[-1]])
+            names.update(module_names(node, chain[-1] if chain else None))
             chain.append((cls, entry.name))
-            child = _child(node, entry)
-            if (cls, entry.name) in _STACKED and isinstance(child, eqx.Module):
-                lead += 1
-            node = child
+            stacked.extend(stacked_axes(node, entry.name))
+            value = getattr(node, entry.name)
+            axes = (
+                None
+                if isinstance(value, eqx.Module)
+                else getattr(node, axes_field_name(entry.name), None)
+            )
+            node = value
         else:
-            node = _child(node, entry)
+            node = child(node, entry)
     if chain and chain[-1] in _FIELD_ALIASES:
         names.add(_FIELD_ALIASES[chain[-1]])
-    return _Leaf(tuple(chain), frozenset(names), lead)
+    owner = ".".join(chain[-1]) if chain else "<root>"
+    return _Leaf(frozenset(names), tuple(stacked), axes, owner)
 
 
-def _tp_axis(leaf: _Leaf, ndim: int) -> int | str | None:
-    """The per-layer axis of this parameter that tensor parallelism splits, ``"lmhead"`` for the
-    LM head rule (largest divisible axis if large enough), or None (replicated)."""
-    if not leaf.chain:
+def module_names(module: eqx.Module, parent_field: tuple[str, str] | None) -> set[str]:
+    """The names ``fsdp_modules`` may use for ``module``: its class, the reference's name of its
+    class, and the reference's name of the field ``(parent class, field)`` that holds it."""
+    cls = type(module).__name__
+    names = {cls}
+    if cls in _CLASS_ALIASES:
+        names.add(_CLASS_ALIASES[cls])
+    if parent_field is not None and parent_field in _FIELD_ALIASES:
+        names.add(_FIELD_ALIASES[parent_field])
+    return names
+
+
+def _checked_axes(leaf: _Leaf, path: Sequence[Any], ndim: int) -> LogicalAxes:
+    """The leaf's declared logical axes, checked: declared, known names, the right rank."""
+    where = f"{jax.tree_util.keystr(tuple(path))} ({leaf.owner})"
+    if leaf.axes is None:
+        raise ValueError(
+            f"{where}: no logical axes declared for this array, so its sharding is undecided; "
+            f"declare them where it is created (a static '{leaf.owner.split('.')[-1]}_axes', "
+            "xlstm_eqx.nn.axes)"
+        )
+    for name in leaf.stacked + (() if leaf.axes == REPLICATED else tuple(leaf.axes)):
+        if name not in LOGICAL_AXIS_RULES:
+            raise ValueError(
+                f"{where}: unknown logical axis {name!r}; known: {sorted(LOGICAL_AXIS_RULES)}"
+            )
+    if any(LOGICAL_AXIS_RULES[name] is not None for name in leaf.stacked):
+        raise ValueError(f"{where}: stacked axes {leaf.stacked} must not be sharded")
+    rank = ndim - len(leaf.stacked)
+    if leaf.axes != REPLICATED and len(leaf.axes) != rank:
+        raise ValueError(
+            f"{where}: {len(leaf.axes)} logical axes {leaf.axes} declared for an array of "
+            f"rank {rank} (after {len(leaf.stacked)} stacked axes)"
+        )
+    return leaf.axes
+
+
+def _tp_axis(axes: LogicalAxes, layer_shape: Sequence[int], tp: int, min_size: int) -> int | None:
+    """The per-layer axis that tensor parallelism splits (``LOGICAL_AXIS_RULES``), or None."""
+    if axes == REPLICATED:
         return None
-    owner, field = leaf.chain[-1]
-    parent = leaf.chain[-2] if len(leaf.chain) >= 2 else ("", "")
-    if "LMHead" in leaf.names:
-        return "lmhead"
-    if owner == "Embedding" and field == "embedding":
-        return 1  # (V, D): features, so a lookup gives feature-sharded activations
-    if owner in ("Dense", "DenseGeneral"):
-        if parent in _COLUMN_PARALLEL:
-            if field == "kernel":
-                # Dense (in, out) → out; DenseGeneral (D, NH, hd) → NH.
-                return 1
-            return 0  # bias (out,) or (NH, hd)
-        if parent in _ROW_PARALLEL and field == "kernel":
-            return 0  # (in, out) → in; DenseGeneral (NH, hd, D) → NH
+    rules = [LOGICAL_AXIS_RULES[name] for name in axes]
+    if "tp_largest" in rules:
+        if math.prod(layer_shape) <= min_size:
+            return None
+        taken = [None if rule == "tp_largest" else "other" for rule in rules]
+        return _largest_free_axis(layer_shape, taken, tp)
+    split = [i for i, rule in enumerate(rules) if rule == "tp"]
+    if not split:
         return None
-    if owner == "LinearHeadwiseExpand":
-        return 0  # kernel (P, o, i) and bias (out,): contiguous head blocks
-    if owner == "CausalConv1d":
-        return 1 if field == "kernel" else 0  # kernel (K, C), bias (C,)
-    if owner == "MultiHeadNorm":
-        return 0  # (NH, DH)
-    if owner == "mLSTMInnerLayer" and field == "learnable_skip":
-        return 0
-    if owner == "sLSTMCell":
-        return 0  # recurrent kernel (NH, DH, 4, DH), bias (NH, 4, DH)
-    if owner == "sLSTMLayer" and field == "group_norm_weight":
-        return 0
-    if owner in ("LayerNorm", "RMSNorm") and parent[0] == "ResidualBlock":
-        return 0  # residual-stream norms of xLSTM blocks, sharded like the stream
-    return None
+    axis = min(split, key=lambda i: _TP_PRIORITY[axes[i]])
+    return axis if layer_shape[axis] % tp == 0 else None
 
 
 def _largest_free_axis(shape: Sequence[int], spec: list[Any], size: int) -> int | None:
@@ -228,7 +244,8 @@ def _check_module_names(model: Any, pc: ParallelConfig) -> None:
                     )
 
 
-def _is_array_like(x: Any) -> bool:
+def is_array_like(x: Any) -> bool:
+    """A JAX array or a ``ShapeDtypeStruct`` (the leaves of an ``eqx.filter_eval_shape`` skeleton)."""
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
@@ -266,22 +283,18 @@ def param_partition_specs(
     min_size = pc.fsdp_min_weight_size
 
     def rule(path: Sequence[Any], x: Any) -> P | None:
-        if not _is_array_like(x):
+        if not is_array_like(x):
             return None
         leaf = _locate(model, path)
         shape = tuple(x.shape)
-        lead = min(leaf.lead, len(shape))
+        axes = _checked_axes(leaf, path, len(shape))
+        lead = len(leaf.stacked)
         layer_shape = shape[lead:]
         spec: list[Any] = [None] * len(layer_shape)
         tp_factor = 1
         if tp > 1 and layer_shape:
-            axis = _tp_axis(leaf, len(layer_shape))
-            if axis == "lmhead":
-                if math.prod(layer_shape) > min_size:
-                    axis = _largest_free_axis(layer_shape, spec, tp)
-                else:
-                    axis = None
-            if isinstance(axis, int) and axis < len(layer_shape) and layer_shape[axis] % tp == 0:
+            axis = _tp_axis(axes, layer_shape, tp, min_size)
+            if axis is not None:
                 spec[axis] = tp_name
                 tp_factor = tp
         if fsdp > 1 and layer_shape and fsdp_modules & leaf.names:
@@ -306,7 +319,7 @@ def opt_state_specs(opt_state: PyTree, params: PyTree, param_specs: PyTree) -> P
     flat_specs = _specs_at_params(params, param_specs)
 
     def is_params_like(node: Any) -> bool:
-        if _is_array_like(node) or node is None:
+        if is_array_like(node) or node is None:
             return False
         try:
             return jax.tree.structure(node) == treedef
@@ -322,11 +335,11 @@ def opt_state_specs(opt_state: PyTree, params: PyTree, param_specs: PyTree) -> P
             ):
                 return jax.tree.unflatten(treedef, [s for s, _ in flat_specs])
             return jax.tree.map(lambda a: P(), node)
-        if _is_array_like(node):
+        if is_array_like(node):
             return P()
         return None
 
-    return jax.tree.map(rule, opt_state, is_leaf=lambda n: is_params_like(n) or _is_array_like(n))
+    return jax.tree.map(rule, opt_state, is_leaf=lambda n: is_params_like(n) or is_array_like(n))
 
 
 def _specs_at_params(params: PyTree, param_specs: PyTree) -> list[tuple[P, tuple[int, ...]]]:

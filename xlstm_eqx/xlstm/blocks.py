@@ -8,7 +8,7 @@ as one block whose parameters are stacked on a leading axis of length L (built w
 same parameters for the same key, hence the same outputs.
 """
 
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -18,6 +18,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ..core.parallel_config import ParallelConfig
 from ..core.utils import split_optional_key
+from ..nn.axes import LogicalAxes
 from ..nn.feedforward import FeedForward
 from ..nn.norm import LayerNorm, RMSNorm, make_norm
 from .config import xLSTMBlockConfig, xLSTMBlockStackConfig
@@ -94,7 +95,9 @@ class xLSTMBlock(eqx.Module):
             raise ValueError("xLSTMBlockConfig: exactly one of 'mlstm' and 'slstm' must be set")
 
         def norm() -> LayerNorm | RMSNorm:
-            return make_norm(config.norm_type, D, eps=config.norm_eps, dtype=config.dtype)
+            return make_norm(
+                config.norm_type, D, eps=config.norm_eps, dtype=config.dtype, axes=("embed",)
+            )
 
         post = config.add_post_norm
         self.xlstm_res_block = ResidualBlock(norm(), layer, norm() if post else None)
@@ -183,6 +186,8 @@ class xLSTMBlockStack(eqx.Module):
     num_blocks: int = eqx.field(static=True)
     scan_blocks: bool = eqx.field(static=True)
     remat_blocks: bool = eqx.field(static=True)
+    # logical name (nn.axes) of the leading axis of the scanned (single, stacked) block
+    blocks_axes: ClassVar[LogicalAxes] = ("layers",)
 
     def __init__(self, config: xLSTMBlockStackConfig, *, key: PRNGKeyArray):
         block_configs = config.block_configs()

@@ -59,11 +59,18 @@ def _make_gate(
             use_bias=True,
             dtype=gate_dtype,
             kernel_init=zeros_init,
+            features_axis="heads",
             key=key,
         )
     else:
         layer = Dense(
-            in_features, num_heads, use_bias=True, dtype=gate_dtype, kernel_init=zeros_init, key=key
+            in_features,
+            num_heads,
+            use_bias=True,
+            dtype=gate_dtype,
+            kernel_init=zeros_init,
+            axes=("gate_features", "heads"),
+            key=key,
         )
     return eqx.tree_at(lambda g: g.bias, layer, _gate_bias(bias_init_range, num_heads, key))
 
@@ -224,7 +231,7 @@ class mLSTMCell(eqx.Module):
             gate_in_features, nh, bias_init_range=config.fgate_bias_init_range, key=fkey, **gate
         )
         if config.add_qk_norm:
-            norm = dict(eps=config.norm_eps, dtype=dtype)
+            norm = dict(eps=config.norm_eps, dtype=dtype, axes=("head_dim",))
             self.q_norm = make_norm(config.norm_type, qk_dim // nh, **norm)
             self.k_norm = make_norm(config.norm_type, qk_dim // nh, **norm)
         else:

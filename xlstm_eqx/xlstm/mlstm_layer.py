@@ -6,6 +6,8 @@ and SiLU(z) gate), and `mLSTMLayerState`, the decode state of either mLSTM layer
 "The mlstm layer".
 """
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ..cell.forms import mLSTMState
+from ..nn.axes import REPLICATED, LogicalAxes
 from ..nn.conv import CausalConv1d
 from ..nn.functional import dropout
 from ..nn.init import output_initializer, small_initializer
@@ -78,6 +81,9 @@ class mLSTMInnerLayer(eqx.Module):
     x_mlstm_conv_scaling: LinearHeadwiseExpand | None
     learnable_skip: Float[Array, " DV"]
     gate_input: str = eqx.field(static=True)
+    # logical axes (nn.axes): the skip's features; the stacked (q, k) pair of ``qk_proj``
+    learnable_skip_axes: ClassVar[LogicalAxes] = ("mlp",)
+    qk_proj_axes: ClassVar[LogicalAxes] = ("qk",)
 
     def __init__(self, config: mLSTMLayerConfig, *, key: PRNGKeyArray):
         if config.gate_input not in _GATE_INPUTS:
@@ -88,13 +94,16 @@ class mLSTMInnerLayer(eqx.Module):
         inner, qk_dim, v_dim, num_blocks = _layer_dims(config)
         kconv, kq, kk, kv, kcell, kscale = jr.split(key, 6)
         dtype = config.dtype
-        self.conv1d = CausalConv1d(inner, config.conv1d_kernel_size, dtype=dtype, key=kconv)
+        self.conv1d = CausalConv1d(
+            inner, config.conv1d_kernel_size, dtype=dtype, channels_axis="mlp", key=kconv
+        )
         # q/k/v and the scaling use small-init of D, the model width (docs/architecture.md,
         # "Initialisation").
         hw = dict(
             use_bias=config.bias,
             dtype=dtype,
             kernel_init=small_initializer(config.embedding_dim, config.init_distribution),
+            features_axis="mlp",
         )
         if config.vmap_qk:
             # q and k as one headwise layer with kernels stacked (2, P, o, i) as the reference.
@@ -243,13 +252,23 @@ class mLSTMLayer(eqx.Module):
         kup, kz, kinner, kdown = jr.split(key, 4)
         dense = dict(use_bias=config.bias, dtype=config.dtype)
         up_init = small_initializer(D, config.init_distribution)
-        self.proj_up_mlstm = Dense(D, inner, kernel_init=up_init, key=kup, **dense)
-        self.proj_up_z = Dense(D, v_dim, kernel_init=up_init, key=kz, **dense)
+        # Column-parallel up-projections, a row-parallel proj_down (logical axes: nn.axes).
+        up = dict(kernel_init=up_init, axes=("embed", "mlp"), **dense)
+        self.proj_up_mlstm = Dense(D, inner, key=kup, **up)
+        self.proj_up_z = Dense(D, v_dim, key=kz, **up)
         self.inner_layer = None if config.debug_cell else mLSTMInnerLayer(config, key=kinner)
         down_init = output_initializer(
             config.output_init_fn, D, config._num_blocks or 1, config.init_distribution
         )
-        self.proj_down = Dense(v_dim, D, kernel_init=down_init, key=kdown, **dense)
+        self.proj_down = Dense(
+            v_dim,
+            D,
+            kernel_init=down_init,
+            axes=("mlp", "embed"),
+            bias_axes=REPLICATED,
+            key=kdown,
+            **dense,
+        )
         self.dropout_rate = float(config.dropout)
 
     def _run(

@@ -12,6 +12,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ..cell.backends import resolve_backend
 from ..cell.forms import mLSTMState
+from ..nn.axes import REPLICATED
 from ..nn.functional import dropout
 from ..nn.init import output_initializer, small_initializer, zeros_init
 from ..nn.linear import Dense
@@ -72,15 +73,17 @@ class mLSTMLayerV1(eqx.Module):
         kq, kk, kv, ko, ki, kf, kdown = jr.split(key, 7)
         dense = dict(use_bias=config.bias, dtype=config.dtype)
         qkv_init = small_initializer(D, config.init_distribution)
-        self.dense_q = Dense(D, qk_dim, kernel_init=qkv_init, key=kq, **dense)
-        self.dense_k = Dense(D, qk_dim, kernel_init=qkv_init, key=kk, **dense)
-        self.dense_v = Dense(D, v_dim, kernel_init=qkv_init, key=kv, **dense)
-        self.dense_o = Dense(D, v_dim, kernel_init=zeros_init, key=ko, **dense)
+        # Column-parallel q/k/v/o, a row-parallel proj_down (logical axes: nn.axes).
+        up = dict(axes=("embed", "mlp"), **dense)
+        self.dense_q = Dense(D, qk_dim, kernel_init=qkv_init, key=kq, **up)
+        self.dense_k = Dense(D, qk_dim, kernel_init=qkv_init, key=kk, **up)
+        self.dense_v = Dense(D, v_dim, kernel_init=qkv_init, key=kv, **up)
+        self.dense_o = Dense(D, v_dim, kernel_init=zeros_init, key=ko, **up)
         gate = dict(headwise=False, gate_dtype=cell.gate_dtype)
         self.igate = _make_gate(D, nh, bias_init_range=cell.igate_bias_init_range, key=ki, **gate)
         self.fgate = _make_gate(D, nh, bias_init_range=cell.fgate_bias_init_range, key=kf, **gate)
         if cell.add_qk_norm:
-            norm = dict(eps=cell.norm_eps, dtype=config.dtype)
+            norm = dict(eps=cell.norm_eps, dtype=config.dtype, axes=("head_dim",))
             self.q_norm = make_norm(config.norm_type, qk_dim // nh, **norm)
             self.k_norm = make_norm(config.norm_type, qk_dim // nh, **norm)
         else:
@@ -91,7 +94,15 @@ class mLSTMLayerV1(eqx.Module):
         down_init = output_initializer(
             config.output_init_fn, D, config._num_blocks or 1, config.init_distribution
         )
-        self.proj_down = Dense(v_dim, D, kernel_init=down_init, key=kdown, **dense)
+        self.proj_down = Dense(
+            v_dim,
+            D,
+            kernel_init=down_init,
+            axes=("mlp", "embed"),
+            bias_axes=REPLICATED,
+            key=kdown,
+            **dense,
+        )
         self.num_heads = nh
         self.backend, self.backend_kwargs = resolve_backend(cell.backend)
         opts = _cell_opts(cell)

@@ -23,6 +23,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ..core.utils import check_rank, split_optional_key
+from ..nn.axes import LM_HEAD_AXES
 from ..nn.functional import dropout, soft_cap
 from ..nn.init import small_init_std, small_initializer
 from ..nn.linear import Dense, Embedding
@@ -71,7 +72,9 @@ class xLSTMLMModel(eqx.Module):
         )
         self.xlstm_block_stack = xLSTMBlockStack(config, key=kstack)
         self.out_norm = (
-            make_norm(config.norm_type, D, eps=config.norm_eps, dtype=config.dtype)
+            make_norm(
+                config.norm_type, D, eps=config.norm_eps, dtype=config.dtype, axes=LM_HEAD_AXES[:1]
+            )
             if config.add_post_blocks_norm
             else None
         )
@@ -83,6 +86,7 @@ class xLSTMLMModel(eqx.Module):
                 V,
                 dtype=config.lm_head_dtype,
                 kernel_init=small_initializer(D, config.init_distribution_out),
+                axes=LM_HEAD_AXES,
                 key=khead,
             )
         )

@@ -27,6 +27,7 @@ stored as an offset from 1; here `group_norm_weight` is the scale itself (init 1
 """
 
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ..nn.axes import LogicalAxes
 from ..nn.conv import CausalConv1d
 from ..nn.functional import dropout
 from ..nn.init import small_initializer
@@ -94,6 +96,8 @@ class sLSTMCell(eqx.Module):
     recurrent_kernel: Float[Array, "NH DH 4 DH"]
     bias: Float[Array, "NH 4 DH"]
     config: sLSTMCellConfig = eqx.field(static=True)
+    recurrent_kernel_axes: ClassVar[LogicalAxes] = ("heads", "head_dim", "gates", "head_dim")
+    bias_axes: ClassVar[LogicalAxes] = ("heads", "gates", "head_dim")
 
     def __init__(self, config: sLSTMCellConfig, *, key: PRNGKeyArray):
         if config.hidden_size <= 0:
@@ -212,6 +216,7 @@ class sLSTMLayer(eqx.Module):
     cell: sLSTMCell
     group_norm_weight: Float[Array, " D"] | None
     config: sLSTMLayerConfig = eqx.field(static=True)
+    group_norm_weight_axes: ClassVar[LogicalAxes] = ("embed",)
 
     def __init__(self, config: sLSTMLayerConfig, *, key: PRNGKeyArray):
         if not isinstance(config, sLSTMLayerConfig):
@@ -222,12 +227,21 @@ class sLSTMLayer(eqx.Module):
         if D % nh != 0:
             raise ValueError(f"sLSTMLayerConfig.num_heads={nh} must divide embedding_dim={D}")
         kconv, ki, kf, kz, ko, kcell = jr.split(key, 6)
-        self.conv1d = CausalConv1d(D, config.conv1d_kernel_size, dtype=config.dtype, key=kconv)
+        self.conv1d = CausalConv1d(
+            D, config.conv1d_kernel_size, dtype=config.dtype, channels_axis="embed", key=kconv
+        )
         init = small_initializer(D)
 
         def proj(k: PRNGKeyArray) -> LinearHeadwiseExpand:
             return LinearHeadwiseExpand(
-                D, nh, D, use_bias=False, dtype="float32", kernel_init=init, key=k
+                D,
+                nh,
+                D,
+                use_bias=False,
+                dtype="float32",
+                kernel_init=init,
+                features_axis="embed",
+                key=k,
             )
 
         self.igate, self.fgate, self.zgate, self.ogate = proj(ki), proj(kf), proj(kz), proj(ko)
