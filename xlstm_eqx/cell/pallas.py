@@ -28,8 +28,8 @@ a selection (`where`), not a product.
 
 Kernels are written for the Triton lowering (`pl.pallas_call` on GPU): tiles are powers of two of at
 least 16, so the chunk length is rounded up to one (the result does not depend on the chunk length
-beyond rounding) and DHQK, DHV are zero-padded to one. On other backends they run in Pallas interpret
-mode (slow; for tests).
+beyond rounding) and DHQK, DHV are zero-padded to one. A program lowered for any other platform runs
+them in Pallas interpret mode (slow; for tests); the choice is made at lowering time.
 """
 
 import dataclasses
@@ -66,7 +66,7 @@ class _KernelConfig:
     """Static settings shared by the four kernels (hashable: a `custom_vjp` non-diff argument)."""
 
     eps: float
-    interpret: bool
+    interpret: bool | None  # None: chosen per platform when the program is lowered (`_call`)
     num_warps: int
     num_stages: int
 
@@ -360,18 +360,30 @@ def _call(kernel, cfg: _KernelConfig, grid: tuple[int, ...], inputs, out_shapes,
         rest = tuple(shape[lead:])
         return pl.BlockSpec((None,) * lead + rest, lambda *idx: (*idx, *(0,) * len(rest)))
 
-    return pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=[spec(x.shape) for x in inputs],
-        out_specs=[spec(s.shape) for s in out_shapes],
-        out_shape=out_shapes,
-        interpret=cfg.interpret,
-        compiler_params=pl_triton.CompilerParams(
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages
-        ),
-        name=name,
-    )(*inputs)
+    def run(interpret: bool, *arrays):
+        return pl.pallas_call(
+            kernel,
+            grid=grid,
+            in_specs=[spec(x.shape) for x in arrays],
+            out_specs=[spec(s.shape) for s in out_shapes],
+            out_shape=out_shapes,
+            interpret=interpret,
+            compiler_params=pl_triton.CompilerParams(
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages
+            ),
+            name=name,
+        )(*arrays)
+
+    if cfg.interpret is not None:
+        return run(cfg.interpret, *inputs)
+    # Decided when the program is lowered, not from the host's backend: a program lowered for a
+    # GPU (also an export for CUDA from a CPU host) holds the Triton kernel, one lowered for any
+    # other platform the interpreted kernel (docs/architecture.md, "Platform choices at lowering
+    # time").
+    compiled = functools.partial(run, False)
+    return jax.lax.platform_dependent(
+        *inputs, cuda=compiled, rocm=compiled, default=functools.partial(run, True)
+    )
 
 
 def _shapes(dtype, *shapes):
@@ -523,15 +535,17 @@ def mlstm_chunkwise_pallas(
     Same arguments, result and gradient as `mlstm_chunkwise`; like it, computes in float32 (float64
     for float64 inputs) and returns h in the dtype of the queries. The chunk length used is
     max(16, next power of two ≥ min(chunk_size, S)) (Triton tile constraint). `interpret=None` runs
-    the kernels compiled on GPU and in Pallas interpret mode on any other backend. `num_warps` /
+    the kernels compiled (Triton) in a program lowered for a GPU and in Pallas interpret mode in one
+    lowered for any other platform, decided at lowering time (`jax.lax.platform_dependent`). `num_warps` /
     `num_stages` are Triton launch settings (GPU only). Memory: inputs plus one (C, n, m) per chunk
     are kept for the backward; the L×L matrices are recomputed there.
     """
     chunk_size = check_chunk_size(chunk_size)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     cfg = _KernelConfig(
-        eps=float(eps), interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages
+        eps=float(eps),
+        interpret=None if interpret is None else bool(interpret),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     out_dtype = queries.dtype
     q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)

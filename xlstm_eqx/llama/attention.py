@@ -5,14 +5,17 @@ Activations are ``(B, S, NH, hd)``; the core is called with scale 1 because the 
 itself (docs/architecture.md, "Llama").
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, get_args
 
 import equinox as eqx
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jax.interpreters import batching, mlir
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..nn.axes import REPLICATED
@@ -86,18 +89,90 @@ def segment_mask(segment_ids: Int[Array, "B S"]) -> Bool[Array, "B 1 S S"]:
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
-def _check_backend_platform(backend: str, dtype: Any) -> None:
-    platform = jax.default_backend()
-    if backend in ("cudnn", "pallas_triton") and platform != "gpu":
-        raise RuntimeError(
-            f"attention_backend={backend!r} needs an NVIDIA GPU, but the JAX platform here is "
-            f"{platform!r}; use attention_backend='xla'"
+# Platform choices at lowering time (docs/architecture.md, "Platform choices at lowering time")
+
+
+_lowering_error_p = jax.extend.core.Primitive("xlstm_eqx_lowering_error")
+_lowering_error_p.def_abstract_eval(lambda x, **_: x)
+batching.primitive_batchers[_lowering_error_p] = lambda args, dims, **params: (
+    _lowering_error_p.bind(*args, **params),
+    dims[0],
+)
+
+
+def _raise_when_lowered(ctx: Any, x: Any, *, error: type[Exception], message: str) -> Any:
+    platforms = ", ".join(repr(name) for name in ctx.module_context.platforms)
+    raise error(message.replace("<platforms>", platforms))
+
+
+mlir.register_lowering(_lowering_error_p, _raise_when_lowered)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _fail_when_lowered(x: Array, error: type[Exception], message: str) -> Array:
+    """``x`` as a program that raises ``error(message)`` when it is lowered (not when traced);
+    ``<platforms>`` in the message names the platforms it is lowered for."""
+    return _lowering_error_p.bind(x, error=error, message=message)
+
+
+@_fail_when_lowered.defjvp
+def _fail_when_lowered_jvp(
+    error: type[Exception], message: str, primals: tuple[Array], tangents: tuple[Array]
+) -> tuple[Array, Array]:
+    out = _fail_when_lowered(primals[0], error, message)
+    return out, jnp.zeros_like(out)  # never runs: lowering raises
+
+
+def _cuda_only(backend: str, kernel: Callable[..., Array], *operands: Any) -> Array:
+    """``kernel(*operands)`` in the program lowered for CUDA; lowering for any other platform
+    raises. Errors raised while tracing the kernel (a dtype, a shape, a missing cuDNN) are raised
+    when the CUDA program is lowered, so a CPU run still names the platform first."""
+
+    def on_cuda(*args: Any) -> Array:
+        try:
+            return kernel(*args)
+        except Exception as err:  # noqa: BLE001 - raised when the CUDA program is lowered
+            return _fail_when_lowered(args[0], type(err), str(err))
+
+    def elsewhere(*args: Any) -> Array:
+        message = (
+            f"attention_backend={backend!r} needs an NVIDIA GPU, but the program is lowered "
+            f"for <platforms>; use attention_backend='xla'"
         )
-    if backend == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return _fail_when_lowered(args[0], RuntimeError, message)
+
+    return jax.lax.platform_dependent(*operands, cuda=on_cuda, default=elsewhere)
+
+
+def _cudnn_attention(
+    q: Float[Array, "B S NH hd"],
+    k: Float[Array, "B S NH hd"],
+    v: Float[Array, "B S NH hd"],
+    seg_mask: Bool[Array, "B 1 S S"] | None,
+    *,
+    causal: bool,
+) -> Float[Array, "B S NH hd"]:
+    if jnp.dtype(q.dtype) not in (jnp.bfloat16, jnp.float16):
         raise ValueError(
             f"attention_backend='cudnn' supports dtype bfloat16 or float16 only, got "
-            f"{jnp.dtype(dtype).name}; use attention_backend='xla' for float32"
+            f"{jnp.dtype(q.dtype).name}; use attention_backend='xla' for float32"
         )
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=seg_mask, scale=1.0, is_causal=causal, implementation="cudnn"
+    )
+
+
+def _pallas_triton_attention(
+    q: Float[Array, "B S NH hd"],
+    k: Float[Array, "B S NH hd"],
+    v: Float[Array, "B S NH hd"],
+    segment_ids: Int[Array, "B S"] | None,
+    *,
+    causal: bool,
+) -> Float[Array, "B S NH hd"]:
+    from jax.experimental.pallas.ops.gpu.attention import mha
+
+    return mha(q, k, v, segment_ids, sm_scale=1.0, causal=causal)
 
 
 def _xla_attention(
@@ -140,23 +215,21 @@ def multihead_attention(
 
     Masks: causal if ``causal``; with ``segment_ids`` only within the same segment (document).
     ``xla``: the einsum core above, on any platform; ``cudnn``: ``jax.nn.dot_product_attention``'s
-    cuDNN flash kernel; ``pallas_triton``: the Pallas Triton flash kernel. The last two need an
-    NVIDIA GPU and raise a clear error elsewhere.
+    cuDNN flash kernel; ``pallas_triton``: the Pallas Triton flash kernel. The last two are chosen
+    when the program is lowered: a program lowered for CUDA (on a GPU, or exported from any host)
+    holds the kernel, lowering for any other platform raises a clear error.
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(
             f"attention_backend={backend!r} is unknown; allowed: {', '.join(ATTENTION_BACKENDS)}"
         )
-    _check_backend_platform(backend, q.dtype)
     if backend == "pallas_triton":
-        from jax.experimental.pallas.ops.gpu.attention import mha
-
-        return mha(q, k, v, segment_ids, sm_scale=1.0, causal=causal)
+        kernel = functools.partial(_pallas_triton_attention, causal=causal)
+        return _cuda_only(backend, kernel, q, k, v, segment_ids)
     seg_mask = None if segment_ids is None else segment_mask(segment_ids)
     if backend == "cudnn":
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=seg_mask, scale=1.0, is_causal=causal, implementation="cudnn"
-        )
+        kernel = functools.partial(_cudnn_attention, causal=causal)
+        return _cuda_only(backend, kernel, q, k, v, seg_mask)
     S = q.shape[1]
     mask = jnp.tril(jnp.ones((S, S), bool)) if causal else None
     if seg_mask is not None:

@@ -27,7 +27,7 @@ Pieces, in the order a run uses them:
 - `memory`: ``memory_report(config, parallel_config)``, per-device parameter and optimizer bytes
   from ``eqx.filter_eval_shape`` (no allocation).
 
-The layer above builds on these: `xlstm_eqx.training.make_sharded_train_step` /
+The layer above builds on these: `xlstm_eqx.training.make_train_step` (with a mesh) /
 `shard_train_state` are the trainer's step (same signature, same math as `make_train_step`) with
 the batch split over ``(dp, fsdp)``, FSDP weights gathered at use and the parameter and optimizer
 layouts pinned with ``eqx.filter_shard`` on the way in and out; `save_sharded_checkpoint` /

@@ -24,7 +24,7 @@ def named_shardings(specs: PyTree, mesh: Mesh) -> PyTree:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 
 
-def _place(tree: PyTree, shardings: PyTree) -> PyTree:
+def place(tree: PyTree, shardings: PyTree) -> PyTree:
     """``eqx.filter_shard`` inside jit; outside jit a plain ``jax.device_put`` of the array part
     (no per-leaf compilation; each device receives only its shard)."""
     arrays, static = eqx.partition(tree, eqx.is_array)
@@ -39,13 +39,13 @@ def _place(tree: PyTree, shardings: PyTree) -> PyTree:
 def shard_model(model: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
     """``model`` with every array placed (outside jit) or constrained (inside jit) to
     ``NamedSharding(mesh, spec)``."""
-    return _place(model, named_shardings(specs, mesh))
+    return place(model, named_shardings(specs, mesh))
 
 
 def shard_opt_state(opt_state: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
     """``opt_state`` placed/constrained to ``NamedSharding(mesh, spec)`` (specs from
     ``opt_state_specs``)."""
-    return _place(opt_state, named_shardings(specs, mesh))
+    return place(opt_state, named_shardings(specs, mesh))
 
 
 def batch_sharding(

@@ -51,7 +51,7 @@ def bench_train(
     verbose: bool = False,
 ) -> list[dict[str, Any]]:
     """Time the trainer's own jitted train step (forward + backward + grad clip + AdamW,
-    `xlstm_eqx.training.step._optimizer_and_step`) on random byte tokens
+    `xlstm_eqx.training.step.optimizer_and_step`) on random byte tokens
     ``(1, batch_size, seq_len+1)``.
 
     Models are the presets ``f"{size}_{model}"`` (``small_xlstm`` / ``small_llama``, 3.35M

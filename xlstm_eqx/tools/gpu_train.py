@@ -17,7 +17,7 @@ from ..core import count_params, median_seconds
 from ..models import MODEL_FAMILIES, _mlstm_dims, train_flops_per_token
 from ..presets import get_preset
 from ..training import TrainConfig, trainable_params
-from ..training.step import _optimizer_and_step
+from ..training.step import optimizer_and_step
 from .gpu_report import _gib, _memory_limit, _Part, _random, _Report
 from .gpu_settings import CheckSettings, peak_bf16_flops
 
@@ -68,7 +68,7 @@ class _TrainState:
         self.family = MODEL_FAMILIES[_family_name(self.config)]
         self.model = self.family.build(self.config, key=jr.key(0))
         cfg = TrainConfig(model=self.family.name, seq_len=context, batch_size=1, steps=1000)
-        optimizer, self.step = _optimizer_and_step(cfg, self.model, self.config, self.family)
+        optimizer, self.step = optimizer_and_step(cfg, self.model, self.config, self.family)
         self.opt_state = optimizer.init(trainable_params(self.model))
         self.params = count_params(self.model)
         self.plans: list[tuple[int, int, int]] = []

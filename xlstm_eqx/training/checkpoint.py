@@ -181,7 +181,7 @@ def _dtype_name_ok(name: Any) -> bool:
     return str(dtype) == name and numeric_dtype(dtype)
 
 
-def _check_meta(meta: dict[str, Any], where: str) -> None:
+def check_meta(meta: dict[str, Any], where: str) -> None:
     """The structure `restore_checkpoint` and its callers rely on, checked once."""
 
     def bad(what: str) -> CheckpointError:
@@ -275,7 +275,7 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {path!r}: format version {printable(repr(meta.get('version')))[:40]}, "
             f"this code reads {VERSION}"
         )
-    _check_meta(meta, f"checkpoint {path!r}: meta.json")
+    check_meta(meta, f"checkpoint {path!r}: meta.json")
     return meta
 
 

@@ -207,18 +207,7 @@ def evaluate_run(
     model, run, step = load_run(out_dir, checkpoint)
     tok, own = run_tokenizer(run, tokenizer, f"run {out_dir!r}")
     vocab = int(run["model_config"]["vocab_size"])
-    if not isinstance(run.get("train"), dict):  # a converted model: no training data recorded
-        if sources is None:
-            how = run.get("converted_from", {}).get("format", "another format")
-            raise ValueError(
-                f"run {out_dir!r} records no training data (converted from {how}); pass --data FILE"
-            )
-        ctx = run["model_config"].get("context_length")
-        tcfg = TrainConfig()
-        if isinstance(ctx, int) and ctx > 0:
-            tcfg = dataclasses.replace(tcfg, seq_len=min(tcfg.seq_len, ctx))
-    else:
-        tcfg = TrainConfig.from_dict(run["train"])
+    tcfg = _scoring_config(run, out_dir, sources)
     bs = batch_size or tcfg.batch_size
     nb = max_batches or tcfg.eval_batches
     if not own and sources is None:
@@ -233,13 +222,47 @@ def evaluate_run(
         eod = getattr(tok, "eod_id", None)  # the tokenizer's own, if it has one
         tokens, tokens_per_byte = _scoring_data(sources, tok, eod, tcfg, bs * nb, vocab)
         return _score(model, step, tokens, tokens_per_byte, tcfg.seq_len, bs, nb, None)
+    corpus = _run_corpus(run, tok, tcfg, out_dir)
+    if sources:
+        tokens, tokens_per_byte = _scoring_data(sources, tok, corpus.eod_id, tcfg, bs * nb, vocab)
+        target_counts = np.bincount(tokens, minlength=vocab)
+    else:
+        tokens, tokens_per_byte = corpus.heldout_reader, corpus.heldout_tokens_per_byte
+        target_counts = corpus.heldout_counts
+    unigram = unigram_bits_per_byte_from_counts(
+        corpus.train_counts, target_counts, vocab, tokens_per_byte
+    )
+    return _score(model, step, tokens, tokens_per_byte, tcfg.seq_len, bs, nb, unigram)
+
+
+def _scoring_config(
+    run: dict[str, Any], out_dir: str, sources: Sequence[Source] | None
+) -> TrainConfig:
+    """The run's `TrainConfig`; a converted model records none (no training data): the defaults,
+    the window no longer than its context, and ``--data`` is needed."""
+    if isinstance(run.get("train"), dict):
+        return TrainConfig.from_dict(run["train"])
+    if sources is None:
+        how = run.get("converted_from", {}).get("format", "another format")
+        raise ValueError(
+            f"run {out_dir!r} records no training data (converted from {how}); pass --data FILE"
+        )
+    ctx = run["model_config"].get("context_length")
+    tcfg = TrainConfig()
+    if isinstance(ctx, int) and ctx > 0:
+        tcfg = dataclasses.replace(tcfg, seq_len=min(tcfg.seq_len, ctx))
+    return tcfg
+
+
+def _run_corpus(run: dict[str, Any], tok: Tokenizer, tcfg: TrainConfig, out_dir: str) -> Any:
+    """The corpus the run trained on, checked against the run's record of it."""
     record = run.get("data") or {}
     # Runs made before the absolute paths were recorded: as typed, from this directory.
     cache = tcfg.data_cache or None
     store = record.get("store")
     if isinstance(store, str) and os.path.isabs(store):
         cache = os.path.dirname(store)
-    corpus = load_corpus(
+    return load_corpus(
         record.get("paths", tcfg.data),
         tok,
         text_field=tcfg.text_field,
@@ -251,16 +274,6 @@ def evaluate_run(
         expected=record.get("identity"),
         where=f"run {out_dir!r}",
     )
-    if sources:
-        tokens, tokens_per_byte = _scoring_data(sources, tok, corpus.eod_id, tcfg, bs * nb, vocab)
-        target_counts = np.bincount(tokens, minlength=vocab)
-    else:
-        tokens, tokens_per_byte = corpus.heldout_reader, corpus.heldout_tokens_per_byte
-        target_counts = corpus.heldout_counts
-    unigram = unigram_bits_per_byte_from_counts(
-        corpus.train_counts, target_counts, vocab, tokens_per_byte
-    )
-    return _score(model, step, tokens, tokens_per_byte, tcfg.seq_len, bs, nb, unigram)
 
 
 def _scoring_data(

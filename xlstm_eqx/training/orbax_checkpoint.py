@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from ..core.untrusted import load_json, printable
-from .checkpoint import CheckpointError, _check_meta, check_manifest
+from .checkpoint import CheckpointError, check_manifest, check_meta
 from .leaf_checksums import (
     CHECKSUM,
     check_checksum_record,
@@ -247,7 +247,7 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{where}: format version {printable(repr(meta.get('version')))[:40]}, this code "
             f"reads {VERSION}"
         )
-    _check_meta(meta, where)
+    check_meta(meta, where)
     check_checksum_record(meta, where)
     check_meta_digest(meta, os.fspath(path), f"{META_ITEM}/metadata")
     named = _STEP_DIR.match(os.path.basename(os.path.normpath(os.fspath(path))))
