@@ -14,9 +14,11 @@ Pieces, in the order a run uses them:
   CLI string; ``initialize_distributed()`` starts the multi-controller runtime
   (``jax.distributed.initialize``) from explicit arguments,
   ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, or SLURM.
-- `rules`: ``param_partition_specs(model, parallel_config)``, a ``PartitionSpec`` per array leaf by
-  rule on the module path (``MODULE_NAME_MAP`` maps the reference's registered module names onto
-  this package's classes), plus the specs of optimizer states and token batches.
+- `rules`: ``param_partition_specs(model, parallel_config)``, a ``PartitionSpec`` per array leaf
+  from the logical axes each module declares where it creates the array (``xlstm_eqx.nn.axes``)
+  and one mapping of logical axes to mesh axes (``LOGICAL_AXIS_RULES``); ``MODULE_NAME_MAP`` maps
+  the reference's registered module names (``fsdp_modules``) onto this package's classes; plus the
+  specs of optimizer states and token batches.
 - `placement`: ``shard_model`` / ``shard_opt_state`` place a model / its optax state on a mesh;
   ``init_sharded(model_cls, config, key=..., mesh=...)`` makes a model born sharded (shapes from
   ``eqx.filter_eval_shape``, arrays from a ``jax.jit`` of the init with ``out_shardings``);
@@ -63,8 +65,10 @@ from .placement import (
     shard_opt_state as shard_opt_state,
 )
 from .rules import (
+    LOGICAL_AXIS_RULES as LOGICAL_AXIS_RULES,
     MODULE_NAME_MAP as MODULE_NAME_MAP,
     batch_spec as batch_spec,
+    logical_axes as logical_axes,
     opt_state_specs as opt_state_specs,
     param_partition_specs as param_partition_specs,
 )

@@ -1,6 +1,7 @@
-"""Partition rules: a ``PartitionSpec`` for every array of a model from its module path
-(`param_partition_specs`), specs for an optax state (`opt_state_specs`) and for token batches
-(`batch_spec`), and `MODULE_NAME_MAP`, the reference's module names (as used in ``fsdp_modules``
+"""Partition rules: a ``PartitionSpec`` for every array of a model (`param_partition_specs`),
+derived from the logical axes each module declares where it creates the array (``nn.axes``,
+checked by `logical_axes`) through one mapping, `LOGICAL_AXIS_RULES`; specs for an optax state
+(`opt_state_specs`) and for token batches (`batch_spec`), and `MODULE_NAME_MAP`, the reference's module names (as used in ``fsdp_modules``
 and ``remat``) on this package's classes. The rules are listed in docs/architecture.md,
 "Partition rules".
 
@@ -187,6 +188,22 @@ def _checked_axes(leaf: _Leaf, path: Sequence[Any], ndim: int) -> LogicalAxes:
             f"rank {rank} (after {len(leaf.stacked)} stacked axes)"
         )
     return leaf.axes
+
+
+def logical_axes(model: PyTree) -> PyTree:
+    """The checked logical axes of every array leaf of ``model`` (same structure; non-arrays →
+    None): the stacked names followed by the declared per-layer names, or the stacked names and
+    `REPLICATED`. Raises a ``ValueError`` naming the path of an array without a declaration, with
+    an unknown name or with a rank that does not match (real models and shape skeletons)."""
+
+    def rule(path: Sequence[Any], x: Any) -> tuple[str, ...] | None:
+        if not is_array_like(x):
+            return None
+        leaf = _locate(model, path)
+        axes = _checked_axes(leaf, path, len(x.shape))
+        return leaf.stacked + ((REPLICATED,) if axes == REPLICATED else tuple(axes))
+
+    return jax.tree_util.tree_map_with_path(rule, model)
 
 
 def _tp_axis(axes: LogicalAxes, layer_shape: Sequence[int], tp: int, min_size: int) -> int | None:
