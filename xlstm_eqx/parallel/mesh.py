@@ -98,12 +98,12 @@ def parse_mesh_spec(spec: str, base: ParallelConfig | None = None) -> ParallelCo
     data axis, which fills the remaining devices (``-1``) unless named or another axis is ``-1``.
     The other fields (FSDP modules, remat, …) come from ``base``.
     """
-    base = ParallelConfig() if base is None else base
+    config = ParallelConfig() if base is None else base
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(
             f"mesh spec must be a non-empty string like 'dp=2,fsdp=2,tp=2', got {spec!r}"
         )
-    own = {name: prefix for (prefix, _), name in zip(MESH_AXES, _axis_names(base), strict=True)}
+    own = {name: prefix for (prefix, _), name in zip(MESH_AXES, _axis_names(config), strict=True)}
     sizes: dict[str, int] = {}
     for part in spec.split(","):
         part = part.strip()
@@ -138,7 +138,7 @@ def parse_mesh_spec(spec: str, base: ParallelConfig | None = None) -> ParallelCo
         f"{prefix}_axis_size": sizes.get(prefix, -1 if (prefix == "data" and fill_data) else 1)
         for prefix, _ in MESH_AXES
     }
-    return dataclasses.replace(base, **kwargs)
+    return dataclasses.replace(config, **kwargs)
 
 
 # multi-host

@@ -10,6 +10,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import numpy as np
+from jax.core import Tracer
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, PRNGKeyArray, PyTree
@@ -28,7 +29,7 @@ def place(tree: PyTree, shardings: PyTree) -> PyTree:
     """``eqx.filter_shard`` inside jit; outside jit a plain ``jax.device_put`` of the array part
     (no per-leaf compilation; each device receives only its shard)."""
     arrays, static = eqx.partition(tree, eqx.is_array)
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(arrays)):
+    if any(isinstance(x, Tracer) for x in jax.tree.leaves(arrays)):
         return eqx.filter_shard(tree, shardings)
     placed = jax.tree.map(
         place_global, arrays, shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)
