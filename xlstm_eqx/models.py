@@ -21,8 +21,8 @@ from .llama.config import LlamaConfig
 from .llama.model import LlamaTransformer
 from .presets import PRESETS, preset_aliases, small_llama, small_xlstm
 from .xlstm.config import xLSTMLMModelConfig
-from .xlstm.mlstm_layer import _layer_dims
-from .xlstm.mlstm_layer_v1 import _v1_dims
+from .xlstm.mlstm_layer import mlstm_layer_dims
+from .xlstm.mlstm_layer_v1 import mlstm_v1_dims
 from .xlstm.model import decay_mask as xlstm_decay_mask, xLSTMLMModel
 
 
@@ -143,14 +143,14 @@ def matmul_param_count(config: ModelConfig) -> int:
     return total
 
 
-def _mlstm_dims(config: xLSTMLMModelConfig) -> tuple[int, int, int]:
+def mlstm_dims(config: xLSTMLMModelConfig) -> tuple[int, int, int]:
     """(NH, DHQK, DHV) of the xLSTM model's mLSTM layers."""
 
     layer = config.mlstm_block.mlstm
     if layer.layer_type == "mlstm_v1":
-        qk_dim, v_dim = _v1_dims(layer)
+        qk_dim, v_dim = mlstm_v1_dims(layer)
     else:
-        _, qk_dim, v_dim, _ = _layer_dims(layer)
+        _, qk_dim, v_dim, _ = mlstm_layer_dims(layer)
     nh = layer.num_heads
     return nh, qk_dim // nh, v_dim // nh
 
@@ -181,7 +181,7 @@ def train_flops_per_token(config: xLSTMLMModelConfig | LlamaConfig, seq_len: int
         nh = config.embedding_dim // config.head_dim
         mix = config.num_blocks * 12.0 * seq_len * nh * config.head_dim
         return dense + mix
-    nh, dqk, dv = _mlstm_dims(config)
+    nh, dqk, dv = mlstm_dims(config)
     backend = config.mlstm_block.mlstm.mlstm_cell.backend
     name = backend.name
     if name in ("chunkwise", "chunkwise_pallas", "auto"):

@@ -5,9 +5,11 @@ import math
 import pytest
 
 import xlstm_eqx.tools.gpu_check as gc
-import xlstm_eqx.tools.gpu_correctness as gpu_correctness
-import xlstm_eqx.tools.gpu_train as gpu_train
+import xlstm_eqx.tools.gpu_check.correctness as gpu_correctness
+import xlstm_eqx.tools.gpu_check.run as gpu_check_run
+import xlstm_eqx.tools.gpu_check.train as gpu_train
 from xlstm_eqx.cell import mlstm_chunkwise, mLSTMBackendNameAndKwargs
+from xlstm_eqx.cli.bench import gpu_check_main
 from xlstm_eqx.models import matmul_param_count, train_flops_per_token
 from xlstm_eqx.presets import tiny_xlstm
 
@@ -25,7 +27,7 @@ def _load(tmp_path):
 
 
 def test_quick_run_writes_results_and_passes(tmp_path, capsys):
-    assert gc.main(["--out", str(tmp_path), "--quick", *BIG]) == 0
+    assert gpu_check_main(["--out", str(tmp_path), "--quick", *BIG]) == 0
     data, md = _load(tmp_path)
     meta = data["meta"]
     assert meta["quick"] is True and meta["jax_version"] and meta["device_kind"]
@@ -80,7 +82,8 @@ def test_quick_run_writes_results_and_passes(tmp_path, capsys):
 
 def test_forced_failure_is_recorded_and_later_parts_run(tmp_path, monkeypatch):
     def wrong_kernel(*args, **kwargs):
-        return 1.5 * mlstm_chunkwise(*args, **kwargs)
+        h, state = mlstm_chunkwise(*args, **kwargs)
+        return 1.5 * h, state
 
     monkeypatch.setattr(gpu_correctness, "mlstm_chunkwise_pallas", wrong_kernel)
     quick = dataclasses.replace(
@@ -88,9 +91,9 @@ def test_forced_failure_is_recorded_and_later_parts_run(tmp_path, monkeypatch):
         correctness_cases=(gc.CellCase(1, 2, 40, 16, 32, 16, "float32", "wide"),),
         gen_contexts=(16,),
     )
-    monkeypatch.setattr(gc, "QUICK", quick)
+    monkeypatch.setattr(gpu_check_run, "QUICK", quick)
     argv = ["--out", str(tmp_path), "--quick", "--parts", "correctness,generate", *BIG]
-    assert gc.main(argv) == 1
+    assert gpu_check_main(argv) == 1
     data, md = _load(tmp_path)
     (row,) = data["parts"]["correctness"]["rows"]
     assert row["status"] == "fail" and row["out_err"] > row["tol"][0]
@@ -105,7 +108,7 @@ def test_forced_failure_is_recorded_and_later_parts_run(tmp_path, monkeypatch):
 def test_spent_budget_records_timed_out_cases(tmp_path):
     argv = ["--out", str(tmp_path), "--quick", "--parts", "correctness,kernels"]
     argv += ["--budget", "correctness=0", "--budget", "kernels=0"]
-    assert gc.main(argv) == 0  # time-outs are recorded, they are not failures
+    assert gpu_check_main(argv) == 0  # time-outs are recorded, they are not failures
     data, _ = _load(tmp_path)
     for name in ("correctness", "kernels"):
         part = data["parts"][name]
@@ -114,7 +117,7 @@ def test_spent_budget_records_timed_out_cases(tmp_path):
     assert set(data["parts"]) == {"correctness", "kernels"}
 
 
-class _FakeTrainState(gpu_train._TrainState):
+class _FakeTrainState(gpu_train.TrainState):
     """Plans from a memory model instead of compiles: fixed + per_token * tokens (+ a fixed
     temporary part the one-plan prediction over-counts)."""
 
@@ -142,21 +145,21 @@ class _FakeTrainState(gpu_train._TrainState):
 )
 def test_search_batch_largest_power_of_two_that_fits(limit, max_tokens, expected_batch, bound):
     state = _FakeTrainState(fixed=80, per_token=1, fixed_temp=20)
-    batch, compiled, plans, why, _ = gpu_train._search_batch(state, 64, limit, max_tokens, 1.0)
+    batch, compiled, plans, why, _ = gpu_train.search_batch(state, 64, limit, max_tokens, 1.0)
     assert (batch, why) == (expected_batch, bound)
     assert compiled == f"compiled B={batch}"
     assert state.compiled_batches[0] == 1 and len(state.compiled_batches) <= 4
     assert [b for b, _ in plans] == sorted(set(state.compiled_batches))
     # the next sequence length reuses the fitted line: one compile when the prediction is right
     before = len(state.compiled_batches)
-    batch2, *_ = gpu_train._search_batch(state, 32, limit, max_tokens, 1.0)
+    batch2, *_ = gpu_train.search_batch(state, 32, limit, max_tokens, 1.0)
     assert batch2 >= batch and len(state.compiled_batches) - before == 1
 
 
 def test_search_batch_does_not_fit():
     state = _FakeTrainState(fixed=500, per_token=1, fixed_temp=0)
     with pytest.raises(RuntimeError, match="B=1 needs"):
-        gpu_train._search_batch(state, 64, 400.0, 64 * 64, 1.0)
+        gpu_train.search_batch(state, 64, 400.0, 64 * 64, 1.0)
 
 
 def test_chunkwise_flops_matches_the_train_count():
@@ -201,7 +204,7 @@ def test_peak_table(kind, tflops):
 
 
 def test_estimate_prints_every_part(capsys):
-    assert gc.main(["--estimate"]) == 0
+    assert gpu_check_main(["--estimate"]) == 0
     out = capsys.readouterr().out
     for name in gc.PARTS:
         assert name in out

@@ -6,7 +6,7 @@ the dataclass defaults, the run's saved `DIR/config.json` (with `--resume`), a `
 YAML file (TrainConfig fields, or a run's whole `config.json`), then the flags given.
 
 Subcommands are registered in `COMMANDS` (name → (help, add_arguments, run)); each lives in its
-own module of this package (`convert` in `cli/convert.py`, `bench` in `xlstm_eqx.tools.bench`).
+own module of this package (`convert` in `cli/convert.py`, `bench` in `cli/bench.py`).
 """
 
 import argparse
@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 
 from ..core.compile_cache import CACHE_ENV, enable_compile_cache
 from ..core.console import silence_stdout
-from ..tools import bench
-from . import convert
+from . import bench, convert
 from .common import _DefaultsHelpFormatter, _one_line, _user_errors, resolve_train_config
 from .convert import convert_main, generate_main
 from .generate import _generate_arguments, _generate_run

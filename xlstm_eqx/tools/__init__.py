@@ -1,21 +1,17 @@
 """Level 7: developer tools, a sub-namespace not re-exported at the root — benchmarks, the
-train-step profiler, and the one-command GPU check (`gpu_check`, `xlstm-eqx bench gpu`).
+train-step profiler, and the one-command GPU check (the `gpu_check` subpackage, `xlstm-eqx bench gpu`); their flags
+are in `xlstm_eqx.cli.bench`.
 """
 
 from .bench import (
     BENCHMARKS as BENCHMARKS,
-    add_bench_arguments as add_bench_arguments,
     bench_train as bench_train,
     matmul_flops as matmul_flops,
     print_train_table as print_train_table,
     run_bench as run_bench,
-    run_bench_command as run_bench_command,
     train_step_setup as train_step_setup,
 )
-from .gpu_check import (
-    estimate_durations as estimate_durations,
-    run_gpu_check as run_gpu_check,
-)
+from .gpu_check import estimate_durations as estimate_durations, run_gpu_check as run_gpu_check
 from .profile import (
     PARTS as PARTS,
     OpTime as OpTime,

@@ -6,7 +6,6 @@ MFU = (model FLOPs per token, counted analytically by `train_flops_per_token`) x
 divided by the FLOP/s of a large float32 `jnp.dot` timed in the same process (`matmul_flops`).
 """
 
-import argparse
 import importlib.util
 import os
 import time
@@ -21,7 +20,6 @@ import jax.random as jr
 from ..core.timing import median_seconds, peak_bytes
 from ..models import MODEL_FAMILIES, train_flops_per_token
 from ..training.optim import trainable_params
-from . import gpu_check
 from .profile import print_profile, profile_train_step
 from .train_setup import _train_config, train_step_setup
 
@@ -160,8 +158,9 @@ def _load_script(name: str) -> Any:
             "run from a repository checkout (set XLSTM_EQX_REPO to its root)"
         )
     spec = importlib.util.spec_from_file_location(f"_xlstm_eqx_bench_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"bench {name}: cannot load {path}")
     module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
     spec.loader.exec_module(module)
     return module
 
@@ -208,38 +207,3 @@ def run_bench(
                 argv += ["--new-tokens", "8", "--repeats", "2"]
             module.main(argv)
     return 0
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "which",
-        nargs="?",
-        default="all",
-        choices=BENCHMARKS,
-        help="benchmark to run: cell, train, generate, profile, all (the four), or gpu (check "
-        "and time everything on one GPU; its options below)",
-    )
-    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    parser.add_argument(
-        "--seq-len", type=int, default=None, help="train/cell/profile sequence length override"
-    )
-    parser.add_argument(
-        "--model",
-        default="xlstm",
-        choices=("xlstm", "llama"),
-        help="the model whose train step `profile` traces",
-    )
-    parser.add_argument(
-        "--size",
-        default="small",
-        choices=("tiny", "small"),
-        help="presets for train/profile: {size}_xlstm and {size}_llama",
-    )
-    gpu = parser.add_argument_group("bench gpu (validate and time everything on one GPU)")
-    gpu_check.add_arguments(gpu, quick=False)
-
-
-def run_bench_command(args: argparse.Namespace) -> int:
-    if args.which == "gpu":
-        return gpu_check.run_command(args)
-    return run_bench(args.which, args.quick, seq_len=args.seq_len, model=args.model, size=args.size)

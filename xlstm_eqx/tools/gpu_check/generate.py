@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PyTree
 
-from ..core import count_params, median_seconds
-from ..generation import _decode, _prefill
-from ..models import MODEL_FAMILIES
-from ..presets import get_preset
-from .gpu_report import _Part, _random
-from .gpu_settings import CheckSettings
-from .gpu_train import _family_name, _with_context
+from ...core import count_params, median_seconds
+from ...generation import decode, has_kv_cache, prefill
+from ...models import MODEL_FAMILIES
+from ...presets import get_preset
+from .report import Part, random_array
+from .settings import CheckSettings
+from .train import family_name, with_context
 
 
 # Part 4: generation
@@ -27,14 +27,14 @@ from .gpu_train import _family_name, _with_context
 def _prefill_jit(
     model: Any, prompt: Int[Array, "B P"], cache_size: int
 ) -> tuple[Float[Array, "B V"], PyTree]:
-    return _prefill(model, prompt, cache_size)
+    return prefill(model, prompt, cache_size)
 
 
 @eqx.filter_jit
 def _llama_chunk_jit(
     model: Any, tokens: Int[Array, "B T"], cache: PyTree
 ) -> tuple[Float[Array, "B V"], PyTree]:
-    logits, cache = model.decode(tokens, cache)
+    logits, cache = model.call_with_state(tokens, cache)
     return logits[:, -1], cache
 
 
@@ -43,16 +43,16 @@ def _decode_jit(
     model: Any, state: PyTree, logits: Float[Array, "B V"], num_tokens: int
 ) -> Int[Array, "B N"]:
     one = jnp.ones((), jnp.float32)
-    return _decode(model, state, logits, None, num_tokens, one, None, None)
+    return decode(model, state, logits, None, num_tokens, one, None, None)
 
 
 def _prefill_state(
     model: Any, prompt: Int[Array, "B P"], cache_size: int, chunk: int
 ) -> tuple[Float[Array, "B V"], PyTree]:
-    """The library's prefill; a KV-cache model's prompt goes through `decode` in chunks of
+    """The library's prefill; a KV-cache model's prompt goes through `call_with_state` in chunks of
     `chunk` tokens (one pass over a long prompt would build the S x S attention matrix)."""
-    if hasattr(model, "init_cache") and prompt.shape[1] > chunk:
-        cache = model.init_cache(prompt.shape[0], cache_size)
+    if has_kv_cache(model) and prompt.shape[1] > chunk:
+        cache = model.init_state(prompt.shape[0], cache_size)
         logits = None
         for start in range(0, prompt.shape[1], chunk):
             logits, cache = _llama_chunk_jit(model, prompt[:, start : start + chunk], cache)
@@ -60,7 +60,7 @@ def _prefill_state(
     return _prefill_jit(model, prompt, cache_size)
 
 
-def _run_generate(part: _Part, settings: CheckSettings) -> None:
+def run_generate(part: Part, settings: CheckSettings) -> None:
     n_new = settings.gen_new_tokens
     top = max(settings.gen_contexts) + n_new
     models: dict[str, Any] = {}
@@ -70,13 +70,13 @@ def _run_generate(part: _Part, settings: CheckSettings) -> None:
 
                 def run(preset: str = preset, batch: int = batch, context: int = context):
                     if preset not in models:
-                        config = _with_context(get_preset(preset), top)
-                        family = MODEL_FAMILIES[_family_name(config)]
+                        config = with_context(get_preset(preset), top)
+                        family = MODEL_FAMILIES[family_name(config)]
                         models[preset] = family.build(config, key=jr.key(0))
                     model = models[preset]
                     vocab = int(model.vocab_size)
                     shape = (batch, context)
-                    prompt = _random("integers", context, shape, jnp.int32, 0, vocab)
+                    prompt = random_array("integers", context, shape, jnp.int32, 0, vocab)
                     t0 = time.perf_counter()
                     logits, state = jax.block_until_ready(
                         _prefill_state(model, prompt, context + n_new, settings.gen_prefill_chunk)
@@ -99,7 +99,7 @@ def _run_generate(part: _Part, settings: CheckSettings) -> None:
                 )
     part.finish(
         f"Random-weight models, random prompts of `context` tokens; prefill by the library "
-        f"(`generation._prefill`; KV-cache models in chunks of {settings.gen_prefill_chunk}); "
-        f"then the greedy decode scan of `generate` (`generation._decode`) for {n_new} tokens, "
+        f"(`generation.prefill`; KV-cache models in chunks of {settings.gen_prefill_chunk}); "
+        f"then the greedy decode scan of `generate` (`generation.decode`) for {n_new} tokens, "
         f"median of {settings.gen_repeats} after a warm-up. The KV cache holds context + {n_new}."
     )

@@ -1,6 +1,7 @@
-"""Check and measure xlstm_eqx on a GPU in one command, within 8 minutes on one H100/H200.
+"""`run_gpu_check`: check and measure xlstm_eqx on a GPU in one command, within 8 minutes on one H100/H200.
 
-    python -m xlstm_eqx.tools.gpu_check --out DIR [--quick] [--parts a,b] [--estimate]
+    xlstm-eqx bench gpu --out DIR [--quick] [--parts a,b] [--estimate]
+    python benchmarks/gpu_check.py --out DIR [--quick] [--parts a,b] [--estimate]
 
 Four parts, each with its own time budget (checked between cases; a part whose budget is spent
 records its remaining cases as `timed_out` and the next part still runs):
@@ -13,7 +14,7 @@ records its remaining cases as `timed_out` and the next part still runs):
    Triton and JAX forms if installed) at the 165M and 7B layers' head shapes, bf16: tokens/s,
    achieved TFLOP/s (`chunkwise_flops`), XLA's planned peak memory, and the `auto` backend's choice.
 3. `train` — the trainer's step of mLSTMv1_165M and llama165M at the largest power-of-two batch
-   whose compiled memory plan fits the device (`_search_batch`): tokens/s, MFU against the
+   whose compiled memory plan fits the device (`search_batch`): tokens/s, MFU against the
    datasheet bf16 peak (`PEAK_BF16_TFLOPS`) and against a bf16 matmul timed in the same run.
 4. `generate` — decode ms/token (the library's prefill and decode scan) at batch 1 and 16,
    contexts 1k/8k/32k, xLSTM against Llama of the same size.
@@ -24,7 +25,6 @@ Pallas kernels then run in interpret mode). `--estimate` prints the expected dur
 full-mode part (`estimate_durations`) without running anything.
 """
 
-import argparse
 import dataclasses
 import os
 import platform
@@ -34,41 +34,35 @@ from typing import Any
 
 import jax
 
-from .gpu_correctness import _run_correctness
-from .gpu_estimate import estimate_durations, format_estimate
-from .gpu_generate import _run_generate
-from .gpu_kernels import _run_kernels
-from .gpu_report import _clean, _now, _Part, _Report, _short
-from .gpu_settings import (
+from .correctness import run_correctness
+from .generate import run_generate
+from .kernels import run_kernels
+from .report import Part, Report, json_safe, now_iso, shorten
+from .settings import (
     FULL,
-    JSON_NAME as JSON_NAME,
-    MD_NAME as MD_NAME,
-    PARTS as PARTS,
-    PEAK_BF16_TFLOPS as PEAK_BF16_TFLOPS,
+    JSON_NAME,
+    PARTS,
     QUICK,
-    AttentionCase as AttentionCase,
-    CellCase as CellCase,
-    CheckSettings as CheckSettings,
-    _version,
-    chunkwise_flops as chunkwise_flops,
-    peak_bf16_flops as peak_bf16_flops,
+    CheckSettings,
+    package_version,
+    peak_bf16_flops,
 )
-from .gpu_train import _run_train
+from .train import run_train
 
 
 def _meta(quick: bool, settings: CheckSettings) -> dict[str, Any]:
     device = jax.devices()[0]
     peak = peak_bf16_flops(device.device_kind)
-    mk = _version("mlstm-kernels")
+    mk = package_version("mlstm-kernels")
     return {
         "device_kind": device.device_kind,
         "platform": jax.default_backend(),
         "device_count": jax.device_count(),
         "jax_version": jax.__version__,
-        "jaxlib_version": _version("jaxlib"),
+        "jaxlib_version": package_version("jaxlib"),
         "python": platform.python_version(),
         "quick": quick,
-        "started": _now(),
+        "started": now_iso(),
         "pallas_interpret": jax.default_backend() != "gpu",
         "peak_bf16_tflops_datasheet": None if peak is None else peak / 1e12,
         "mlstm_kernels": mk,
@@ -100,22 +94,22 @@ def run_gpu_check(
     settings = dataclasses.replace(settings, budgets_s=all_budgets)
     meta = _meta(quick, settings)
     meta["parts"] = list(parts)
-    report = _Report(Path(out_dir), meta, {p: all_budgets[p] for p in parts})
+    report = Report(Path(out_dir), meta, {p: all_budgets[p] for p in parts})
     print(
         f"# gpu_check ({'quick' if quick else 'full'}): {meta['device_kind']} "
         f"({meta['platform']}), jax {meta['jax_version']} -> {Path(out_dir) / JSON_NAME}",
         flush=True,
     )
     report.write()
-    runners: dict[str, Callable[[_Part], None]] = {
-        "correctness": lambda p: _run_correctness(p, settings),
-        "kernels": lambda p: _run_kernels(p, settings),
-        "train": lambda p: _run_train(p, settings, report),
-        "generate": lambda p: _run_generate(p, settings),
+    runners: dict[str, Callable[[Part], None]] = {
+        "correctness": lambda p: run_correctness(p, settings),
+        "kernels": lambda p: run_kernels(p, settings),
+        "train": lambda p: run_train(p, settings, report),
+        "generate": lambda p: run_generate(p, settings),
     }
     for name in parts:
         print(f"## {name} (budget {all_budgets[name]:.0f} s)", flush=True)
-        part = _Part(report, name)
+        part = Part(report, name)
         try:
             runners[name](part)
         except Exception as err:  # noqa: BLE001 - a part that breaks is recorded; others run
@@ -123,7 +117,7 @@ def run_gpu_check(
                 {
                     "case": f"{name} (part)",
                     "status": "error",
-                    "note": f"{type(err).__name__}: {_short(str(err))}",
+                    "note": f"{type(err).__name__}: {shorten(str(err))}",
                 }
             )
             part.finish()
@@ -147,81 +141,9 @@ def run_gpu_check(
         "correctness_failed_cases": failed,
         "counts": counts,
         "exit_code": exit_code,
-        "finished": _now(),
+        "finished": now_iso(),
         "text": text,
     }
     report.write()
     print(f"# {text}; exit code {exit_code}", flush=True)
-    return _clean(report.data)
-
-
-def add_arguments(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, quick: bool = True
-) -> None:
-    """The command's flags; `xlstm-eqx bench gpu` adds them with ``quick=False`` (it has its own
-    ``--quick``)."""
-    parser.add_argument("--out", default=None, help="output folder (gpu_check.json, .md)")
-    if quick:
-        parser.add_argument(
-            "--quick", action="store_true", help="tiny shapes: a CPU smoke test of the same code"
-        )
-    parser.add_argument(
-        "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}"
-    )
-    parser.add_argument(
-        "--budget",
-        action="append",
-        default=[],
-        metavar="PART=SECONDS",
-        help="override one part's time budget (repeatable)",
-    )
-    parser.add_argument(
-        "--memory-limit-gb",
-        type=float,
-        default=None,
-        help="device memory the batch search plans against (default: the device's own)",
-    )
-    parser.add_argument(
-        "--estimate",
-        action="store_true",
-        help="print each full-mode part's expected duration and exit (runs nothing)",
-    )
-
-
-def _parse_budgets(items: Sequence[str]) -> dict[str, float]:
-    budgets = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        if name not in PARTS or not value:
-            raise ValueError(f"--budget {item!r}: expected PART=SECONDS with PART in {PARTS}")
-        budgets[name] = float(value)
-    return budgets
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """Run from parsed `add_arguments` flags; the exit code."""
-    if args.estimate:
-        print(format_estimate(estimate_durations(QUICK if args.quick else FULL)))
-        return 0
-    if not args.out:
-        raise SystemExit("gpu_check: --out DIR is required (or --estimate)")
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    results = run_gpu_check(
-        args.out,
-        quick=args.quick,
-        parts=parts,
-        budgets=_parse_budgets(args.budget),
-        memory_limit_gb=args.memory_limit_gb,
-    )
-    return int(results["summary"]["exit_code"])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m xlstm_eqx.tools.gpu_check --out DIR [--quick] [--parts a,b] [--estimate]`."""
-    parser = argparse.ArgumentParser(prog="gpu_check", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run_command(parser.parse_args(None if argv is None else list(argv)))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return json_safe(report.data)

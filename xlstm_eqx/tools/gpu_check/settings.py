@@ -224,7 +224,7 @@ def chunkwise_flops(
     return (3.0 if backward else 1.0) * b * nh * s * per_token
 
 
-def _pallas_chunk(chunk: int, s: int) -> int:
+def pallas_chunk(chunk: int, s: int) -> int:
     """The chunk length the Pallas kernels use: a power of two >= max(16, min(chunk, S))."""
     return max(16, 1 << (min(chunk, s) - 1).bit_length())
 
@@ -237,7 +237,7 @@ def _attention_flops(b: int, s: int, nh: int, hd: int) -> float:
 # Entry points
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:

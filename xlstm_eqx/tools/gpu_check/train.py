@@ -12,24 +12,24 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Int
 
-from ..cell import fastest_chunkwise_backend
-from ..core import count_params, median_seconds
-from ..models import MODEL_FAMILIES, _mlstm_dims, train_flops_per_token
-from ..presets import get_preset
-from ..training import TrainConfig, trainable_params
-from ..training.step import optimizer_and_step
-from .gpu_report import _gib, _memory_limit, _Part, _random, _Report
-from .gpu_settings import CheckSettings, peak_bf16_flops
+from ...cell import fastest_chunkwise_backend
+from ...core import count_params, median_seconds
+from ...models import MODEL_FAMILIES, mlstm_dims, train_flops_per_token
+from ...presets import get_preset
+from ...training import TrainConfig, trainable_params
+from ...training.step import optimizer_and_step
+from .report import Part, Report, gib, memory_limit, random_array
+from .settings import CheckSettings, peak_bf16_flops
 
 
 # Part 3: train step
 
 
-def _family_name(config: Any) -> str:
+def family_name(config: Any) -> str:
     return "llama" if type(config).__name__ == "LlamaConfig" else "xlstm"
 
 
-def _with_context(config: Any, context: int) -> Any:
+def with_context(config: Any, context: int) -> Any:
     if config.context_length < context:
         config = dataclasses.replace(config, context_length=context)
     return config
@@ -37,8 +37,8 @@ def _with_context(config: Any, context: int) -> Any:
 
 def _bf16_matmul_flops(n: int, repeats: int = 10) -> float:
     """Measured FLOP/s of a bf16 ``(n, n) @ (n, n)`` (``2 n^3`` FLOPs), median after a warm-up."""
-    a = _random("normal", 1, (n, n), jnp.bfloat16)
-    b = _random("normal", 2, (n, n), jnp.bfloat16)
+    a = random_array("normal", 1, (n, n), jnp.bfloat16)
+    b = random_array("normal", 2, (n, n), jnp.bfloat16)
     dot = jax.jit(jnp.dot)
     return 2.0 * n**3 / median_seconds(lambda: dot(a, b), repeats, warmup=1)
 
@@ -58,14 +58,14 @@ def _plan_bytes(compiled: Any) -> tuple[int, int] | None:
     return int(fixed), int(m.temp_size_in_bytes)
 
 
-class _TrainState:
+class TrainState:
     """A model, its optimizer state and the trainer's jitted step, for one preset; the state is
     carried from step to step (the step donates it). `plans` keeps every compiled plan's
     (tokens, fixed, temporary) bytes for the batch search."""
 
     def __init__(self, preset: str, context: int):
-        self.config = _with_context(get_preset(preset), context)
-        self.family = MODEL_FAMILIES[_family_name(self.config)]
+        self.config = with_context(get_preset(preset), context)
+        self.family = MODEL_FAMILIES[family_name(self.config)]
         self.model = self.family.build(self.config, key=jr.key(0))
         cfg = TrainConfig(model=self.family.name, seq_len=context, batch_size=1, steps=1000)
         optimizer, self.step = optimizer_and_step(cfg, self.model, self.config, self.family)
@@ -75,7 +75,9 @@ class _TrainState:
 
     def inputs(self, batch: int, seq_len: int) -> tuple[Int[Array, "1 B S1"], Any]:
         shape = (1, batch, seq_len + 1)
-        return _random("integers", batch, shape, jnp.int32, 0, self.config.vocab_size), jr.key(2)
+        return random_array("integers", batch, shape, jnp.int32, 0, self.config.vocab_size), jr.key(
+            2
+        )
 
     def compile(self, batch: int, seq_len: int) -> tuple[Any, int]:
         """The compiled step for this batch and its planned peak bytes."""
@@ -100,13 +102,13 @@ class _TrainState:
         return fixed + temp * tokens / t1
 
 
-def _search_batch(
-    state: _TrainState, seq_len: int, limit: float, max_tokens: int, headroom: float
+def search_batch(
+    state: TrainState, seq_len: int, limit: float, max_tokens: int, headroom: float
 ) -> tuple[int, Any, list[list[Any]], str, float]:
     """The largest power-of-two batch whose compiled memory plan fits ``headroom * limit``, at
     most ``max_tokens // seq_len``, found from compiled plans without running anything (no OOM
     crashes): plan B = 1 if the model has no plan yet, predict the largest fitting power of two
-    from the plans (`_TrainState.predicted_peak`), compile it, halve while it does not fit, and
+    from the plans (`TrainState.predicted_peak`), compile it, halve while it does not fit, and
     double while the refined prediction says the next one fits. Returns (batch, its compiled
     step, the plans made here [B, peak GiB], what bounded the batch, seconds spent compiling)."""
     allowed = headroom * limit
@@ -140,7 +142,7 @@ def _search_batch(
             break
         batch = bigger
     compiled, _ = plan(batch)
-    probes = [[b, _gib(p)] for b, (_, p) in sorted(plans.items())]
+    probes = [[b, gib(p)] for b, (_, p) in sorted(plans.items())]
     bound = "token cap" if batch == cap else "memory"
     return batch, compiled, probes, bound, time.perf_counter() - t0
 
@@ -148,13 +150,13 @@ def _search_batch(
 def _mlstm_backend_note(config: Any, batch: int, seq_len: int) -> str | None:
     """The mLSTM backend of the xLSTM model; for "auto", what `fastest_chunkwise_backend` picks
     for the layer's shapes at this batch with q in the config's compute dtype."""
-    if _family_name(config) != "xlstm":
+    if family_name(config) != "xlstm":
         return None
     backend = config.mlstm_block.mlstm.mlstm_cell.backend
     name = getattr(backend, "name", str(backend))
     if name != "auto":
         return name
-    nh, dhqk, dhv = _mlstm_dims(config)
+    nh, dhqk, dhv = mlstm_dims(config)
     chunk = int(backend.kwargs.get("chunk_size", 64))
     choice = fastest_chunkwise_backend(
         (batch, nh, seq_len, dhqk),
@@ -166,13 +168,13 @@ def _mlstm_backend_note(config: Any, batch: int, seq_len: int) -> str | None:
 
 
 def _train_case(
-    state: _TrainState,
+    state: TrainState,
     seq_len: int,
     settings: CheckSettings,
     limit: float,
     peaks: dict[str, float | None],
 ) -> dict[str, Any]:
-    batch, compiled, probes, bound, compile_s = _search_batch(
+    batch, compiled, probes, bound, compile_s = search_batch(
         state, seq_len, limit, settings.train_max_tokens, settings.memory_headroom
     )
     inputs = state.inputs(batch, seq_len)
@@ -209,8 +211,8 @@ def _train_case(
     }
 
 
-def _run_train(part: _Part, settings: CheckSettings, report: _Report) -> None:
-    limit, source = _memory_limit(settings)
+def run_train(part: Part, settings: CheckSettings, report: Report) -> None:
+    limit, source = memory_limit(settings)
     if limit is None:
         limit, source = 16.0 * 2**30, "assumed 16 GiB (no memory_stats on this platform)"
     meta = report.data["meta"]
@@ -223,14 +225,14 @@ def _run_train(part: _Part, settings: CheckSettings, report: _Report) -> None:
     meta["matmul_bf16_tflops"] = None if peaks["matmul"] is None else peaks["matmul"] / 1e12
     meta["matmul_n"] = settings.matmul_n
     context = max(settings.train_seq_lens)
-    states: dict[str, _TrainState | Exception] = {}
+    states: dict[str, TrainState | Exception] = {}
     for seq_len in settings.train_seq_lens:
         for preset in settings.train_models:
 
             def run(preset: str = preset, seq_len: int = seq_len) -> dict[str, Any]:
                 if preset not in states:
                     try:
-                        states[preset] = _TrainState(preset, context)
+                        states[preset] = TrainState(preset, context)
                     except Exception as err:  # noqa: BLE001 - remembered: not rebuilt per S
                         states[preset] = err
                 st = states[preset]

@@ -2,6 +2,7 @@
 installed, mlstm-kernels'), tokens/s, achieved TFLOP/s, planned peak memory, the `auto` choice.
 """
 
+import importlib
 import sys
 import time
 import types
@@ -12,13 +13,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from ..cell import fastest_chunkwise_backend, mlstm_chunkwise, mlstm_chunkwise_pallas
-from ..core import median_seconds
-from ..core.timing import peak_bytes
-from ..models import _mlstm_dims
-from ..presets import get_preset
-from .gpu_report import _gib, _memory_limit, _mlstm_inputs, _Part
-from .gpu_settings import CheckSettings, _pallas_chunk, _version, chunkwise_flops
+from ...cell import fastest_chunkwise_backend, mlstm_chunkwise, mlstm_chunkwise_pallas
+from ...core import median_seconds
+from ...core.timing import peak_bytes
+from ...models import mlstm_dims
+from ...presets import get_preset
+from .report import Part, gib, memory_limit, mlstm_inputs
+from .settings import CheckSettings, chunkwise_flops, package_version, pallas_chunk
 
 
 # Part 2: kernel speed
@@ -28,13 +29,15 @@ def _peer_forms() -> tuple[dict[str, Callable[..., Callable[..., Array]]], str |
     """mlstm-kernels' chunkwise forms by name -> (chunk size -> fn), a note, and its version.
     The Triton forms need `jax_triton` and `triton`; the JAX form imports Triton glue at import
     time, which is stubbed when `jax_triton` is missing (as in benchmarks/cell.py)."""
-    version = _version("mlstm-kernels")
+    version = package_version("mlstm-kernels")
     if version is None:
         return {}, "mlstm-kernels not installed (pip install -e '.[bench]')", ""
     forms: dict[str, Callable[..., Callable[..., Array]]] = {}
     notes = []
     try:
-        from mlstm_kernels.jax.chunkwise.triton_xl_chunk import mlstm_chunkwise__xl_chunk
+        # Optional GPU-only packages, imported by name (not installed where the checker runs).
+        triton_xl = importlib.import_module("mlstm_kernels.jax.chunkwise.triton_xl_chunk")
+        mlstm_chunkwise__xl_chunk = triton_xl.mlstm_chunkwise__xl_chunk
 
         def xl(chunk: int) -> Callable[..., Array]:
             def fn(q, k, v, i, f):
@@ -48,11 +51,12 @@ def _peer_forms() -> tuple[dict[str, Callable[..., Callable[..., Array]]], str |
     except Exception as err:  # noqa: BLE001 - Triton forms unavailable
         notes.append(f"mlstm-kernels Triton forms unavailable ({type(err).__name__}: {err})")
         try:
-            import jax_triton  # noqa: F401
+            importlib.import_module("jax_triton")
         except Exception:  # noqa: BLE001
             sys.modules.setdefault("jax_triton", types.ModuleType("jax_triton"))
     try:
-        from mlstm_kernels.jax.chunkwise.native import mlstm_chunkwise__native_autograd
+        native_module = importlib.import_module("mlstm_kernels.jax.chunkwise.native")
+        mlstm_chunkwise__native_autograd = native_module.mlstm_chunkwise__native_autograd
 
         def native(chunk: int) -> Callable[..., Array]:
             def fn(q, k, v, i, f):
@@ -66,7 +70,7 @@ def _peer_forms() -> tuple[dict[str, Callable[..., Callable[..., Array]]], str |
     return forms, ("; ".join(notes) or None), version
 
 
-def _peer_chunk(name: str, s: int, chunk: int, max_chunks: int) -> int:
+def peer_chunk(name: str, s: int, chunk: int, max_chunks: int) -> int:
     """The chunk each peer form runs with: triton_xl_chunk (the kernel xlstm-jax trains with) its
     default 128; the JAX form `chunk` doubled until at most `max_chunks` chunks (its chunk loop
     is unrolled: compile time grows with the chunk count)."""
@@ -78,8 +82,8 @@ def _peer_chunk(name: str, s: int, chunk: int, max_chunks: int) -> int:
     return size
 
 
-def _layer_shape(preset: str) -> tuple[int, int, int]:
-    return _mlstm_dims(get_preset(preset))
+def layer_shape(preset: str) -> tuple[int, int, int]:
+    return mlstm_dims(get_preset(preset))
 
 
 def _compile_cell(
@@ -111,7 +115,7 @@ def _time_form(
     compiled = _compile_cell(fn, backward, args, w)
     row: dict[str, Any] = {"compile_s": time.perf_counter() - t0}
     peak = peak_bytes(compiled)
-    row["peak_gib"] = _gib(peak)
+    row["peak_gib"] = gib(peak)
     if peak is not None and limit is not None and peak > limit:
         row.update(status="skipped", note=f"plan needs {peak / 2**30:.1f} GiB > the limit")
         return row
@@ -126,30 +130,30 @@ def _time_form(
     return row
 
 
-def _run_kernels(part: _Part, settings: CheckSettings) -> None:
-    limit, _ = _memory_limit(settings)
+def run_kernels(part: Part, settings: CheckSettings) -> None:
+    limit, _ = memory_limit(settings)
     peers, peer_note, _ = _peer_forms()
     chunk = settings.kernel_chunk
     for layer, s in settings.kernel_shapes:
-        nh, dhqk, dhv = _layer_shape(layer)
+        nh, dhqk, dhv = layer_shape(layer)
         b = max(1, settings.kernel_tokens // s)
         shape = (b, nh, s, dhqk, dhv)
-        q, k, v, i, f, w = _mlstm_inputs(b, nh, s, dhqk, dhv, jnp.bfloat16, "trained")
+        q, k, v, i, f, w = mlstm_inputs(b, nh, s, dhqk, dhv, jnp.bfloat16, "trained")
         args = (q, k, v, i, f)
         forms: dict[str, tuple[Callable[..., Array], int]] = {
             "chunkwise": (
-                lambda *a: mlstm_chunkwise(*a, chunk_size=chunk),
+                lambda *a: mlstm_chunkwise(*a, chunk_size=chunk)[0],
                 min(chunk, s),
             ),
             "chunkwise_pallas": (
-                lambda *a: mlstm_chunkwise_pallas(*a, chunk_size=chunk),
-                _pallas_chunk(chunk, s),
+                lambda *a: mlstm_chunkwise_pallas(*a, chunk_size=chunk)[0],
+                pallas_chunk(chunk, s),
             ),
         }
         for name, make in peers.items():
             if "native" in name and s not in settings.peer_native_seq_lens:
                 continue
-            size = _peer_chunk(name, s, chunk, settings.peer_max_chunks)
+            size = peer_chunk(name, s, chunk, settings.peer_max_chunks)
             forms[name] = (make(size), size)
         common = {"layer": layer, "shape": f"{b}×{nh}×{s}×{dhqk}/{dhv}", "seq_len": s}
         fwd_bwd_ms: dict[str, float] = {}

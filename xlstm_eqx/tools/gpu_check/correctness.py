@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from ..cell import mlstm_chunkwise, mlstm_chunkwise_pallas
-from ..llama.attention import multihead_attention
-from .gpu_report import _mlstm_inputs, _norm_err, _Part, _random
-from .gpu_settings import (
+from ...cell import mlstm_chunkwise, mlstm_chunkwise_pallas
+from ...llama.attention import multihead_attention
+from .report import Part, mlstm_inputs, norm_err, random_array
+from .settings import (
     ATTENTION_TOLERANCE,
     GATE_RANGES,
     TOLERANCES,
@@ -40,9 +40,7 @@ def _vjp_program(fn: Callable[..., Array], n_args: int) -> Callable[..., Any]:
 def _check_cell(case: CellCase) -> dict[str, Any]:
     """Pallas kernels vs the pure-JAX chunkwise form: output and the five gradients."""
     dtype = jnp.dtype(case.dtype)
-    q, k, v, i, f, w = _mlstm_inputs(
-        case.b, case.nh, case.s, case.dhqk, case.dhv, dtype, case.gates
-    )
+    q, k, v, i, f, w = mlstm_inputs(case.b, case.nh, case.s, case.dhqk, case.dhv, dtype, case.gates)
     args = (q, k, v, i, f, w)
     results = {}
     # Both in full float32 matmul precision (the default on GPUs may be TF32 for the reference).
@@ -50,12 +48,12 @@ def _check_cell(case: CellCase) -> dict[str, Any]:
         for name, cell in (("ref", mlstm_chunkwise), ("pallas", mlstm_chunkwise_pallas)):
 
             def fn(*a: Array, cell: Callable[..., Array] = cell) -> Array:
-                return cell(*a, chunk_size=case.chunk)
+                return cell(*a, chunk_size=case.chunk)[0]
 
             results[name] = jax.block_until_ready(_vjp_program(fn, 5)(*args))
     (h_ref, g_ref), (h, g) = results["ref"], results["pallas"]
-    out_err = _norm_err(h, h_ref)
-    grad_errs = [_norm_err(a, r) for a, r in zip(g, g_ref, strict=True)]
+    out_err = norm_err(h, h_ref)
+    grad_errs = [norm_err(a, r) for a, r in zip(g, g_ref, strict=True)]
     tol_out, tol_grad = TOLERANCES[case.dtype]
     ok = out_err <= tol_out and max(grad_errs) <= tol_grad
     (ilo, ihi), (flo, fhi) = GATE_RANGES[case.gates]
@@ -71,11 +69,11 @@ def _check_cell(case: CellCase) -> dict[str, Any]:
 
 def _attention_inputs(case: AttentionCase) -> tuple[Array, ...]:
     shape = (case.b, case.s, case.nh, case.hd)
-    q, k, v, cot = (_random("normal", 20 + j, shape, jnp.float32) for j in range(4))
+    q, k, v, cot = (random_array("normal", 20 + j, shape, jnp.float32) for j in range(4))
     return q / math.sqrt(case.hd), k, v, cot
 
 
-def _check_attention(case: AttentionCase, part: _Part) -> None:
+def _check_attention(case: AttentionCase, part: Part) -> None:
     """Each backend (bf16 inputs) against the XLA core on the same inputs in float32."""
     q, k, v, cot = _attention_inputs(case)
     seg = None
@@ -112,8 +110,8 @@ def _check_attention(case: AttentionCase, part: _Part) -> None:
             out, grads = jax.block_until_ready(
                 _vjp_program(attention(backend), 3)(*bf16, cot.astype(jnp.bfloat16))
             )
-            out_err = _norm_err(out, ref_out)
-            grad_err = max(_norm_err(a, r) for a, r in zip(grads, ref_grads, strict=True))
+            out_err = norm_err(out, ref_out)
+            grad_err = max(norm_err(a, r) for a, r in zip(grads, ref_grads, strict=True))
             ok = max(out_err, grad_err) <= ATTENTION_TOLERANCE
             return {
                 "status": "pass" if ok else "fail",
@@ -125,7 +123,7 @@ def _check_attention(case: AttentionCase, part: _Part) -> None:
         part.case(label, run, backend=backend)
 
 
-def _run_correctness(part: _Part, settings: CheckSettings) -> None:
+def run_correctness(part: Part, settings: CheckSettings) -> None:
     for case in settings.correctness_cases:
         if isinstance(case, AttentionCase):
             if part.spent():

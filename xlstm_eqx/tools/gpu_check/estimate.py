@@ -7,20 +7,20 @@ from typing import Any
 import equinox as eqx
 import jax.random as jr
 
-from ..core import count_params
-from ..models import MODEL_FAMILIES, train_flops_per_token
-from ..presets import get_preset
-from .gpu_kernels import _layer_shape, _peer_chunk
-from .gpu_settings import (
+from ...core import count_params
+from ...models import MODEL_FAMILIES, train_flops_per_token
+from ...presets import get_preset
+from .kernels import layer_shape, peer_chunk
+from .settings import (
     FULL,
     QUICK,
     AttentionCase,
     CheckSettings,
     _attention_flops,
-    _pallas_chunk,
     chunkwise_flops,
+    pallas_chunk,
 )
-from .gpu_train import _family_name, _with_context
+from .train import family_name, with_context
 
 
 # Duration estimate (no measurement)
@@ -83,16 +83,16 @@ def _estimate_kernels(settings: CheckSettings) -> list[dict[str, Any]]:
     out = []
     runs = settings.kernel_repeats + 1
     for layer, s in settings.kernel_shapes:
-        nh, dhqk, dhv = _layer_shape(layer)
+        nh, dhqk, dhv = layer_shape(layer)
         b = max(1, settings.kernel_tokens // s)
         forms = {
             "chunkwise": min(settings.kernel_chunk, s),
-            "chunkwise_pallas": _pallas_chunk(settings.kernel_chunk, s),
+            "chunkwise_pallas": pallas_chunk(settings.kernel_chunk, s),
         }
         for name in ("mk triton_xl_chunk", "mk native (JAX)"):
             if "native" in name and s not in settings.peer_native_seq_lens:
                 continue
-            forms[name] = _peer_chunk(name, s, settings.kernel_chunk, settings.peer_max_chunks)
+            forms[name] = peer_chunk(name, s, settings.kernel_chunk, settings.peer_max_chunks)
         passes = settings.kernel_passes
         for name, chunk in forms.items():
             flops = runs * sum(
@@ -125,7 +125,7 @@ def _estimate_train(settings: CheckSettings) -> list[dict[str, Any]]:
     probed: set[str] = set()
     for s in settings.train_seq_lens:
         for preset in settings.train_models:
-            config = _with_context(get_preset(preset), context)
+            config = with_context(get_preset(preset), context)
             tokens = settings.train_max_tokens  # upper bound: the batch search may stop lower
             flops = (settings.train_repeats + 2) * tokens * train_flops_per_token(config, s)
             # a plan at B=1 for the model's first S, then the predicted batch (more compiles if
@@ -133,7 +133,7 @@ def _estimate_train(settings: CheckSettings) -> list[dict[str, Any]]:
             compiles = 1 if preset in probed else 2
             probed.add(preset)
             compile_s = compiles * ASSUMED["compile_train_s"]
-            if _family_name(config) == "xlstm":
+            if family_name(config) == "xlstm":
                 compile_s += ASSUMED["compile_auto_s"]
             out.append(
                 {
@@ -155,10 +155,10 @@ def _estimate_generate(settings: CheckSettings) -> list[dict[str, Any]]:
     for batch in settings.gen_batches:
         for context in settings.gen_contexts:
             for preset in settings.gen_models:
-                config = _with_context(get_preset(preset), top)
-                llama = _family_name(config) == "llama"
+                config = with_context(get_preset(preset), top)
+                llama = family_name(config) == "llama"
                 model = eqx.filter_eval_shape(
-                    MODEL_FAMILIES[_family_name(config)].build, config, key=jr.key(0)
+                    MODEL_FAMILIES[family_name(config)].build, config, key=jr.key(0)
                 )
                 n_params = count_params(model)
                 d, layers = config.embedding_dim, config.num_blocks

@@ -17,7 +17,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array
 
-from .gpu_settings import (
+from .settings import (
     ATTENTION_TOLERANCE,
     GATE_RANGES,
     JSON_NAME,
@@ -86,7 +86,7 @@ _COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe: NaN/inf become None (strict JSON has neither); tuples become lists."""
     if isinstance(value, float | np.floating):
         value = float(value)
@@ -94,9 +94,9 @@ def _clean(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -122,7 +122,7 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-class _Report:
+class Report:
     """The run's results; `write` rewrites gpu_check.json and gpu_check.md (atomically)."""
 
     def __init__(self, out_dir: Path, meta: dict[str, Any], budgets: Mapping[str, float]):
@@ -143,7 +143,7 @@ class _Report:
             os.replace(tmp, self.out_dir / name)
 
     def _json(self) -> str:
-        return json.dumps(_clean(self.data), indent=1) + "\n"
+        return json.dumps(json_safe(self.data), indent=1) + "\n"
 
     def _markdown(self) -> str:
         meta = self.data["meta"]
@@ -186,18 +186,18 @@ class _Report:
         return "\n".join(lines)
 
 
-class _Part:
+class Part:
     """Runs one part's cases under its time budget (checked before each case, never by
     interrupting one); every case's row is written out as soon as it exists."""
 
-    def __init__(self, report: _Report, name: str):
+    def __init__(self, report: Report, name: str):
         self.report = report
         self.name = name
         self.entry = report.data["parts"][name]
         self.budget = float(self.entry["budget_s"])
         self.start = time.perf_counter()
         self.entry["status"] = "running"
-        self.entry["started"] = _now()
+        self.entry["started"] = now_iso()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -218,7 +218,7 @@ class _Part:
                 row.update(fn())
                 row.setdefault("status", "ok")
             except Exception as err:  # noqa: BLE001 - recorded, and the next case still runs
-                row.update(status="error", note=f"{type(err).__name__}: {_short(str(err))}")
+                row.update(status="error", note=f"{type(err).__name__}: {shorten(str(err))}")
             row["seconds"] = time.perf_counter() - t0
             if self.spent():  # kept (it ran to the end), flagged; the part's next cases time out
                 row["over_budget"] = True
@@ -247,12 +247,12 @@ class _Part:
         self.report.write()
 
 
-def _short(text: str, limit: int = 400) -> str:
+def shorten(text: str, limit: int = 400) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _now() -> str:
+def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
@@ -267,7 +267,7 @@ def _print_row(part: str, row: dict[str, Any]) -> None:
 # Shared helpers
 
 
-def _memory_limit(settings: CheckSettings) -> tuple[float | None, str]:
+def memory_limit(settings: CheckSettings) -> tuple[float | None, str]:
     """Bytes a compiled plan may use, and where that number came from."""
     if settings.memory_limit_gb is not None:
         return settings.memory_limit_gb * 2**30, "set (--memory-limit-gb or quick mode)"
@@ -277,11 +277,11 @@ def _memory_limit(settings: CheckSettings) -> tuple[float | None, str]:
     return None, "unknown (no memory_stats on this platform)"
 
 
-def _gib(nbytes: int | float | None) -> float | None:
+def gib(nbytes: int | float | None) -> float | None:
     return None if nbytes is None else nbytes / 2**30
 
 
-def _random(
+def random_array(
     kind: str,
     seed: int,
     shape: tuple[int, ...],
@@ -311,23 +311,23 @@ def _random(
     return jr.randint(key, shape, int(low), int(high), dtype)
 
 
-def _mlstm_inputs(
+def mlstm_inputs(
     b: int, nh: int, s: int, dhqk: int, dhv: int, dtype: Any, gates: str, seed: int = 0
 ) -> tuple[Array, ...]:
     """q, k, v in `dtype`, gate pre-activations (float32, as the models' gate_dtype), and the
     float32 weights w of the scalar loss sum(h * w)."""
     (ilo, ihi), (flo, fhi) = GATE_RANGES[gates]
     seed = 10 * seed
-    q = _random("normal", seed, (b, nh, s, dhqk), dtype)
-    k = _random("normal", seed + 1, (b, nh, s, dhqk), dtype)
-    v = _random("normal", seed + 2, (b, nh, s, dhv), dtype)
-    i = _random("uniform", seed + 3, (b, nh, s), jnp.float32, ilo, ihi)
-    f = _random("uniform", seed + 4, (b, nh, s), jnp.float32, flo, fhi)
-    w = _random("normal", seed + 5, (b, nh, s, dhv), jnp.float32)
+    q = random_array("normal", seed, (b, nh, s, dhqk), dtype)
+    k = random_array("normal", seed + 1, (b, nh, s, dhqk), dtype)
+    v = random_array("normal", seed + 2, (b, nh, s, dhv), dtype)
+    i = random_array("uniform", seed + 3, (b, nh, s), jnp.float32, ilo, ihi)
+    f = random_array("uniform", seed + 4, (b, nh, s), jnp.float32, flo, fhi)
+    w = random_array("normal", seed + 5, (b, nh, s, dhv), jnp.float32)
     return q, k, v, i, f, w
 
 
-def _norm_err(x: Array, ref: Array) -> float:
+def norm_err(x: Array, ref: Array) -> float:
     """max|x - ref| / max|ref| in float64 (inf if either has a non-finite entry)."""
     a = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
     r = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
