@@ -128,7 +128,7 @@ def run_equiv(names: list[str]) -> dict:
     from xlstm_eqx.training import (
         TrainConfig,
         make_optimizer,
-        make_sharded_train_step,
+        make_train_step,
         next_token_loss,
         trainable_params,
     )
@@ -174,7 +174,14 @@ def run_equiv(names: list[str]) -> dict:
                 with jax.numpy_dtype_promotion("standard"):
                     opt_state = opt.init(trainable_params(model))
                 ospecs = opt_state_specs(opt_state, trainable_params(model), specs)
-                step = make_sharded_train_step(opt, mesh, pc, specs, ospecs, return_grads=True)
+                step = make_train_step(
+                    opt,
+                    mesh=mesh,
+                    parallel_config=pc,
+                    model_specs=specs,
+                    opt_specs=ospecs,
+                    return_grads=True,
+                )
                 args = step.place_inputs((tokens[None], key_loss), sharded, opt_state)
                 compiled = step.core.lower(*args).compile()
                 hlo = compiled.compiled.as_text()
@@ -275,7 +282,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     res["seconds_single"] = round(time.perf_counter() - t0, 1)
 
     # The trainer's loop with its step replaced by the sharded one (what `--mesh` wires in).
-    original = _loop._optimizer_and_step
+    original = _loop.optimizer_and_step
     placed: dict = {}
 
     def sharded_optimizer_and_step(cfg, model, model_config, family):
@@ -287,19 +294,19 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
         placed["model_specs"] = _specs_of(eqx.filter(m, eqx.is_array))
 
         def counted(inputs, model, opt_state):
-            model, opt_state, loss, gnorm = step(inputs, model, opt_state)
+            model, opt_state, loss, gnorm = step.core(inputs, model, opt_state)
             placed["after_step_specs"] = _specs_of(eqx.filter(model, eqx.is_array))
             return model, opt_state, loss, gnorm
 
-        counted.batch_sharding = step.batch_sharding  # the loader places batches on the mesh
-        return optimizer, counted
+        # (the loader places batches on the mesh: `step.batch_sharding`)
+        return optimizer, dataclasses.replace(step, core=counted)
 
     t1 = time.perf_counter()
-    _loop._optimizer_and_step = sharded_optimizer_and_step
+    _loop.optimizer_and_step = sharded_optimizer_and_step
     try:
         meshed = _train.train(_train_config(data_file, os.path.join(out_dir, "mesh")), log=quiet)
     finally:
-        _loop._optimizer_and_step = original
+        _loop.optimizer_and_step = original
     res["seconds_mesh"] = round(time.perf_counter() - t1, 1)
     rows = {}
     for name in ("single", "mesh"):
@@ -386,7 +393,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
 
     from xlstm_eqx.parallel import init_sharded
     from xlstm_eqx.presets import tiny_xlstm
-    from xlstm_eqx.training import make_sharded_train_step
+    from xlstm_eqx.training import make_train_step
     from xlstm_eqx.xlstm import xLSTMLMModel
 
     pc = parse_mesh_spec("fsdp=8", dataclasses.replace(base, fsdp_gather_dtype="bfloat16"))
@@ -398,7 +405,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
         opt_state = opt.init(_train.trainable_params(model))
     specs = param_partition_specs(model, pc)
     ospecs = opt_state_specs(opt_state, _train.trainable_params(model), specs)
-    step = make_sharded_train_step(opt, mesh, pc, specs, ospecs)
+    step = make_train_step(opt, mesh=mesh, parallel_config=pc, model_specs=specs, opt_specs=ospecs)
     tokens = _batch(64, (1, 8, 17))
 
     def rounded(x, spec):
@@ -443,14 +450,14 @@ def run_dist(data_file: str, process_id: int, num_processes: int, port: int) -> 
     from xlstm_eqx import models as _registry, training as _train
     from xlstm_eqx.training import loop as _loop, shard_train_state, step as _step
 
-    # Never the default out (runs/xlstm in the working tree): a real run there makes `_prepare`
+    # Never the default out (runs/xlstm in the working tree): a real run there makes `prepare_run`
     # refuse ("already holds a run"), and tests must not write into the checkout.
     cfg = _train_config(data_file, os.path.join(os.path.dirname(data_file), f"prep{process_id}"))
-    p = _loop._prepare(cfg)
+    p = _loop.prepare_run(cfg)
     family = _registry.MODEL_FAMILIES[p.kind]
     init_key, loop_key = jr.split(jr.key(cfg.seed))
     model = family.build(p.model_config, key=init_key)
-    optimizer, _ = _step._optimizer_and_step(cfg, model, p.model_config, family)
+    optimizer, _ = _step.optimizer_and_step(cfg, model, p.model_config, family)
     with jax.numpy_dtype_promotion("standard"):
         opt_state = optimizer.init(_train.trainable_params(model))
     model, opt_state, step, mesh = shard_train_state("dp=-1", model, opt_state, optimizer)

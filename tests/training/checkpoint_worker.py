@@ -89,10 +89,10 @@ def _templates(cfg):
 
     from xlstm_eqx.models import MODEL_FAMILIES
     from xlstm_eqx.training import make_optimizer, trainable_params
-    from xlstm_eqx.training.loop import _prepare
+    from xlstm_eqx.training.prepare import prepare_run
 
     # As a `--resume` that asks for one more step would (a resume must continue the run).
-    p = _prepare(dataclasses.replace(cfg, resume=True, steps=cfg.steps + 1))
+    p = prepare_run(dataclasses.replace(cfg, resume=True, steps=cfg.steps + 1))
     family = MODEL_FAMILIES[p.kind]
     skel = eqx.filter_eval_shape(family.build, p.model_config, key=jr.key(0))
     optimizer = make_optimizer(cfg, skel, p.model_config, family)
@@ -330,28 +330,28 @@ def run_procs(data: str, out: str, process_id: int, num_processes: int, port: in
 
     # Preemption: only process 1 gets SIGTERM (during step 3); both save step 3 and stop.
     cfg_b = dataclasses.replace(cfg, out=os.path.join(out, "b"), checkpoint_every=100)
-    original = _loop.make_sharded_train_step
+    original = _loop.make_train_step
 
     def signalled(*args, **kwargs):
         step = original(*args, **kwargs)
         calls = {"n": 0}
 
-        def wrapped(inputs, model, opt_state):
+        def core(*placed):
             calls["n"] += 1
             if calls["n"] == 3 and jax.process_index() == 1:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return step(inputs, model, opt_state)
+            return step.core(*placed)
 
-        return wrapped
+        return dataclasses.replace(step, core=core)
 
-    _loop.make_sharded_train_step = signalled
+    _loop.make_train_step = signalled
     try:
         train(cfg_b, log=_quiet)
         res["b_interrupted"] = False
     except KeyboardInterrupt:
         res["b_interrupted"] = True
     finally:
-        _loop.make_sharded_train_step = original
+        _loop.make_train_step = original
     res["b_checkpoints"] = [s for s, _ in list_checkpoints(os.path.join(cfg_b.out, "checkpoints"))]
     resumed = train(dataclasses.replace(cfg_b, resume=True), log=_quiet)
     res["b_resumed_losses"] = {str(k): v for k, v in resumed.losses.items()}
@@ -372,18 +372,18 @@ def run_killme(data: str, out: str) -> dict:
 
     # Steps padded to >= 0.3 s, so that the kill lands mid-run on an idle machine too (the
     # numbers are untouched).
-    original = _loop._optimizer_and_step
+    original = _loop.optimizer_and_step
 
     def slow(*args, **kwargs):
         optimizer, step = original(*args, **kwargs)
 
         def padded(*a):
             time.sleep(0.3)
-            return step(*a)
+            return step.core(*a)
 
-        return optimizer, padded
+        return optimizer, dataclasses.replace(step, core=padded)
 
-    _loop._optimizer_and_step = slow
+    _loop.optimizer_and_step = slow
     train(_cfg(data, out, "k", **KILLME), log=_quiet)
     return {}
 

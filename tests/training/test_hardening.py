@@ -268,9 +268,9 @@ def test_negative_seed_fails_before_anything_is_written(tmp_path, data_file, cap
         ("broken.yaml", "steps: [1, 2\n", r"not valid \(safe\) YAML"),
         ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
         ("deep.yaml", "[" * 20_000 + "]" * 20_000, "evil|deep|YAML|nested"),
-        ("typed.json", '{"steps": "ten"}', "TrainConfig.steps must be int, got str 'ten'"),
-        ("flag.yaml", "progress: maybe\n", "TrainConfig.progress must be bool"),
-        ("list.json", '{"data": [1, 2]}', "TrainConfig.data must be a list of strings"),
+        ("typed.json", '{"steps": "ten"}', r"TrainConfig.steps\) must be a positive int, got 'ten'"),
+        ("flag.yaml", "progress: maybe\n", r"TrainConfig.progress\) must be a bool"),
+        ("list.json", '{"data": [1, 2]}', r"TrainConfig.data\) must be a list of strings"),
     ],
 )
 def test_config_file_errors_are_one_line(tmp_path, capsys, name, text, match):

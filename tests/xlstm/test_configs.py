@@ -47,6 +47,7 @@ from xlstm_eqx.core.config import (
 from xlstm_eqx.llama import LlamaConfig
 from xlstm_eqx.models import ModelConfig
 from xlstm_eqx.nn import ACTIVATIONS, FeedForwardConfig
+from xlstm_eqx.training import TrainConfig
 from xlstm_eqx.xlstm import (
     mLSTMBlockConfig,
     mLSTMCellConfig,
@@ -644,6 +645,8 @@ CONFIG_CLASSES = (
     xLSTMLMModelConfig,
     LlamaConfig,
 )
+ALL_CONFIG_CLASSES = (*CONFIG_CLASSES, TrainConfig)
+"""With `TrainConfig`, whose errors name the command-line flag (`_error_start`)."""
 _REQUIRED = {LlamaConfig: dict(vocab_size=8, embedding_dim=128, num_blocks=1)}
 PACKAGE_DIR = pathlib.Path(xlstm_eqx.__file__).parent
 
@@ -659,7 +662,14 @@ def _package_config_classes():
 
 
 def test_every_config_class_is_covered():
-    assert set(_package_config_classes()) == set(CONFIG_CLASSES)
+    assert set(_package_config_classes()) == set(ALL_CONFIG_CLASSES)
+
+
+def _error_start(cls, name):
+    """The start of the error for invalid field `name` of `cls`, as a regex."""
+    if cls is TrainConfig:
+        return rf"^--{name.replace('_', '-')} \(TrainConfig\.{name}\) "
+    return rf"^{cls.__name__}: invalid field '{name}': "
 
 
 @configclass
@@ -816,7 +826,7 @@ def _admitted(value, hint):
     return any(is_bearable(v, hint, conf=BeartypeConf(is_pep484_tower=True)) for v in forms)
 
 
-@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", ALL_CONFIG_CLASSES, ids=lambda c: c.__name__)
 @hypothesis.settings(
     max_examples=40, suppress_health_check=[hypothesis.HealthCheck.filter_too_much]
 )
@@ -828,12 +838,12 @@ def test_wrong_typed_value_names_the_field(cls, data):
     name = data.draw(st.sampled_from([f.name for f in dataclasses.fields(cls)]), label="field")
     value = data.draw(_WRONG_VALUES, label="value")
     hypothesis.assume(not _admitted(value, hints[name]))
-    pattern = rf"^{cls.__name__}: invalid field '{name}': must be .*, got "
+    pattern = _error_start(cls, name) + "must be .*, got "
     with pytest.raises(ValueError, match=pattern):
         cls(**{**_REQUIRED.get(cls, {}), name: value})
 
 
-@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", ALL_CONFIG_CLASSES, ids=lambda c: c.__name__)
 def test_bools_are_not_numbers_and_numbers_are_finite(cls):
     """What a runtime type checker lets through but the configs refuse."""
     checked = 0
@@ -844,7 +854,7 @@ def test_bools_are_not_numbers_and_numbers_are_finite(cls):
         bad = [True] if int in alts or float in alts else []
         bad += [math.nan, math.inf] if float in alts else []
         for value in bad:
-            with pytest.raises(ValueError, match=rf"^{cls.__name__}: invalid field '{name}'"):
+            with pytest.raises(ValueError, match=_error_start(cls, name)):
                 cls(**{**_REQUIRED.get(cls, {}), name: value})
             checked += 1
     assert checked > 0 or cls is mLSTMBackendNameAndKwargs
@@ -896,7 +906,7 @@ def test_import_hook_checks_the_configs(request):
     first because the arguments are checked before `__init__` is called."""
     if not request.config.getoption("jaxtyping_packages"):
         pytest.skip("tests run without the jaxtyping import hook")
-    for cls in CONFIG_CLASSES:
+    for cls in ALL_CONFIG_CLASSES:
         assert cls.__init__.__globals__["__name__"] == "jaxtyping._decorator", cls
     raw = object.__new__(FeedForwardConfig)
     with pytest.raises(TypeError, match="act_fn"):  # the hook's own error, had it come first
@@ -1003,3 +1013,16 @@ def test_no_public_constructor_or_function_takes_an_untyped_config():
     assert {"mLSTMLayer", "mLSTMLayerV1", "mLSTMCell", "sLSTMLayer", "xLSTMBlock", "xLSTMBlockStack",
             "xLSTMLMModel", "FeedForward", "LlamaTransformer", "build_model", "memory_report",
             "init_sharded", "from_xlstm_jax"} <= modules_taking_config  # fmt: skip
+
+
+def test_train_config_literal_fields_name_the_flag_and_the_choices():
+    """`TrainConfig`'s enumerated fields are `Literal`s checked by the base, like every config's."""
+    with pytest.raises(ValueError) as info:
+        TrainConfig(optimizer="sgd")
+    assert str(info.value) == (
+        "--optimizer (TrainConfig.optimizer) must be one of ('adamw', 'lion', 'adafactor'), "
+        "got 'sgd'"
+    )
+    with pytest.raises(ValueError, match=r"^--schedule \(TrainConfig\.schedule\) must be one of"):
+        TrainConfig.from_dict({"schedule": "step"})
+    assert TrainConfig.from_dict(TrainConfig(dtype="bfloat16").to_dict()).dtype == "bfloat16"

@@ -53,7 +53,9 @@ def _field_parser(tp: Any) -> tuple[Callable[[str], Any], bool]:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         optional = len(args) < len(typing.get_args(tp))
         tp = args[0]
-    base = {int: int, float: float, str: str}[tp]
+    base = (
+        str if typing.get_origin(tp) is typing.Literal else {int: int, float: float, str: str}[tp]
+    )
 
     def parse(text: str) -> Any:
         if optional and text.lower() in ("none", "null"):
@@ -61,7 +63,7 @@ def _field_parser(tp: Any) -> tuple[Callable[[str], Any], bool]:
         try:
             return base(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {tp.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
 
     return parse, optional
 
@@ -84,7 +86,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             )
         else:
             parse, _ = _field_parser(f.type)
-            choices = f.metadata.get("choices")
+            choices = _literal_choices(f.type)
             parser.add_argument(
                 flag,
                 type=parse,
@@ -93,6 +95,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 choices=choices,
                 help=help_,
             )
+
+
+def _literal_choices(tp: Any) -> tuple[Any, ...] | None:
+    """The values of a `Literal[...]` field type (a flag's choices), None for any other type."""
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
 
 
 def _load_mapping(path: str) -> dict[str, Any]:

@@ -36,7 +36,17 @@ import math
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, NamedTuple, TypeVar, Union, get_args, get_origin
+from typing import (
+    Any,
+    ClassVar,
+    Literal,
+    NamedTuple,
+    NoReturn,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+)
 
 
 # Choices shared by several configs
@@ -81,17 +91,22 @@ def field(
     *,
     default_factory: Any = dataclasses.MISSING,
     check: Check | None = None,
+    help: str = "",
 ) -> Any:
     """A config field: `dataclasses.field(default / default_factory)` with an optional constraint
-    `check` on its value (see `Check`), validated with the annotation."""
-    metadata = {} if check is None else {"check": check}
+    `check` on its value (see `Check`), validated with the annotation, and an optional `help`
+    (the text of the field's command-line flag, where it has one)."""
+    metadata: dict[str, Any] = {} if check is None else {"check": check}
+    if help:
+        metadata["help"] = help
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 # The checker
 
 
-def fail_field(root: str, path: str, message: str, value: Any = dataclasses.MISSING) -> None:
+def fail_field(root: str, path: str, message: str, value: Any = dataclasses.MISSING) -> NoReturn:
+    """Raise the `ValueError` for invalid field `path` of config `root` (module docstring)."""
     got = "" if value is dataclasses.MISSING else f", got {value!r}"
     raise ValueError(f"{root}: invalid field '{path}': {message}{got}")
 
@@ -339,7 +354,10 @@ class _ConfigMeta(type):
             spec = specs[name]
             if spec.coerce and (type(value) is int or isinstance(value, (list, tuple))):
                 value = bound.arguments[name] = _coerce(value, spec.tp)
-            _check_spec(cls.__name__, name, value, spec)
+            if not spec.ok(value):
+                cls._invalid_field(cls.__name__, name, spec.message, value)
+            if isinstance(value, Config):
+                value._validate(cls.__name__, name + ".")
         return super().__call__(*bound.args, **bound.kwargs)
 
 
@@ -365,10 +383,18 @@ class Config(metaclass=_ConfigMeta):
         for name, spec in type(self)._specs.items():  # `_check_spec`, inlined: the hot loop
             value = getattr(self, name)
             if not spec.ok(value):
-                fail_field(root, prefix + name, spec.message, value)
+                self._invalid_field(root, prefix + name, spec.message, value)
             if isinstance(value, Config):
                 value._validate(root, prefix + name + ".")
         self._cross_check(root, prefix)
+
+    @classmethod
+    def _invalid_field(
+        cls, root: str, path: str, message: str, value: Any = dataclasses.MISSING
+    ) -> NoReturn:
+        """Raise the error for an invalid field: `fail_field`'s wording, unless a class words
+        its errors its own way (`TrainConfig` names the command-line flag)."""
+        fail_field(root, path, message, value)
 
     def _cross_check(self, root: str, prefix: str) -> None:
         pass

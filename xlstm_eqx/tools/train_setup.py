@@ -11,7 +11,7 @@ from ..models import MODEL_FAMILIES
 from ..presets import get_preset
 from ..training.config import TrainConfig
 from ..training.optim import trainable_params
-from ..training.step import _optimizer_and_step
+from ..training.step import optimizer_and_step
 
 
 def _train_config(model: str, size: str, seq_len: int) -> Any:
@@ -22,7 +22,7 @@ def _train_config(model: str, size: str, seq_len: int) -> Any:
 
 
 def train_step_setup(model_name: str, size: str, seq_len: int, batch_size: int) -> tuple[Any, ...]:
-    """The trainer's own jitted step (`xlstm_eqx.training.step._optimizer_and_step`) for the preset
+    """The trainer's own jitted step (`xlstm_eqx.training.step.optimizer_and_step`) for the preset
     ``f"{size}_{model_name}"`` (context raised to `seq_len` if needed) with its model, optimizer
     state and inputs: random tokens ``(1, batch_size, seq_len+1)`` and a key.
     Returns ``(config, model, opt_state, step, inputs)``; ``step(inputs, model, opt_state)``."""
@@ -33,7 +33,7 @@ def train_step_setup(model_name: str, size: str, seq_len: int, batch_size: int) 
     config = _train_config(model_name, size, seq_len)
     model = family.build(config, key=jr.key(0))
     cfg = TrainConfig(model=model_name, seq_len=seq_len, batch_size=batch_size, steps=1000)
-    optimizer, step = _optimizer_and_step(cfg, model, config, family)
+    optimizer, step = optimizer_and_step(cfg, model, config, family)
     opt_state = optimizer.init(trainable_params(model))
     batch = jr.randint(jr.key(1), (1, batch_size, seq_len + 1), 0, config.vocab_size, jnp.int32)
     return config, model, opt_state, step, (batch, jr.key(2))

@@ -73,8 +73,8 @@ from .run_files import (
 )
 from .step import (
     MeshLayout as MeshLayout,
+    TrainStep as TrainStep,
     init_sharded_opt_state as init_sharded_opt_state,
-    make_sharded_train_step as make_sharded_train_step,
     make_train_step as make_train_step,
     mesh_layout as mesh_layout,
     shard_train_state as shard_train_state,

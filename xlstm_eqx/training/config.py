@@ -2,178 +2,130 @@
 resolves its model config from a family preset or a config file."""
 
 import dataclasses
-import math
 import os
-import typing
-from typing import Any
+from typing import Any, Literal, NoReturn, get_args
 
+from ..core.config import NON_NEGATIVE, POSITIVE, RATE, Check, Config, configclass, field
 from ..core.files import read_mapping_file
 from ..data.tokenizer import Tokenizer, padded_vocab_size
 from ..models import MODEL_FAMILIES
 
 
-# Fields with a fixed set of values: `choices` in their metadata (the flag's argparse choices, and
-# what `validate` checks). Typed `str`, not Literal, so that a bad value from a config file or
-# Python is the ValueError of `validate` naming the field, not a type-checker error.
-_COMPUTE_DTYPES = ("float32", "bfloat16")
-OPTIMIZERS = ("adamw", "lion", "adafactor")
-SCHEDULES = ("cosine", "wsd", "linear", "constant")
+ComputeDType = Literal["float32", "bfloat16"]
+Optimizer = Literal["adamw", "lion", "adafactor"]
+Schedule = Literal["cosine", "wsd", "linear", "constant"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 TRACKERS = ("tensorboard", "wandb", "trackio")
 SEQ_LEN = 128  # the default sequence length (the command line's: at most the context length)
+
+SEED = Check(lambda v: 0 <= v < 2**32, "{a} in [0, 2**32)")
+RATIO = Check(lambda v: 0 <= v <= 1, "{a} in [0, 1]")
+OPEN_FRACTION = Check(lambda v: 0 < v < 1, "{a} in (0, 1)")
+FRACTION = Check(lambda v: 0 < v <= 1, "{a} in (0, 1]")
 
 
 # configuration
 
 
-@dataclasses.dataclass
-class TrainConfig:
+@configclass
+class TrainConfig(Config):
     """Everything a training run needs. Every field is a `xlstm-eqx train` flag (`seq_len` →
-    `--seq-len`), can come from a JSON/YAML file (`--config`), and is saved in `DIR/config.json`."""
+    `--seq-len`, a `Literal` field's values are the flag's choices), can come from a JSON/YAML
+    file (`--config`), and is saved in `DIR/config.json`. Every field is checked against its
+    annotation and constraint when the config is made; errors name the flag and the field."""
 
     # model
-    model: str = dataclasses.field(
-        default="xlstm", metadata={"help": "'xlstm', 'llama', or a model-config JSON/YAML file"}
-    )
-    preset: str = dataclasses.field(
-        default="small", metadata={"help": "size preset of the model family (see `info`)"}
-    )
+    model: str = field("xlstm", help="'xlstm', 'llama', or a model-config JSON/YAML file")
+    preset: str = field("small", help="size preset of the model family (see `info`)")
     # data
-    data: list[str] = dataclasses.field(
+    data: list[str] = field(
         default_factory=list,
-        metadata={
-            "help": "text/JSONL/parquet/arrow file, glob, or saved HF dataset directory, "
-            "repeatable; none: embedded stdlib corpus"
-        },
+        help="text/JSONL/parquet/arrow file, glob, or saved HF dataset directory, repeatable; "
+        "none: embedded stdlib corpus",
     )
-    text_field: str = dataclasses.field(
-        default="text", metadata={"help": "JSONL field / dataset column holding the text"}
+    text_field: str = field("text", help="JSONL field / dataset column holding the text")
+    data_split: str = field("train", help="split of a saved HF DatasetDict")
+    eod_token: str = field(
+        "",
+        help="end-of-document token between documents: '' = the tokenizer's own (byte 0 for "
+        "bytes), a token of the tokenizer, an id, or 'none'",
     )
-    data_split: str = dataclasses.field(
-        default="train", metadata={"help": "split of a saved HF DatasetDict"}
+    data_cache: str = field(
+        "",
+        help="token-store cache directory (default: $XLSTM_EQX_DATA_CACHE_DIR, else "
+        "~/.cache/xlstm_eqx/token_stores)",
     )
-    eod_token: str = dataclasses.field(
-        default="",
-        metadata={
-            "help": "end-of-document token between documents: '' = the tokenizer's own (byte 0 "
-            "for bytes), a token of the tokenizer, an id, or 'none'"
-        },
+    prefetch: int = field(2, check=POSITIVE, help="batches prepared ahead of the train step")
+    tokenizer: str = field("bytes", help="'bytes' or the path of a local tokenizer.json")
+    eval_fraction: float = field(
+        0.05, check=OPEN_FRACTION, help="share of documents (or text) held out for evaluation"
     )
-    data_cache: str = dataclasses.field(
-        default="",
-        metadata={
-            "help": "token-store cache directory (default: $XLSTM_EQX_DATA_CACHE_DIR, else "
-            "~/.cache/xlstm_eqx/token_stores)"
-        },
-    )
-    prefetch: int = dataclasses.field(
-        default=2, metadata={"help": "batches prepared ahead of the train step"}
-    )
-    tokenizer: str = dataclasses.field(
-        default="bytes", metadata={"help": "'bytes' or the path of a local tokenizer.json"}
-    )
-    eval_fraction: float = dataclasses.field(
-        default=0.05, metadata={"help": "share of documents (or text) held out for evaluation"}
-    )
-    max_data_bytes: int | None = dataclasses.field(
-        default=None, metadata={"help": "stop reading data after this many bytes"}
+    max_data_bytes: int | None = field(
+        None, check=POSITIVE, help="stop reading data after this many bytes"
     )
     # batch shape and length
-    seq_len: int = dataclasses.field(
-        default=SEQ_LEN,
-        metadata={
-            "help": "tokens per sequence (default: the command line's is min(128, the "
-            "model's context_length); TrainConfig's is 128)"
-        },
+    seq_len: int = field(
+        SEQ_LEN,
+        check=POSITIVE,
+        help="tokens per sequence (default: the command line's is min(128, the model's "
+        "context_length); TrainConfig's is 128)",
     )
-    batch_size: int = dataclasses.field(default=16, metadata={"help": "sequences per micro-batch"})
-    grad_accum: int = dataclasses.field(
-        default=1, metadata={"help": "micro-batches accumulated per optimizer step"}
-    )
-    steps: int = dataclasses.field(default=300, metadata={"help": "optimizer steps"})
+    batch_size: int = field(16, check=POSITIVE, help="sequences per micro-batch")
+    grad_accum: int = field(1, check=POSITIVE, help="micro-batches accumulated per optimizer step")
+    steps: int = field(300, check=POSITIVE, help="optimizer steps")
     # optimizer
-    optimizer: str = dataclasses.field(
-        default="adamw", metadata={"help": "optimizer (optax)", "choices": OPTIMIZERS}
+    optimizer: Optimizer = field("adamw", help="optimizer (optax)")
+    schedule: Schedule = field("cosine", help="learning-rate schedule after warmup")
+    decay_fraction: float = field(
+        0.2, check=FRACTION, help="wsd: share of the steps in the final decay"
     )
-    schedule: str = dataclasses.field(
-        default="cosine",
-        metadata={"help": "learning-rate schedule after warmup", "choices": SCHEDULES},
+    lr: float = field(3e-3, check=POSITIVE, help="peak learning rate")
+    warmup_steps: int | None = field(
+        None, help="linear warmup steps (default: min(100, steps // 10))"
     )
-    decay_fraction: float = dataclasses.field(
-        default=0.2, metadata={"help": "wsd: share of the steps in the final decay"}
+    min_lr_ratio: float = field(
+        0.1, check=RATIO, help="final learning rate (cosine, linear, wsd), as a fraction of lr"
     )
-    lr: float = dataclasses.field(default=3e-3, metadata={"help": "peak learning rate"})
-    warmup_steps: int | None = dataclasses.field(
-        default=None, metadata={"help": "linear warmup steps (default: min(100, steps // 10))"}
+    weight_decay: float = field(
+        0.1, check=NON_NEGATIVE, help="decoupled weight decay (kernels only)"
     )
-    min_lr_ratio: float = dataclasses.field(
-        default=0.1,
-        metadata={"help": "final learning rate (cosine, linear, wsd), as a fraction of lr"},
+    beta1: float = field(0.9, check=RATE)
+    beta2: float = field(0.95, check=RATE)
+    adam_eps: float = field(1e-8, check=POSITIVE)
+    grad_clip: float | None = field(
+        1.0, check=POSITIVE, help="global gradient-norm clip (none: off)"
     )
-    weight_decay: float = dataclasses.field(
-        default=0.1, metadata={"help": "decoupled weight decay (kernels only)"}
-    )
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float | None = dataclasses.field(
-        default=1.0, metadata={"help": "global gradient-norm clip (none: off)"}
-    )
-    dtype: str = dataclasses.field(
-        default="float32",
-        metadata={"help": "compute dtype (parameters stay float32)", "choices": _COMPUTE_DTYPES},
-    )
+    dtype: ComputeDType = field("float32", help="compute dtype (parameters stay float32)")
     # run
-    seed: int = 0
-    out: str = dataclasses.field(
-        default="", metadata={"help": "output directory (default: runs/<model>)"}
-    )
-    resume: bool = dataclasses.field(
-        default=False, metadata={"help": "continue the run in --out from its last checkpoint"}
-    )
-    log_every: int = dataclasses.field(default=10, metadata={"help": "steps between metric rows"})
-    eval_every: int = dataclasses.field(
-        default=100, metadata={"help": "steps between held-out evaluations"}
-    )
-    eval_batches: int = dataclasses.field(
-        default=8, metadata={"help": "held-out batches per evaluation"}
-    )
-    checkpoint_every: int = dataclasses.field(
-        default=100, metadata={"help": "steps between checkpoints"}
-    )
-    keep_checkpoints: int = dataclasses.field(
-        default=3, metadata={"help": "checkpoints kept (the newest)"}
-    )
-    progress: bool = dataclasses.field(default=True, metadata={"help": "show a progress bar"})
-    sample_tokens: int = dataclasses.field(
-        default=300, metadata={"help": "tokens sampled and printed at the end (0: none)"}
+    seed: int = field(0, check=SEED)
+    out: str = field("", help="output directory (default: runs/<model>)")
+    resume: bool = field(False, help="continue the run in --out from its last checkpoint")
+    log_every: int = field(10, check=POSITIVE, help="steps between metric rows")
+    eval_every: int = field(100, check=POSITIVE, help="steps between held-out evaluations")
+    eval_batches: int = field(8, check=POSITIVE, help="held-out batches per evaluation")
+    checkpoint_every: int = field(100, check=POSITIVE, help="steps between checkpoints")
+    keep_checkpoints: int = field(3, check=POSITIVE, help="checkpoints kept (the newest)")
+    progress: bool = field(True, help="show a progress bar")
+    sample_tokens: int = field(
+        300, check=NON_NEGATIVE, help="tokens sampled and printed at the end (0: none)"
     )
     sample_prompt: str = "def "
-    sample_temperature: float = 0.8
-    mesh: str = dataclasses.field(
-        default="",
-        metadata={"help": "device mesh, e.g. 'dp=2,fsdp=2,tp=2' (default: one device)"},
+    sample_temperature: float = field(0.8, check=NON_NEGATIVE)
+    mesh: str = field("", help="device mesh, e.g. 'dp=2,fsdp=2,tp=2' (default: one device)")
+    tracker: str = field(
+        "", help="experiment trackers, comma-separated: tensorboard, wandb, trackio"
     )
-    tracker: str = dataclasses.field(
-        default="",
-        metadata={"help": "experiment trackers, comma-separated: tensorboard, wandb, trackio"},
-    )
-    tracker_project: str = dataclasses.field(
-        default="xlstm-eqx", metadata={"help": "project name for wandb / trackio"}
-    )
-    profile_steps: str = dataclasses.field(
-        default="", metadata={"help": "'A:B': write a jax.profiler trace of steps A to B"}
-    )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    tracker_project: str = field("xlstm-eqx", help="project name for wandb / trackio")
+    profile_steps: str = field("", help="'A:B': write a jax.profiler trace of steps A to B")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        return cls(**{k: _checked_value(k, v) for k, v in d.items()})
+        """A config from `to_dict()` output or a config file (a single string for `data` is
+        one file)."""
+        if isinstance(d, dict) and isinstance(d.get("data"), str):
+            d = {**d, "data": [d["data"]]}
+        return super().from_dict(d)
 
     def out_dir(self) -> str:
         if self.out:
@@ -191,78 +143,56 @@ class TrainConfig:
         return self.warmup_steps
 
     def validate(self) -> None:
-        """Raise a ValueError naming the flag (and field) of the first invalid value, before
-        anything is read or written."""
-        for f in dataclasses.fields(self):
-            _checked_value(f.name, getattr(self, f.name))
-        if not 0 <= self.seed < 2**32:
-            raise _invalid("seed", "in [0, 2**32)", self.seed)
-        if self.max_data_bytes is not None and self.max_data_bytes < 1:
-            raise _invalid("max_data_bytes", "a positive integer or none", self.max_data_bytes)
-        positive = ["seq_len", "batch_size", "grad_accum", "steps", "log_every", "eval_every"]
-        positive += ["eval_batches", "checkpoint_every", "keep_checkpoints", "prefetch"]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise _invalid(name, "a positive integer", value)
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) not in choices:
-                raise _invalid(f.name, f"one of {', '.join(choices)}", getattr(self, f.name))
+        """A run's check before anything is read or written: every field again (one may have
+        been assigned since) and the loader's host memory; raises a ValueError naming the flag
+        (and field)."""
+        self._validate(type(self).__name__, "")
         _check_batch_memory(self)
-        # Floats: finite and in range (NaN fails every comparison, so `not (lo <= x)` catches it).
-        finite_ranges = [
-            ("lr", "> 0", lambda x: x > 0),
-            ("weight_decay", ">= 0", lambda x: x >= 0),
-            ("adam_eps", "> 0", lambda x: x > 0),
-            ("sample_temperature", ">= 0", lambda x: x >= 0),
-            ("min_lr_ratio", "in [0, 1]", lambda x: 0 <= x <= 1),
-            ("beta1", "in [0, 1)", lambda x: 0 <= x < 1),
-            ("beta2", "in [0, 1)", lambda x: 0 <= x < 1),
-            ("eval_fraction", "in (0, 1)", lambda x: 0 < x < 1),
-            ("decay_fraction", "in (0, 1]", lambda x: 0 < x <= 1),
-        ]
-        if self.grad_clip is not None:
-            finite_ranges.append(("grad_clip", "> 0 (or none)", lambda x: x > 0))
-        for name, what, ok in finite_ranges:
-            value = getattr(self, name)
-            if not (math.isfinite(value) and ok(value)):
-                raise _invalid(name, f"a finite number {what}", value)
-        w = self.resolved_warmup()
-        if not 0 <= w < self.steps:
-            raise _invalid("warmup_steps", f"in [0, steps={self.steps})", w)
+
+    @classmethod
+    def _invalid_field(
+        cls, root: str, path: str, message: str, value: Any = dataclasses.MISSING
+    ) -> NoReturn:
+        text = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ValueError(f"{_flag(path)} {message}, got {text}")
+
+    def _cross_check(self, root: str, prefix: str) -> None:
+        warmup = self.resolved_warmup()
+        if not 0 <= warmup < self.steps:
+            self._invalid_field(root, "warmup_steps", f"must be in [0, steps={self.steps})", warmup)
         for name in self.trackers():
             if name not in TRACKERS:
                 raise ValueError(
                     f"{_flag('tracker')}: unknown tracker {name!r} (expected {', '.join(TRACKERS)})"
                 )
-        if self.mesh:
-            parts = self.mesh.split(",")
-            if any(not p.strip() for p in parts):
-                raise _invalid("mesh", "AXIS=SIZE entries separated by single commas", self.mesh)
+        if self.mesh and any(not part.strip() for part in self.mesh.split(",")):
+            self._invalid_field(
+                root, "mesh", "must be AXIS=SIZE entries separated by single commas", self.mesh
+            )
         if self.profile_steps:
-            parts = self.profile_steps.split(":")
-            if len(parts) != 2 or not all(p.isdigit() for p in parts):
-                raise _invalid("profile_steps", "'A:B' (steps)", self.profile_steps)
-            a, b = int(parts[0]), int(parts[1])
-            if not 1 <= a <= b:
-                raise _invalid("profile_steps", "'A:B' with 1 <= A <= B", self.profile_steps)
-            if b > self.steps:
-                raise _invalid(
-                    "profile_steps", f"'A:B' with B <= --steps {self.steps}", self.profile_steps
-                )
-        if self.sample_tokens < 0:
-            raise _invalid("sample_tokens", ">= 0", self.sample_tokens)
+            self._check_profile_steps(root)
+
+    def _check_profile_steps(self, root: str) -> None:
+        parts = self.profile_steps.split(":")
+        if len(parts) != 2 or not all(part.isdigit() for part in parts):
+            self._invalid_field(root, "profile_steps", "must be 'A:B' (steps)", self.profile_steps)
+        first, last = int(parts[0]), int(parts[1])
+        if not 1 <= first <= last:
+            self._invalid_field(
+                root, "profile_steps", "must be 'A:B' with 1 <= A <= B", self.profile_steps
+            )
+        if last > self.steps:
+            self._invalid_field(
+                root,
+                "profile_steps",
+                f"must be 'A:B' with B <= --steps {self.steps}",
+                self.profile_steps,
+            )
 
 
 def _flag(name: str) -> str:
     """How a field is named in errors: its flag, then the field (for config files and Python)."""
     return f"--{name.replace('_', '-')} (TrainConfig.{name})"
-
-
-def _invalid(name: str, what: str, value: Any) -> ValueError:
-    text = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    return ValueError(f"{_flag(name)} must be {what}, got {text}")
 
 
 def _host_memory_bytes() -> int | None:
@@ -272,7 +202,7 @@ def _host_memory_bytes() -> int | None:
         return None
 
 
-def _check_batch_memory(cfg: "TrainConfig") -> None:
+def _check_batch_memory(cfg: TrainConfig) -> None:
     """The loader keeps `prefetch + 2` steps' batches (int32 tokens) in host memory: a batch that
     cannot fit this machine's memory is refused here, naming the flags, not by an allocation
     error on the loader thread after the data is read."""
@@ -285,35 +215,6 @@ def _check_batch_memory(cfg: "TrainConfig") -> None:
             f"{cfg.grad_accum}: the loader's {cfg.prefetch + 2} batches of {tokens:,} tokens "
             f"need {need / 2**30:,.1f} GiB, more than this machine's {have / 2**30:,.1f} GiB"
         )
-
-
-def _checked_value(name: str, value: Any) -> Any:
-    """`value` for field `name` if it has the field's type (a single string is accepted for a
-    list field, an int for a float field), else a ValueError naming the field and the value."""
-    tp = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
-    text = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    optional = False
-    if getattr(tp, "__args__", None) and type(None) in tp.__args__:
-        optional = True
-        tp = next(a for a in tp.__args__ if a is not type(None))
-    if value is None and optional:
-        return None
-    if typing.get_origin(tp) is list:
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise ValueError(f"TrainConfig.{name} must be a list of strings, got {text}")
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-    }[tp](value)
-    if not ok:
-        what = tp.__name__ + (" or null" if optional else "")
-        raise ValueError(f"TrainConfig.{name} must be {what}, got {type(value).__name__} {text}")
-    return float(value) if tp is float else value
 
 
 # Fields that may differ between a run and its --resume (they do not change what is computed,

@@ -24,11 +24,9 @@ and resumed logs the same losses as one that never stopped.
 
 import contextlib
 import dataclasses
-import json
-import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import equinox as eqx
@@ -36,55 +34,62 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
+from jaxtyping import PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
 from ..cell.autotune import tune_auto_backend
-from ..core.console import print_line, silence_stdout
+from ..core.console import print_line
 from ..core.files import open_append, write_json_atomic
 from ..data.loader import BatchLoader
 from ..data.tokenizer import Tokenizer
 from ..generation import generate
-from ..models import MODEL_FAMILIES
+from ..models import MODEL_FAMILIES, ModelFamily
 from ..parallel.placement import init_sharded
 from .config import TrainConfig
 from .evaluate import has_decode_api, sample_tokens
 from .extend import DECAY_START_DIR, is_decay_start, supersede_after
-from .host_sync import PendingScalars, ProfileWindow
+from .hooks import (
+    Cadence,
+    CheckpointHook,
+    CompileNotice,
+    Console,
+    DecaySaveHook,
+    EvalHook,
+    Hook,
+    HostScalars,
+    InterruptHook,
+    LastCheckpoint,
+    MetricsHook,
+    ProfileHook,
+    ProgressHook,
+    StepRecord,
+    TrackerHook,
+    TrainingDivergedError,
+)
+from .host_sync import ProfileWindow
 from .loss import bits_per_byte, evaluate_loss
-from .optim import _lr_at, learning_rate_schedule, make_optimizer, trainable_params, wsd_decay_start
+from .optim import learning_rate_schedule, lr_at, make_optimizer, trainable_params, wsd_decay_start
 from .orbax_checkpoint import (
     CheckpointStore,
     latest_checkpoint,
     restore_newest_intact,
     save_checkpoint,
 )
-from .prepare import _prepare, _Prepared, run_config_dict
-from .run_files import (
-    _InterruptFlag,
-    _truncate_metrics,
-    _write_partial_run_files,
-    plot_metrics,
-)
+from .prepare import PreparedRun, prepare_run, run_config_dict
+from .run_files import InterruptFlag, plot_metrics, truncate_metrics, write_partial_run_files
 from .run_lock import hold_run_lock
 from .step import (
-    _optimizer_and_step,
+    TrainStep,
     init_sharded_opt_state,
-    make_sharded_train_step,
+    make_train_step,
     mesh_layout,
+    optimizer_and_step,
 )
 from .trackers import open_trackers
 
 
-# run bookkeeping
-
-
-class TrainingDivergedError(FloatingPointError):
-    """The loss became NaN or infinite; the run stopped before writing anything after it."""
-
-    def __init__(self, message: str, step: int, last_checkpoint: str | None):
-        super().__init__(message)
-        self.step = step
-        self.last_checkpoint = last_checkpoint
+__all__ = ["TrainResult", "TrainingDivergedError", "run_config_dict", "steps", "train"]
 
 
 @dataclasses.dataclass
@@ -102,6 +107,52 @@ class TrainResult:
     unigram_bits_per_byte: float | None
     sample: str | None
     seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Where the steps start: the model and optimizer state (built, or read on ``--resume``), the
+    step that runs them, the step count so far and the loop's key; ``resumed`` is the checkpoint
+    read (None: a new run) and ``damaged`` whether a newer damaged one was skipped."""
+
+    model: PyTree
+    opt_state: PyTree
+    step_fn: TrainStep
+    start_step: int
+    loop_key: PRNGKeyArray
+    resumed: str | None = None
+    damaged: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the hooks and the end of a run are made from."""
+
+    cfg: TrainConfig
+    prepared: PreparedRun
+    state: TrainState
+    run_config: dict[str, Any]
+    writer: bool  # process 0: the one that writes the run's files and logs
+    log: Callable[[str], None]
+    end_step: int
+
+    @property
+    def out(self) -> str:
+        return self.cfg.out_dir()
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.out, "metrics.jsonl")
+
+    @property
+    def checkpoint_root(self) -> str:
+        return os.path.join(self.out, "checkpoints")
+
+    def as_given(self, path: str) -> str:
+        """A path under the run directory as the user gave ``--out`` (relative stays relative),
+        though orbax's checkpoint paths are absolute; a path elsewhere as it is."""
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(self.out))
+        return path if rel.startswith("..") else os.path.join(self.out, rel)
 
 
 # the run
@@ -133,315 +184,373 @@ def train(
 
 
 def _train(
-    cfg: TrainConfig,
-    *,
-    stop_after_step: int | None,
-    log: Callable[[str], None],
+    cfg: TrainConfig, *, stop_after_step: int | None, log: Callable[[str], None]
 ) -> TrainResult:
+    """Prepare, build the hooks, run the steps through them, end the run."""
     t_start = time.perf_counter()
-    p = _prepare(cfg)
+    prepared = prepare_run(cfg)
     # In a multi-process run every process runs this loop; process 0 alone writes the run's files
     # and logs; checkpoints are written by all processes together (each its own shards).
     writer = jax.process_index() == 0
-    if not writer:
-        log = _no_log
-    out = cfg.out_dir()
-    ckpt_root = os.path.join(out, "checkpoints")
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    family = MODEL_FAMILIES[p.kind]
+    state = init_train_state(cfg, prepared)
+    if state.resumed is not None:  # the checkpoint read, which may be older than the newest
+        prepared = dataclasses.replace(prepared, resume_from=state.resumed)
+    end_step = cfg.steps if stop_after_step is None else min(cfg.steps, stop_after_step)
+    run_config = run_config_dict(prepared)
+    run = Run(cfg, prepared, state, run_config, writer, log if writer else _no_log, end_step)
+    _begin_run_files(run)
+    n_params = _log_model(run)
+    hooks = RunHooks.build(run)
+    model = state.model
+    # Batches are read (this process's rows only) and placed on a background thread; the step
+    # results stay on the device until a hook that needs them reads them.
+    loader = BatchLoader(
+        prepared.sampler,
+        grad_accum=cfg.grad_accum,
+        start_step=state.start_step,
+        end_step=end_step,
+        sharding=state.step_fn.batch_sharding,
+        prefetch=cfg.prefetch,
+    )
+    with contextlib.ExitStack() as closing:  # the hooks close last to first, the loader first
+        for hook in hooks.in_order():
+            closing.callback(hook.close)
+        closing.callback(loader.close)
+        for record in steps(
+            state,
+            loader,
+            hooks.scalars,
+            tokens_per_step=_tokens_per_step(cfg),
+            before=hooks.before_step,
+        ):
+            for hook in hooks.in_order():
+                hook(record)
+            model = record.model
+    return _finish(run, hooks, model, n_params, time.perf_counter() - t_start)
 
-    key = jr.key(cfg.seed)
-    init_key, loop_key = jr.split(key)
+
+def steps(
+    state: TrainState,
+    batches: Iterator[tuple[int, Any]] | Any,
+    scalars: HostScalars,
+    *,
+    tokens_per_step: int,
+    before: Callable[[int], None] = lambda step: None,
+) -> Iterator[StepRecord]:
+    """The step loop: one `StepRecord` per ``(step, batch)`` of ``batches``, after running
+    ``state.step_fn`` on it with the key ``fold_in(loop_key, step)``. ``before(step)`` runs before
+    each step is dispatched. The loss and gradient norm stay on the device (``scalars`` holds them
+    until a hook reads them)."""
+    model, opt_state = state.model, state.opt_state
+    for step, batch in batches:
+        before(step)
+        step_key = jr.fold_in(state.loop_key, step)
+        start = time.perf_counter()
+        model, opt_state, loss, grad_norm = state.step_fn((batch, step_key), model, opt_state)
+        seconds = time.perf_counter() - start
+        scalars.add(step, loss, grad_norm)
+        yield StepRecord(
+            step, model, opt_state, loss, grad_norm, step * tokens_per_step, seconds, scalars
+        )
+
+
+def _tokens_per_step(cfg: TrainConfig) -> int:
+    return cfg.grad_accum * cfg.batch_size * cfg.seq_len
+
+
+# the state the steps start from
+
+
+def init_train_state(cfg: TrainConfig, prepared: PreparedRun) -> TrainState:
+    """The model, optimizer state and step of the run: built, or read from the checkpoint on
+    ``--resume``; with ``--mesh`` born sharded (or read straight into their shardings, whatever
+    mesh saved them): no array is ever whole on one device."""
+    family = MODEL_FAMILIES[prepared.kind]
+    init_key, loop_key = jr.split(jr.key(cfg.seed))
     # Shapes only (nothing allocated): the optimizer, the layout on a mesh and the templates a
     # checkpoint is checked against and read into are all made from this skeleton.
-    skeleton = eqx.filter_eval_shape(family.build, p.model_config, key=init_key)
-    start_step = 0
+    skeleton = eqx.filter_eval_shape(family.build, prepared.model_config, key=init_key)
+    restored = None
     if cfg.mesh:
-        # Born sharded: parameters and optimizer state are created (or read from the
-        # checkpoint) directly in their shardings; no array is ever whole on one device.
-        optimizer = make_optimizer(cfg, skeleton, p.model_config, family)
-        layout = mesh_layout(
-            cfg.mesh, skeleton, optimizer, base=getattr(p.model_config, "parallel", None)
+        model, opt_state, step_fn, restored = _state_on_mesh(
+            cfg, prepared, family, skeleton, init_key
         )
-        if p.resume_from is not None:
-            opt_skeleton = _opt_skeleton(optimizer, skeleton)
-            trees, meta, resumed, damaged = restore_newest_intact(
-                p.resume_from,
-                {"model": skeleton, "opt_state": opt_skeleton},
-                {"model": layout.model_shardings, "opt_state": layout.opt_shardings},
-            )
-            model, opt_state = trees["model"], trees["opt_state"]
-        else:
-            model = init_sharded(
-                family.build,
-                p.model_config,
-                key=init_key,
-                mesh=layout.mesh,
-                parallel_config=layout.parallel_config,
-            )
-            opt_state = init_sharded_opt_state(optimizer, model, layout)
-        step_fn = make_sharded_train_step(
-            optimizer, layout.mesh, layout.parallel_config, layout.model_specs, layout.opt_specs
-        )
-    elif p.resume_from is not None:
-        optimizer, step_fn = _optimizer_and_step(cfg, skeleton, p.model_config, family)
-        trees, meta, resumed, damaged = restore_newest_intact(
-            p.resume_from, {"model": skeleton, "opt_state": _opt_skeleton(optimizer, skeleton)}
-        )
-        model, opt_state = trees["model"], trees["opt_state"]
+    elif prepared.resume_from is not None:
+        optimizer, step_fn = optimizer_and_step(cfg, skeleton, prepared.model_config, family)
+        templates = {"model": skeleton, "opt_state": _opt_skeleton(optimizer, skeleton)}
+        restored = restore_newest_intact(prepared.resume_from, templates)
+        model, opt_state = restored[0]["model"], restored[0]["opt_state"]
     else:
-        model = family.build(p.model_config, key=init_key)
-        optimizer, step_fn = _optimizer_and_step(cfg, model, p.model_config, family)
+        model = family.build(prepared.model_config, key=init_key)
+        optimizer, step_fn = optimizer_and_step(cfg, model, prepared.model_config, family)
         with jax.numpy_dtype_promotion("standard"):
             opt_state = optimizer.init(trainable_params(model))
     # The "auto" mLSTM backend times its candidates now, not while the step compiles (GPU only).
     tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32)
     tune_auto_backend(lambda m, t: m(t), model, tokens)
-    if p.resume_from is not None:
-        # A damaged newest checkpoint was skipped (with a warning): the run goes on from the one
-        # read; the newer ones are moved aside, as the run will save those steps again.
-        p = dataclasses.replace(p, resume_from=resumed)
-        start_step = int(meta["step"])
-        loop_key = jr.wrap_key_data(jnp.asarray(meta["rng_key"], jnp.uint32))
+    if restored is None:
+        return TrainState(model, opt_state, step_fn, 0, loop_key)
+    _, meta, resumed, damaged = restored
+    # A damaged newest checkpoint was skipped (with a warning): the run goes on from the one
+    # read; the newer ones are moved aside, as the run will save those steps again.
+    loop_key = jr.wrap_key_data(jnp.asarray(meta["rng_key"], jnp.uint32))
+    damaged = bool(damaged or prepared.damaged)
+    return TrainState(model, opt_state, step_fn, int(meta["step"]), loop_key, resumed, damaged)
 
-    # Everything is validated: only now is anything written.
-    run_config = run_config_dict(p)
-    if writer:
-        os.makedirs(out, exist_ok=True)
-        write_json_atomic(os.path.join(out, "config.json"), run_config)
-        if p.resume_from is None:
-            if os.path.exists(metrics_path):
-                os.remove(metrics_path)
-        else:
-            _truncate_metrics(metrics_path, start_step)
-            if is_decay_start(p.resume_from, out):
-                for path in supersede_after(ckpt_root, start_step, out):
-                    log(f"extending the wsd run: moved {path} (the old decay) aside")
-            elif damaged or p.damaged:
-                for path in supersede_after(ckpt_root, start_step, out):
-                    log(f"moved {path} aside (newer than step {start_step}, which resumes)")
-    if p.resume_from is not None:
-        log(f"resumed from {_as_given(p.resume_from, out)} at step {start_step}")
 
-    n_params = sum(x.size for x in jax.tree.leaves(trainable_params(model)))
-    tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len
-    log(
-        f"model {p.kind} ({n_params / 1e6:.2f}M parameters), "
-        f"data: {len(p.corpus.sources)} file(s), {len(p.corpus.train):,} train / "
-        f"{len(p.corpus.heldout):,} held-out tokens, {tokens_per_step:,} tokens per step"
+def _state_on_mesh(
+    cfg: TrainConfig,
+    prepared: PreparedRun,
+    family: ModelFamily,
+    skeleton: PyTree,
+    init_key: PRNGKeyArray,
+) -> tuple[PyTree, PyTree, TrainStep, Any]:
+    """`init_train_state` with ``--mesh``: ``(model, opt_state, step, restored or None)``."""
+    optimizer = make_optimizer(cfg, skeleton, prepared.model_config, family)
+    base = getattr(prepared.model_config, "parallel", None)
+    layout = mesh_layout(cfg.mesh, skeleton, optimizer, base=base)
+    restored = None
+    if prepared.resume_from is not None:
+        restored = restore_newest_intact(
+            prepared.resume_from,
+            {"model": skeleton, "opt_state": _opt_skeleton(optimizer, skeleton)},
+            {"model": layout.model_shardings, "opt_state": layout.opt_shardings},
+        )
+        model, opt_state = restored[0]["model"], restored[0]["opt_state"]
+    else:
+        model = init_sharded(
+            family.build,
+            prepared.model_config,
+            key=init_key,
+            mesh=layout.mesh,
+            parallel_config=layout.parallel_config,
+        )
+        opt_state = init_sharded_opt_state(optimizer, model, layout)
+    step_fn = make_train_step(
+        optimizer,
+        mesh=layout.mesh,
+        parallel_config=layout.parallel_config,
+        model_specs=layout.model_specs,
+        opt_specs=layout.opt_specs,
     )
-    schedule = learning_rate_schedule(cfg)
-    losses: dict[int, float] = {}
-    eval_loss = bpb = None
-    last_ckpt = latest_checkpoint(ckpt_root)
-    last_ckpt_step = start_step if p.resume_from else 0
-    blocked: list[float] = []  # seconds each save held the loop up
+    return model, opt_state, step_fn, restored
 
-    def run_meta(step: int) -> dict[str, Any]:
-        """What a checkpoint of `step` records beside the arrays (resume reads it back)."""
+
+def _opt_skeleton(optimizer: optax.GradientTransformation, skeleton: PyTree) -> PyTree:
+    with jax.numpy_dtype_promotion("standard"):
+        return jax.eval_shape(optimizer.init, trainable_params(skeleton))
+
+
+# the hooks
+
+
+@dataclasses.dataclass(frozen=True)
+class RunHooks:
+    """The run's hooks, in the order each step reaches them (`in_order`)."""
+
+    scalars: HostScalars
+    compile_notice: CompileNotice
+    profile: ProfileHook
+    evals: EvalHook
+    metrics: MetricsHook
+    trackers: TrackerHook
+    progress: ProgressHook | None
+    checkpoints: CheckpointHook
+    decay_save: DecaySaveHook
+    interrupt: InterruptHook
+
+    def in_order(self) -> list[Hook]:
+        hooks: list[Any] = [self.compile_notice, self.profile, self.evals, self.metrics]
+        hooks += [self.trackers, self.progress, self.checkpoints, self.decay_save, self.interrupt]
+        return [hook for hook in hooks if hook is not None]
+
+    def before_step(self, step: int) -> None:
+        for hook in self.in_order():
+            hook.before_step(step)
+
+    @classmethod
+    def build(cls, run: Run) -> "RunHooks":
+        """Every hook of ``run``, each with its cadence from the config."""
+        cfg, p, start_step = run.cfg, run.prepared, run.state.start_step
+        last = LastCheckpoint(latest_checkpoint(run.checkpoint_root), start_step)
+        if p.resume_from is None:
+            last.step = 0
+        bar = None
+        if cfg.progress and run.writer:
+            bar = tqdm(
+                total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+            )
+        console = Console(run.log, bar)
+        trackers = open_trackers(
+            cfg.trackers() if run.writer else [], run.out, cfg.tracker_project, run.run_config
+        )
+        flag = InterruptFlag(run.log)
+        metrics_file = open_append(run.metrics_path if run.writer else os.devnull)
+        evals = EvalHook(Cadence.of(cfg.eval_every, [cfg.steps]), _evaluator(p))
+        metrics = MetricsHook(
+            Cadence.of(cfg.log_every, [1, cfg.steps]),
+            evals,
+            metrics_file,
+            console,
+            _schedule_fields(cfg, p),
+            p.unigram_bpb,
+        )
+        profile = ProfileWindow(cfg.profile_steps, os.path.join(run.out, "profile"))
+        # Every process saves (each writes its own shards); saves are asynchronous: `save`
+        # returns once the arrays are off the devices and the next steps run while the files are
+        # written.
+        store = CheckpointStore(run.checkpoint_root, keep=cfg.keep_checkpoints)
+        interrupt = InterruptHook(flag, store, last, _partial_writer(run), run.log, run.as_given)
+        checkpoints = CheckpointHook(
+            store,
+            Cadence.of(cfg.checkpoint_every, [run.end_step]),
+            _run_meta(run),
+            last,
+            interrupt.agreed,
+        )
+        decay_at = [wsd_decay_start(cfg)] if cfg.schedule == "wsd" else []
+        return cls(
+            scalars=HostScalars(last),
+            compile_notice=CompileNotice(start_step + 1, console),
+            profile=ProfileHook(profile, cfg.profile_steps, console),
+            evals=evals,
+            metrics=metrics,
+            trackers=TrackerHook(trackers, metrics),
+            progress=ProgressHook(bar, metrics, evals) if bar is not None else None,
+            checkpoints=checkpoints,
+            decay_save=DecaySaveHook(Cadence.of(at=decay_at), _decay_saver(run)),
+            interrupt=interrupt,
+        )
+
+
+def _evaluator(p: PreparedRun) -> Callable[[PyTree], tuple[float, float]]:
+    def evaluate(model: PyTree) -> tuple[float, float]:
+        loss = evaluate_loss(model, p.eval_batches)
+        return loss, bits_per_byte(loss, p.corpus.heldout_tokens_per_byte)
+
+    return evaluate
+
+
+def _schedule_fields(cfg: TrainConfig, p: PreparedRun) -> Callable[[int], tuple[float, float]]:
+    """step -> (its learning rate, the epoch at its end), for the metrics rows."""
+    schedule = learning_rate_schedule(cfg)
+
+    def fields(step: int) -> tuple[float, float]:
+        return lr_at(schedule, step - 1), round(p.sampler.epoch_of(step * cfg.grad_accum), 4)
+
+    return fields
+
+
+def _run_meta(run: Run) -> Callable[[int], dict[str, Any]]:
+    """What a checkpoint of a step records beside the arrays (resume reads it back)."""
+    rng_key = np.asarray(jax.random.key_data(run.state.loop_key)).tolist()
+
+    def meta(step: int) -> dict[str, Any]:
         return {
             "step": step,
-            "data_position": step * cfg.grad_accum,
-            "rng_key": np.asarray(jax.random.key_data(loop_key)).tolist(),
-            "run_config": run_config,
+            "data_position": step * run.cfg.grad_accum,
+            "rng_key": rng_key,
+            "run_config": run.run_config,
         }
 
-    def checkpoint(step: int) -> str:
-        t0 = time.perf_counter()
-        path = store.save(step, {"model": model, "opt_state": opt_state}, run_meta(step))
-        blocked.append(time.perf_counter() - t0)
-        return path
+    return meta
 
-    def save_decay_start(step: int) -> None:
-        """Where an extension of a wsd run restarts (training/extend.py): one synchronous save,
-        once per run, into its own directory."""
-        trees = {"model": model, "opt_state": opt_state}
-        save_checkpoint(os.path.join(out, DECAY_START_DIR), step, trees, run_meta(step), keep=1)
 
-    end_step = cfg.steps if stop_after_step is None else min(cfg.steps, stop_after_step)
-    bar = None
-    if cfg.progress and writer:
-        bar = tqdm(
-            total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
-        )
-    interval_start = time.perf_counter()
-    interval_steps = 0
-    trackers = open_trackers(cfg.trackers() if writer else [], out, cfg.tracker_project, run_config)
-    interrupt = _InterruptFlag(log)
-    metrics_file = open_append(metrics_path if writer else os.devnull)  # closed in finally
-    # Batches are read (this process's rows only) and placed on a background thread; the step
-    # results stay on the device until a step that logs, evaluates or checkpoints reads them.
-    loader = BatchLoader(
-        p.sampler,
-        grad_accum=cfg.grad_accum,
-        start_step=start_step,
-        end_step=end_step,
-        sharding=getattr(step_fn, "batch_sharding", None),
-        prefetch=cfg.prefetch,
-    )
-    pending = PendingScalars()
+def _decay_saver(run: Run) -> Callable[[int, dict[str, PyTree]], None]:
+    """Where an extension of a wsd run restarts (training/extend.py): one synchronous save, once
+    per run, into its own directory."""
+    meta = _run_meta(run)
 
-    def say(line: str) -> None:
-        """A line of the run's log, above the progress bar when there is one."""
-        if bar is not None and log is print_line:
-            try:
-                bar.write(line)
-            except BrokenPipeError:
-                silence_stdout()
+    def save(step: int, trees: dict[str, PyTree]) -> None:
+        save_checkpoint(os.path.join(run.out, DECAY_START_DIR), step, trees, meta(step), keep=1)
+
+    return save
+
+
+def _partial_writer(run: Run) -> Callable[[int, str | None], None]:
+    """The plot and summary of the steps done, as a finished run has (process 0 only)."""
+
+    def write(step: int, checkpoint: str | None) -> None:
+        if run.writer:
+            write_partial_run_files(run.out, run.metrics_path, step, run.cfg.steps, checkpoint)
+
+    return write
+
+
+# the run's files
+
+
+def _begin_run_files(run: Run) -> None:
+    """Everything is validated: only now is anything written (`config.json`, the metrics cut
+    back to the resumed step, newer checkpoints moved aside)."""
+    p, out, start_step = run.prepared, run.out, run.state.start_step
+    if run.writer:
+        os.makedirs(out, exist_ok=True)
+        write_json_atomic(os.path.join(out, "config.json"), run.run_config)
+        if p.resume_from is None:
+            if os.path.exists(run.metrics_path):
+                os.remove(run.metrics_path)
         else:
-            log(line)
+            truncate_metrics(run.metrics_path, start_step)
+            if is_decay_start(p.resume_from, out):
+                for path in supersede_after(run.checkpoint_root, start_step, out):
+                    run.log(f"extending the wsd run: moved {path} (the old decay) aside")
+            elif run.state.damaged:
+                for path in supersede_after(run.checkpoint_root, start_step, out):
+                    run.log(f"moved {path} aside (newer than step {start_step}, which resumes)")
+    if p.resume_from is not None:
+        run.log(f"resumed from {run.as_given(p.resume_from)} at step {start_step}")
 
-    def drain() -> tuple[float, float]:
-        """Read the pending steps' loss and gradient norm; stop at the first non-finite one.
-        Returns the newest step's."""
-        last = (math.nan, math.nan)
-        for s, (loss_s, gnorm_s) in pending.read():
-            if not (math.isfinite(loss_s) and math.isfinite(gnorm_s)):
-                what = f"loss {loss_s}" if not math.isfinite(loss_s) else f"gradient norm {gnorm_s}"
-                where = (
-                    f"last good checkpoint: {last_ckpt} (step {last_ckpt_step})"
-                    if last_ckpt
-                    else "no checkpoint was written"
-                )
-                raise TrainingDivergedError(
-                    f"training stopped at step {s}: {what} is not finite; nothing was saved "
-                    f"after step {last_ckpt_step}; {where}. Try a lower --lr or --grad-clip.",
-                    s,
-                    last_ckpt,
-                )
-            losses[s] = loss_s
-            last = (loss_s, gnorm_s)
-        return last
 
-    profile = ProfileWindow(cfg.profile_steps, os.path.join(out, "profile"))
-    # Every process saves (each writes its own shards); saves are asynchronous: `save` returns
-    # once the arrays are off the devices and the next steps run while the files are written.
-    store = CheckpointStore(ckpt_root, keep=cfg.keep_checkpoints)
-    try:
-        for step, batch in loader:
-            step_key = jr.fold_in(loop_key, step)
-            profile.before(step)
-            profiling = profile.active
-            if compiling := step == start_step + 1:  # the first call traces and compiles
-                say("compiling the train step…")
-                t_compile = time.perf_counter()
-            model, opt_state, loss, grad_norm = step_fn((batch, step_key), model, opt_state)
-            if compiling:
-                say(f"compiled in {time.perf_counter() - t_compile:.1f} s")
-            profile.after(step, loss)
-            if profiling and not profile.active:
-                say(f"wrote the profile trace of steps {cfg.profile_steps} to {profile.directory}")
-            pending.add(step, loss, grad_norm)
-            interval_steps += 1
-            if bar is not None:
-                bar.update(1)
-            do_log = step % cfg.log_every == 0 or step == 1 or step == cfg.steps
-            do_eval = step % cfg.eval_every == 0 or step == cfg.steps
-            do_ckpt = step % cfg.checkpoint_every == 0 or step == end_step
-            if do_log or do_eval or do_ckpt:
-                loss_f, gnorm_f = drain()
-            if do_log or do_eval:
-                now = time.perf_counter()
-                tok_s = interval_steps * tokens_per_step / max(now - interval_start, 1e-9)
-                row = {
-                    "step": step,
-                    "loss": loss_f,
-                    "lr": _lr_at(schedule, step - 1),
-                    "grad_norm": gnorm_f,
-                    "tokens": step * tokens_per_step,
-                    "epoch": round(p.sampler.epoch_of(step * cfg.grad_accum), 4),
-                    "tokens_per_s": round(tok_s, 1),
-                }
-                if do_eval:
-                    eval_loss = evaluate_loss(model, p.eval_batches)
-                    bpb = bits_per_byte(eval_loss, p.corpus.heldout_tokens_per_byte)
-                    row["eval_loss"] = eval_loss
-                    row["bits_per_byte"] = bpb
-                    row["unigram_bits_per_byte"] = p.unigram_bpb
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-                trackers.log(row)
-                if bar is not None:
-                    post = {"loss": f"{loss_f:.3f}", "tok/s": f"{tok_s:,.0f}"}
-                    if bpb is not None:
-                        post["bpb"] = f"{bpb:.3f}"
-                    bar.set_postfix(post, refresh=False)
-                if do_eval:  # every evaluation gets a line, beside the unigram baseline
-                    say(
-                        f"step {step}: loss {loss_f:.4f}, held-out {eval_loss:.4f} nats/token, "
-                        f"{bpb:.3f} bits/byte (unigram baseline {p.unigram_bpb:.3f})"
-                    )
-                interval_start, interval_steps = time.perf_counter(), 0
-            # All processes stop at the same step, whichever of them got the signal.
-            stop = interrupt.agreed()
-            if do_ckpt or stop:
-                drain()  # never a checkpoint after a non-finite loss
-                last_ckpt, last_ckpt_step = checkpoint(step), step
-            if cfg.schedule == "wsd" and step == wsd_decay_start(cfg):
-                drain()  # where an extension of this run restarts (see training/extend.py)
-                save_decay_start(step)
-            if stop:
-                store.wait()
-                if writer:  # the plot and summary of the steps done, as a finished run has
-                    metrics_file.flush()
-                    _write_partial_run_files(out, metrics_path, step, cfg.steps, last_ckpt)
-                who = "" if interrupt.set else " (another process was interrupted)"
-                log(
-                    f"\ninterrupted after step {step}{who}; saved {_as_given(last_ckpt, out)}; "
-                    "continue with --resume"
-                )
-                raise KeyboardInterrupt
-    finally:
-        profile.stop()
-        loader.close()
-        trackers.close()
-        interrupt.restore()
-        metrics_file.close()
-        if bar is not None:
-            bar.close()
-        store.close()  # waits for the last write: a run ends with its checkpoints committed
+def _log_model(run: Run) -> int:
+    """The run's first line: the model, the data, the tokens per step. Returns the number of
+    trainable parameters."""
+    p = run.prepared
+    n_params = sum(x.size for x in jax.tree.leaves(trainable_params(run.state.model)))
+    run.log(
+        f"model {p.kind} ({n_params / 1e6:.2f}M parameters), "
+        f"data: {len(p.corpus.sources)} file(s), {len(p.corpus.train):,} train / "
+        f"{len(p.corpus.heldout):,} held-out tokens, {_tokens_per_step(run.cfg):,} tokens per step"
+    )
+    return int(n_params)
 
-    final_step = max(start_step, end_step)
-    png = plot_metrics(metrics_path, os.path.join(out, "loss.png")) if writer else None
-    if eval_loss is None and p.resume_from is not None and final_step == start_step:
-        eval_loss = evaluate_loss(model, p.eval_batches)
-        bpb = bits_per_byte(eval_loss, p.corpus.heldout_tokens_per_byte)
+
+def _finish(run: Run, hooks: RunHooks, model: PyTree, n_params: int, seconds: float) -> TrainResult:
+    """The end of a run: the plot, the held-out numbers, the sample, `summary.json`, the last
+    lines of the log."""
+    cfg, p, out, writer = run.cfg, run.prepared, run.out, run.writer
+    final_step = max(run.state.start_step, run.end_step)
+    png = plot_metrics(run.metrics_path, os.path.join(out, "loss.png")) if writer else None
+    held_out = hooks.evals.latest
+    eval_loss, bpb = (held_out.loss, held_out.bits_per_byte) if held_out else (None, None)
+    if held_out is None and p.resume_from is not None and final_step == run.state.start_step:
+        eval_loss, bpb = _evaluator(p)(model)
     sample = None
     if final_step == cfg.steps and cfg.sample_tokens > 0:
         sample = _sample(model, p, cfg)
-    seconds = time.perf_counter() - t_start
+    last = hooks.checkpoints.last.path
     summary = {
         "step": final_step,
         "steps": cfg.steps,
         "eval_loss": eval_loss,
         "bits_per_byte": bpb,
         "unigram_bits_per_byte": p.unigram_bpb,
-        "parameters": int(n_params),
+        "parameters": n_params,
         "seconds": round(seconds, 1),
-        "checkpoint": last_ckpt,
-        "checkpoints_saved": len(blocked),
-        "checkpoint_seconds_blocked": round(sum(blocked), 3),
+        "checkpoint": last,
+        "checkpoints_saved": len(hooks.checkpoints.blocked),
+        "checkpoint_seconds_blocked": round(sum(hooks.checkpoints.blocked), 3),
     }
     if writer:
         write_json_atomic(os.path.join(out, "summary.json"), summary)
-    if bpb is not None:
-        log(
-            f"held-out after step {final_step}: loss {eval_loss:.4f} nats/token, "
-            f"{bpb:.3f} bits/byte (unigram baseline {p.unigram_bpb:.3f} bits/byte)"
-        )
-    if sample is not None:  # before the files written: that line is the run's last
-        log(f"sample (temperature {cfg.sample_temperature}):\n{cfg.sample_prompt}{sample}")
-    if writer:
-        if png is None:
-            log("(pip install matplotlib for loss.png)")
-        log("wrote " + ", ".join(_written_files(out, png, last_ckpt, cfg)))
+    _log_end(run, final_step, eval_loss, bpb, sample, png, last)
     return TrainResult(
         model=model,
         model_config=p.model_config,
         tokenizer=p.tokenizer,
         step=final_step,
         out_dir=out,
-        losses=losses,
+        losses=hooks.scalars.losses,
         eval_loss=eval_loss,
         bits_per_byte=bpb,
         unigram_bits_per_byte=p.unigram_bpb,
@@ -450,33 +559,43 @@ def _train(
     )
 
 
-def _written_files(
-    out: str, png: str | None, checkpoint: str | None, cfg: TrainConfig
-) -> list[str]:
+def _log_end(
+    run: Run,
+    final_step: int,
+    eval_loss: float | None,
+    bpb: float | None,
+    sample: str | None,
+    png: str | None,
+    checkpoint: str | None,
+) -> None:
+    cfg, unigram = run.cfg, run.prepared.unigram_bpb
+    if eval_loss is not None and bpb is not None:
+        run.log(
+            f"held-out after step {final_step}: loss {eval_loss:.4f} nats/token, "
+            f"{bpb:.3f} bits/byte (unigram baseline {unigram:.3f} bits/byte)"
+        )
+    if sample is not None:  # before the files written: that line is the run's last
+        run.log(f"sample (temperature {cfg.sample_temperature}):\n{cfg.sample_prompt}{sample}")
+    if run.writer:
+        if png is None:
+            run.log("(pip install matplotlib for loss.png)")
+        run.log("wrote " + ", ".join(_written_files(run, png, checkpoint)))
+
+
+def _written_files(run: Run, png: str | None, checkpoint: str | None) -> list[str]:
     """The run's files, each as a path under `out` as the user gave it (a checkpoint path may
     have been made absolute for orbax)."""
-    files = [os.path.join(out, "metrics.jsonl")]
+    out = run.out
+    files = [run.metrics_path]
     files += [png] if png else []
     files.append(os.path.join(out, "summary.json"))
     if checkpoint:
-        files.append(_as_given(checkpoint, out))
-    files += [os.path.join(out, t) for t in cfg.trackers() if t in ("tensorboard", "wandb")]
+        files.append(run.as_given(checkpoint))
+    files += [os.path.join(out, t) for t in run.cfg.trackers() if t in ("tensorboard", "wandb")]
     return files
 
 
-def _as_given(path: str, out: str) -> str:
-    """A path under `out` as the user gave `out` (relative stays relative), though orbax's
-    checkpoint paths are absolute; a path elsewhere as it is."""
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
-    return path if rel.startswith("..") else os.path.join(out, rel)
-
-
-def _opt_skeleton(optimizer: Any, skeleton: Any) -> Any:
-    with jax.numpy_dtype_promotion("standard"):
-        return jax.eval_shape(optimizer.init, trainable_params(skeleton))
-
-
-def _sample(model: Any, p: _Prepared, cfg: TrainConfig) -> str:
+def _sample(model: PyTree, p: PreparedRun, cfg: TrainConfig) -> str:
     """The end-of-run sample: `generate` (prefill + recurrent/KV-cache steps) for models with a
     decode API, else the full-forward loop of `sample_tokens`."""
 

@@ -149,6 +149,6 @@ def make_optimizer(
     return optax.chain(*chain)
 
 
-def _lr_at(schedule: optax.Schedule, count: int) -> float:
+def lr_at(schedule: optax.Schedule, count: int) -> float:
     with jax.numpy_dtype_promotion("standard"):
         return float(schedule(count))

@@ -1,4 +1,4 @@
-"""What a run knows before it computes anything: `_prepare` validates the config, the model
+"""What a run knows before it computes anything: `prepare_run` validates the config, the model
 config, the mesh, the output directory and (on ``--resume``) the checkpoint and the data's
 identity, then opens the corpus; `run_config_dict` is what ``config.json`` and every checkpoint
 record of the run. Nothing here writes."""
@@ -25,7 +25,7 @@ from .trackers import check_trackers_available
 
 
 @dataclasses.dataclass
-class _Prepared:
+class PreparedRun:
     cfg: TrainConfig
     kind: str
     model_config: Any
@@ -55,43 +55,13 @@ def _compatible(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
         )
 
 
-def _prepare(cfg: TrainConfig) -> _Prepared:
+def prepare_run(cfg: TrainConfig) -> PreparedRun:
+    """Validate the run and open its data; on ``--resume``, the checkpoint to continue from."""
     cfg.validate()
     if jax.process_index() == 0:
         check_trackers_available(cfg.trackers())
     out = cfg.out_dir()
-    ckpt_root = os.path.join(out, "checkpoints")
-    resume_from = resume_meta = None
-    saved_run: dict[str, Any] | None = None
-    damaged: list[str] = []
-    refuse_npz_checkpoints(ckpt_root)
-    if cfg.resume:
-        if not list_checkpoints(ckpt_root):
-            raise FileNotFoundError(f"--resume: no checkpoint found in {ckpt_root!r}")
-        # A newest checkpoint whose metadata is damaged (or an empty step directory) is skipped
-        # with a warning, as its arrays are later (`restore_newest_intact`).
-        resume_meta, resume_from, damaged = read_newest(
-            lambda: [path for _, path in list_checkpoints(ckpt_root)],
-            load_metadata,
-            where=ckpt_root,
-        )
-        saved_run = resume_meta.get("metadata", {}).get("run_config")
-        if not isinstance(saved_run, dict) or "train" not in saved_run:
-            raise CheckpointError(f"checkpoint {resume_from!r} has no run configuration")
-        _compatible(saved_run["train"], cfg, out)
-        check_resume_steps(cfg.steps, int(resume_meta.get("step", 0)), out)
-        # A wsd run extended past the decay it began restarts from that decay's start.
-        chosen = resume_point(cfg, saved_run["train"], resume_from, int(resume_meta["step"]), out)
-        if chosen != resume_from:
-            resume_from, resume_meta = chosen, load_metadata(chosen)
-    elif list_checkpoints(ckpt_root):
-        raise FileExistsError(
-            f"{out!r} already holds a run with checkpoints; pass --resume to continue it "
-            "or choose another --out"
-        )
-    else:
-        check_out_dir(out)
-
+    resume_from, resume_meta, saved_run, damaged = _resume_source(cfg, out)
     if saved_run is not None:
         tokenizer = tokenizer_from_dict(saved_run["tokenizer"])
         kind = saved_run["model_kind"]
@@ -105,9 +75,77 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
     if cfg.mesh:  # before the data is read
         check_mesh(cfg.mesh, model_config)
     vocab = int(model_config.vocab_size)
+    corpus, paths = _open_corpus(cfg, tokenizer, saved_run, out)
+    corpus.check_vocab(vocab)
+    sampler = BatchSampler(
+        corpus.train_reader, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed
+    )
+    batches = eval_windows(
+        corpus.heldout_reader,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        max_batches=cfg.eval_batches,
+    )
+    # The baseline: every held-out token under the training text's token frequencies.
+    unigram = corpus.unigram_bits_per_byte(vocab)
+    return PreparedRun(
+        cfg,
+        kind,
+        model_config,
+        tokenizer,
+        corpus,
+        sampler,
+        batches,
+        unigram,
+        resume_from,
+        resume_meta,
+        tuple(paths),
+        tuple(damaged),
+    )
 
-    # A new run reads --data as typed and records it made absolute; --resume reads that record
-    # (from any directory; runs made before it was recorded: as typed).
+
+def _resume_source(
+    cfg: TrainConfig, out: str
+) -> tuple[str | None, dict[str, Any] | None, dict[str, Any] | None, list[str]]:
+    """``(checkpoint, its metadata, the run config it records, damaged newer ones)`` on
+    ``--resume`` (all None/empty for a new run, whose directory is checked instead)."""
+    ckpt_root = os.path.join(out, "checkpoints")
+    refuse_npz_checkpoints(ckpt_root)
+    if not cfg.resume:
+        if list_checkpoints(ckpt_root):
+            raise FileExistsError(
+                f"{out!r} already holds a run with checkpoints; pass --resume to continue it "
+                "or choose another --out"
+            )
+        check_out_dir(out)
+        return None, None, None, []
+    if not list_checkpoints(ckpt_root):
+        raise FileNotFoundError(f"--resume: no checkpoint found in {ckpt_root!r}")
+    # A newest checkpoint whose metadata is damaged (or an empty step directory) is skipped
+    # with a warning, as its arrays are later (`restore_newest_intact`).
+    resume_meta, resume_from, damaged = read_newest(
+        lambda: [path for _, path in list_checkpoints(ckpt_root)],
+        load_metadata,
+        where=ckpt_root,
+    )
+    saved_run = resume_meta.get("metadata", {}).get("run_config")
+    if not isinstance(saved_run, dict) or "train" not in saved_run:
+        raise CheckpointError(f"checkpoint {resume_from!r} has no run configuration")
+    _compatible(saved_run["train"], cfg, out)
+    check_resume_steps(cfg.steps, int(resume_meta.get("step", 0)), out)
+    # A wsd run extended past the decay it began restarts from that decay's start.
+    chosen = resume_point(cfg, saved_run["train"], resume_from, int(resume_meta["step"]), out)
+    if chosen != resume_from:
+        resume_from, resume_meta = chosen, load_metadata(chosen)
+    return resume_from, resume_meta, saved_run, damaged
+
+
+def _open_corpus(
+    cfg: TrainConfig, tokenizer: Tokenizer, saved_run: dict[str, Any] | None, out: str
+) -> tuple[Corpus, list[str]]:
+    """The corpus and the ``--data`` paths to record. A new run reads ``--data`` as typed and
+    records it made absolute; ``--resume`` reads that record (from any directory; runs made
+    before it was recorded: as typed)."""
     paths = absolute_patterns(cfg.data)
     data = cfg.data
     if saved_run is not None and "paths" in saved_run.get("data", {}):
@@ -125,35 +163,10 @@ def _prepare(cfg: TrainConfig) -> _Prepared:
         expected=(saved_run or {}).get("data", {}).get("identity"),
         where=f"--resume {out!r}",
     )
-    corpus.check_vocab(vocab)
-    sampler = BatchSampler(
-        corpus.train_reader, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed
-    )
-    batches = eval_windows(
-        corpus.heldout_reader,
-        seq_len=cfg.seq_len,
-        batch_size=cfg.batch_size,
-        max_batches=cfg.eval_batches,
-    )
-    # The baseline: every held-out token under the training text's token frequencies.
-    unigram = corpus.unigram_bits_per_byte(vocab)
-    return _Prepared(
-        cfg,
-        kind,
-        model_config,
-        tokenizer,
-        corpus,
-        sampler,
-        batches,
-        unigram,
-        resume_from,
-        resume_meta,
-        tuple(paths),
-        tuple(damaged),
-    )
+    return corpus, list(paths)
 
 
-def run_config_dict(p: _Prepared) -> dict[str, Any]:
+def run_config_dict(p: PreparedRun) -> dict[str, Any]:
     return {
         "train": p.cfg.to_dict(),
         "model_kind": p.kind,

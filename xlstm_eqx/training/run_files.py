@@ -42,7 +42,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _truncate_metrics(path: str, last_step: int) -> None:
+def truncate_metrics(path: str, last_step: int) -> None:
     """On resume, drop rows of steps after the checkpoint: they are recomputed identically. A
     run killed mid-write may have left a torn last line: it is one of those rows. A malformed
     line elsewhere is a ValueError naming the file and line (`read_metrics`)."""
@@ -85,7 +85,7 @@ def plot_metrics(metrics_path: str, png_path: str) -> str | None:
     return png_path
 
 
-def _write_partial_run_files(
+def write_partial_run_files(
     out: str, metrics_path: str, step: int, steps: int, checkpoint: str | None
 ) -> None:
     """`loss.png` and `summary.json` of an interrupted run (up to `step`)."""
@@ -104,7 +104,7 @@ def _write_partial_run_files(
     write_json_atomic(os.path.join(out, "summary.json"), summary)
 
 
-class _InterruptFlag:
+class InterruptFlag:
     """While training, the first Ctrl-C (or SIGTERM) only sets a flag: the current step ends, a
     checkpoint is written (by every process, at the step they agree on: `agreed`), then
     KeyboardInterrupt. A second Ctrl-C aborts at once."""

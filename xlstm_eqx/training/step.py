@@ -21,9 +21,9 @@ from ..models import ModelFamily
 from ..parallel.fsdp import gather_at_use
 from ..parallel.mesh import make_mesh, parse_mesh_spec
 from ..parallel.placement import (
-    _place,
     batch_sharding,
     named_shardings,
+    place,
     place_global,
     shard_model,
     shard_opt_state,
@@ -57,6 +57,58 @@ def _loss_and_grads(
     return lsum / A, jax.tree.map(lambda g: g / A, gsum)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """``step((batch, key), model, opt_state) -> (model, opt_state, loss, grad_norm)``, made by
+    `make_train_step`: the jitted ``core`` and, on a mesh, where its inputs go.
+
+    ``core`` is the jitted function (donates the model and optimizer state; ``core.lower(...)``
+    compiles it ahead). Without a mesh every sharding is ``None`` and the step is ``core`` itself.
+    With one, ``place_inputs`` puts the host batch onto ``batch_sharding`` (split over
+    ``(dp, fsdp)``; every process passes the same global batch), the key replicated, and the model
+    and optimizer state onto their shardings (a no-op when already there); the batch loader places
+    batches onto ``batch_sharding`` ahead of the step.
+    """
+
+    core: Callable[..., Any]
+    mesh: Mesh | None = None
+    parallel_config: ParallelConfig | None = None
+    model_shardings: PyTree = None
+    opt_shardings: PyTree = None
+    batch_sharding: NamedSharding | None = None
+
+    def place_inputs(self, inputs: Any, model: PyTree, opt_state: PyTree) -> tuple[Any, Any, Any]:
+        """The step's arguments placed on the mesh (as they are without one)."""
+        mesh, batch_sh = self.mesh, self.batch_sharding
+        if mesh is None or self.parallel_config is None or batch_sh is None:
+            return inputs, model, opt_state
+        batch, key = inputs
+        _check_batch(batch, mesh, self.parallel_config)
+        key_data = place_global(np.asarray(jax.random.key_data(key)), NamedSharding(mesh, P()))
+        inputs = (place_global(batch, batch_sh), key_data)
+        return inputs, place(model, self.model_shardings), place(opt_state, self.opt_shardings)
+
+    def __call__(self, inputs: Any, model: PyTree, opt_state: PyTree) -> Any:
+        return self.core(*self.place_inputs(inputs, model, opt_state))
+
+    def lower(self, inputs: Any, model: PyTree, opt_state: PyTree) -> Any:
+        """``core.lower`` of the placed arguments (``.compile()`` it to measure the step)."""
+        return self.core.lower(*self.place_inputs(inputs, model, opt_state))
+
+
+def _check_batch(batch: Any, mesh: Mesh, pc: ParallelConfig) -> None:
+    if np.ndim(batch) != 3:
+        raise ValueError(
+            f"batch must be (A, B, S+1) micro-batches of tokens, got shape {np.shape(batch)}"
+        )
+    data = mesh.shape[pc.data_axis_name] * mesh.shape[pc.fsdp_axis_name]
+    if np.shape(batch)[1] % data != 0:
+        raise ValueError(
+            f"batch size {np.shape(batch)[1]} is not divisible by the data-parallel size "
+            f"{pc.data_axis_name}×{pc.fsdp_axis_name} = {data} of the mesh {dict(mesh.shape)}"
+        )
+
+
 def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
@@ -65,9 +117,8 @@ def make_train_step(
     model_specs: PyTree = None,
     opt_specs: PyTree = None,
     return_grads: bool = False,
-) -> Callable[..., Any]:
-    """``step((batch, key), model, opt_state) -> (model, opt_state, loss, grad_norm)``, the one
-    train step, on one device or (with ``mesh``) on a mesh.
+) -> TrainStep:
+    """The one train step (a `TrainStep`), on one device or (with ``mesh``) on a mesh.
 
     ``batch`` is ``(A, B, S+1)``: A micro-batches whose gradients are averaged. The step takes the
     mean next-token loss, the global gradient norm and the optax update (under standard dtype
@@ -75,30 +126,46 @@ def make_train_step(
     and optimizer state; ``return_grads=True`` also returns the averaged gradients.
 
     With a ``mesh`` (and the ``parallel_config``, ``model_specs`` and ``opt_specs`` it was laid
-    out with), ``step`` places its inputs itself: the host batch split over ``(dp, fsdp)`` (every
-    process passes the same global batch), the key replicated, the model and optimizer state onto
-    their shardings (a no-op when already there). Inside, the layouts are pinned with
-    ``eqx.filter_shard`` so they are the same after every step, and under FSDP the weights are
-    gathered at use, per layer (``gather_at_use``). ``step.core`` is the jitted function (for
-    ``.lower(...)``), ``step.place_inputs`` the placement.
+    out with) the step places its inputs itself (`TrainStep.place_inputs`). Inside, the layouts
+    are pinned with ``eqx.filter_shard`` so they are the same after every step, and under FSDP the
+    weights are gathered at use, per layer (``gather_at_use``).
     """
     if mesh is None:
-        model_sh = opt_sh = batch_sh = None
-        loss_fn = next_token_loss
-    else:
-        if parallel_config is None or model_specs is None or opt_specs is None:
-            raise ValueError(
-                "make_train_step: a mesh needs parallel_config, model_specs, opt_specs"
-            )
-        pc = parallel_config
-        model_sh = named_shardings(model_specs, mesh)
-        opt_sh = named_shardings(opt_specs, mesh)
-        batch_sh = batch_sharding(mesh, pc, leading=1)
+        layout = TrainStep(core=_no_step)
+        return TrainStep(_jitted_step(optimizer, next_token_loss, layout, return_grads))
+    if parallel_config is None or model_specs is None or opt_specs is None:
+        raise ValueError("make_train_step: a mesh needs parallel_config, model_specs, opt_specs")
+    pc = parallel_config
+    layout = TrainStep(
+        core=_no_step,
+        mesh=mesh,
+        parallel_config=pc,
+        model_shardings=named_shardings(model_specs, mesh),
+        opt_shardings=named_shardings(opt_specs, mesh),
+        batch_sharding=batch_sharding(mesh, pc, leading=1),
+    )
 
-        def loss_fn(model: Any, tokens: Array, key: PRNGKeyArray) -> Float[Array, ""]:
-            return next_token_loss(gather_at_use(model, model_specs, mesh, pc), tokens, key)
+    def loss_fn(model: Any, tokens: Array, key: PRNGKeyArray) -> Float[Array, ""]:
+        return next_token_loss(gather_at_use(model, model_specs, mesh, pc), tokens, key)
 
+    core = _jitted_step(optimizer, loss_fn, layout, return_grads)
+    return dataclasses.replace(layout, core=core)
+
+
+def _no_step(*args: Any) -> Any:
+    raise NotImplementedError("a layout only")
+
+
+def _jitted_step(
+    optimizer: optax.GradientTransformation,
+    loss_fn: Callable[..., Any],
+    layout: TrainStep,
+    return_grads: bool,
+) -> Callable[..., Any]:
+    """The jitted update of `make_train_step`, its layouts pinned to ``layout``'s shardings
+    (none without a mesh)."""
     loss_and_grad = eqx.filter_value_and_grad(loss_fn)
+    model_sh, opt_sh, batch_sh = layout.model_shardings, layout.opt_shardings, layout.batch_sharding
 
     def pin(tree: PyTree, shardings: PyTree) -> PyTree:
         return tree if shardings is None else eqx.filter_shard(tree, shardings)
@@ -122,55 +189,7 @@ def make_train_step(
             return model, opt_state, loss, grad_norm, grads
         return model, opt_state, loss, grad_norm
 
-    if mesh is None:
-        return core
-
-    replicated = NamedSharding(mesh, P())
-
-    def place_inputs(inputs: Any, model: Any, opt_state: Any) -> tuple[Any, Any, Any]:
-        batch, key = inputs
-        if np.ndim(batch) != 3:
-            raise ValueError(
-                f"batch must be (A, B, S+1) micro-batches of tokens, got shape {np.shape(batch)}"
-            )
-        data = mesh.shape[pc.data_axis_name] * mesh.shape[pc.fsdp_axis_name]
-        if np.shape(batch)[1] % data != 0:
-            raise ValueError(
-                f"batch size {np.shape(batch)[1]} is not divisible by the data-parallel size "
-                f"{pc.data_axis_name}×{pc.fsdp_axis_name} = {data} of the mesh {dict(mesh.shape)}"
-            )
-        key_data = place_global(np.asarray(jax.random.key_data(key)), replicated)
-        inputs = (place_global(batch, batch_sh), key_data)
-        return inputs, _place(model, model_sh), _place(opt_state, opt_sh)
-
-    def step(inputs: Any, model: Any, opt_state: Any) -> Any:
-        return core(*place_inputs(inputs, model, opt_state))
-
-    step.core = core  # type: ignore[attr-defined]
-    step.place_inputs = place_inputs  # type: ignore[attr-defined]
-    step.mesh = mesh  # type: ignore[attr-defined]
-    step.batch_sharding = batch_sh  # type: ignore[attr-defined]  # for the batch loader
-    return step
-
-
-def make_sharded_train_step(
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh,
-    parallel_config: ParallelConfig,
-    model_specs: PyTree,
-    opt_specs: PyTree,
-    *,
-    return_grads: bool = False,
-) -> Callable[..., Any]:
-    """`make_train_step` on ``mesh`` (positional form)."""
-    return make_train_step(
-        optimizer,
-        mesh=mesh,
-        parallel_config=parallel_config,
-        model_specs=model_specs,
-        opt_specs=opt_specs,
-        return_grads=return_grads,
-    )
+    return core
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,11 +265,11 @@ def shard_train_state(
     *,
     base: ParallelConfig | None = None,
     devices: Sequence[Any] | None = None,
-) -> tuple[PyTree, PyTree, Callable[..., Any], Mesh]:
+) -> tuple[PyTree, PyTree, TrainStep, Mesh]:
     """Everything a training loop needs to run on a mesh, in one call:
     ``(model, opt_state, step, mesh)`` with the model and optimizer state placed on the mesh and
-    ``step`` from ``make_sharded_train_step`` (same signature as the trainer's step; it places the
-    host batch itself).
+    ``step`` from ``make_train_step`` on the mesh (same signature as the trainer's step; it places
+    the host batch itself).
 
     ``mesh_spec``: a ``ParallelConfig`` or a string for ``parse_mesh_spec`` whose other fields come
     from ``base`` (e.g. the model config's ``parallel``: FSDP modules, gather dtype).
@@ -262,10 +281,13 @@ def shard_train_state(
     ospecs = opt_state_specs(opt_state, trainable_params(model), specs)
     model = shard_model(model, mesh, specs)
     opt_state = shard_opt_state(opt_state, mesh, ospecs)
-    return model, opt_state, make_sharded_train_step(optimizer, mesh, pc, specs, ospecs), mesh
+    step = make_train_step(
+        optimizer, mesh=mesh, parallel_config=pc, model_specs=specs, opt_specs=ospecs
+    )
+    return model, opt_state, step, mesh
 
 
-_STEP_CACHE: dict[str, tuple[optax.GradientTransformation, Callable[..., Any]]] = {}
+_STEP_CACHE: dict[str, tuple[optax.GradientTransformation, TrainStep]] = {}
 
 
 _OPTIMIZER_FIELDS = (
@@ -284,9 +306,9 @@ _OPTIMIZER_FIELDS = (
 )
 
 
-def _optimizer_and_step(
-    cfg: TrainConfig, model: Any, model_config: Any, family: ModelFamily
-) -> tuple[optax.GradientTransformation, Callable[..., Any]]:
+def optimizer_and_step(
+    cfg: TrainConfig, model: PyTree, model_config: Any, family: ModelFamily
+) -> tuple[optax.GradientTransformation, TrainStep]:
     """The optimizer and its jitted step, shared by runs of the same model and optimizer
     settings in one process (a resumed or repeated run then reuses the compiled step)."""
     key = json.dumps(
