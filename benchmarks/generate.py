@@ -25,7 +25,7 @@ import jax.random as jr
 
 import xlstm_eqx as X
 from xlstm_eqx.core import median_seconds
-from xlstm_eqx.generation import _decode, _prefill
+from xlstm_eqx.generation import decode, prefill as library_prefill
 
 
 VOCAB = 256
@@ -62,19 +62,19 @@ def llama_config(context: int) -> X.LlamaConfig:
 
 @eqx.filter_jit
 def _prefill_jit(model: Any, prompt: jax.Array, cache_size: int) -> tuple[jax.Array, Any]:
-    return _prefill(model, prompt, cache_size)
+    return library_prefill(model, prompt, cache_size)
 
 
 @eqx.filter_jit
 def _llama_prefill_chunk(model: Any, tokens: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
-    logits, cache = model.decode(tokens, cache)
+    logits, cache = model.call_with_state(tokens, cache)
     return logits[:, -1], cache
 
 
 def prefill(model: Any, prompt: jax.Array, cache_size: int, chunk: int = 1024) -> tuple[Any, Any]:
     """Last-token logits and decode state after the prompt."""
     if isinstance(model, X.LlamaTransformer) and prompt.shape[1] > chunk:
-        cache = model.init_cache(prompt.shape[0], cache_size)
+        cache = model.init_state(prompt.shape[0], cache_size)
         for s in range(0, prompt.shape[1], chunk):
             logits, cache = _llama_prefill_chunk(model, prompt[:, s : s + chunk], cache)
         return logits, cache
@@ -84,7 +84,7 @@ def prefill(model: Any, prompt: jax.Array, cache_size: int, chunk: int = 1024) -
 @eqx.filter_jit
 def _decode_jit(model: Any, state: Any, logits: jax.Array, num_tokens: int) -> jax.Array:
     one = jnp.ones((), jnp.float32)
-    return _decode(model, state, logits, None, num_tokens, one, None, None)
+    return decode(model, state, logits, None, num_tokens, one, None, None)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

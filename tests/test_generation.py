@@ -29,7 +29,7 @@ from xlstm_eqx import (
     xLSTMLMModel,
     xLSTMLMModelConfig,
 )
-from xlstm_eqx.generation import _text_pieces
+from xlstm_eqx.generation import text_pieces
 from xlstm_eqx.presets import tiny_llama, tiny_xlstm, tiny_xlstm_slstm
 
 
@@ -69,7 +69,7 @@ _CONFIGS = {
 _MODELS: dict = {}
 
 
-def _model(name: str):
+def tiny_model(name: str):
     """Tiny random model, built once per test session (building/compiling is the slow part)."""
     if name not in _MODELS:
         cfg = _CONFIGS[name]()
@@ -78,7 +78,7 @@ def _model(name: str):
     return _MODELS[name]
 
 
-def _prompt(B: int = 2, seed: int = 1) -> jax.Array:
+def random_prompt(B: int = 2, seed: int = 1) -> jax.Array:
     return jr.randint(jr.key(seed), (B, P), 0, V, dtype=jnp.int32)
 
 
@@ -98,8 +98,8 @@ def test_greedy_equals_full_forward_argmax(name):
     append. (The sequence lives in a fixed ``(B, P+N)`` buffer, zero-padded on the right, so one
     compiled forward serves every step; the models are causal, so the padding after the last
     real token cannot change its logits.)"""
-    model = _model(name)
-    prompt = _prompt()
+    model = tiny_model(name)
+    prompt = random_prompt()
     out = generate(model, prompt, N)
     assert out.shape == (2, P + N) and out.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(out[:, :P]), np.asarray(prompt))
@@ -123,13 +123,15 @@ _SAMPLED = ["mlstm", "llama"]
 
 
 def _sample(model, key, temperature=1.0, top_p=0.99):
-    return generate(model, _prompt(), N, temperature=temperature, top_k=10, top_p=top_p, key=key)
+    return generate(
+        model, random_prompt(), N, temperature=temperature, top_k=10, top_p=top_p, key=key
+    )
 
 
 @pytest.mark.parametrize("name", _SAMPLED)
 def test_top_k_1_and_tiny_top_p_equal_greedy(name):
-    model = _model(name)
-    prompt = _prompt()
+    model = tiny_model(name)
+    prompt = random_prompt()
     greedy = np.asarray(generate(model, prompt, N))
     k1 = generate(model, prompt, N, temperature=1.5, top_k=1, key=jr.key(11))
     np.testing.assert_array_equal(np.asarray(k1), greedy)
@@ -139,18 +141,18 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(name):
 
 @pytest.mark.parametrize("name", _SAMPLED)
 def test_sampling_reproducible_and_key_dependent(name):
-    model = _model(name)
+    model = tiny_model(name)
     a, b, c = (np.asarray(_sample(model, jr.key(s))) for s in (0, 0, 1))
     np.testing.assert_array_equal(a, b)
     # near-uniform 10-way draws: 32 equal tokens by chance is impossible in practice
     assert not np.array_equal(a, c)
     # sampling is not greedy here (the greedy checks above would be vacuous otherwise)
-    assert not np.array_equal(a, np.asarray(generate(model, _prompt(), N)))
+    assert not np.array_equal(a, np.asarray(generate(model, random_prompt(), N)))
 
 
 @pytest.mark.parametrize("name", _SAMPLED)
 def test_sampled_tokens_inside_top_k(name):
-    model = _model(name)
+    model = tiny_model(name)
     out = _sample(model, jr.key(4), temperature=3.0, top_p=1.0)
     logits = np.asarray(_forward(model, out), np.float64)[:, P - 1 : -1]  # predicted each new token
     chosen = np.take_along_axis(logits, np.asarray(out[:, P:])[..., None], axis=-1)[..., 0]
@@ -163,9 +165,9 @@ def test_sampled_tokens_inside_top_k(name):
 
 @pytest.mark.parametrize("name", _SAMPLED)
 def test_stream_generate_matches_generate(name):
-    model = _model(name)
+    model = tiny_model(name)
     kw = dict(temperature=0.9, top_k=10, top_p=0.99, key=jr.key(21))
-    streamed = list(stream_generate(model, _prompt(), N, **kw))
+    streamed = list(stream_generate(model, random_prompt(), N, **kw))
     assert len(streamed) == N and all(t.shape == (2,) and t.dtype == np.int32 for t in streamed)
     np.testing.assert_array_equal(
         np.stack(streamed, axis=1), np.asarray(_sample(model, kw["key"], 0.9))[:, P:]
@@ -176,18 +178,18 @@ def test_no_recompilation_per_token(monkeypatch):
     """The decode step is traced at most once for a whole stream and for a whole ``generate``
     scan (0 times if an earlier test compiled the same shapes); changing temperature / top_p /
     key does not retrace."""
-    model = _model("mlstm")
+    model = tiny_model("mlstm")
     traces = []
-    real_step = gen._step
+    real_step = gen.decode_step
 
     def counting_step(*args):
         traces.append(1)
         return real_step(*args)
 
-    monkeypatch.setattr(gen, "_step", counting_step)
+    monkeypatch.setattr(gen, "decode_step", counting_step)
     for t, p in ((0.5, 0.8), (1.5, 0.95)):
         kw = dict(temperature=t, top_k=10, top_p=p, key=jr.key(int(10 * t)))
-        assert len(list(stream_generate(model, _prompt(), N, **kw))) == N
+        assert len(list(stream_generate(model, random_prompt(), N, **kw))) == N
     assert len(traces) <= 1
     traces.clear()
     for t, p in ((0.7, 0.5), (1.3, 0.9)):
@@ -196,10 +198,10 @@ def test_no_recompilation_per_token(monkeypatch):
 
 
 def test_zero_new_tokens_returns_prompt():
-    prompt = _prompt()
-    out = generate(_model("llama"), prompt, 0)
+    prompt = random_prompt()
+    out = generate(tiny_model("llama"), prompt, 0)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(prompt))
-    assert list(stream_generate(_model("mlstm"), prompt, 0)) == []
+    assert list(stream_generate(tiny_model("mlstm"), prompt, 0)) == []
 
 
 class _Bytes64:
@@ -219,7 +221,7 @@ class _Utf8Bytes:
 
 
 def test_stream_text_matches_generate():
-    model, tok = _model("llama"), _Bytes64()
+    model, tok = tiny_model("llama"), _Bytes64()
     prompt = "DEF:F9=X1"  # bytes 0x30..0x6F: ids 0..63
     kw = dict(temperature=0.9, top_k=10, key=jr.key(5))
     pieces = list(stream_text(model, tok, prompt, N, **kw))
@@ -233,12 +235,12 @@ def test_stream_text_matches_generate():
 def test_text_pieces_never_split_a_character():
     text = "héllo €1 ✓"
     ids = list(text.encode())
-    pieces = list(_text_pieces(iter(np.asarray([[i]]) for i in ids), _Utf8Bytes(), len(ids)))
+    pieces = list(text_pieces(iter(np.asarray([[i]]) for i in ids), _Utf8Bytes(), len(ids)))
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert len(pieces) == len(text)  # one piece per character: nothing held back needlessly
     # an invalid byte at the very end is still emitted (as U+FFFD) when the stream ends
-    tail = list(_text_pieces(iter(np.asarray([[i]]) for i in [0x41, 0xC3]), _Utf8Bytes(), 2))
+    tail = list(text_pieces(iter(np.asarray([[i]]) for i in [0x41, 0xC3]), _Utf8Bytes(), 2))
     assert "".join(tail) == "A\ufffd"
 
 
@@ -349,25 +351,25 @@ def test_sample_logits_greedy_rules(dtype):
 )
 @pytest.mark.parametrize("name", ["mlstm", "llama"])
 def test_token_ids_outside_vocab(name, bad_id, shown):
-    prompt = _prompt().at[1, 3].set(bad_id)
+    prompt = random_prompt().at[1, 3].set(bad_id)
     with pytest.raises(ValueError, match=f"{shown} is outside the vocabulary.*vocab_size={V}"):
-        generate(_model(name), prompt, 4)
+        generate(tiny_model(name), prompt, 4)
     with pytest.raises(ValueError, match=shown):
-        stream_generate(_model(name), prompt, 4)  # raised at the call, before any next()
+        stream_generate(tiny_model(name), prompt, 4)  # raised at the call, before any next()
 
 
 def test_kv_cache_too_small():
-    model = _model("llama")
+    model = tiny_model("llama")
     with pytest.raises(ValueError, match=rf"{P} \+ max_new_tokens 10 = {P + 10}.*max_len=12"):
-        generate(model, _prompt(), 10, max_len=12)
+        generate(model, random_prompt(), 10, max_len=12)
     with pytest.raises(ValueError, match="max_len=12"):
-        stream_generate(model, _prompt(), 10, max_len=12)
+        stream_generate(model, random_prompt(), 10, max_len=12)
     # exactly full is fine, and a larger cache gives the same greedy tokens
-    a = generate(model, _prompt(), 5, max_len=P + 5)
-    b = generate(model, _prompt(), 5, max_len=P + 20)
+    a = generate(model, random_prompt(), 5, max_len=P + 5)
+    b = generate(model, random_prompt(), 5, max_len=P + 20)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="KV-cache models only"):
-        generate(_model("mlstm"), _prompt(), 4, max_len=100)
+        generate(tiny_model("mlstm"), random_prompt(), 4, max_len=100)
 
 
 @pytest.mark.parametrize(
@@ -382,14 +384,14 @@ def test_kv_cache_too_small():
 )
 def test_bad_sampling_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        generate(_model("mlstm"), _prompt(), 4, key=jr.key(0), **kwargs)
+        generate(tiny_model("mlstm"), random_prompt(), 4, key=jr.key(0), **kwargs)
 
 
 def test_bad_lengths_and_model():
-    model = _model("mlstm")
+    model = tiny_model("mlstm")
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
-        generate(model, _prompt(), -1)
+        generate(model, random_prompt(), -1)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, jnp.zeros((2, 0), jnp.int32), 4)
     with pytest.raises(TypeError, match="Linear has no decode API"):
-        generate(eqx.nn.Linear(2, 2, key=jr.key(0)), _prompt(), 4)
+        generate(eqx.nn.Linear(2, 2, key=jr.key(0)), random_prompt(), 4)

@@ -1,15 +1,16 @@
 """Autoregressive generation for the xLSTM models and the Llama baseline.
 
-prompt ``(B, P)`` → prefill (one parallel pass over the prompt that also returns the decode
-state) → ``N`` new tokens, each from one O(state) decode step, inside one ``lax.scan``:
+prompt ``(B, P)`` → prefill → ``N`` new tokens, each from one decode step, inside one
+``lax.scan``. Both steps are the model's one stateful call (docs/architecture.md, "Generation"):
+``state = model.init_state(B)`` (``init_state(B, max_len)`` for a KV cache), then
+``logits, state = model.call_with_state(tokens, state)`` for the prompt and for each new token
+(``tokens`` of shape ``(B, 1)``):
 
-- xLSTM (``xLSTMLMModel`` or anything with ``prefill``/``step``): the prompt runs through the
-  model's chunkwise/parallel backend, which returns every block's state (mLSTM ``C``/``n``/``m``,
-  sLSTM ``y``/``c``/``n``/``m``, the causal-conv windows); each new token is then one recurrent
-  step, whose cost does not depend on how long the context is.
-- Llama (``LlamaTransformer`` or anything with ``init_cache``/``decode``/``decode_step``): the prompt
-  fills a KV cache of ``P + N`` positions; each new token attends to the cache, so its cost grows
-  with the context.
+- xLSTM (``xLSTMLMModel``): the prompt runs through the chunkwise backend, which returns every
+  block's state (mLSTM ``C``/``n``/``m``, sLSTM ``y``/``c``/``n``/``m``, the causal-conv windows);
+  each new token is one recurrent step, whose cost does not depend on how long the context is.
+- Llama (``LlamaTransformer``, ``has_kv_cache``): the prompt fills a KV cache of ``P + N``
+  positions; each new token attends to the cache, so its cost grows with the context.
 
 Token choice (``sample_logits``): **greedy (argmax) when ``temperature == 0`` or ``key is
 None``**; otherwise logits / temperature, then optionally the ``top_k`` largest, then optionally
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jax.core import Tracer
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, PyTree
 
 
@@ -68,41 +70,43 @@ def sample_logits(
     return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-# model adapters: prefill → (last logits, state), step → (logits, state)
+# the decode path: every model is driven through init_state and call_with_state
 
 
-def _is_kv_model(model: Any) -> bool:
-    return all(hasattr(model, n) for n in ("init_cache", "decode", "decode_step"))
+def has_decode_api(model: Any) -> bool:
+    """Whether ``model`` can be decoded: it has ``init_state`` and ``call_with_state`` (the
+    xLSTM models and the Llama baseline; docs/architecture.md, "Generation")."""
+    return all(callable(getattr(model, name, None)) for name in ("init_state", "call_with_state"))
 
 
-def _is_recurrent_model(model: Any) -> bool:
-    return all(hasattr(model, n) for n in ("init_state", "prefill", "step"))
+def has_kv_cache(model: Any) -> bool:
+    """Whether the model's decode state is a KV cache, sized at ``init_state`` by ``max_len``."""
+    return bool(getattr(model, "has_kv_cache", False))
 
 
-def _prefill(
+def decode_step(
+    model: Any, state: PyTree, token: Int[Array, " B"]
+) -> tuple[Float[Array, "B V"], PyTree]:
+    """One token per sequence through ``call_with_state``: next-token logits and the new state."""
+    logits, state = model.call_with_state(token[:, None], state)
+    return logits[:, 0], state
+
+
+def prefill(
     model: Any, prompt: Int[Array, "B P"], cache_size: int
 ) -> tuple[Float[Array, "B V"], PyTree]:
-    """Logits after the last prompt token and the decode state (KV cache of ``cache_size``)."""
-    if _is_kv_model(model):
-        cache = model.init_cache(prompt.shape[0], cache_size)
-        logits, cache = model.decode(prompt, cache)
-        return logits[:, -1], cache
-    stack = getattr(model, "xlstm_block_stack", None)
-    if stack is not None and hasattr(model, "embed") and hasattr(model, "head"):
-        # xLSTMLMModel: run the LM head on the last position only (not on all P).
-        x, state = stack.prefill(model.embed(prompt))
-        return model.head(x[:, -1]), state
-    logits, state = model.prefill(prompt)
-    return logits[:, -1], state
+    """Logits after the last prompt token and the decode state after it (a KV cache holds
+    ``cache_size`` positions). The prompt but its last token goes through ``call_with_state`` in
+    one call whose logits are unused, so the LM head runs on one position only; the last token is
+    one ``decode_step``."""
+    B, P = prompt.shape
+    state = model.init_state(B, cache_size) if has_kv_cache(model) else model.init_state(B)
+    if P > 1:
+        _, state = model.call_with_state(prompt[:, :-1], state)
+    return decode_step(model, state, prompt[:, -1])
 
 
-def _step(model: Any, state: PyTree, token: Int[Array, " B"]) -> tuple[Float[Array, "B V"], PyTree]:
-    if _is_kv_model(model):
-        return model.decode_step(state, token)
-    return model.step(state, token)
-
-
-def _decode(
+def decode(
     model: Any,
     state: PyTree,
     logits: Float[Array, "B V"],
@@ -112,19 +116,22 @@ def _decode(
     top_k: int | None,
     top_p: Float[Array, ""] | None,
 ) -> Int[Array, "B N"]:
-    """``num_tokens`` tokens: the first from ``logits``, each later one from a decode step on the
-    previous token; ``keys`` is ``(num_tokens,)`` keys, or None for greedy."""
+    """``num_tokens`` tokens: the first from ``logits``, each later one from a ``decode_step`` on
+    the previous token (one ``lax.scan``); ``keys`` is ``(num_tokens,)`` keys, or None for
+    greedy."""
 
-    def choose(lg: Array, k: Any) -> Array:
-        return sample_logits(lg, k, temperature=temperature, top_k=top_k, top_p=top_p)
+    def choose(step_logits: Array, key: PRNGKeyArray | None) -> Array:
+        return sample_logits(step_logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
 
     first = choose(logits, None if keys is None else keys[0])
 
-    def body(carry: tuple[PyTree, Array], k: Any) -> tuple[tuple[PyTree, Array], Array]:
-        st, tok = carry
-        lg, st = _step(model, st, tok)
-        nxt = choose(lg, k)
-        return (st, nxt), nxt
+    def body(
+        carry: tuple[PyTree, Array], key: PRNGKeyArray | None
+    ) -> tuple[tuple[PyTree, Array], Array]:
+        step_state, token = carry
+        step_logits, step_state = decode_step(model, step_state, token)
+        next_token = choose(step_logits, key)
+        return (step_state, next_token), next_token
 
     if num_tokens == 1:
         return first[:, None]
@@ -144,8 +151,8 @@ def _generate_jit(
     top_k: int | None,
     top_p: Float[Array, ""] | None,
 ) -> Int[Array, "B N"]:
-    logits, state = _prefill(model, prompt, cache_size)
-    return _decode(model, state, logits, keys, num_tokens, temperature, top_k, top_p)
+    logits, state = prefill(model, prompt, cache_size)
+    return decode(model, state, logits, keys, num_tokens, temperature, top_k, top_p)
 
 
 # input checks
@@ -161,10 +168,10 @@ def _check(
     max_len: int | None,
 ) -> int:
     """Validate everything before any compilation; return the KV-cache size to use."""
-    if not (_is_kv_model(model) or _is_recurrent_model(model)):
+    if not has_decode_api(model):
         raise TypeError(
-            f"generate: {type(model).__name__} has no decode API (needs init_state/prefill/step "
-            "like xLSTMLMModel, or init_cache/decode/decode_step like LlamaTransformer)"
+            f"generate: {type(model).__name__} has no decode API (needs init_state and "
+            "call_with_state, like xLSTMLMModel and LlamaTransformer)"
         )
     if prompt.ndim != 2:
         raise ValueError(f"prompt_tokens must have shape (B, P), got {prompt.shape}")
@@ -191,7 +198,7 @@ def _check(
         raise ValueError(f"top_k must be in [1, vocab_size={vocab}], got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not isinstance(prompt, jax.core.Tracer):
+    if not isinstance(prompt, Tracer):
         lo, hi = int(jnp.min(prompt)), int(jnp.max(prompt))
         if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
@@ -201,7 +208,7 @@ def _check(
     needed = P + max_new_tokens
     if max_len is None:
         return needed
-    if not _is_kv_model(model):
+    if not has_kv_cache(model):
         raise ValueError(
             f"max_len (the KV-cache size) applies to KV-cache models only, not {type(model).__name__}"
         )
@@ -276,7 +283,7 @@ def _stream_prefill(
     top_k: int | None,
     top_p: Float[Array, ""] | None,
 ) -> tuple[Int[Array, " B"], PyTree]:
-    logits, state = _prefill(model, prompt, cache_size)
+    logits, state = prefill(model, prompt, cache_size)
     tok = sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
     return tok, state
 
@@ -290,7 +297,7 @@ def _stream_step(
     """One token; ``fixed = (model, key, temperature, top_k, top_p)`` is not donated, the state
     and the previous token are (the KV cache is updated in place)."""
     model, key, temperature, top_k, top_p = fixed
-    logits, state = _step(model, state, token)
+    logits, state = decode_step(model, state, token)
     tok = sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
     return tok, state
 
@@ -335,7 +342,7 @@ def stream_generate(
     return tokens()
 
 
-def _text_pieces(tokens: Iterator[np.ndarray], tokenizer: Any, num_tokens: int) -> Iterator[str]:
+def text_pieces(tokens: Iterator[np.ndarray], tokenizer: Any, num_tokens: int) -> Iterator[str]:
     """Decoded text of a token stream (batch 1), piece by piece: each piece is what the text of
     all tokens so far adds to what was already yielded. While the text ends in U+FFFD (an
     incomplete multi-byte character) it is held back, unless the stream has ended."""
@@ -382,4 +389,4 @@ def stream_text(
         key=key,
         max_len=max_len,
     )
-    return _text_pieces(tokens, tokenizer, max_new_tokens)
+    return text_pieces(tokens, tokenizer, max_new_tokens)

@@ -399,12 +399,7 @@ def test_bfloat16_close_to_float32():
 
 @eqx.filter_jit
 def _decode(model, tokens, cache):
-    return model.decode(tokens, cache)
-
-
-@eqx.filter_jit
-def _step(model, cache, token):
-    return model.decode_step(cache, token)
+    return model.call_with_state(tokens, cache)
 
 
 @pytest.mark.parametrize("scan_blocks", [True, False])
@@ -412,24 +407,32 @@ def test_decode_matches_full_forward(scan_blocks):
     model = _model(seed=0, noise_seed=3, scan_blocks=scan_blocks)
     tokens = jr.randint(jr.key(1), (2, 9), 0, V)
     full = _logits(model, tokens)
-    cache = model.init_cache(2, 12)
+    cache = model.init_state(2, 12)
     assert cache.keys.shape == (L, 2, 12, NH, HD)
     prefill, cache = _decode(model, tokens[:, :4], cache)
     np.testing.assert_allclose(np.asarray(prefill), np.asarray(full[:, :4]), rtol=1e-5, atol=1e-5)
     for t in range(4, 9):
-        logits, cache = _step(model, cache, tokens[:, t])
-        np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, t]), rtol=1e-5, atol=1e-5)
+        logits, cache = _decode(model, tokens[:, t : t + 1], cache)
+        np.testing.assert_allclose(
+            np.asarray(logits[:, 0]), np.asarray(full[:, t]), rtol=1e-5, atol=1e-5
+        )
     assert int(cache.length) == 9
 
 
 def test_decode_overflow_is_an_error():
     model = _model()
-    cache = model.init_cache(1, 4)
+    cache = model.init_state(1, 4)
     _, cache = _decode(model, jnp.zeros((1, 3), jnp.int32), cache)
     with pytest.raises(Exception, match="KV cache overflow"):
         _decode(model, jnp.zeros((1, 2), jnp.int32), cache)
     with pytest.raises(ValueError, match="max_len"):
-        model.decode(jnp.zeros((1, 5), jnp.int32), model.init_cache(1, 4))
+        model.call_with_state(jnp.zeros((1, 5), jnp.int32), model.init_state(1, 4))
+    with pytest.raises(ValueError, match="one document per sequence"):
+        model.call_with_state(
+            jnp.zeros((1, 2), jnp.int32),
+            model.init_state(1, 4),
+            document_borders=jnp.zeros((1, 2), bool),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -550,10 +553,10 @@ def test_tokens_must_be_two_dimensional(shape):
     (a TypeError naming tokens); without it, the model's own ValueError names the shape."""
     model = _model()
     tokens = jnp.ones(shape, jnp.int32)
-    cases = [("__call__", (), r"\(B, S\)"), ("decode", (model.init_cache(1, 8),), r"\(B, T\)")]
-    for method, extra, expected in cases:
+    cases = [("__call__", ()), ("call_with_state", (model.init_state(1, 8),))]
+    for method, extra in cases:
         with pytest.raises((ValueError, TypeError), match="tokens"):
             getattr(model, method)(tokens, *extra)
         unchecked = inspect.unwrap(getattr(type(model), method))
-        with pytest.raises(ValueError, match=rf"^tokens must have shape {expected}"):
+        with pytest.raises(ValueError, match=r"^tokens must have shape \(B, S\)"):
             unchecked(model, tokens, *extra)

@@ -42,6 +42,7 @@ _HOLDER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_lock_names_the_holder_and_a_killed_holder_is_taken_over(tmp_path):
     from xlstm_eqx.training.run_lock import RunLockedError, hold_run_lock
 
@@ -98,6 +99,7 @@ def test_lock_fallback_without_flock(tmp_path, monkeypatch):
         pass
 
 
+@pytest.mark.slow
 def test_two_train_commands_into_one_out(tmp_path, data_file):
     """Started at once: one trains, the other refuses at once naming the holder; then the
     trainer is killed (SIGKILL) and a new run takes its stale lock over."""
@@ -344,6 +346,7 @@ def test_compile_cache_dir_resolution(tmp_path, monkeypatch):
     assert compile_cache_dir() is None
 
 
+@pytest.mark.slow
 def test_cli_fills_the_persistent_compile_cache(tmp_path, data_file):
     cache = tmp_path / "jax-cache"
     env = _env(tmp_path)
@@ -391,20 +394,20 @@ def test_stream_generate_holds_no_per_token_buffers():
     import jax
     import jax.random as jr
 
-    from tests.test_generation import _model, _prompt
+    from tests.test_generation import random_prompt, tiny_model
     from xlstm_eqx.generation import MAX_NEW_TOKENS, stream_generate
 
-    model = _model("mlstm")
-    stream = stream_generate(model, _prompt(), 3, temperature=1.0, key=jr.key(0))
+    model = tiny_model("mlstm")
+    stream = stream_generate(model, random_prompt(), 3, temperature=1.0, key=jr.key(0))
     list(stream)  # compile first
     before = sum(x.nbytes for x in jax.live_arrays())
-    stream = stream_generate(model, _prompt(), MAX_NEW_TOKENS, temperature=1.0, key=jr.key(0))
+    stream = stream_generate(model, random_prompt(), MAX_NEW_TOKENS, temperature=1.0, key=jr.key(0))
     first = [next(stream) for _ in range(3)]
     grown = sum(x.nbytes for x in jax.live_arrays()) - before
     assert grown < 1_000_000, f"{grown:,} bytes held for a {MAX_NEW_TOKENS:,}-token stream"
     assert all(t.shape == (2,) for t in first)
     with pytest.raises(ValueError, match="max_new_tokens must be <= 10,000,000"):
-        stream_generate(model, _prompt(), MAX_NEW_TOKENS + 1, key=jr.key(0))
+        stream_generate(model, random_prompt(), MAX_NEW_TOKENS + 1, key=jr.key(0))
 
 
 # --- presets: one set of names, listed with their sizes ------------------------------------------

@@ -317,18 +317,18 @@ def test_document_borders_reset_only_after_border():
 
 @pytest.mark.parametrize("kind", ["v1", "mixed"])
 def test_prefill_and_step_match_forward(kind):
+    """``call_with_state`` on a prompt from ``init_state`` (prefill), then on one token at a time
+    (decode steps), gives the logits of the full forward pass."""
     model = built(kind, "parallel_stabilized")
     tokens = tokens_of(12)
     borders = jnp.zeros((2, S), bool).at[:, 0].set(True).at[0, 8].set(True)
     full = forward(model, tokens, borders)
-    logits, state = eqx.filter_jit(lambda m, t, b: m.prefill(t, document_borders=b))(
-        model, tokens[:, :6], borders[:, :6]
-    )
-    step = eqx.filter_jit(lambda m, s, t, b: m.step(s, t, document_border=b))
+    call_with_state = eqx.filter_jit(lambda m, t, s, b: m.call_with_state(t, s, document_borders=b))
+    logits, state = call_with_state(model, tokens[:, :6], model.init_state(2), borders[:, :6])
     outs = [logits]
     for t in range(6, S):
-        lt, state = step(model, state, tokens[:, t], borders[:, t])
-        outs.append(lt[:, None])
+        lt, state = call_with_state(model, tokens[:, t : t + 1], state, borders[:, t : t + 1])
+        outs.append(lt)
     np.testing.assert_allclose(f64(jnp.concatenate(outs, 1)), f64(full), rtol=1e-4, atol=1e-4)
 
 
@@ -416,12 +416,12 @@ def test_tokens_must_be_two_dimensional(shape):
     (a TypeError naming tokens); without it, the model's own ValueError names the shape."""
     model = built("v1")
     tokens = jnp.ones(shape, jnp.int32)
-    for method in ("__call__", "prefill"):
+    for method, extra in (("__call__", ()), ("call_with_state", (model.init_state(1),))):
         with pytest.raises((ValueError, TypeError), match="tokens"):
-            getattr(model, method)(tokens)
+            getattr(model, method)(tokens, *extra)
         unchecked = inspect.unwrap(getattr(type(model), method))
         with pytest.raises(ValueError, match=r"^tokens must have shape \(B, S\)"):
-            unchecked(model, tokens)
+            unchecked(model, tokens, *extra)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -169,6 +169,12 @@ def _run(module, x):
 
 
 @eqx.filter_jit
+def _run_with_state(module, x):
+    """Outputs and the last state from a zero state (``call_with_state``)."""
+    return module.call_with_state(x, module.init_state(x.shape[0]))
+
+
+@eqx.filter_jit
 def _run_key(module, x, key):
     return module(x, key=key)
 
@@ -199,7 +205,7 @@ def _randomise_layer(layer: sLSTMLayer, key) -> sLSTMLayer:
 def test_cell_matches_unstabilised_float64(getkey, gate_scale):
     cell = _random_cell(getkey())
     wx = gate_scale * jr.normal(getkey(), (2, 8, 4, 2, 4))
-    y, last = _run(cell, wx)
+    y, last = _run_with_state(cell, wx)
     expected = np_slstm_unstabilised(wx, cell.recurrent_kernel, cell.bias)
     assert y.shape == (2, 2, 8, 4) and y.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y), expected, rtol=2e-5, atol=2e-5)
@@ -211,7 +217,7 @@ def test_cell_state_matches_stabilised_float64_large_gates(getkey):
     the stabilised recurrence match a float64 loop."""
     cell = _random_cell(getkey(), scale=0.1)
     wx = 60.0 * jnp.tanh(3.0 * jr.normal(getkey(), (2, 8, 4, 2, 4)))
-    y, last = _run(cell, wx)
+    y, last = _run_with_state(cell, wx)
     y_np, (c_np, n_np, m_np) = np_slstm_stabilised(wx, cell.recurrent_kernel, cell.bias)
     assert bool(jnp.all(jnp.isfinite(y)))
     np.testing.assert_allclose(np.asarray(y), y_np, rtol=1e-4, atol=1e-5)
@@ -235,7 +241,8 @@ def test_first_step_rule_is_per_element(getkey):
         m=jnp.full((B, NH, DH), 0.3, jnp.float32),
     )
     wx = jr.normal(getkey(), (B, 4, NH, DH))
-    y, new = cell.step(state, wx)
+    y, new = cell.call_with_state(wx[:, None], state)
+    y = y[:, :, 0]
     raw = np.asarray(wx, np.float64) + np.asarray(cell.bias, np.float64).transpose(1, 0, 2)
     i, f, z, o = raw[:, 0], raw[:, 1], raw[:, 2], raw[:, 3]
     logf = 0.3 - np.logaddexp(0.0, -f)
@@ -253,7 +260,7 @@ def test_lstm_function(getkey):
     cell = _random_cell(getkey(), function="lstm")
     assert cell.config.num_states == 2
     wx = 2.0 * jr.normal(getkey(), (2, 8, 4, 2, 4))
-    y, _ = _run(cell, wx)
+    y = _run(cell, wx)
     np.testing.assert_allclose(
         np.asarray(y), np_lstm(wx, cell.recurrent_kernel, cell.bias), rtol=1e-5, atol=1e-6
     )
@@ -261,9 +268,9 @@ def test_lstm_function(getkey):
 
 def test_forward_clipval(getkey):
     cell = _random_cell(getkey(), forward_clipval=0.05)
-    y, _ = _run(cell, 3.0 * jr.normal(getkey(), (2, 8, 4, 2, 4)))
+    y = _run(cell, 3.0 * jr.normal(getkey(), (2, 8, 4, 2, 4)))
     assert float(jnp.max(jnp.abs(y))) <= 0.05 + 1e-7
-    unclipped, _ = _run(_random_cell(jr.key(5)), 3.0 * jr.normal(jr.key(6), (2, 8, 4, 2, 4)))
+    unclipped = _run(_random_cell(jr.key(5)), 3.0 * jr.normal(jr.key(6), (2, 8, 4, 2, 4)))
     assert float(jnp.max(jnp.abs(unclipped))) > 0.05
 
 
@@ -275,7 +282,7 @@ def test_cell_gradient_matches_unstabilised_autodiff(getkey):
     weights = jr.normal(getkey(), (2, 2, 8, 4))
 
     def loss32(cell, wx):
-        return jnp.sum(cell(wx)[0] * weights)
+        return jnp.sum(cell(wx) * weights)
 
     g_cell, g_wx = jax.jit(jax.grad(loss32, argnums=(0, 1)))(cell, wx)
 
@@ -310,7 +317,7 @@ def test_gradients_finite_with_extreme_gates(getkey):
     cell = _random_cell(getkey())
     wx = 80.0 * jr.normal(getkey(), (2, 8, 4, 2, 4))
     wx = wx.at[:, 0, 0].set(-200.0)  # ĩ at t=0 far below logσ(f̃)
-    grads = jax.jit(jax.grad(lambda c, x: jnp.sum(c(x)[0]), argnums=(0, 1)))(cell, wx)
+    grads = jax.jit(jax.grad(lambda c, x: jnp.sum(c(x)), argnums=(0, 1)))(cell, wx)
     for leaf in jax.tree_util.tree_leaves(grads):
         assert bool(jnp.all(jnp.isfinite(leaf)))
 
@@ -319,15 +326,15 @@ def test_gradient_recurrent_cut(getkey):
     cell = _random_cell(getkey(), gradient_recurrent_cut=True)
     wx = jr.normal(getkey(), (2, 8, 4, 2, 4))
     # The last output depends on earlier inputs only through c and n (y_{t-1} is cut)...
-    g = jax.jit(jax.grad(lambda x: jnp.sum(cell(x)[0][:, :, -1])))(wx)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(cell(x)[:, :, -1])))(wx)
     cut_free = _random_cell(jr.key(99))
     cut_free = eqx.tree_at(
         lambda c: (c.recurrent_kernel, c.bias), cut_free, (cell.recurrent_kernel, cell.bias)
     )
-    g_full = jax.jit(jax.grad(lambda x: jnp.sum(cut_free(x)[0][:, :, -1])))(wx)
+    g_full = jax.jit(jax.grad(lambda x: jnp.sum(cut_free(x)[:, :, -1])))(wx)
     # ...so the forward pass is unchanged but the o-gate inputs of earlier steps get no gradient.
     np.testing.assert_allclose(
-        np.asarray(_run(cell, wx)[0]), np.asarray(_run(cut_free, wx)[0]), rtol=1e-6
+        np.asarray(_run(cell, wx)), np.asarray(_run(cut_free, wx)), rtol=1e-6
     )
     assert float(jnp.max(jnp.abs(g[:, :-1, 3]))) == 0.0
     assert float(jnp.max(jnp.abs(g_full[:, :-1, 3]))) > 0.0
@@ -416,18 +423,17 @@ def test_decode_steps_equal_full_sequence(getkey):
     y = _run(layer, x)
     state = layer.init_state(2)
     assert isinstance(state, sLSTMLayerState) and state.conv.shape == (2, 4, 16)
-    step = eqx.filter_jit(layer.step)
+    call_with_state = eqx.filter_jit(lambda m, x, s: m.call_with_state(x, s))
     outs = []
-    for t in range(8):
-        y_t, state = step(state, x[:, t])
+    for t in range(8):  # one token at a time (S = 1, the step form)
+        y_t, state = call_with_state(layer, x[:, t : t + 1], state)
         outs.append(y_t)
-    np.testing.assert_allclose(np.asarray(jnp.stack(outs, 1)), np.asarray(y), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(y), atol=2e-5)
     # prefill then continue: same outputs and the same final state
-    prefill = eqx.filter_jit(lambda m, x, s: m.prefill(x, initial_state=s))
-    y1, s1 = prefill(layer, x[:, :4], None)
-    y2, s2 = prefill(layer, x[:, 4:], s1)
+    y1, s1 = call_with_state(layer, x[:, :4], layer.init_state(2))
+    y2, s2 = call_with_state(layer, x[:, 4:], s1)
     np.testing.assert_allclose(np.asarray(jnp.concatenate([y1, y2], 1)), np.asarray(y), atol=2e-5)
-    _, s_full = prefill(layer, x, None)
+    _, s_full = call_with_state(layer, x, layer.init_state(2))
     assert bool(eqx.tree_equal(s2, s_full, rtol=1e-5, atol=1e-5))
     assert bool(eqx.tree_equal(state, s_full, rtol=1e-5, atol=1e-5))
 
@@ -461,12 +467,14 @@ def test_layer_shapes(batch, seq, num_heads, head_dim, kernel_size, dtype):
     y = eqx.filter_eval_shape(lambda m, x: m(x), layer, x)
     assert y.shape == (batch, seq, D) and y.dtype == jnp.dtype(dtype)
     state = eqx.filter_eval_shape(lambda m: m.init_state(batch), layer)
-    y_t, state2 = eqx.filter_eval_shape(lambda m, s, x: m.step(s, x[:, 0]), layer, state, x)
-    assert y_t.shape == (batch, D) and y_t.dtype == jnp.dtype(dtype)
+    y_t, state2 = eqx.filter_eval_shape(
+        lambda m, s, x: m.call_with_state(x[:, :1], s), layer, state, x
+    )
+    assert y_t.shape == (batch, 1, D) and y_t.dtype == jnp.dtype(dtype)
     assert state2.cell.c.shape == (batch, num_heads, head_dim)
     assert state2.cell.c.dtype == jnp.float32
     assert state2.conv.shape == (batch, kernel_size, D)
-    y_p, state3 = eqx.filter_eval_shape(lambda m, x: m.prefill(x), layer, x)
+    y_p, state3 = eqx.filter_eval_shape(lambda m, s, x: m.call_with_state(x, s), layer, state, x)
     assert y_p.shape == (batch, seq, D)
     assert jax.tree_util.tree_structure(state3) == jax.tree_util.tree_structure(state2)
 

@@ -5,6 +5,7 @@
 from .attention import (
     ATTENTION_BACKENDS as ATTENTION_BACKENDS,
     AttentionBackend as AttentionBackend,
+    LlamaKVCache as LlamaKVCache,
     SelfAttentionBlock as SelfAttentionBlock,
     apply_rope as apply_rope,
     multihead_attention as multihead_attention,
@@ -16,7 +17,6 @@ from .config import (
 )
 from .model import (
     FFNBlock as FFNBlock,
-    LlamaKVCache as LlamaKVCache,
     LlamaTransformer as LlamaTransformer,
     TransformerBlock as TransformerBlock,
     TransformerBlockStack as TransformerBlockStack,

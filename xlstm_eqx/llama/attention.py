@@ -30,13 +30,13 @@ ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 
 # Flax RMSNorm default, used by every norm of the reference Llama.
-_NORM_EPS = 1e-6
+NORM_EPS = 1e-6
 
 
 # config helpers
 
 
-def _check_config(config: LlamaConfig) -> None:
+def check_config(config: LlamaConfig) -> None:
     """Re-validate the config (it may have been mutated since construction): a ``ValueError``
     naming the field, before any array is made."""
     if not isinstance(config, LlamaConfig):
@@ -51,7 +51,7 @@ def _query_scale(config: LlamaConfig) -> float:
     return config.head_dim**-0.5
 
 
-def _remat(fn: Callable, enabled: bool) -> Callable:
+def maybe_remat(fn: Callable, enabled: bool) -> Callable:
     """``fn`` rematerialised in the backward pass (``parallel.remat``; docs/architecture.md,
     "Module remat")."""
     return eqx.filter_checkpoint(fn, prevent_cse=False) if enabled else fn
@@ -237,6 +237,28 @@ def multihead_attention(
     return _xla_attention(q, k, v, mask)
 
 
+# decode state
+
+
+class LlamaKVCache(eqx.Module):
+    """Decode state: keys (RoPE applied) and values for ``max_len`` positions in the compute
+    dtype, and the number of positions filled so far. An attention block's cache has no leading
+    axis; the stack's and the model's hold every layer's on a leading axis ``L`` (one length)."""
+
+    keys: Float[Array, "*L B Smax NH hd"]
+    values: Float[Array, "*L B Smax NH hd"]
+    length: Int[Array, ""]
+
+
+def check_one_document(document_borders: Array | None) -> None:
+    """A KV cache holds one document per sequence: decoding takes no ``document_borders``."""
+    if document_borders is not None:
+        raise ValueError(
+            "decoding with a KV cache holds one document per sequence: document_borders must be "
+            "None"
+        )
+
+
 # blocks
 
 
@@ -261,9 +283,10 @@ class SelfAttentionBlock(eqx.Module):
     causal: bool = eqx.field(static=True)
     attention_backend: str = eqx.field(static=True)
     dropout_rate: float = eqx.field(static=True)
+    theta: float = eqx.field(static=True)
 
     def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
-        _check_config(config)
+        check_config(config)
         D, hd = config.embedding_dim, config.head_dim
         NH = D // hd
         kq, kk, kv, ko = jr.split(key, 4)
@@ -272,14 +295,14 @@ class SelfAttentionBlock(eqx.Module):
         out_init = output_initializer("wang", D, 2 * config.num_blocks)
         # Megatron layout (logical axes: nn.axes): the residual stream replicated over tp, q/k/v
         # column-parallel over heads, the output projection row-parallel.
-        self.pre_norm = RMSNorm(D, eps=_NORM_EPS, dtype=config.dtype, axes=REPLICATED)
+        self.pre_norm = RMSNorm(D, eps=NORM_EPS, dtype=config.dtype, axes=REPLICATED)
         qkv = dict(kernel_init=qkv_init, axes=("embed", "heads", "head_dim"), **dense)
         self.dense_q = DenseGeneral(D, (NH, hd), key=kq, **qkv)
         self.dense_k = DenseGeneral(D, (NH, hd), key=kk, **qkv)
         self.dense_v = DenseGeneral(D, (NH, hd), key=kv, **qkv)
         if config.qk_norm:
-            self.q_norm = RMSNorm(hd, eps=_NORM_EPS, dtype=config.dtype, axes=("head_dim",))
-            self.k_norm = RMSNorm(hd, eps=_NORM_EPS, dtype=config.dtype, axes=("head_dim",))
+            self.q_norm = RMSNorm(hd, eps=NORM_EPS, dtype=config.dtype, axes=("head_dim",))
+            self.k_norm = RMSNorm(hd, eps=NORM_EPS, dtype=config.dtype, axes=("head_dim",))
         else:
             self.q_norm = self.k_norm = None
         self.dense_out = DenseGeneral(
@@ -297,6 +320,7 @@ class SelfAttentionBlock(eqx.Module):
         self.causal = bool(config.causal)
         self.attention_backend = str(config.attention_backend)
         self.dropout_rate = float(config.dropout_rate)
+        self.theta = float(config.theta)
 
     def project_qkv(
         self,
@@ -336,28 +360,30 @@ class SelfAttentionBlock(eqx.Module):
         )
         return self.project_out(attn, key=key)
 
-    def decode(
+    def call_with_state(
         self,
-        x: Float[Array, "B T D"],
-        sin: Float[Array, "B T half"],
-        cos: Float[Array, "B T half"],
-        cache_k: Float[Array, "B Smax NH hd"],
-        cache_v: Float[Array, "B Smax NH hd"],
-        length: Int[Array, ""],
-    ) -> tuple[Float[Array, "B T D"], Float[Array, "B Smax NH hd"], Float[Array, "B Smax NH hd"]]:
-        """Attend the ``T`` new tokens (absolute positions ``length … length+T−1``) to the cache
-        plus themselves, causally; write their k/v into the cache. Always the XLA core."""
-        q, k, v = self.project_qkv(x, sin, cos)
+        x: Float[Array, "B S D"],
+        state: LlamaKVCache,
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S D"], LlamaKVCache]:
+        """Attend the ``S`` new tokens (absolute positions ``state.length …``, their RoPE angles
+        from those) to the cached keys and values plus themselves, causally; write their keys and
+        values into the cache. Always the XLA core; one document per sequence."""
+        check_one_document(document_borders)
+        length = state.length
+        S = x.shape[1]
+        positions = jnp.broadcast_to(length + jnp.arange(S, dtype=length.dtype), x.shape[:2])
+        q, k, v = self.project_qkv(x, *rope_sin_cos(positions, self.head_dim, self.theta))
         zero = jnp.zeros((), length.dtype)
         cache_k = jax.lax.dynamic_update_slice(
-            cache_k, k.astype(cache_k.dtype), (zero, length, zero, zero)
+            state.keys, k.astype(state.keys.dtype), (zero, length, zero, zero)
         )
         cache_v = jax.lax.dynamic_update_slice(
-            cache_v, v.astype(cache_v.dtype), (zero, length, zero, zero)
+            state.values, v.astype(state.values.dtype), (zero, length, zero, zero)
         )
-        T, S_max = x.shape[1], cache_k.shape[1]
-        q_pos = length + jnp.arange(T, dtype=length.dtype)
-        k_pos = jnp.arange(S_max, dtype=length.dtype)
-        mask = k_pos[None, :] <= q_pos[:, None]  # (T, S_max): the past and the present
+        k_pos = jnp.arange(cache_k.shape[1], dtype=length.dtype)
+        mask = k_pos[None, :] <= positions[0][:, None]  # (S, S_max): the past and the present
         attn = _xla_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)
-        return self.project_out(attn), cache_k, cache_v
+        new_state = LlamaKVCache(cache_k, cache_v, length + jnp.asarray(S, length.dtype))
+        return self.project_out(attn), new_state

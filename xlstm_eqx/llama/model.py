@@ -17,22 +17,38 @@ Departures from the reference, each deliberate:
 - Dropout acts only when a ``key`` is passed (the reference's ``train`` flag).
 """
 
+from functools import partial
 from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from ..core.parallel_config import ParallelConfig
 from ..core.utils import check_rank, split_optional_key, to_dtype
 from ..nn.axes import LM_HEAD_AXES, REPLICATED, LogicalAxes
 from ..nn.functional import dropout, soft_cap
 from ..nn.init import output_initializer, small_init_std, small_initializer
 from ..nn.linear import Dense, Embedding
 from ..nn.norm import RMSNorm
-from .attention import _NORM_EPS, SelfAttentionBlock, _check_config, _remat, rope_sin_cos
+from .attention import (
+    NORM_EPS,
+    LlamaKVCache,
+    SelfAttentionBlock,
+    check_config,
+    check_one_document,
+    maybe_remat,
+    rope_sin_cos,
+)
 from .config import LlamaConfig
+
+
+def _remat_names(config: LlamaConfig) -> tuple[str, ...]:
+    """The module names in ``parallel.remat`` (none without a ``ParallelConfig``)."""
+    parallel = config.parallel
+    return tuple(parallel.remat) if isinstance(parallel, ParallelConfig) else ()
 
 
 class FFNBlock(eqx.Module):
@@ -50,27 +66,28 @@ class FFNBlock(eqx.Module):
     dropout_rate: float = eqx.field(static=True)
 
     def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
-        _check_config(config)
+        check_config(config)
         D = config.embedding_dim
         H = config.ffn_hidden_dim
         kup, kgate, kdown = jr.split(key, 3)
-        dense = dict(use_bias=config.use_bias, dtype=config.dtype)
         up_init = small_initializer(D)
         down_init = output_initializer("wang", D, 2 * config.num_blocks)
         # Megatron layout (logical axes: nn.axes): the residual stream replicated over tp,
         # column-parallel up/gate, a row-parallel down-projection.
-        self.pre_norm = RMSNorm(D, eps=_NORM_EPS, dtype=config.dtype, axes=REPLICATED)
-        up = dict(kernel_init=up_init, axes=("embed", "mlp"), **dense)
-        self.proj_up = Dense(D, H, key=kup, **up)
-        self.proj_up_gate = Dense(D, H, key=kgate, **up)
+        self.pre_norm = RMSNorm(D, eps=NORM_EPS, dtype=config.dtype, axes=REPLICATED)
+
+        up = partial(Dense, D, H, use_bias=config.use_bias, dtype=config.dtype, kernel_init=up_init)
+        self.proj_up = up(axes=("embed", "mlp"), key=kup)
+        self.proj_up_gate = up(axes=("embed", "mlp"), key=kgate)
         self.proj_down = Dense(
             H,
             D,
+            use_bias=config.use_bias,
+            dtype=config.dtype,
             kernel_init=down_init,
             axes=("mlp", "embed"),
             bias_axes=REPLICATED,
             key=kdown,
-            **dense,
         )
         self.dropout_rate = float(config.dropout_rate)
 
@@ -81,18 +98,6 @@ class FFNBlock(eqx.Module):
         h = self.pre_norm(x)
         h = self.proj_up(h) * jax.nn.silu(self.proj_up_gate(h))
         return dropout(self.proj_down(h), self.dropout_rate, key=key)
-
-
-def _call_attn(attn, x, sin, cos, segment_ids, key):
-    return attn(x, sin, cos, segment_ids, key=key)
-
-
-def _call_ffn(ffn, x, key):
-    return ffn(x, key=key)
-
-
-def _call_block(block, x, sin, cos, segment_ids, key):
-    return block(x, sin, cos, segment_ids, key=key)
 
 
 class TransformerBlock(eqx.Module):
@@ -108,8 +113,9 @@ class TransformerBlock(eqx.Module):
         kattn, kffn = jr.split(key)
         self.attn = SelfAttentionBlock(config, key=kattn)
         self.ffn = FFNBlock(config, key=kffn)
-        self.remat_attn = "AttnBlock" in config.parallel.remat
-        self.remat_ffn = "FFNBlock" in config.parallel.remat
+        remat = _remat_names(config)
+        self.remat_attn = "AttnBlock" in remat
+        self.remat_ffn = "FFNBlock" in remat
 
     def __call__(
         self,
@@ -121,31 +127,22 @@ class TransformerBlock(eqx.Module):
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "B S D"]:
         kattn, kffn = split_optional_key(key, 2)
-        attn = _remat(_call_attn, self.remat_attn)
-        x = x + attn(self.attn, x, sin, cos, segment_ids, kattn)
-        return x + _remat(_call_ffn, self.remat_ffn)(self.ffn, x, kffn)
+        attn = maybe_remat(SelfAttentionBlock.__call__, self.remat_attn)
+        x = x + attn(self.attn, x, sin, cos, segment_ids, key=kattn)
+        return x + maybe_remat(FFNBlock.__call__, self.remat_ffn)(self.ffn, x, key=kffn)
 
-    def decode(
+    def call_with_state(
         self,
-        x: Float[Array, "B T D"],
-        sin: Float[Array, "B T half"],
-        cos: Float[Array, "B T half"],
-        cache_k: Float[Array, "B Smax NH hd"],
-        cache_v: Float[Array, "B Smax NH hd"],
-        length: Int[Array, ""],
-    ) -> tuple[Float[Array, "B T D"], Float[Array, "B Smax NH hd"], Float[Array, "B Smax NH hd"]]:
-        y, cache_k, cache_v = self.attn.decode(x, sin, cos, cache_k, cache_v, length)
+        x: Float[Array, "B S D"],
+        state: LlamaKVCache,
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S D"], LlamaKVCache]:
+        """``S`` tokens continuing this layer's KV cache (deterministic): outputs and the cache
+        with their keys and values."""
+        y, state = self.attn.call_with_state(x, state, document_borders=document_borders)
         x = x + y
-        return x + self.ffn(x), cache_k, cache_v
-
-
-class LlamaKVCache(eqx.Module):
-    """Decode state of a ``LlamaTransformer``: per-layer keys and values (RoPE applied) for
-    ``max_len`` positions, in the compute dtype, and the number of positions filled so far."""
-
-    keys: Float[Array, "L B Smax NH hd"]
-    values: Float[Array, "L B Smax NH hd"]
-    length: Int[Array, ""]
+        return x + self.ffn(x), state
 
 
 class TransformerBlockStack(eqx.Module):
@@ -165,7 +162,7 @@ class TransformerBlockStack(eqx.Module):
     blocks_axes: ClassVar[LogicalAxes] = ("layers",)
 
     def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
-        _check_config(config)
+        check_config(config)
         keys = jr.split(key, config.num_blocks)
         if config.scan_blocks:
             self.blocks = eqx.filter_vmap(lambda k: TransformerBlock(config, key=k))(keys)
@@ -173,7 +170,7 @@ class TransformerBlockStack(eqx.Module):
             self.blocks = tuple(TransformerBlock(config, key=k) for k in keys)
         self.num_blocks = config.num_blocks
         self.scan_blocks = bool(config.scan_blocks)
-        self.remat_block = "TransformerBlock" in config.parallel.remat
+        self.remat_block = "TransformerBlock" in _remat_names(config)
 
     def __call__(
         self,
@@ -185,52 +182,57 @@ class TransformerBlockStack(eqx.Module):
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "B S D"]:
         keys = None if key is None else jr.split(key, self.num_blocks)
-        call = _remat(_call_block, self.remat_block)
-        if not self.scan_blocks:
-            assert isinstance(self.blocks, tuple)
+        block_call = maybe_remat(TransformerBlock.__call__, self.remat_block)
+        if isinstance(self.blocks, tuple):
             for i, block in enumerate(self.blocks):
-                x = call(block, x, sin, cos, segment_ids, None if keys is None else keys[i])
+                block_key = None if keys is None else keys[i]
+                x = block_call(block, x, sin, cos, segment_ids, key=block_key)
             return x
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
-        def body(carry, xs):
+        def body(h: Array, xs: tuple[PyTree, PRNGKeyArray | None]) -> tuple[Array, None]:
             block_params, block_key = xs
             block = eqx.combine(block_params, static)
-            return call(block, carry, sin, cos, segment_ids, block_key), None
+            return block_call(block, h, sin, cos, segment_ids, key=block_key), None
 
         x, _ = jax.lax.scan(body, x, (params, keys))
         return x
 
-    def decode(
+    def call_with_state(
         self,
-        x: Float[Array, "B T D"],
-        sin: Float[Array, "B T half"],
-        cos: Float[Array, "B T half"],
-        cache: LlamaKVCache,
-    ) -> tuple[Float[Array, "B T D"], LlamaKVCache]:
-        """Run the blocks on ``T`` new tokens; the per-layer k/v caches go through the scan's
-        xs/ys (or the loop), and the cache length advances by ``T``."""
-        length = cache.length
-        if not self.scan_blocks:
-            assert isinstance(self.blocks, tuple)
-            new_k, new_v = [], []
+        x: Float[Array, "B S D"],
+        state: LlamaKVCache,
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S D"], LlamaKVCache]:
+        """``S`` new tokens through the blocks, each layer's keys and values through the scan's
+        xs/ys (or the loop); the cache length advances by ``S``."""
+        check_one_document(document_borders)
+        length = state.length
+
+        def block_call(
+            block: TransformerBlock, h: Array, keys: Array, values: Array
+        ) -> tuple[Array, tuple[Array, Array]]:
+            h, cache = block.call_with_state(h, LlamaKVCache(keys, values, length))
+            return h, (cache.keys, cache.values)
+
+        if isinstance(self.blocks, tuple):
+            layer_keys, layer_values = [], []
             for i, block in enumerate(self.blocks):
-                x, ck, cv = block.decode(x, sin, cos, cache.keys[i], cache.values[i], length)
-                new_k.append(ck)
-                new_v.append(cv)
-            keys, values = jnp.stack(new_k), jnp.stack(new_v)
+                x, (k, v) = block_call(block, x, state.keys[i], state.values[i])
+                layer_keys.append(k)
+                layer_values.append(v)
+            keys, values = jnp.stack(layer_keys), jnp.stack(layer_values)
         else:
             params, static = eqx.partition(self.blocks, eqx.is_array)
 
-            def body(carry, xs):
-                block_params, ck, cv = xs
-                block = eqx.combine(block_params, static)
-                carry, ck, cv = block.decode(carry, sin, cos, ck, cv, length)
-                return carry, (ck, cv)
+            def body(h: Array, xs: tuple[PyTree, Array, Array]) -> tuple[Array, tuple]:
+                block_params, k, v = xs
+                return block_call(eqx.combine(block_params, static), h, k, v)
 
-            x, (keys, values) = jax.lax.scan(body, x, (params, cache.keys, cache.values))
-        T = x.shape[1]
-        return x, LlamaKVCache(keys, values, length + jnp.asarray(T, length.dtype))
+            x, (keys, values) = jax.lax.scan(body, x, (params, state.keys, state.values))
+        S = x.shape[1]
+        return x, LlamaKVCache(keys, values, length + jnp.asarray(S, length.dtype))
 
 
 # the model
@@ -261,14 +263,14 @@ class LlamaTransformer(eqx.Module):
     logits_soft_cap: float | None = eqx.field(static=True)
 
     def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
-        _check_config(config)
+        check_config(config)
         kembed, kblocks, khead = jr.split(key, 3)
         D = config.embedding_dim
         self.token_embedding = Embedding(
             config.vocab_size, D, dtype=config.dtype, std=small_init_std(D), key=kembed
         )
         self.blocks = TransformerBlockStack(config, key=kblocks)
-        self.out_norm = RMSNorm(D, eps=_NORM_EPS, dtype=config.dtype, axes=LM_HEAD_AXES[:1])
+        self.out_norm = RMSNorm(D, eps=NORM_EPS, dtype=config.dtype, axes=LM_HEAD_AXES[:1])
         self.lm_head = Dense(
             D,
             config.vocab_size,
@@ -334,50 +336,48 @@ class LlamaTransformer(eqx.Module):
         x = self.blocks(x, sin, cos, segment_ids, key=kblocks)
         return self._head(x)
 
-    # -- decoding ---------------------------------------------------------------------------
+    # -- decoding (docs/architecture.md, "Generation") ------------------------------------------
 
-    def init_cache(self, batch_size: int, max_len: int) -> LlamaKVCache:
+    has_kv_cache: ClassVar[bool] = True  # the decode state grows with the context (max_len)
+
+    def init_state(self, batch_size: int, max_len: int) -> LlamaKVCache:
         """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
         if batch_size <= 0 or max_len <= 0:
             raise ValueError(
-                f"init_cache: batch_size ({batch_size}) and max_len ({max_len}) must be positive"
+                f"init_state: batch_size ({batch_size}) and max_len ({max_len}) must be positive"
             )
         shape = (self.blocks.num_blocks, batch_size, max_len, self.num_heads, self.head_dim)
         zeros = jnp.zeros(shape, jnp.dtype(self.dtype))
         return LlamaKVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
-    def decode(
-        self, tokens: Int[Array, "B T"], cache: LlamaKVCache
-    ) -> tuple[Float[Array, "B T V"], LlamaKVCache]:
-        """Logits of ``T`` tokens that continue the cached sequence (prefill when the cache is
-        empty, one step when ``T == 1``), and the cache extended by them. No dropout; one
-        document per sequence. Equal to the matching rows of ``__call__`` on the whole sequence.
-        """
+    def call_with_state(
+        self,
+        tokens: Int[Array, "B S"],
+        state: LlamaKVCache,
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S V"], LlamaKVCache]:
+        """Logits of ``S`` tokens that continue the cached sequence (prefill from an empty cache,
+        one decode step with ``S = 1``) and the cache extended by them. No dropout; one
+        document per sequence (``document_borders`` must be None). Equal to the matching rows of
+        ``__call__`` on the whole sequence."""
         if not self.causal:
-            raise ValueError("decode needs a causal model (LlamaConfig.causal=True)")
-        check_rank("tokens", tokens, "(B, T)")
-        B, T = tokens.shape
-        S_max = cache.keys.shape[2]
-        if cache.keys.shape[1] != B:
+            raise ValueError("decoding needs a causal model (LlamaConfig.causal=True)")
+        check_one_document(document_borders)
+        check_rank("tokens", tokens, "(B, S)")
+        B, S = tokens.shape
+        S_max = state.keys.shape[2]
+        if state.keys.shape[1] != B:
             raise ValueError(
-                f"cache batch size {cache.keys.shape[1]} does not match tokens batch size {B}"
+                f"cache batch size {state.keys.shape[1]} does not match tokens batch size {B}"
             )
-        if T > S_max:
-            raise ValueError(f"{T} tokens do not fit in a KV cache of max_len {S_max}")
+        if S > S_max:
+            raise ValueError(f"{S} tokens do not fit in a KV cache of max_len {S_max}")
         length = eqx.error_if(
-            cache.length,
-            cache.length + T > S_max,
+            state.length,
+            state.length + S > S_max,
             f"KV cache overflow: decoding past max_len={S_max}",
         )
-        positions = jnp.broadcast_to(length + jnp.arange(T, dtype=length.dtype), (B, T))
-        sin, cos = rope_sin_cos(positions, self.head_dim, self.theta)
-        x = self.token_embedding(tokens)
-        x, cache = self.blocks.decode(x, sin, cos, eqx.tree_at(lambda c: c.length, cache, length))
-        return self._head(x), cache
-
-    def decode_step(
-        self, cache: LlamaKVCache, token: Int[Array, " B"]
-    ) -> tuple[Float[Array, "B V"], LlamaKVCache]:
-        """One generation step: logits of the next token after ``token``, and the new cache."""
-        logits, cache = self.decode(token[:, None], cache)
-        return logits[:, 0], cache
+        state = eqx.tree_at(lambda c: c.length, state, length)
+        x, state = self.blocks.call_with_state(self.token_embedding(tokens), state)
+        return self._head(x), state

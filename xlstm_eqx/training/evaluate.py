@@ -27,7 +27,7 @@ from ..data.tokenizer import (
     load_tokenizer,
     tokenizer_from_dict,
 )
-from ..generation import _is_kv_model, _is_recurrent_model
+from ..generation import has_decode_api as has_decode_api  # re-exported for loop, lm_eval
 from ..models import MODEL_FAMILIES
 from . import checkpoint as npz_checkpoint, orbax_checkpoint
 from .checkpoint import CheckpointError
@@ -71,12 +71,6 @@ def sample_tokens(
             nxt = int(jr.categorical(jr.fold_in(key, i), logits / temperature))
         tokens.append(nxt)
     return tokens[len(prompt) :] if prompt else tokens[1:]
-
-
-def has_decode_api(model: Any) -> bool:
-    """Whether `xlstm_eqx.generate` can run this model (recurrent state or KV cache)."""
-
-    return _is_kv_model(model) or _is_recurrent_model(model)
 
 
 # evaluation of a saved run

@@ -14,18 +14,20 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
 from ..core.parallel_config import ParallelConfig
 from ..core.utils import split_optional_key
 from ..nn.axes import LogicalAxes
 from ..nn.feedforward import FeedForward
+from ..nn.feedforward_config import FeedForwardConfig
 from ..nn.norm import LayerNorm, RMSNorm, make_norm
 from .config import xLSTMBlockConfig, xLSTMBlockStackConfig
 from .mlstm_config import mLSTMLayerConfig
 from .mlstm_layer import mLSTMLayer
 from .mlstm_layer_v1 import mLSTMLayerV1
 from .slstm import sLSTMLayer
+from .slstm_config import sLSTMLayerConfig
 
 
 def make_mlstm_layer(config: mLSTMLayerConfig, *, key: PRNGKeyArray) -> mLSTMLayer | mLSTMLayerV1:
@@ -48,25 +50,37 @@ def _maybe_remat(fn: Any, enabled: bool) -> Any:
     return eqx.filter_checkpoint(fn, prevent_cse=False) if enabled else fn
 
 
-def _call_res_block(res: "ResidualBlock", x: Array, key: Any, kwargs: dict[str, Any]) -> Array:
-    return res(x, key=key, **kwargs)
-
-
 class ResidualBlock(eqx.Module):
     """``x + post_norm(layer(norm(x)))`` (``post_norm`` optional, Gemma-2 style: it sits before the
-    residual add, not on the stream). Extra keyword arguments go to the layer."""
+    residual add, not on the stream). ``layer`` is an mLSTM/sLSTM layer or a feed-forward."""
 
     norm: LayerNorm | RMSNorm
     layer: Any
     post_norm: LayerNorm | RMSNorm | None
 
-    def __call__(
-        self, x: Float[Array, "B S D"], *, key: PRNGKeyArray | None = None, **layer_kwargs: Any
-    ) -> Float[Array, "B S D"]:
-        y = self.layer(self.norm(x), key=key, **layer_kwargs)
+    def _add(self, x: Float[Array, "B S D"], y: Float[Array, "B S D"]) -> Float[Array, "B S D"]:
         if self.post_norm is not None:
             y = self.post_norm(y)
         return x + y.astype(x.dtype)
+
+    def __call__(
+        self, x: Float[Array, "B S D"], *, key: PRNGKeyArray | None = None, **layer_kwargs: Any
+    ) -> Float[Array, "B S D"]:
+        """Extra keyword arguments (``document_borders``) go to the layer."""
+        return self._add(x, self.layer(self.norm(x), key=key, **layer_kwargs))
+
+    def call_with_state(
+        self,
+        x: Float[Array, "B S D"],
+        state: PyTree,
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S D"], PyTree]:
+        """The same with the layer's decode state in and out (a recurrent layer only)."""
+        y, state = self.layer.call_with_state(
+            self.norm(x), state, document_borders=document_borders
+        )
+        return self._add(x, y), state
 
 
 class xLSTMBlock(eqx.Module):
@@ -83,11 +97,12 @@ class xLSTMBlock(eqx.Module):
 
     def __init__(self, config: xLSTMBlockConfig, *, key: PRNGKeyArray):
         klayer, kffn = jr.split(key)
-        if config.mlstm is not None:
+        # (the config's derive step has parsed dicts into config objects)
+        if isinstance(config.mlstm, mLSTMLayerConfig):
             layer = make_mlstm_layer(config.mlstm, key=klayer)
             D = config.mlstm.embedding_dim
             self.is_slstm = False
-        elif config.slstm is not None:
+        elif isinstance(config.slstm, sLSTMLayerConfig):
             layer = sLSTMLayer(config.slstm, key=klayer)
             D = config.slstm.embedding_dim
             self.is_slstm = True
@@ -101,7 +116,7 @@ class xLSTMBlock(eqx.Module):
 
         post = config.add_post_norm
         self.xlstm_res_block = ResidualBlock(norm(), layer, norm() if post else None)
-        if config.feedforward is not None:
+        if isinstance(config.feedforward, FeedForwardConfig):
             ffn = FeedForward(config.feedforward, key=kffn)
             self.ffn_res_block = ResidualBlock(norm(), ffn, norm() if post else None)
         else:
@@ -117,59 +132,33 @@ class xLSTMBlock(eqx.Module):
         document_borders: Bool[Array, "B S"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "B S D"]:
-        """``(B, S, D) -> (B, S, D)``. ``document_borders`` reach the mLSTM layer (memory reset);
-        the sLSTM layer has no reset. Dropout only with a key."""
+        """``(B, S, D) -> (B, S, D)``. ``document_borders`` reach the mLSTM layer (memory reset;
+        the sLSTM layer has none). Dropout only with a key."""
         klayer, kffn = split_optional_key(key, 2)
-        kwargs = {} if self.is_slstm else {"document_borders": document_borders}
-        x = _maybe_remat(_call_res_block, self.remat_xlstm)(self.xlstm_res_block, x, klayer, kwargs)
+        xlstm_residual = _maybe_remat(ResidualBlock.__call__, self.remat_xlstm)
+        x = xlstm_residual(self.xlstm_res_block, x, key=klayer, document_borders=document_borders)
         if self.ffn_res_block is not None:
-            x = _maybe_remat(_call_res_block, self.remat_ffn)(self.ffn_res_block, x, kffn, {})
+            ffn_residual = _maybe_remat(ResidualBlock.__call__, self.remat_ffn)
+            x = ffn_residual(self.ffn_res_block, x, key=kffn)
         return x
 
-    # decode API -------------------------------------------------------------------------------
-
-    def init_state(self, batch_size: int) -> Any:
+    def init_state(self, batch_size: int) -> PyTree:
         """Zero decode state of the block's layer."""
         return self.xlstm_res_block.layer.init_state(batch_size)
 
-    def prefill(
+    def call_with_state(
         self,
         x: Float[Array, "B S D"],
+        state: PyTree,
         *,
         document_borders: Bool[Array, "B S"] | None = None,
-    ) -> tuple[Float[Array, "B S D"], Any]:
-        """Full sequence (deterministic), also returning the layer's decode state after it."""
-        res = self.xlstm_res_block
-        if self.is_slstm:
-            y, state = res.layer.prefill(res.norm(x))
-        else:
-            y, state = res.layer.prefill(res.norm(x), document_borders=document_borders)
-        if res.post_norm is not None:
-            y = res.post_norm(y)
-        x = x + y.astype(x.dtype)
+    ) -> tuple[Float[Array, "B S D"], PyTree]:
+        """``S`` tokens continuing from the layer's decode ``state`` (deterministic): outputs and
+        the state after the last one."""
+        x, state = self.xlstm_res_block.call_with_state(x, state, document_borders=document_borders)
         if self.ffn_res_block is not None:
             x = self.ffn_res_block(x)
         return x, state
-
-    def step(
-        self,
-        state: Any,
-        x_t: Float[Array, "B D"],
-        *,
-        document_border: Bool[Array, " B"] | None = None,
-    ) -> tuple[Float[Array, "B D"], Any]:
-        """One decode step ``(B, D) -> (B, D)``."""
-        res = self.xlstm_res_block
-        if self.is_slstm:
-            y, state = res.layer.step(state, res.norm(x_t))
-        else:
-            y, state = res.layer.step(state, res.norm(x_t), document_border=document_border)
-        if res.post_norm is not None:
-            y = res.post_norm(y)
-        x_t = x_t + y.astype(x_t.dtype)
-        if self.ffn_res_block is not None:
-            x_t = self.ffn_res_block(x_t[:, None])[:, 0]
-        return x_t, state
 
 
 class xLSTMBlockStack(eqx.Module):
@@ -218,30 +207,20 @@ class xLSTMBlockStack(eqx.Module):
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "B S D"]:
         # "mLSTMBlock" in parallel.remat: each whole block is rematerialised in the backward pass.
-        call = _maybe_remat(
-            lambda block, h, k: block(h, document_borders=document_borders, key=k),
-            self.remat_blocks,
-        )
-        if not self.scan_blocks:
-            assert isinstance(self.blocks, tuple)
+        block_call = _maybe_remat(xLSTMBlock.__call__, self.remat_blocks)
+        if isinstance(self.blocks, tuple):
             for block, k in zip(self.blocks, split_optional_key(key, self.num_blocks), strict=True):
-                x = call(block, x, k)
+                x = block_call(block, x, document_borders=document_borders, key=k)
             return x
         params, static = eqx.partition(self.blocks, eqx.is_array)
-        if key is None:
+        keys = None if key is None else jr.split(key, self.num_blocks)
 
-            def body(h: Array, p: Any) -> tuple[Array, None]:
-                return call(eqx.combine(p, static), h, None), None
+        def body(h: Array, xs: tuple[PyTree, PRNGKeyArray | None]) -> tuple[Array, None]:
+            block_params, block_key = xs
+            block = eqx.combine(block_params, static)
+            return block_call(block, h, document_borders=document_borders, key=block_key), None
 
-            x, _ = jax.lax.scan(body, x, params)
-        else:
-
-            def body_key(h: Array, xs: Any) -> tuple[Array, None]:
-                p, k = xs
-                return call(eqx.combine(p, static), h, k), None
-
-            x, _ = jax.lax.scan(body_key, x, (params, jr.split(key, self.num_blocks)))
-        return x
+        return jax.lax.scan(body, x, (params, keys))[0]
 
     def block_list(self) -> list[xLSTMBlock]:
         """The blocks as a list of unstacked modules (either layout)."""
@@ -253,52 +232,38 @@ class xLSTMBlockStack(eqx.Module):
             for i in range(self.num_blocks)
         ]
 
-    # decode API -------------------------------------------------------------------------------
     # States are per block: a tuple for the unrolled layout, a stacked PyTree (leading axis L)
     # for the scanned one, carried through the scan's xs/ys.
 
-    def init_state(self, batch_size: int) -> Any:
+    def init_state(self, batch_size: int) -> PyTree:
+        """Zero decode state of every block."""
         if isinstance(self.blocks, tuple):
             return tuple(b.init_state(batch_size) for b in self.blocks)
         one = self.block_list()[0].init_state(batch_size)
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_blocks, *a.shape)), one)
 
-    def prefill(
+    def call_with_state(
         self,
         x: Float[Array, "B S D"],
+        state: PyTree,
         *,
         document_borders: Bool[Array, "B S"] | None = None,
-    ) -> tuple[Float[Array, "B S D"], Any]:
+    ) -> tuple[Float[Array, "B S D"], PyTree]:
+        """``S`` tokens through every block, each continuing from its state in ``state``
+        (deterministic): outputs and the states after the last token."""
         if isinstance(self.blocks, tuple):
             states = []
-            for block in self.blocks:
-                x, s = block.prefill(x, document_borders=document_borders)
-                states.append(s)
+            for block, block_state in zip(self.blocks, state, strict=True):
+                x, block_state = block.call_with_state(
+                    x, block_state, document_borders=document_borders
+                )
+                states.append(block_state)
             return x, tuple(states)
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
-        def body(h: Array, p: Any) -> tuple[Array, Any]:
-            return eqx.combine(p, static).prefill(h, document_borders=document_borders)
+        def body(h: Array, xs: tuple[PyTree, PyTree]) -> tuple[Array, PyTree]:
+            block_params, block_state = xs
+            block = eqx.combine(block_params, static)
+            return block.call_with_state(h, block_state, document_borders=document_borders)
 
-        return jax.lax.scan(body, x, params)
-
-    def step(
-        self,
-        state: Any,
-        x_t: Float[Array, "B D"],
-        *,
-        document_border: Bool[Array, " B"] | None = None,
-    ) -> tuple[Float[Array, "B D"], Any]:
-        if isinstance(self.blocks, tuple):
-            new = []
-            for block, s in zip(self.blocks, state, strict=True):
-                x_t, s = block.step(s, x_t, document_border=document_border)
-                new.append(s)
-            return x_t, tuple(new)
-        params, static = eqx.partition(self.blocks, eqx.is_array)
-
-        def body(h: Array, xs: Any) -> tuple[Array, Any]:
-            p, s = xs
-            return eqx.combine(p, static).step(s, h, document_border=document_border)
-
-        return jax.lax.scan(body, x_t, (params, state))
+        return jax.lax.scan(body, x, (params, state))

@@ -14,12 +14,13 @@ Choices where the reference is quirky (docs/architecture.md, "Reference quirks k
 - Nothing is sized by ``context_length``: any ``S ≥ 1`` works at call time.
 """
 
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+from jax.core import Tracer
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ..core.utils import check_rank, split_optional_key
@@ -111,7 +112,7 @@ class xLSTMLMModel(eqx.Module):
         if tokens.shape[1] < 1:
             raise ValueError("tokens must have a sequence length S >= 1, got S = 0")
         # Range check only on concrete arrays (cheap there; under jit it is the data layer's job).
-        if not isinstance(tokens, jax.core.Tracer):
+        if not isinstance(tokens, Tracer):
             lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
             if lo < 0 or hi >= self.vocab_size:
                 bad = lo if lo < 0 else hi
@@ -152,38 +153,29 @@ class xLSTMLMModel(eqx.Module):
         x = self.xlstm_block_stack(x, document_borders=document_borders, key=kstack)
         return self.head(x)
 
-    # decode API (generation) --------------------------------------------------------------------
+    # decode API (docs/architecture.md, "Generation") --------------------------------------------
+
+    has_kv_cache: ClassVar[bool] = False  # the decode state has a fixed size, whatever the context
 
     def init_state(self, batch_size: int) -> PyTree:
         """Zero decode state of every block (conv windows and cell memories)."""
         return self.xlstm_block_stack.init_state(batch_size)
 
-    def prefill(
+    def call_with_state(
         self,
         tokens: Int[Array, "B S"],
+        state: PyTree,
         *,
         document_borders: Bool[Array, "B S"] | None = None,
     ) -> tuple[Float[Array, "B S V"], PyTree]:
-        """Logits of a prompt and the decode state after its last token (deterministic).
-
-        Uses the chunkwise (or recurrent) form, which returns states; the logits agree with
-        ``__call__`` to the backends' tolerance."""
+        """Logits of ``S`` tokens that continue from ``state`` and the state after the last one
+        (deterministic): a prompt from ``init_state(B)`` (prefill), one token (``S = 1``, the
+        recurrent step, O(1) in the length of the context) or a whole sequence. The logits agree
+        with ``__call__`` to the backends' tolerance."""
         self._check_inputs(tokens, document_borders)
-        x = self.embed(tokens)
-        x, state = self.xlstm_block_stack.prefill(x, document_borders=document_borders)
-        return self.head(x), state
-
-    def step(
-        self,
-        state: PyTree,
-        token: Int[Array, " B"],
-        *,
-        document_border: Bool[Array, " B"] | None = None,
-    ) -> tuple[Float[Array, "B V"], PyTree]:
-        """One token per sequence → next-token logits ``(B, V)`` and the new state. O(1) in the
-        length of the context."""
-        x = self.embed(token)
-        x, state = self.xlstm_block_stack.step(state, x, document_border=document_border)
+        x, state = self.xlstm_block_stack.call_with_state(
+            self.embed(tokens), state, document_borders=document_borders
+        )
         return self.head(x), state
 
 

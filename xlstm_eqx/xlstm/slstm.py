@@ -33,7 +33,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ..nn.axes import LogicalAxes
 from ..nn.conv import CausalConv1d
@@ -165,31 +165,27 @@ class sLSTMCell(eqx.Module):
             y = jnp.clip(y, -clip, clip)
         return sLSTMState(y=y, c=c, n=n, m=m)
 
-    def step(
-        self, state: sLSTMState, x_gates: Float[Array, "B 4 NH DH"]
-    ) -> tuple[Float[Array, "B NH DH"], sLSTMState]:
-        """One time step: `(B, 4, NH, DH)` gate inputs -> output `(B, NH, DH)` float32 and the new state."""
-        new = self._pointwise(state, x_gates)
-        return new.y, new
-
     @jax.named_scope("sLSTMCell")
-    def __call__(
-        self,
-        x_gates: Float[Array, "B S 4 NH DH"],
-        state: sLSTMState | None = None,
+    def call_with_state(
+        self, x_gates: Float[Array, "B S 4 NH DH"], state: sLSTMState
     ) -> tuple[Float[Array, "B NH S DH"], sLSTMState]:
-        """Whole sequence from `state` (zeros if None): outputs `(B, NH, S, DH)` float32 and the last state."""
-        B = x_gates.shape[0]
-        if state is None:
-            state = self.init_state(B)
+        """The recurrence over the sequence from ``state``: outputs ``(B, NH, S, DH)`` float32 and
+        the state after the last step."""
 
         def body(carry: sLSTMState, wx: Array) -> tuple[sLSTMState, Array]:
             new = self._pointwise(carry, wx)
             return new, new.y
 
+        if x_gates.shape[1] == 1:  # one decode step: no scan
+            last = self._pointwise(state, x_gates[:, 0])
+            return last.y[:, :, None], last
         xs = jnp.moveaxis(x_gates.astype(jnp.float32), 1, 0)  # (S, B, 4, NH, DH)
         last, ys = jax.lax.scan(body, state, xs)
         return jnp.transpose(ys, (1, 2, 0, 3)), last
+
+    def __call__(self, x_gates: Float[Array, "B S 4 NH DH"]) -> Float[Array, "B NH S DH"]:
+        """The whole sequence from a zero state: outputs ``(B, NH, S, DH)`` float32."""
+        return self.call_with_state(x_gates, self.init_state(x_gates.shape[0]))[0]
 
 
 class sLSTMLayerState(eqx.Module):
@@ -268,41 +264,43 @@ class sLSTMLayer(eqx.Module):
             y = y * self.group_norm_weight
         return y.astype(jnp.dtype(self.config.dtype))
 
+    def _conv(
+        self, x: Float[Array, "B S D"], window: Float[Array, "B K D"]
+    ) -> tuple[Float[Array, "B S D"], Float[Array, "B K D"]]:
+        """The causal conv of ``x`` continuing from the previous inputs in ``window``, activated,
+        and the window after ``x``."""
+        if self.config.conv1d_kernel_size == 0:
+            return x, window
+        if x.shape[1] == 1:
+            x_conv, window = self.conv1d.step(window, x[:, 0])
+            return self._conv_act(x_conv[:, None]), window
+        window = window.astype(jnp.dtype(self.config.dtype))
+        full = jnp.concatenate([window, x.astype(window.dtype)], axis=1)
+        x_conv = self.conv1d(full)[:, window.shape[1] :]
+        return self._conv_act(x_conv), self.conv1d.state_from_sequence(full)
+
     def _run(
-        self,
-        x: Float[Array, "B S D"],
-        state: sLSTMLayerState | None,
-        key: PRNGKeyArray | None,
+        self, x: Float[Array, "B S D"], state: sLSTMLayerState, key: PRNGKeyArray | None
     ) -> tuple[Float[Array, "B S D"], sLSTMLayerState]:
-        B = x.shape[0]
-        if state is None:
-            state = self.init_state(B)
-        if self.config.conv1d_kernel_size > 0:
-            # Run the conv over [previous window | x] so a prefill can continue from a decode state.
-            window = state.conv.astype(jnp.dtype(self.config.dtype))
-            full = jnp.concatenate([window, x.astype(window.dtype)], axis=1)
-            x_conv = self.conv1d(full)[:, window.shape[1] :]
-            conv_state = self.conv1d.state_from_sequence(full)
-        else:
-            x_conv, conv_state = x, state.conv
-        gates = self._gates(x, self._conv_act(x_conv))
-        y, cell_state = self.cell(gates, state.cell)  # (B, NH, S, DH) float32
-        y = dropout(y, self.config.dropout, key=key)
+        x_c, conv_state = self._conv(x, state.conv)
+        y, cell_state = self.cell.call_with_state(self._gates(x, x_c), state.cell)
+        y = dropout(y, self.config.dropout, key=key)  # (B, NH, S, DH) float32
         out = self._group_norm(jnp.transpose(y, (0, 2, 1, 3)))
         return out, sLSTMLayerState(conv=conv_state, cell=cell_state)
 
     @jax.named_scope("sLSTMLayer")
     def __call__(
-        self, x: Float[Array, "B S D"], *, key: PRNGKeyArray | None = None
+        self,
+        x: Float[Array, "B S D"],
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "B S D"]:
-        """Full sequence from a zero state. Output in the compute dtype. Dropout only with a key."""
-        return self._run(x, None, key)[0]
-
-    def prefill(
-        self, x: Float[Array, "B S D"], *, initial_state: sLSTMLayerState | None = None
-    ) -> tuple[Float[Array, "B S D"], sLSTMLayerState]:
-        """Full sequence (deterministic), also returning the decode state after its last token."""
-        return self._run(x, initial_state, None)
+        """Full sequence from a zero state. Output in the compute dtype. Dropout only with a key.
+        ``document_borders`` are accepted like the mLSTM layers' and unused: the sLSTM has no
+        memory reset."""
+        del document_borders
+        return self._run(x, self.init_state(x.shape[0]), key)[0]
 
     def init_state(self, batch_size: int) -> sLSTMLayerState:
         """Zero decode state: conv window `(B, K, D)` in the compute dtype and a zero cell state."""
@@ -310,12 +308,16 @@ class sLSTMLayer(eqx.Module):
             conv=self.conv1d.init_state(batch_size), cell=self.cell.init_state(batch_size)
         )
 
-    def step(
-        self, state: sLSTMLayerState, x_t: Float[Array, "B D"]
-    ) -> tuple[Float[Array, "B D"], sLSTMLayerState]:
-        """One decode step `(B, D) -> (B, D)`, deterministic (no dropout)."""
-        x_conv, conv_state = self.conv1d.step(state.conv, x_t)
-        gates = self._gates(x_t, self._conv_act(x_conv))
-        y, cell_state = self.cell.step(state.cell, gates)
-        out = self._group_norm(y)
-        return out, sLSTMLayerState(conv=conv_state, cell=cell_state)
+    @jax.named_scope("sLSTMLayer")
+    def call_with_state(
+        self,
+        x: Float[Array, "B S D"],
+        state: sLSTMLayerState,
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S D"], sLSTMLayerState]:
+        """``S`` tokens continuing from ``state`` (deterministic): outputs and the state after the
+        last one. Serves prefill (from ``init_state``), decoding (``S = 1``) and whole sequences.
+        ``document_borders`` are unused (no memory reset in the sLSTM)."""
+        del document_borders
+        return self._run(x, state, None)
