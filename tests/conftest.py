@@ -63,9 +63,17 @@ hypothesis.settings.register_profile(
 )
 hypothesis.settings.register_profile("dev", max_examples=12, deadline=None, print_blob=True)
 hypothesis.settings.register_profile("deep", max_examples=200, deadline=None, print_blob=True)
+# the fast tier (`-m "not slow"`, README "Tests: the fast tier and the full suite"): every property
+# still runs, on fewer examples; the full suite draws the profile's 12
+hypothesis.settings.register_profile("fast", max_examples=4, deadline=None, print_blob=True)
 hypothesis.settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("markexpr") == "not slow" and "HYPOTHESIS_PROFILE" not in os.environ:
+        hypothesis.settings.load_profile("fast")
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8) -> bool:

@@ -65,6 +65,7 @@ def test_notebook_stored_executed(path):
     assert any(cell.outputs for cell in code), f"{path.name} stores no output at all"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", _notebook_paths(), ids=lambda p: p.stem)
 def test_notebook_runs(path):
     env = dict(os.environ)

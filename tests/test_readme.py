@@ -230,6 +230,7 @@ def test_readme_block_not_run_still_parses(block):
     parse_commands(block)
 
 
+@pytest.mark.slow
 def test_readme_runs_in_order_as_written(tmp_path):
     clone = tmp_path / "clone"
     clone.mkdir()

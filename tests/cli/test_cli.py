@@ -160,6 +160,7 @@ def test_flags_cover_every_train_config_field():
         assert fixed in flags
 
 
+@pytest.mark.slow
 def test_console_module_runs():
     proc = subprocess.run(
         [sys.executable, "-m", "xlstm_eqx.cli", "--help"],

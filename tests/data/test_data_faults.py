@@ -208,6 +208,7 @@ def test_damaged_token_stores_are_rebuilt_with_a_warning(tmp_path, capsys):
     assert clean_stale_temporaries(str(cache)) == []
 
 
+@pytest.mark.slow
 def test_a_large_corpus_is_tokenized_in_a_child_process(tmp_path, monkeypatch, bpe):  # noqa: F811
     """The build's memory is freed before the run compiles: above `_CHILD_BYTES` the store is
     built by another process (the parent's `build_store` is never called), with the same tokens

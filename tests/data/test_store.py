@@ -116,6 +116,7 @@ def test_bpe_encodes_each_document_with_its_eod_token(tmp_path, bpe):
         load_corpus([j], hf, eval_fraction=0.5, cache_dir=str(tmp_path / "c"), eod_token="nope")
 
 
+@pytest.mark.slow
 def test_a_huge_document_is_read_in_pieces(tmp_path):
     text = "".join(f"line {i} " + "x" * (i % 50) + "\n" for i in range(400))
     p = _write(tmp_path / "big.txt", text)

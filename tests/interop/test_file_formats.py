@@ -530,6 +530,7 @@ HUGE_CASES = {
 }
 
 
+@pytest.mark.slow
 def test_huge_sizes_and_fuzzing_under_an_address_space_limit(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, env.get("PYTHONPATH", "").split(":"))])

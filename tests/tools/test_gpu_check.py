@@ -26,6 +26,7 @@ def _load(tmp_path):
     return data, md
 
 
+@pytest.mark.slow
 def test_quick_run_writes_results_and_passes(tmp_path, capsys):
     assert gpu_check_main(["--out", str(tmp_path), "--quick", *BIG]) == 0
     data, md = _load(tmp_path)

@@ -97,6 +97,7 @@ def test_relative_run_directory(work, capsys):
     assert os.path.isfile(work / "runs" / "mine-hf" / "config.json")
 
 
+@pytest.mark.slow
 def test_failed_save_exits_at_once(tmp_path, data_file):
     """A checkpoint directory nothing can be written to: the run ends non-zero within seconds
     with one line naming the checkpoint (it used to print the error and hang in orbax's threads).

@@ -147,6 +147,7 @@ def _mc_task(tmp_path):
     return str(tmp_path / "tasks"), docs
 
 
+@pytest.mark.slow
 def test_multiple_choice_task_through_the_cli(tmp_path, capsys, caplog):
     pytest.importorskip("lm_eval")
     data = tmp_path / "data.txt"

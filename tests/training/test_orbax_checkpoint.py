@@ -199,6 +199,7 @@ def results(tmp_path_factory):
     return once_per_session(tmp_path_factory, "orbax_checkpoint", _run_workers)
 
 
+@pytest.mark.slow
 def test_fsdp8_checkpoint_restores_onto_tp2_dp4_and_one_device(results):
     r = worker_result(results["mesh8"])
     assert r["full_specs"][".token_embedding.embedding"] == "('fsdp',)"  # trained FSDP-sharded
@@ -208,6 +209,7 @@ def test_fsdp8_checkpoint_restores_onto_tp2_dp4_and_one_device(results):
     assert r["one_devices"] == ["cpu:0"]
 
 
+@pytest.mark.slow
 def test_restore_never_places_a_whole_sharded_leaf_on_one_device(results):
     r = worker_result(results["mesh8"])
     assert r["tp_whole"] == []  # every leaf has its target sharding; split leaves come back split
@@ -219,6 +221,7 @@ def test_restore_never_places_a_whole_sharded_leaf_on_one_device(results):
     assert r["born_live_added"] == r["born_per_device"]
 
 
+@pytest.mark.slow
 def test_resume_same_mesh_bit_identical_other_mesh_within_noise(results):
     r = worker_result(results["mesh8"])
     assert r["same_mesh_losses"] == r["full_losses"]
@@ -226,6 +229,7 @@ def test_resume_same_mesh_bit_identical_other_mesh_within_noise(results):
     assert r["other_mesh_specs"][".token_embedding.embedding"] == "(None, 'tp')"
 
 
+@pytest.mark.slow
 def test_two_processes_each_write_their_own_shards(results):
     r0, r1 = worker_result(results["proc0"]), worker_result(results["proc1"])
     assert (r0["process_index"], r1["process_index"]) == (0, 1)
@@ -247,6 +251,7 @@ def test_two_processes_each_write_their_own_shards(results):
         assert r["tp_specs"][".token_embedding.embedding"] == "(None, 'tp')"
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_of_two_processes_saves_the_same_step_everywhere(results):
     """Process 1 alone gets SIGTERM during step 3: both processes finish step 3, save it
     together and stop; the resumed run logs the losses of the run that never stopped."""
@@ -259,6 +264,7 @@ def test_sigterm_on_one_of_two_processes_saves_the_same_step_everywhere(results)
     assert r0["b_metrics_losses"] == r0["a_losses"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_is_exact(tmp_path):
     """A run writing a checkpoint every step is SIGKILLed at a random moment: the newest
     complete checkpoint loads, no partial one is listed, and resuming from it logs the losses of
@@ -341,6 +347,7 @@ def test_info_mesh_hosts(capsys):
 # --- interop at size --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_from_hf_pretrained_places_each_tensor_in_its_sharding(results):
     r = worker_result(results["mesh8"])
     assert r["hf_equal"] is True

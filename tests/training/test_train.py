@@ -306,6 +306,7 @@ def test_run_files_and_sample(tmp_path, data_file):
     assert ev.step == 4 and ev.eval_loss == pytest.approx(result.eval_loss, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_learns_a_repetitive_text(tmp_path, data_file):
     cfg = _cfg(tmp_path, data_file, steps=30, lr=3e-2, warmup_steps=2, eval_every=30)
     result = train(cfg, log=_quiet)
