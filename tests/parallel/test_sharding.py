@@ -483,6 +483,7 @@ def test_initialize_distributed_single_process_and_errors():
 # 8 simulated devices (subprocesses)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("model", MODELS)
 def test_loss_and_grads_equal_single_device(results, model, mesh):
@@ -492,6 +493,7 @@ def test_loss_and_grads_equal_single_device(results, model, mesh):
     assert r["grad_norm_rel"] <= 1e-5, r["grad_norm_rel"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_parameter_shardings_are_the_intended_ones(results, model):
     """Every array's ``.sharding.spec`` on the mesh (placed, gradients, after a train step) is
@@ -511,6 +513,7 @@ def test_parameter_shardings_are_the_intended_ones(results, model):
         assert got == V1_FSDP8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_born_sharded_init_equals_plain_init(results, model):
     res = _equiv(results, model)
@@ -520,6 +523,7 @@ def test_born_sharded_init_equals_plain_init(results, model):
     assert {k: _norm(v) for k, v in res["init_specs"].items()} == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_fsdp_step_gathers_weights_per_layer(results, model):
     """The compiled fsdp=8 train step all-gathers weights one layer at a time (forward, and again
@@ -549,6 +553,7 @@ def test_fsdp_step_gathers_weights_per_layer(results, model):
         assert gathers.count(shape) >= want, (k, shape)
 
 
+@pytest.mark.slow
 def test_trainer_loop_on_a_mesh_logs_the_same_losses(results):
     r = worker_result(results["train"])
     assert r["mesh_shape"] == {"dp": 2, "fsdp": 2, "pp": 1, "tp": 2}
@@ -562,6 +567,7 @@ def test_trainer_loop_on_a_mesh_logs_the_same_losses(results):
     assert _norm(r["mesh_model_specs"][".token_embedding.embedding"]) == (None, "tp")
 
 
+@pytest.mark.slow
 def test_checkpoints_restore_across_meshes(results):
     """Saved from fsdp=8, restored onto tp=2 x dp=4 and onto one device: the same arrays, in each
     mesh's own layout."""
@@ -579,6 +585,7 @@ def test_checkpoints_restore_across_meshes(results):
     assert r["ckpt_meta_step"] == 7
 
 
+@pytest.mark.slow
 def test_fsdp_gathers_in_the_gather_dtype(results):
     """With fsdp_gather_dtype="bfloat16" the FSDP weights reach the model rounded to bfloat16:
     the step's loss is the float32 loss of the model with those weights rounded, not the plain
@@ -603,6 +610,7 @@ def test_gather_cast_gradient_goes_through_the_scatter_dtype():
     np.testing.assert_array_equal(gw32, np.asarray(g, np.float32))
 
 
+@pytest.mark.slow
 def test_two_processes_train_data_parallel_like_one(results):
     """Two processes (2 CPU devices each, gloo collectives) train data-parallel over the 4
     devices; both log the losses of the one-process, one-device run of the same config."""
@@ -617,6 +625,7 @@ def test_two_processes_train_data_parallel_like_one(results):
     assert worker_result(results["dist1"])["process_index"] == 1
 
 
+@pytest.mark.slow
 def test_two_processes_run_the_trainer_loop_with_fsdp(results):
     """`train()` (what `xlstm-eqx train --mesh fsdp=-1` runs on every host) over two processes:
     the same losses as one device, one writer for every file, a checkpoint that loads."""

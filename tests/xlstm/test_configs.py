@@ -952,6 +952,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_same_valueerror_with_and_without_the_import_hook():
     namespace = {k: getattr(xlstm_eqx, k) for k in dir(xlstm_eqx) if not k.startswith("_")}
     here = []
