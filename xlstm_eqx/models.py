@@ -138,14 +138,15 @@ def matmul_param_count(config: ModelConfig) -> int:
         names = [p.name for p in path if isinstance(p, jax.tree_util.GetAttrKey)]
         if names and names[-1].endswith("kernel"):
             total += int(np.prod(leaf.shape))
-    if getattr(config, "tie_weights", False):
-        total += config.vocab_size * config.embedding_dim
+    if getattr(config, "tie_weights", False):  # the embedding table is the LM head's kernel
+        total += getattr(config, "vocab_size", 0) * getattr(config, "embedding_dim", 0)
     return total
 
 
 def mlstm_dims(config: xLSTMLMModelConfig) -> tuple[int, int, int]:
     """(NH, DHQK, DHV) of the xLSTM model's mLSTM layers."""
-
+    if config.mlstm_block is None:
+        raise ValueError("the model has no mLSTM blocks (mlstm_block is None)")
     layer = config.mlstm_block.mlstm
     if layer.layer_type == "mlstm_v1":
         qk_dim, v_dim = mlstm_v1_dims(layer)
@@ -182,10 +183,11 @@ def train_flops_per_token(config: xLSTMLMModelConfig | LlamaConfig, seq_len: int
         mix = config.num_blocks * 12.0 * seq_len * nh * config.head_dim
         return dense + mix
     nh, dqk, dv = mlstm_dims(config)
-    backend = config.mlstm_block.mlstm.mlstm_cell.backend
+    assert config.mlstm_block is not None  # mlstm_dims raised otherwise
+    backend = config.mlstm_block.mlstm.mlstm_cell.backend_config
     name = backend.name
     if name in ("chunkwise", "chunkwise_pallas", "auto"):
-        window = min(int(backend.kwargs.get("chunk_size", 64)), seq_len)
+        window = min(int((backend.kwargs or {}).get("chunk_size", 64)), seq_len)
         state = 4.0 * dqk * dv + 4.0 * dqk
     elif name == "parallel_stabilized":
         window, state = seq_len, 0.0

@@ -821,7 +821,11 @@ _WRONG_VALUES = st.one_of(
 
 def _admitted(value, hint):
     """Whether a runtime type checker admits `value` for `hint`, counting an int as a float
-    (PEP 484) and a list or tuple in either form (the constructor converts those)."""
+    (PEP 484), a list or tuple in either form and a dict for a config class (the constructor
+    converts those; a dict it cannot parse is `from_dict`'s error)."""
+    alts = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if isinstance(value, dict) and any(isinstance(a, type) and issubclass(a, Config) for a in alts):
+        return True
     forms = [value, list(value), tuple(value)] if isinstance(value, (list, tuple)) else [value]
     return any(is_bearable(v, hint, conf=BeartypeConf(is_pep484_tower=True)) for v in forms)
 

@@ -10,6 +10,7 @@ from typing import Any
 import equinox as eqx
 import jax.random as jr
 
+from ..core.config import Config
 from ..core.params import count_params
 from ..data.tokenizer import load_tokenizer
 from ..models import MODEL_FAMILIES
@@ -113,7 +114,7 @@ def _info_run(args: argparse.Namespace) -> int:
     print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
     if args.mesh:
         parallel = check_mesh(args.mesh, config, what_if=True)
-        if hasattr(config, "parallel"):  # the config shown is the one on this mesh
+        if isinstance(config, Config) and hasattr(config, "parallel"):  # shown on this mesh
             config = dataclasses.replace(config, parallel=parallel)
         print(memory_report(config, parallel, hosts=args.hosts))
         print("  (parameters and AdamW state only: gradients and activations come on top)")

@@ -349,13 +349,16 @@ class _ConfigMeta(type):
         specs: dict[str, _FieldSpec] | None = cls.__dict__.get("_specs")
         if specs is None:  # not a `@configclass` class
             return super().__call__(*args, **kwargs)
-        bound = cls.__signature__.bind(*args, **kwargs)  # type: ignore[attr-defined]
+        config_cls = typing.cast("type[Config]", cls)
+        bound = inspect.signature(config_cls).bind(*args, **kwargs)  # `__signature__`
         for name, value in bound.arguments.items():
             spec = specs[name]
-            if spec.coerce and (type(value) is int or isinstance(value, (list, tuple))):
+            if spec.config_cls is not None and isinstance(value, dict):
+                value = bound.arguments[name] = spec.config_cls.from_dict(value)
+            elif spec.coerce and (type(value) is int or isinstance(value, (list, tuple))):
                 value = bound.arguments[name] = _coerce(value, spec.tp)
             if not spec.ok(value):
-                cls._invalid_field(cls.__name__, name, spec.message, value)
+                config_cls._invalid_field(cls.__name__, name, spec.message, value)
             if isinstance(value, Config):
                 value._validate(cls.__name__, name + ".")
         return super().__call__(*bound.args, **bound.kwargs)
@@ -371,6 +374,7 @@ class Config(metaclass=_ConfigMeta):
     """
 
     _specs: ClassVar[dict[str, _FieldSpec]]
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # set by `@configclass`
 
     def __post_init__(self) -> None:
         self._derive()
@@ -417,13 +421,7 @@ class Config(metaclass=_ConfigMeta):
             raise ValueError(
                 f"{cls.__name__}.from_dict: unknown field(s) {unknown}; known fields are {sorted(specs)}"
             )
-        kwargs = {}
-        for key, value in d.items():
-            sub = specs[key].config_cls
-            if sub is not None and isinstance(value, dict):
-                value = sub.from_dict(value)
-            kwargs[key] = value
-        return cls(**kwargs)
+        return cls(**d)  # the constructor parses the dicts of nested configs
 
 
 def _config_class_in(tp: Any) -> type[Config] | None:
@@ -485,22 +483,16 @@ def proj_up_dim_of(
     return _round_up_dim(proj_factor, embedding_dim, multiple_of, round_up)
 
 
-def derived_copy(
-    value: Any, cls: type[_C], parent: Config, *, block_idx: bool = True, **fields: Any
-) -> Any:
-    """A nested config as its parent's `_derive` needs it: a dict is parsed, a `cls` copied (so
-    parents never share a child), the parent's `_num_blocks` (and `_block_idx` if `block_idx`)
-    and `fields` pushed in, then derived. None is returned as is."""
-    if isinstance(value, dict):
-        value = cls.from_dict(value)
-    if not isinstance(value, cls):
-        return value
+def derived_copy(value: _C, parent: Config, *, block_idx: bool = True, **fields: Any) -> _C:
+    """A nested config as its parent's `_derive` needs it: a copy (so parents never share a
+    child) with the parent's `_num_blocks` (and `_block_idx` if `block_idx`) and `fields`
+    pushed in, then derived."""
     value = copy.deepcopy(value)
-    if parent._num_blocks is not None:
-        value._num_blocks = parent._num_blocks  # type: ignore[attr-defined]
-    if block_idx and parent._block_idx is not None:
-        value._block_idx = parent._block_idx  # type: ignore[attr-defined]
-    for name, field_value in fields.items():
+    pushed = {"_num_blocks": getattr(parent, "_num_blocks", None)}
+    if block_idx:
+        pushed["_block_idx"] = getattr(parent, "_block_idx", None)
+    pushed = {name: v for name, v in pushed.items() if v is not None} | fields
+    for name, field_value in pushed.items():
         setattr(value, name, field_value)
     value._derive()
     return value

@@ -80,7 +80,7 @@ def open_read_binary(path: str) -> IO[bytes]:
     return os.fdopen(_open_fd(path, os.O_RDONLY), "rb")
 
 
-def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
+def write_atomic(path: str, write: Callable[[IO[bytes]], object]) -> None:
     """Write `path` whole or not at all: `write` fills a new temporary file beside it (a unique
     name, created with O_EXCL|O_NOFOLLOW, so a link planted there is never followed), which is
     synced and renamed over `path` (a link at `path` is replaced, not followed). On failure the

@@ -1,7 +1,7 @@
 """`LlamaConfig`: the Llama baseline, one flat config (docs/architecture.md, "Llama")."""
 
 import copy
-from typing import Any, Literal
+from typing import Literal
 
 import jax.numpy as jnp
 
@@ -65,7 +65,7 @@ class LlamaConfig(Config):
     """Dropout on the token embeddings."""
     logits_soft_cap: float | None = field(None, check=POSITIVE)
     """Soft cap `c * tanh(x / c)` of the logits (None: no cap)."""
-    parallel: ParallelConfig | dict[str, Any] | None = field(default_factory=ParallelConfig)
+    parallel: ParallelConfig | None = field(default_factory=ParallelConfig)
     """Mesh layout (a dict is parsed, None means the default); `model_axis_size` must be 1 (no
     tensor parallelism)."""
     context_length: int = field(-1, check=POSITIVE_OR_UNSET)
@@ -76,9 +76,7 @@ class LlamaConfig(Config):
     (docs/architecture.md, "Llama")."""
 
     def _derive(self) -> None:
-        if isinstance(self.parallel, dict):
-            self.parallel = ParallelConfig.from_dict(self.parallel)
-        elif self.parallel is None:
+        if self.parallel is None:
             self.parallel = ParallelConfig()
         else:
             self.parallel = copy.deepcopy(self.parallel)

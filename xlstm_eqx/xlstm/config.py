@@ -18,7 +18,7 @@ fields are listed in docs/architecture.md, "Reference quirks kept".
 """
 
 import copy
-from typing import Any, Literal
+from typing import Literal
 
 import jax.numpy as jnp
 
@@ -54,14 +54,14 @@ class xLSTMBlockConfig(Config):
     """One block: exactly one of `mlstm` / `slstm`, an optional FFN, pre-norms of
     `norm_type`/`norm_eps`."""
 
-    mlstm: mLSTMLayerConfig | dict[str, Any] | None = None
+    mlstm: mLSTMLayerConfig | None = None
     """The mLSTM layer (a dict is parsed); gets `_num_blocks`, `_block_idx`, `parallel` and
     `norm_type`."""
-    slstm: sLSTMLayerConfig | dict[str, Any] | None = None
+    slstm: sLSTMLayerConfig | None = None
     """The sLSTM layer (a dict is parsed); gets `_num_blocks`, `_block_idx` and `parallel`."""
     parallel: ParallelConfig | None = None
     """Mesh layout, pushed into the layer and the FFN."""
-    feedforward: FeedForwardConfig | dict[str, Any] | None = None
+    feedforward: FeedForwardConfig | None = None
     """The FFN after the layer, if any (a dict is parsed); gets `embedding_dim`, `parallel`,
     `_num_blocks` and `dtype` (the `dtype` push is a port choice)."""
     dtype: DType = "bfloat16"
@@ -78,16 +78,8 @@ class xLSTMBlockConfig(Config):
     """Index of this block."""
 
     def _derive(self) -> None:
-        for name, cls in (
-            ("mlstm", mLSTMLayerConfig),
-            ("slstm", sLSTMLayerConfig),
-            ("feedforward", FeedForwardConfig),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, cls.from_dict(value))
-            elif isinstance(value, cls):
-                setattr(self, name, copy.deepcopy(value))
+        self.mlstm, self.slstm = copy.deepcopy(self.mlstm), copy.deepcopy(self.slstm)
+        self.feedforward = copy.deepcopy(self.feedforward)
         layer: mLSTMLayerConfig | sLSTMLayerConfig | None = None
         if isinstance(self.mlstm, mLSTMLayerConfig):
             layer = self.mlstm
@@ -134,9 +126,9 @@ class xLSTMBlockStackConfig(Config):
     stack-wide values pushed into the templates (docs/architecture.md, "From config to module"). `block_map` lists 0 (mLSTM) / 1 (sLSTM)
     per block; `block_configs()` gives the per-block `xLSTMBlockConfig`s."""
 
-    mlstm_block: mLSTMBlockConfig | dict[str, Any] | None = None
+    mlstm_block: mLSTMBlockConfig | None = None
     """Template of the mLSTM blocks (a dict is parsed); None: every block is an sLSTM block."""
-    slstm_block: sLSTMBlockConfig | dict[str, Any] | None = None
+    slstm_block: sLSTMBlockConfig | None = None
     """Template of the sLSTM blocks (a dict is parsed); needed when `slstm_at` places any."""
     context_length: int = field(-1, check=POSITIVE_OR_UNSET)
     """Sequence length bound (-1: unbounded; nothing in the port is sized by it)."""
@@ -154,7 +146,7 @@ class xLSTMBlockStackConfig(Config):
     """Stack the block parameters and apply them with `lax.scan` (pure mLSTM stacks only)."""
     dtype: DType = "bfloat16"
     """Compute dtype of the whole model, pushed into the layers and FFNs."""
-    parallel: ParallelConfig | dict[str, Any] | None = None
+    parallel: ParallelConfig | None = None
     """Mesh layout (a dict is parsed), pushed everywhere."""
     init_distribution_embed: InitDistribution = "normal"
     """Distribution of the token embedding init."""
@@ -173,17 +165,12 @@ class xLSTMBlockStackConfig(Config):
 
     def _create_block_map(self) -> str:
         block_map = [0] * self.num_blocks
-        for idx in self.slstm_at:
+        slstm_at = range(self.num_blocks) if self.slstm_at == "all" else self.slstm_at
+        for idx in slstm_at:
             block_map[idx] = 1
         return ",".join(map(str, block_map))
 
     def _derive(self) -> None:
-        if isinstance(self.mlstm_block, dict):
-            self.mlstm_block = mLSTMBlockConfig.from_dict(self.mlstm_block)
-        if isinstance(self.slstm_block, dict):
-            self.slstm_block = sLSTMBlockConfig.from_dict(self.slstm_block)
-        if isinstance(self.parallel, dict):
-            self.parallel = ParallelConfig.from_dict(self.parallel)
         if self.mlstm_block is None:
             self.slstm_at = "all"
         if self.slstm_at == "all":
@@ -220,7 +207,7 @@ class xLSTMBlockStackConfig(Config):
         if self._slstm_at_ok():
             self._block_map = self._create_block_map()
 
-    def _push_ffn(self, ffn: FeedForwardConfig | dict[str, Any] | None) -> None:
+    def _push_ffn(self, ffn: FeedForwardConfig | None) -> None:
         if isinstance(ffn, FeedForwardConfig):
             ffn.embedding_dim = self.embedding_dim
             ffn.parallel = copy.deepcopy(self.parallel)
@@ -350,7 +337,7 @@ class xLSTMLMModelConfig(xLSTMBlockStackConfig):
 
     def _cross_check(self, root: str, prefix: str) -> None:
         super()._cross_check(root, prefix)
-        tp = tp_size(self.parallel) if not isinstance(self.parallel, dict) else 1
+        tp = tp_size(self.parallel)
         if tp > 1:
             check_field_divides(
                 root, prefix + "parallel.model_axis_size", tp, self.embedding_dim, "embedding_dim"

@@ -2,7 +2,7 @@
 (docs/architecture.md, "From config to module")."""
 
 import copy
-from typing import Any, Literal
+from typing import Literal
 
 import jax.numpy as jnp
 
@@ -45,8 +45,8 @@ class mLSTMCellConfig(Config):
     """The layer's inner width; set by the layer."""
     num_heads: int = field(-1, check=POSITIVE_OR_UNSET)
     """Number of heads; set by the layer."""
-    backend: mLSTMBackendNameAndKwargs | BackendName | ReferenceBackendName | dict[str, Any] = (
-        field(default_factory=mLSTMBackendNameAndKwargs)
+    backend: mLSTMBackendNameAndKwargs | BackendName | ReferenceBackendName = field(
+        default_factory=mLSTMBackendNameAndKwargs
     )
     """The cell backend: a name (ours or the reference's), its dict, or the config itself;
     stored as `mLSTMBackendNameAndKwargs`."""
@@ -82,10 +82,14 @@ class mLSTMCellConfig(Config):
     def _derive(self) -> None:
         if isinstance(self.backend, str):
             self.backend = mLSTMBackendNameAndKwargs(name=self.backend)
-        elif isinstance(self.backend, dict):
-            self.backend = mLSTMBackendNameAndKwargs.from_dict(self.backend)
         else:
             self.backend = copy.deepcopy(self.backend)
+
+    @property
+    def backend_config(self) -> mLSTMBackendNameAndKwargs:
+        """`backend` as it is stored once the config is made (a name becomes its config)."""
+        assert isinstance(self.backend, mLSTMBackendNameAndKwargs), self.backend
+        return self.backend
 
     @property
     def _dtype(self) -> jnp.dtype:
@@ -155,7 +159,7 @@ class mLSTMLayerConfig(Config):
     """Index of the block; set by the block."""
     _inner_embedding_dim: int | None = None
     """Derived: the same as `_proj_up_dim`, pushed into the cell as its `embedding_dim`."""
-    mlstm_cell: mLSTMCellConfig | dict[str, Any] = field(default_factory=mLSTMCellConfig)
+    mlstm_cell: mLSTMCellConfig = field(default_factory=mLSTMCellConfig)
     """The cell (a dict is parsed); gets `context_length`, `embedding_dim` (the inner dim),
     `num_heads`, `dtype`, `norm_type` and `parallel` from the layer."""
 
@@ -167,8 +171,7 @@ class mLSTMLayerConfig(Config):
             self.round_proj_up_dim_up,
         )
         self._inner_embedding_dim = self._proj_up_dim
-        cell = self.mlstm_cell
-        cell = mLSTMCellConfig.from_dict(cell) if isinstance(cell, dict) else copy.deepcopy(cell)
+        cell = copy.deepcopy(self.mlstm_cell)
         cell.context_length = self.context_length
         inner = self._inner_embedding_dim
         cell.embedding_dim = inner if inner is not None and inner > 0 else -1
@@ -270,9 +273,9 @@ class mLSTMBlockConfig(Config):
     """Template for every mLSTM block: the layer, an optional FFN, an optional Gemma-2 style
     post-norm."""
 
-    mlstm: mLSTMLayerConfig | dict[str, Any] = field(default_factory=mLSTMLayerConfig)
+    mlstm: mLSTMLayerConfig = field(default_factory=mLSTMLayerConfig)
     """The layer (a dict is parsed); gets `_num_blocks` and `_block_idx` from the block."""
-    feedforward: FeedForwardConfig | dict[str, Any] | None = None
+    feedforward: FeedForwardConfig | None = None
     """The FFN after the layer, if any (a dict is parsed); gets `_num_blocks` from the block."""
     add_post_norm: bool = False
     """A norm on the output of the layer and of the FFN, before each residual add."""
@@ -284,5 +287,6 @@ class mLSTMBlockConfig(Config):
     """Index of the block; set by `xLSTMBlockStackConfig.block_config`."""
 
     def _derive(self) -> None:
-        self.mlstm = derived_copy(self.mlstm, mLSTMLayerConfig, self)
-        self.feedforward = derived_copy(self.feedforward, FeedForwardConfig, self, block_idx=False)
+        self.mlstm = derived_copy(self.mlstm, self)
+        if self.feedforward is not None:
+            self.feedforward = derived_copy(self.feedforward, self, block_idx=False)

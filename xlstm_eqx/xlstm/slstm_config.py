@@ -7,7 +7,7 @@ per-tensor dtypes (`dtype_b/r/w/g/s/a`: parameters are float32, the recurrence f
 """
 
 import copy
-from typing import Any, Literal
+from typing import Literal
 
 import jax.numpy as jnp
 
@@ -117,11 +117,9 @@ class sLSTMLayerConfig(sLSTMCellConfig):
 class sLSTMBlockConfig(Config):
     """Template for sLSTM blocks: the layer and a gated FFN by default (proj_factor 1.3, GELU)."""
 
-    slstm: sLSTMLayerConfig | dict[str, Any] = field(default_factory=sLSTMLayerConfig)
+    slstm: sLSTMLayerConfig = field(default_factory=sLSTMLayerConfig)
     """The layer (a dict is parsed); gets `_num_blocks`, `_block_idx` and `parallel`."""
-    feedforward: FeedForwardConfig | dict[str, Any] | None = field(
-        default_factory=FeedForwardConfig
-    )
+    feedforward: FeedForwardConfig | None = field(default_factory=FeedForwardConfig)
     """The FFN after the layer, if any (a dict is parsed); gets `_num_blocks`."""
     parallel: ParallelConfig | None = None
     """Mesh layout; set by the stack."""
@@ -131,7 +129,6 @@ class sLSTMBlockConfig(Config):
     """Index of the block; set by `xLSTMBlockStackConfig.block_config`."""
 
     def _derive(self) -> None:
-        self.slstm = derived_copy(
-            self.slstm, sLSTMLayerConfig, self, parallel=copy.deepcopy(self.parallel)
-        )
-        self.feedforward = derived_copy(self.feedforward, FeedForwardConfig, self, block_idx=False)
+        self.slstm = derived_copy(self.slstm, self, parallel=copy.deepcopy(self.parallel))
+        if self.feedforward is not None:
+            self.feedforward = derived_copy(self.feedforward, self, block_idx=False)
