@@ -394,20 +394,20 @@ def test_stream_generate_holds_no_per_token_buffers():
     import jax
     import jax.random as jr
 
-    from tests.test_generation import _model, _prompt
+    from tests.test_generation import random_prompt, tiny_model
     from xlstm_eqx.generation import MAX_NEW_TOKENS, stream_generate
 
-    model = _model("mlstm")
-    stream = stream_generate(model, _prompt(), 3, temperature=1.0, key=jr.key(0))
+    model = tiny_model("mlstm")
+    stream = stream_generate(model, random_prompt(), 3, temperature=1.0, key=jr.key(0))
     list(stream)  # compile first
     before = sum(x.nbytes for x in jax.live_arrays())
-    stream = stream_generate(model, _prompt(), MAX_NEW_TOKENS, temperature=1.0, key=jr.key(0))
+    stream = stream_generate(model, random_prompt(), MAX_NEW_TOKENS, temperature=1.0, key=jr.key(0))
     first = [next(stream) for _ in range(3)]
     grown = sum(x.nbytes for x in jax.live_arrays()) - before
     assert grown < 1_000_000, f"{grown:,} bytes held for a {MAX_NEW_TOKENS:,}-token stream"
     assert all(t.shape == (2,) for t in first)
     with pytest.raises(ValueError, match="max_new_tokens must be <= 10,000,000"):
-        stream_generate(model, _prompt(), MAX_NEW_TOKENS + 1, key=jr.key(0))
+        stream_generate(model, random_prompt(), MAX_NEW_TOKENS + 1, key=jr.key(0))
 
 
 # --- presets: one set of names, listed with their sizes ------------------------------------------
