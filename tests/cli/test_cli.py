@@ -172,3 +172,19 @@ def test_console_module_runs():
     assert proc.returncode == 0
     for name in ("train", "eval", "generate", "info"):
         assert name in proc.stdout
+
+
+def test_console_module_runs_in_process(monkeypatch, capsys):
+    """The fast counterpart of the test above: `python -m xlstm_eqx.cli` (its `__main__`) run in
+    this process."""
+    import runpy
+    import warnings
+
+    monkeypatch.setattr(sys, "argv", ["xlstm-eqx", "--help"])
+    with pytest.raises(SystemExit) as done, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy, if __main__ was imported before
+        runpy.run_module("xlstm_eqx.cli", run_name="__main__")
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    for name in ("train", "eval", "generate", "info"):
+        assert name in printed

@@ -235,3 +235,47 @@ def test_a_large_corpus_is_tokenized_in_a_child_process(tmp_path, monkeypatch, b
         f.write(b"\xff")
     with pytest.raises(ValueError, match=r"2\.txt' is not UTF-8 text"):
         load_corpus(files, tok, eval_fraction=0.34, cache_dir=str(tmp_path / "b"))
+
+
+def test_the_child_build_protocol_in_process(tmp_path, monkeypatch):
+    """The fast counterpart of the test above: `build_in_child`'s job on stdin and its result
+    line on stdout, with `python -m xlstm_eqx.data.build_child` run inside this process; the
+    same tokens as a build in the parent and the same one-line error."""
+    import io
+    import runpy
+    import warnings
+
+    from xlstm_eqx.data import build_child, store
+
+    children = []
+
+    def run_here(argv, *, input, stdout, text, check):
+        assert argv[1:] == ["-m", "xlstm_eqx.data.build_child"] and text and not check
+        children.append(json.loads(input)["directory"])
+        out = io.StringIO()
+        with monkeypatch.context() as patch, warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is imported
+            patch.setattr(sys, "stdin", io.StringIO(input))
+            patch.setattr(sys, "stdout", out)
+            try:
+                runpy.run_module("xlstm_eqx.data.build_child", run_name="__main__")
+            except SystemExit as e:
+                return subprocess.CompletedProcess(argv, e.code, out.getvalue())
+        raise AssertionError("the child did not exit")
+
+    files = []
+    for i, doc in enumerate(DOCS):
+        files.append(str(tmp_path / f"{i}.txt"))
+        with open(files[-1], "w", encoding="utf-8") as f:
+            f.write(doc)
+    want = load_corpus(files, ByteTokenizer(), eval_fraction=0.34, cache_dir=str(tmp_path / "a"))
+    monkeypatch.setattr(store, "_CHILD_BYTES", 1)
+    monkeypatch.setattr(build_child.subprocess, "run", run_here)
+    got = load_corpus(files, ByteTokenizer(), eval_fraction=0.34, cache_dir=str(tmp_path / "b"))
+    assert got.train.tolist() == want.train.tolist()
+    assert got.heldout.tolist() == want.heldout.tolist()
+    with open(files[2], "ab") as f:
+        f.write(b"\xff")
+    with pytest.raises(ValueError, match=r"2\.txt' is not UTF-8 text"):
+        load_corpus(files, ByteTokenizer(), eval_fraction=0.34, cache_dir=str(tmp_path / "b"))
+    assert len(children) == 2
