@@ -27,6 +27,8 @@ def process_rows(
     the process-local data `jax.make_array_from_process_local_data` expects, in order."""
     ranges = set()
     for index in sharding.addressable_devices_indices_map(global_shape).values():
+        if index is None:  # no index: the device holds the whole array
+            index = (slice(None),) * len(global_shape)
         start, stop, _ = index[axis].indices(global_shape[axis])
         ranges.add((start, stop))
     blocks = sorted(ranges)

@@ -33,7 +33,7 @@ import re
 import stat
 import sys
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 from ..core.files import clip_utf8
 
@@ -367,7 +367,7 @@ def _hf_documents(
             if split not in ds:
                 raise ValueError(
                     f"dataset {source.path!r} has no split {split!r} "
-                    f"(splits: {', '.join(ds)}); pass --data-split"
+                    f"(splits: {', '.join(map(str, ds))}); pass --data-split"
                 )
             ds = ds[split]
         columns = list(ds.column_names)
@@ -383,7 +383,8 @@ def _hf_documents(
         )
     row = 0
     for batch in ds.select_columns([text_field]).iter(batch_size=batch_rows):
-        for text in batch[text_field]:
+        # `iter` yields dicts of columns; datasets leaves its return type unannotated
+        for text in cast("dict[str, list[Any]]", batch)[text_field]:
             if not isinstance(text, str):
                 raise ValueError(
                     f"{source.path}: row {row}: column {text_field!r} is "

@@ -206,19 +206,19 @@ def mesh_shardings(
     ``parallel`` (default: ``base`` — e.g. the model config's ``parallel`` — with the mesh's axis
     sizes)."""
     if parallel is None:
-        base = base if isinstance(base, ParallelConfig) else ParallelConfig()
+        template: ParallelConfig = base if base is not None else ParallelConfig()
         names = (
-            ("data_axis_size", base.data_axis_name),
-            ("fsdp_axis_size", base.fsdp_axis_name),
-            ("pipeline_axis_size", base.pipeline_axis_name),
-            ("model_axis_size", base.model_axis_name),
+            ("data_axis_size", template.data_axis_name),
+            ("fsdp_axis_size", template.fsdp_axis_name),
+            ("pipeline_axis_size", template.pipeline_axis_name),
+            ("model_axis_size", template.model_axis_name),
         )
         missing = [n for _, n in names if n not in mesh.shape]
         if missing:
             raise InteropError(
                 f"mesh axes {tuple(mesh.shape)} lack {missing}; pass parallel= with its axis names"
             )
-        parallel = dataclasses.replace(base, **{f: int(mesh.shape[n]) for f, n in names})
+        parallel = dataclasses.replace(template, **{f: int(mesh.shape[n]) for f, n in names})
     specs = param_partition_specs(skeleton, parallel, num_devices=mesh.devices.size)
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
     return {_key_path(k): NamedSharding(mesh, s) for k, s in flat if isinstance(s, P)}

@@ -230,6 +230,7 @@ def eqx_config_to_hf(config: xLSTMLMModelConfig) -> dict[str, Any]:
     _require(not config.slstm_at, "slstm_at", config.slstm_at, "transformers has no sLSTM blocks")
     block = config.mlstm_block
     _require(block is not None, "mlstm_block", None, "an mLSTM block config is required")
+    assert block is not None  # for the type checker: `_require` raised otherwise
     layer, cell, ffn = block.mlstm, block.mlstm.mlstm_cell, block.feedforward
     _require(
         layer.layer_type == "mlstm_v1",
@@ -268,6 +269,7 @@ def eqx_config_to_hf(config: xLSTMLMModelConfig) -> dict[str, Any]:
         None,
         "transformers' gate_soft_cap is a float",
     )
+    assert config.logits_soft_cap is not None and cell.gate_soft_cap is not None  # `_require`
     _require(ffn is not None, "mlstm_block.feedforward", None, "every block has a SwiGLU FFN")
     assert ffn is not None
     _require(ffn.ff_type == "ffn_gated", "feedforward.ff_type", ffn.ff_type, "must be gated")
@@ -279,7 +281,7 @@ def eqx_config_to_hf(config: xLSTMLMModelConfig) -> dict[str, Any]:
         False,
         "transformers rounds the FFN size up",
     )
-    kwargs = dict(cell.backend.kwargs)
+    kwargs = dict(cell.backend_config.kwargs or {})
     dtype = config.dtype
     return {
         "architectures": ["xLSTMForCausalLM"],

@@ -20,7 +20,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import ml_dtypes
 import numpy as np
@@ -161,7 +161,7 @@ class SafetensorsFile:
         if out.nbytes:
             try:
                 self._file.seek(info.start)
-                got = self._file.readinto(out.reshape(-1).view(np.uint8))
+                got = self._file.readinto(out.reshape(-1).view(np.uint8).data)
             except OSError as e:
                 raise SafetensorsError(
                     f"{self.path!r}: tensor {name!r} cannot be read ({printable(str(e))})"
@@ -221,7 +221,10 @@ def save_file(
     Values are arrays or ``(shape, dtype, producer)`` triples whose producer is called once, when
     its tensor is written, so at most one produced tensor is alive at a time.
     """
-    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+    if isinstance(tensors, Mapping):  # (a Mapping is an Iterable too: narrowed by hand)
+        items = list(cast("Mapping[str, Writable]", tensors).items())
+    else:
+        items = list(tensors)
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
