@@ -17,11 +17,11 @@ from collections.abc import Callable, Sequence
 from ..core.compile_cache import CACHE_ENV, enable_compile_cache
 from ..core.console import silence_stdout
 from . import bench, convert
-from .common import _DefaultsHelpFormatter, _one_line, _user_errors, resolve_train_config
+from .common import DefaultsHelpFormatter, one_line, resolve_train_config, user_errors
 from .convert import convert_main, generate_main
-from .generate import _generate_arguments, _generate_run
-from .info import _info_arguments, _info_run
-from .train import _eval_arguments, _eval_run, _train_arguments, _train_run
+from .generate import add_generate_arguments, run_generate_command
+from .info import add_info_arguments, run_info_command
+from .train import add_eval_arguments, add_train_arguments, run_eval_command, run_train_command
 
 
 __all__ = [
@@ -40,16 +40,20 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 COMMANDS: dict[str, Command] = {
     "train": (
         "train a model (no arguments: the small xLSTM on the stdlib corpus)",
-        _train_arguments,
-        _train_run,
+        add_train_arguments,
+        run_train_command,
     ),
     "eval": (
         "held-out loss and bits per byte of a saved run, or lm-eval tasks (--tasks)",
-        _eval_arguments,
-        _eval_run,
+        add_eval_arguments,
+        run_eval_command,
     ),
-    "generate": ("stream text sampled from a saved run", _generate_arguments, _generate_run),
-    "info": ("parameter count and configuration of a model", _info_arguments, _info_run),
+    "generate": (
+        "stream text sampled from a saved run",
+        add_generate_arguments,
+        run_generate_command,
+    ),
+    "info": ("parameter count and configuration of a model", add_info_arguments, run_info_command),
     "convert": (
         "convert checkpoints between transformers (hf), xlstm-jax and this library (eqx)",
         convert.add_convert_arguments,
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=help_,
             description=help_,
-            formatter_class=_DefaultsHelpFormatter,
+            formatter_class=DefaultsHelpFormatter,
         )
         add_arguments(p)
         p.add_argument(
@@ -118,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `generate … | head`: the reader has what it wanted; stop quietly
         silence_stdout()
         return 0
-    except _user_errors() as e:
-        print(f"xlstm-eqx {args.command}: error: {_one_line(e)}", file=sys.stderr)
+    except user_errors() as e:
+        print(f"xlstm-eqx {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.errno not in _OS_ERRNOS:
@@ -132,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except MemoryError as e:  # numpy's allocation error names the array's shape and size
         print(
-            f"xlstm-eqx {args.command}: error: out of host memory ({_one_line(e)}); "
+            f"xlstm-eqx {args.command}: error: out of host memory ({one_line(e)}); "
             "lower --batch-size or --seq-len",
             file=sys.stderr,
         )

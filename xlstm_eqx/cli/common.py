@@ -15,19 +15,19 @@ from ..training.checkpoint import CheckpointError
 from ..training.config import SEQ_LEN, TrainConfig, resolve_model_config
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """An error's message on one line (a multi-line message's lines joined by '; ')."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return "; ".join(lines) if lines else type(e).__name__
 
 
 # Errors that are the user's input at fault: printed as one message, no traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
 
     return (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, CheckpointError)
 
 
-class _DefaultsHelpFormatter(argparse.HelpFormatter):
+class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default, unless the help already names one."""
 
     def _get_help_string(self, action: argparse.Action) -> str:

@@ -33,8 +33,8 @@ from ..generation import generate
 from ..interop.common import InteropError
 from ..interop.hf import from_hf_pretrained, to_hf
 from ..interop.runs import (
-    _hf_tokenizer,
-    _kind_of,
+    family_name_of,
+    hf_directory_tokenizer,
     load_hf_for_generation,
     read_eqx,
     read_model_config,
@@ -51,7 +51,7 @@ def _load(fmt: str, path: str, args: argparse.Namespace) -> tuple[Any, Any, str 
     """``(model, config, tokenizer, step)``; the step of the checkpoint read (eqx only)."""
     if fmt == "hf":
         model, config = from_hf_pretrained(path, dtype=args.dtype)
-        return model, config, _hf_tokenizer(path), None
+        return model, config, hf_directory_tokenizer(path), None
     if fmt == "xlstm-jax":
         cfg_path = args.config or os.path.join(
             path if os.path.isdir(path) else os.path.dirname(path), "config.json"
@@ -148,7 +148,7 @@ def run_convert(args: argparse.Namespace) -> int:
         out = args.out
         if not out.endswith(".safetensors"):
             os.makedirs(out, exist_ok=True)
-            run = {"model_kind": _kind_of(config), "model_config": config.to_dict()}
+            run = {"model_kind": family_name_of(config), "model_config": config.to_dict()}
             write_json_atomic(os.path.join(out, "config.json"), run)
             out = os.path.join(out, "params.safetensors")
         save_xlstm_jax_params(to_xlstm_jax(model), out)

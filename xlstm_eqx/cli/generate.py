@@ -16,7 +16,7 @@ from ..training.evaluate import load_run, run_tokenizer
 # generate
 
 
-def _generate_arguments(p: argparse.ArgumentParser) -> None:
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--out", metavar="DIR", help="the run whose model to sample")
     source.add_argument("--hf", metavar="DIR", help="a transformers xLSTMForCausalLM directory")
@@ -36,7 +36,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="PATH", help="a checkpoint directory (default: newest)")
 
 
-def _generate_run(args: argparse.Namespace) -> int:
+def run_generate_command(args: argparse.Namespace) -> int:
 
     if args.hf is not None:
         model, _, tokenizer = load_hf_for_generation(args.hf, tokenizer=args.tokenizer)

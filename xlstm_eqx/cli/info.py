@@ -22,7 +22,7 @@ from ..training.preflight import check_mesh
 # info
 
 
-def _info_arguments(p: argparse.ArgumentParser) -> None:
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="xlstm", help="'xlstm', 'llama', or a model-config file")
     p.add_argument("--preset", default="small", help="size preset (see --list-presets)")
     p.add_argument("--out", metavar="DIR", help="describe this run's model instead")
@@ -86,7 +86,7 @@ def _short(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
-def _info_run(args: argparse.Namespace) -> int:
+def run_info_command(args: argparse.Namespace) -> int:
 
     if args.list_presets:
         for line in _preset_listing():

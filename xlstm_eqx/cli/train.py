@@ -15,7 +15,7 @@ from .common import add_dataclass_arguments, resolve_train_config
 # train
 
 
-def _train_arguments(p: argparse.ArgumentParser) -> None:
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "--config", metavar="FILE", help="JSON/YAML file of TrainConfig fields (flags override it)"
@@ -23,7 +23,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(p, TrainConfig)
 
 
-def _train_run(args: argparse.Namespace) -> int:
+def run_train_command(args: argparse.Namespace) -> int:
 
     initialize_distributed()  # multi-host runs (env vars / SLURM); nothing for one process
 
@@ -39,7 +39,7 @@ def _train_run(args: argparse.Namespace) -> int:
 # eval
 
 
-def _eval_arguments(p: argparse.ArgumentParser) -> None:
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         required=True,
@@ -137,7 +137,7 @@ def _lm_eval_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_run(args: argparse.Namespace) -> int:
+def run_eval_command(args: argparse.Namespace) -> int:
     if args.tasks:
         return _lm_eval_run(args)
     if args.hf:

@@ -46,15 +46,15 @@ import numpy as np
 from ..core.files import fsync_dir
 from .sources import PIECE_CHARS, Source, iter_capped_pieces
 from .store_integrity import (
+    BlockHashes,
     StoreDamagedError,
-    _BlockHashes,
-    _changed_source,
-    _discard,
-    _file_contents,
-    _tmp_prefix,
-    _verify_token_file,
+    changed_source,
     clean_stale_temporaries,
+    discard_store,
     sha256_file,
+    source_file_records,
+    temporary_prefix,
+    verify_token_file,
     warn,
 )
 from .token_file import TokenFile as TokenFile
@@ -116,7 +116,7 @@ class _Stream:
     bytes: int = 0
     documents: int = 0
     hash: Any = dataclasses.field(default_factory=lambda: hashlib.blake2b(digest_size=16))
-    blocks: "_BlockHashes" = dataclasses.field(default_factory=lambda: _BlockHashes())
+    blocks: BlockHashes = dataclasses.field(default_factory=lambda: BlockHashes())
 
     def write(self, parts: list[np.ndarray]) -> None:
         if not parts:
@@ -239,9 +239,11 @@ def build_store(
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=_tmp_prefix(directory), dir=parent)
+    tmp = tempfile.mkdtemp(prefix=temporary_prefix(directory), dir=parent)
     t0 = time.perf_counter()
-    contents = _file_contents(sources)  # before reading: a file changed meanwhile is seen later
+    contents = source_file_records(
+        sources
+    )  # before reading: a file changed meanwhile is seen later
     k = max(2, round(1.0 / options.eval_fraction))
     eod_arr = np.asarray([eod if eod is not None else 0], np.int32)
     try:
@@ -356,7 +358,7 @@ def _install(tmp: str, directory: str) -> None:
         if _intact(directory):
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same store
             return
-        _discard(directory)
+        discard_store(directory)
     os.rename(tmp, directory)
 
 
@@ -419,7 +421,7 @@ def open_store(directory: str) -> TokenStore:
     try:
         dtype = np.dtype(index["dtype"])
         for name, record in index["token_files"].items():
-            _verify_token_file(directory, name, record)
+            verify_token_file(directory, name, record)
         maps = {}
         for name in ("train", "heldout"):
             part = index[name]
@@ -459,7 +461,7 @@ def store_for(
     if os.path.lexists(directory):
         try:
             store = open_store(directory)
-            changed = _changed_source(store.index["contents"], sources)
+            changed = changed_source(store.index["contents"], sources)
             if changed is None:
                 return store
             reason = f"was built from other bytes of {changed!r}"
@@ -468,7 +470,7 @@ def store_for(
         if not build:
             raise FileNotFoundError(f"token store {directory!r} {reason}")
         warn(f"token store {directory!r} {reason}; rebuilding it")
-        _discard(directory)
+        discard_store(directory)
     elif not build:
         raise FileNotFoundError(f"token store {directory!r} does not exist yet")
     if _build_elsewhere(sources, tokenizer):

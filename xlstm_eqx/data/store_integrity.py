@@ -39,7 +39,7 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _file_contents(sources: Sequence[Source]) -> list[list[Any]]:
+def source_file_records(sources: Sequence[Source]) -> list[list[Any]]:
     """`[path, inode, ctime_ns, sha256]` of every file: what a reused store is checked against
     (a same-size edit whose modification time was put back still changes the inode's ctime,
     and then the bytes are hashed again)."""
@@ -51,7 +51,7 @@ def _file_contents(sources: Sequence[Source]) -> list[list[Any]]:
     return out
 
 
-def _changed_source(recorded: list[list[Any]], sources: Sequence[Source]) -> str | None:
+def changed_source(recorded: list[list[Any]], sources: Sequence[Source]) -> str | None:
     """The first file whose bytes are not those the store was built from, else None."""
     now = [(os.path.abspath(f), f) for s in sources for f in s.files()]
     if [p for p, _ in now] != [r[0] for r in recorded]:
@@ -63,7 +63,7 @@ def _changed_source(recorded: list[list[Any]], sources: Sequence[Source]) -> str
     return None
 
 
-class _BlockHashes:
+class BlockHashes:
     """sha256 of each `_BLOCK` bytes of a file as it is written."""
 
     def __init__(self) -> None:
@@ -92,7 +92,7 @@ def _host() -> str:
     return socket.gethostname().replace("-", "_") or "host"
 
 
-def _tmp_prefix(directory: str) -> str:
+def temporary_prefix(directory: str) -> str:
     """`<key>.tmp-<host>-<pid>-`: whose temporary folder it is, for `clean_stale_temporaries`."""
     return f"{os.path.basename(directory)}.tmp-{_host()}-{os.getpid()}-"
 
@@ -129,10 +129,10 @@ def clean_stale_temporaries(cache: str) -> list[str]:
     return removed
 
 
-def _discard(directory: str) -> None:
+def discard_store(directory: str) -> None:
     """Remove a store: renamed aside first (to a temporary name), so no reader sees it half gone."""
     aside = os.path.join(
-        os.path.dirname(directory), f"{_tmp_prefix(directory)}{secrets.token_hex(4)}"
+        os.path.dirname(directory), f"{temporary_prefix(directory)}{secrets.token_hex(4)}"
     )
     try:
         os.rename(directory, aside)
@@ -141,7 +141,7 @@ def _discard(directory: str) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _verify_token_file(directory: str, name: str, record: dict[str, Any]) -> None:
+def verify_token_file(directory: str, name: str, record: dict[str, Any]) -> None:
     """The file's size, and the sha256 of its blocks: all of them up to `_VERIFY_BLOCKS`, else
     that many spread evenly from the first to the last (each open reads at most 256 MiB)."""
     path = os.path.join(directory, name)

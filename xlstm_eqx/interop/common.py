@@ -138,7 +138,7 @@ class Entry:
     layout: Layout = SAME
 
 
-def _leaf_paths(tree: Any) -> dict[Path, Any]:
+def leaf_paths(tree: Any) -> dict[Path, Any]:
     """Every array (or ShapeDtypeStruct) leaf of ``tree`` by its attribute/index path."""
     arrays, _ = eqx.partition(
         tree, lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
@@ -150,7 +150,7 @@ def _slot_shape(leaf_shape: tuple[int, ...], index: int | None) -> tuple[int, ..
     return leaf_shape if index is None else leaf_shape[1:]
 
 
-def _fmt_shape(shape: Iterable[int]) -> str:
+def format_shape(shape: Iterable[int]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(tuple(shape)) == 1 else "") + ")"
 
 
@@ -246,7 +246,7 @@ class ModelFiller:
         self.entries = {e.name: e for e in entries}
         if len(self.entries) != len(entries):
             raise InteropError(f"{source}: internal error, repeated external names")
-        self.leaves = _leaf_paths(skeleton)
+        self.leaves = leaf_paths(skeleton)
         slots: dict[Path, set[int | None]] = {}
         for e in entries:
             if e.leaf not in self.leaves:
@@ -288,8 +288,8 @@ class ModelFiller:
             want, got = self.expected_shape(name), tuple(shapes[name])
             if want != got:
                 mismatched.append(
-                    f"{name}: checkpoint has shape {_fmt_shape(got)}, the model expects "
-                    f"{_fmt_shape(want)}"
+                    f"{name}: checkpoint has shape {format_shape(got)}, the model expects "
+                    f"{format_shape(want)}"
                 )
         bad_dtypes = [
             f"{name}: dtype {np.dtype(dtypes[name])} is not a float type"
@@ -319,8 +319,8 @@ class ModelFiller:
         shape = _slot_shape(tuple(leaf.shape), e.index)
         if tuple(array.shape) != e.layout.ext_shape(shape):
             raise InteropError(
-                f"{self.source}: {name}: shape {_fmt_shape(array.shape)}, the model expects "
-                f"{_fmt_shape(e.layout.ext_shape(shape))}"
+                f"{self.source}: {name}: shape {format_shape(array.shape)}, the model expects "
+                f"{format_shape(e.layout.ext_shape(shape))}"
             )
         value = e.layout.to_eqx(np.asarray(array), shape)
         buf = self.buffers.get(e.leaf)
@@ -358,7 +358,7 @@ def export_arrays(
 ) -> Iterator[tuple[str, tuple[tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]]:
     """``(name, (shape, dtype, producer))`` per entry, for `save_file` or a dict: the producer
     makes the external array from the model leaf (float32) only when called."""
-    leaves = _leaf_paths(model)
+    leaves = leaf_paths(model)
     for e in entries:
         leaf = leaves[e.leaf]
         shape = _slot_shape(tuple(leaf.shape), e.index)
@@ -373,12 +373,12 @@ def export_arrays(
 
 def check_matches_config(model: Any, skeleton: Any) -> None:
     """Raise if ``model`` does not have the leaves (paths, shapes) its config describes."""
-    have, want = _leaf_paths(model), _leaf_paths(skeleton)
+    have, want = leaf_paths(model), leaf_paths(skeleton)
     problems = [f"{path_str(p)}: missing from the model" for p in want if p not in have]
     problems += [f"{path_str(p)}: not described by the config" for p in have if p not in want]
     problems += [
-        f"{path_str(p)}: model has shape {_fmt_shape(have[p].shape)}, the config describes "
-        f"{_fmt_shape(want[p].shape)}"
+        f"{path_str(p)}: model has shape {format_shape(have[p].shape)}, the config describes "
+        f"{format_shape(want[p].shape)}"
         for p in want
         if p in have and tuple(have[p].shape) != tuple(want[p].shape)
     ]

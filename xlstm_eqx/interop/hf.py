@@ -40,7 +40,7 @@ unexpected keys, shapes), then shard after shard, tensor after tensor, each tens
 NaN/inf and copied into its (float32) leaf, and a leaf is handed to JAX once complete; peak host
 memory stays near one float32 copy of the weights plus one tensor.
 
-Checkpoint directories are untrusted input: ``config.json`` values are bounded (`_MAX_INT`,
+Checkpoint directories are untrusted input: ``config.json`` values are bounded (`MAX_INT`,
 `_MAX_FACTOR`; far above the 7B's) and the block count is compared with the blocks the shard
 headers hold before a model of the config's size is described, so a config cannot make the
 loader build or allocate more than the weights on disk justify.
@@ -70,21 +70,21 @@ from .common import (
     Layout,
     ModelFiller,
     Path,
-    _fmt_shape,
-    _leaf_paths,
     check_block_count,
     check_finite,
     check_matches_config,
     export_arrays,
+    format_shape,
     get_path,
+    leaf_paths,
     mesh_shardings,
 )
 from .hf_config import (
-    _MAX_INT,
     CONFIG_NAME,
-    _positive_int,
+    MAX_INT,
     eqx_config_to_hf,
     hf_config_to_eqx,
+    positive_int,
     read_hf_config,
 )
 from .safetensors_files import SafetensorsError, SafetensorsFile, TensorInfo, read_index, save_file
@@ -255,9 +255,9 @@ def from_hf_pretrained(
     check_block_count(
         f"checkpoint {path!r}: config.json",
         "num_hidden_layers",
-        _positive_int(hf, "num_hidden_layers", "num_blocks"),
+        positive_int(hf, "num_hidden_layers", "num_blocks"),
         {int(m.group(1)) for m in map(_BLOCK_INDEX.match, headers) if m},
-        limit=_MAX_INT["num_hidden_layers"],
+        limit=MAX_INT["num_hidden_layers"],
     )
 
     # transformers' xLSTMForCausalLM does not tie its head: with tie_word_embeddings=True it
@@ -291,8 +291,8 @@ def from_hf_pretrained(
             elif headers[fused][1].shape != want:
                 consumed.add(fused)
                 extra_mismatched.append(
-                    f"{fused}: checkpoint has shape {_fmt_shape(headers[fused][1].shape)}, the "
-                    f"model expects {_fmt_shape(want)}"
+                    f"{fused}: checkpoint has shape {format_shape(headers[fused][1].shape)}, the "
+                    f"model expects {format_shape(want)}"
                 )
             else:
                 consumed.add(fused)
@@ -355,7 +355,7 @@ def from_hf_pretrained(
 def _retie(model: xLSTMLMModel, config: xLSTMLMModelConfig) -> xLSTMLMModel:
     """The same weights in a tied model (no ``lm_head``)."""
     skeleton = eqx.filter_eval_shape(xLSTMLMModel, config, key=jr.key(0))
-    paths = list(_leaf_paths(skeleton))
+    paths = list(leaf_paths(skeleton))
     return eqx.tree_at(
         lambda m: [get_path(m, p) for p in paths],
         skeleton,

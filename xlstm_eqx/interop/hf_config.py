@@ -20,7 +20,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 # Upper bounds on config.json values, far above any xLSTM (the 7B: D=4096, L=32, V=50304, NH=8),
 # so that absurd values are refused before anything of their size is built.
-_MAX_INT = {
+MAX_INT = {
     "hidden_size": 1 << 17,
     "embedding_dim": 1 << 17,
     "num_hidden_layers": MAX_BLOCKS,
@@ -63,9 +63,9 @@ def _unsupported(field: str, value: Any, why: str) -> InteropError:
     )
 
 
-def _positive_int(hf: Mapping[str, Any], *names: str, default: Any = None) -> int:
+def positive_int(hf: Mapping[str, Any], *names: str, default: Any = None) -> int:
     value = _get(hf, *names, default=default)
-    limit = _MAX_INT[names[0]]
+    limit = MAX_INT[names[0]]
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
         raise InteropError(
             f"config.json: {names[0]} must be a positive int of at most {limit}, got {_show(value)}"
@@ -136,17 +136,17 @@ def hf_config_to_eqx(
     elif dtype not in _DTYPES:
         raise InteropError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
 
-    D = _positive_int(hf, "hidden_size", "embedding_dim")
+    D = positive_int(hf, "hidden_size", "embedding_dim")
     if hf.get("embedding_dim") not in (None, D):
         raise _unsupported("embedding_dim", hf["embedding_dim"], f"differs from hidden_size={D}")
-    L = _positive_int(hf, "num_hidden_layers", "num_blocks")
+    L = positive_int(hf, "num_hidden_layers", "num_blocks")
     if hf.get("num_blocks") not in (None, L):
         raise _unsupported("num_blocks", hf["num_blocks"], f"differs from num_hidden_layers={L}")
-    V = _positive_int(hf, "vocab_size")
-    NH = _positive_int(hf, "num_heads", default=8)
+    V = positive_int(hf, "vocab_size")
+    NH = positive_int(hf, "num_heads", default=8)
     norm_eps = _number(hf, "norm_eps", 1e-6)
     cell_eps = _number(hf, "eps", 1e-6)
-    chunk_size = _positive_int(hf, "chunk_size", default=64)
+    chunk_size = positive_int(hf, "chunk_size", default=64)
     backend_kwargs: dict[str, Any] = {"chunk_size": chunk_size}
     if cell_eps != 1e-6:  # the cell default; left out so that equal configs compare equal
         backend_kwargs["eps"] = cell_eps
@@ -200,7 +200,7 @@ def hf_config_to_eqx(
                     ff_type="ffn_gated",
                     bias=False,
                     round_proj_up_dim_up=True,
-                    round_proj_up_to_multiple_of=_positive_int(
+                    round_proj_up_to_multiple_of=positive_int(
                         hf, "ffn_round_up_to_multiple_of", default=64
                     ),
                 ),

@@ -22,7 +22,7 @@ from .common import MAX_BLOCKS, InteropError, load_json, printable
 from .hf import TOKENIZER_MARKER, from_hf_pretrained
 
 
-def _kind_of(config: ModelConfig) -> str:
+def family_name_of(config: ModelConfig) -> str:
     try:
         return family_of(config).name
     except TypeError as e:
@@ -73,7 +73,7 @@ def save_eqx(
     ckpt_root = os.path.join(out, "checkpoints")
     if os.path.isdir(os.path.join(ckpt_root, "step_00000000")):  # converting again: replace it
         shutil.rmtree(os.path.join(ckpt_root, "step_00000000"))
-    run: dict[str, Any] = {"model_kind": _kind_of(config), "model_config": config.to_dict()}
+    run: dict[str, Any] = {"model_kind": family_name_of(config), "model_config": config.to_dict()}
     if tokenizer_file in BYTES_SPECS:
         run["tokenizer"] = {"kind": "bytes"}
     elif tokenizer_file is not None:
@@ -116,7 +116,7 @@ def read_eqx(path: str) -> tuple[Any, Any, str | None, int]:
     return model, config, tok_file, step
 
 
-def _hf_tokenizer(path: str) -> str | None:
+def hf_directory_tokenizer(path: str) -> str | None:
     """The tokenizer of a transformers directory: its tokenizer.json, ``"bytes"`` where an export
     of a byte-tokenizer model recorded that (`TOKENIZER_MARKER`), else None."""
     f = os.path.join(path, "tokenizer.json")
@@ -138,8 +138,8 @@ def load_hf_for_generation(
     path: str, *, dtype: str | None = None, tokenizer: str | None = None
 ) -> tuple[Any, Any, Any]:
     """``(model, config, tokenizer or None)`` of a transformers directory; the tokenizer is
-    ``tokenizer`` (``"bytes"`` or a tokenizer.json path) or the directory's own (`_hf_tokenizer`)."""
+    ``tokenizer`` (``"bytes"`` or a tokenizer.json path) or the directory's own (`hf_directory_tokenizer`)."""
 
     model, config = from_hf_pretrained(path, dtype=dtype)
-    spec = tokenizer or _hf_tokenizer(path)
+    spec = tokenizer or hf_directory_tokenizer(path)
     return model, config, None if spec is None else load_tokenizer(spec)
