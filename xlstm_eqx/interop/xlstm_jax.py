@@ -372,7 +372,7 @@ def _scan(flat: Mapping[str, Any], num_blocks: int, per: str, stacked: str) -> d
     for name, value in flat.items():
         m = block.match(name)
         idx = int(m.group(1)) if m else None
-        if idx == 0:
+        if m is not None and idx == 0:
             rest = name[m.end() :]
             out[stacked + rest] = np.stack(
                 [flat[per.format(i=i) + rest] for i in range(num_blocks)]
