@@ -6,9 +6,10 @@ prompt ``(B, P)`` → prefill → ``N`` new tokens, each from one decode step, i
 ``logits, state = model.call_with_state(tokens, state)`` for the prompt and for each new token
 (``tokens`` of shape ``(B, 1)``):
 
-- xLSTM (``xLSTMLMModel``): the prompt runs through the chunkwise backend, which returns every
-  block's state (mLSTM ``C``/``n``/``m``, sLSTM ``y``/``c``/``n``/``m``, the causal-conv windows);
-  each new token is one recurrent step, whose cost does not depend on how long the context is.
+- xLSTM (``xLSTMLMModel``): the prompt runs through the stateful form of the backend, which
+  returns every block's state (mLSTM ``C``/``n``/``m``, sLSTM ``y``/``c``/``n``/``m``, the
+  causal-conv windows); each new token is one recurrent step, whose cost does not depend on how
+  long the context is.
 - Llama (``LlamaTransformer``, ``has_kv_cache``): the prompt fills a KV cache of ``P + N``
   positions; each new token attends to the cache, so its cost grows with the context.
 
@@ -182,15 +183,7 @@ def _check(
         )
     if not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt_tokens must be integer token ids, got dtype {prompt.dtype}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
-        raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if max_new_tokens > MAX_NEW_TOKENS:
-        raise ValueError(
-            f"max_new_tokens must be <= {MAX_NEW_TOKENS:,}, got {max_new_tokens:,} "
-            "(generate in several calls for more)"
-        )
+    _check_count(max_new_tokens)
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     vocab = int(model.vocab_size)
@@ -205,7 +198,25 @@ def _check(
             raise ValueError(
                 f"prompt_tokens: token id {bad} is outside the vocabulary [0, vocab_size={vocab})"
             )
-    needed = P + max_new_tokens
+    return _cache_size(model, P, max_new_tokens, max_len)
+
+
+def _check_count(max_new_tokens: int) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
+        raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens > MAX_NEW_TOKENS:
+        raise ValueError(
+            f"max_new_tokens must be <= {MAX_NEW_TOKENS:,}, got {max_new_tokens:,} "
+            "(generate in several calls for more)"
+        )
+
+
+def _cache_size(model: Any, prompt_len: int, max_new_tokens: int, max_len: int | None) -> int:
+    """The KV-cache size: ``max_len`` (a KV-cache model only, holding prompt and new tokens),
+    else prompt plus new tokens."""
+    needed = prompt_len + max_new_tokens
     if max_len is None:
         return needed
     if not has_kv_cache(model):
@@ -214,8 +225,8 @@ def _check(
         )
     if max_len < needed:
         raise ValueError(
-            f"prompt length {P} + max_new_tokens {max_new_tokens} = {needed} tokens do not fit in "
-            f"a KV cache of max_len={max_len}"
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {needed} tokens do "
+            f"not fit in a KV cache of max_len={max_len}"
         )
     return int(max_len)
 
@@ -248,7 +259,7 @@ def generate(
 ) -> Int[Array, "B T"]:
     """The prompt followed by ``max_new_tokens`` generated tokens: int32 ``(B, P + N)``.
 
-    ``model`` is an ``xLSTMLMModel`` (prefill with its parallel/chunkwise backend, then one
+    ``model`` is an ``xLSTMLMModel`` (prefill with the stateful form of its backend, then one
     O(1)-in-context recurrent step per token) or a ``LlamaTransformer`` (KV cache of ``max_len``
     positions, default ``P + N``). Greedy when ``temperature == 0`` or ``key is None``; else
     sampled with ``top_k`` / ``top_p`` filtering (see ``sample_logits``), reproducible for a
