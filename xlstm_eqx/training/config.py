@@ -8,7 +8,7 @@ from typing import Any, Literal, NoReturn, get_args
 from ..core.config import NON_NEGATIVE, POSITIVE, RATE, Check, Config, configclass, field
 from ..core.files import read_mapping_file
 from ..data.tokenizer import Tokenizer, padded_vocab_size
-from ..models import MODEL_FAMILIES
+from ..models import MODEL_FAMILIES, ModelConfig
 
 
 ComputeDType = Literal["float32", "bfloat16"]
@@ -285,7 +285,8 @@ def resolve_model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[str, A
     return kind, MODEL_FAMILIES[kind].config_from_dict(d)
 
 
-def check_sequence_length(seq_len: int, model_config: Any) -> None:
+def check_sequence_length(seq_len: int, model_config: ModelConfig) -> None:
+    """Refuse a `seq_len` beyond the model's `context_length` (where it has a positive one)."""
     ctx = getattr(model_config, "context_length", None)
     if isinstance(ctx, int) and ctx > 0 and seq_len > ctx:
         raise ValueError(
