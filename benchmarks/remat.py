@@ -29,8 +29,8 @@ from xlstm_eqx.core import median_seconds
 
 def _cell(policy: str, chunk_size: int) -> Callable:
     if policy == "pallas":
-        return lambda *a: mlstm_chunkwise_pallas(*a, chunk_size=chunk_size)
-    return lambda *a: mlstm_chunkwise_remat(*a, chunk_size=chunk_size, remat=policy)
+        return lambda *a: mlstm_chunkwise_pallas(*a, chunk_size=chunk_size)[0]
+    return lambda *a: mlstm_chunkwise_remat(*a, chunk_size=chunk_size, remat=policy)[0]
 
 
 def _train_fn(policy: str, chunk_size: int) -> Callable:

@@ -44,10 +44,6 @@ def test_no_function_in_training_is_over_60_lines():
     assert not found, f"functions over {metrics.LONG_FUNCTION_LINES} lines:\n{listing}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mlstm_cell's _cell_call/_cell_step are being folded into the cell (issue 20)",
-)
 def test_no_free_function_in_xlstm_has_more_than_8_parameters():
     found = metrics.wide_xlstm_functions()
     listing = "\n".join(f"  {where}: {n} parameters" for n, where in sorted(found, reverse=True))

@@ -30,7 +30,7 @@ def _jitted_step():
     return jax.jit(X.mlstm_recurrent_step)
 
 
-def _step_loop(q, k, v, i, f, *, initial_state=None, return_last_state=False):
+def _step_loop(q, k, v, i, f, *, initial_state=None):
     """`mlstm_recurrent_step` token by token: a form of its own."""
     batch, heads, seq_len, dhqk = q.shape
     state = initial_state
@@ -38,13 +38,13 @@ def _step_loop(q, k, v, i, f, *, initial_state=None, return_last_state=False):
         state = X.mLSTMState.zeros(batch, heads, dhqk, v.shape[-1])
     if not seq_len:  # no call at all
         h = jnp.zeros((batch, heads, 0, v.shape[-1]), q.dtype)
-        return (h, state) if return_last_state else h
+        return h, state
     outs = []
     for t in range(seq_len):
         h, state = _jitted_step()(state, q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t])
         outs.append(h)
     h = jnp.stack(outs, axis=2)
-    return (h, state) if return_last_state else h
+    return h, state
 
 
 STATE_FORMS = {
@@ -65,7 +65,7 @@ FAST_FORMS = ["parallel", "chunkwise", "recurrent", "step", "remat"]  # not the 
 def _jitted(form):
     if form == "parallel":
         return jax.jit(lambda *a, initial_state=None: (X.parallel_stabilized_simple(*a), None))
-    fn = functools.partial(STATE_FORMS[form], return_last_state=True)
+    fn = STATE_FORMS[form]
     return fn if form == "step" else jax.jit(fn)
 
 
@@ -297,7 +297,7 @@ def test_infinite_gates_pallas_as_chunkwise():
 
     def loss(form):
         def total(inputs, state):
-            h, final = STATE_FORMS[form](*inputs, initial_state=state, return_last_state=True)
+            h, final = STATE_FORMS[form](*inputs, initial_state=state)
             value = jnp.sum(h * w_h) + jnp.sum(final.c * w.c) + jnp.sum(final.n * w.n)
             return value, (h, final)
 
@@ -380,11 +380,11 @@ def test_chunk_size_must_be_a_positive_integer(chunk_size):
 def test_chunk_size_numpy_integer_accepted():
     """NumPy integers pass the checks and the annotations (the type checker is on in tests)."""
     inputs = list(map(jnp.asarray, make_inputs(17, 1, 2, 10, 8, 4, (-5, 5), (-2, 8))))
-    ref = X.mlstm_chunkwise(*inputs, chunk_size=4)
+    ref, _ = X.mlstm_chunkwise(*inputs, chunk_size=4)
     for fn in (X.mlstm_chunkwise, mlstm_chunkwise_pallas, mlstm_chunkwise_remat):
-        out = fn(*inputs, chunk_size=np.int64(4))
+        out, _ = fn(*inputs, chunk_size=np.int64(4))
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
-    out = mlstm_chunkwise_remat(*inputs, chunk_size=np.int32(2), chunks_per_step=np.int64(2))
+    out, _ = mlstm_chunkwise_remat(*inputs, chunk_size=np.int32(2), chunks_per_step=np.int64(2))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 

@@ -1,6 +1,7 @@
 """The three mLSTM forms against each other and against a float64 NumPy reference of the equations."""
 
 import functools
+import inspect
 
 import hypothesis
 import hypothesis.strategies as st
@@ -55,8 +56,8 @@ FORMS = {
     "parallel": lambda q, k, v, i, f, chunk_size: X.parallel_stabilized_simple(q, k, v, i, f),
     "chunkwise": lambda q, k, v, i, f, chunk_size: X.mlstm_chunkwise(
         q, k, v, i, f, chunk_size=chunk_size
-    ),
-    "recurrent": lambda q, k, v, i, f, chunk_size: X.mlstm_recurrent(q, k, v, i, f),
+    )[0],
+    "recurrent": lambda q, k, v, i, f, chunk_size: X.mlstm_recurrent(q, k, v, i, f)[0],
 }
 
 
@@ -206,12 +207,10 @@ def test_two_halves_equal_whole(form, split):
         "chunkwise": functools.partial(X.mlstm_chunkwise, chunk_size=16),
         "recurrent": X.mlstm_recurrent,
     }[form]
-    fn = jax.jit(fn, static_argnames="return_last_state")  # eager dispatch costs about a minute
-    whole, whole_state = fn(*inputs, return_last_state=True)
-    first, state = fn(*(x[:, :, :split] for x in inputs), return_last_state=True)
-    second, last_state = fn(
-        *(x[:, :, split:] for x in inputs), initial_state=state, return_last_state=True
-    )
+    fn = jax.jit(fn)  # eager dispatch costs about a minute
+    whole, whole_state = fn(*inputs)
+    first, state = fn(*(x[:, :, :split] for x in inputs))
+    second, last_state = fn(*(x[:, :, split:] for x in inputs), initial_state=state)
     both = jnp.concatenate([first, second], axis=2)
     assert rel_err(both, whole) <= 1e-5
     for a, b in zip(jax.tree.leaves(last_state), jax.tree.leaves(whole_state), strict=True):
@@ -220,11 +219,10 @@ def test_two_halves_equal_whole(form, split):
 
 def test_step_continues_chunkwise_prefill():
     q, k, v, i, f = map(jnp.asarray, make_inputs(6, 1, 2, 40, 8, 4, (-5, 5), (-2, 8)))
-    whole = X.mlstm_recurrent(q, k, v, i, f)
+    whole, _ = X.mlstm_recurrent(q, k, v, i, f)
     _, state = X.mlstm_chunkwise(
-        q[:, :, :30], k[:, :, :30], v[:, :, :30], i[:, :, :30], f[:, :, :30],
-        chunk_size=8, return_last_state=True,
-    )  # fmt: skip
+        q[:, :, :30], k[:, :, :30], v[:, :, :30], i[:, :, :30], f[:, :, :30], chunk_size=8
+    )
     for t in range(30, 40):
         h, state = X.mlstm_recurrent_step(
             state, q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t]
@@ -285,7 +283,9 @@ def _temp_bytes(fn, seq_len):
 
 
 def test_chunkwise_memory_linear_parallel_quadratic():
-    chunk = functools.partial(X.mlstm_chunkwise, chunk_size=32)
+    def chunk(*inputs):
+        return X.mlstm_chunkwise(*inputs, chunk_size=32)[0]
+
     growth_chunk = _temp_bytes(chunk, 2048) / _temp_bytes(chunk, 512)
     growth_par = _temp_bytes(X.parallel_stabilized_simple, 2048) / _temp_bytes(
         X.parallel_stabilized_simple, 512
@@ -313,12 +313,34 @@ def test_shape_mismatch_names_dimension():
 
 def test_bad_input_errors_without_type_checker():
     # The library validates shapes itself too (the type checker is a development aid only).
-    from xlstm_eqx.cell import forms as _cell
+    from xlstm_eqx.cell.forms import validate_and_cast_inputs
 
+    validate = inspect.unwrap(validate_and_cast_inputs)  # without the jaxtyping wrapper
     q, k, v, i, f = map(jnp.asarray, make_inputs(9, 1, 2, 10, 8, 4, (-5, 5), (-2, 8)))
     with pytest.raises(ValueError, match="DHQK"):
-        _cell._prepare(q, k[..., :4], v, i, f)
+        validate(q, k[..., :4], v, i, f)
     with pytest.raises(ValueError, match="fgate_preact"):
-        _cell._prepare(q, k, v, i, f[..., :5])
+        validate(q, k, v, i, f[..., :5])
     with pytest.raises(ValueError, match="chunk_size"):
         X.mlstm_chunkwise(q, k, v, i, f, chunk_size=0)
+
+
+def test_backend_dispatch_stateless_and_stateful():
+    """`run_backend` gives h (the parallel form for "parallel_stabilized": the training path);
+    `run_backend_with_state` gives (h, state), with the chunkwise form for the parallel backend."""
+    from xlstm_eqx.cell import run_backend, run_backend_with_state
+
+    inputs = tuple(map(jnp.asarray, make_inputs(31, 1, 2, 12, 8, 4, (-5, 5), (-2, 8))))
+    options = (("chunk_size", 4),)
+    h = run_backend("parallel_stabilized", options, *inputs)
+    np.testing.assert_array_equal(h, X.parallel_stabilized_simple(*inputs))
+    h, state = run_backend_with_state("parallel_stabilized", options, None, *inputs)
+    h_ref, state_ref = X.mlstm_chunkwise(*inputs, chunk_size=4)
+    np.testing.assert_array_equal(h, h_ref)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state_ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+    h2, _ = run_backend_with_state("recurrent", (), state, *inputs)  # continues from a state
+    np.testing.assert_array_equal(h2, X.mlstm_recurrent(*inputs, initial_state=state)[0])
+    for run in (run_backend, lambda *a: run_backend_with_state(a[0], a[1], None, *a[2:])):
+        with pytest.raises(ValueError, match="unknown backend 'nope'"):
+            run("nope", (), *inputs)

@@ -55,7 +55,7 @@ def loss_fn(cell, **kwargs):
     gives the forward values and every gradient, through h and through the final (c, n, m)."""
 
     def loss(inputs, state, w_h, w_state):
-        h, final = cell(*inputs, initial_state=state, return_last_state=True, **kwargs)
+        h, final = cell(*inputs, initial_state=state, **kwargs)
         total = jnp.sum(h * w_h) + sum(
             jnp.sum(a * b)
             for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(w_state), strict=True)
@@ -126,10 +126,11 @@ def test_bfloat16_inputs_four_dim_gates_and_vmap():
     i, f = i[..., None], f[..., None]
 
     def one(q, k, v, i, f):  # one batch element, as (1, NH, S, ·)
-        return mlstm_chunkwise_pallas(q[None], k[None], v[None], i[None], f[None], chunk_size=16)[0]
+        h, _ = mlstm_chunkwise_pallas(q[None], k[None], v[None], i[None], f[None], chunk_size=16)
+        return h[0]
 
     h = jax.jit(jax.vmap(one))(q, k, v, i, f)
-    h_ref = X.mlstm_chunkwise(q, k, v, i, f, chunk_size=16)
+    h_ref, _ = X.mlstm_chunkwise(q, k, v, i, f, chunk_size=16)
     assert h.dtype == jnp.bfloat16
     assert rel_err(h, h_ref) <= 1e-2  # both compute in float32 and round once to bfloat16
 
@@ -156,9 +157,7 @@ def test_triton_lowering_for_gpu():
     specs = [jax.ShapeDtypeStruct(s, jnp.bfloat16 if len(s) == 4 else jnp.float32) for s in shapes]
 
     def loss(*inputs):
-        h, final = mlstm_chunkwise_pallas(
-            *inputs, chunk_size=64, interpret=False, return_last_state=True
-        )
+        h, final = mlstm_chunkwise_pallas(*inputs, chunk_size=64, interpret=False)
         return jnp.sum(h.astype(jnp.float32)) + jnp.sum(final.c)
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
@@ -220,7 +219,8 @@ def test_remat_chunk_states_lowers_planned_memory():
 
     def temp_bytes(policy):
         def loss(*inputs):
-            return jnp.sum(mlstm_chunkwise_remat(*inputs, chunk_size=chunk, remat=policy))
+            h, _ = mlstm_chunkwise_remat(*inputs, chunk_size=chunk, remat=policy)
+            return jnp.sum(h)
 
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
         return grad.lower(*specs).compile().memory_analysis().temp_size_in_bytes
@@ -277,7 +277,7 @@ def test_auto_off_gpu_is_chunkwise_without_timing(monkeypatch):
     assert choice == "chunkwise"
     (q, k, v, i, f), _, _, _ = make_case(0, 1, 2, 20, 8, 8, (-3, 3), (-1, 5), False)
     out = run_backend("auto", (("chunk_size", 8),), q, k, v, i, f)
-    ref = X.mlstm_chunkwise(q, k, v, i, f, chunk_size=8)
+    ref, _ = X.mlstm_chunkwise(q, k, v, i, f, chunk_size=8)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
 

@@ -230,7 +230,7 @@ def test_hf_7b_config_maps_to_the_7b_architecture():
     assert len(shapes) == 2 + 32 * 15 + 1
     block = skeleton.xlstm_block_stack.blocks
     assert block.ffn_res_block.layer.proj_up.kernel.shape == (32, 4096, 10944)
-    assert block.xlstm_res_block.layer.outnorm.scale.shape == (32, 8, 512)
+    assert block.xlstm_res_block.layer.cell.outnorm.scale.shape == (32, 8, 512)
     assert block.xlstm_res_block.layer.dense_q.kernel.shape == (32, 4096, 2048)
 
 

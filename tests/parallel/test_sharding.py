@@ -166,11 +166,11 @@ V1_FSDP4_TP2 = {
     ".xlstm_block_stack.blocks.xlstm_res_block.layer.dense_k.kernel": (None, "fsdp", "tp"),
     ".xlstm_block_stack.blocks.xlstm_res_block.layer.dense_v.kernel": (None, "fsdp", "tp"),
     ".xlstm_block_stack.blocks.xlstm_res_block.layer.dense_o.kernel": (None, "fsdp", "tp"),
-    ".xlstm_block_stack.blocks.xlstm_res_block.layer.igate.kernel": (None, None, "tp"),
-    ".xlstm_block_stack.blocks.xlstm_res_block.layer.igate.bias": (None, "tp"),
-    ".xlstm_block_stack.blocks.xlstm_res_block.layer.fgate.kernel": (None, None, "tp"),
-    ".xlstm_block_stack.blocks.xlstm_res_block.layer.fgate.bias": (None, "tp"),
-    ".xlstm_block_stack.blocks.xlstm_res_block.layer.outnorm.scale": (None, "tp"),
+    ".xlstm_block_stack.blocks.xlstm_res_block.layer.cell.igate.kernel": (None, None, "tp"),
+    ".xlstm_block_stack.blocks.xlstm_res_block.layer.cell.igate.bias": (None, "tp"),
+    ".xlstm_block_stack.blocks.xlstm_res_block.layer.cell.fgate.kernel": (None, None, "tp"),
+    ".xlstm_block_stack.blocks.xlstm_res_block.layer.cell.fgate.bias": (None, "tp"),
+    ".xlstm_block_stack.blocks.xlstm_res_block.layer.cell.outnorm.scale": (None, "tp"),
     ".xlstm_block_stack.blocks.xlstm_res_block.layer.proj_down.kernel": (None, "tp", "fsdp"),
     ".xlstm_block_stack.blocks.ffn_res_block.norm.scale": (None, "tp"),
     ".xlstm_block_stack.blocks.ffn_res_block.layer.proj_up.kernel": (None, "fsdp", "tp"),
@@ -187,11 +187,11 @@ V1_FSDP8 = {
     ".xlstm_block_stack.blocks.xlstm_res_block.layer.dense_k.kernel": (None, "fsdp"),
     ".xlstm_block_stack.blocks.xlstm_res_block.layer.dense_v.kernel": (None, None, "fsdp"),
     ".xlstm_block_stack.blocks.xlstm_res_block.layer.dense_o.kernel": (None, None, "fsdp"),
-    ".xlstm_block_stack.blocks.xlstm_res_block.layer.igate.kernel": (),
-    ".xlstm_block_stack.blocks.xlstm_res_block.layer.igate.bias": (),
-    ".xlstm_block_stack.blocks.xlstm_res_block.layer.fgate.kernel": (),
-    ".xlstm_block_stack.blocks.xlstm_res_block.layer.fgate.bias": (),
-    ".xlstm_block_stack.blocks.xlstm_res_block.layer.outnorm.scale": (),
+    ".xlstm_block_stack.blocks.xlstm_res_block.layer.cell.igate.kernel": (),
+    ".xlstm_block_stack.blocks.xlstm_res_block.layer.cell.igate.bias": (),
+    ".xlstm_block_stack.blocks.xlstm_res_block.layer.cell.fgate.kernel": (),
+    ".xlstm_block_stack.blocks.xlstm_res_block.layer.cell.fgate.bias": (),
+    ".xlstm_block_stack.blocks.xlstm_res_block.layer.cell.outnorm.scale": (),
     ".xlstm_block_stack.blocks.xlstm_res_block.layer.proj_down.kernel": (None, None, "fsdp"),
     ".xlstm_block_stack.blocks.ffn_res_block.norm.scale": (),
     ".xlstm_block_stack.blocks.ffn_res_block.layer.proj_up.kernel": (None, None, "fsdp"),
@@ -309,7 +309,7 @@ def test_partition_rules_7b_preset():
     # (L, 4096, 4096) row-parallel down projection.
     assert table[blk + "xlstm_res_block.layer.proj_down.kernel"] == (None, "tp", "fsdp")
     # gates (L, 4096, 8): 32768 elements <= 2^18: tp only.
-    assert table[blk + "xlstm_res_block.layer.igate.kernel"] == (None, None, "tp")
+    assert table[blk + "xlstm_res_block.layer.cell.igate.kernel"] == (None, None, "tp")
     # (4096, 50304) head: tp on the largest axis (the vocabulary), FSDP on D.
     assert table[".lm_head.kernel"] == ("fsdp", "tp")
     assert table[".out_norm.scale"] == ()

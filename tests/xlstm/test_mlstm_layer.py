@@ -185,13 +185,14 @@ def v1_layer_numpy(layer: mLSTMLayerV1, cfg, x, borders=None):
         x @ f64(d.kernel) for d in (layer.dense_q, layer.dense_k, layer.dense_v, layer.dense_o)
     )
     reset = borders if c.reset_at_document_boundaries else None
-    i = gates_numpy(layer.igate, x, c.gate_soft_cap, None, 0, False)
-    f = gates_numpy(layer.fgate, x, c.gate_soft_cap, reset, c.reset_fgate_value, False)
+    cell = layer.cell
+    i = gates_numpy(cell.igate, x, c.gate_soft_cap, None, 0, False)
+    f = gates_numpy(cell.fgate, x, c.gate_soft_cap, reset, c.reset_fgate_value, False)
     qk_norm = None
     if c.add_qk_norm:
-        qk_norm = (cfg.norm_type, f64(layer.q_norm.scale), f64(layer.k_norm.scale))
+        qk_norm = (cfg.norm_type, f64(cell.q_norm.scale), f64(cell.k_norm.scale))
     h = cell_and_outnorm_numpy(
-        q, k, v, i, f, cfg.num_heads, f64(layer.outnorm.scale), c.norm_type_v1, qk_norm
+        q, k, v, i, f, cfg.num_heads, f64(cell.outnorm.scale), c.norm_type_v1, qk_norm
     )
     sig_o = 1 / (1 + np.exp(-o))
     return (sig_o * h) @ f64(layer.proj_down.kernel)
@@ -245,7 +246,7 @@ def test_backends_same_weights_same_outputs(layer_type, getkey):
         perturb(make_mlstm_layer(layer_config(layer_type, b), key=key), pkey) for b in BACKENDS
     ]
     assert [
-        lay.backend if layer_type == "mlstm_v1" else lay.inner_layer.mlstm_cell.backend
+        lay.cell.backend if layer_type == "mlstm_v1" else lay.inner_layer.mlstm_cell.backend
         for lay in layers
     ] == [
         "parallel_stabilized",
@@ -271,28 +272,28 @@ def test_prefill_then_steps_match_full_sequence(layer_type, backend, getkey):
     x = jr.normal(getkey(), (2, S, 16), jnp.float32)
     borders = jnp.zeros((2, S), bool).at[:, 0].set(True).at[0, 6].set(True)
     full = eqx.filter_jit(layer)(x, document_borders=borders)
-    step = eqx.filter_jit(lambda m, s, x_t, b: m.step(s, x_t, document_border=b))
-    y, state = eqx.filter_jit(layer.prefill)(x[:, :split], document_borders=borders[:, :split])
+    call = eqx.filter_jit(lambda m, x, s, b: m.call_with_state(x, s, document_borders=b))
+    y, state = call(layer, x[:, :split], layer.init_state(2), borders[:, :split])  # prefill
     outs = [y]
-    for t in range(split, S):
-        y_t, state = step(layer, state, x[:, t], borders[:, t])
-        outs.append(y_t[:, None])
+    for t in range(split, S):  # one-token steps
+        y_t, state = call(layer, x[:, t : t + 1], state, borders[:, t : t + 1])
+        outs.append(y_t)
     np.testing.assert_allclose(f64(jnp.concatenate(outs, 1)), f64(full), rtol=1e-4, atol=1e-5)
     # Decoding from the zero state equals the full sequence too.
     state = layer.init_state(2)
     outs = []
     for t in range(S):
-        y_t, state = step(layer, state, x[:, t], borders[:, t])
+        y_t, state = call(layer, x[:, t : t + 1], state, borders[:, t : t + 1])
         outs.append(y_t)
-    np.testing.assert_allclose(f64(jnp.stack(outs, 1)), f64(full), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f64(jnp.concatenate(outs, 1)), f64(full), rtol=1e-4, atol=1e-5)
 
 
 def test_prefill_continues_from_a_state(getkey):
     layer = perturb(mLSTMLayer(layer_config("mlstm", "chunkwise"), key=getkey()), getkey(), 0.2)
     x = jr.normal(getkey(), (1, 10, 16), jnp.float32)
-    prefill = eqx.filter_jit(lambda m, x, s: m.prefill(x, initial_state=s))
-    _, state = prefill(layer, x[:, :3], None)
-    y2, _ = prefill(layer, x[:, 3:], state)
+    call = eqx.filter_jit(lambda m, x, s: m.call_with_state(x, s))
+    _, state = call(layer, x[:, :3], layer.init_state(1))
+    y2, _ = call(layer, x[:, 3:], state)
     np.testing.assert_allclose(f64(y2), f64(eqx.filter_jit(layer)(x)[:, 3:]), rtol=1e-4, atol=1e-5)
 
 
@@ -313,9 +314,10 @@ def test_init_values(getkey):
     # v1: output-gate kernel zero, so σ(o) = 1/2 at init; igate bias None → N(0, 0.1²).
     v1 = mLSTMLayerV1(layer_config("mlstm_v1", cell=dict(igate_bias_init_range=None)), key=getkey())
     assert not np.any(np.asarray(v1.dense_o.kernel))
-    assert np.any(np.asarray(v1.igate.bias)) and float(jnp.max(jnp.abs(v1.igate.bias))) < 0.5
+    igate_bias = v1.cell.igate.bias
+    assert np.any(np.asarray(igate_bias)) and float(jnp.max(jnp.abs(igate_bias))) < 0.5
     assert v1.dense_q.kernel.shape == (16, 8) and v1.dense_v.kernel.shape == (16, 16)
-    assert v1.outnorm.scale.shape == (4, 4)
+    assert v1.cell.outnorm.scale.shape == (4, 4)
 
 
 def test_headwise_gate_shapes(getkey):

@@ -3,7 +3,8 @@
 Three forms of the same math — parallel (O(S²) memory), chunkwise (O(S)) and recurrent (O(1) per
 step) in `forms` — plus the Pallas chunkwise kernels (`pallas`), the remat variants (`remat`),
 the backend names and their keyword arguments (`MLSTM_BACKENDS`, `mLSTMBackendNameAndKwargs`),
-the table from a name to its function (`BACKENDS`, dispatched by `run_backend`) and the
+the table from a name to its function (`BACKENDS`, dispatched by `run_backend` without a state
+and by `run_backend_with_state` with one) and the
 ``auto`` backend's tuning (`autotune`). See docs/architecture.md, "The mLSTM cell".
 """
 
@@ -21,6 +22,7 @@ from .backends import (
     BACKENDS as BACKENDS,
     resolve_backend as resolve_backend,
     run_backend as run_backend,
+    run_backend_with_state as run_backend_with_state,
 )
 from .forms import (
     mlstm_chunkwise as mlstm_chunkwise,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from ..core.timing import median_seconds
-from .forms import mlstm_chunkwise
+from .forms import mlstm_chunkwise, mLSTMState
 from .pallas import mlstm_chunkwise_pallas
 
 
@@ -41,7 +41,7 @@ def time_chunkwise_backends(
     """Median seconds of one forward+backward (gradient w.r.t. all five inputs) of each backend
     on the default device, for random inputs of these shapes ``(B, NH, S, DHQK)`` /
     ``(B, NH, S, DHV)``, after a compile-and-warm-up call."""
-    fns: dict[str, Callable[..., Array]] = {
+    fns: dict[str, Callable[..., tuple[Array, mLSTMState]]] = {
         "chunkwise": functools.partial(mlstm_chunkwise, chunk_size=chunk_size, eps=eps),
         "chunkwise_pallas": functools.partial(
             mlstm_chunkwise_pallas, chunk_size=chunk_size, eps=eps
@@ -64,7 +64,9 @@ def time_chunkwise_backends(
     for name in backends:
         fn = fns[name]
         grad = jax.jit(
-            jax.grad(lambda *a, fn=fn: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4))
+            jax.grad(
+                lambda *a, fn=fn: jnp.sum(fn(*a)[0].astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)
+            )
         )
         out[name] = median_seconds(lambda grad=grad: grad(q, k, v, i, f), repeats, warmup=1)
     return out

@@ -27,6 +27,7 @@ arguments are a `ValueError` naming them before any computation (`checks`).
 """
 
 import math
+from typing import overload
 
 import equinox as eqx
 import jax
@@ -52,7 +53,7 @@ GatePreact = Float[Array, "B NH S 1"] | Float[Array, "B NH S"]
 
 # Padded positions get this input-gate pre-activation: no write (the limit ĩ = -inf), so the memory
 # after the padding is exactly the memory after the last real token.
-_NO_INPUT = -math.inf
+NO_INPUT_PREACT = -math.inf
 
 
 class mLSTMState(eqx.Module):
@@ -73,33 +74,54 @@ class mLSTMState(eqx.Module):
         )
 
 
-def _acc_dtype(*arrays) -> jnp.dtype:
+def accumulation_dtype(*arrays: Array) -> jnp.dtype:
     """float32, or float64 if any input is: the dtype of gates, stabiliser, states and sums."""
     wide = any(a.dtype == jnp.float64 for a in arrays)
     return jnp.dtype(jnp.float64 if wide else jnp.float32)
 
 
-def _max_exp_arg(dtype) -> float:
-    # exp(-m) is clamped here so that it and its derivative stay finite when m is very negative
-    # (then h ≈ 0 either way: the clamped normaliser is still ~1e19 in float32).
+def max_exp_argument(dtype: jnp.dtype) -> float:
+    """The clamp of exp(-m) in the normaliser: it and its derivative stay finite when m is very
+    negative (then h ≈ 0 either way: the clamped normaliser is still ~1e19 in float32)."""
     return 0.5 * math.log(float(jnp.finfo(dtype).max))
 
 
 def _normalise(num, den, m, eps):
-    lower = jnp.exp(jnp.minimum(-m, _max_exp_arg(m.dtype)))
+    lower = jnp.exp(jnp.minimum(-m, max_exp_argument(m.dtype)))
     return num / (jnp.maximum(jnp.abs(den), lower) + eps)[..., None]
 
 
-def _prepare(queries, keys, values, igate_preact, fgate_preact):
-    """Validate shapes and dtypes; return (q, k, v, ĩ, f̄) in the accumulation dtype, gates as
-    (B, NH, S). Non-finite values are passed through (`_sanitized` handles them)."""
+def validate_and_cast_inputs(
+    queries: Array, keys: Array, values: Array, igate_preact: Array, fgate_preact: Array
+) -> tuple[Array, Array, Array, Float[Array, "B NH S"], Float[Array, "B NH S"]]:
+    """Validate shapes and dtypes (the arguments are untyped here: this is the check that names
+    a wrong one in a ValueError, with or without a type checker); return (q, k, v, ĩ, f̄ = logσ(f̃)) in the accumulation dtype,
+    gates as (B, NH, S). Non-finite values pass through (`sanitize_inputs_and_state` handles
+    them)."""
     igate, fgate = check_inputs(queries, keys, values, igate_preact, fgate_preact)
-    acc = _acc_dtype(queries, keys, values, igate, fgate)
+    acc = accumulation_dtype(queries, keys, values, igate, fgate)
     q, k, v = (x.astype(acc) for x in (queries, keys, values))
     return q, k, v, igate.astype(acc), log_forget(fgate.astype(acc))
 
 
-def _sanitized(q, k, v, igate, log_fgate, state: mLSTMState | None):
+_Inputs = tuple[Array, Array, Array, Array, Array]
+
+
+@overload
+def sanitize_inputs_and_state(
+    q: Array, k: Array, v: Array, igate: Array, log_fgate: Array, state: mLSTMState
+) -> tuple[_Inputs, mLSTMState, Bool[Array, "B NH S"], Bool[Array, "B NH"]]: ...
+
+
+@overload
+def sanitize_inputs_and_state(
+    q: Array, k: Array, v: Array, igate: Array, log_fgate: Array, state: None
+) -> tuple[_Inputs, None, Bool[Array, "B NH S"], Bool[Array, "B NH"]]: ...
+
+
+def sanitize_inputs_and_state(
+    q: Array, k: Array, v: Array, igate: Array, log_fgate: Array, state: mLSTMState | None
+) -> tuple[_Inputs, mLSTMState | None, Bool[Array, "B NH S"], Bool[Array, "B NH"]]:
     """The inputs (and state) with invalid values replaced, and where NaN is to be set afterwards:
     (inputs, state, poisoned outputs (B, NH, S), poisoned final states (B, NH))."""
     bad_query, bad_write = bad_query_and_write(q, k, v, igate, log_fgate)
@@ -134,7 +156,7 @@ def _double_cumsum(x: Float[Array, "*batch L"]) -> tuple[Array, Array]:
     return jax.lax.associative_scan(add, (x, jnp.zeros_like(x)), axis=x.ndim - 1)
 
 
-def _decay_sums(log_fgate: Float[Array, "*batch L"]) -> tuple[Array, Array, Array]:
+def running_log_decay_sums(log_fgate: Float[Array, "*batch L"]) -> tuple[Array, Array, Array]:
     """Running sums of f̄ for pairwise log decays: (hi, lo) = Σ_{u≤s} f̄_u in double-word form with the
     -inf terms left out (they would make it NaN), and `resets` = -2^100 · #{u ≤ s: f̄_u = -inf}
     (`nonfinite.RESET_LOG_DECAY`).
@@ -158,7 +180,7 @@ def _segment_log_decay(log_fgate: Float[Array, "*batch L"]) -> Float[Array, "*ba
     takes no part in the gradient: its cotangent would otherwise enter twice with opposite signs and
     cancel in float32. The reset term is exact: a difference of equal counts is exactly 0.
     """
-    hi, lo, resets = _decay_sums(log_fgate)
+    hi, lo, resets = running_log_decay_sums(log_fgate)
     diff = (hi[..., :, None] - hi[..., None, :]) + (lo[..., :, None] - lo[..., None, :])
     diff = diff + (resets[..., :, None] - resets[..., None, :])
     length = log_fgate.shape[-1]
@@ -192,7 +214,9 @@ def parallel_stabilized_simple(
             fgate_preact.astype(gate_dtype),
         )
     out_dtype = queries.dtype
-    q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
+    q, k, v, igate, log_fgate = validate_and_cast_inputs(
+        queries, keys, values, igate_preact, fgate_preact
+    )
     batch, heads, seq_len, dhqk = q.shape
     if lower_triangular_matrix is not None and lower_triangular_matrix.shape[0] < seq_len:
         raise ValueError(
@@ -201,7 +225,9 @@ def parallel_stabilized_simple(
         )
     if seq_len == 0:
         return jnp.zeros((batch, heads, 0, v.shape[-1]), out_dtype)
-    (q, k, v, igate, log_fgate), _, poisoned, _ = _sanitized(q, k, v, igate, log_fgate, None)
+    (q, k, v, igate, log_fgate), _, poisoned, _ = sanitize_inputs_and_state(
+        q, k, v, igate, log_fgate, None
+    )
     if lower_triangular_matrix is None:
         causal = jnp.tri(seq_len, seq_len, dtype=bool)
     else:
@@ -267,7 +293,7 @@ def mlstm_recurrent_step(
             f"state.c has shape {state.c.shape} but q and v give (B, NH, DHQK, DHV) = {expected}"
         )
     out_dtype = q.dtype
-    acc = _acc_dtype(state.c, q, k, v, igate_preact, fgate_preact)
+    acc = accumulation_dtype(state.c, q, k, v, igate_preact, fgate_preact)
     state = jax.tree.map(lambda x: x.astype(acc), state)
     q, k, v = (x.astype(acc) for x in (q, k, v))
     inputs = (q, k, v, igate_preact.astype(acc), log_forget(fgate_preact.astype(acc)))
@@ -278,7 +304,10 @@ def mlstm_recurrent_step(
     return poison(h, bad_write | bad_query).astype(out_dtype), poison_state(state, bad_write)
 
 
-def _initial_state(initial_state, batch, heads, dhqk, dhv, acc) -> mLSTMState:
+def initial_state_or_zeros(
+    initial_state: mLSTMState | None, batch: int, heads: int, dhqk: int, dhv: int, acc: jnp.dtype
+) -> mLSTMState:
+    """`initial_state` (shape-checked) in the accumulation dtype `acc`, or a zero state."""
     if initial_state is None:
         return mLSTMState.zeros(batch, heads, dhqk, dhv, acc)
     expected = (batch, heads, dhqk, dhv)
@@ -298,30 +327,34 @@ def mlstm_recurrent(
     fgate_preact: GatePreact,
     *,
     initial_state: mLSTMState | None = None,
-    return_last_state: bool = False,
     eps: float = 1e-6,
-) -> Float[Array, "B NH S DHV"] | tuple[Float[Array, "B NH S DHV"], mLSTMState]:
-    """The step form scanned over the sequence (`lax.scan`). Returns h, and the final state if asked."""
+) -> tuple[Float[Array, "B NH S DHV"], mLSTMState]:
+    """The step form scanned over the sequence (`lax.scan`). Returns h and the final state."""
     out_dtype = queries.dtype
-    q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
+    q, k, v, igate, log_fgate = validate_and_cast_inputs(
+        queries, keys, values, igate_preact, fgate_preact
+    )
     batch, heads, seq_len, dhqk = q.shape
-    state = _initial_state(initial_state, batch, heads, dhqk, v.shape[-1], q.dtype)
+    state = initial_state_or_zeros(initial_state, batch, heads, dhqk, v.shape[-1], q.dtype)
     if seq_len == 0:
         h = jnp.zeros((batch, heads, 0, v.shape[-1]), out_dtype)
-        return (h, state) if return_last_state else h
-    inputs, state, poisoned, final_poisoned = _sanitized(q, k, v, igate, log_fgate, state)
+        return h, state
+    inputs, state, poisoned, final_poisoned = sanitize_inputs_and_state(
+        q, k, v, igate, log_fgate, state
+    )
 
     def body(carry, xs):
-        h_t, carry = _step(carry, *xs, eps)
+        h_t, carry = _step(carry, *xs, eps=eps)
         return carry, h_t
 
     time_major = tuple(jnp.moveaxis(x, 2, 0) for x in inputs)
     final, h = jax.lax.scan(body, state, time_major)
     h = poison(jnp.moveaxis(h, 0, 2), poisoned).astype(out_dtype)
-    return (h, poison_state(final, final_poisoned)) if return_last_state else h
+    return h, poison_state(final, final_poisoned)
 
 
-def _pad_time(x: Array, length: int, value: float) -> Array:
+def pad_time_axis(x: Array, length: int, value: float) -> Array:
+    """Pad axis 2 (time) of `x` at the end up to `length` with `value`."""
     pad = [(0, 0)] * x.ndim
     pad[2] = (0, length - x.shape[2])
     return jnp.pad(x, pad, constant_values=value)
@@ -336,35 +369,38 @@ def mlstm_chunkwise(
     *,
     chunk_size: IntLike = 64,
     initial_state: mLSTMState | None = None,
-    return_last_state: bool = False,
     eps: float = 1e-6,
-) -> Float[Array, "B NH S DHV"] | tuple[Float[Array, "B NH S DHV"], mLSTMState]:
+) -> tuple[Float[Array, "B NH S DHV"], mLSTMState]:
     """The chunkwise form: L×L matrices inside chunks of `chunk_size`, a (C, n, m) state between them.
 
     Memory is linear in S in the forward pass and under autodiff (the carried states are
     NC·DHQK·DHV, the within-chunk matrices NC·L²). Any S works: the sequence is padded internally
     with tokens that leave the state unchanged (f̄ = 0, no input), so the returned final state is
-    exactly that after the last real token.
+    exactly that after the last real token. Returns h and the final state.
     """
     chunk_size = check_chunk_size(chunk_size)
     out_dtype = queries.dtype
-    q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
+    q, k, v, igate, log_fgate = validate_and_cast_inputs(
+        queries, keys, values, igate_preact, fgate_preact
+    )
     batch, heads, seq_len, dhqk = q.shape
     dhv = v.shape[-1]
-    state = _initial_state(initial_state, batch, heads, dhqk, dhv, q.dtype)
+    state = initial_state_or_zeros(initial_state, batch, heads, dhqk, dhv, q.dtype)
     if seq_len == 0:
         h = jnp.zeros((batch, heads, 0, dhv), out_dtype)
-        return (h, state) if return_last_state else h
-    inputs, state, poisoned, final_poisoned = _sanitized(q, k, v, igate, log_fgate, state)
+        return h, state
+    inputs, state, poisoned, final_poisoned = sanitize_inputs_and_state(
+        q, k, v, igate, log_fgate, state
+    )
     q, k, v, igate, log_fgate = inputs
 
     chunk = min(chunk_size, seq_len)
     num_chunks = -(-seq_len // chunk)
     padded = num_chunks * chunk
     if padded != seq_len:
-        q, k, v = (_pad_time(x, padded, 0.0) for x in (q, k, v))
-        igate = _pad_time(igate, padded, _NO_INPUT)
-        log_fgate = _pad_time(log_fgate, padded, 0.0)
+        q, k, v = (pad_time_axis(x, padded, 0.0) for x in (q, k, v))
+        igate = pad_time_axis(igate, padded, NO_INPUT_PREACT)
+        log_fgate = pad_time_axis(log_fgate, padded, 0.0)
 
     def chunked(x):  # (B, NH, S, ...) -> (B, NH, NC, L, ...)
         return x.reshape(batch, heads, num_chunks, chunk, *x.shape[3:])
@@ -421,4 +457,4 @@ def mlstm_chunkwise(
     den = state_scale * jnp.einsum("bhcsd,bhcd->bhcs", q, n_prev) + jnp.sum(scores, axis=-1)
     h = _normalise(num, den, m, eps).reshape(batch, heads, padded, dhv)[:, :, :seq_len]
     h = poison(h, poisoned).astype(out_dtype)
-    return (h, poison_state(final, final_poisoned)) if return_last_state else h
+    return h, poison_state(final, final_poisoned)

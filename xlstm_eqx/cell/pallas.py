@@ -22,9 +22,9 @@ differentiated by JAX.
 Edge cases are those of `forms` (docs/architecture.md, "Edge cases"), exactly: invalid tokens (NaN,
 inf) are replaced before the kernels and NaN is set after them where they reach (`nonfinite`);
 S = 0 and B·NH = 0 return without a kernel call; a forget gate at -inf (a cleared memory) enters
-the pairwise log decays as the count `resets` (`forms._decay_sums`), and every stabiliser is
-floored where it is subtracted (`nonfinite.finite_stabiliser`). The causal mask inside a chunk is
-a selection (`where`), not a product.
+the pairwise log decays as the count `resets` (`forms.running_log_decay_sums`), and every
+stabiliser is floored where it is subtracted (`nonfinite.finite_stabiliser`). The causal mask
+inside a chunk is a selection (`where`), not a product.
 
 Kernels are written for the Triton lowering (`pl.pallas_call` on GPU): tiles are powers of two of at
 least 16, so the chunk length is rounded up to one (the result does not depend on the chunk length
@@ -44,15 +44,15 @@ from jaxtyping import Array, Float
 
 from .checks import IntLike, check_chunk_size
 from .forms import (
-    _NO_INPUT,
+    NO_INPUT_PREACT,
     GatePreact,
-    _decay_sums,
-    _initial_state,
-    _max_exp_arg,
-    _pad_time,
-    _prepare,
-    _sanitized,
+    initial_state_or_zeros,
+    max_exp_argument,
     mLSTMState,
+    pad_time_axis,
+    running_log_decay_sums,
+    sanitize_inputs_and_state,
+    validate_and_cast_inputs,
 )
 from .nonfinite import finite_stabiliser, poison, poison_state
 
@@ -119,7 +119,8 @@ def _chunk_outputs(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, eps):
 
     q (L, DK) already scaled by 1/√DHQK; ig (L) input-gate pre-activations; b (L) = Σ_{u≤s} f̄_u inside
     the chunk (-inf from an f̄ = -inf on); (hi, lo, resets) the same cumulative sum for the pairwise
-    log decays, as `forms._decay_sums` gives it; (c, n, m_prev) the state entering the chunk.
+    log decays, as `forms.running_log_decay_sums` gives it; (c, n, m_prev) the state entering the
+    chunk.
     """
     length = q.shape[0]
     rows = jax.lax.broadcasted_iota(jnp.int32, (length, length), 0)
@@ -140,7 +141,7 @@ def _chunk_outputs(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, eps):
     qn = jnp.sum(q * n[None, :], axis=1)
     num = sigma[:, None] * qc + _dot(scores, v)
     den = sigma * qn + jnp.sum(scores, axis=1)
-    lower = jnp.exp(jnp.minimum(-m, _max_exp_arg(m.dtype)))
+    lower = jnp.exp(jnp.minimum(-m, max_exp_argument(m.dtype)))
     denom = jnp.maximum(jnp.abs(den), lower) + eps
     h = num / denom[:, None]
     return dict(
@@ -180,7 +181,7 @@ def _chunk_outputs_backward(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, dh, ep
     w_abs = _weight_of_first(jnp.abs(den), lower)
     dden = ddenom * w_abs * jnp.where(den >= 0, 1.0, -1.0).astype(den.dtype)
     dlower = ddenom * (1.0 - w_abs)
-    dm = -dlower * lower * _weight_of_first(jnp.full_like(m, _max_exp_arg(m.dtype)), -m)
+    dm = -dlower * lower * _weight_of_first(jnp.full_like(m, max_exp_argument(m.dtype)), -m)
 
     # num = σ (q C) + scores v,  den = σ (q·n) + Σ_t scores
     dsigma = jnp.sum(dnum * f["qc"], axis=1) + dden * f["qn"]
@@ -524,12 +525,11 @@ def mlstm_chunkwise_pallas(
     *,
     chunk_size: IntLike = 64,
     initial_state: mLSTMState | None = None,
-    return_last_state: bool = False,
     eps: float = 1e-6,
     interpret: bool | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-) -> Float[Array, "B NH S DHV"] | tuple[Float[Array, "B NH S DHV"], mLSTMState]:
+) -> tuple[Float[Array, "B NH S DHV"], mLSTMState]:
     """`mlstm_chunkwise` as Pallas kernels with a Pallas backward (`jax.custom_vjp`).
 
     Same arguments, result and gradient as `mlstm_chunkwise`; like it, computes in float32 (float64
@@ -548,14 +548,18 @@ def mlstm_chunkwise_pallas(
         num_stages=num_stages,
     )
     out_dtype = queries.dtype
-    q, k, v, igate, log_fgate = _prepare(queries, keys, values, igate_preact, fgate_preact)
+    q, k, v, igate, log_fgate = validate_and_cast_inputs(
+        queries, keys, values, igate_preact, fgate_preact
+    )
     batch, heads, seq_len, dhqk = q.shape
     dhv = v.shape[-1]
-    state = _initial_state(initial_state, batch, heads, dhqk, dhv, q.dtype)
+    state = initial_state_or_zeros(initial_state, batch, heads, dhqk, dhv, q.dtype)
     if seq_len == 0 or batch * heads == 0:  # nothing to run the kernels on
         h = jnp.zeros((batch, heads, seq_len, dhv), out_dtype)
-        return (h, state) if return_last_state else h
-    inputs, state, poisoned, final_poisoned = _sanitized(q, k, v, igate, log_fgate, state)
+        return h, state
+    inputs, state, poisoned, final_poisoned = sanitize_inputs_and_state(
+        q, k, v, igate, log_fgate, state
+    )
     q, k, v, igate, log_fgate = inputs
 
     length = _tile(min(chunk_size, seq_len))
@@ -563,9 +567,9 @@ def mlstm_chunkwise_pallas(
     padded = num_chunks * length
     dk, dv = _tile(dhqk), _tile(dhv)
     if padded != seq_len:
-        q, k, v = (_pad_time(x, padded, 0.0) for x in (q, k, v))
-        igate = _pad_time(igate, padded, _NO_INPUT)
-        log_fgate = _pad_time(log_fgate, padded, 0.0)
+        q, k, v = (pad_time_axis(x, padded, 0.0) for x in (q, k, v))
+        igate = pad_time_axis(igate, padded, NO_INPUT_PREACT)
+        log_fgate = pad_time_axis(log_fgate, padded, 0.0)
     q = _pad_last(q / math.sqrt(dhqk), dk)
     k = _pad_last(k, dk)
     v = _pad_last(v, dv)
@@ -585,7 +589,7 @@ def mlstm_chunkwise_pallas(
         axis=-1,
     )
     log_weight = after + igate
-    hi, lo, resets = _decay_sums(log_fgate)
+    hi, lo, resets = running_log_decay_sums(log_fgate)
 
     c0 = _pad_last(_pad_last(state.c, dv).swapaxes(-1, -2), dk).swapaxes(-1, -2)
     h, c, n, m = _core(
@@ -607,8 +611,6 @@ def mlstm_chunkwise_pallas(
     )
     h = h.reshape(batch, heads, padded, dv)[:, :, :seq_len, :dhv]
     h = poison(h, poisoned).astype(out_dtype)
-    if not return_last_state:
-        return h
     final = mLSTMState(
         c=c.reshape(batch, heads, dk, dv)[..., :dhqk, :dhv],
         n=n.reshape(batch, heads, dk)[..., :dhqk],

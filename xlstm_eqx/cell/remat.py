@@ -10,7 +10,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .checks import IntLike, check_chunk_size, check_inputs
-from .forms import GatePreact, _acc_dtype, _initial_state, mlstm_chunkwise, mLSTMState
+from .forms import (
+    GatePreact,
+    accumulation_dtype,
+    initial_state_or_zeros,
+    mlstm_chunkwise,
+    mLSTMState,
+)
 
 
 # Remat policies for the pure-JAX chunkwise form
@@ -28,12 +34,12 @@ def mlstm_chunkwise_remat(
     *,
     chunk_size: IntLike = 64,
     initial_state: mLSTMState | None = None,
-    return_last_state: bool = False,
     eps: float = 1e-6,
     remat: str = "chunk_states",
     chunks_per_step: IntLike = 1,
-) -> Float[Array, "B NH S DHV"] | tuple[Float[Array, "B NH S DHV"], mLSTMState]:
-    """`mlstm_chunkwise` under a rematerialisation policy; same result, same gradient.
+) -> tuple[Float[Array, "B NH S DHV"], mLSTMState]:
+    """`mlstm_chunkwise` under a rematerialisation policy; same result (h and the final state),
+    same gradient.
 
     - "none": `mlstm_chunkwise` as is (autodiff keeps every chunk's L×L matrices).
     - "full": `jax.checkpoint` around the whole cell: nothing but the inputs is kept, and the whole
@@ -59,7 +65,6 @@ def mlstm_chunkwise_remat(
             f,
             chunk_size=chunk_size,
             initial_state=state,
-            return_last_state=True,
             eps=eps,
         )
 
@@ -70,7 +75,7 @@ def mlstm_chunkwise_remat(
         h, final = jax.checkpoint(cell)(*args, initial_state)
     else:
         h, final = _scan_chunks(cell, args, initial_state, chunk_size * chunks_per_step)
-    return (h, final) if return_last_state else h
+    return h, final
 
 
 def _scan_chunks(cell: Callable, args, initial_state, step: int):
@@ -79,8 +84,8 @@ def _scan_chunks(cell: Callable, args, initial_state, step: int):
     batch, heads, seq_len, dhqk = queries.shape
     igate = igate.reshape(batch, heads, seq_len) if igate.ndim == 4 else igate
     fgate = fgate.reshape(batch, heads, seq_len) if fgate.ndim == 4 else fgate
-    acc = _acc_dtype(queries, keys, values, igate, fgate)
-    initial_state = _initial_state(initial_state, batch, heads, dhqk, values.shape[-1], acc)
+    acc = accumulation_dtype(queries, keys, values, igate, fgate)
+    initial_state = initial_state_or_zeros(initial_state, batch, heads, dhqk, values.shape[-1], acc)
     num_steps, rest = divmod(seq_len, step)
     if num_steps < 2:
         return cell(queries, keys, values, igate, fgate, initial_state)

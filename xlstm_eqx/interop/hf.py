@@ -9,8 +9,8 @@ A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or
 | ``backbone.embeddings.weight (V, D)``                     | ``token_embedding.embedding``                     |
 | ``backbone.blocks.{i}.norm_mlstm.weight``                 | ``blocks[i].xlstm_res_block.norm.scale``          |
 | ``…mlstm_layer.{q,k,v,ogate_preact}.weight``              | ``…layer.{dense_q,dense_k,dense_v,dense_o}.kernel``ᵀ |
-| ``…mlstm_layer.{igate,fgate}_preact.{weight,bias}``       | ``…layer.{igate,fgate}.{kernel}ᵀ,{bias}``          |
-| ``…mlstm_layer.multihead_norm.weight (NH·DHV,)``          | ``…layer.outnorm.scale (NH, DHV)``                |
+| ``…mlstm_layer.{igate,fgate}_preact.{weight,bias}``       | ``…layer.cell.{igate,fgate}.{kernel}ᵀ,{bias}``     |
+| ``…mlstm_layer.multihead_norm.weight (NH·DHV,)``          | ``…layer.cell.outnorm.scale (NH, DHV)``           |
 | ``…mlstm_layer.out_proj.weight``                          | ``…layer.proj_down.kernel``ᵀ                      |
 | ``…norm_ffn.weight``, ``…ffn.{proj_up_gate,proj_up,proj_down}.weight`` | ``…ffn_res_block.norm.scale``, ``…layer.{…}.kernel``ᵀ |
 | ``backbone.out_norm.weight``, ``lm_head.weight (V, D)``   | ``out_norm.scale``, ``lm_head.kernel``ᵀ           |
@@ -47,6 +47,7 @@ loader build or allocate more than the weights on disk justify.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -108,14 +109,15 @@ _FLAT = Layout(ext_shape_fn=lambda s: (int(np.prod(s)),))
 
 
 # Our name -> transformers name, per mLSTM layer.
-_LAYER_DENSES = (
-    ("dense_q", "q"),
-    ("dense_k", "k"),
-    ("dense_v", "v"),
-    ("dense_o", "ogate_preact"),
-    ("igate", "igate_preact"),
-    ("fgate", "fgate_preact"),
-    ("proj_down", "out_proj"),
+# (path in the mlstm_v1 layer, transformers name); the gates live in the layer's cell
+_LAYER_DENSES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("dense_q",), "q"),
+    (("dense_k",), "k"),
+    (("dense_v",), "v"),
+    (("dense_o",), "ogate_preact"),
+    (("cell", "igate"), "igate_preact"),
+    (("cell", "fgate"), "fgate_preact"),
+    (("proj_down",), "out_proj"),
 )
 
 
@@ -145,13 +147,13 @@ def hf_entries(model: Any) -> list[Entry]:
         res = block.xlstm_res_block
         add("norm_mlstm.weight", ("xlstm_res_block", "norm", "scale"))
         for ours, theirs in _LAYER_DENSES:
-            sub = ("xlstm_res_block", "layer", ours)
+            sub = ("xlstm_res_block", "layer", *ours)
             add(f"mlstm_layer.{theirs}.weight", sub + ("kernel",), TRANSPOSE)
-            if getattr(res.layer, ours).bias is not None:
+            if functools.reduce(getattr, ours, res.layer).bias is not None:
                 add(f"mlstm_layer.{theirs}.bias", sub + ("bias",))
         add(
             "mlstm_layer.multihead_norm.weight",
-            ("xlstm_res_block", "layer", "outnorm", "scale"),
+            ("xlstm_res_block", "layer", "cell", "outnorm", "scale"),
             _FLAT,
         )
         add("norm_ffn.weight", ("ffn_res_block", "norm", "scale"))

@@ -11,7 +11,8 @@ Names follow the reference at tensor-parallel size 1 (docs/architecture.md, "Int
   ``xlstm_res_block/xlstm/`` (``mlstm``: ``proj_up_mlstm``, ``proj_up_z``, ``proj_down`` as
   ``…/Dense_0/{kernel,bias}`` and everything else under ``inner_layer/sharded/``; ``mlstm_v1``:
   ``{dense_q,dense_k,dense_v,dense_o,igate,fgate,proj_down}/Dense_0/{kernel,bias}``,
-  ``outnorm/sharded/scale``, ``{q_norm,k_norm}/scale``), and
+  ``outnorm/sharded/scale``, ``{q_norm,k_norm}/scale``; here the gates and norms are under the
+  layer's ``cell``), and
   ``ffn_res_block/{ffn_norm,ffn_post_norm}/sharded/scale``,
   ``ffn_res_block/ffn/{proj_up,proj_up_gate,proj_down}/Dense_0/{kernel,bias}``;
 - Llama blocks ``block_stack/block_<i>/…`` (scanned: ``block_stack/block/…``):
@@ -152,12 +153,15 @@ def _mlstm_layer_entries(
 def _mlstm_v1_entries(
     entries: list[Entry], ref: str, base: Path, layer: Any, idx: int | None
 ) -> None:
+    # The gates and norms live in the layer's cell here, directly in the Flax layer there.
+    cell, c = layer.cell, base + ("cell",)
     for name in ("dense_q", "dense_k", "dense_v", "dense_o", "igate", "fgate", "proj_down"):
-        _dense(entries, f"{ref}/{name}/Dense_0", base + (name,), getattr(layer, name), idx)
-    _norm(entries, f"{ref}/outnorm/sharded", base + ("outnorm",), layer.outnorm, idx, _TP)
+        path = c + (name,) if name in ("igate", "fgate") else base + (name,)
+        _dense(entries, f"{ref}/{name}/Dense_0", path, get_path(layer, path[len(base) :]), idx)
+    _norm(entries, f"{ref}/outnorm/sharded", c + ("outnorm",), cell.outnorm, idx, _TP)
     for name in ("q_norm", "k_norm"):
-        if getattr(layer, name) is not None:
-            _norm(entries, f"{ref}/{name}", base + (name,), getattr(layer, name), idx)
+        if getattr(cell, name) is not None:
+            _norm(entries, f"{ref}/{name}", c + (name,), getattr(cell, name), idx)
 
 
 def _xlstm_entries(model: xLSTMLMModel) -> list[Entry]:

@@ -45,6 +45,7 @@ from ..core.untrusted import (
     printable,
 )
 from ..parallel.placement import gather_to_host, place_global
+from ..xlstm.pytree_renames import manifest_with_current_paths
 
 
 FORMAT = "xlstm_eqx-checkpoint"
@@ -296,6 +297,7 @@ def restore_checkpoint(
         if saved is None:
             raise CheckpointError(f"checkpoint {path!r} has no tree {name!r}")
         flat, treedef = _flatten(template)
+        saved = manifest_with_current_paths(saved, [p for p, _ in flat])  # renamed since saved
         check_manifest(
             path,
             name,

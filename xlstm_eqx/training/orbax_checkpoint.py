@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from ..core.untrusted import load_json, printable
+from ..xlstm.pytree_renames import manifest_with_current_paths, older_keys
 from .checkpoint import CheckpointError, check_manifest, check_meta
 from .leaf_checksums import (
     CHECKSUM,
@@ -312,6 +313,10 @@ def restore_checkpoint(
         if saved is None:
             raise CheckpointError(f"checkpoint {spath!r} has no tree {name!r}")
         flat, treedef = _flatten(template)
+        # A leaf renamed since it was saved (xlstm.pytree_renames) is stored under its old keys.
+        stored = {e["path"] for e in saved}
+        flat = [(p, k if p in stored else older_keys(k) or k, x) for p, k, x in flat]
+        saved = manifest_with_current_paths(saved, [p for p, _, _ in flat])
         check_manifest(spath, name, saved, [(p, list(x.shape), _dtype_name(x)) for p, _, x in flat])
         targets = _target_shardings(name, flat, shardings.get(name))
         leaves: list[Any] = []

@@ -18,9 +18,9 @@ from ..cell.forms import mLSTMState
 from ..nn.axes import REPLICATED, LogicalAxes
 from ..nn.conv import CausalConv1d
 from ..nn.functional import dropout
-from ..nn.init import output_initializer, small_initializer
+from ..nn.init import Initializer, output_initializer, small_initializer
 from ..nn.linear import Dense, LinearHeadwiseExpand
-from .mlstm_cell import _check_divides, mLSTMCell
+from .mlstm_cell import check_heads_divide, mLSTMCell
 from .mlstm_config import mLSTMLayerConfig
 
 
@@ -35,7 +35,7 @@ class mLSTMLayerState(eqx.Module):
     conv: Float[Array, "B K C"] | None
 
 
-def _layer_dims(config: mLSTMLayerConfig) -> tuple[int, int, int, int]:
+def mlstm_layer_dims(config: mLSTMLayerConfig) -> tuple[int, int, int, int]:
     """(I, Dqk, Dv, P) of an ``mlstm`` layer config, validated."""
     inner = config._inner_embedding_dim
     if inner is None or inner <= 0:
@@ -55,9 +55,47 @@ def _layer_dims(config: mLSTMLayerConfig) -> tuple[int, int, int, int]:
                 f"{name}: projected dim {dim} must be positive and divisible by the number of "
                 f"headwise blocks {num_blocks} (= inner dim / qkv_proj_blocksize)"
             )
-    _check_divides("num_heads: qk dim", qk_dim, config.num_heads)
-    _check_divides("num_heads: v dim", v_dim, config.num_heads)
+    check_heads_divide("num_heads: qk dim", qk_dim, config.num_heads)
+    check_heads_divide("num_heads: v dim", v_dim, config.num_heads)
     return inner, qk_dim, v_dim, num_blocks
+
+
+# Both mLSTM layer types project the block input up and the cell's output down with these.
+
+
+def up_projection(
+    config: mLSTMLayerConfig, out_features: int, kernel_init: Initializer, *, key: PRNGKeyArray
+) -> Dense:
+    """A column-parallel ``D → out_features`` projection of the block input (logical axes
+    ``("embed", "mlp")``, `nn.axes`)."""
+    return Dense(
+        config.embedding_dim,
+        out_features,
+        use_bias=config.bias,
+        dtype=config.dtype,
+        kernel_init=kernel_init,
+        axes=("embed", "mlp"),
+        key=key,
+    )
+
+
+def down_projection(config: mLSTMLayerConfig, in_features: int, *, key: PRNGKeyArray) -> Dense:
+    """The row-parallel ``in_features → D`` output projection (``output_init_fn`` with dim D and
+    L blocks; logical axes ``("mlp", "embed")``, a replicated bias)."""
+    D = config.embedding_dim
+    down_init = output_initializer(
+        config.output_init_fn, D, config._num_blocks or 1, config.init_distribution
+    )
+    return Dense(
+        in_features,
+        D,
+        kernel_init=down_init,
+        axes=("mlp", "embed"),
+        bias_axes=REPLICATED,
+        use_bias=config.bias,
+        dtype=config.dtype,
+        key=key,
+    )
 
 
 _GATE_INPUTS = ("qkv", "x_mlstm", "x_mlstm_conv", "x_mlstm_conv_act")
@@ -91,31 +129,38 @@ class mLSTMInnerLayer(eqx.Module):
                 f"gate_input: unknown value {config.gate_input!r}; allowed: "
                 f"{', '.join(_GATE_INPUTS)}"
             )
-        inner, qk_dim, v_dim, num_blocks = _layer_dims(config)
-        kconv, kq, kk, kv, kcell, kscale = jr.split(key, 6)
+        inner, qk_dim, v_dim, num_blocks = mlstm_layer_dims(config)
+        conv_key, q_key, k_key, v_key, cell_key, scale_key = jr.split(key, 6)
         dtype = config.dtype
         self.conv1d = CausalConv1d(
-            inner, config.conv1d_kernel_size, dtype=dtype, channels_axis="mlp", key=kconv
+            inner, config.conv1d_kernel_size, dtype=dtype, channels_axis="mlp", key=conv_key
         )
         # q/k/v and the scaling use small-init of D, the model width (docs/architecture.md,
         # "Initialisation").
-        hw = dict(
-            use_bias=config.bias,
-            dtype=dtype,
-            kernel_init=small_initializer(config.embedding_dim, config.init_distribution),
-            features_axis="mlp",
-        )
+        small_init = small_initializer(config.embedding_dim, config.init_distribution)
+
+        def headwise(out_features: int, proj_key: PRNGKeyArray) -> LinearHeadwiseExpand:
+            return LinearHeadwiseExpand(
+                inner,
+                num_blocks,
+                out_features,
+                use_bias=config.bias,
+                dtype=dtype,
+                kernel_init=small_init,
+                features_axis="mlp",
+                key=proj_key,
+            )
+
         if config.vmap_qk:
             # q and k as one headwise layer with kernels stacked (2, P, o, i) as the reference.
-            self.qk_proj = eqx.filter_vmap(
-                lambda k: LinearHeadwiseExpand(inner, num_blocks, qk_dim, key=k, **hw)
-            )(jnp.stack([kq, kk]))
+            self.qk_proj = eqx.filter_vmap(lambda proj_key: headwise(qk_dim, proj_key))(
+                jnp.stack([q_key, k_key])
+            )
             self.q_proj = self.k_proj = None
         else:
-            self.q_proj = LinearHeadwiseExpand(inner, num_blocks, qk_dim, key=kq, **hw)
-            self.k_proj = LinearHeadwiseExpand(inner, num_blocks, qk_dim, key=kk, **hw)
+            self.q_proj, self.k_proj = headwise(qk_dim, q_key), headwise(qk_dim, k_key)
             self.qk_proj = None
-        self.v_proj = LinearHeadwiseExpand(inner, num_blocks, v_dim, key=kv, **hw)
+        self.v_proj = headwise(v_dim, v_key)
         gate_in = qk_dim * 2 + v_dim if config.gate_input == "qkv" else inner
         self.mlstm_cell = mLSTMCell(
             config.mlstm_cell,
@@ -123,113 +168,90 @@ class mLSTMInnerLayer(eqx.Module):
             qk_dim=qk_dim,
             v_dim=v_dim,
             dtype=dtype,
-            key=kcell,
+            key=cell_key,
         )
-        self.x_mlstm_conv_scaling = (
-            LinearHeadwiseExpand(inner, num_blocks, v_dim, key=kscale, **hw)
-            if v_dim != inner
-            else None
-        )
+        self.x_mlstm_conv_scaling = headwise(v_dim, scale_key) if v_dim != inner else None
         self.learnable_skip = jnp.ones((v_dim,), jnp.float32)
         self.gate_input = config.gate_input
 
-    def _qk(self, x: Float[Array, "B S I"]) -> tuple[Array, Array]:
+    def _queries_and_keys(self, x: Float[Array, "B S I"]) -> tuple[Array, Array]:
         if self.qk_proj is not None:
-            qk = eqx.filter_vmap(lambda layer: layer(x))(self.qk_proj)
-            return qk[0], qk[1]
+            both = eqx.filter_vmap(lambda layer: layer(x))(self.qk_proj)
+            return both[0], both[1]
         assert self.q_proj is not None and self.k_proj is not None
         return self.q_proj(x), self.k_proj(x)
 
     def _features(
         self, x_mlstm: Float[Array, "B S I"], x_conv: Float[Array, "B S I"]
     ) -> tuple[Array, Array, Array, Array, Array]:
-        """q, k, v, gate features and the (scaled) skip input from the conv output."""
+        """Queries, keys, values, gate features and the (scaled) skip input from the conv
+        output."""
         x_conv_act = jax.nn.silu(x_conv)
-        q, k = self._qk(x_conv_act)
-        v = self.v_proj(x_mlstm)
+        queries, keys = self._queries_and_keys(x_conv_act)
+        values = self.v_proj(x_mlstm)
         if self.gate_input == "qkv":
-            g = self.mlstm_cell.gate_features(q, k, v)
+            gate_features = self.mlstm_cell.gate_features(queries, keys, values)
         else:
-            g = {"x_mlstm": x_mlstm, "x_mlstm_conv": x_conv, "x_mlstm_conv_act": x_conv_act}[
-                self.gate_input
-            ]
+            named = {"x_mlstm": x_mlstm, "x_mlstm_conv": x_conv, "x_mlstm_conv_act": x_conv_act}
+            gate_features = named[self.gate_input]
         if self.x_mlstm_conv_scaling is not None:
             x_conv_act = self.x_mlstm_conv_scaling(x_conv_act)
-        return q, k, v, g, x_conv_act
+        return queries, keys, values, gate_features, x_conv_act
 
     def _output(self, h: Array, skip_in: Array, z: Array) -> Array:
         f32 = jnp.float32
         h = h.astype(f32) + self.learnable_skip * skip_in.astype(f32)
         return h * jax.nn.silu(z).astype(f32)
 
+    def _conv_with_state(
+        self, x_mlstm: Float[Array, "B S I"], window: Float[Array, "B K I"] | None
+    ) -> tuple[Float[Array, "B S I"], Float[Array, "B K I"] | None]:
+        """The causal conv continued from the window of the K inputs before ``x_mlstm``, and the
+        window after it (None: a conv of width 0, no window)."""
+        if window is None:
+            return self.conv1d(x_mlstm), None
+        if x_mlstm.shape[1] == 1:
+            x_conv, window = self.conv1d.step(window, x_mlstm[:, 0])
+            return x_conv[:, None], window
+        with_past = jnp.concatenate([window.astype(x_mlstm.dtype), x_mlstm], axis=1)
+        x_conv = self.conv1d(with_past)[:, self.conv1d.kernel_size :]
+        return x_conv, self.conv1d.state_from_sequence(with_past)
+
     @jax.named_scope("mLSTMLayer")
     def __call__(
         self,
         x_mlstm: Float[Array, "B S I"],
         z: Float[Array, "B S DV"],
-        document_borders: Bool[Array, "B S"] | None = None,
         *,
-        initial_state: mLSTMLayerState | None = None,
-        return_last_state: bool = False,
-    ) -> Float[Array, "B S DV"] | tuple[Float[Array, "B S DV"], mLSTMLayerState]:
-        if initial_state is not None and initial_state.conv is not None:
-            # Continue the conv from the window of earlier inputs.
-            k = self.conv1d.kernel_size
-            full = jnp.concatenate([initial_state.conv.astype(x_mlstm.dtype), x_mlstm], axis=1)
-            x_conv = self.conv1d(full)[:, k:]
-        else:
-            x_conv = self.conv1d(x_mlstm)
-        q, k_, v, g, skip_in = self._features(x_mlstm, x_conv)
-        cell_state = None if initial_state is None else initial_state.cell
-        out = self.mlstm_cell(
-            q,
-            k_,
-            v,
-            g,
-            document_borders,
-            initial_state=cell_state,
-            return_last_state=return_last_state,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> Float[Array, "B S DV"]:
+        queries, keys, values, gate_features, skip_in = self._features(
+            x_mlstm, self.conv1d(x_mlstm)
         )
-        if not return_last_state:
-            return self._output(out, skip_in, z)
-        h, cell_state = out
-        if initial_state is not None and initial_state.conv is not None:
-            conv_in = jnp.concatenate([initial_state.conv.astype(x_mlstm.dtype), x_mlstm], axis=1)
-        else:
-            conv_in = x_mlstm
-        conv_state = (
-            self.conv1d.state_from_sequence(conv_in) if self.conv1d.kernel_size > 0 else None
-        )
-        return self._output(h, skip_in, z), mLSTMLayerState(cell=cell_state, conv=conv_state)
+        h = self.mlstm_cell(queries, keys, values, gate_features, document_borders=document_borders)
+        return self._output(h, skip_in, z)
 
     def init_state(self, batch_size: int) -> mLSTMLayerState:
-        nh = self.mlstm_cell.num_heads
-        qk_proj = self.qk_proj if self.qk_proj is not None else self.q_proj
-        assert qk_proj is not None
-        qk_dim = qk_proj.out_features
-        v_dim = self.v_proj.out_features
         conv = self.conv1d.init_state(batch_size) if self.conv1d.kernel_size > 0 else None
-        return mLSTMLayerState(
-            cell=mLSTMState.zeros(batch_size, nh, qk_dim // nh, v_dim // nh), conv=conv
-        )
+        return mLSTMLayerState(cell=self.mlstm_cell.init_state(batch_size), conv=conv)
 
-    def step(
+    @jax.named_scope("mLSTMLayer")
+    def call_with_state(
         self,
+        x_mlstm: Float[Array, "B S I"],
+        z: Float[Array, "B S DV"],
         state: mLSTMLayerState,
-        x_mlstm: Float[Array, "B I"],
-        z: Float[Array, "B DV"],
-        document_border: Bool[Array, " B"] | None = None,
-    ) -> tuple[Float[Array, "B DV"], mLSTMLayerState]:
-        if state.conv is not None:
-            x_conv, conv_state = self.conv1d.step(state.conv, x_mlstm)
-        else:
-            x_conv, conv_state = self.conv1d(x_mlstm[:, None])[:, 0], None
-        q, k, v, g, skip_in = self._features(x_mlstm[:, None], x_conv[:, None])
-        h, cell_state = self.mlstm_cell.step(
-            state.cell, q[:, 0], k[:, 0], v[:, 0], g[:, 0], document_border
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S DV"], mLSTMLayerState]:
+        """``__call__`` from ``state`` (conv window and cell memory), returning the state after
+        the last token."""
+        x_conv, window = self._conv_with_state(x_mlstm, state.conv)
+        queries, keys, values, gate_features, skip_in = self._features(x_mlstm, x_conv)
+        h, cell_state = self.mlstm_cell.call_with_state(
+            queries, keys, values, gate_features, state.cell, document_borders=document_borders
         )
-        y = self._output(h, skip_in[:, 0], z)
-        return y, mLSTMLayerState(cell=cell_state, conv=conv_state)
+        return self._output(h, skip_in, z), mLSTMLayerState(cell=cell_state, conv=window)
 
 
 class mLSTMLayer(eqx.Module):
@@ -247,49 +269,20 @@ class mLSTMLayer(eqx.Module):
     dropout_rate: float = eqx.field(static=True)
 
     def __init__(self, config: mLSTMLayerConfig, *, key: PRNGKeyArray):
-        inner, _, v_dim, _ = _layer_dims(config)
+        inner, _, v_dim, _ = mlstm_layer_dims(config)
         D = config.embedding_dim
-        kup, kz, kinner, kdown = jr.split(key, 4)
-        dense = dict(use_bias=config.bias, dtype=config.dtype)
+        up_key, z_key, inner_key, down_key = jr.split(key, 4)
         up_init = small_initializer(D, config.init_distribution)
-        # Column-parallel up-projections, a row-parallel proj_down (logical axes: nn.axes).
-        up = dict(kernel_init=up_init, axes=("embed", "mlp"), **dense)
-        self.proj_up_mlstm = Dense(D, inner, key=kup, **up)
-        self.proj_up_z = Dense(D, v_dim, key=kz, **up)
-        self.inner_layer = None if config.debug_cell else mLSTMInnerLayer(config, key=kinner)
-        down_init = output_initializer(
-            config.output_init_fn, D, config._num_blocks or 1, config.init_distribution
-        )
-        self.proj_down = Dense(
-            v_dim,
-            D,
-            kernel_init=down_init,
-            axes=("mlp", "embed"),
-            bias_axes=REPLICATED,
-            key=kdown,
-            **dense,
-        )
+        self.proj_up_mlstm = up_projection(config, inner, up_init, key=up_key)
+        self.proj_up_z = up_projection(config, v_dim, up_init, key=z_key)
+        self.inner_layer = None if config.debug_cell else mLSTMInnerLayer(config, key=inner_key)
+        self.proj_down = down_projection(config, v_dim, key=down_key)
         self.dropout_rate = float(config.dropout)
 
-    def _run(
-        self,
-        x: Float[Array, "B S D"],
-        document_borders: Bool[Array, "B S"] | None,
-        key: PRNGKeyArray | None,
-        initial_state: mLSTMLayerState | None,
-        return_last_state: bool,
-    ) -> tuple[Float[Array, "B S D"], mLSTMLayerState | None]:
-        x_mlstm, z = self.proj_up_mlstm(x), self.proj_up_z(x)
-        state = None
+    def _inner(self) -> mLSTMInnerLayer:
         if self.inner_layer is None:
-            h = z
-        elif return_last_state:
-            h, state = self.inner_layer(
-                x_mlstm, z, document_borders, initial_state=initial_state, return_last_state=True
-            )
-        else:
-            h = self.inner_layer(x_mlstm, z, document_borders, initial_state=initial_state)
-        return dropout(self.proj_down(h), self.dropout_rate, key=key), state
+            raise ValueError("debug_cell=True layers have no decode state")
+        return self.inner_layer
 
     @jax.named_scope("mLSTMLayer")
     def __call__(
@@ -299,38 +292,27 @@ class mLSTMLayer(eqx.Module):
         document_borders: Bool[Array, "B S"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "B S D"]:
-        return self._run(x, document_borders, key, None, False)[0]
-
-    def prefill(
-        self,
-        x: Float[Array, "B S D"],
-        *,
-        document_borders: Bool[Array, "B S"] | None = None,
-        initial_state: mLSTMLayerState | None = None,
-    ) -> tuple[Float[Array, "B S D"], mLSTMLayerState]:
-        """Full sequence, deterministic, returning the decode state after its last token."""
+        x_mlstm, z = self.proj_up_mlstm(x), self.proj_up_z(x)
         if self.inner_layer is None:
-            raise ValueError("debug_cell=True layers have no state to prefill")
-        y, state = self._run(x, document_borders, None, initial_state, True)
-        assert state is not None
-        return y, state
+            h = z
+        else:
+            h = self.inner_layer(x_mlstm, z, document_borders=document_borders)
+        return dropout(self.proj_down(h), self.dropout_rate, key=key)
 
     def init_state(self, batch_size: int) -> mLSTMLayerState:
-        if self.inner_layer is None:
-            raise ValueError("debug_cell=True layers have no decode state")
-        return self.inner_layer.init_state(batch_size)
+        """The decode state before any token: the empty memory and a zero conv window."""
+        return self._inner().init_state(batch_size)
 
-    def step(
+    def call_with_state(
         self,
+        x: Float[Array, "B S D"],
         state: mLSTMLayerState,
-        x_t: Float[Array, "B D"],
         *,
-        document_border: Bool[Array, " B"] | None = None,
-    ) -> tuple[Float[Array, "B D"], mLSTMLayerState]:
-        """One decode step ``(B, D) -> (B, D)`` (recurrent cell form plus the conv window)."""
-        if self.inner_layer is None:
-            raise ValueError("debug_cell=True layers have no decode state")
-        h, state = self.inner_layer.step(
-            state, self.proj_up_mlstm(x_t), self.proj_up_z(x_t), document_border
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S D"], mLSTMLayerState]:
+        """``__call__`` (deterministic) from ``state``, returning the state after the last token:
+        prefill from ``init_state``, one decode step with S = 1."""
+        h, state = self._inner().call_with_state(
+            self.proj_up_mlstm(x), self.proj_up_z(x), state, document_borders=document_borders
         )
         return self.proj_down(h), state

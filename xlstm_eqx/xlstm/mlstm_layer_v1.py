@@ -1,158 +1,78 @@
-"""The xLSTM-7B mLSTM layer, ``layer_type="mlstm_v1"``: dense q/k/v/o and gates straight from the
-block input, the cell, a per-head norm and a sigmoid output gate, ``(B, S, D) -> (B, S, D)``;
-see docs/architecture.md, "The mlstm_v1 layer".
+"""The xLSTM-7B mLSTM layer, ``layer_type="mlstm_v1"``: dense q/k/v/o straight from the block
+input, the cell (`mLSTMCell`: gates from the block input, per-head norm), a sigmoid output gate,
+``(B, S, D) -> (B, S, D)``; see docs/architecture.md, "The mlstm_v1 layer".
 """
-
-from typing import Any
 
 import equinox as eqx
 import jax
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from ..cell.backends import resolve_backend
-from ..cell.forms import mLSTMState
-from ..nn.axes import REPLICATED
 from ..nn.functional import dropout
-from ..nn.init import output_initializer, small_initializer, zeros_init
+from ..nn.init import small_initializer, zeros_init
 from ..nn.linear import Dense
-from ..nn.norm import LayerNorm, MultiHeadNorm, RMSNorm, make_norm
-from .mlstm_cell import (
-    _cell_call,
-    _cell_opts,
-    _cell_step,
-    _check_divides,
-    _gate_preacts,
-    _make_gate,
-)
+from .mlstm_cell import check_heads_divide, mLSTMCell
 from .mlstm_config import mLSTMLayerConfig
-from .mlstm_layer import mLSTMLayerState
+from .mlstm_layer import down_projection, mLSTMLayerState, up_projection
 
 
 # the xLSTM-7B layer (docs/architecture.md, "The mlstm_v1 layer")
 
 
-def _v1_dims(config: mLSTMLayerConfig) -> tuple[int, int]:
+def mlstm_v1_dims(config: mLSTMLayerConfig) -> tuple[int, int]:
+    """(Dqk, Dv) of an ``mlstm_v1`` layer config, validated."""
     D = config.embedding_dim
     qk_dim, v_dim = int(D * config.qk_dim_factor), int(D * config.v_dim_factor)
-    _check_divides("num_heads: qk dim (embedding_dim * qk_dim_factor)", qk_dim, config.num_heads)
-    _check_divides("num_heads: v dim (embedding_dim * v_dim_factor)", v_dim, config.num_heads)
+    check_heads_divide(
+        "num_heads: qk dim (embedding_dim * qk_dim_factor)", qk_dim, config.num_heads
+    )
+    check_heads_divide("num_heads: v dim (embedding_dim * v_dim_factor)", v_dim, config.num_heads)
     return qk_dim, v_dim
 
 
 class mLSTMLayerV1(eqx.Module):
     """The xLSTM-7B mLSTM layer, ``layer_type="mlstm_v1"``: ``(B, S, D) -> (B, S, D)``.
 
-    Dense q, k, v, o on x (o kernel zero, so σ(o) = ½ at init); gates from x (Dense D → NH in
-    gate_dtype, kernel zero, bias per the cell config), soft cap, document reset; the cell; a
-    per-head out-norm of type ``norm_type_v1``; ``σ(o) ⊙ h``; ``proj_down`` and dropout.
+    Dense q, k, v, o on x (o kernel zero, so σ(o) = ½ at init); the cell with its gates on x
+    (Dense D → NH in gate_dtype, kernel zero, bias per the cell config), soft cap, document reset
+    and a per-head out-norm of type ``norm_type_v1``; ``σ(o) ⊙ h``; ``proj_down`` and dropout.
     """
 
     dense_q: Dense
     dense_k: Dense
     dense_v: Dense
     dense_o: Dense
-    igate: Dense
-    fgate: Dense
-    q_norm: LayerNorm | RMSNorm | None
-    k_norm: LayerNorm | RMSNorm | None
-    outnorm: MultiHeadNorm
+    cell: mLSTMCell
     proj_down: Dense
-    num_heads: int = eqx.field(static=True)
-    backend: str = eqx.field(static=True)
-    backend_kwargs: tuple[tuple[str, Any], ...] = eqx.field(static=True)
-    gate_soft_cap: float | None = eqx.field(static=True)
-    reset_at_document_boundaries: bool = eqx.field(static=True)
-    reset_fgate_value: float = eqx.field(static=True)
     dropout_rate: float = eqx.field(static=True)
 
     def __init__(self, config: mLSTMLayerConfig, *, key: PRNGKeyArray):
-        cell = config.mlstm_cell
-        D, nh = config.embedding_dim, config.num_heads
-        qk_dim, v_dim = _v1_dims(config)
-        kq, kk, kv, ko, ki, kf, kdown = jr.split(key, 7)
-        dense = dict(use_bias=config.bias, dtype=config.dtype)
+        D = config.embedding_dim
+        qk_dim, v_dim = mlstm_v1_dims(config)
+        q_key, k_key, v_key, o_key, igate_key, fgate_key, down_key = jr.split(key, 7)
         qkv_init = small_initializer(D, config.init_distribution)
-        # Column-parallel q/k/v/o, a row-parallel proj_down (logical axes: nn.axes).
-        up = dict(axes=("embed", "mlp"), **dense)
-        self.dense_q = Dense(D, qk_dim, kernel_init=qkv_init, key=kq, **up)
-        self.dense_k = Dense(D, qk_dim, kernel_init=qkv_init, key=kk, **up)
-        self.dense_v = Dense(D, v_dim, kernel_init=qkv_init, key=kv, **up)
-        self.dense_o = Dense(D, v_dim, kernel_init=zeros_init, key=ko, **up)
-        gate = dict(headwise=False, gate_dtype=cell.gate_dtype)
-        self.igate = _make_gate(D, nh, bias_init_range=cell.igate_bias_init_range, key=ki, **gate)
-        self.fgate = _make_gate(D, nh, bias_init_range=cell.fgate_bias_init_range, key=kf, **gate)
-        if cell.add_qk_norm:
-            norm = dict(eps=cell.norm_eps, dtype=config.dtype, axes=("head_dim",))
-            self.q_norm = make_norm(config.norm_type, qk_dim // nh, **norm)
-            self.k_norm = make_norm(config.norm_type, qk_dim // nh, **norm)
-        else:
-            self.q_norm = self.k_norm = None
-        self.outnorm = MultiHeadNorm(
-            nh, v_dim // nh, norm_type=cell.norm_type_v1, eps=cell.norm_eps, dtype=config.dtype
+        self.dense_q = up_projection(config, qk_dim, qkv_init, key=q_key)
+        self.dense_k = up_projection(config, qk_dim, qkv_init, key=k_key)
+        self.dense_v = up_projection(config, v_dim, qkv_init, key=v_key)
+        self.dense_o = up_projection(config, v_dim, zeros_init, key=o_key)
+        self.cell = mLSTMCell(
+            config.mlstm_cell,
+            gate_in_features=D,
+            qk_dim=qk_dim,
+            v_dim=v_dim,
+            dtype=config.dtype,
+            layer_type="mlstm_v1",
+            key=(igate_key, fgate_key),
         )
-        down_init = output_initializer(
-            config.output_init_fn, D, config._num_blocks or 1, config.init_distribution
-        )
-        self.proj_down = Dense(
-            v_dim,
-            D,
-            kernel_init=down_init,
-            axes=("mlp", "embed"),
-            bias_axes=REPLICATED,
-            key=kdown,
-            **dense,
-        )
-        self.num_heads = nh
-        self.backend, self.backend_kwargs = resolve_backend(cell.backend)
-        opts = _cell_opts(cell)
-        self.gate_soft_cap = opts["gate_soft_cap"]
-        self.reset_at_document_boundaries = opts["reset"]
-        self.reset_fgate_value = opts["reset_value"]
+        self.proj_down = down_projection(config, v_dim, key=down_key)
         self.dropout_rate = float(config.dropout)
 
-    def _gates(
-        self, x: Float[Array, "B S D"], document_borders: Bool[Array, "B S"] | None
-    ) -> tuple[Array, Array]:
-        return _gate_preacts(
-            self.igate,
-            self.fgate,
-            x,
-            document_borders,
-            gate_soft_cap=self.gate_soft_cap,
-            reset=self.reset_at_document_boundaries,
-            reset_value=self.reset_fgate_value,
-        )
+    def _projections(self, x: Float[Array, "B S D"]) -> tuple[Array, Array, Array, Array]:
+        """Queries, keys, values and the output-gate pre-activation."""
+        return self.dense_q(x), self.dense_k(x), self.dense_v(x), self.dense_o(x)
 
-    def _run(
-        self,
-        x: Float[Array, "B S D"],
-        document_borders: Bool[Array, "B S"] | None,
-        key: PRNGKeyArray | None,
-        initial_state: mLSTMLayerState | None,
-        return_last_state: bool,
-    ) -> tuple[Float[Array, "B S D"], mLSTMLayerState | None]:
-        q, k, v, o = self.dense_q(x), self.dense_k(x), self.dense_v(x), self.dense_o(x)
-        i, f = self._gates(x, document_borders)
-        h, cell_state = _cell_call(
-            self.backend,
-            self.backend_kwargs,
-            self.num_heads,
-            q,
-            k,
-            v,
-            i,
-            f,
-            self.q_norm,
-            self.k_norm,
-            self.outnorm,
-            initial_state=None if initial_state is None else initial_state.cell,
-            return_last_state=return_last_state,
-        )
-        y = self.proj_down(jax.nn.sigmoid(o) * h.astype(o.dtype))
-        y = dropout(y, self.dropout_rate, key=key)
-        state = None if cell_state is None else mLSTMLayerState(cell=cell_state, conv=None)
-        return y, state
+    def _output(self, h: Float[Array, "B S DV"], ogate: Float[Array, "B S DV"]) -> Array:
+        return self.proj_down(jax.nn.sigmoid(ogate) * h.astype(ogate.dtype))
 
     @jax.named_scope("mLSTMLayer")
     def __call__(
@@ -162,51 +82,26 @@ class mLSTMLayerV1(eqx.Module):
         document_borders: Bool[Array, "B S"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "B S D"]:
-        return self._run(x, document_borders, key, None, False)[0]
-
-    def prefill(
-        self,
-        x: Float[Array, "B S D"],
-        *,
-        document_borders: Bool[Array, "B S"] | None = None,
-        initial_state: mLSTMLayerState | None = None,
-    ) -> tuple[Float[Array, "B S D"], mLSTMLayerState]:
-        """Full sequence, deterministic, returning the decode state after its last token."""
-        y, state = self._run(x, document_borders, None, initial_state, True)
-        assert state is not None
-        return y, state
+        queries, keys, values, ogate = self._projections(x)
+        h = self.cell(queries, keys, values, x, document_borders=document_borders)
+        return dropout(self._output(h, ogate), self.dropout_rate, key=key)
 
     def init_state(self, batch_size: int) -> mLSTMLayerState:
-        nh = self.num_heads
-        qk_dim, v_dim = self.dense_q.out_features, self.dense_v.out_features
-        return mLSTMLayerState(
-            cell=mLSTMState.zeros(batch_size, nh, qk_dim // nh, v_dim // nh), conv=None
-        )
+        """The decode state before any token: the empty memory (no conv window)."""
+        return mLSTMLayerState(cell=self.cell.init_state(batch_size), conv=None)
 
-    def step(
+    @jax.named_scope("mLSTMLayer")
+    def call_with_state(
         self,
+        x: Float[Array, "B S D"],
         state: mLSTMLayerState,
-        x_t: Float[Array, "B D"],
         *,
-        document_border: Bool[Array, " B"] | None = None,
-    ) -> tuple[Float[Array, "B D"], mLSTMLayerState]:
-        """One decode step ``(B, D) -> (B, D)`` with the recurrent cell form."""
-        q, k, v, o = self.dense_q(x_t), self.dense_k(x_t), self.dense_v(x_t), self.dense_o(x_t)
-        borders = None if document_border is None else document_border[:, None]
-        i, f = self._gates(x_t[:, None], borders)
-        eps = float(dict(self.backend_kwargs).get("eps", 1e-6))
-        h, cell_state = _cell_step(
-            self.num_heads,
-            eps,
-            state.cell,
-            q,
-            k,
-            v,
-            i[:, 0],
-            f[:, 0],
-            self.q_norm,
-            self.k_norm,
-            self.outnorm,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S D"], mLSTMLayerState]:
+        """``__call__`` (deterministic) from ``state``, returning the state after the last token:
+        prefill from ``init_state``, one decode step with S = 1."""
+        queries, keys, values, ogate = self._projections(x)
+        h, cell_state = self.cell.call_with_state(
+            queries, keys, values, x, state.cell, document_borders=document_borders
         )
-        y = self.proj_down(jax.nn.sigmoid(o) * h.astype(o.dtype))
-        return y, mLSTMLayerState(cell=cell_state, conv=None)
+        return self._output(h, ogate), mLSTMLayerState(cell=cell_state, conv=None)
