@@ -34,7 +34,7 @@ from .core.parallel_config import ParallelConfig
 from .llama.config import LlamaConfig
 from .nn.feedforward_config import FeedForwardConfig
 from .xlstm.config import xLSTMLMModelConfig
-from .xlstm.mlstm_config import mLSTMBlockConfig, mLSTMCellConfig, mLSTMLayerConfig
+from .xlstm.mlstm_config import LayerType, mLSTMBlockConfig, mLSTMCellConfig, mLSTMLayerConfig
 from .xlstm.slstm_config import sLSTMBlockConfig, sLSTMLayerConfig
 
 
@@ -60,7 +60,7 @@ def _xlstm_parallel(remat: list[str], fsdp: int) -> ParallelConfig:
 
 def _xlstm(
     *,
-    layer_type: str,
+    layer_type: LayerType,
     embedding_dim: int,
     num_blocks: int,
     num_heads: int,

@@ -11,7 +11,7 @@ against its annotation (`_spec` builds it once per field, `check_value` runs it)
 - a config class: an instance, validated in turn (errors name the field by its dotted path,
   `"parallel.model_axis_size"`).
 
-A constraint beyond the type is declared with the field, `field(default, check=POSITIVE)`;
+A constraint beyond the type is declared with the field, `field(default=default, check=POSITIVE)`;
 relations between fields (divisibility, "exactly one of") are checked by each class's
 `_cross_check`. Every error is a `ValueError`
 `"{Root}: invalid field '{dotted.path}': {message}, got {value!r}"`.
@@ -345,7 +345,9 @@ class _ConfigMeta(type):
     """Checks a config's constructor arguments against the field annotations before `__init__`
     runs (see the module docstring for why), after bringing them into their annotated form."""
 
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+    # Unannotated return: a type checker then reads the constructor's signature from the
+    # dataclass (`configclass`'s `dataclass_transform`), as it would without this metaclass.
+    def __call__(cls, *args: Any, **kwargs: Any):
         specs: dict[str, _FieldSpec] | None = cls.__dict__.get("_specs")
         if specs is None:  # not a `@configclass` class
             return super().__call__(*args, **kwargs)
@@ -419,7 +421,7 @@ class Config(metaclass=_ConfigMeta):
         unknown = sorted(set(d) - set(specs))
         if unknown:
             raise ValueError(
-                f"{cls.__name__}.from_dict: unknown field(s) {unknown}; known fields are {sorted(specs)}"
+                f"{cls.__name__}.from_dict: unknown field(default=s) {unknown}; known fields are {sorted(specs)}"
             )
         return cls(**d)  # the constructor parses the dicts of nested configs
 
@@ -447,12 +449,14 @@ def _make_config(cls: type[_C], kw_only: bool) -> type[_C]:
     return cls
 
 
+@typing.dataclass_transform(field_specifiers=(field,))
 def configclass(cls: type[_C]) -> type[_C]:
     """`@dataclass` for a `Config` subclass: keeps `Config.__hash__` (an eq dataclass would set
     it to None) and records each field's annotation and constraint for the checker."""
     return _make_config(cls, kw_only=False)
 
 
+@typing.dataclass_transform(kw_only_default=True, field_specifiers=(field,))
 def configclass_kw(cls: type[_C]) -> type[_C]:
     """`configclass` with keyword-only fields."""
     return _make_config(cls, kw_only=True)

@@ -17,29 +17,29 @@ AXIS_SIZE = Check(
 class ParallelConfig(Config):
     """Mesh layout (dp, fsdp, pp, tp) and FSDP/remat choices."""
 
-    data_axis_size: int = field(-1, check=AXIS_SIZE)
+    data_axis_size: int = field(default=-1, check=AXIS_SIZE)
     """Size of the data-parallel mesh axis; -1 takes the devices the other axes leave (at most
     one axis size may be -1)."""
-    fsdp_axis_size: int = field(1, check=AXIS_SIZE)
+    fsdp_axis_size: int = field(default=1, check=AXIS_SIZE)
     """Size of the FSDP axis (parameters of `fsdp_modules` sharded over it)."""
-    pipeline_axis_size: int = field(1, check=AXIS_SIZE)
+    pipeline_axis_size: int = field(default=1, check=AXIS_SIZE)
     """Size of the pipeline axis (kept for the reference's layout; no pipelining here)."""
-    model_axis_size: int = field(1, check=AXIS_SIZE)
+    model_axis_size: int = field(default=1, check=AXIS_SIZE)
     """Size of the tensor-parallel axis (heads and FFN width split over it)."""
-    data_axis_name: str = field("dp", check=NON_EMPTY)
+    data_axis_name: str = field(default="dp", check=NON_EMPTY)
     """Name of the data-parallel mesh axis (the four axis names must differ)."""
-    fsdp_axis_name: str = field("fsdp", check=NON_EMPTY)
+    fsdp_axis_name: str = field(default="fsdp", check=NON_EMPTY)
     """Name of the FSDP mesh axis."""
-    pipeline_axis_name: str = field("pp", check=NON_EMPTY)
+    pipeline_axis_name: str = field(default="pp", check=NON_EMPTY)
     """Name of the pipeline mesh axis."""
-    model_axis_name: str = field("tp", check=NON_EMPTY)
+    model_axis_name: str = field(default="tp", check=NON_EMPTY)
     """Name of the tensor-parallel mesh axis."""
     remat: list[str] = field(default_factory=list)
     """Module names rematerialised in the backward pass ("mLSTMBlock", "xLSTMResBlock",
     "FFNResBlock"; Llama: "TransformerBlock", "AttnBlock", "FFNBlock")."""
     fsdp_modules: list[str] = field(default_factory=list)
     """Module names whose parameters are sharded over the FSDP axis (e.g. "Embed", "LMHead")."""
-    fsdp_min_weight_size: int = field(2**18, check=NON_NEGATIVE)
+    fsdp_min_weight_size: int = field(default=2**18, check=NON_NEGATIVE)
     """Arrays with at most this many elements (per tensor-parallel shard) are not FSDP-sharded."""
     fsdp_gather_dtype: DType | None = None
     """Dtype the FSDP all-gather of parameters runs in (None: the parameter dtype)."""

@@ -36,17 +36,17 @@ class LlamaConfig(Config):
     """Model width D; a multiple of `head_dim`."""
     num_blocks: int = field(check=POSITIVE)
     """Number of transformer blocks."""
-    head_dim: int = field(128, check=POSITIVE)
+    head_dim: int = field(default=128, check=POSITIVE)
     """Width of an attention head (even: RoPE rotates pairs)."""
     qk_norm: bool = False
     """RMS-norm q and k per head."""
     causal: bool = True
     """Causal attention mask."""
-    theta: float = field(1e4, check=POSITIVE)
+    theta: float = field(default=1e4, check=POSITIVE)
     """RoPE base."""
-    ffn_multiple_of: int = field(64, check=POSITIVE)
+    ffn_multiple_of: int = field(default=64, check=POSITIVE)
     """The SwiGLU hidden size is rounded up to a multiple of this."""
-    ffn_dim_multiplier: float | None = field(1.0, check=POSITIVE)
+    ffn_dim_multiplier: float | None = field(default=1.0, check=POSITIVE)
     """Factor on the SwiGLU hidden size int(8D/3) (None: 1)."""
     use_bias: bool = False
     """Biases in the dense layers."""
@@ -58,17 +58,17 @@ class LlamaConfig(Config):
     """Attend only within a document (segment ids from the document borders)."""
     dtype: DType = "float32"
     """Compute dtype."""
-    dropout_rate: float = field(0.0, check=RATE)
+    dropout_rate: float = field(default=0.0, check=RATE)
     """Dropout rate on the attention and FFN outputs (and on the embeddings, see
     `add_embedding_dropout`)."""
     add_embedding_dropout: bool = False
     """Dropout on the token embeddings."""
-    logits_soft_cap: float | None = field(None, check=POSITIVE)
+    logits_soft_cap: float | None = field(default=None, check=POSITIVE)
     """Soft cap `c * tanh(x / c)` of the logits (None: no cap)."""
     parallel: ParallelConfig | None = field(default_factory=ParallelConfig)
     """Mesh layout (a dict is parsed, None means the default); `model_axis_size` must be 1 (no
     tensor parallelism)."""
-    context_length: int = field(-1, check=POSITIVE_OR_UNSET)
+    context_length: int = field(default=-1, check=POSITIVE_OR_UNSET)
     """Port addition: an upper bound on the sequence length callers such as the CLI may enforce
     (-1: unbounded; nothing is sized by it)."""
     query_scale_quirk: bool = False

@@ -27,13 +27,13 @@ class FeedForwardConfig(Config):
     """Feed-forward sub-block (docs/architecture.md, "Building blocks"): F = `_proj_up_dim` = round-up of `proj_factor *
     embedding_dim`."""
 
-    proj_factor: float = field(1.3, check=POSITIVE)
+    proj_factor: float = field(default=1.3, check=POSITIVE)
     """Hidden width F over the model width, before rounding (see `round_proj_up_to_multiple_of`)."""
     act_fn: ActFn = "gelu"
     """Activation of the hidden layer ("gelu" is the tanh approximation, as Flax)."""
-    embedding_dim: int = field(-1, check=POSITIVE_OR_UNSET)
+    embedding_dim: int = field(default=-1, check=POSITIVE_OR_UNSET)
     """Model width D; set by the block (-1 until then)."""
-    dropout: float = field(0.0, check=RATE)
+    dropout: float = field(default=0.0, check=RATE)
     """Dropout rate on the output (not pushed by the stack)."""
     bias: bool = False
     """Biases in the three projections."""
@@ -49,11 +49,11 @@ class FeedForwardConfig(Config):
     """Mesh layout, pushed by the block (the FFN width must divide by the tensor-parallel size)."""
     round_proj_up_dim_up: bool = True
     """Round `proj_factor * embedding_dim` up (True) or down to the multiple."""
-    round_proj_up_to_multiple_of: int = field(64, check=POSITIVE)
+    round_proj_up_to_multiple_of: int = field(default=64, check=POSITIVE)
     """F is a multiple of this."""
     _proj_up_dim: int | None = None
     """Derived: the hidden width F (None while `embedding_dim` is unset)."""
-    _num_blocks: int = field(1, check=POSITIVE)
+    _num_blocks: int = field(default=1, check=POSITIVE)
     """Number of blocks of the stack (for the "wang" init); pushed by the stack."""
 
     def _derive(self) -> None:

@@ -36,88 +36,96 @@ class TrainConfig(Config):
     annotation and constraint when the config is made; errors name the flag and the field."""
 
     # model
-    model: str = field("xlstm", help="'xlstm', 'llama', or a model-config JSON/YAML file")
-    preset: str = field("small", help="size preset of the model family (see `info`)")
+    model: str = field(default="xlstm", help="'xlstm', 'llama', or a model-config JSON/YAML file")
+    preset: str = field(default="small", help="size preset of the model family (see `info`)")
     # data
     data: list[str] = field(
         default_factory=list,
         help="text/JSONL/parquet/arrow file, glob, or saved HF dataset directory, repeatable; "
         "none: embedded stdlib corpus",
     )
-    text_field: str = field("text", help="JSONL field / dataset column holding the text")
-    data_split: str = field("train", help="split of a saved HF DatasetDict")
+    text_field: str = field(default="text", help="JSONL field / dataset column holding the text")
+    data_split: str = field(default="train", help="split of a saved HF DatasetDict")
     eod_token: str = field(
-        "",
+        default="",
         help="end-of-document token between documents: '' = the tokenizer's own (byte 0 for "
         "bytes), a token of the tokenizer, an id, or 'none'",
     )
     data_cache: str = field(
-        "",
+        default="",
         help="token-store cache directory (default: $XLSTM_EQX_DATA_CACHE_DIR, else "
         "~/.cache/xlstm_eqx/token_stores)",
     )
-    prefetch: int = field(2, check=POSITIVE, help="batches prepared ahead of the train step")
-    tokenizer: str = field("bytes", help="'bytes' or the path of a local tokenizer.json")
+    prefetch: int = field(
+        default=2, check=POSITIVE, help="batches prepared ahead of the train step"
+    )
+    tokenizer: str = field(default="bytes", help="'bytes' or the path of a local tokenizer.json")
     eval_fraction: float = field(
-        0.05, check=OPEN_FRACTION, help="share of documents (or text) held out for evaluation"
+        default=0.05,
+        check=OPEN_FRACTION,
+        help="share of documents (or text) held out for evaluation",
     )
     max_data_bytes: int | None = field(
-        None, check=POSITIVE, help="stop reading data after this many bytes"
+        default=None, check=POSITIVE, help="stop reading data after this many bytes"
     )
     # batch shape and length
     seq_len: int = field(
-        SEQ_LEN,
+        default=SEQ_LEN,
         check=POSITIVE,
         help="tokens per sequence (default: the command line's is min(128, the model's "
         "context_length); TrainConfig's is 128)",
     )
-    batch_size: int = field(16, check=POSITIVE, help="sequences per micro-batch")
-    grad_accum: int = field(1, check=POSITIVE, help="micro-batches accumulated per optimizer step")
-    steps: int = field(300, check=POSITIVE, help="optimizer steps")
-    # optimizer
-    optimizer: Optimizer = field("adamw", help="optimizer (optax)")
-    schedule: Schedule = field("cosine", help="learning-rate schedule after warmup")
-    decay_fraction: float = field(
-        0.2, check=FRACTION, help="wsd: share of the steps in the final decay"
+    batch_size: int = field(default=16, check=POSITIVE, help="sequences per micro-batch")
+    grad_accum: int = field(
+        default=1, check=POSITIVE, help="micro-batches accumulated per optimizer step"
     )
-    lr: float = field(3e-3, check=POSITIVE, help="peak learning rate")
+    steps: int = field(default=300, check=POSITIVE, help="optimizer steps")
+    # optimizer
+    optimizer: Optimizer = field(default="adamw", help="optimizer (optax)")
+    schedule: Schedule = field(default="cosine", help="learning-rate schedule after warmup")
+    decay_fraction: float = field(
+        default=0.2, check=FRACTION, help="wsd: share of the steps in the final decay"
+    )
+    lr: float = field(default=3e-3, check=POSITIVE, help="peak learning rate")
     warmup_steps: int | None = field(
-        None, help="linear warmup steps (default: min(100, steps // 10))"
+        default=None, help="linear warmup steps (default: min(100, steps // 10))"
     )
     min_lr_ratio: float = field(
-        0.1, check=RATIO, help="final learning rate (cosine, linear, wsd), as a fraction of lr"
+        default=0.1,
+        check=RATIO,
+        help="final learning rate (cosine, linear, wsd), as a fraction of lr",
     )
     weight_decay: float = field(
-        0.1, check=NON_NEGATIVE, help="decoupled weight decay (kernels only)"
+        default=0.1, check=NON_NEGATIVE, help="decoupled weight decay (kernels only)"
     )
-    beta1: float = field(0.9, check=RATE)
-    beta2: float = field(0.95, check=RATE)
-    adam_eps: float = field(1e-8, check=POSITIVE)
+    beta1: float = field(default=0.9, check=RATE)
+    beta2: float = field(default=0.95, check=RATE)
+    adam_eps: float = field(default=1e-8, check=POSITIVE)
     grad_clip: float | None = field(
-        1.0, check=POSITIVE, help="global gradient-norm clip (none: off)"
+        default=1.0, check=POSITIVE, help="global gradient-norm clip (none: off)"
     )
-    dtype: ComputeDType = field("float32", help="compute dtype (parameters stay float32)")
+    dtype: ComputeDType = field(default="float32", help="compute dtype (parameters stay float32)")
     # run
-    seed: int = field(0, check=SEED)
-    out: str = field("", help="output directory (default: runs/<model>)")
-    resume: bool = field(False, help="continue the run in --out from its last checkpoint")
-    log_every: int = field(10, check=POSITIVE, help="steps between metric rows")
-    eval_every: int = field(100, check=POSITIVE, help="steps between held-out evaluations")
-    eval_batches: int = field(8, check=POSITIVE, help="held-out batches per evaluation")
-    checkpoint_every: int = field(100, check=POSITIVE, help="steps between checkpoints")
-    keep_checkpoints: int = field(3, check=POSITIVE, help="checkpoints kept (the newest)")
-    progress: bool = field(True, help="show a progress bar")
+    seed: int = field(default=0, check=SEED)
+    out: str = field(default="", help="output directory (default: runs/<model>)")
+    resume: bool = field(default=False, help="continue the run in --out from its last checkpoint")
+    log_every: int = field(default=10, check=POSITIVE, help="steps between metric rows")
+    eval_every: int = field(default=100, check=POSITIVE, help="steps between held-out evaluations")
+    eval_batches: int = field(default=8, check=POSITIVE, help="held-out batches per evaluation")
+    checkpoint_every: int = field(default=100, check=POSITIVE, help="steps between checkpoints")
+    keep_checkpoints: int = field(default=3, check=POSITIVE, help="checkpoints kept (the newest)")
+    progress: bool = field(default=True, help="show a progress bar")
     sample_tokens: int = field(
-        300, check=NON_NEGATIVE, help="tokens sampled and printed at the end (0: none)"
+        default=300, check=NON_NEGATIVE, help="tokens sampled and printed at the end (0: none)"
     )
     sample_prompt: str = "def "
-    sample_temperature: float = field(0.8, check=NON_NEGATIVE)
-    mesh: str = field("", help="device mesh, e.g. 'dp=2,fsdp=2,tp=2' (default: one device)")
+    sample_temperature: float = field(default=0.8, check=NON_NEGATIVE)
+    mesh: str = field(default="", help="device mesh, e.g. 'dp=2,fsdp=2,tp=2' (default: one device)")
     tracker: str = field(
-        "", help="experiment trackers, comma-separated: tensorboard, wandb, trackio"
+        default="", help="experiment trackers, comma-separated: tensorboard, wandb, trackio"
     )
-    tracker_project: str = field("xlstm-eqx", help="project name for wandb / trackio")
-    profile_steps: str = field("", help="'A:B': write a jax.profiler trace of steps A to B")
+    tracker_project: str = field(default="xlstm-eqx", help="project name for wandb / trackio")
+    profile_steps: str = field(default="", help="'A:B': write a jax.profiler trace of steps A to B")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

@@ -66,15 +66,15 @@ class xLSTMBlockConfig(Config):
     `_num_blocks` and `dtype` (the `dtype` push is a port choice)."""
     dtype: DType = "bfloat16"
     """Compute dtype, pushed into the FFN."""
-    norm_eps: float = field(1e-6, check=POSITIVE)
+    norm_eps: float = field(default=1e-6, check=POSITIVE)
     """Eps of the pre-norms (and post-norms)."""
     norm_type: NormType = "layernorm"
     """Type of the block norms, pushed into the mLSTM layer."""
     add_post_norm: bool = False
     """A norm on the output of the layer and of the FFN, before each residual add."""
-    _num_blocks: int | None = field(None, check=POSITIVE)
+    _num_blocks: int | None = field(default=None, check=POSITIVE)
     """Number of blocks of the stack."""
-    _block_idx: int | None = field(None, check=NON_NEGATIVE)
+    _block_idx: int | None = field(default=None, check=NON_NEGATIVE)
     """Index of this block."""
 
     def _derive(self) -> None:
@@ -130,17 +130,17 @@ class xLSTMBlockStackConfig(Config):
     """Template of the mLSTM blocks (a dict is parsed); None: every block is an sLSTM block."""
     slstm_block: sLSTMBlockConfig | None = None
     """Template of the sLSTM blocks (a dict is parsed); needed when `slstm_at` places any."""
-    context_length: int = field(-1, check=POSITIVE_OR_UNSET)
+    context_length: int = field(default=-1, check=POSITIVE_OR_UNSET)
     """Sequence length bound (-1: unbounded; nothing in the port is sized by it)."""
-    num_blocks: int = field(1, check=POSITIVE)
+    num_blocks: int = field(default=1, check=POSITIVE)
     """Number of blocks L."""
-    embedding_dim: int = field(128, check=POSITIVE)
+    embedding_dim: int = field(default=128, check=POSITIVE)
     """Model width D, pushed into the layers and FFNs."""
     add_post_blocks_norm: bool = True
     """A norm after the last block (never read by the reference's Flax model)."""
     bias: bool = False
     """Biases in the mLSTM layer projections, pushed into the mLSTM template."""
-    dropout: float = field(0.0, check=RATE)
+    dropout: float = field(default=0.0, check=RATE)
     """Dropout rate of the layers, pushed into the templates (not into the FFNs)."""
     scan_blocks: bool = False
     """Stack the block parameters and apply them with `lax.scan` (pure mLSTM stacks only)."""
@@ -284,8 +284,9 @@ class xLSTMBlockStackConfig(Config):
         block_s._derive()
         # sLSTM block norms: the model's norm_type/norm_eps when this is an LM config (a port choice; the
         # PyTorch sLSTM block uses LayerNorm with eps 1e-5), else the xLSTMBlockConfig defaults.
-        norm_type = getattr(self, "norm_type", "layernorm")
-        norm_eps = getattr(self, "norm_eps", 1e-6)
+        lm = self if isinstance(self, xLSTMLMModelConfig) else None
+        norm_type: NormType = lm.norm_type if lm is not None else "layernorm"
+        norm_eps = lm.norm_eps if lm is not None else 1e-6
         return xLSTMBlockConfig(
             mlstm=None,
             slstm=block_s.slstm,
@@ -317,7 +318,7 @@ class xLSTMLMModelConfig(xLSTMBlockStackConfig):
     `vocab_size`.
     """
 
-    vocab_size: int = field(-1, check=POSITIVE_OR_UNSET)
+    vocab_size: int = field(default=-1, check=POSITIVE_OR_UNSET)
     """Vocabulary size V (-1: unset, to be filled from the tokenizer before building a model)."""
     tie_weights: bool = False
     """Use the embedding table as the LM head (the reference's Flax model ignores it)."""
@@ -325,12 +326,12 @@ class xLSTMLMModelConfig(xLSTMBlockStackConfig):
     """Apply weight decay to the embedding table."""
     add_embedding_dropout: bool = False
     """Dropout (rate `dropout`) on the token embeddings."""
-    norm_eps: float = field(1e-6, check=POSITIVE)
+    norm_eps: float = field(default=1e-6, check=POSITIVE)
     """Eps of the block norms and the output norm."""
     norm_type: NormType = "layernorm"
     """Type of the block norms and the output norm; also overwrites the mLSTM layer's and cell's
     `norm_type` (reference behaviour)."""
-    logits_soft_cap: float | None = field(None, check=POSITIVE)
+    logits_soft_cap: float | None = field(default=None, check=POSITIVE)
     """Soft cap `c * tanh(x / c)` of the logits (None: no cap)."""
     lm_head_dtype: DType = "float32"
     """Dtype the LM head computes in."""

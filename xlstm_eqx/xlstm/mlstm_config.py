@@ -28,6 +28,9 @@ from ..core.parallel_config import ParallelConfig, tp_size
 from ..nn.feedforward_config import FeedForwardConfig
 
 
+LayerType = Literal["mlstm", "mlstm_v1"]
+"""The mLSTM layer variants: the xLSTM-jax layer and the xLSTM-7B ("v1") one."""
+
 GateInput = Literal["qkv", "x_mlstm", "x_mlstm_conv", "x_mlstm_conv_act"]
 
 
@@ -39,18 +42,18 @@ class mLSTMCellConfig(Config):
     """mLSTM cell: backend, gates, out-norm. `context_length`, `embedding_dim`, `num_heads`,
     `dtype`, `norm_type` and `parallel` are set by the layer."""
 
-    context_length: int = field(-1, check=POSITIVE_OR_UNSET)
+    context_length: int = field(default=-1, check=POSITIVE_OR_UNSET)
     """Sequence length bound (-1: unbounded); set by the layer, nothing is sized by it."""
-    embedding_dim: int = field(-1, check=POSITIVE_OR_UNSET)
+    embedding_dim: int = field(default=-1, check=POSITIVE_OR_UNSET)
     """The layer's inner width; set by the layer."""
-    num_heads: int = field(-1, check=POSITIVE_OR_UNSET)
+    num_heads: int = field(default=-1, check=POSITIVE_OR_UNSET)
     """Number of heads; set by the layer."""
     backend: mLSTMBackendNameAndKwargs | BackendName | ReferenceBackendName = field(
         default_factory=mLSTMBackendNameAndKwargs
     )
     """The cell backend: a name (ours or the reference's), its dict, or the config itself;
     stored as `mLSTMBackendNameAndKwargs`."""
-    norm_eps: float = field(1e-6, check=POSITIVE)
+    norm_eps: float = field(default=1e-6, check=POSITIVE)
     """Eps of the per-head out-norm (and of the q/k norms)."""
     norm_type: NormType = "layernorm"
     """Type of the per-head out-norm and the q/k norms; set by the layer."""
@@ -60,7 +63,7 @@ class mLSTMCellConfig(Config):
     """Compute dtype; set by the layer."""
     gate_dtype: DType = "float32"
     """Dtype the gate projections run in."""
-    gate_soft_cap: float | None = field(None, check=POSITIVE)
+    gate_soft_cap: float | None = field(default=None, check=POSITIVE)
     """Soft cap `c * tanh(x / c)` of the gate pre-activations (None: no cap)."""
     gate_linear_headwise: bool = False
     """Headwise gate projections (head h sees only its slice) instead of dense ones."""
@@ -106,13 +109,13 @@ class mLSTMLayerConfig(Config):
     `embedding_dim`, `bias`, `dropout`, `context_length`, `dtype`, `norm_type`, `parallel` and
     `_num_blocks` are set by the stack."""
 
-    conv1d_kernel_size: int = field(4, check=NON_NEGATIVE)
+    conv1d_kernel_size: int = field(default=4, check=NON_NEGATIVE)
     """Kernel size of the causal conv ("mlstm"; 0: no conv)."""
-    qkv_proj_blocksize: int = field(4, check=POSITIVE)
+    qkv_proj_blocksize: int = field(default=4, check=POSITIVE)
     """Block size of the headwise q/k/v projections ("mlstm"); must divide the inner dim."""
-    num_heads: int = field(4, check=POSITIVE)
+    num_heads: int = field(default=4, check=POSITIVE)
     """Number of heads; divides the q/k and v dims."""
-    proj_factor: float = field(2.0, check=POSITIVE)
+    proj_factor: float = field(default=2.0, check=POSITIVE)
     """Inner width over the model width, before rounding ("mlstm")."""
     vmap_qk: bool = False
     """q and k as one vmapped headwise layer (kernels stacked as the reference)."""
@@ -120,22 +123,22 @@ class mLSTMLayerConfig(Config):
     """Distribution of the kernel inits."""
     output_init_fn: OutputInitFn = "wang"
     """Init of the down projection."""
-    layer_type: Literal["mlstm", "mlstm_v1"] = "mlstm"
+    layer_type: LayerType = "mlstm"
     """"mlstm": Mamba-style (up-projection, conv, headwise q/k/v); "mlstm_v1": xLSTM-7B style
     (dense q/k/v/o on x)."""
     norm_type: NormType = "layernorm"
     """Norm type pushed into the cell (overwritten by the model's `norm_type`)."""
-    qk_dim_factor: float = field(1.0, check=POSITIVE)
+    qk_dim_factor: float = field(default=1.0, check=POSITIVE)
     """q/k dim over the inner dim ("mlstm") or the model width ("mlstm_v1")."""
-    v_dim_factor: float = field(1.0, check=POSITIVE)
+    v_dim_factor: float = field(default=1.0, check=POSITIVE)
     """v dim over the inner dim ("mlstm") or the model width ("mlstm_v1")."""
-    embedding_dim: int = field(-1, check=POSITIVE_OR_UNSET)
+    embedding_dim: int = field(default=-1, check=POSITIVE_OR_UNSET)
     """Model width D; set by the stack (-1 until then)."""
     bias: bool = False
     """Biases in the projections; set by the stack."""
-    dropout: float = field(0.0, check=RATE)
+    dropout: float = field(default=0.0, check=RATE)
     """Dropout rate on the output; set by the stack."""
-    context_length: int = field(-1, check=POSITIVE_OR_UNSET)
+    context_length: int = field(default=-1, check=POSITIVE_OR_UNSET)
     """Sequence length bound; set by the stack."""
     dtype: DType = "bfloat16"
     """Compute dtype; set by the stack."""
@@ -148,14 +151,14 @@ class mLSTMLayerConfig(Config):
     the conv, after it, or after its activation."""
     round_proj_up_dim_up: bool = True
     """Round `proj_factor * embedding_dim` up (True) or down to the multiple."""
-    round_proj_up_to_multiple_of: int = field(64, check=POSITIVE)
+    round_proj_up_to_multiple_of: int = field(default=64, check=POSITIVE)
     """The inner dim is a multiple of this."""
     _proj_up_dim: int | None = None
     """Derived: the inner dim I = round-up of `proj_factor * embedding_dim` (None while
     `embedding_dim` is unset)."""
-    _num_blocks: int = field(1, check=POSITIVE)
+    _num_blocks: int = field(default=1, check=POSITIVE)
     """Number of blocks of the stack (for the "wang" init); set by the stack."""
-    _block_idx: int | None = field(None, check=NON_NEGATIVE)
+    _block_idx: int | None = field(default=None, check=NON_NEGATIVE)
     """Index of the block; set by the block."""
     _inner_embedding_dim: int | None = None
     """Derived: the same as `_proj_up_dim`, pushed into the cell as its `embedding_dim`."""
@@ -281,9 +284,9 @@ class mLSTMBlockConfig(Config):
     """A norm on the output of the layer and of the FFN, before each residual add."""
     parallel: ParallelConfig | None = None
     """Mesh layout; set by the stack."""
-    _num_blocks: int | None = field(None, check=POSITIVE)
+    _num_blocks: int | None = field(default=None, check=POSITIVE)
     """Number of blocks of the stack; set by the stack."""
-    _block_idx: int | None = field(None, check=NON_NEGATIVE)
+    _block_idx: int | None = field(default=None, check=NON_NEGATIVE)
     """Index of the block; set by `xLSTMBlockStackConfig.block_config`."""
 
     def _derive(self) -> None:

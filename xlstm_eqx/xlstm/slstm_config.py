@@ -36,9 +36,9 @@ class sLSTMCellConfig(Config):
     """sLSTM cell (PyTorch xLSTM, docs/architecture.md, "sLSTM"). `hidden_size` is set by the layer;
     `head_dim = hidden_size / num_heads`."""
 
-    hidden_size: int = field(-1, check=POSITIVE_OR_UNSET)
+    hidden_size: int = field(default=-1, check=POSITIVE_OR_UNSET)
     """Width of the cell; set by the layer from its `embedding_dim`."""
-    num_heads: int = field(4, check=POSITIVE)
+    num_heads: int = field(default=4, check=POSITIVE)
     """Number of heads (block-diagonal recurrence); divides `hidden_size`."""
     num_states: int = 4
     """Derived from `function` (4 for "slstm", 2 for "lstm"), as in the reference."""
@@ -52,9 +52,9 @@ class sLSTMCellConfig(Config):
     """Gate bias init; "powerlaw_blockdependent" depends on `_block_idx` / `_num_blocks`."""
     recurrent_weight_init: Literal["zeros", "standard"] = "zeros"
     """Init of the recurrent kernel."""
-    _block_idx: int = field(0, check=NON_NEGATIVE)
+    _block_idx: int = field(default=0, check=NON_NEGATIVE)
     """Index of the block (forget-bias init); set by the block."""
-    _num_blocks: int = field(1, check=POSITIVE)
+    _num_blocks: int = field(default=1, check=POSITIVE)
     """Number of blocks of the stack (forget-bias init); set by the stack."""
     num_gates: Literal[4] = 4
     """The four gates i, f, z, o."""
@@ -62,7 +62,7 @@ class sLSTMCellConfig(Config):
     """Stop the gradient through the recurrent input."""
     gradient_recurrent_clipval: None = None
     """The reference's CUDA-kernel backward clip; not supported here, so it must stay None."""
-    forward_clipval: float | None = field(None, check=POSITIVE)
+    forward_clipval: float | None = field(default=None, check=POSITIVE)
     """Clip the cell output y to +-value (None: no clip)."""
     dtype: DType = "bfloat16"
     """Compute dtype of the gate projections (the cell state and gates are float32)."""
@@ -95,15 +95,15 @@ class sLSTMLayerConfig(sLSTMCellConfig):
     """sLSTM layer (docs/architecture.md, "sLSTM"): conv + 4 headwise gate projections + cell + per-head group norm.
     `hidden_size` is set to `embedding_dim`."""
 
-    embedding_dim: int = field(-1, check=POSITIVE_OR_UNSET)
+    embedding_dim: int = field(default=-1, check=POSITIVE_OR_UNSET)
     """Model width D; set by the stack (-1 until then)."""
-    conv1d_kernel_size: int = field(4, check=NON_NEGATIVE)
+    conv1d_kernel_size: int = field(default=4, check=NON_NEGATIVE)
     """Kernel size of the causal conv feeding the i and f gates (0: no conv)."""
     group_norm_weight: bool = True
     """A learnable scale in the per-head group norm."""
-    dropout: float = field(0.0, check=RATE)
+    dropout: float = field(default=0.0, check=RATE)
     """Dropout rate on the output; set by the stack."""
-    group_norm_eps: float = field(1e-5, check=POSITIVE)
+    group_norm_eps: float = field(default=1e-5, check=POSITIVE)
     """Eps of the per-head group norm (a port addition; the PyTorch value)."""
     parallel: ParallelConfig | None = None
     """Mesh layout, pushed by the block (unused: the sLSTM is not tensor-parallel)."""
@@ -123,9 +123,9 @@ class sLSTMBlockConfig(Config):
     """The FFN after the layer, if any (a dict is parsed); gets `_num_blocks`."""
     parallel: ParallelConfig | None = None
     """Mesh layout; set by the stack."""
-    _num_blocks: int | None = field(None, check=POSITIVE)
+    _num_blocks: int | None = field(default=None, check=POSITIVE)
     """Number of blocks of the stack; set by the stack."""
-    _block_idx: int | None = field(None, check=NON_NEGATIVE)
+    _block_idx: int | None = field(default=None, check=NON_NEGATIVE)
     """Index of the block; set by `xLSTMBlockStackConfig.block_config`."""
 
     def _derive(self) -> None:
