@@ -214,7 +214,7 @@ def test_filter_jit_and_filter_grad():
     assert jax.tree.structure(grads) == jax.tree.structure(eqx.filter(model, eqx.is_inexact_array))
     leaves = jax.tree.leaves(grads)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-    gate_grad = grads.xlstm_block_stack.blocks.xlstm_res_block.layer.fgate.kernel
+    gate_grad = grads.xlstm_block_stack.blocks.xlstm_res_block.layer.cell.fgate.kernel
     assert float(jnp.max(jnp.abs(gate_grad))) > 0
     # Rematerialisation (parallel.remat) changes memory, not math: same gradients.
     remat = ParallelConfig(remat=["mLSTMBlock", "xLSTMResBlock", "FFNResBlock"])
