@@ -11,7 +11,7 @@ Two mechanisms, shared by `forms` and `pallas`:
 - The gates' -inf are limits, not errors: ĩ = -inf writes nothing, f̃ = -inf (f̄ = -inf) clears
   the memory before the token's own write. A stabiliser is floored where it is subtracted
   (`finite_stabiliser`), and a cleared memory enters the pairwise log decays as a count of resets
-  times `RESET_LOG_DECAY` (see `forms._decay_sums`), never as -inf - -inf.
+  times `RESET_LOG_DECAY` (see `forms.running_log_decay_sums`), never as -inf - -inf.
 
 Only element-wise work and one cumulative maximum over S: no host sync, no value-dependent
 Python branch.
