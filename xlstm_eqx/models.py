@@ -28,10 +28,22 @@ from .xlstm.model import decay_mask as xlstm_decay_mask, xLSTMLMModel
 
 @runtime_checkable
 class ModelConfig(Protocol):
-    """What every registered family's config provides: a dict round trip (run files and
-    checkpoints store `to_dict()`; `ModelFamily.config_from_dict` reads it back). Functions that
+    """What every registered family's config provides: its vocabulary, width, context length and
+    compute dtype, and a dict round trip (run files and checkpoints store `to_dict()`; `ModelFamily.config_from_dict` reads it back). Functions that
     take any family's config take this; the family itself is looked up by the config's class
     (`family_of`). `xLSTMLMModelConfig` and `LlamaConfig` are the two families built in."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def embedding_dim(self) -> int: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def dtype(self) -> str: ...
 
     def to_dict(self) -> dict[str, Any]: ...
 

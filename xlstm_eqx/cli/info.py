@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax.random as jr
@@ -13,7 +13,7 @@ import jax.random as jr
 from ..core.config import Config
 from ..core.params import count_params
 from ..data.tokenizer import load_tokenizer
-from ..models import MODEL_FAMILIES
+from ..models import MODEL_FAMILIES, ModelConfig
 from ..parallel.memory import memory_report
 from ..training.config import TrainConfig, resolve_model_config
 from ..training.preflight import check_mesh
@@ -87,7 +87,7 @@ def _short(n: int) -> str:
 
 
 def run_info_command(args: argparse.Namespace) -> int:
-
+    config: ModelConfig
     if args.list_presets:
         for line in _preset_listing():
             print(line)
@@ -115,7 +115,7 @@ def run_info_command(args: argparse.Namespace) -> int:
     if args.mesh:
         parallel = check_mesh(args.mesh, config, what_if=True)
         if isinstance(config, Config) and hasattr(config, "parallel"):  # shown on this mesh
-            config = dataclasses.replace(config, parallel=parallel)
+            config = cast(ModelConfig, dataclasses.replace(config, parallel=parallel))
         print(memory_report(config, parallel, hosts=args.hosts))
         print("  (parameters and AdamW state only: gradients and activations come on top)")
     print("config:")

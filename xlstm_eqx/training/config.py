@@ -260,7 +260,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return read_mapping_file(path, "model config")
 
 
-def resolve_model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[str, Any]:
+def resolve_model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[str, ModelConfig]:
     """`(family name, model config)` for a new run: the preset or file, with the compute dtype
     and (for presets, or a file without one) the tokenizer's vocabulary rounded up to 64."""
     if cfg.model in MODEL_FAMILIES:

@@ -44,7 +44,7 @@ from ..core.files import open_append, write_json_atomic
 from ..data.loader import BatchLoader
 from ..data.tokenizer import Tokenizer
 from ..generation import generate
-from ..models import MODEL_FAMILIES, ModelFamily
+from ..models import MODEL_FAMILIES, ModelConfig, ModelFamily
 from ..parallel.placement import init_sharded
 from .config import TrainConfig
 from .evaluate import has_decode_api, sample_tokens
@@ -97,7 +97,7 @@ class TrainResult:
     """What `train` returns: the final model and numbers, and where the run's files are."""
 
     model: Any
-    model_config: Any
+    model_config: ModelConfig
     tokenizer: Tokenizer
     step: int
     out_dir: str

@@ -26,7 +26,7 @@ import jax
 import optax
 from jaxtyping import PyTree
 
-from ..models import ModelFamily
+from ..models import ModelConfig, ModelFamily
 from .config import TrainConfig
 
 
@@ -100,7 +100,7 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(
-    cfg: TrainConfig, model: PyTree, model_config: Any = None, family: ModelFamily | None = None
+    cfg: TrainConfig, model: PyTree, model_config: ModelConfig | None = None, family: ModelFamily | None = None
 ) -> optax.GradientTransformation:
     """Clip by global norm, then `cfg.optimizer` (AdamW, Lion or Adafactor) with the schedule and
     the decay mask (decoupled weight decay, scaled by the learning rate, for all three)."""

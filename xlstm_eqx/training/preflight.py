@@ -9,6 +9,7 @@ from typing import Any
 import jax
 
 from ..core.parallel_config import ParallelConfig
+from ..models import ModelConfig
 from ..parallel.mesh import axis_sizes, parse_mesh_spec
 
 
@@ -59,7 +60,7 @@ def _head_counts(d: Any) -> set[int]:
     return found
 
 
-def check_mesh(spec: str, model_config: Any, *, what_if: bool = False) -> ParallelConfig:
+def check_mesh(spec: str, model_config: ModelConfig, *, what_if: bool = False) -> ParallelConfig:
     """The mesh of `spec` for this model: its axes multiply to the device count (`what_if`: a
     mesh of the devices it names, a -1 axis of size 1) and the tensor-parallel size divides
     every head count. Returns the `ParallelConfig`."""

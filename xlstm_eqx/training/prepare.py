@@ -14,7 +14,7 @@ from ..data.corpus import BatchSampler, Corpus, eval_windows
 from ..data.loader import load_corpus_all_processes
 from ..data.sources import absolute_patterns
 from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
-from ..models import MODEL_FAMILIES
+from ..models import MODEL_FAMILIES, ModelConfig
 from .checkpoint import CheckpointError
 from .config import RESUMABLE_FIELDS, TrainConfig, check_sequence_length, resolve_model_config
 from .extend import resume_point
@@ -28,7 +28,7 @@ from .trackers import check_trackers_available
 class PreparedRun:
     cfg: TrainConfig
     kind: str
-    model_config: Any
+    model_config: ModelConfig
     tokenizer: Tokenizer
     corpus: Corpus
     sampler: BatchSampler

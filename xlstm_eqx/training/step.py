@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ..core.parallel_config import ParallelConfig
-from ..models import ModelFamily
+from ..models import ModelConfig, ModelFamily
 from ..parallel.fsdp import gather_at_use
 from ..parallel.mesh import make_mesh, parse_mesh_spec
 from ..parallel.placement import (
@@ -307,7 +307,7 @@ _OPTIMIZER_FIELDS = (
 
 
 def optimizer_and_step(
-    cfg: TrainConfig, model: PyTree, model_config: Any, family: ModelFamily
+    cfg: TrainConfig, model: PyTree, model_config: ModelConfig, family: ModelFamily
 ) -> tuple[optax.GradientTransformation, TrainStep]:
     """The optimizer and its jitted step, shared by runs of the same model and optimizer
     settings in one process (a resumed or repeated run then reuses the compiled step)."""
