@@ -14,10 +14,12 @@ from jaxtyping import Array, Int
 
 from ...cell import fastest_chunkwise_backend
 from ...core import count_params, median_seconds
+from ...llama import LlamaConfig
 from ...models import MODEL_FAMILIES, mlstm_dims, train_flops_per_token
 from ...presets import get_preset
 from ...training import TrainConfig, trainable_params
 from ...training.step import optimizer_and_step
+from ...xlstm import xLSTMLMModelConfig
 from .report import Part, Report, gib, memory_limit, random_array
 from .settings import CheckSettings, peak_bf16_flops
 
@@ -25,11 +27,15 @@ from .settings import CheckSettings, peak_bf16_flops
 # Part 3: train step
 
 
-def family_name(config: Any) -> str:
+GpuCheckConfig = xLSTMLMModelConfig | LlamaConfig
+"""The model configs the GPU check trains."""
+
+
+def family_name(config: GpuCheckConfig) -> str:
     return "llama" if type(config).__name__ == "LlamaConfig" else "xlstm"
 
 
-def with_context(config: Any, context: int) -> Any:
+def with_context(config: GpuCheckConfig, context: int) -> GpuCheckConfig:
     if config.context_length < context:
         config = dataclasses.replace(config, context_length=context)
     return config
@@ -147,17 +153,17 @@ def search_batch(
     return batch, compiled, probes, bound, time.perf_counter() - t0
 
 
-def _mlstm_backend_note(config: Any, batch: int, seq_len: int) -> str | None:
+def _mlstm_backend_note(config: GpuCheckConfig, batch: int, seq_len: int) -> str | None:
     """The mLSTM backend of the xLSTM model; for "auto", what `fastest_chunkwise_backend` picks
     for the layer's shapes at this batch with q in the config's compute dtype."""
-    if family_name(config) != "xlstm":
+    if not isinstance(config, xLSTMLMModelConfig) or config.mlstm_block is None:
         return None
-    backend = config.mlstm_block.mlstm.mlstm_cell.backend
-    name = getattr(backend, "name", str(backend))
+    backend = config.mlstm_block.mlstm.mlstm_cell.backend_config
+    name = backend.name
     if name != "auto":
         return name
     nh, dhqk, dhv = mlstm_dims(config)
-    chunk = int(backend.kwargs.get("chunk_size", 64))
+    chunk = int((backend.kwargs or {}).get("chunk_size", 64))
     choice = fastest_chunkwise_backend(
         (batch, nh, seq_len, dhqk),
         (batch, nh, seq_len, dhv),
