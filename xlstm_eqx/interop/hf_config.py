@@ -221,12 +221,11 @@ def _require(ok: bool, field: str, value: Any, why: str) -> None:
         )
 
 
-def eqx_config_to_hf(config: xLSTMLMModelConfig) -> dict[str, Any]:
-    """The transformers ``config.json`` dict of an `xLSTMLMModelConfig`; raises `InteropError`
-    naming the first field the transformers architecture cannot express."""
-    if not isinstance(config, xLSTMLMModelConfig):
-        raise InteropError(f"expected an xLSTMLMModelConfig, got {type(config).__name__}")
-    config.validate()
+def _hf_expressible_parts(
+    config: xLSTMLMModelConfig,
+) -> tuple[mLSTMLayerConfig, mLSTMCellConfig, FeedForwardConfig]:
+    """The layer, cell and FFN configs of `config`'s mLSTM blocks, once every field is checked to
+    be one the transformers xLSTM can express (an `InteropError` naming the first that is not)."""
     _require(not config.slstm_at, "slstm_at", config.slstm_at, "transformers has no sLSTM blocks")
     block = config.mlstm_block
     _require(block is not None, "mlstm_block", None, "an mLSTM block config is required")
@@ -269,7 +268,6 @@ def eqx_config_to_hf(config: xLSTMLMModelConfig) -> dict[str, Any]:
         None,
         "transformers' gate_soft_cap is a float",
     )
-    assert config.logits_soft_cap is not None and cell.gate_soft_cap is not None  # `_require`
     _require(ffn is not None, "mlstm_block.feedforward", None, "every block has a SwiGLU FFN")
     assert ffn is not None
     _require(ffn.ff_type == "ffn_gated", "feedforward.ff_type", ffn.ff_type, "must be gated")
@@ -281,6 +279,17 @@ def eqx_config_to_hf(config: xLSTMLMModelConfig) -> dict[str, Any]:
         False,
         "transformers rounds the FFN size up",
     )
+    return layer, cell, ffn
+
+
+def eqx_config_to_hf(config: xLSTMLMModelConfig) -> dict[str, Any]:
+    """The transformers ``config.json`` dict of an `xLSTMLMModelConfig`; raises `InteropError`
+    naming the first field the transformers architecture cannot express."""
+    if not isinstance(config, xLSTMLMModelConfig):
+        raise InteropError(f"expected an xLSTMLMModelConfig, got {type(config).__name__}")
+    config.validate()
+    layer, cell, ffn = _hf_expressible_parts(config)
+    assert config.logits_soft_cap is not None and cell.gate_soft_cap is not None  # checked
     kwargs = dict(cell.backend_config.kwargs or {})
     dtype = config.dtype
     return {
