@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..cell.backend_config import mLSTMBackendNameAndKwargs
+from ..core.config import DType
 from ..nn.feedforward_config import FeedForwardConfig
 from ..xlstm.config import xLSTMLMModelConfig
 from ..xlstm.mlstm_config import mLSTMBlockConfig, mLSTMCellConfig, mLSTMLayerConfig
@@ -15,7 +16,7 @@ from .common import MAX_BLOCKS, InteropError, load_json, printable
 CONFIG_NAME = "config.json"
 
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES: tuple[DType, ...] = ("float32", "bfloat16", "float16")
 
 
 # Upper bounds on config.json values, far above any xLSTM (the 7B: D=4096, L=32, V=50304, NH=8),
@@ -104,37 +105,8 @@ def hf_config_to_eqx(
     ``dtype`` is the compute dtype (also of the LM head); by default the checkpoint's own
     ``dtype``/``torch_dtype`` (float32 if absent). Parameters are float32 either way.
     """
-    if not isinstance(hf, Mapping):
-        raise InteropError(f"config.json must hold a JSON object, got {type(hf).__name__}")
-    model_type = hf.get("model_type", "xlstm")
-    if model_type != "xlstm":
-        raise _unsupported("model_type", model_type, "only 'xlstm' (xLSTMForCausalLM) is handled")
-    archs = hf.get("architectures")
-    if archs not in (None, []) and not (isinstance(archs, list) and "xLSTMForCausalLM" in archs):
-        raise _unsupported("architectures", archs, "only xLSTMForCausalLM checkpoints are handled")
-    if hf.get("use_bias", False):
-        raise _unsupported(
-            "use_bias", hf["use_bias"], "biases on the block and head norms are not supported"
-        )
-    if not hf.get("add_out_norm", True):
-        raise _unsupported(
-            "add_out_norm",
-            hf["add_out_norm"],
-            "transformers' xLSTM applies the output norm regardless, the xlstm package does not; "
-            "the intended model is ambiguous",
-        )
-    for name in ("add_qk_norm", "add_post_norm"):
-        if hf.get(name, False):
-            raise _unsupported(name, hf[name], "not part of the transformers xLSTM architecture")
-    weight_mode = hf.get("weight_mode", "single")
-    if weight_mode not in ("single", "fused"):
-        raise _unsupported("weight_mode", weight_mode, "expected 'single' or 'fused'")
-    if dtype is None:
-        dtype = _get(hf, "dtype", "torch_dtype", default="float32")
-        if dtype not in _DTYPES:
-            dtype = "float32"
-    elif dtype not in _DTYPES:
-        raise InteropError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    _check_hf_architecture(hf)
+    dtype = _hf_compute_dtype(hf, dtype)
 
     D = positive_int(hf, "hidden_size", "embedding_dim")
     if hf.get("embedding_dim") not in (None, D):
@@ -150,13 +122,7 @@ def hf_config_to_eqx(
     backend_kwargs: dict[str, Any] = {"chunk_size": chunk_size}
     if cell_eps != 1e-6:  # the cell default; left out so that equal configs compare equal
         backend_kwargs["eps"] = cell_eps
-    context_length = hf.get("context_length", -1)  # ours, written by to_hf; transformers keeps it
-    if (
-        isinstance(context_length, bool)
-        or not isinstance(context_length, int)
-        or not 0 < context_length <= _MAX_CONTEXT
-    ):
-        context_length = -1
+    context_length = _hf_context_length(hf)
     tie = hf.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise InteropError(f"config.json: tie_word_embeddings must be a bool, got {_show(tie)}")
@@ -219,6 +185,58 @@ def _require(ok: bool, field: str, value: Any, why: str) -> None:
         raise InteropError(
             f"cannot express the model in the transformers xLSTM format: {field}={value!r} ({why})"
         )
+
+
+def _check_hf_architecture(hf: Mapping[str, Any]) -> None:
+    """Refuse a ``config.json`` of a model this port does not build: an `InteropError` naming the
+    first key that says so."""
+    if not isinstance(hf, Mapping):
+        raise InteropError(f"config.json must hold a JSON object, got {type(hf).__name__}")
+    model_type = hf.get("model_type", "xlstm")
+    if model_type != "xlstm":
+        raise _unsupported("model_type", model_type, "only 'xlstm' (xLSTMForCausalLM) is handled")
+    archs = hf.get("architectures")
+    if archs not in (None, []) and not (isinstance(archs, list) and "xLSTMForCausalLM" in archs):
+        raise _unsupported("architectures", archs, "only xLSTMForCausalLM checkpoints are handled")
+    if hf.get("use_bias", False):
+        raise _unsupported(
+            "use_bias", hf["use_bias"], "biases on the block and head norms are not supported"
+        )
+    if not hf.get("add_out_norm", True):
+        raise _unsupported(
+            "add_out_norm",
+            hf["add_out_norm"],
+            "transformers' xLSTM applies the output norm regardless, the xlstm package does not; "
+            "the intended model is ambiguous",
+        )
+    for name in ("add_qk_norm", "add_post_norm"):
+        if hf.get(name, False):
+            raise _unsupported(name, hf[name], "not part of the transformers xLSTM architecture")
+    weight_mode = hf.get("weight_mode", "single")
+    if weight_mode not in ("single", "fused"):
+        raise _unsupported("weight_mode", weight_mode, "expected 'single' or 'fused'")
+
+
+def _hf_compute_dtype(hf: Mapping[str, Any], dtype: str | None) -> DType:
+    """The compute dtype asked for, else the checkpoint's own (float32 if absent or unknown)."""
+    if dtype is None:
+        stored = str(_get(hf, "dtype", "torch_dtype", default="float32"))
+        return stored if stored in _DTYPES else "float32"
+    if dtype not in _DTYPES:
+        raise InteropError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    return dtype
+
+
+def _hf_context_length(hf: Mapping[str, Any]) -> int:
+    """Our ``context_length`` (written by the export; transformers keeps it), else -1 (unset)."""
+    context_length = hf.get("context_length", -1)
+    if (
+        isinstance(context_length, bool)
+        or not isinstance(context_length, int)
+        or not 0 < context_length <= _MAX_CONTEXT
+    ):
+        return -1
+    return context_length
 
 
 def _hf_expressible_parts(
