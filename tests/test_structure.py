@@ -50,7 +50,6 @@ def test_no_free_function_in_xlstm_has_more_than_8_parameters():
     assert not found, f"free functions over {metrics.MAX_PARAMETERS} parameters:\n{listing}"
 
 
-@pytest.mark.xfail(strict=True, reason="the config annotations are being named (issue 20)")
 def test_no_config_is_typed_any():
     found = metrics.config_any()
     assert not found, "`config: Any` (name the config class):\n" + "\n".join(
