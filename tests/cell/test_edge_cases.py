@@ -377,6 +377,7 @@ def test_chunk_size_must_be_a_positive_integer(chunk_size):
     _raises_both_ways(mlstm_chunkwise_remat, inputs, kwargs, r"\bchunks_per_step\b")
 
 
+@pytest.mark.slow
 def test_chunk_size_numpy_integer_accepted():
     """NumPy integers pass the checks and the annotations (the type checker is on in tests)."""
     inputs = list(map(jnp.asarray, make_inputs(17, 1, 2, 10, 8, 4, (-5, 5), (-2, 8))))

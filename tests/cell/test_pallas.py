@@ -318,6 +318,7 @@ def test_auto_falls_back_with_a_warning_when_the_kernels_fail(monkeypatch):
     assert choice == "chunkwise"
 
 
+@pytest.mark.slow
 def test_auto_times_for_real_while_jit_traces(monkeypatch):
     """The timing runs eagerly (its own thread) even when called from inside a jit trace."""
     monkeypatch.setattr(pallas_module, "_FASTEST", {})

@@ -30,6 +30,7 @@ FAST = ["--seq-len", "16", "--batch-size", "2", "--no-progress", "--sample-token
 FAST += ["--eval-batches", "1", "--warmup-steps", "0", "--log-every", "1"]
 
 
+@pytest.mark.slow
 def test_train_resume_eval_info(tmp_path, corpus, capsys):
     out = str(tmp_path / "run")
     args = ["train", "--model", "xlstm", "--preset", "tiny", "--data", corpus, "--out", out]

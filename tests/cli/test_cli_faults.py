@@ -243,6 +243,7 @@ def test_eval_tasks_unknown_or_unreadable_is_one_line(work, capsys):
     shutil.rmtree("tasks")
 
 
+@pytest.mark.slow
 def test_wandb_prints_no_summary_after_the_runs_last_lines(tmp_path):
     """A subprocess: W&B prints only outside pytest (its output goes through its own process)."""
     pytest.importorskip("wandb")

@@ -106,6 +106,7 @@ def _result(proc: subprocess.Popen, timeout: float = 600) -> dict:
     return worker_result(collect("worker", proc, timeout))
 
 
+@pytest.mark.slow
 def test_two_processes_read_disjoint_rows_and_train_like_one(tmp_path, data_file):
     """Two processes with two CPU devices each (gloo), the batch split over the four: each reads
     only its half of every batch, and both log the losses of the one-process run."""
@@ -126,6 +127,7 @@ def test_two_processes_read_disjoint_rows_and_train_like_one(tmp_path, data_file
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path, data_file):
     """`xlstm-eqx train` killed with SIGKILL mid-run, then resumed: the same store, and the same
     losses and metrics rows as a run that was never stopped."""
