@@ -290,16 +290,26 @@ class SelfAttentionBlock(eqx.Module):
         D, hd = config.embedding_dim, config.head_dim
         NH = D // hd
         kq, kk, kv, ko = jr.split(key, 4)
-        dense = dict(use_bias=config.use_bias, dtype=config.dtype)
         qkv_init = small_initializer(D)
         out_init = output_initializer("wang", D, 2 * config.num_blocks)
+
+        def qkv_projection(proj_key: PRNGKeyArray) -> DenseGeneral:
+            return DenseGeneral(
+                D,
+                (NH, hd),
+                use_bias=config.use_bias,
+                kernel_init=qkv_init,
+                dtype=config.dtype,
+                axes=("embed", "heads", "head_dim"),
+                key=proj_key,
+            )
+
         # Megatron layout (logical axes: nn.axes): the residual stream replicated over tp, q/k/v
         # column-parallel over heads, the output projection row-parallel.
         self.pre_norm = RMSNorm(D, eps=NORM_EPS, dtype=config.dtype, axes=REPLICATED)
-        qkv = dict(kernel_init=qkv_init, axes=("embed", "heads", "head_dim"), **dense)
-        self.dense_q = DenseGeneral(D, (NH, hd), key=kq, **qkv)
-        self.dense_k = DenseGeneral(D, (NH, hd), key=kk, **qkv)
-        self.dense_v = DenseGeneral(D, (NH, hd), key=kv, **qkv)
+        self.dense_q = qkv_projection(kq)
+        self.dense_k = qkv_projection(kk)
+        self.dense_v = qkv_projection(kv)
         if config.qk_norm:
             self.q_norm = RMSNorm(hd, eps=NORM_EPS, dtype=config.dtype, axes=("head_dim",))
             self.k_norm = RMSNorm(hd, eps=NORM_EPS, dtype=config.dtype, axes=("head_dim",))
@@ -311,8 +321,9 @@ class SelfAttentionBlock(eqx.Module):
             kernel_init=out_init,
             axes=("heads", "head_dim", "embed"),
             bias_axes=REPLICATED,
+            use_bias=config.use_bias,
+            dtype=config.dtype,
             key=ko,
-            **dense,
         )
         self.num_heads = NH
         self.head_dim = hd
