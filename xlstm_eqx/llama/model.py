@@ -127,9 +127,10 @@ class TransformerBlock(eqx.Module):
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "B S D"]:
         kattn, kffn = split_optional_key(key, 2)
-        attn = maybe_remat(SelfAttentionBlock.__call__, self.remat_attn)
-        x = x + attn(self.attn, x, sin, cos, segment_ids, key=kattn)
-        return x + maybe_remat(FFNBlock.__call__, self.remat_ffn)(self.ffn, x, key=kffn)
+        # Called through the sub-modules themselves (not an unbound __call__): FSDP may have
+        # wrapped them (parallel/fsdp.py, gather-at-use).
+        x = x + maybe_remat(self.attn, self.remat_attn)(x, sin, cos, segment_ids, key=kattn)
+        return x + maybe_remat(self.ffn, self.remat_ffn)(x, key=kffn)
 
     def call_with_state(
         self,
@@ -182,18 +183,19 @@ class TransformerBlockStack(eqx.Module):
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "B S D"]:
         keys = None if key is None else jr.split(key, self.num_blocks)
-        block_call = maybe_remat(TransformerBlock.__call__, self.remat_block)
+
+        remat = self.remat_block
         if isinstance(self.blocks, tuple):
             for i, block in enumerate(self.blocks):
                 block_key = None if keys is None else keys[i]
-                x = block_call(block, x, sin, cos, segment_ids, key=block_key)
+                x = maybe_remat(block, remat)(x, sin, cos, segment_ids, key=block_key)
             return x
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
         def body(h: Array, xs: tuple[PyTree, PRNGKeyArray | None]) -> tuple[Array, None]:
             block_params, block_key = xs
-            block = eqx.combine(block_params, static)
-            return block_call(block, h, sin, cos, segment_ids, key=block_key), None
+            block = maybe_remat(eqx.combine(block_params, static), remat)
+            return block(h, sin, cos, segment_ids, key=block_key), None
 
         x, _ = jax.lax.scan(body, x, (params, keys))
         return x

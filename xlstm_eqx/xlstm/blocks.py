@@ -135,11 +135,12 @@ class xLSTMBlock(eqx.Module):
         """``(B, S, D) -> (B, S, D)``. ``document_borders`` reach the mLSTM layer (memory reset;
         the sLSTM layer has none). Dropout only with a key."""
         klayer, kffn = split_optional_key(key, 2)
-        xlstm_residual = _maybe_remat(ResidualBlock.__call__, self.remat_xlstm)
-        x = xlstm_residual(self.xlstm_res_block, x, key=klayer, document_borders=document_borders)
+        # Called through the sub-modules themselves (not an unbound __call__): FSDP may have
+        # wrapped them (parallel/fsdp.py, gather-at-use).
+        xlstm_residual = _maybe_remat(self.xlstm_res_block, self.remat_xlstm)
+        x = xlstm_residual(x, key=klayer, document_borders=document_borders)
         if self.ffn_res_block is not None:
-            ffn_residual = _maybe_remat(ResidualBlock.__call__, self.remat_ffn)
-            x = ffn_residual(self.ffn_res_block, x, key=kffn)
+            x = _maybe_remat(self.ffn_res_block, self.remat_ffn)(x, key=kffn)
         return x
 
     def init_state(self, batch_size: int) -> PyTree:
@@ -207,18 +208,18 @@ class xLSTMBlockStack(eqx.Module):
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "B S D"]:
         # "mLSTMBlock" in parallel.remat: each whole block is rematerialised in the backward pass.
-        block_call = _maybe_remat(xLSTMBlock.__call__, self.remat_blocks)
+        remat = self.remat_blocks
         if isinstance(self.blocks, tuple):
             for block, k in zip(self.blocks, split_optional_key(key, self.num_blocks), strict=True):
-                x = block_call(block, x, document_borders=document_borders, key=k)
+                x = _maybe_remat(block, remat)(x, document_borders=document_borders, key=k)
             return x
         params, static = eqx.partition(self.blocks, eqx.is_array)
         keys = None if key is None else jr.split(key, self.num_blocks)
 
         def body(h: Array, xs: tuple[PyTree, PRNGKeyArray | None]) -> tuple[Array, None]:
             block_params, block_key = xs
-            block = eqx.combine(block_params, static)
-            return block_call(block, h, document_borders=document_borders, key=block_key), None
+            block = _maybe_remat(eqx.combine(block_params, static), remat)
+            return block(h, document_borders=document_borders, key=block_key), None
 
         return jax.lax.scan(body, x, (params, keys))[0]
 
