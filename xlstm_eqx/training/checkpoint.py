@@ -28,7 +28,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -143,7 +143,8 @@ def save_checkpoint(
                     {"path": path, "shape": list(arr.shape), "dtype": str(arr.dtype)}
                 )
             with open(os.path.join(tmp, f"{name}.npz"), "wb") as f:
-                np.savez(f, **arrays)
+                # (numpy's stub would match `**arrays` against its `allow_pickle: bool`)
+                np.savez(f, **cast(dict[str, Any], arrays))
                 f.flush()
                 os.fsync(f.fileno())
         meta["trees"] = leaves_meta

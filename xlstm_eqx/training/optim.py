@@ -23,6 +23,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax
 from jaxtyping import PyTree
 
@@ -100,7 +101,10 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(
-    cfg: TrainConfig, model: PyTree, model_config: ModelConfig | None = None, family: ModelFamily | None = None
+    cfg: TrainConfig,
+    model: PyTree,
+    model_config: ModelConfig | None = None,
+    family: ModelFamily | None = None,
 ) -> optax.GradientTransformation:
     """Clip by global norm, then `cfg.optimizer` (AdamW, Lion or Adafactor) with the schedule and
     the decay mask (decoupled weight decay, scaled by the learning rate, for all three)."""
@@ -151,4 +155,4 @@ def make_optimizer(
 
 def lr_at(schedule: optax.Schedule, count: int) -> float:
     with jax.numpy_dtype_promotion("standard"):
-        return float(schedule(count))
+        return float(jnp.asarray(schedule(count)))

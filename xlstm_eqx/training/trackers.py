@@ -63,18 +63,20 @@ class TensorBoardTracker:
         self.directory = directory
         self._writer = EventFileWriter(directory)
         text = "```json\n" + json.dumps(config, indent=2, default=str) + "\n```"
-        tensor = tensor_pb2.TensorProto(
+        # protobuf makes these modules' message classes at import time: no checker can see them
+        tensors: Any = tensor_pb2
+        shapes: Any = tensor_shape_pb2
+        summaries: Any = summary_pb2
+        tensor = tensors.TensorProto(
             dtype=7,  # DT_STRING
             string_val=[text.encode()],
-            tensor_shape=tensor_shape_pb2.TensorShapeProto(
-                dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]
-            ),
+            tensor_shape=shapes.TensorShapeProto(dim=[shapes.TensorShapeProto.Dim(size=1)]),
         )
-        meta = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text")
+        meta = summaries.SummaryMetadata(
+            plugin_data=summaries.SummaryMetadata.PluginData(plugin_name="text")
         )
-        value = summary_pb2.Summary.Value(tag="config", metadata=meta, tensor=tensor)
-        self._add(summary_pb2.Summary(value=[value]), 0)
+        value = summaries.Summary.Value(tag="config", metadata=meta, tensor=tensor)
+        self._add(summaries.Summary(value=[value]), 0)
 
     def _add(self, summary: Any, step: int) -> None:
         import time

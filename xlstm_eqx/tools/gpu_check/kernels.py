@@ -18,6 +18,7 @@ from ...core import median_seconds
 from ...core.timing import peak_bytes
 from ...models import mlstm_dims
 from ...presets import get_preset
+from ...xlstm import xLSTMLMModelConfig
 from .report import Part, gib, memory_limit, mlstm_inputs
 from .settings import CheckSettings, chunkwise_flops, package_version, pallas_chunk
 
@@ -83,7 +84,10 @@ def peer_chunk(name: str, s: int, chunk: int, max_chunks: int) -> int:
 
 
 def layer_shape(preset: str) -> tuple[int, int, int]:
-    return mlstm_dims(get_preset(preset))
+    config = get_preset(preset)
+    if not isinstance(config, xLSTMLMModelConfig):
+        raise ValueError(f"preset {preset!r} is not an xLSTM model")
+    return mlstm_dims(config)
 
 
 def _compile_cell(
