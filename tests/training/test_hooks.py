@@ -28,11 +28,12 @@ from xlstm_eqx.training.hooks import (
     TrainingDivergedError,
 )
 from xlstm_eqx.training.host_sync import ProfileWindow
-from xlstm_eqx.training.loop import TrainState, steps
+from xlstm_eqx.training.loop import steps
 from xlstm_eqx.training.orbax_checkpoint import CheckpointStore
 from xlstm_eqx.training.run_files import InterruptFlag
 from xlstm_eqx.training.step import TrainStep
 from xlstm_eqx.training.trackers import Trackers
+from xlstm_eqx.training.train_state import TrainState
 
 
 TOKENS_PER_STEP = 64

@@ -1,0 +1,129 @@
+"""The state the steps start from: the model, the optimizer state, the jitted step, the step
+count and the loop's key, built for a new run or read from a checkpoint on ``--resume``; with
+``--mesh`` born sharded (or read straight into their shardings, whatever mesh saved them)."""
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+from jaxtyping import PRNGKeyArray, PyTree
+
+from ..cell.autotune import tune_auto_backend
+from ..models import MODEL_FAMILIES, ModelFamily
+from ..parallel.placement import init_sharded
+from .config import TrainConfig
+from .optim import make_optimizer, trainable_params
+from .orbax_checkpoint import restore_newest_intact
+from .prepare import PreparedRun
+from .step import (
+    TrainStep,
+    init_sharded_opt_state,
+    make_train_step,
+    mesh_layout,
+    optimizer_and_step,
+)
+
+
+__all__ = ["TrainState", "init_train_state"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Where the steps start: the model and optimizer state (built, or read on ``--resume``), the
+    step that runs them, the step count so far and the loop's key; ``resumed`` is the checkpoint
+    read (None: a new run) and ``damaged`` whether a newer damaged one was skipped."""
+
+    model: PyTree
+    opt_state: PyTree
+    step_fn: TrainStep
+    start_step: int
+    loop_key: PRNGKeyArray
+    resumed: str | None = None
+    damaged: bool = False
+
+
+def init_train_state(cfg: TrainConfig, prepared: PreparedRun) -> TrainState:
+    """The model, optimizer state and step of the run: built, or read from the checkpoint on
+    ``--resume``; with ``--mesh`` born sharded (or read straight into their shardings, whatever
+    mesh saved them): no array is ever whole on one device."""
+    family = MODEL_FAMILIES[prepared.kind]
+    init_key, loop_key = jr.split(jr.key(cfg.seed))
+    # Shapes only (nothing allocated): the optimizer, the layout on a mesh and the templates a
+    # checkpoint is checked against and read into are all made from this skeleton.
+    skeleton = eqx.filter_eval_shape(family.build, prepared.model_config, key=init_key)
+    restored = None
+    if cfg.mesh:
+        model, opt_state, step_fn, restored = _state_on_mesh(
+            cfg, prepared, family, skeleton, init_key
+        )
+    elif prepared.resume_from is not None:
+        optimizer, step_fn = optimizer_and_step(cfg, skeleton, prepared.model_config, family)
+        templates = {"model": skeleton, "opt_state": _opt_skeleton(optimizer, skeleton)}
+        restored = restore_newest_intact(prepared.resume_from, templates)
+        model, opt_state = restored[0]["model"], restored[0]["opt_state"]
+    else:
+        model = family.build(prepared.model_config, key=init_key)
+        optimizer, step_fn = optimizer_and_step(cfg, model, prepared.model_config, family)
+        with jax.numpy_dtype_promotion("standard"):
+            opt_state = optimizer.init(trainable_params(model))
+    # The "auto" mLSTM backend times its candidates now, not while the step compiles (GPU only).
+    tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32)
+    tune_auto_backend(lambda m, t: m(t), model, tokens)
+    if restored is None:
+        return TrainState(model, opt_state, step_fn, 0, loop_key)
+    _, meta, resumed, damaged = restored
+    # A damaged newest checkpoint was skipped (with a warning): the run goes on from the one
+    # read; the newer ones are moved aside, as the run will save those steps again.
+    loop_key = jr.wrap_key_data(jnp.asarray(meta["rng_key"], jnp.uint32))
+    damaged = bool(damaged or prepared.damaged)
+    return TrainState(model, opt_state, step_fn, int(meta["step"]), loop_key, resumed, damaged)
+
+
+def _state_on_mesh(
+    cfg: TrainConfig,
+    prepared: PreparedRun,
+    family: ModelFamily,
+    skeleton: PyTree,
+    init_key: PRNGKeyArray,
+) -> tuple[PyTree, PyTree, TrainStep, Any]:
+    """`init_train_state` with ``--mesh``: ``(model, opt_state, step, restored or None)``."""
+    optimizer = make_optimizer(cfg, skeleton, prepared.model_config, family)
+    base = getattr(prepared.model_config, "parallel", None)
+    layout = mesh_layout(cfg.mesh, skeleton, optimizer, base=base)
+    restored = None
+    if prepared.resume_from is not None:
+        restored = restore_newest_intact(
+            prepared.resume_from,
+            {"model": skeleton, "opt_state": _opt_skeleton(optimizer, skeleton)},
+            {"model": layout.model_shardings, "opt_state": layout.opt_shardings},
+        )
+        model, opt_state = restored[0]["model"], restored[0]["opt_state"]
+    else:
+        model = init_sharded(
+            family.build,
+            prepared.model_config,
+            key=init_key,
+            mesh=layout.mesh,
+            parallel_config=layout.parallel_config,
+        )
+        opt_state = init_sharded_opt_state(optimizer, model, layout)
+    step_fn = make_train_step(
+        optimizer,
+        mesh=layout.mesh,
+        parallel_config=layout.parallel_config,
+        model_specs=layout.model_specs,
+        opt_specs=layout.opt_specs,
+    )
+    return model, opt_state, step_fn, restored
+
+
+def _opt_skeleton(optimizer: optax.GradientTransformation, skeleton: PyTree) -> PyTree:
+    with jax.numpy_dtype_promotion("standard"):
+        return jax.eval_shape(optimizer.init, trainable_params(skeleton))
+
+
+# the hooks
