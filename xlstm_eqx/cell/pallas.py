@@ -274,7 +274,7 @@ def _states_kernel(
 def _outputs_kernel(*refs, eps):
     """One (batch, head, chunk): h of the chunk's L tokens. refs: the inputs of `_chunk_outputs`, h."""
     *in_refs, h_ref = refs
-    h_ref[...] = _chunk_outputs(*(ref[...] for ref in in_refs), eps)["h"]
+    h_ref[...] = _chunk_outputs(*(ref[...] for ref in in_refs), eps=eps)["h"]
 
 
 def _outputs_backward_kernel(*refs, eps):
@@ -283,7 +283,7 @@ def _outputs_backward_kernel(*refs, eps):
     refs: the inputs of `_chunk_outputs_backward`, then one output per gradient it returns.
     """
     in_refs, out_refs = refs[:12], refs[12:]
-    grads = _chunk_outputs_backward(*(ref[...] for ref in in_refs), eps)
+    grads = _chunk_outputs_backward(*(ref[...] for ref in in_refs), eps=eps)
     for ref, value in zip(out_refs, grads, strict=True):
         ref[...] = value
 
