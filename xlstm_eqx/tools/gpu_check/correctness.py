@@ -47,7 +47,7 @@ def _check_cell(case: CellCase) -> dict[str, Any]:
     with jax.default_matmul_precision("highest"):
         for name, cell in (("ref", mlstm_chunkwise), ("pallas", mlstm_chunkwise_pallas)):
 
-            def fn(*a: Array, cell: Callable[..., Array] = cell) -> Array:
+            def fn(*a: Array, cell: Callable[..., tuple[Array, Any]] = cell) -> Array:
                 return cell(*a, chunk_size=case.chunk)[0]
 
             results[name] = jax.block_until_ready(_vjp_program(fn, 5)(*args))

@@ -56,6 +56,7 @@ def _prefill_state(
         logits = None
         for start in range(0, prompt.shape[1], chunk):
             logits, cache = _llama_chunk_jit(model, prompt[:, start : start + chunk], cache)
+        assert logits is not None  # the prompt is longer than one chunk
         return logits, cache
     return _prefill_jit(model, prompt, cache_size)
 
