@@ -129,39 +129,14 @@ def save_checkpoint(
     tmp = tempfile.mkdtemp(prefix=f".tmp-{step_dir_name(step)}-", dir=root)
     try:
         meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": int(step)}
-        leaves_meta: dict[str, list[dict[str, Any]]] = {}
-        for name, tree in trees.items():
-            flat, _ = _flatten(tree)
-            arrays: dict[str, np.ndarray] = {}
-            leaves_meta[name] = []
-            for i, (path, leaf) in enumerate(flat):
-                if isinstance(leaf, jax.ShapeDtypeStruct):
-                    raise ValueError(f"cannot save {name}{path}: it is a shape skeleton, not data")
-                arr = np.asarray(jax.device_get(leaf))
-                arrays[f"a{i:06d}"] = _to_storable(arr)
-                leaves_meta[name].append(
-                    {"path": path, "shape": list(arr.shape), "dtype": str(arr.dtype)}
-                )
-            with open(os.path.join(tmp, f"{name}.npz"), "wb") as f:
-                # (numpy's stub would match `**arrays` against its `allow_pickle: bool`)
-                np.savez(f, **cast(dict[str, Any], arrays))
-                f.flush()
-                os.fsync(f.fileno())
-        meta["trees"] = leaves_meta
+        meta["trees"] = {name: _write_tree(tmp, name, tree) for name, tree in trees.items()}
         meta["metadata"] = dict(metadata or {})
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(tmp)
-        if os.path.exists(final):
-            trash = tempfile.mkdtemp(prefix=".tmp-replaced-", dir=root)
-            os.replace(final, os.path.join(trash, "old"))
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
+        _replace_directory(tmp, final, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,6 +146,39 @@ def save_checkpoint(
         for _, old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_tree(directory: str, name: str, tree: PyTree) -> list[dict[str, Any]]:
+    """Write the leaves of ``tree`` as ``directory/name.npz`` (``a000000``, ``a000001``, ... in
+    flattening order), synced to disk; returns each leaf's path, shape and dtype for meta.json."""
+    flat, _ = _flatten(tree)
+    arrays: dict[str, np.ndarray] = {}
+    leaves_meta: list[dict[str, Any]] = []
+    for i, (path, leaf) in enumerate(flat):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            raise ValueError(f"cannot save {name}{path}: it is a shape skeleton, not data")
+        arr = np.asarray(jax.device_get(leaf))
+        arrays[f"a{i:06d}"] = _to_storable(arr)
+        leaves_meta.append({"path": path, "shape": list(arr.shape), "dtype": str(arr.dtype)})
+    with open(os.path.join(directory, f"{name}.npz"), "wb") as f:
+        # (numpy's stub would match `**arrays` against its `allow_pickle: bool`)
+        np.savez(f, **cast(dict[str, Any], arrays))
+        f.flush()
+        os.fsync(f.fileno())
+    return leaves_meta
+
+
+def _replace_directory(tmp: str, final: str, root: str) -> None:
+    """Move the written ``tmp`` to ``final``; an older ``final`` (the same step saved again) is
+    moved aside first and deleted only after, so one of the two is always in place."""
+    if os.path.exists(final):
+        trash = tempfile.mkdtemp(prefix=".tmp-replaced-", dir=root)
+        os.replace(final, os.path.join(trash, "old"))
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
 
 
 def _dtype_name_ok(name: Any) -> bool:

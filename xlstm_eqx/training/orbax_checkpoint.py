@@ -304,8 +304,6 @@ def restore_checkpoint(
     """
     spath = os.fspath(path)
     meta = load_metadata(path)
-    ocp = _ocp()
-    p = _epath(path)
     shardings = shardings or {}
     out: dict[str, PyTree] = {}
     for name, template in templates.items():
@@ -319,26 +317,7 @@ def restore_checkpoint(
         saved = manifest_with_current_paths(saved, [p for p, _, _ in flat])
         check_manifest(spath, name, saved, [(p, list(x.shape), _dtype_name(x)) for p, _, x in flat])
         targets = _target_shardings(name, flat, shardings.get(name))
-        leaves: list[Any] = []
-        if flat:
-            abstract = _nest(
-                name,
-                [
-                    (pth, keys, jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=s))
-                    for (pth, keys, leaf), s in zip(flat, targets, strict=True)
-                ],
-            )
-            failure = None
-            try:
-                restored = _checkpointer(ocp.StandardCheckpointHandler()).restore(
-                    p / name, args=ocp.args.StandardRestore(abstract)
-                )
-            except Exception as e:  # a damaged or vanished file: whatever orbax raises, one line
-                failure = first_line(root_cause(e))
-            if failure is not None:
-                drop_failed_reads()
-                raise CheckpointError(f"checkpoint {spath!r}: cannot read {name}/ ({failure})")
-            leaves = [_lookup(restored, keys) for _, keys, _ in flat]
+        leaves = _read_tree(path, name, flat, targets) if flat else []
         sums = meta.get("checksums", {}).get(name)
         expected = (
             None if sums is None else dict(zip([e["path"] for e in saved], sums, strict=True))
@@ -348,6 +327,36 @@ def restore_checkpoint(
         _, static = eqx.partition(template, _is_leaf_array)
         out[name] = eqx.combine(arrays, static)
     return out, meta.get("metadata", {})
+
+
+def _read_tree(
+    path: str | os.PathLike,
+    name: str,
+    flat: list[tuple[str, tuple[str, ...], Any]],
+    targets: list[jax.sharding.Sharding],
+) -> list[Any]:
+    """The arrays of tree ``name`` of checkpoint ``path``, in the order of ``flat`` (``(path,
+    stored keys, template leaf)`` each), each read into its target sharding; an unreadable file
+    is one `CheckpointError` line."""
+    ocp = _ocp()
+    abstract = _nest(
+        name,
+        [
+            (pth, keys, jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=s))
+            for (pth, keys, leaf), s in zip(flat, targets, strict=True)
+        ],
+    )
+    failure = None
+    try:
+        restored = _checkpointer(ocp.StandardCheckpointHandler()).restore(
+            _epath(path) / name, args=ocp.args.StandardRestore(abstract)
+        )
+    except Exception as e:  # a damaged or vanished file: whatever orbax raises, one line
+        failure = first_line(root_cause(e))
+    if failure is not None:
+        drop_failed_reads()
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r}: cannot read {name}/ ({failure})")
+    return [_lookup(restored, keys) for _, keys, _ in flat]
 
 
 # the newest checkpoint that reads
