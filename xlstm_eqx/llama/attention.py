@@ -7,7 +7,7 @@ itself (docs/architecture.md, "Llama").
 
 import functools
 from collections.abc import Callable
-from typing import Any, get_args
+from typing import Any, ClassVar, get_args
 
 import equinox as eqx
 import jax
@@ -284,6 +284,7 @@ class SelfAttentionBlock(eqx.Module):
     attention_backend: str = eqx.field(static=True)
     dropout_rate: float = eqx.field(static=True)
     theta: float = eqx.field(static=True)
+    reference_name: ClassVar[str] = "AttnBlock"  # fsdp_modules / remat name
 
     def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
         check_config(config)

@@ -17,6 +17,7 @@ Departures from the reference, each deliberate:
 - Dropout acts only when a ``key`` is passed (the reference's ``train`` flag).
 """
 
+from collections.abc import Mapping
 from functools import partial
 from typing import ClassVar
 
@@ -64,6 +65,7 @@ class FFNBlock(eqx.Module):
     proj_up_gate: Dense
     proj_down: Dense
     dropout_rate: float = eqx.field(static=True)
+    reference_name: ClassVar[str] = "FFNBlock"  # fsdp_modules / remat name
 
     def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
         check_config(config)
@@ -108,14 +110,15 @@ class TransformerBlock(eqx.Module):
     ffn: FFNBlock
     remat_attn: bool = eqx.field(static=True)
     remat_ffn: bool = eqx.field(static=True)
+    reference_name: ClassVar[str] = "TransformerBlock"  # fsdp_modules / remat name
 
     def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
         kattn, kffn = jr.split(key)
         self.attn = SelfAttentionBlock(config, key=kattn)
         self.ffn = FFNBlock(config, key=kffn)
         remat = _remat_names(config)
-        self.remat_attn = "AttnBlock" in remat
-        self.remat_ffn = "FFNBlock" in remat
+        self.remat_attn = SelfAttentionBlock.reference_name in remat
+        self.remat_ffn = FFNBlock.reference_name in remat
 
     def __call__(
         self,
@@ -161,6 +164,7 @@ class TransformerBlockStack(eqx.Module):
     remat_block: bool = eqx.field(static=True)
     # logical name (nn.axes) of the leading axis of the scanned (single, stacked) block
     blocks_axes: ClassVar[LogicalAxes] = ("layers",)
+    reference_name: ClassVar[str] = "BlockStack"  # fsdp_modules / remat name
 
     def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
         check_config(config)
@@ -171,7 +175,7 @@ class TransformerBlockStack(eqx.Module):
             self.blocks = tuple(TransformerBlock(config, key=k) for k in keys)
         self.num_blocks = config.num_blocks
         self.scan_blocks = bool(config.scan_blocks)
-        self.remat_block = "TransformerBlock" in _remat_names(config)
+        self.remat_block = TransformerBlock.reference_name in _remat_names(config)
 
     def __call__(
         self,
@@ -263,6 +267,12 @@ class LlamaTransformer(eqx.Module):
     mask_across_document_boundaries: bool = eqx.field(static=True)
     causal: bool = eqx.field(static=True)
     logits_soft_cap: float | None = eqx.field(static=True)
+    # the reference's names of the embedding and the LM head (fsdp_modules / remat)
+    field_reference_names: ClassVar[Mapping[str, str | None]] = {
+        "token_embedding": "Embed",
+        "out_norm": "LMHead",
+        "lm_head": "LMHead",
+    }
 
     def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
         check_config(config)

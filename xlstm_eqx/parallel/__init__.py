@@ -17,8 +17,9 @@ Pieces, in the order a run uses them:
 - `rules`: ``param_partition_specs(model, parallel_config)``, a ``PartitionSpec`` per array leaf
   from the logical axes each module declares where it creates the array (``xlstm_eqx.nn.axes``)
   and one mapping of logical axes to mesh axes (``LOGICAL_AXIS_RULES``); ``MODULE_NAME_MAP`` maps
-  the reference's registered module names (``fsdp_modules``) onto this package's classes; plus the
-  specs of optimizer states and token batches.
+  the reference's registered module names (``fsdp_modules``, ``remat``), which the modules declare
+  themselves (``reference_name``, ``field_reference_names``; read by ``module_names``), onto this
+  package's classes; plus the specs of optimizer states and token batches.
 - `placement`: ``shard_model`` / ``shard_opt_state`` place a model / its optax state on a mesh;
   ``init_sharded(model_cls, config, key=..., mesh=...)`` makes a model born sharded (shapes from
   ``eqx.filter_eval_shape``, arrays from a ``jax.jit`` of the init with ``out_shardings``);

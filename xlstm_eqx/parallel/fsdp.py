@@ -24,7 +24,9 @@ from .rules import child, module_names, stacked_axes
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gather_cast(w: Array, gather_dtype: str, scatter_dtype: str) -> Array:
+def gather_cast(w: Array, gather_dtype: str, scatter_dtype: str) -> Array:
+    """``w`` cast to ``gather_dtype``; its gradient goes through ``scatter_dtype`` and back to
+    ``w``'s dtype."""
     return w.astype(gather_dtype)
 
 
@@ -37,7 +39,7 @@ def _gather_cast_bwd(gather_dtype: str, scatter_dtype: str, res: Any, g: Array) 
     return (g.astype(scatter_dtype).astype(res.dtype),)
 
 
-_gather_cast.defvjp(_gather_cast_fwd, _gather_cast_bwd)
+gather_cast.defvjp(_gather_cast_fwd, _gather_cast_bwd)
 
 
 def _drop_axis(spec: P, lead: int, axis: str) -> P | None:
@@ -91,7 +93,7 @@ class _GatherAtUse(eqx.Module):
                     if jnp.dtype(scatter) == jnp.dtype(self.gather_dtype):
                         x = x.astype(self.gather_dtype)  # its transpose casts the cotangent back
                     else:
-                        x = _gather_cast(x, self.gather_dtype, scatter)
+                        x = gather_cast(x, self.gather_dtype, scatter)
                     x = jax.lax.with_sharding_constraint(x, local)
                 x = jax.lax.with_sharding_constraint(x, sh)
                 x = checkpoint_name(x, _GATHERED)
@@ -156,15 +158,18 @@ _run_gathered_in_scan = eqx.filter_checkpoint(
 _run_gathered = eqx.filter_checkpoint(_call_gathered, policy=_not_gathered, prevent_cse=True)
 
 
+#: The module holding a node and the field it is held in (None, None at the root).
+_Holder = tuple[eqx.Module | None, str | None]
+
+
 def _fsdp_targets(model: Any, wanted: set[str]) -> list[tuple[tuple[Any, ...], int]]:
     """(path, stacked leading axes) of the outermost modules whose registered names are in
     ``wanted``."""
     targets: list[tuple[tuple[Any, ...], int]] = []
 
-    def visit(node: Any, path: tuple[Any, ...], parent: tuple[str, str] | None, lead: int) -> None:
+    def visit(node: Any, path: tuple[Any, ...], holder: _Holder, lead: int) -> None:
         if isinstance(node, eqx.Module):
-            cls = type(node).__name__
-            if module_names(node, parent) & wanted:
+            if module_names(node, *holder) & wanted:
                 targets.append((path, lead))
                 return
             for f in dataclasses.fields(node):
@@ -172,12 +177,14 @@ def _fsdp_targets(model: Any, wanted: set[str]) -> list[tuple[tuple[Any, ...], i
                     continue
                 value = getattr(node, f.name)
                 extra = len(stacked_axes(node, f.name))
-                visit(value, (*path, jax.tree_util.GetAttrKey(f.name)), (cls, f.name), lead + extra)
+                visit(
+                    value, (*path, jax.tree_util.GetAttrKey(f.name)), (node, f.name), lead + extra
+                )
         elif isinstance(node, (list, tuple)):
             for i, c in enumerate(node):
-                visit(c, (*path, jax.tree_util.SequenceKey(i)), parent, lead)
+                visit(c, (*path, jax.tree_util.SequenceKey(i)), holder, lead)
 
-    visit(model, (), None, 0)
+    visit(model, (), (None, None), 0)
     return targets
 
 

@@ -1,9 +1,10 @@
 """Partition rules: a ``PartitionSpec`` for every array of a model (`param_partition_specs`),
 derived from the logical axes each module declares where it creates the array (``nn.axes``,
 checked by `logical_axes`) through one mapping, `LOGICAL_AXIS_RULES`; specs for an optax state
-(`opt_state_specs`) and for token batches (`batch_spec`), and `MODULE_NAME_MAP`, the reference's module names (as used in ``fsdp_modules``
-and ``remat``) on this package's classes. The rules are listed in docs/architecture.md,
-"Partition rules".
+(`opt_state_specs`) and for token batches (`batch_spec`); `module_names`, the names (the reference's
+module names, as used in ``fsdp_modules`` and ``remat``, declared on the modules: ``reference_name``,
+``field_reference_names``) a module answers to, documented in `MODULE_NAME_MAP`. The rules are
+listed in docs/architecture.md, "Partition rules".
 
 Tensor parallelism for the Llama baseline is not in the reference; the rules here give it the usual
 Megatron layout (q/k/v and FFN up/gate column-parallel, attention out and FFN down row-parallel).
@@ -11,7 +12,7 @@ Megatron layout (q/k/v and FFN up/gate column-parallel, attention out and FFN do
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import equinox as eqx
@@ -25,9 +26,11 @@ from ..nn.axes import REPLICATED, LogicalAxes, axes_field_name
 from .mesh import axis_sizes
 
 
-# which module is which: the reference's registered names on this package's classes
+# which module is which: the reference's registered names, declared on the modules themselves
 
-#: Reference module names (as used in ``fsdp_modules`` and ``remat``) → what they are here.
+#: Reference module names (as used in ``fsdp_modules`` and ``remat``) → what they are here. Each is
+#: declared by the module it names (`module_names`); tests/parallel/test_module_names.py checks
+#: that this map and the declarations of the presets' modules agree.
 MODULE_NAME_MAP: dict[str, str] = {
     "Embed": "xLSTMLMModel.token_embedding / LlamaTransformer.token_embedding (Embedding)",
     "LMHead": "xLSTMLMModel.out_norm + .lm_head / LlamaTransformer.out_norm + .lm_head",
@@ -36,31 +39,69 @@ MODULE_NAME_MAP: dict[str, str] = {
     "xLSTMResBlock": "xLSTMBlock.xlstm_res_block (ResidualBlock around the mLSTM/sLSTM layer)",
     "FFNResBlock": "xLSTMBlock.ffn_res_block (ResidualBlock around the FeedForward)",
     "mLSTMInnerLayer": "mLSTMInnerLayer",
-    "mLSTMCell": "mLSTMCell",
+    "mLSTMCell": "mLSTMInnerLayer.mlstm_cell (mLSTMCell; not mLSTMLayerV1.cell: the reference's "
+    "v1 layer holds its gates and norms itself)",
     "TransformerBlock": "TransformerBlock",
     "AttnBlock": "SelfAttentionBlock",
     "FFNBlock": "FFNBlock",
 }
 
 
-_CLASS_ALIASES: dict[str, str] = {
-    "xLSTMBlockStack": "BlockStack",
-    "TransformerBlockStack": "BlockStack",
-    "xLSTMBlock": "mLSTMBlock",
-    "SelfAttentionBlock": "AttnBlock",
-}
+#: On a module class: the reference's registered name of the class (``ClassVar[str]``).
+REFERENCE_NAME = "reference_name"
 
 
-_MODELS = ("xLSTMLMModel", "LlamaTransformer")
+#: On a module class: the reference's names of what some of its fields hold
+#: (``ClassVar[Mapping[str, str | None]]``, field → name); None: the reference has no module
+#: there (the owner holds those weights itself), so the sub-module answers to no name of its own.
+FIELD_REFERENCE_NAMES = "field_reference_names"
 
 
-_FIELD_ALIASES: dict[tuple[str, str], str] = {
-    **{(m, "token_embedding"): "Embed" for m in _MODELS},
-    **{(m, "out_norm"): "LMHead" for m in _MODELS},
-    **{(m, "lm_head"): "LMHead" for m in _MODELS},
-    ("xLSTMBlock", "xlstm_res_block"): "xLSTMResBlock",
-    ("xLSTMBlock", "ffn_res_block"): "FFNResBlock",
-}
+def field_reference_name(owner: eqx.Module, field: str) -> str | None:
+    """The reference's name that ``owner`` declares for its field ``field`` (None: none)."""
+    return getattr(type(owner), FIELD_REFERENCE_NAMES, {}).get(field)
+
+
+def module_names(module: eqx.Module, owner: eqx.Module | None, field: str | None) -> set[str]:
+    """The names ``fsdp_modules`` and ``remat`` may use for ``module``, held in ``owner.field``
+    (None for the root): its class name and the reference's name that the class declares, plus
+    the reference's name that the owner declares for the field; none at all where the owner
+    declares that the reference has no module there."""
+    declared_by_owner = {} if owner is None else getattr(type(owner), FIELD_REFERENCE_NAMES, {})
+    if field in declared_by_owner and declared_by_owner[field] is None:
+        return set()
+    names = {type(module).__name__}
+    class_name = getattr(type(module), REFERENCE_NAME, None)
+    if class_name is not None:
+        names.add(class_name)
+    if field is not None and declared_by_owner.get(field) is not None:
+        names.add(declared_by_owner[field])
+    return names
+
+
+def modules_in(tree: Any) -> Iterator[eqx.Module]:
+    """Every module in ``tree`` (its fields, lists, tuples and dicts searched), depth first."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, eqx.Module):
+            yield node
+            stack.extend(vars(node).values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+
+
+def declared_module_names(model: Any) -> set[str]:
+    """Every reference name declared by a module class or a field of a module in ``model``."""
+    found: set[str] = set()
+    for module in modules_in(model):
+        cls = type(module)
+        if getattr(cls, REFERENCE_NAME, None) is not None:
+            found.add(getattr(cls, REFERENCE_NAME))
+        found.update(name for name in getattr(cls, FIELD_REFERENCE_NAMES, {}).values() if name)
+    return found
 
 
 # The one mapping from logical axes (declared where each weight is created: nn.axes) to the mesh.
@@ -132,11 +173,12 @@ def _locate(root: Any, path: Sequence[Any]) -> _Leaf:
     stacked: list[str] = []
     axes: LogicalAxes | None = None
     node = root
+    holder: tuple[eqx.Module | None, str | None] = (None, None)
     for entry in path:
         if isinstance(node, eqx.Module) and isinstance(entry, jax.tree_util.GetAttrKey):
-            cls = type(node).__name__
-            names.update(module_names(node, chain[-1] if chain else None))
-            chain.append((cls, entry.name))
+            names.update(module_names(node, *holder))
+            holder = (node, entry.name)
+            chain.append((type(node).__name__, entry.name))
             stacked.extend(stacked_axes(node, entry.name))
             value = getattr(node, entry.name)
             axes = (
@@ -147,22 +189,11 @@ def _locate(root: Any, path: Sequence[Any]) -> _Leaf:
             node = value
         else:
             node = child(node, entry)
-    if chain and chain[-1] in _FIELD_ALIASES:
-        names.add(_FIELD_ALIASES[chain[-1]])
+    owner, field = holder
+    if owner is not None and field is not None and (name := field_reference_name(owner, field)):
+        names.add(name)  # an array held directly in a named field
     owner = ".".join(chain[-1]) if chain else "<root>"
     return _Leaf(frozenset(names), tuple(stacked), axes, owner)
-
-
-def module_names(module: eqx.Module, parent_field: tuple[str, str] | None) -> set[str]:
-    """The names ``fsdp_modules`` may use for ``module``: its class, the reference's name of its
-    class, and the reference's name of the field ``(parent class, field)`` that holds it."""
-    cls = type(module).__name__
-    names = {cls}
-    if cls in _CLASS_ALIASES:
-        names.add(_CLASS_ALIASES[cls])
-    if parent_field is not None and parent_field in _FIELD_ALIASES:
-        names.add(_FIELD_ALIASES[parent_field])
-    return names
 
 
 def _checked_axes(leaf: _Leaf, path: Sequence[Any], ndim: int) -> LogicalAxes:
@@ -234,18 +265,7 @@ def _largest_free_axis(shape: Sequence[int], spec: list[Any], size: int) -> int 
 
 def _known_names(model: Any) -> set[str]:
     """The reference names plus every module class name in ``model``."""
-    found = set(MODULE_NAME_MAP)
-    stack = [model]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, eqx.Module):
-            found.add(type(node).__name__)
-            stack.extend(vars(node).values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-        elif isinstance(node, dict):
-            stack.extend(node.values())
-    return found
+    return set(MODULE_NAME_MAP) | {type(module).__name__ for module in modules_in(model)}
 
 
 def _check_module_names(model: Any, pc: ParallelConfig) -> None:

@@ -8,6 +8,7 @@ as one block whose parameters are stacked on a leading axis of length L (built w
 same parameters for the same key, hence the same outputs.
 """
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -94,6 +95,12 @@ class xLSTMBlock(eqx.Module):
     is_slstm: bool = eqx.field(static=True)
     remat_xlstm: bool = eqx.field(static=True)
     remat_ffn: bool = eqx.field(static=True)
+    # the reference's names (fsdp_modules / remat; parallel.rules.module_names)
+    reference_name: ClassVar[str] = "mLSTMBlock"
+    field_reference_names: ClassVar[Mapping[str, str | None]] = {
+        "xlstm_res_block": "xLSTMResBlock",
+        "ffn_res_block": "FFNResBlock",
+    }
 
     def __init__(self, config: xLSTMBlockConfig, *, key: PRNGKeyArray):
         klayer, kffn = jr.split(key)
@@ -122,8 +129,8 @@ class xLSTMBlock(eqx.Module):
         else:
             self.ffn_res_block = None
         remat = _remat_names(config)
-        self.remat_xlstm = "xLSTMResBlock" in remat
-        self.remat_ffn = "FFNResBlock" in remat
+        self.remat_xlstm = self.field_reference_names["xlstm_res_block"] in remat
+        self.remat_ffn = self.field_reference_names["ffn_res_block"] in remat
 
     def __call__(
         self,
@@ -178,6 +185,7 @@ class xLSTMBlockStack(eqx.Module):
     remat_blocks: bool = eqx.field(static=True)
     # logical name (nn.axes) of the leading axis of the scanned (single, stacked) block
     blocks_axes: ClassVar[LogicalAxes] = ("layers",)
+    reference_name: ClassVar[str] = "BlockStack"  # fsdp_modules / remat name
 
     def __init__(self, config: xLSTMBlockStackConfig, *, key: PRNGKeyArray):
         block_configs = config.block_configs()
@@ -198,7 +206,7 @@ class xLSTMBlockStack(eqx.Module):
             )
         self.num_blocks = L
         self.scan_blocks = bool(config.scan_blocks)
-        self.remat_blocks = "mLSTMBlock" in _remat_names(config)
+        self.remat_blocks = xLSTMBlock.reference_name in _remat_names(config)
 
     def __call__(
         self,

@@ -7,7 +7,7 @@ merged after the per-head norm. Gate pre-activations are ``(B, S, NH)`` in ``gat
 by default). See docs/architecture.md, "The mlstm layer" and "Gates and document reset".
 """
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -111,6 +111,7 @@ class mLSTMCell(eqx.Module):
     gate_soft_cap: float | None = eqx.field(static=True)
     reset_at_document_boundaries: bool = eqx.field(static=True)
     reset_fgate_value: float = eqx.field(static=True)
+    reference_name: ClassVar[str] = "mLSTMCell"  # fsdp_modules / remat name
 
     def __init__(
         self,

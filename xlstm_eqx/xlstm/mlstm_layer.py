@@ -122,6 +122,7 @@ class mLSTMInnerLayer(eqx.Module):
     # logical axes (nn.axes): the skip's features; the stacked (q, k) pair of ``qk_proj``
     learnable_skip_axes: ClassVar[LogicalAxes] = ("mlp",)
     qk_proj_axes: ClassVar[LogicalAxes] = ("qk",)
+    reference_name: ClassVar[str] = "mLSTMInnerLayer"  # fsdp_modules / remat name
 
     def __init__(self, config: mLSTMLayerConfig, *, key: PRNGKeyArray):
         if config.gate_input not in _GATE_INPUTS:

@@ -3,6 +3,9 @@ input, the cell (`mLSTMCell`: gates from the block input, per-head norm), a sigm
 ``(B, S, D) -> (B, S, D)``; see docs/architecture.md, "The mlstm_v1 layer".
 """
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.random as jr
@@ -45,6 +48,9 @@ class mLSTMLayerV1(eqx.Module):
     cell: mLSTMCell
     proj_down: Dense
     dropout_rate: float = eqx.field(static=True)
+    # The reference's v1 layer holds its gates and norms itself (no mLSTMCell module), so "mLSTMCell"
+    # in fsdp_modules / remat does not reach them: the cell answers to no name of its own.
+    field_reference_names: ClassVar[Mapping[str, str | None]] = {"cell": None}
 
     def __init__(self, config: mLSTMLayerConfig, *, key: PRNGKeyArray):
         D = config.embedding_dim

@@ -14,6 +14,7 @@ Choices where the reference is quirky (docs/architecture.md, "Reference quirks k
 - Nothing is sized by ``context_length``: any ``S ≥ 1`` works at call time.
 """
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -58,6 +59,12 @@ class xLSTMLMModel(eqx.Module):
     tie_weights: bool = eqx.field(static=True)
     weight_decay_on_embedding: bool = eqx.field(static=True)
     logits_soft_cap: float | None = eqx.field(static=True)
+    # the reference's names of the embedding and the LM head (fsdp_modules / remat)
+    field_reference_names: ClassVar[Mapping[str, str | None]] = {
+        "token_embedding": "Embed",
+        "out_norm": "LMHead",
+        "lm_head": "LMHead",
+    }
 
     def __init__(self, config: xLSTMLMModelConfig, *, key: PRNGKeyArray):
         config.validate()  # e.g. vocab_size=-1 (unset) fails here, before any array is made
