@@ -37,7 +37,6 @@ def test_no_private_name_is_imported_from_another_module():
     assert not found, f"{len(found)} imports of private names across modules:\n{listing}"
 
 
-@pytest.mark.xfail(strict=True, reason="the trainer's long functions are being split (issue 20)")
 def test_no_function_in_training_is_over_60_lines():
     found = metrics.long_training_functions()
     listing = "\n".join(f"  {where}: {n} lines" for n, where in sorted(found, reverse=True))
