@@ -7,8 +7,6 @@ a before/after; each test here fails with the list of offenders (file and name).
 import importlib.util
 import pathlib
 
-import pytest
-
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,9 +24,6 @@ def _load_code_metrics():
 metrics = _load_code_metrics()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="private names imported across modules are being made public (issue 20)"
-)
 def test_no_private_name_is_imported_from_another_module():
     """`from xlstm_eqx.m import _name`, `import xlstm_eqx.m._name` and `xlstm_eqx.m._name`, in the
     package, tests, benchmarks, scripts and notebooks: a name used across modules is public."""

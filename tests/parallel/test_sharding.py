@@ -596,16 +596,16 @@ def test_fsdp_gathers_in_the_gather_dtype(results):
 
 
 def test_gather_cast_gradient_goes_through_the_scatter_dtype():
-    from xlstm_eqx.parallel.fsdp import _gather_cast
+    from xlstm_eqx.parallel.fsdp import gather_cast
 
     w = jnp.asarray([1.0, 1.0 + 2.0**-12, 3.0], jnp.float32)
-    y, vjp = jax.vjp(lambda w: _gather_cast(w, "bfloat16", "bfloat16"), w)
+    y, vjp = jax.vjp(lambda w: gather_cast(w, "bfloat16", "bfloat16"), w)
     assert y.dtype == jnp.bfloat16
     g = jnp.asarray([1.0 + 2.0**-12, 2.0, -1.0], jnp.bfloat16)
     (gw,) = vjp(g)
     assert gw.dtype == jnp.float32
     np.testing.assert_array_equal(gw, np.asarray(g, np.float32))
-    _, vjp32 = jax.vjp(lambda w: _gather_cast(w, "bfloat16", "float32"), w)
+    _, vjp32 = jax.vjp(lambda w: gather_cast(w, "bfloat16", "float32"), w)
     (gw32,) = vjp32(g)
     np.testing.assert_array_equal(gw32, np.asarray(g, np.float32))
 

@@ -376,7 +376,7 @@ _MIXER = {"xlstm": "mLSTM cell", "llama": "attention"}
 @pytest.mark.parametrize("model", ["xlstm", "llama"])
 def test_profile_train_step_tiny(model, monkeypatch):
     S = 32
-    config = train_setup._train_config(model, "tiny", S)
+    config = train_setup.preset_model_config(model, "tiny", S)
     profile = profile_train_step(model, size="tiny", seq_len=S, calls=1)
     assert profile.step_ms > 0 and profile.op_ms > 0
     parts = {r["part"]: r for r in profile.parts()}
@@ -397,10 +397,10 @@ def test_profile_train_step_tiny(model, monkeypatch):
     # preset with its blocks unrolled. The analytic count has only the matmuls (it leaves out
     # norms, gates, softmax, the loss and AdamW), which at this tiny size is 10-25% below XLA's
     # (measured: xlstm 1.23x, llama 1.15x), so it is a lower bound here, not a close match.
-    real = train_setup._train_config
+    real = train_setup.preset_model_config
     monkeypatch.setattr(
         train_setup,
-        "_train_config",
+        "preset_model_config",
         lambda m, size, s: dataclasses.replace(real(m, size, s), scan_blocks=False),
     )
     unrolled = profile_train_step(model, size="tiny", seq_len=S, calls=1)

@@ -21,7 +21,7 @@ from ..core.timing import median_seconds, peak_bytes
 from ..models import MODEL_FAMILIES, train_flops_per_token
 from ..training.optim import trainable_params
 from .profile import print_profile, profile_train_step
-from .train_setup import _train_config, train_step_setup
+from .train_setup import preset_model_config, train_step_setup
 
 
 BENCHMARKS = ("cell", "train", "generate", "profile", "all", "gpu")
@@ -185,7 +185,7 @@ def run_bench(
         s = seq_len if seq_len is not None else (256 if quick else 2048)  # train and profile
         if name == "profile":
             profile = profile_train_step(model, size=size, seq_len=s, calls=2 if quick else 3)
-            flops = train_flops_per_token(_train_config(model, size, s), s) * s
+            flops = train_flops_per_token(preset_model_config(model, size, s), s) * s
             print_profile(
                 profile,
                 title=f"{size}_{model} train step, B=1 S={s}: ",

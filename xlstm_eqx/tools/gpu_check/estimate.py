@@ -16,7 +16,7 @@ from .settings import (
     QUICK,
     AttentionCase,
     CheckSettings,
-    _attention_flops,
+    attention_flops,
     chunkwise_flops,
     pallas_chunk,
 )
@@ -50,7 +50,7 @@ def _estimate_correctness(settings: CheckSettings) -> list[dict[str, Any]]:
     out = []
     for case in settings.correctness_cases:
         if isinstance(case, AttentionCase):
-            flops = 3.0 * _attention_flops(case.b, case.s, case.nh, case.hd) * 4  # ref + 3
+            flops = 3.0 * attention_flops(case.b, case.s, case.nh, case.hd) * 4  # ref + 3
             compiles = 4
             compile_s = compiles * ASSUMED["compile_attention_s"]
         else:

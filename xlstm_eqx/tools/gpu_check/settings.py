@@ -229,7 +229,7 @@ def pallas_chunk(chunk: int, s: int) -> int:
     return max(16, 1 << (min(chunk, s) - 1).bit_length())
 
 
-def _attention_flops(b: int, s: int, nh: int, hd: int) -> float:
+def attention_flops(b: int, s: int, nh: int, hd: int) -> float:
     """Forward FLOPs of full (S x S) attention: q kᵀ and p v, ``4 B NH S^2 hd``."""
     return 4.0 * b * nh * s * s * hd
 
