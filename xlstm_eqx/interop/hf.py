@@ -212,6 +212,12 @@ def _shard_files(path: str) -> tuple[list[str], dict[str, str] | None]:
     )
 
 
+# virtual name -> (stored name, row range or None); a stored name "" marks a part reported under
+# its fused name
+_Sources = dict[str, tuple[str, tuple[int, int] | None]]
+_Headers = dict[str, tuple[str, TensorInfo]]
+
+
 def from_hf_pretrained(
     path: str | os.PathLike,
     *,
@@ -234,25 +240,7 @@ def from_hf_pretrained(
     hf = read_hf_config(path)
     hf_config_to_eqx(hf, dtype=dtype, scan_blocks=scan_blocks)  # config errors first
     files, weight_map = _shard_files(path)
-
-    headers: dict[str, tuple[str, TensorInfo]] = {}
-    try:
-        for file in files:
-            with SafetensorsFile(file) as st:
-                for name, info in st.tensors.items():
-                    if name in headers:
-                        raise InteropError(
-                            f"tensor {name!r} is stored twice ({headers[name][0]!r}, {file!r})"
-                        )
-                    headers[name] = (file, info)
-    except SafetensorsError as e:
-        raise InteropError(str(e)) from None
-    if weight_map is not None:
-        listed_missing = sorted(n for n in weight_map if n not in headers)
-        if listed_missing:
-            raise InteropError(
-                f"{INDEX_FILE} lists tensors that no shard holds: {listed_missing[:20]}"
-            )
+    headers = _read_headers(files, weight_map)
     # The config's block count against the blocks on disk, before per-block work of its size.
     check_block_count(
         f"checkpoint {path!r}: config.json",
@@ -277,34 +265,89 @@ def from_hf_pretrained(
     filler = ModelFiller(
         skeleton, hf_entries(skeleton), source=f"checkpoint {path!r}", shardings=shardings
     )
-    # virtual name -> (stored name, row range or None)
-    sources: dict[str, tuple[str, tuple[int, int] | None]] = {}
+    fused = hf.get("weight_mode", "single") == "fused"
+    sources = _check_against_model(filler, headers, fused=fused, num_blocks=config.num_blocks)
+    _stream_tensors(path, files, sources, filler)
+    model = filler.finish()
+    if flag and has_head:
+        return _retie_if_head_is_embedding(model, config)
+    return model, config
+
+
+def _retie_if_head_is_embedding(
+    model: xLSTMLMModel, config: xLSTMLMModelConfig
+) -> tuple[xLSTMLMModel, xLSTMLMModelConfig]:
+    """A tied model written out with an explicit head (as `to_hf` does) comes back tied."""
+    head = model.lm_head  # set (a stored head was loaded); the check below narrows the type
+    if (
+        head is not None
+        and head.kernel.is_fully_addressable
+        and np.array_equal(np.asarray(head.kernel).T, np.asarray(model.token_embedding.embedding))
+    ):
+        config = dataclasses.replace(config, tie_weights=True)
+        model = _retie(model, config)
+    return model, config
+
+
+def _read_headers(files: list[str], weight_map: dict[str, str] | None) -> _Headers:
+    """Tensor name -> (its shard file, its header entry); every tensor the index lists is held."""
+    headers: _Headers = {}
+    try:
+        for file in files:
+            with SafetensorsFile(file) as st:
+                for name, info in st.tensors.items():
+                    if name in headers:
+                        raise InteropError(
+                            f"tensor {name!r} is stored twice ({headers[name][0]!r}, {file!r})"
+                        )
+                    headers[name] = (file, info)
+    except SafetensorsError as e:
+        raise InteropError(str(e)) from None
+    if weight_map is not None:
+        listed_missing = sorted(n for n in weight_map if n not in headers)
+        if listed_missing:
+            raise InteropError(
+                f"{INDEX_FILE} lists tensors that no shard holds: {listed_missing[:20]}"
+            )
+    return headers
+
+
+def _check_against_model(
+    filler: ModelFiller, headers: _Headers, *, fused: bool, num_blocks: int
+) -> _Sources:
+    """Where each model tensor comes from, after checking names and shapes against the model.
+
+    Fused tensors (``weight_mode="fused"``) are split into row ranges of their parts; a missing
+    or misshapen fused tensor is reported under its own name, its parts kept quiet.
+    """
+    sources: _Sources = {}
     consumed: set[str] = set()
     extra_missing: list[str] = []
     extra_mismatched: list[str] = []
-    if hf.get("weight_mode", "single") == "fused":
-        for fused, parts in _fused_groups(config.num_blocks):
+    if fused:
+        for fused_name, parts in _fused_groups(num_blocks):
             part_shapes = [filler.expected_shape(p) for p in parts if p in filler.entries]
             if not part_shapes:
                 continue
             want = (sum(s[0] for s in part_shapes), *part_shapes[0][1:])
-            if fused not in headers:
-                extra_missing.append(fused)
-            elif headers[fused][1].shape != want:
-                consumed.add(fused)
+            if fused_name not in headers:
+                extra_missing.append(fused_name)
+            elif headers[fused_name][1].shape != want:
+                consumed.add(fused_name)
                 extra_mismatched.append(
-                    f"{fused}: checkpoint has shape {format_shape(headers[fused][1].shape)}, the "
-                    f"model expects {format_shape(want)}"
+                    f"{fused_name}: checkpoint has shape "
+                    f"{format_shape(headers[fused_name][1].shape)}, the model expects "
+                    f"{format_shape(want)}"
                 )
             else:
-                consumed.add(fused)
+                consumed.add(fused_name)
                 start = 0
-                for p, s in zip(parts, part_shapes, strict=True):
-                    sources[p] = (fused, (start, start + s[0]))
-                    start += s[0]
+                for part, shape in zip(parts, part_shapes, strict=True):
+                    sources[part] = (fused_name, (start, start + shape[0]))
+                    start += shape[0]
                 continue
-            for p in parts:  # reported under the fused name; keep the parts quiet
-                sources[p] = ("", None)
+            for part in parts:  # reported under the fused name; keep the parts quiet
+                sources[part] = ("", None)
     for name in headers:
         if name not in consumed:
             sources[name] = (name, None)
@@ -322,8 +365,11 @@ def from_hf_pretrained(
         extra_missing=extra_missing,
         extra_mismatched=extra_mismatched,
     )
+    return sources
 
-    # Stream: shard by shard, tensors in file order; each stored tensor is read once.
+
+def _stream_tensors(path: str, files: list[str], sources: _Sources, filler: ModelFiller) -> None:
+    """Shard by shard, tensors in file order: read each stored tensor once, check it, fill it."""
     by_stored: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
     for name, (stored, rows) in sources.items():
         by_stored.setdefault(stored, []).append((name, rows))
@@ -340,18 +386,6 @@ def from_hf_pretrained(
                     del array
     except SafetensorsError as e:  # e.g. a shard changed since its header was read
         raise InteropError(str(e)) from None
-    model = filler.finish()
-    if (
-        flag
-        and has_head
-        and model.lm_head.kernel.is_fully_addressable
-        and np.array_equal(
-            np.asarray(model.lm_head.kernel).T, np.asarray(model.token_embedding.embedding)
-        )
-    ):  # a tied model written out with an explicit head (as to_hf does): tie it again
-        config = dataclasses.replace(config, tie_weights=True)
-        model = _retie(model, config)
-    return model, config
 
 
 def _retie(model: xLSTMLMModel, config: xLSTMLMModelConfig) -> xLSTMLMModel:
