@@ -241,41 +241,12 @@ def build_store(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=temporary_prefix(directory), dir=parent)
     t0 = time.perf_counter()
-    contents = source_file_records(
-        sources
-    )  # before reading: a file changed meanwhile is seen later
-    k = max(2, round(1.0 / options.eval_fraction))
-    eod_arr = np.asarray([eod if eod is not None else 0], np.int32)
+    # recorded before reading: a file changed meanwhile is seen later
+    contents = source_file_records(sources)
     try:
-        with (
-            open(os.path.join(tmp, "train.bin"), "wb") as ftrain,
-            open(os.path.join(tmp, "heldout.bin"), "wb") as fheld,
-        ):
-            train = _Stream(ftrain, dtype, np.zeros(vocab, np.int64))
-            held = _Stream(fheld, dtype, np.zeros(vocab, np.int64))
-            pieces = _numbered_pieces(
-                sources, options.text_field, options.split, options.max_bytes, options.piece_chars
-            )
-            num_docs = 0
-            for batch in _batches(pieces, batch_chars):
-                encoded = encode_batch(tokenizer, [text for _, text, _ in batch])
-                parts: dict[int, list[np.ndarray]] = {id(train): [], id(held): []}
-                for (doc, text, starts), ids in zip(batch, encoded, strict=True):
-                    stream = held if doc % k == k - 1 else train
-                    if starts:
-                        num_docs = doc + 1
-                        if stream.documents and eod is not None:
-                            parts[id(stream)].append(eod_arr)
-                            stream.bytes += 1
-                        stream.documents += 1
-                    parts[id(stream)].append(np.asarray(ids))
-                    stream.bytes += len(text.encode("utf-8"))
-                del encoded
-                train.write(parts[id(train)])
-                held.write(parts[id(held)])
-            for f in (ftrain, fheld):
-                f.flush()
-                os.fsync(f.fileno())
+        train, held, num_docs = _write_token_files(
+            tmp, sources, tokenizer, options, eod, vocab, dtype, batch_chars
+        )
         if num_docs == 0 or train.tokens == 0:
             names = [s.path for s in sources]
             raise ValueError(f"data sources {names!r} contain no text")
@@ -294,55 +265,127 @@ def build_store(
             },
             "num_documents": num_docs,
         }
-        if held.documents > 0:
-            index["split"] = "documents"
-            index["train"] = {"file": "train.bin", "offset": 0, **train.stats()}
-            index["heldout"] = {"file": "heldout.bin", "offset": 0, **held.stats()}
-            train_counts, held_counts = train.counts, held.counts
-        else:
-            # Fewer documents than k: hold out the tail of the one stream.
-            all_tokens = np.memmap(os.path.join(tmp, "train.bin"), dtype, mode="r")
-            n = len(all_tokens)
-            cut = n - max(1, int(n * options.eval_fraction))
-            tail = all_tokens[cut:]
-            held_counts = _chunked_counts(tail)
-            train_counts = train.counts.copy()
-            train_counts[: len(held_counts)] -= held_counts
-            held_bytes = n - cut if _is_byte_level(tokenizer) else _decoded_bytes(tokenizer, tail)
-            del all_tokens, tail
-            index["split"] = "tail"
-            index["train"] = {
-                "file": "train.bin",
-                "offset": 0,
-                "tokens": cut,
-                "bytes": train.bytes - held_bytes,
-                "documents": train.documents,
-            }
-            index["heldout"] = {
-                "file": "train.bin",
-                "offset": cut,
-                "tokens": n - cut,
-                "bytes": held_bytes,
-                "documents": 0,
-            }
-            index["stream_blake2b"] = train.hash.hexdigest()
+        split, train_counts, held_counts = _split_records(
+            tmp, train, held, tokenizer, dtype, options.eval_fraction
+        )
+        index.update(split)
         index["blake2b"] = hashlib.blake2b(
             json.dumps([index["train"], index["heldout"], index.get("stream_blake2b")]).encode(),
             digest_size=16,
         ).hexdigest()
         index["build_seconds"] = round(time.perf_counter() - t0, 2)
-        np.savez(os.path.join(tmp, "counts.npz"), train=train_counts, heldout=held_counts)
-        with open(os.path.join(tmp, _INDEX), "w") as f:
-            json.dump(index, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
+        _write_counts_and_index(tmp, index, train_counts, held_counts)
         _install(tmp, directory)
         fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _write_token_files(
+    tmp: str,
+    sources: Sequence[Source],
+    tokenizer: Tokenizer,
+    options: StoreOptions,
+    eod: int | None,
+    vocab: int,
+    dtype: np.dtype,
+    batch_chars: int,
+) -> tuple[_Stream, _Stream, int]:
+    """Tokenize the sources batch by batch into `tmp/train.bin` and `tmp/heldout.bin` (synced):
+    `(train stream, held-out stream, number of documents)`; every k-th document is held out."""
+    heldout_every = max(2, round(1.0 / options.eval_fraction))
+    eod_arr = np.asarray([eod if eod is not None else 0], np.int32)
+    with (
+        open(os.path.join(tmp, "train.bin"), "wb") as ftrain,
+        open(os.path.join(tmp, "heldout.bin"), "wb") as fheld,
+    ):
+        train = _Stream(ftrain, dtype, np.zeros(vocab, np.int64))
+        held = _Stream(fheld, dtype, np.zeros(vocab, np.int64))
+        pieces = _numbered_pieces(
+            sources, options.text_field, options.split, options.max_bytes, options.piece_chars
+        )
+        num_docs = 0
+        for batch in _batches(pieces, batch_chars):
+            encoded = encode_batch(tokenizer, [text for _, text, _ in batch])
+            parts: dict[int, list[np.ndarray]] = {id(train): [], id(held): []}
+            for (doc, text, starts), ids in zip(batch, encoded, strict=True):
+                stream = held if doc % heldout_every == heldout_every - 1 else train
+                if starts:
+                    num_docs = doc + 1
+                    if stream.documents and eod is not None:
+                        parts[id(stream)].append(eod_arr)
+                        stream.bytes += 1
+                    stream.documents += 1
+                parts[id(stream)].append(np.asarray(ids))
+                stream.bytes += len(text.encode("utf-8"))
+            del encoded
+            train.write(parts[id(train)])
+            held.write(parts[id(held)])
+        for f in (ftrain, fheld):
+            f.flush()
+            os.fsync(f.fileno())
+    return train, held, num_docs
+
+
+def _split_records(
+    tmp: str,
+    train: _Stream,
+    held: _Stream,
+    tokenizer: Tokenizer,
+    dtype: np.dtype,
+    eval_fraction: float,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """The index's split entries and the two streams' token counts. With no held-out document
+    (fewer documents than k) the last `eval_fraction` of the train stream is held out."""
+    if held.documents > 0:
+        split = {
+            "split": "documents",
+            "train": {"file": "train.bin", "offset": 0, **train.stats()},
+            "heldout": {"file": "heldout.bin", "offset": 0, **held.stats()},
+        }
+        return split, train.counts, held.counts
+    all_tokens = np.memmap(os.path.join(tmp, "train.bin"), dtype, mode="r")
+    n = len(all_tokens)
+    cut = n - max(1, int(n * eval_fraction))
+    tail = all_tokens[cut:]
+    held_counts = _chunked_counts(tail)
+    train_counts = train.counts.copy()
+    train_counts[: len(held_counts)] -= held_counts
+    held_bytes = n - cut if _is_byte_level(tokenizer) else _decoded_bytes(tokenizer, tail)
+    del all_tokens, tail
+    split = {
+        "split": "tail",
+        "train": {
+            "file": "train.bin",
+            "offset": 0,
+            "tokens": cut,
+            "bytes": train.bytes - held_bytes,
+            "documents": train.documents,
+        },
+        "heldout": {
+            "file": "train.bin",
+            "offset": cut,
+            "tokens": n - cut,
+            "bytes": held_bytes,
+            "documents": 0,
+        },
+        "stream_blake2b": train.hash.hexdigest(),
+    }
+    return split, train_counts, held_counts
+
+
+def _write_counts_and_index(
+    tmp: str, index: dict[str, Any], train_counts: np.ndarray, held_counts: np.ndarray
+) -> None:
+    """Write `counts.npz` and `index.json` into `tmp`, synced to disk with the folder."""
+    np.savez(os.path.join(tmp, "counts.npz"), train=train_counts, heldout=held_counts)
+    with open(os.path.join(tmp, _INDEX), "w") as f:
+        json.dump(index, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
 
 
 def _install(tmp: str, directory: str) -> None:
