@@ -269,10 +269,10 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     )
     from xlstm_eqx.training import (
         latest_checkpoint,
-        loop as _loop,
         restore_checkpoint,
         save_checkpoint,
         shard_train_state,
+        train_state as _train_state,
     )
 
     res: dict = {}
@@ -282,7 +282,7 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
     res["seconds_single"] = round(time.perf_counter() - t0, 1)
 
     # The trainer's loop with its step replaced by the sharded one (what `--mesh` wires in).
-    original = _loop.optimizer_and_step
+    original = _train_state.optimizer_and_step
     placed: dict = {}
 
     def sharded_optimizer_and_step(cfg, model, model_config, family):
@@ -302,11 +302,11 @@ def run_train(data_file: str, out_dir: str, mesh_spec: str) -> dict:
         return optimizer, dataclasses.replace(step, core=counted)
 
     t1 = time.perf_counter()
-    _loop.optimizer_and_step = sharded_optimizer_and_step
+    _train_state.optimizer_and_step = sharded_optimizer_and_step
     try:
         meshed = _train.train(_train_config(data_file, os.path.join(out_dir, "mesh")), log=quiet)
     finally:
-        _loop.optimizer_and_step = original
+        _train_state.optimizer_and_step = original
     res["seconds_mesh"] = round(time.perf_counter() - t1, 1)
     rows = {}
     for name in ("single", "mesh"):
@@ -448,12 +448,12 @@ def run_dist(data_file: str, process_id: int, num_processes: int, port: int) -> 
     import numpy as np
 
     from xlstm_eqx import models as _registry, training as _train
-    from xlstm_eqx.training import loop as _loop, shard_train_state, step as _step
+    from xlstm_eqx.training import prepare as _prepare, shard_train_state, step as _step
 
     # Never the default out (runs/xlstm in the working tree): a real run there makes `prepare_run`
     # refuse ("already holds a run"), and tests must not write into the checkout.
     cfg = _train_config(data_file, os.path.join(os.path.dirname(data_file), f"prep{process_id}"))
-    p = _loop.prepare_run(cfg)
+    p = _prepare.prepare_run(cfg)
     family = _registry.MODEL_FAMILIES[p.kind]
     init_key, loop_key = jr.split(jr.key(cfg.seed))
     model = family.build(p.model_config, key=init_key)

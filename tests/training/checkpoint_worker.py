@@ -291,11 +291,11 @@ def run_procs(data: str, out: str, process_id: int, num_processes: int, port: in
     from xlstm_eqx.training import (
         latest_checkpoint,
         list_checkpoints,
-        loop as _loop,
         mesh_layout,
         read_metrics,
         restore_checkpoint,
         train,
+        train_state as _train_state,
     )
 
     # The CPU collectives (gloo) are set up at the first one, which must find the other process
@@ -330,7 +330,7 @@ def run_procs(data: str, out: str, process_id: int, num_processes: int, port: in
 
     # Preemption: only process 1 gets SIGTERM (during step 3); both save step 3 and stop.
     cfg_b = dataclasses.replace(cfg, out=os.path.join(out, "b"), checkpoint_every=100)
-    original = _loop.make_train_step
+    original = _train_state.make_train_step
 
     def signalled(*args, **kwargs):
         step = original(*args, **kwargs)
@@ -344,14 +344,14 @@ def run_procs(data: str, out: str, process_id: int, num_processes: int, port: in
 
         return dataclasses.replace(step, core=core)
 
-    _loop.make_train_step = signalled
+    _train_state.make_train_step = signalled
     try:
         train(cfg_b, log=_quiet)
         res["b_interrupted"] = False
     except KeyboardInterrupt:
         res["b_interrupted"] = True
     finally:
-        _loop.make_train_step = original
+        _train_state.make_train_step = original
     res["b_checkpoints"] = [s for s, _ in list_checkpoints(os.path.join(cfg_b.out, "checkpoints"))]
     resumed = train(dataclasses.replace(cfg_b, resume=True), log=_quiet)
     res["b_resumed_losses"] = {str(k): v for k, v in resumed.losses.items()}
@@ -368,11 +368,11 @@ def run_procs(data: str, out: str, process_id: int, num_processes: int, port: in
 def run_killme(data: str, out: str) -> dict:
     import time
 
-    from xlstm_eqx.training import loop as _loop, train
+    from xlstm_eqx.training import train, train_state as _train_state
 
     # Steps padded to >= 0.3 s, so that the kill lands mid-run on an idle machine too (the
     # numbers are untouched).
-    original = _loop.optimizer_and_step
+    original = _train_state.optimizer_and_step
 
     def slow(*args, **kwargs):
         optimizer, step = original(*args, **kwargs)
@@ -383,7 +383,7 @@ def run_killme(data: str, out: str) -> dict:
 
         return optimizer, dataclasses.replace(step, core=padded)
 
-    _loop.optimizer_and_step = slow
+    _train_state.optimizer_and_step = slow
     train(_cfg(data, out, "k", **KILLME), log=_quiet)
     return {}
 
