@@ -106,86 +106,117 @@ def _glob_walk(pattern: str, skipped: list[str] | None = None) -> list[str]:
     Matches that are neither files nor folders (FIFOs, devices, dangling links) go to
     `skipped`."""
     skipped = [] if skipped is None else skipped
+    root, parts = _split_pattern(pattern)
+    if not parts:
+        if os.path.lexists(root) and not os.path.isfile(root) and not os.path.isdir(root):
+            skipped.append(root)
+        return [root] if os.path.isfile(root) else []
+    walker = _GlobWalker(parts, skipped)
+    walker.walk(root, 0)
+    return sorted(walker.found)
+
+
+def _split_pattern(pattern: str) -> tuple[str, list[str]]:
+    """`(root, parts)`: the pattern's leading folders without glob characters joined (with its
+    drive and leading separator), and its remaining path components."""
     drive, rest = os.path.splitdrive(pattern)
     parts = rest.split(os.sep) if os.altsep is None else re.split(r"[\\/]", rest)
     root = drive + (os.sep if parts and parts[0] == "" else "")
     parts = [p for p in parts if p]
     while parts and not glob.has_magic(parts[0]):
         root = os.path.join(root, parts.pop(0)) if root else parts.pop(0)
-    seen: set[tuple[int, int, int]] = set()
-    found: list[str] = []
-    listings: dict[str, list[tuple[str, str, bool, bool]]] = {}
-    match = {p: re.compile(fnmatch.translate(p)).match for p in parts if glob.has_magic(p)}
+    return root, parts
 
-    def entered(folder: str, at: int) -> bool:
+
+class _GlobWalker:
+    """One walk of `_glob_walk` over the pattern components `parts`: the files found, the
+    matches skipped, the (device, inode, component) triples of the `**` folders entered and the
+    folder listings read."""
+
+    def __init__(self, parts: list[str], skipped: list[str]):
+        self.parts = parts
+        self.skipped = skipped
+        self.found: list[str] = []
+        self.seen: set[tuple[int, int, int]] = set()
+        self.listings: dict[str, list[tuple[str, str, bool, bool]]] = {}
+        self.match = {p: re.compile(fnmatch.translate(p)).match for p in parts if glob.has_magic(p)}
+
+    def entered(self, folder: str, at: int) -> bool:
+        """Whether `folder` was entered before at component `at` (or cannot be)."""
         try:
             st = os.stat(folder)
         except OSError:
             return True
         key = (st.st_dev, st.st_ino, at)
-        if key in seen:
+        if key in self.seen:
             return True
-        seen.add(key)
+        self.seen.add(key)
         return False
 
-    def entries(folder: str) -> list[tuple[str, str, bool, bool]]:
+    def entries(self, folder: str) -> list[tuple[str, str, bool, bool]]:
         """`(name, path, is_dir, is_file)` of each entry of `folder`, links followed, sorted."""
-        if folder in listings:
-            return listings[folder]
+        if folder in self.listings:
+            return self.listings[folder]
         try:
             with os.scandir(folder or os.curdir) as it:
                 found = [(e.name, e.is_dir(), e.is_file()) for e in it]
         except OSError:
             return []
-        listings[folder] = [(n, os.path.join(folder, n), d, f) for n, d, f in sorted(found)]
-        return listings[folder]
+        self.listings[folder] = [(n, os.path.join(folder, n), d, f) for n, d, f in sorted(found)]
+        return self.listings[folder]
 
-    def walk(folder: str, at: int) -> None:
-        if at == len(parts):
+    def walk(self, folder: str, at: int) -> None:
+        """Match the components from `at` on below `folder`."""
+        if at == len(self.parts):
             return
-        part, last = parts[at], at == len(parts) - 1
+        part = self.parts[at]
         if part == "**":
-            if entered(folder or os.curdir, at):
-                return
-            if last:  # `dir/**` matches the files of every folder below
-                for name, path, is_dir, is_file in entries(folder):
-                    if name.startswith("."):
-                        continue
-                    if is_dir:
-                        walk(path, at)
-                    else:
-                        (found if is_file else skipped).append(path)
-                return
-            walk(folder, at + 1)
-            for name, path, is_dir, _ in entries(folder):
-                if is_dir and not name.startswith("."):
-                    walk(path, at)
+            self.walk_any_depth(folder, at)
+        elif not glob.has_magic(part):
+            self.walk_literal(folder, at)
+        else:
+            self.walk_matching(folder, at)
+
+    def walk_any_depth(self, folder: str, at: int) -> None:
+        """Component `at` is `**`: this folder and every one below it (hidden ones excepted)."""
+        if self.entered(folder or os.curdir, at):
             return
-        if not glob.has_magic(part):
-            path = os.path.join(folder, part)
-            if last:
-                if os.path.isfile(path):
-                    found.append(path)
-                elif os.path.lexists(path) and not os.path.isdir(path):
-                    skipped.append(path)
-            elif os.path.isdir(path):
-                walk(path, at + 1)
+        if at == len(self.parts) - 1:  # `dir/**` matches the files of every folder below
+            for name, path, is_dir, is_file in self.entries(folder):
+                if name.startswith("."):
+                    continue
+                if is_dir:
+                    self.walk(path, at)
+                else:
+                    (self.found if is_file else self.skipped).append(path)
             return
-        for name, path, is_dir, is_file in entries(folder):
-            if not match[part](name) or not _hidden_ok(name, part):
+        self.walk(folder, at + 1)
+        for name, path, is_dir, _ in self.entries(folder):
+            if is_dir and not name.startswith("."):
+                self.walk(path, at)
+
+    def walk_literal(self, folder: str, at: int) -> None:
+        """Component `at` has no glob characters: the one entry of that name."""
+        path = os.path.join(folder, self.parts[at])
+        if at == len(self.parts) - 1:
+            if os.path.isfile(path):
+                self.found.append(path)
+            elif os.path.lexists(path) and not os.path.isdir(path):
+                self.skipped.append(path)
+        elif os.path.isdir(path):
+            self.walk(path, at + 1)
+
+    def walk_matching(self, folder: str, at: int) -> None:
+        """Component `at` is a glob: the entries of `folder` whose names it matches."""
+        part, last = self.parts[at], at == len(self.parts) - 1
+        for name, path, is_dir, is_file in self.entries(folder):
+            if not self.match[part](name) or not _hidden_ok(name, part):
                 continue
             if last:
                 if not is_dir:
-                    (found if is_file else skipped).append(path)
+                    (self.found if is_file else self.skipped).append(path)
             elif is_dir:
-                walk(path, at + 1)
-
-    if not parts:
-        if os.path.lexists(root) and not os.path.isfile(root) and not os.path.isdir(root):
-            skipped.append(root)
-        return [root] if os.path.isfile(root) else []
-    walk(root, 0)
-    return sorted(found)
+                self.walk(path, at + 1)
 
 
 def absolute_patterns(sources: Sequence[str], cwd: str | None = None) -> list[str]:
