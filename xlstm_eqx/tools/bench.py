@@ -58,7 +58,27 @@ def bench_train(
     XLA-planned peak bytes (an extra compile, if `memory`), FLOPs per token and MFU against
     `peak_flops` (measured with `matmul_flops(matmul_n)` in this process when not given).
     """
+    _check_train_arguments(seq_len, batch_size, steps, models)
+    if peak_flops is None:
+        peak_flops = matmul_flops(matmul_n)
+    rows = []
+    for model_name in models:
+        row = _bench_train_model(
+            model_name, size, seq_len, batch_size, steps, memory=memory, peak_flops=peak_flops
+        )
+        rows.append(row)
+        if verbose:
+            print(f"# {model_name}: {row['step_ms']:.1f} ms/step", flush=True)
+    base = rows[-1]["tokens_per_s"] if rows else 1.0
+    for row in rows:
+        row["vs_last"] = row["tokens_per_s"] / base
+    return rows
 
+
+def _check_train_arguments(
+    seq_len: int, batch_size: int, steps: int, models: Sequence[str]
+) -> None:
+    """Positive integer sizes and known model families, or `ValueError` naming the first bad one."""
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("steps", steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"bench_train: {name} must be a positive integer, got {value!r}")
@@ -67,54 +87,54 @@ def bench_train(
             raise ValueError(
                 f"bench_train: unknown model {model_name!r}; known: {sorted(MODEL_FAMILIES)}"
             )
-    if peak_flops is None:
-        peak_flops = matmul_flops(matmul_n)
-    rows = []
-    for model_name in models:
-        config, model, opt_state, step, inputs = train_step_setup(
-            model_name, size, seq_len, batch_size
-        )
-        n_params = sum(x.size for x in jax.tree.leaves(trainable_params(model)))
-        peak = None
-        if memory:
-            peak = peak_bytes(step.lower(inputs, model, opt_state).compile())
-        start = time.perf_counter()
+
+
+def _bench_train_model(
+    model_name: str,
+    size: str,
+    seq_len: int,
+    batch_size: int,
+    steps: int,
+    *,
+    memory: bool,
+    peak_flops: float,
+) -> dict[str, Any]:
+    """One row of `bench_train`: compile, then time `steps` train steps of one model."""
+    config, model, opt_state, step, inputs = train_step_setup(model_name, size, seq_len, batch_size)
+    n_params = sum(x.size for x in jax.tree.leaves(trainable_params(model)))
+    peak = None
+    if memory:
+        peak = peak_bytes(step.lower(inputs, model, opt_state).compile())
+    start = time.perf_counter()
+    model, opt_state, loss, _ = step(inputs, model, opt_state)
+    jax.block_until_ready(loss)
+    compile_s = time.perf_counter() - start
+
+    def one_step() -> Any:
+        nonlocal model, opt_state, loss
         model, opt_state, loss, _ = step(inputs, model, opt_state)
-        jax.block_until_ready(loss)
-        compile_s = time.perf_counter() - start
+        return loss
 
-        def one_step() -> Any:
-            nonlocal model, opt_state, loss
-            model, opt_state, loss, _ = step(inputs, model, opt_state)  # noqa: B023 - called here
-            return loss
-
-        step_s = median_seconds(one_step, steps)
-        tokens = batch_size * seq_len
-        flops_tok = train_flops_per_token(config, seq_len)
-        tps = tokens / step_s
-        row = {
-            "model": model_name,
-            "preset": f"{size}_{model_name}",
-            "params": int(n_params),
-            "seq_len": seq_len,
-            "batch_size": batch_size,
-            "step_ms": 1e3 * step_s,
-            "compile_s": compile_s,
-            "tokens_per_s": tps,
-            "peak_mb": None if peak is None else peak / 2**20,
-            "flops_per_token": flops_tok,
-            "model_tflops": flops_tok * tps / 1e12,
-            "peak_tflops": peak_flops / 1e12,
-            "mfu": flops_tok * tps / peak_flops,
-            "loss": float(loss),
-        }
-        rows.append(row)
-        if verbose:
-            print(f"# {model_name}: {row['step_ms']:.1f} ms/step", flush=True)
-    base = rows[-1]["tokens_per_s"] if rows else 1.0
-    for row in rows:
-        row["vs_last"] = row["tokens_per_s"] / base
-    return rows
+    step_s = median_seconds(one_step, steps)
+    tokens = batch_size * seq_len
+    flops_tok = train_flops_per_token(config, seq_len)
+    tps = tokens / step_s
+    return {
+        "model": model_name,
+        "preset": f"{size}_{model_name}",
+        "params": int(n_params),
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "step_ms": 1e3 * step_s,
+        "compile_s": compile_s,
+        "tokens_per_s": tps,
+        "peak_mb": None if peak is None else peak / 2**20,
+        "flops_per_token": flops_tok,
+        "model_tflops": flops_tok * tps / 1e12,
+        "peak_tflops": peak_flops / 1e12,
+        "mfu": flops_tok * tps / peak_flops,
+        "loss": float(loss),
+    }
 
 
 def print_train_table(rows: list[dict[str, Any]]) -> None:
