@@ -171,3 +171,16 @@ def test_a_declared_module_is_sharded_by_its_names():
     column = Dense(4, 8, use_bias=True, axes=("embed", "mlp"), key=jr.key(0))
     specs = param_partition_specs(_Wrapper(column), pc, num_devices=2)
     assert specs.inner.kernel == P(None, "tp") and specs.inner.bias == P("tp")
+
+
+def test_without_tensor_parallelism_an_undeclared_module_still_shards_by_fsdp():
+    """The names only decide tp: a user's own module without declarations runs on a dp/fsdp mesh
+    (its arrays split by size, as the reference's FSDP does), and fails only once tp > 1."""
+    pc = ParallelConfig(
+        data_axis_size=1, fsdp_axis_size=2, fsdp_modules=["Embed"], fsdp_min_weight_size=1
+    )
+    specs = param_partition_specs(_Wrapper(_Undeclared(jnp.zeros((4, 8)))), pc, num_devices=2)
+    assert specs.inner.weight == P()
+    with pytest.raises(ValueError, match="no logical axes declared"):
+        tp = ParallelConfig(data_axis_size=1, model_axis_size=2)
+        param_partition_specs(_Wrapper(_Undeclared(jnp.zeros((4, 8)))), tp, num_devices=2)

@@ -300,7 +300,8 @@ def param_partition_specs(
       row-parallel down/out projections over their input features; headwise kernels, conv,
       multi-head norms, ``learnable_skip``, sLSTM heads and the blocks' residual norms over
       heads/features; the LM head (``out_norm``, ``lm_head``) over its largest divisible axis if it
-      has more than ``fsdp_min_weight_size`` elements; q/k norms and the rest replicated.
+      has more than ``fsdp_min_weight_size`` elements; q/k norms and the rest replicated. With tp
+      > 1 every array must declare its logical axes (a ``ValueError`` names one that does not).
     - FSDP over ``fsdp`` (size > 1), for arrays inside a module named in ``fsdp_modules``
       (``MODULE_NAME_MAP``) with more than ``fsdp_min_weight_size`` elements per tp shard: the
       largest axis divisible by the fsdp size and not already sharded.
@@ -324,12 +325,14 @@ def param_partition_specs(
             return None
         leaf = _locate(model, path)
         shape = tuple(x.shape)
-        axes = _checked_axes(leaf, path, len(shape))
         lead = len(leaf.stacked)
         layer_shape = shape[lead:]
         spec: list[Any] = [None] * len(layer_shape)
         tp_factor = 1
         if tp > 1 and layer_shape:
+            # only tensor parallelism reads the names: a module of the user's own without
+            # declarations still shards by fsdp and dp
+            axes = _checked_axes(leaf, path, len(shape))
             axis = _tp_axis(axes, layer_shape, tp, min_size)
             if axis is not None:
                 spec[axis] = tp_name
