@@ -82,6 +82,31 @@ def run_gpu_check(
     ``out_dir/gpu_check.json``; ``summary.exit_code`` is 1 when a correctness check failed or
     errored, else 0. `budgets` overrides per-part seconds; `memory_limit_gb` the device memory
     the batch search and the kernel rows plan against."""
+    settings, parts = _check_settings(quick, parts, budgets, memory_limit_gb)
+    meta = _meta(quick, settings)
+    meta["parts"] = list(parts)
+    report = Report(Path(out_dir), meta, {p: settings.budgets_s[p] for p in parts})
+    print(
+        f"# gpu_check ({'quick' if quick else 'full'}): {meta['device_kind']} "
+        f"({meta['platform']}), jax {meta['jax_version']} -> {Path(out_dir) / JSON_NAME}",
+        flush=True,
+    )
+    report.write()
+    _run_parts(report, settings, parts)
+    summary = _summary(report)
+    report.data["summary"] = summary
+    report.write()
+    print(f"# {summary['text']}; exit code {summary['exit_code']}", flush=True)
+    return json_safe(report.data)
+
+
+def _check_settings(
+    quick: bool,
+    parts: Sequence[str] | None,
+    budgets: Mapping[str, float] | None,
+    memory_limit_gb: float | None,
+) -> tuple[CheckSettings, tuple[str, ...]]:
+    """The quick or full settings with the overrides applied, and the parts to run (checked)."""
     settings = QUICK if quick else FULL
     parts = tuple(PARTS if parts is None else parts)
     unknown = sorted(set(parts) - set(PARTS))
@@ -92,15 +117,11 @@ def run_gpu_check(
     if memory_limit_gb is not None:
         settings = dataclasses.replace(settings, memory_limit_gb=float(memory_limit_gb))
     settings = dataclasses.replace(settings, budgets_s=all_budgets)
-    meta = _meta(quick, settings)
-    meta["parts"] = list(parts)
-    report = Report(Path(out_dir), meta, {p: all_budgets[p] for p in parts})
-    print(
-        f"# gpu_check ({'quick' if quick else 'full'}): {meta['device_kind']} "
-        f"({meta['platform']}), jax {meta['jax_version']} -> {Path(out_dir) / JSON_NAME}",
-        flush=True,
-    )
-    report.write()
+    return settings, parts
+
+
+def _run_parts(report: Report, settings: CheckSettings, parts: Sequence[str]) -> None:
+    """Run each part in order; a part that raises is recorded as an error row, the rest run."""
     runners: dict[str, Callable[[Part], None]] = {
         "correctness": lambda p: run_correctness(p, settings),
         "kernels": lambda p: run_kernels(p, settings),
@@ -108,7 +129,7 @@ def run_gpu_check(
         "generate": lambda p: run_generate(p, settings),
     }
     for name in parts:
-        print(f"## {name} (budget {all_budgets[name]:.0f} s)", flush=True)
+        print(f"## {name} (budget {settings.budgets_s[name]:.0f} s)", flush=True)
         part = Part(report, name)
         try:
             runners[name](part)
@@ -121,6 +142,11 @@ def run_gpu_check(
                 }
             )
             part.finish()
+
+
+def _summary(report: Report) -> dict[str, Any]:
+    """The report's summary: failed correctness cases, error and timeout counts per part, the
+    exit code and a one-line text."""
     rows = report.data["parts"].get("correctness", {}).get("rows", [])
     failed = [r["case"] for r in rows if r["status"] in ("fail", "error")]
     counts = {
@@ -136,7 +162,7 @@ def run_gpu_check(
     text = ("correctness FAILED: " + "; ".join(failed)) if failed else "correctness passed"
     if problems:
         text += " | " + "; ".join(problems)
-    report.data["summary"] = {
+    return {
         "correctness_passed": not failed,
         "correctness_failed_cases": failed,
         "counts": counts,
@@ -144,6 +170,3 @@ def run_gpu_check(
         "finished": now_iso(),
         "text": text,
     }
-    report.write()
-    print(f"# {text}; exit code {exit_code}", flush=True)
-    return json_safe(report.data)
