@@ -92,6 +92,7 @@ def _forward(model, tokens):
 # greedy == full forward + argmax
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(_CONFIGS))
 def test_greedy_equals_full_forward_argmax(name):
     """Step by step: full forward pass over the sequence so far, argmax at its last position,
@@ -128,6 +129,7 @@ def _sample(model, key, temperature=1.0, top_p=0.99):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _SAMPLED)
 def test_top_k_1_and_tiny_top_p_equal_greedy(name):
     model = tiny_model(name)
@@ -163,6 +165,7 @@ def test_sampled_tokens_inside_top_k(name):
     assert rank.max() >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _SAMPLED)
 def test_stream_generate_matches_generate(name):
     model = tiny_model(name)

@@ -169,6 +169,7 @@ def _grad_of_early_outputs(form, t):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ALL_FORMS)
 def test_gradient_of_outputs_before_an_invalid_value(form):
     """A loss on the outputs before a NaN has the (finite) gradient of the clean computation."""
@@ -182,6 +183,7 @@ def test_gradient_of_outputs_before_an_invalid_value(form):
             assert rel_err(g, g_clean) <= 1e-6, (which, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", [f for f in STATE_FORMS if f != "pallas"])
 def test_invalid_initial_state_makes_everything_nan(form):
     inputs = make_inputs(13, 2, 2, 10, 8, 4, (-5, 5), (-2, 8))
@@ -231,6 +233,7 @@ def assert_states_equal(x, y, tol):
         assert rel_err(np.where(np.isneginf(a), 0, a), np.where(np.isneginf(b), 0, b)) <= tol
 
 
+@pytest.mark.slow
 @hypothesis.given(
     # a few lengths (each compiles every form once) across chunk boundaries; S = 0 included
     seq_len=st.sampled_from([0, 1, 7, 16, 40]),
@@ -259,6 +262,7 @@ def test_infinite_gates_are_the_limits(seq_len, seed, i_frac, f_frac, f_plus):
             assert_states_equal(outs[form][1], outs["chunkwise"][1], 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", [f for f in ALL_FORMS if f != "step"])  # step: as recurrent
 def test_infinite_gates_gradients_are_the_limits(form):
     """Gradients at ±inf gates: finite, and the float64 gradient at ±1e4."""
@@ -283,6 +287,7 @@ def test_infinite_gates_gradients_are_the_limits(form):
         assert rel_err(g, g_ref) <= 1e-3, name
 
 
+@pytest.mark.slow
 def test_infinite_gates_pallas_as_chunkwise():
     """The kernels at the limits, an empty initial memory (m = -inf) and a memory that ends empty:
     values, final state and gradients (through h and the final c, n) as `mlstm_chunkwise`."""
@@ -319,6 +324,7 @@ def test_infinite_gates_pallas_as_chunkwise():
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ALL_FORMS)
 @pytest.mark.parametrize(
     "shape",
@@ -447,6 +453,7 @@ def test_wrong_rank_names_argument_and_shape(form):
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ALL_FORMS)
 def test_low_precision_inputs_compute_in_float32(form):
     """bfloat16/float16 q, k, v and gates, mixed: exactly the float32 computation on the same values,

@@ -106,6 +106,7 @@ def test_forms_match_reference_float32(shape, gates, seed):
     assert rel_err(outs["parallel"], outs["chunkwise"]) <= tol
 
 
+@pytest.mark.slow
 @hypothesis.given(shape=shapes, seed=st.integers(0, 2**16))
 def test_forms_match_reference_float64(shape, seed):
     batch, heads, seq_len, dhqk, dhv, chunk_size = shape
@@ -127,6 +128,7 @@ def test_forms_match_reference_float64(shape, seed):
     assert rel_err(chunk, rec) <= 1e-6
 
 
+@pytest.mark.slow
 def test_gate_shapes_and_optional_arguments():
     q, k, v, i, f = map(jnp.asarray, make_inputs(0, 2, 2, 20, 8, 4, (-5, 5), (-2, 8)))
     base = X.parallel_stabilized_simple(q, k, v, i, f)
@@ -146,6 +148,7 @@ def test_gate_shapes_and_optional_arguments():
     assert rel_err(cast, X.parallel_stabilized_simple(*rounded, i, f)) < 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", list(FORMS))
 def test_jit_vmap_grad(form):
     q, k, v, i, f = map(jnp.asarray, make_inputs(1, 2, 2, 16, 8, 8, (-5, 5), (-2, 8)))
@@ -174,6 +177,7 @@ def _loss(form, chunk_size, weights):
     return loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "i_range,f_range",
     [((-5.0, 5.0), (-2.0, 8.0)), ((-30.0, 50.0), (-50.0, 30.0)), ((20.0, 50.0), (-50.0, -20.0))],
@@ -199,6 +203,7 @@ def test_gradients_match_float64_parallel(i_range, f_range):
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["chunkwise", "recurrent"])
 @pytest.mark.parametrize("split", [1, 37, 64])
 def test_two_halves_equal_whole(form, split):
@@ -244,6 +249,7 @@ def _extreme_gates(seq_len, rng):
     return np.concatenate(igate), np.concatenate(fgate)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("seq_len", [7, 512])
 def test_extreme_gates_finite(form, seq_len):
@@ -282,6 +288,7 @@ def _temp_bytes(fn, seq_len):
     return analysis.temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_chunkwise_memory_linear_parallel_quadratic():
     def chunk(*inputs):
         return X.mlstm_chunkwise(*inputs, chunk_size=32)[0]

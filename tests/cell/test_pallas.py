@@ -94,6 +94,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_matches_chunkwise_float32(case):
     batch, heads, seq_len, dhqk, dhv, chunk, init, i_range, f_range, eps = CASES[case]
@@ -106,6 +107,7 @@ def test_matches_chunkwise_float32(case):
     assert_close(ours, ref, 1e-4)
 
 
+@pytest.mark.slow
 def test_gradient_exact_in_float64():
     """In float64 the gradient matches autodiff of the pure-JAX form to ~1e-12: the derivative paths
     through the stabiliser and eps (relative size ~1e-6, invisible in float32) are all there."""
@@ -119,6 +121,7 @@ def test_gradient_exact_in_float64():
         assert_close(ours, ref, 1e-10)
 
 
+@pytest.mark.slow
 def test_bfloat16_inputs_four_dim_gates_and_vmap():
     inputs, _, _, _ = make_case(2, 2, 2, 24, 16, 16, (-3.0, 3.0), (-2.0, 6.0), False)
     q, k, v, i, f = inputs
@@ -191,6 +194,7 @@ REMAT_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy, seq_len, chunk_size, chunks_per_step, init", REMAT_CASES)
 def test_remat_same_values_and_gradients(policy, seq_len, chunk_size, chunks_per_step, init):
     assert set(REMAT_POLICIES) == {case[0] for case in REMAT_CASES}
@@ -238,6 +242,7 @@ def test_remat_bad_arguments():
         mlstm_chunkwise_remat(*inputs, chunk_size=-1)
 
 
+@pytest.mark.slow
 def test_model_backend_chunkwise_pallas_matches_chunkwise():
     """`mLSTMCellConfig(backend="chunkwise_pallas")` selects the kernel; same key, same logits."""
     import dataclasses
@@ -267,6 +272,7 @@ import xlstm_eqx.cell.autotune as pallas_module  # noqa: E402
 from xlstm_eqx.cell import run_backend  # noqa: E402
 
 
+@pytest.mark.slow
 def test_auto_off_gpu_is_chunkwise_without_timing(monkeypatch):
     def no_timing(*args, **kwargs):
         raise AssertionError("timed off a GPU")

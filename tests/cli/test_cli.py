@@ -81,6 +81,7 @@ def test_train_resume_eval_info(tmp_path, corpus, capsys):
     assert capsys.readouterr().out.startswith("def ")
 
 
+@pytest.mark.slow
 def test_info_counts_parameters(capsys):
     from xlstm_eqx.llama import LlamaConfig, LlamaTransformer
     from xlstm_eqx.presets import tiny_llama

@@ -55,6 +55,7 @@ def work(trained, monkeypatch):
     return trained[0]
 
 
+@pytest.mark.slow
 def test_train_prints_compiling_profile_and_the_files_it_wrote(trained):
     base, printed = trained
     lines = printed.splitlines()
@@ -188,6 +189,7 @@ def test_resume_refuses_planted_and_damaged_run_files(work, capsys):
     assert not glob.glob(str(work / RUN / "*.tmp*"))
 
 
+@pytest.mark.slow
 def test_converted_byte_model_generates_and_convert_never_overwrites(work, capsys):
     hf = os.path.join("runs", "mine-hf")
     assert main(["convert", "--from", "eqx", "--to", "hf", RUN, hf]) == 0
@@ -228,6 +230,7 @@ def test_converted_byte_model_generates_and_convert_never_overwrites(work, capsy
     shutil.rmtree(work / back)
 
 
+@pytest.mark.slow
 def test_eval_tasks_unknown_or_unreadable_is_one_line(work, capsys):
     pytest.importorskip("lm_eval")
     os.makedirs("tasks")

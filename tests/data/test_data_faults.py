@@ -60,6 +60,7 @@ def _err(capsys):
     return capsys.readouterr().err.strip()
 
 
+@pytest.mark.slow
 def test_eval_uses_the_runs_files_and_tokenizer_from_anywhere(tmp_path, monkeypatch, capsys, bpe):  # noqa: F811
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -65,6 +65,7 @@ def test_loader_errors_and_early_close():
     assert time.perf_counter() - t0 < 10 and not big._thread.is_alive()
 
 
+@pytest.mark.slow
 def test_loop_reads_step_results_only_where_it_needs_them(tmp_path, data_file, monkeypatch):
     reads = []
     original = host_sync.PendingScalars.read

@@ -353,6 +353,7 @@ def test_to_hf_writes_transformers_format(tmp_path):
     np.testing.assert_array_equal(head, np.asarray(model.token_embedding.embedding))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config",
     [

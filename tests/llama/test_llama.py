@@ -331,6 +331,7 @@ def test_document_masking(tokens, other, border):
         assert not np.allclose(np.asarray(ua[:, border:]), np.asarray(ub[:, border:]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_scan_and_unrolled_agree():
     drop = dict(dropout_rate=0.3, add_embedding_dropout=True)
     scanned = _model(seed=11, scan_blocks=True, **drop)
@@ -492,6 +493,7 @@ def test_mutated_invalid_config_is_rejected(field, value, match):
         TransformerBlockStack(cfg, key=jr.key(0))
 
 
+@pytest.mark.slow
 def test_grads_reach_every_parameter_and_remat_changes_nothing():
     """filter_grad through the jitted model: finite, non-zero gradients for every parameter; the
     `parallel.remat` variants give the same loss and gradients."""

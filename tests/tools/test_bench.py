@@ -58,6 +58,7 @@ def test_run_bench_unknown_benchmark():
         run_bench("nope", quick=True)
 
 
+@pytest.mark.slow
 def test_run_bench_cell_quick_without_peer(monkeypatch, capsys):
     # the peer (mlstm-kernels) is optional: hide it, whether installed or not
     for name in [m for m in sys.modules if m.split(".")[0] in ("mlstm_kernels", "jax_triton")]:
@@ -85,6 +86,7 @@ def test_run_bench_cell_quick_without_peer(monkeypatch, capsys):
         assert "skipped" not in r
 
 
+@pytest.mark.slow
 def test_run_bench_train_quick_tiny(capsys):
     assert run_bench("train", quick=True, size="tiny", seq_len=32) == 0
     out = capsys.readouterr().out
@@ -112,6 +114,7 @@ def test_run_bench_profile_quick_tiny(capsys):
     assert _table_rows(out, "slowest ops")  # the slowest single ops follow
 
 
+@pytest.mark.slow
 def test_run_bench_generate_quick(monkeypatch, capsys):
     # `generate --quick` (contexts 128 and 512) is run with smaller contexts to keep the test
     # short; the arguments `run_bench` passes are checked, then the real script runs

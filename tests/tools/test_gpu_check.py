@@ -81,6 +81,7 @@ def test_quick_run_writes_results_and_passes(tmp_path, capsys):
     assert "[correctness]" in out and "exit code 0" in out
 
 
+@pytest.mark.slow
 def test_forced_failure_is_recorded_and_later_parts_run(tmp_path, monkeypatch):
     def wrong_kernel(*args, **kwargs):
         h, state = mlstm_chunkwise(*args, **kwargs)

@@ -373,6 +373,7 @@ _EXPECTED_PARTS = {
 _MIXER = {"xlstm": "mLSTM cell", "llama": "attention"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["xlstm", "llama"])
 def test_profile_train_step_tiny(model, monkeypatch):
     S = 32
@@ -444,6 +445,7 @@ _SCOPES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(_SCOPES))
 def test_model_named_scopes_in_compiled_grad(preset):
     assert _SCOPES[preset] <= set(PARTS)

@@ -77,6 +77,7 @@ def _edit_meta(ckpt: str, **changes) -> None:
         json.dump(meta, f, indent=1)
 
 
+@pytest.mark.slow
 def test_relative_run_directory(work, capsys):
     """`--out runs/mine` as typed, from the run's parent directory: resume, eval, generate and
     convert all read the checkpoints the fixture's `train --out runs/mine` wrote; the checkpoint
@@ -132,6 +133,7 @@ def test_failed_save_exits_at_once(tmp_path, data_file):
     assert repr(os.path.join(str(ckpts), "step_00000002")) in err[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "deleted", "flipped"])
 def test_damaged_newest_checkpoint_falls_back(work, capsys, how):
     """eval, generate and train --resume skip the damaged newest checkpoint with one warning
@@ -206,6 +208,7 @@ def test_damaged_metadata_falls_back(work, capsys):
     assert orbax_checkpoint.load_metadata(_ckpt(3))["step"] == 3
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_is_one_error(work, capsys):
     """Every checkpoint damaged, or a damaged `--checkpoint` given: one error line naming the
     checkpoint, no traceback, no fallback for an explicit one."""

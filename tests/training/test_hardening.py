@@ -259,6 +259,7 @@ def test_negative_seed_fails_before_anything_is_written(tmp_path, data_file, cap
     assert "TrainConfig.max_data_bytes" in _one_error_line(capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,text,match",
     [
@@ -270,7 +271,11 @@ def test_negative_seed_fails_before_anything_is_written(tmp_path, data_file, cap
         ("broken.yaml", "steps: [1, 2\n", r"not valid \(safe\) YAML"),
         ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
         ("deep.yaml", "[" * 20_000 + "]" * 20_000, "evil|deep|YAML|nested"),
-        ("typed.json", '{"steps": "ten"}', r"TrainConfig.steps\) must be a positive int, got 'ten'"),
+        (
+            "typed.json",
+            '{"steps": "ten"}',
+            r"TrainConfig.steps\) must be a positive int, got 'ten'",
+        ),
         ("flag.yaml", "progress: maybe\n", r"TrainConfig.progress\) must be a bool"),
         ("list.json", '{"data": [1, 2]}', r"TrainConfig.data\) must be a list of strings"),
     ],
@@ -390,6 +395,7 @@ def test_cli_fills_the_persistent_compile_cache(tmp_path, data_file):
 # --- generation: constant memory, a bound on the count ------------------------------------------
 
 
+@pytest.mark.slow
 def test_stream_generate_holds_no_per_token_buffers():
     import jax
     import jax.random as jr

@@ -61,6 +61,7 @@ def test_score_windows_cover_each_token_once():
         assert scored == tokens[first:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["toy", "xlstm"])
 def test_loglikelihoods_equal_the_models_logits(family):
     if family == "toy":

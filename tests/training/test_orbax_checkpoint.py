@@ -43,6 +43,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # --- one process, one device ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_round_trip_bit_exact_into_a_skeleton(tmp_path, getkey):
     net, opt_state = _trees(getkey())
     meta = {"data_position": 12, "rng_key": [1, 2], "run_config": {"a": [1, 2.5, None]}}

@@ -128,6 +128,7 @@ def _snapshot(root):
 # --- resume ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,grad_accum", [("toy", 1), ("toy", 2), ("xlstm", 1)])
 def test_resume_gives_identical_losses(tmp_path, data_file, model, grad_accum):
     kw = dict(model=model, grad_accum=grad_accum)

@@ -263,6 +263,7 @@ def test_backends_same_weights_same_outputs(layer_type, getkey):
         np.testing.assert_allclose(o, outs[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer_type", ["mlstm", "mlstm_v1"])
 @pytest.mark.parametrize("backend", ["parallel_stabilized", "recurrent"])
 def test_prefill_then_steps_match_full_sequence(layer_type, backend, getkey):

@@ -132,6 +132,7 @@ def f64(x):
 # causality, backends, scan
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["v1", "mixed"])
 @hypothesis.given(
@@ -268,6 +269,7 @@ def test_pretty_print_and_eval_shape_count():
 # dtypes, sequence length, borders, decode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["v1", "mixed"])
 def test_bfloat16_compute(kind):
     cfg32 = make_config(kind)
@@ -290,6 +292,7 @@ def test_bfloat16_compute(kind):
     assert float(jnp.std(hi)) > 0.3  # the comparison is not vacuous
 
 
+@pytest.mark.slow
 def test_same_model_at_several_lengths():
     model = built("v1", "chunkwise")  # chunk 4: S = 1, 5, 17 are below, off and above a multiple
     tokens = tokens_of(10, (2, 17))
@@ -315,6 +318,7 @@ def test_document_borders_reset_only_after_border():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["v1", "mixed"])
 def test_prefill_and_step_match_forward(kind):
     """``call_with_state`` on a prompt from ``init_state`` (prefill), then on one token at a time
