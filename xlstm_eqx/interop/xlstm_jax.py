@@ -165,7 +165,7 @@ def _mlstm_v1_entries(
 
 
 def _xlstm_entries(model: xLSTMLMModel) -> list[Entry]:
-
+    """Every leaf of an xLSTM model: the embedding, each block in order, the output norm and head."""
     entries = [
         Entry("token_embedding/sharded/embedding", ("token_embedding", "embedding"), None, _TP)
     ]
@@ -176,62 +176,63 @@ def _xlstm_entries(model: xLSTMLMModel) -> list[Entry]:
         idx = i if scanned else None
         block = get_path(model, base)
         ref = f"{_XLSTM_BLOCKS}{i}"
-        res = block.xlstm_res_block
-        rb = base + ("xlstm_res_block",)
-        _norm(
-            entries, f"{ref}/xlstm_res_block/xlstm_norm/sharded", rb + ("norm",), res.norm, idx, _TP
-        )
-        if res.post_norm is not None:
-            _norm(
-                entries,
-                f"{ref}/xlstm_res_block/xlstm_post_norm/sharded",
-                rb + ("post_norm",),
-                res.post_norm,
-                idx,
-                _TP,
-            )
-        if isinstance(res.layer, mLSTMLayerV1):
-            _mlstm_v1_entries(
-                entries, f"{ref}/xlstm_res_block/xlstm", rb + ("layer",), res.layer, idx
-            )
-        elif isinstance(res.layer, mLSTMLayer):
-            _mlstm_layer_entries(
-                entries, f"{ref}/xlstm_res_block/xlstm", rb + ("layer",), res.layer, idx
-            )
-        else:
-            raise InteropError(
-                f"block {i}: {type(res.layer).__name__} has no xlstm-jax (Flax) counterpart"
-            )
-        ffn = block.ffn_res_block
-        if ffn is not None:
-            fb = base + ("ffn_res_block",)
-            _norm(
-                entries, f"{ref}/ffn_res_block/ffn_norm/sharded", fb + ("norm",), ffn.norm, idx, _TP
-            )
-            if ffn.post_norm is not None:
-                _norm(
-                    entries,
-                    f"{ref}/ffn_res_block/ffn_post_norm/sharded",
-                    fb + ("post_norm",),
-                    ffn.post_norm,
-                    idx,
-                    _TP,
-                )
-            for name in ("proj_up", "proj_up_gate", "proj_down"):
-                dense = getattr(ffn.layer, name)
-                if dense is not None:
-                    _dense(
-                        entries,
-                        f"{ref}/ffn_res_block/ffn/{name}/Dense_0",
-                        fb + ("layer", name),
-                        dense,
-                        idx,
-                    )
+        _xlstm_res_block_entries(entries, ref, base, block.xlstm_res_block, idx, i)
+        if block.ffn_res_block is not None:
+            _ffn_res_block_entries(entries, ref, base, block.ffn_res_block, idx)
     if model.out_norm is not None:
         _norm(entries, "lm_head/out_norm", ("out_norm",), model.out_norm, None)
     if model.lm_head is not None:
         entries.append(Entry("lm_head/out_dense/kernel", ("lm_head", "kernel"), None))
     return entries
+
+
+def _xlstm_res_block_entries(
+    entries: list[Entry], ref: str, base: Path, res: Any, idx: int | None, block_index: int
+) -> None:
+    """The mLSTM residual block of block ``ref`` (norms, then the layer); an sLSTM layer raises."""
+    rb = base + ("xlstm_res_block",)
+    _residual_norms(entries, f"{ref}/xlstm_res_block/xlstm", rb, res, idx)
+    if isinstance(res.layer, mLSTMLayerV1):
+        _mlstm_v1_entries(entries, f"{ref}/xlstm_res_block/xlstm", rb + ("layer",), res.layer, idx)
+    elif isinstance(res.layer, mLSTMLayer):
+        _mlstm_layer_entries(
+            entries, f"{ref}/xlstm_res_block/xlstm", rb + ("layer",), res.layer, idx
+        )
+    else:
+        raise InteropError(
+            f"block {block_index}: {type(res.layer).__name__} has no xlstm-jax (Flax) counterpart"
+        )
+
+
+def _ffn_res_block_entries(
+    entries: list[Entry], ref: str, base: Path, ffn: Any, idx: int | None
+) -> None:
+    """The feed-forward residual block of block ``ref``: norms, then the dense layers."""
+    fb = base + ("ffn_res_block",)
+    _residual_norms(entries, f"{ref}/ffn_res_block/ffn", fb, ffn, idx)
+    for name in ("proj_up", "proj_up_gate", "proj_down"):
+        dense = getattr(ffn.layer, name)
+        if dense is not None:
+            _dense(
+                entries, f"{ref}/ffn_res_block/ffn/{name}/Dense_0", fb + ("layer", name), dense, idx
+            )
+
+
+def _residual_norms(
+    entries: list[Entry], ref_prefix: str, base: Path, res: Any, idx: int | None
+) -> None:
+    """A residual block's norm and optional post-norm: ``{ref_prefix}_norm`` and
+    ``{ref_prefix}_post_norm`` there, ``norm`` and ``post_norm`` under ``base`` here."""
+    _norm(entries, f"{ref_prefix}_norm/sharded", base + ("norm",), res.norm, idx, _TP)
+    if res.post_norm is not None:
+        _norm(
+            entries,
+            f"{ref_prefix}_post_norm/sharded",
+            base + ("post_norm",),
+            res.post_norm,
+            idx,
+            _TP,
+        )
 
 
 def _llama_entries(model: LlamaTransformer) -> list[Entry]:
