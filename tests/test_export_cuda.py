@@ -157,6 +157,7 @@ def _tiny_xlstm_pallas() -> X.xLSTMLMModel:
     return X.xLSTMLMModel(config, key=jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_xlstm_bf16_train_step_on_chunkwise_pallas_exports_triton_kernels():
     model = _tiny_xlstm_pallas()
     step, params, opt_state = _train_step_program(model)
@@ -180,6 +181,7 @@ def _tiny_llama(backend: str) -> LlamaTransformer:
     return LlamaTransformer(config, key=jax.random.key(0))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("cudnn_version")
 @pytest.mark.parametrize(
     ("backend", "kernels"),

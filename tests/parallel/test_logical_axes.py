@@ -47,6 +47,7 @@ def _array_leaves(tree):
     return [(jax.tree_util.keystr(path), value) for path, value in flat]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_parameter_of_every_preset_has_a_decision(name):
     skeleton = _skeleton(CONFIGS[name])
@@ -108,6 +109,7 @@ def _stacked(path):
     return int(scanned) + int(".qk_proj." in path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_specs_follow_the_written_rule(tp):
     pc = ParallelConfig(data_axis_size=-1, model_axis_size=tp)
