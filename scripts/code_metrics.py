@@ -85,14 +85,14 @@ def private_imports(path: Path, source: str) -> list[tuple[str, str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             target = _resolve(node.module, node.level, importer, path.name == "__init__.py")
-            if not target.startswith(PACKAGE):
+            if not target.startswith((PACKAGE, "tests")):  # the package, or the tests' own helpers
                 continue
             for alias in node.names:
                 if _is_private(alias.name) or _is_private(target.split(".")[-1]):
                     found.append((target, alias.name))
         elif isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.startswith(PACKAGE) and any(
+                if alias.name.startswith((PACKAGE, "tests")) and any(
                     _is_private(part) for part in alias.name.split(".")
                 ):
                     found.append((alias.name, "*"))

@@ -6,6 +6,8 @@ correct iff every generated token is the argmax of the full-forward logits at th
 position — one teacher-forced forward pass replaces recomputing the forward pass per step.
 """
 
+import traceback
+
 import equinox as eqx
 import hypothesis
 import hypothesis.strategies as st
@@ -179,25 +181,27 @@ def test_stream_generate_matches_generate(name):
 
 def test_no_recompilation_per_token(monkeypatch):
     """The decode step is traced at most once for a whole stream and for a whole ``generate``
-    scan (0 times if an earlier test compiled the same shapes); changing temperature / top_p /
-    key does not retrace."""
+    scan (0 times if an earlier test compiled the same shapes), and so is the prefill (which ends
+    in one decode step of its own, counted apart); changing temperature / top_p / key does not
+    retrace."""
     model = tiny_model("mlstm")
-    traces = []
+    traces = {"prefill": 0, "per-token": 0}
     real_step = gen.decode_step
 
     def counting_step(*args):
-        traces.append(1)
+        in_prefill = any(frame.name == "prefill" for frame in traceback.extract_stack())
+        traces["prefill" if in_prefill else "per-token"] += 1
         return real_step(*args)
 
     monkeypatch.setattr(gen, "decode_step", counting_step)
     for t, p in ((0.5, 0.8), (1.5, 0.95)):
         kw = dict(temperature=t, top_k=10, top_p=p, key=jr.key(int(10 * t)))
         assert len(list(stream_generate(model, random_prompt(), N, **kw))) == N
-    assert len(traces) <= 1
-    traces.clear()
+    assert traces["per-token"] <= 1 and traces["prefill"] <= 1, traces
+    traces.update({"prefill": 0, "per-token": 0})
     for t, p in ((0.7, 0.5), (1.3, 0.9)):
         _sample(model, jr.key(2), temperature=t, top_p=p)
-    assert len(traces) <= 1
+    assert traces["per-token"] <= 1 and traces["prefill"] <= 1, traces
 
 
 def test_zero_new_tokens_returns_prompt():

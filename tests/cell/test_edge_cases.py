@@ -17,7 +17,7 @@ import pytest
 import xlstm_eqx as X
 from xlstm_eqx.cell import mlstm_chunkwise_pallas, mlstm_chunkwise_remat
 
-from .test_forms import _loss, make_inputs, np_mlstm, rel_err
+from .test_forms import make_inputs, np_mlstm, rel_err, weighted_loss
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def test_infinite_gates_gradients_are_the_limits(form):
     inputs[4][0, 1, 20] = -np.inf
     weights = np.random.default_rng(15).standard_normal((1, 2, 40, 6))
     with jax.enable_x64(True):
-        loss = _loss("parallel", 16, jnp.asarray(weights))
+        loss = weighted_loss("parallel", 16, jnp.asarray(weights))
         ref = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*map(jnp.asarray, np_limit_inputs(inputs)))
         ref = [np.asarray(g) for g in ref]
     w32 = jnp.asarray(weights, jnp.float32)

@@ -169,7 +169,7 @@ def test_jit_vmap_grad(form):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _loss(form, chunk_size, weights):
+def weighted_loss(form, chunk_size, weights):
     def loss(q, k, v, i, f):
         out = FORMS[form](q, k, v, i, f, chunk_size)
         return jnp.sum(out.astype(weights.dtype) * weights)
@@ -187,13 +187,13 @@ def test_gradients_match_float64_parallel(i_range, f_range):
     inputs = make_inputs(3, 1, 2, 96, 8, 6, i_range, f_range, np.float64)
     weights = np.random.default_rng(4).standard_normal((1, 2, 96, 6))
     with jax.enable_x64(True):
-        loss = _loss("parallel", 16, jnp.asarray(weights))
+        loss = weighted_loss("parallel", 16, jnp.asarray(weights))
         ref = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*map(jnp.asarray, inputs))
         ref = [np.asarray(g) for g in ref]
     inputs32 = [jnp.asarray(x, jnp.float32) for x in inputs]
     w32 = jnp.asarray(weights, jnp.float32)
     for form in FORMS:
-        grads = jax.jit(jax.grad(_loss(form, 16, w32), argnums=(0, 1, 2, 3, 4)))(*inputs32)
+        grads = jax.jit(jax.grad(weighted_loss(form, 16, w32), argnums=(0, 1, 2, 3, 4)))(*inputs32)
         for name, g, g_ref in zip("qkvif", grads, ref, strict=True):
             assert rel_err(g, g_ref) <= 1e-3, (form, name)
 
@@ -258,7 +258,7 @@ def test_extreme_gates_finite(form, seq_len):
     v = rng.standard_normal((4, 2, seq_len, 8))
     igate, fgate = _extreme_gates(seq_len, rng)
     weights = jnp.asarray(rng.standard_normal((4, 2, seq_len, 8)), jnp.float32)
-    grad_fn = jax.jit(jax.grad(_loss(form, 64, weights), argnums=(0, 1, 2, 3, 4)))
+    grad_fn = jax.jit(jax.grad(weighted_loss(form, 64, weights), argnums=(0, 1, 2, 3, 4)))
     results = {}
     for dtype in (jnp.float32, jnp.bfloat16):
         args = [jnp.asarray(x, dtype) for x in (q, k, v, igate, fgate)]

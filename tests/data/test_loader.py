@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.multiprocess import collect, free_port, start_worker, worker_env, worker_result
-from tests.training.test_train import _cfg, _quiet
+from tests.training.test_train import quiet, toy_config
 from xlstm_eqx.data import BatchLoader, BatchSampler, ByteTokenizer, load_corpus
 from xlstm_eqx.training import host_sync, list_checkpoints, read_metrics, train
 
@@ -76,8 +76,10 @@ def test_loop_reads_step_results_only_where_it_needs_them(tmp_path, data_file, m
         return out
 
     monkeypatch.setattr(host_sync.PendingScalars, "read", counted)
-    cfg = _cfg(tmp_path, data_file, steps=7, log_every=3, eval_every=100, checkpoint_every=100)
-    result = train(cfg, log=_quiet)
+    cfg = toy_config(
+        tmp_path, data_file, steps=7, log_every=3, eval_every=100, checkpoint_every=100
+    )
+    result = train(cfg, log=quiet)
     # logged at 1, 3, 6 and 7 (the end, also a checkpoint): four reads, each of the steps since
     # the last one
     assert [r for r in reads if r] == [[1], [2, 3], [4, 5, 6], [7]]
@@ -88,12 +90,12 @@ def test_loop_reads_step_results_only_where_it_needs_them(tmp_path, data_file, m
 
 
 def test_profile_window_writes_a_trace(tmp_path, data_file):
-    cfg = _cfg(tmp_path, data_file, steps=4, profile_steps="2:3")
-    train(cfg, log=_quiet)
+    cfg = toy_config(tmp_path, data_file, steps=4, profile_steps="2:3")
+    train(cfg, log=quiet)
     traces = list(pathlib.Path(cfg.out, "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     with pytest.raises(ValueError, match="profile_steps"):
-        train(_cfg(tmp_path / "x", data_file, profile_steps="3"), log=_quiet)
+        train(toy_config(tmp_path / "x", data_file, profile_steps="3"), log=quiet)
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -161,12 +163,12 @@ def test_resume_after_sigkill_is_exact(tmp_path, data_file):
         store = json.load(f)["data"]["store"]
     stamp = os.stat(os.path.join(store, "index.json")).st_mtime_ns
 
-    base = _cfg(tmp_path, data_file, schedule="constant", warmup_steps=2, log_every=1)
+    base = toy_config(tmp_path, data_file, schedule="constant", warmup_steps=2, log_every=1)
     base = dataclasses.replace(base, eval_every=1000000, checkpoint_every=3, steps=last + 3)
-    resumed = train(dataclasses.replace(base, out=out, resume=True), log=_quiet)
+    resumed = train(dataclasses.replace(base, out=out, resume=True), log=quiet)
     assert sorted(resumed.losses) == [last + 1, last + 2, last + 3]
     assert os.stat(os.path.join(store, "index.json")).st_mtime_ns == stamp  # reused, not rebuilt
-    fresh = train(dataclasses.replace(base, out=str(tmp_path / "fresh")), log=_quiet)
+    fresh = train(dataclasses.replace(base, out=str(tmp_path / "fresh")), log=quiet)
     assert {s: fresh.losses[s] for s in resumed.losses} == resumed.losses
     a = read_metrics(os.path.join(out, "metrics.jsonl"))
     b = read_metrics(os.path.join(fresh.out_dir, "metrics.jsonl"))

@@ -10,7 +10,7 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from tests.training.test_train import _cfg, _quiet
+from tests.training.test_train import quiet, toy_config
 from xlstm_eqx.data import (
     ByteTokenizer,
     CorpusChangedError,
@@ -281,10 +281,10 @@ def test_hf_dataset_inputs_give_the_jsonl_tokens(tmp_path):
 @pytest.mark.parametrize("kind", ["save_to_disk", "parquet", "jsonl"])
 def test_hf_and_jsonl_inputs_train(tmp_path, kind):
     src = _hf_inputs(tmp_path)[kind]
-    cfg = _cfg(
+    cfg = toy_config(
         tmp_path, src, text_field="body", seq_len=8, steps=2, eval_every=2, eval_fraction=0.34
     )
-    result = train(cfg, log=_quiet)
+    result = train(cfg, log=quiet)
     assert sorted(result.losses) == [1, 2] and np.isfinite(result.eval_loss)
     with open(os.path.join(cfg.out, "config.json")) as f:
         data = json.load(f)["data"]
@@ -298,8 +298,8 @@ def test_changed_data_is_refused_on_resume(tmp_path):
     d = tmp_path / "data"
     for i, doc in enumerate(DOCS):
         _write(d / f"{i}.txt", doc * 3)
-    cfg = _cfg(tmp_path, str(d / "*.txt"), steps=2, eval_fraction=0.34, seq_len=8)
-    train(cfg, log=_quiet)
+    cfg = toy_config(tmp_path, str(d / "*.txt"), steps=2, eval_fraction=0.34, seq_len=8)
+    train(cfg, log=quiet)
     resume = dataclasses.replace(cfg, resume=True, steps=3)
     before = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
 
@@ -307,18 +307,18 @@ def test_changed_data_is_refused_on_resume(tmp_path):
     original = (d / "2.txt").read_text()
     (d / "2.txt").write_text(original + "more")
     with pytest.raises(CorpusChangedError, match=r"2\.txt'?: \d+ -> \d+"):
-        train(resume, log=_quiet)
+        train(resume, log=quiet)
     # the same size, other contents: caught by the token hash
     (d / "2.txt").write_text(original.upper())
     with pytest.raises(CorpusChangedError, match="blake2b"):
-        train(resume, log=_quiet)
+        train(resume, log=quiet)
     (d / "2.txt").write_text(original)
     # a new file matching the glob
     _write(d / "9.txt", "new")
     with pytest.raises(CorpusChangedError, match=r"1 file\(s\) added.*9\.txt"):
-        train(resume, log=_quiet)
+        train(resume, log=quiet)
     os.remove(d / "9.txt")
     assert read_metrics(os.path.join(cfg.out, "metrics.jsonl")) == before
     # restored (a new modification time, the same bytes): resumes
-    result = train(resume, log=_quiet)
+    result = train(resume, log=quiet)
     assert sorted(result.losses) == [3]

@@ -39,7 +39,7 @@ def _model_file(out: str) -> str:
     return path
 
 
-def _cfg(data: str, out: str, run: str, **kw):
+def worker_config(data: str, out: str, run: str, **kw):
     from xlstm_eqx.training import TrainConfig
 
     base = dict(
@@ -173,7 +173,7 @@ def run_mesh8(data: str, out: str) -> dict:
     )
 
     res: dict = {}
-    cfg = _cfg(data, out, "full", mesh="fsdp=8")
+    cfg = worker_config(data, out, "full", mesh="fsdp=8")
     full = train(cfg, log=_quiet)
     res["full_losses"] = _losses(full)
     res["full_specs"] = _specs_of(full.model)
@@ -302,7 +302,7 @@ def run_procs(data: str, out: str, process_id: int, num_processes: int, port: in
     # within 30 s: meet here, while both are equally far, not after unequal work on a busy machine.
     multihost_utils.sync_global_devices("checkpoint_worker start")
     res: dict = {"process_index": jax.process_index(), "devices": jax.device_count()}
-    cfg = _cfg(data, out, "a", mesh="fsdp=8")
+    cfg = worker_config(data, out, "a", mesh="fsdp=8")
     a = train(cfg, log=_quiet)
     res["a_losses"] = _losses(a)
     res["a_specs"] = _specs_of(a.model)
@@ -384,7 +384,7 @@ def run_killme(data: str, out: str) -> dict:
         return optimizer, dataclasses.replace(step, core=padded)
 
     _train_state.optimizer_and_step = slow
-    train(_cfg(data, out, "k", **KILLME), log=_quiet)
+    train(worker_config(data, out, "k", **KILLME), log=_quiet)
     return {}
 
 

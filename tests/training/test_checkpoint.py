@@ -38,7 +38,7 @@ class Net(eqx.Module):
         self.name = name
 
 
-def _trees(key, sizes=(3, 4, 2)):
+def example_trees(key, sizes=(3, 4, 2)):
     net = Net(sizes, key=key)
     opt = optax.adamw(1e-3)
     opt_state = opt.init(eqx.filter(net, eqx.is_inexact_array))
@@ -49,7 +49,7 @@ def _trees(key, sizes=(3, 4, 2)):
     return net, opt_state
 
 
-def _same(a, b):
+def same_tree(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(la, lb, strict=True):
@@ -58,32 +58,32 @@ def _same(a, b):
 
 
 def test_round_trip_bit_exact(tmp_path, getkey):
-    net, opt_state = _trees(getkey())
+    net, opt_state = example_trees(getkey())
     meta = {"data_position": 12, "rng_key": [1, 2], "run_config": {"a": [1, 2.5, None]}}
     path = save_checkpoint(tmp_path, 5, {"model": net, "opt_state": opt_state}, meta)
     assert os.path.basename(path) == "step_00000005"
-    template_net, template_opt = _trees(getkey())
+    template_net, template_opt = example_trees(getkey())
     trees, got_meta = restore_checkpoint(path, {"model": template_net, "opt_state": template_opt})
-    _same(trees["model"], net)
-    _same(trees["opt_state"], opt_state)
+    same_tree(trees["model"], net)
+    same_tree(trees["opt_state"], opt_state)
     assert trees["model"].name == "net" and trees["model"].scale.dtype == jnp.bfloat16
     assert got_meta == meta
     assert load_metadata(path)["step"] == 5
 
 
 def test_restore_into_shape_skeleton(tmp_path, getkey):
-    net, _ = _trees(getkey())
+    net, _ = example_trees(getkey())
     path = save_checkpoint(tmp_path, 1, {"model": net})
     skeleton = eqx.filter_eval_shape(Net, (3, 4, 2), key=getkey())
     trees, _ = restore_checkpoint(path, {"model": skeleton})
-    _same(trees["model"], net)
+    same_tree(trees["model"], net)
     with pytest.raises(ValueError, match="skeleton"):
         save_checkpoint(tmp_path, 2, {"model": skeleton})
     assert latest_checkpoint(tmp_path) == path
 
 
 def test_keep_last_n_and_resave(tmp_path, getkey):
-    net, _ = _trees(getkey())
+    net, _ = example_trees(getkey())
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, {"model": net}, {"i": step}, keep=2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
@@ -93,7 +93,7 @@ def test_keep_last_n_and_resave(tmp_path, getkey):
 
 
 def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, getkey, monkeypatch):
-    net, _ = _trees(getkey())
+    net, _ = example_trees(getkey())
     good = save_checkpoint(tmp_path, 1, {"model": net}, {"ok": True}, keep=1)
     calls = {"n": 0}
     real_savez = np.savez
@@ -109,13 +109,13 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, getkey, monkey
         save_checkpoint(tmp_path, 2, {"model": net, "other": net}, keep=1)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["step_00000001"]  # no half-written step_2, no temp dir
-    trees, meta = restore_checkpoint(good, {"model": _trees(getkey())[0]})
-    _same(trees["model"], net)
+    trees, meta = restore_checkpoint(good, {"model": example_trees(getkey())[0]})
+    same_tree(trees["model"], net)
     assert meta == {"ok": True}
 
 
 def test_mismatched_structure_names_the_leaf(tmp_path, getkey):
-    net, _ = _trees(getkey())
+    net, _ = example_trees(getkey())
     path = save_checkpoint(tmp_path, 1, {"model": net})
     wider = Net((3, 5, 2), key=getkey())
     with pytest.raises(CheckpointError, match=r"model\.layers\[0\]\.weight.*\[4, 3\].*\[5, 3\]"):
@@ -133,7 +133,7 @@ def test_mismatched_structure_names_the_leaf(tmp_path, getkey):
 
 
 def test_unreadable_checkpoints(tmp_path, getkey):
-    net, _ = _trees(getkey())
+    net, _ = example_trees(getkey())
     with pytest.raises(CheckpointError, match="does not exist"):
         restore_checkpoint(tmp_path / "nothing", {"model": net})
     path = save_checkpoint(tmp_path, 1, {"model": net})
@@ -161,7 +161,7 @@ def test_unreadable_checkpoints(tmp_path, getkey):
 
 
 def test_no_pickle_in_files(tmp_path, getkey):
-    net, opt_state = _trees(getkey())
+    net, opt_state = example_trees(getkey())
     path = save_checkpoint(tmp_path, 3, {"model": net, "opt_state": opt_state})
     for name in ("model.npz", "opt_state.npz"):
         with np.load(os.path.join(path, name), allow_pickle=False) as data:

@@ -17,7 +17,7 @@ import pytest
 
 from xlstm_eqx.training import read_metrics, train
 
-from .test_train import _cfg, _quiet
+from .test_train import quiet, toy_config
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -168,13 +168,13 @@ def test_two_train_commands_into_one_out(tmp_path, data_file):
 
 
 def test_torn_metrics_row_does_not_block_resume(tmp_path, data_file):
-    cfg = _cfg(tmp_path, data_file, steps=4, checkpoint_every=2)
-    train(cfg, stop_after_step=2, log=_quiet)
+    cfg = toy_config(tmp_path, data_file, steps=4, checkpoint_every=2)
+    train(cfg, stop_after_step=2, log=quiet)
     path = os.path.join(cfg.out, "metrics.jsonl")
     with open(path, "a") as f:
         f.write('{"step": 3, "loss": 1.2')  # a write cut short by a full disk
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
-    rest = train(dataclasses.replace(cfg, resume=True), log=_quiet)
+    rest = train(dataclasses.replace(cfg, resume=True), log=quiet)
     assert sorted(rest.losses) == [3, 4]
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
     # a malformed row that is not the last one is an error naming the file and line
@@ -191,7 +191,7 @@ def test_interrupted_run_writes_plot_and_summary(tmp_path, data_file):
         if msg.startswith("step 2:"):
             os.kill(os.getpid(), signal.SIGINT)
 
-    cfg = _cfg(tmp_path, data_file, steps=6, eval_every=2, checkpoint_every=100)
+    cfg = toy_config(tmp_path, data_file, steps=6, eval_every=2, checkpoint_every=100)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, log=interrupt_at_first_eval)
     assert os.path.isfile(os.path.join(cfg.out, "loss.png"))
@@ -204,7 +204,7 @@ def test_interrupted_run_writes_plot_and_summary(tmp_path, data_file):
 
 def test_every_eval_logs_a_line_and_config_records_out(tmp_path, data_file, monkeypatch):
     lines = []
-    cfg = _cfg(tmp_path, data_file, steps=6, eval_every=2, out="")
+    cfg = toy_config(tmp_path, data_file, steps=6, eval_every=2, out="")
     monkeypatch.chdir(tmp_path)
     train(cfg, log=lines.append)
     evals = [m for m in lines if m.startswith("step ") and "held-out" in m]
@@ -303,12 +303,12 @@ def test_a_string_data_value_is_one_file(tmp_path, data_file):
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS])
 def test_disk_full_or_read_only_is_one_line(tmp_path, data_file, capsys, monkeypatch, err):
     from xlstm_eqx.cli import main
-    from xlstm_eqx.training import loop
+    from xlstm_eqx.training import run_ends
 
     def fail(path, obj):
         raise OSError(err, os.strerror(err), path)
 
-    monkeypatch.setattr(loop, "write_json_atomic", fail)
+    monkeypatch.setattr(run_ends, "write_json_atomic", fail)
     assert main(["train", *_cli_fast(tmp_path, data_file)]) == 2
     line = _one_error_line(capsys)
     assert os.strerror(err) in line and "config.json" in line
@@ -448,20 +448,20 @@ def test_list_presets_shows_parameter_counts(capsys):
 
 
 def test_resume_that_would_do_nothing_is_an_error(tmp_path, data_file):
-    cfg = _cfg(tmp_path, data_file, steps=4, checkpoint_every=2)
-    train(cfg, log=_quiet)
+    cfg = toy_config(tmp_path, data_file, steps=4, checkpoint_every=2)
+    train(cfg, log=quiet)
     with pytest.raises(ValueError, match="already at step 4.*--steps greater than 4"):
-        train(dataclasses.replace(cfg, resume=True, steps=3), log=_quiet)
+        train(dataclasses.replace(cfg, resume=True, steps=3), log=quiet)
     with pytest.raises(ValueError, match="already at step 4"):
-        train(dataclasses.replace(cfg, resume=True, steps=4), log=_quiet)
+        train(dataclasses.replace(cfg, resume=True, steps=4), log=quiet)
 
 
 def test_out_with_unrelated_files_is_refused(tmp_path, data_file):
-    cfg = _cfg(tmp_path, data_file, steps=2)
+    cfg = toy_config(tmp_path, data_file, steps=2)
     os.makedirs(cfg.out)
     (tmp_path / "run" / "thesis.tex").write_text("mine")
     with pytest.raises(FileExistsError, match=r"not a run's \(thesis.tex\)"):
-        train(cfg, log=_quiet)
+        train(cfg, log=quiet)
     assert sorted(os.listdir(cfg.out)) == ["thesis.tex"]
 
 
@@ -473,9 +473,9 @@ def test_bad_mesh_fails_before_the_data_is_read(tmp_path, data_file, monkeypatch
 
     monkeypatch.setattr(prepare, "load_corpus_all_processes", no_reading)
     for mesh, match in [("fsdp=3", "multiply to 3"), ("dp=2,bogus=2", "bogus")]:
-        cfg = _cfg(tmp_path, data_file, mesh=mesh)
+        cfg = toy_config(tmp_path, data_file, mesh=mesh)
         with pytest.raises(ValueError, match=match):
-            train(cfg, log=_quiet)
+            train(cfg, log=quiet)
         assert not os.path.exists(cfg.out)
 
 

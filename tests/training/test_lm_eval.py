@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.corpus import TEXT
-from tests.training.test_train import ToyConfig, ToyLM, _cfg, _quiet
+from tests.training.test_train import ToyConfig, ToyLM, quiet, toy_config
 from xlstm_eqx.cli import main
 from xlstm_eqx.data import ByteTokenizer
 from xlstm_eqx.training import sample_tokens, train
@@ -153,8 +153,8 @@ def test_multiple_choice_task_through_the_cli(tmp_path, capsys, caplog):
     pytest.importorskip("lm_eval")
     data = tmp_path / "data.txt"
     data.write_text(TEXT)
-    cfg = _cfg(tmp_path, str(data), steps=6, lr=3e-2)
-    train(cfg, log=_quiet)
+    cfg = toy_config(tmp_path, str(data), steps=6, lr=3e-2)
+    train(cfg, log=quiet)
     tasks, docs = _mc_task(tmp_path)
     args = ["eval", "--out", cfg.out, "--tasks", "toy_mc", "--include-path", tasks]
     with caplog.at_level(logging.WARNING):

@@ -20,7 +20,7 @@ import pytest
 
 from tests.corpus import write_corpus
 from tests.multiprocess import collect, free_port, once_per_session, start_worker, worker_result
-from tests.training.test_checkpoint import Net, _same, _trees
+from tests.training.test_checkpoint import Net, example_trees, same_tree
 from xlstm_eqx.training import (
     CheckpointError,
     CheckpointStore,
@@ -45,15 +45,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_round_trip_bit_exact_into_a_skeleton(tmp_path, getkey):
-    net, opt_state = _trees(getkey())
+    net, opt_state = example_trees(getkey())
     meta = {"data_position": 12, "rng_key": [1, 2], "run_config": {"a": [1, 2.5, None]}}
     path = save_checkpoint(tmp_path, 5, {"model": net, "opt_state": opt_state}, meta)
     assert os.path.basename(path) == "step_00000005"
     skeleton = eqx.filter_eval_shape(Net, (3, 4, 2), key=getkey())
     opt_skeleton = jax.eval_shape(lambda: opt_state)
     trees, got_meta = restore_checkpoint(path, {"model": skeleton, "opt_state": opt_skeleton})
-    _same(trees["model"], net)
-    _same(trees["opt_state"], opt_state)
+    same_tree(trees["model"], net)
+    same_tree(trees["opt_state"], opt_state)
     assert trees["model"].name == "net" and trees["model"].scale.dtype == jnp.bfloat16
     assert got_meta == meta
     saved = load_metadata(path)
@@ -68,7 +68,7 @@ def test_round_trip_bit_exact_into_a_skeleton(tmp_path, getkey):
 
 
 def test_keep_last_n_async_and_never_overwritten(tmp_path, getkey):
-    net, _ = _trees(getkey())
+    net, _ = example_trees(getkey())
     with CheckpointStore(tmp_path, keep=2) as store:
         for step in (1, 2, 3, 4):
             x = net.layers[0].weight * step  # a fresh buffer, deleted as soon as save returns
@@ -87,7 +87,7 @@ def test_keep_last_n_async_and_never_overwritten(tmp_path, getkey):
 
 
 def test_mismatches_are_named(tmp_path, getkey):
-    net, _ = _trees(getkey())
+    net, _ = example_trees(getkey())
     path = save_checkpoint(tmp_path, 1, {"model": net})
     wider = Net((3, 5, 2), key=getkey())
     with pytest.raises(CheckpointError, match=r"model\.layers\[0\]\.weight.*\[4, 3\].*\[5, 3\]"):
@@ -110,7 +110,7 @@ def test_mismatches_are_named(tmp_path, getkey):
 
 
 def test_unreadable_checkpoints(tmp_path, getkey):
-    net, _ = _trees(getkey())
+    net, _ = example_trees(getkey())
     with pytest.raises(CheckpointError, match="does not exist"):
         restore_checkpoint(tmp_path / "nothing", {"model": net})
     path = save_checkpoint(tmp_path, 1, {"model": net})
@@ -134,7 +134,7 @@ def test_unreadable_checkpoints(tmp_path, getkey):
 
 
 def test_no_pickle_in_files(tmp_path, getkey):
-    net, opt_state = _trees(getkey())
+    net, opt_state = example_trees(getkey())
     path = save_checkpoint(tmp_path, 3, {"model": net, "opt_state": opt_state})
     for f in pathlib.Path(path).rglob("*"):
         if f.is_file():
@@ -171,7 +171,7 @@ def test_older_npz_checkpoints_get_a_clear_error(tmp_path, getkey):
     assert list_checkpoints(out / "checkpoints") == []
     loaded, _, step = load_run(str(out))
     assert step == 4
-    _same(eqx.filter(loaded, eqx.is_array), eqx.filter(model, eqx.is_array))
+    same_tree(eqx.filter(loaded, eqx.is_array), eqx.filter(model, eqx.is_array))
 
 
 # --- simulated devices: one process with 8, two processes with 4 each --------------------------------
@@ -270,7 +270,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(tmp_path):
     """A run writing a checkpoint every step is SIGKILLed at a random moment: the newest
     complete checkpoint loads, no partial one is listed, and resuming from it logs the losses of
     a run that never stopped, bit for bit."""
-    from tests.training.checkpoint_worker import KILLME, _cfg
+    from tests.training.checkpoint_worker import KILLME, worker_config
 
     data = _data(tmp_path)
     out = tmp_path / "kill"
@@ -290,7 +290,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(tmp_path):
     assert done, delay
     for _, path in done:
         assert load_metadata(path)["step"] >= 1
-    cfg = _cfg(data, str(out), "k", **KILLME)
+    cfg = worker_config(data, str(out), "k", **KILLME)
     quiet = dataclasses.replace(cfg, checkpoint_every=100)  # fewer saves from here on
     resumed = train(dataclasses.replace(quiet, resume=True), log=lambda m: None)
     full = train(dataclasses.replace(quiet, out=str(tmp_path / "full")), log=lambda m: None)

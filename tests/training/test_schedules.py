@@ -11,7 +11,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from tests.training.test_train import ToyConfig, ToyLM, _cfg, _quiet
+from tests.training.test_train import ToyConfig, ToyLM, quiet, toy_config
 from xlstm_eqx.training import (
     TrainConfig,
     learning_rate_schedule,
@@ -54,7 +54,7 @@ def test_schedule_and_optimizer_validation(tmp_path, data_file):
         (dict(decay_fraction=0.0), "TrainConfig.decay_fraction"),
     ]:
         with pytest.raises(ValueError, match=match):
-            train(_cfg(tmp_path, data_file, **kw), log=_quiet)
+            train(toy_config(tmp_path, data_file, **kw), log=quiet)
     assert not (tmp_path / "run").exists()
 
 
@@ -83,8 +83,8 @@ def test_optimizers_decay_kernels_only(optimizer):
 @pytest.mark.parametrize("optimizer", ["lion", "adafactor"])
 def test_other_optimizers_train(tmp_path, data_file, optimizer):
     lr = 1e-2 if optimizer == "lion" else 3e-2
-    cfg = _cfg(tmp_path, data_file, optimizer=optimizer, lr=lr, steps=12, eval_every=12)
-    result = train(cfg, log=_quiet)
+    cfg = toy_config(tmp_path, data_file, optimizer=optimizer, lr=lr, steps=12, eval_every=12)
+    result = train(cfg, log=quiet)
     first = np.mean([result.losses[s] for s in (1, 2)])
     last = np.mean([result.losses[s] for s in (11, 12)])
     assert last < first - 0.3, (first, last)
@@ -94,8 +94,8 @@ def test_wsd_run_extends_without_lr_jump(tmp_path, data_file):
     """A finished 10-step wsd run extended to 20 steps restarts from its decay start (step 8),
     keeps the peak learning rate until step 16, and from there on is the 20-step run exactly."""
     kw = dict(schedule="wsd", decay_fraction=0.2, steps=10, checkpoint_every=100, eval_every=5)
-    short = _cfg(tmp_path / "a", data_file, **kw)
-    train(short, log=_quiet)
+    short = toy_config(tmp_path / "a", data_file, **kw)
+    train(short, log=quiet)
     out = short.out
     assert [s for s, _ in list_checkpoints(os.path.join(out, "wsd_decay_start"))] == [8]
     assert [s for s, _ in list_checkpoints(os.path.join(out, "checkpoints"))] == [10]
@@ -113,13 +113,13 @@ def test_wsd_run_extends_without_lr_jump(tmp_path, data_file):
     assert all(lrs[s] == pytest.approx(short.lr) for s in range(2, 17))  # no jump, stable to 16
     assert lrs[20] < lrs[18] < short.lr
 
-    fresh = train(_cfg(tmp_path / "b", data_file, **{**kw, "steps": 20}), log=_quiet)
+    fresh = train(toy_config(tmp_path / "b", data_file, **{**kw, "steps": 20}), log=quiet)
     assert {s: fresh.losses[s] for s in range(9, 21)} == extended.losses
     fresh_rows = read_metrics(os.path.join(fresh.out_dir, "metrics.jsonl"))
     assert [r["loss"] for r in fresh_rows] == [r["loss"] for r in rows]
     # the extended run, finished, is like any other: a resume that would do nothing is refused
     with pytest.raises(ValueError, match="already at step 20"):
-        train(dataclasses.replace(short, resume=True, steps=20), log=_quiet)
+        train(dataclasses.replace(short, resume=True, steps=20), log=quiet)
 
 
 def test_cosine_extension_jumps_up():

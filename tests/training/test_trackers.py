@@ -8,7 +8,7 @@ import os
 import pytest
 
 from tests.corpus import TEXT
-from tests.training.test_train import _cfg, _quiet
+from tests.training.test_train import quiet, toy_config
 from xlstm_eqx.training import read_metrics, train
 
 
@@ -41,9 +41,11 @@ def test_trackers_hold_the_metrics_and_config(tmp_path):
         pytest.importorskip(name)
     data = tmp_path / "data.txt"
     data.write_text(TEXT)
-    cfg = _cfg(tmp_path, str(data), steps=4, eval_every=2, tracker="tensorboard,wandb,trackio")
+    cfg = toy_config(
+        tmp_path, str(data), steps=4, eval_every=2, tracker="tensorboard,wandb,trackio"
+    )
     cfg.tracker_project = "xlstm-eqx-test"
-    train(cfg, log=_quiet)
+    train(cfg, log=quiet)
     rows = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     with open(os.path.join(cfg.out, "config.json")) as f:
@@ -100,7 +102,7 @@ def test_unknown_or_missing_tracker_fails_before_writing(tmp_path, monkeypatch):
     data = tmp_path / "data.txt"
     data.write_text(TEXT)
     with pytest.raises(ValueError, match="unknown tracker 'mlflow'"):
-        train(_cfg(tmp_path, str(data), tracker="tensorboard,mlflow"), log=_quiet)
+        train(toy_config(tmp_path, str(data), tracker="tensorboard,mlflow"), log=quiet)
     import importlib.util
 
     real = importlib.util.find_spec
@@ -108,5 +110,5 @@ def test_unknown_or_missing_tracker_fails_before_writing(tmp_path, monkeypatch):
         importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a)
     )
     with pytest.raises(ImportError, match=r"--tracker wandb needs .*xlstm_eqx\[trackers\]"):
-        train(_cfg(tmp_path, str(data), tracker="wandb"), log=_quiet)
+        train(toy_config(tmp_path, str(data), tracker="wandb"), log=quiet)
     assert not (tmp_path / "run").exists()

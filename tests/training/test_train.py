@@ -88,7 +88,7 @@ register_model_family(
 )
 
 
-def _cfg(tmp_path, data_file, **kw):
+def toy_config(tmp_path, data_file, **kw):
     base = dict(
         model="toy",
         preset="tiny",
@@ -110,7 +110,7 @@ def _cfg(tmp_path, data_file, **kw):
     return TrainConfig(**base)
 
 
-def _quiet(msg):
+def quiet(msg):
     pass
 
 
@@ -132,14 +132,14 @@ def _snapshot(root):
 @pytest.mark.parametrize("model,grad_accum", [("toy", 1), ("toy", 2), ("xlstm", 1)])
 def test_resume_gives_identical_losses(tmp_path, data_file, model, grad_accum):
     kw = dict(model=model, grad_accum=grad_accum)
-    full = train(_cfg(tmp_path / "a", data_file, **kw), log=_quiet)
+    full = train(toy_config(tmp_path / "a", data_file, **kw), log=quiet)
     assert sorted(full.losses) == [1, 2, 3, 4, 5, 6]
 
-    cfg_b = _cfg(tmp_path / "b", data_file, checkpoint_every=100, **kw)
-    first = train(cfg_b, stop_after_step=3, log=_quiet)  # "interrupted" after step 3
+    cfg_b = toy_config(tmp_path / "b", data_file, checkpoint_every=100, **kw)
+    first = train(cfg_b, stop_after_step=3, log=quiet)  # "interrupted" after step 3
     assert sorted(first.losses) == [1, 2, 3]
     assert [s for s, _ in list_checkpoints(os.path.join(cfg_b.out, "checkpoints"))] == [3]
-    second = train(dataclasses.replace(cfg_b, resume=True), log=_quiet)
+    second = train(dataclasses.replace(cfg_b, resume=True), log=quiet)
     assert sorted(second.losses) == [4, 5, 6]
 
     resumed = {**first.losses, **second.losses}
@@ -155,36 +155,36 @@ def test_resume_gives_identical_losses(tmp_path, data_file, model, grad_accum):
 
 
 def test_ctrl_c_saves_then_resume_is_exact(tmp_path, data_file):
-    full = train(_cfg(tmp_path / "a", data_file, steps=4), log=_quiet)
+    full = train(toy_config(tmp_path / "a", data_file, steps=4), log=quiet)
 
     def interrupt_at_first_eval(msg):
         if msg.startswith("step 2:"):  # logged at the eval of step 2, mid-run
             os.kill(os.getpid(), signal.SIGINT)
 
-    cfg = _cfg(tmp_path / "b", data_file, steps=4, eval_every=2, checkpoint_every=100)
+    cfg = toy_config(tmp_path / "b", data_file, steps=4, eval_every=2, checkpoint_every=100)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, log=interrupt_at_first_eval)
     assert [s for s, _ in list_checkpoints(os.path.join(cfg.out, "checkpoints"))] == [2]
     assert signal.getsignal(signal.SIGINT) is handler  # the handler is restored
-    rest = train(dataclasses.replace(cfg, resume=True), log=_quiet)
+    rest = train(dataclasses.replace(cfg, resume=True), log=quiet)
     assert sorted(rest.losses) == [3, 4]
     assert [rest.losses[s] for s in (3, 4)] == [full.losses[s] for s in (3, 4)]
 
 
 def test_resume_errors_keep_files(tmp_path, data_file):
-    cfg = _cfg(tmp_path, data_file, steps=2)
+    cfg = toy_config(tmp_path, data_file, steps=2)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(dataclasses.replace(cfg, resume=True), log=_quiet)
+        train(dataclasses.replace(cfg, resume=True), log=quiet)
     assert not os.path.exists(cfg.out)
-    train(cfg, log=_quiet)
+    train(cfg, log=quiet)
     before = _snapshot(cfg.out)
     # a second run into the same directory without --resume
     with pytest.raises(FileExistsError, match="--resume"):
-        train(cfg, log=_quiet)
+        train(cfg, log=quiet)
     # resuming with a config that changes what is computed
     with pytest.raises(ValueError, match=r"lr: checkpoint has 0.01, given 0.02"):
-        train(dataclasses.replace(cfg, resume=True, lr=0.02), log=_quiet)
+        train(dataclasses.replace(cfg, resume=True, lr=0.02), log=quiet)
     assert _snapshot(cfg.out) == before
     # a damaged checkpoint: the error names it, nothing is overwritten
     ckpt = latest_checkpoint(os.path.join(cfg.out, "checkpoints"))
@@ -198,13 +198,13 @@ def test_resume_errors_keep_files(tmp_path, data_file):
     assert damaged
     before = _snapshot(cfg.out)
     with pytest.raises(CheckpointError, match=r"cannot read model/"):
-        train(dataclasses.replace(cfg, resume=True, steps=4), log=_quiet)
+        train(dataclasses.replace(cfg, resume=True, steps=4), log=quiet)
     assert _snapshot(cfg.out) == before
 
 
 def test_resume_into_a_mismatched_model(tmp_path, data_file):
-    cfg = _cfg(tmp_path, data_file, steps=2)
-    train(cfg, log=_quiet)
+    cfg = toy_config(tmp_path, data_file, steps=2)
+    train(cfg, log=quiet)
     ckpt = latest_checkpoint(os.path.join(cfg.out, "checkpoints"))
     meta_path = os.path.join(ckpt, "meta", "metadata")  # the checkpoint's JSON item
     with open(meta_path) as f:
@@ -216,7 +216,7 @@ def test_resume_into_a_mismatched_model(tmp_path, data_file):
     with pytest.raises(
         CheckpointError, match=r"model\.embedding: checkpoint has float32\[256, 16\]"
     ):
-        train(dataclasses.replace(cfg, resume=True, steps=3), log=_quiet)
+        train(dataclasses.replace(cfg, resume=True, steps=3), log=quiet)
     assert _snapshot(cfg.out) == before
 
 
@@ -225,11 +225,11 @@ def test_resume_into_a_mismatched_model(tmp_path, data_file):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_file):
     # Adam steps have size ~lr whatever the gradient: lr=1e30 overflows the logits at step 2.
-    cfg = _cfg(
+    cfg = toy_config(
         tmp_path, data_file, lr=1e30, warmup_steps=0, weight_decay=0.0, checkpoint_every=1, steps=5
     )
     with pytest.raises(TrainingDivergedError, match=r"stopped at step 2: loss nan") as info:
-        train(cfg, log=_quiet)
+        train(cfg, log=quiet)
     assert info.value.step == 2
     ckpts = list_checkpoints(os.path.join(cfg.out, "checkpoints"))
     assert [s for s, _ in ckpts] == [1]
@@ -247,28 +247,28 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_file):
 def test_bad_input_fails_before_writing(tmp_path, data_file):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"seq_len=16 exceeds the model's context_length=8"):
-        train(_cfg(tmp_path, data_file, preset="short"), log=_quiet)
+        train(toy_config(tmp_path, data_file, preset="short"), log=quiet)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        train(_cfg(tmp_path, str(tmp_path / "missing.txt")), log=_quiet)
+        train(toy_config(tmp_path, str(tmp_path / "missing.txt")), log=quiet)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.txt"):
-        train(_cfg(tmp_path, str(empty)), log=_quiet)
+        train(toy_config(tmp_path, str(empty)), log=quiet)
     with pytest.raises(ValueError, match="unknown preset 'huge'.*short, tiny"):
-        train(_cfg(tmp_path, data_file, preset="huge"), log=_quiet)
+        train(toy_config(tmp_path, data_file, preset="huge"), log=quiet)
     with pytest.raises(ValueError, match="TrainConfig.batch_size"):
-        train(_cfg(tmp_path, data_file, batch_size=0), log=_quiet)
+        train(toy_config(tmp_path, data_file, batch_size=0), log=quiet)
     with pytest.raises(ValueError, match="TrainConfig.dtype"):
-        train(_cfg(tmp_path, data_file, dtype="float16"), log=_quiet)
+        train(toy_config(tmp_path, data_file, dtype="float16"), log=quiet)
     with pytest.raises(ValueError, match="warmup_steps"):
-        train(_cfg(tmp_path, data_file, warmup_steps=6), log=_quiet)
+        train(toy_config(tmp_path, data_file, warmup_steps=6), log=quiet)
     # token ids outside the vocabulary: a model-config file with a 64-token vocab, byte data
     model_file = tmp_path / "toy64.json"
     model_file.write_text(json.dumps({"kind": "toy", **ToyConfig(vocab_size=64).to_dict()}))
     with pytest.raises(ValueError, match=r"training data contains token id \d+.*vocab_size=64"):
-        train(_cfg(tmp_path, data_file, model=str(model_file)), log=_quiet)
+        train(toy_config(tmp_path, data_file, model=str(model_file)), log=quiet)
     with pytest.raises(FileNotFoundError, match="nomodel.json"):
-        train(_cfg(tmp_path, data_file, model=str(tmp_path / "nomodel.json")), log=_quiet)
+        train(toy_config(tmp_path, data_file, model=str(tmp_path / "nomodel.json")), log=quiet)
     assert not out.exists()
 
 
@@ -276,7 +276,7 @@ def test_bad_input_fails_before_writing(tmp_path, data_file):
 
 
 def test_run_files_and_sample(tmp_path, data_file):
-    cfg = _cfg(tmp_path, data_file, steps=4, sample_tokens=5, sample_prompt="The ")
+    cfg = toy_config(tmp_path, data_file, steps=4, sample_tokens=5, sample_prompt="The ")
     lines = []
     result = train(cfg, log=lines.append)
     out = cfg.out
@@ -309,8 +309,8 @@ def test_run_files_and_sample(tmp_path, data_file):
 
 @pytest.mark.slow
 def test_learns_a_repetitive_text(tmp_path, data_file):
-    cfg = _cfg(tmp_path, data_file, steps=30, lr=3e-2, warmup_steps=2, eval_every=30)
-    result = train(cfg, log=_quiet)
+    cfg = toy_config(tmp_path, data_file, steps=30, lr=3e-2, warmup_steps=2, eval_every=30)
+    result = train(cfg, log=quiet)
     first = np.mean([result.losses[s] for s in (1, 2, 3)])
     last = np.mean([result.losses[s] for s in (28, 29, 30)])
     assert last < first - 1.0
@@ -336,8 +336,10 @@ def test_tokenizer_json_run_reports_bits_per_byte(tmp_path):
     docs.write_text(
         "".join(json.dumps({"text": TEXT[i * 400 : (i + 1) * 400]}) + "\n" for i in range(8))
     )
-    cfg = _cfg(tmp_path, str(docs), tokenizer=tok_path, eval_fraction=0.25, steps=2, eval_every=2)
-    result = train(cfg, log=_quiet)
+    cfg = toy_config(
+        tmp_path, str(docs), tokenizer=tok_path, eval_fraction=0.25, steps=2, eval_every=2
+    )
+    result = train(cfg, log=quiet)
     with open(os.path.join(cfg.out, "config.json")) as f:
         run = json.load(f)
     vocab = tok.get_vocab_size()
@@ -354,7 +356,7 @@ def test_tokenizer_json_run_reports_bits_per_byte(tmp_path):
 
 
 def test_bfloat16_compute_keeps_float32_params(tmp_path, data_file):
-    result = train(_cfg(tmp_path, data_file, steps=2, dtype="bfloat16"), log=_quiet)
+    result = train(toy_config(tmp_path, data_file, steps=2, dtype="bfloat16"), log=quiet)
     assert all(math.isfinite(v) for v in result.losses.values())
     assert result.model_config.dtype == "bfloat16"
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(result.model))

@@ -13,6 +13,10 @@ from .corpus import (
     unigram_bits_per_byte as unigram_bits_per_byte,
     unigram_bits_per_byte_from_counts as unigram_bits_per_byte_from_counts,
 )
+from .corpus_identity import (
+    CorpusChangedError as CorpusChangedError,
+    corpus_identity as corpus_identity,
+)
 from .loader import (
     BatchLoader as BatchLoader,
     load_corpus_all_processes as load_corpus_all_processes,
@@ -26,12 +30,10 @@ from .sources import (
     split_text as split_text,
 )
 from .store import (
-    CorpusChangedError as CorpusChangedError,
     StoreOptions as StoreOptions,
     TokenFile as TokenFile,
     TokenStore as TokenStore,
     build_store as build_store,
-    corpus_identity as corpus_identity,
     default_cache_dir as default_cache_dir,
     open_store as open_store,
     store_for as store_for,

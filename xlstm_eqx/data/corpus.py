@@ -27,15 +27,9 @@ from typing import Any
 import numpy as np
 from jaxtyping import Int
 
+from .corpus_identity import check_files_unchanged, check_identity_unchanged, corpus_identity
 from .sources import iter_capped_pieces, resolve_sources
-from .store import (
-    StoreOptions,
-    TokenFile,
-    check_files_unchanged,
-    check_identity_unchanged,
-    corpus_identity,
-    store_for,
-)
+from .store import StoreOptions, TokenFile, store_for
 from .tokenizer import Tokenizer
 
 
