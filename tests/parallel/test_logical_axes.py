@@ -3,6 +3,7 @@ it is created, xlstm_eqx.nn.axes), the tensor-parallel specs follow the written 
 (docs/architecture.md, "Partition rules") and an array without a declaration fails loudly."""
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -20,8 +21,10 @@ from xlstm_eqx.parallel import LOGICAL_AXIS_RULES, logical_axes, param_partition
 from xlstm_eqx.presets import PRESETS
 
 
-def _skeleton(config):
-    return eqx.filter_eval_shape(build_model, config, key=jr.key(0))
+@functools.cache
+def _skeleton(name):
+    """The preset's shape skeleton, built once per test process (the tests below share it)."""
+    return eqx.filter_eval_shape(build_model, CONFIGS[name], key=jr.key(0))
 
 
 def _configs():
@@ -50,7 +53,7 @@ def _array_leaves(tree):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_parameter_of_every_preset_has_a_decision(name):
-    skeleton = _skeleton(CONFIGS[name])
+    skeleton = _skeleton(name)
     decisions = dict(_array_leaves(logical_axes(skeleton)))
     shapes = {
         jax.tree_util.keystr(path): x.shape
@@ -110,31 +113,33 @@ def _stacked(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tensor_parallel_specs_follow_the_written_rule(tp):
-    pc = ParallelConfig(data_axis_size=-1, model_axis_size=tp)
-    for name, config in CONFIGS.items():
-        skeleton = _skeleton(config)
-        specs = param_partition_specs(skeleton, pc, num_devices=8)
-        flat_specs = jax.tree_util.tree_flatten_with_path(
-            specs, is_leaf=lambda s: isinstance(s, P)
-        )[0]
+def test_tensor_parallel_specs_follow_the_written_rule():
+    for name in CONFIGS:
+        skeleton = _skeleton(name)
         shapes = dict(
             (jax.tree_util.keystr(path), x.shape)
             for path, x in jax.tree_util.tree_flatten_with_path(skeleton)[0]
         )
-        for path, spec in flat_specs:
-            where = jax.tree_util.keystr(path)
-            lead = _stacked(where)
-            layer_shape = shapes[where][lead:]
-            axis = _expected_tp_axis(where, layer_shape, tp, pc.fsdp_min_weight_size)
-            want = [None] * len(layer_shape)
-            if axis is not None:
-                want[axis] = "tp"
-            while want and want[-1] is None:
-                want.pop()
-            expected = P(*([None] * lead if want else []), *want)
-            assert spec == expected, (name, where, spec, expected)
+        for tp in (2, 4):
+            _check_written_rule(name, skeleton, shapes, tp)
+
+
+def _check_written_rule(name, skeleton, shapes, tp):
+    pc = ParallelConfig(data_axis_size=-1, model_axis_size=tp)
+    specs = param_partition_specs(skeleton, pc, num_devices=8)
+    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda s: isinstance(s, P))[0]
+    for path, spec in flat_specs:
+        where = jax.tree_util.keystr(path)
+        lead = _stacked(where)
+        layer_shape = shapes[where][lead:]
+        axis = _expected_tp_axis(where, layer_shape, tp, pc.fsdp_min_weight_size)
+        want = [None] * len(layer_shape)
+        if axis is not None:
+            want[axis] = "tp"
+        while want and want[-1] is None:
+            want.pop()
+        expected = P(*([None] * lead if want else []), *want)
+        assert spec == expected, (name, tp, where, spec, expected)
 
 
 class _Undeclared(eqx.Module):
