@@ -1,3 +1,4 @@
+import gc
 import os
 import subprocess
 
@@ -26,6 +27,28 @@ if not os.environ.get("XLSTM_EQX_TEST_FULL_XLA") and "optimization_level" not in
 os.environ["XLSTM_EQX_CACHE_DIR"] = "off"
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# Each compiled XLA:CPU executable holds a few memory mappings (about six) for as long as JAX's
+# caches keep it. A test worker compiles thousands of programs, and past the kernel's limit
+# (vm.max_map_count, 65530 by default) the next compilation crashes the worker with a segfault
+# inside LLVM. Dropping the caches once a worker holds half that many keeps it far below.
+_MAPS = "/proc/self/maps"
+_MAPS_LIMIT = 30_000
+
+
+def _mapping_count() -> int:
+    with open(_MAPS, "rb") as f:
+        return sum(1 for _ in f)
+
+
+@pytest.fixture(autouse=True)
+def _bounded_compiled_executables():
+    yield
+    if os.path.exists(_MAPS) and _mapping_count() > _MAPS_LIMIT:
+        jax.clear_caches()
+        eqx.clear_caches()
+        gc.collect()
 
 
 def _tree(root: str) -> list[tuple[str, int]]:
