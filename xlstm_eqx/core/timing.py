@@ -26,12 +26,18 @@ def median_seconds(fn: Callable[[], Any], repeats: int, *, warmup: int = 0) -> f
     return statistics.median(times)
 
 
-def peak_bytes(compiled: Any) -> int | None:
+def memory_analysis(compiled: Any) -> Any | None:
+    """XLA's memory plan of a compiled program (``jax.stages.Compiled`` or what
+    ``eqx.filter_jit(...).lower(...).compile()`` returns), or None where the backend has none."""
     compiled = getattr(compiled, "compiled", compiled)  # eqx.filter_jit wraps jax's Compiled
     try:
-        m = compiled.memory_analysis()
+        return compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - not every backend implements it
         return None
+
+
+def peak_bytes(compiled: Any) -> int | None:
+    m = memory_analysis(compiled)
     if m is None:
         return None
     return (

@@ -14,6 +14,7 @@ from jaxtyping import Array, Int
 
 from ...cell import fastest_chunkwise_backend
 from ...core import count_params, median_seconds
+from ...core.timing import memory_analysis
 from ...llama import LlamaConfig
 from ...models import MODEL_FAMILIES, mlstm_dims, train_flops_per_token
 from ...presets import get_preset
@@ -53,11 +54,7 @@ def _plan_bytes(compiled: Any) -> tuple[int, int] | None:
     """(fixed, temporary) bytes of XLA's plan for a compiled program: fixed = arguments +
     outputs - aliased (donated) buffers, the part that does not grow with the batch; peak =
     fixed + temporary, as `peak_bytes` counts it. None where the backend has no analysis."""
-    compiled = getattr(compiled, "compiled", compiled)  # eqx.filter_jit wraps jax's Compiled
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        return None
+    m = memory_analysis(compiled)
     if m is None:
         return None
     fixed = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
