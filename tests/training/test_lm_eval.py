@@ -4,6 +4,7 @@ generation with stop strings, and a local multiple-choice task end to end throug
 `xlstm-eqx eval --tasks`."""
 
 import dataclasses
+import gc
 import glob
 import json
 import logging
@@ -148,6 +149,14 @@ def _mc_task(tmp_path):
     return str(tmp_path / "tasks"), docs
 
 
+def _orbax_task_left_to_gc(record: logging.LogRecord) -> bool:
+    """asyncio's "Task exception was never retrieved" for one of orbax's reads."""
+    text = record.getMessage() + (
+        logging.Formatter().formatException(record.exc_info) if record.exc_info else ""
+    )
+    return record.name == "asyncio" and "never retrieved" in text and "orbax" in text
+
+
 @pytest.mark.slow
 def test_multiple_choice_task_through_the_cli(tmp_path, capsys, caplog):
     pytest.importorskip("lm_eval")
@@ -157,9 +166,17 @@ def test_multiple_choice_task_through_the_cli(tmp_path, capsys, caplog):
     train(cfg, log=quiet)
     tasks, docs = _mc_task(tmp_path)
     args = ["eval", "--out", cfg.out, "--tasks", "toy_mc", "--include-path", tasks]
+    # An earlier test of the same worker that restored a damaged checkpoint can leave orbax's
+    # failed read tasks to the garbage collector, which logs them on asyncio's logger whenever it
+    # runs: collect them now, and leave such records out of what this command is judged by.
+    gc.collect()
     with caplog.at_level(logging.WARNING):
         assert main([*args, "--limit", "4"]) == 0
-    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and not _orbax_task_left_to_gc(r)
+    ]
     assert not warned, warned
     printed = capsys.readouterr().out
     assert "toy_mc" in printed and "acc" in printed
