@@ -4,7 +4,7 @@
 import argparse
 from collections.abc import Sequence
 
-from ..tools import bench, gpu_check
+from ..tools import bench, cost_check, gpu_check
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,12 +33,37 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("tiny", "small"),
         help="presets for train/profile: {size}_xlstm and {size}_llama",
     )
+    check = parser.add_argument_group(
+        "bench --check (the cost regression guard: XLA's FLOPs and bytes, compiled, never run)"
+    )
+    check.add_argument(
+        "--check",
+        action="store_true",
+        help="compare the compiled costs of fixed small programs with the committed ones "
+        "(benchmarks/results/costs.json); exit 1 if one grew by more than 3%%, 3 if none "
+        "are committed for this backend; WHICH is ignored",
+    )
+    check.add_argument(
+        "--update",
+        action="store_true",
+        help="with --check: record the measured costs instead (commit them saying why)",
+    )
+    check.add_argument(
+        "--baseline",
+        metavar="PATH",
+        default=None,
+        help="with --check: the costs file to compare with (or --update) instead",
+    )
     gpu = parser.add_argument_group("bench gpu (validate and time everything on one GPU)")
     add_gpu_check_arguments(gpu, quick=False)
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
     """Run `xlstm-eqx bench WHICH` from its parsed flags; the exit code."""
+    if args.check or args.update or args.baseline is not None:
+        if not args.check:
+            raise ValueError("bench: --update and --baseline go with --check")
+        return cost_check.run_cost_check(args.baseline, update=args.update)
     if args.which == "gpu":
         return run_gpu_check_command(args)
     return bench.run_bench(

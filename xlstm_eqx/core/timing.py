@@ -1,5 +1,6 @@
 """Timing helpers used by the benchmarks, the profiler and the ``auto`` backend: the median wall
-time of a JAX call (waiting for its result), and XLA's planned peak memory of a compiled call.
+time of a JAX call (waiting for its result), and XLA's planned peak memory and cost analysis
+(FLOPs, bytes accessed) of a compiled call.
 """
 
 import statistics
@@ -34,6 +35,19 @@ def memory_analysis(compiled: Any) -> Any | None:
         return compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - not every backend implements it
         return None
+
+
+def cost_analysis(compiled: Any) -> dict[str, float]:
+    """XLA's cost analysis of a compiled program (``jax.stages.Compiled`` or eqx's wrapper):
+    ``{"flops": ..., "bytes accessed": ..., ...}``, empty where the backend has none."""
+    compiled = getattr(compiled, "compiled", compiled)  # eqx.filter_jit wraps jax's Compiled
+    try:
+        cost = compiled.cost_analysis() or {}
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return {}
+    if isinstance(cost, list):  # older jax returned one dict per program
+        cost = cost[0] if cost else {}
+    return {str(k): float(v) for k, v in cost.items()}
 
 
 def peak_bytes(compiled: Any) -> int | None:
