@@ -127,7 +127,8 @@ def test_run_bench_generate_quick(monkeypatch, capsys):
 
         def main(argv=None):
             passed.append(list(argv))
-            return real_main(["--contexts", "8", "16", "--new-tokens", "2", "--repeats", "1"])
+            argv = ["--contexts", "8", "16", "--batches", "1", "2"]
+            return real_main([*argv, "--new-tokens", "2", "--repeats", "1"])
 
         module.main = main
         return module
@@ -137,13 +138,13 @@ def test_run_bench_generate_quick(monkeypatch, capsys):
     assert passed == [["--contexts", "128", "512", "--new-tokens", "8", "--repeats", "2"]]
     out = capsys.readouterr().out
     assert "\n## generate\n" in out
-    assert "| model | context | ms / token | tokens / s |" in out
+    assert "| model | batch | context | ms / token | tokens / s |" in out
     rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
     rows = [[c.strip() for c in r] for r in rows[1:]]  # after the header
-    assert [(r[0], r[1]) for r in rows] == [
-        ("xLSTM", "8"),
-        ("Llama", "8"),
-        ("xLSTM", "16"),
-        ("Llama", "16"),
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (model, batch, context)
+        for batch in ("1", "2")
+        for context in ("8", "16")
+        for model in ("xLSTM", "Llama")
     ]
-    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
