@@ -1,16 +1,17 @@
 """Benchmarks: the train step of the xLSTM LM against Llama (tokens/s, peak memory, MFU), and the
 `xlstm-eqx bench [cell|train|generate|profile|all]` command that also runs the scripts in
-`benchmarks/` (profile: `xlstm_eqx.tools.profile`).
+`benchmarks/` (profile: `xlstm_eqx.tools.profile`) and, where the peers are installed
+(benchmarks/peers/README.md), times ours beside them in the same run (`xlstm_eqx.tools.peers`:
+the train step against xlstm-jax, generation against transformers; the cell script compares with
+mlstm-kernels itself).
 
 MFU = (model FLOPs per token, counted analytically by `train_flops_per_token`) x (tokens/s)
 divided by the FLOP/s of a large float32 `jnp.dot` timed in the same process (`matmul_flops`).
 """
 
-import importlib.util
-import os
+import functools
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -20,6 +21,14 @@ import jax.random as jr
 from ..core.timing import median_seconds, peak_bytes
 from ..models import MODEL_FAMILIES, train_flops_per_token
 from ..training.optim import trainable_params
+from .peers import (
+    compare_generate,
+    compare_train,
+    load_peer,
+    load_script,
+    print_generate_comparison,
+    print_train_comparison,
+)
 from .profile import print_profile, profile_train_step
 from .train_setup import preset_model_config, train_step_setup
 
@@ -163,26 +172,25 @@ def print_train_table(rows: list[dict[str, Any]]) -> None:
 # the `bench` command
 
 
-def _repo_root() -> Path:
-    env = os.environ.get("XLSTM_EQX_REPO")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2]
-
-
 def _load_script(name: str) -> Any:
-    path = _repo_root() / "benchmarks" / f"{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"bench {name}: benchmark script {path} not found; the cell and generate benchmarks "
-            "run from a repository checkout (set XLSTM_EQX_REPO to its root)"
-        )
-    spec = importlib.util.spec_from_file_location(f"_xlstm_eqx_bench_{name}", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"bench {name}: cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name)
+
+
+def peer_section(
+    runner: str,
+    what: str,
+    compare: Callable[[Any], list[dict[str, Any]]],
+    show: Callable[[list[dict[str, Any]], str | None], None],
+) -> None:
+    """One side-by-side table against a peer: its rows, or a one-line note where the peer is not
+    importable or its side fails (our own tables are printed either way)."""
+    peer, note = load_peer(runner, what)
+    try:
+        rows = compare(peer)
+    except Exception as err:  # noqa: BLE001 - a failing peer must not end the whole run
+        rows, reason = [], f"{type(err).__name__}: {err}".splitlines()[0][:160]
+        note = f"# {what}: the side-by-side run failed ({reason}): its rows are skipped"
+    show(rows, note)
 
 
 def run_bench(
@@ -194,8 +202,10 @@ def run_bench(
     size: str = "small",
 ) -> int:
     """Run one benchmark (`cell`, `train`, `generate`, `profile`) or `all` (all four; the
-    profile of the `model` train step), printing one table each. `quick` shrinks sizes and
-    repeats (a smoke run, minutes on a CPU); `size` picks the train/profile presets."""
+    profile of the `model` train step), printing one table each, and for train and generate the
+    side-by-side table against the peer where it is installed (`xlstm_eqx.tools.peers`).
+    `quick` shrinks sizes and repeats (a smoke run, minutes on a CPU); `size` picks the
+    train/profile/generate presets."""
     if which not in BENCHMARKS:
         raise ValueError(f"bench: unknown benchmark {which!r}; choose one of {BENCHMARKS}")
     names = ("cell", "train", "generate", "profile") if which == "all" else (which,)
@@ -214,6 +224,16 @@ def run_bench(
         elif name == "train":
             rows = bench_train(seq_len=s, steps=2 if quick else 5, size=size)
             print_train_table(rows)
+            peak_flops = rows[0]["peak_tflops"] * 1e12
+            calls = 2 if quick else 3
+            peer_section(
+                "xlstm_jax_train",
+                "xlstm-jax",
+                functools.partial(
+                    compare_train, seq_len=s, size=size, peak_flops=peak_flops, calls=calls
+                ),
+                print_train_comparison,
+            )
         elif name == "cell":
             module = _load_script("cell")
             seq_lens = [256, 1024] if quick else [256, 1024, 4096, 16384]
@@ -226,4 +246,16 @@ def run_bench(
             if quick:
                 argv += ["--new-tokens", "8", "--repeats", "2"]
             module.main(argv)
+            peer_section(
+                "hf_generate",
+                "transformers' xLSTM",
+                functools.partial(
+                    compare_generate,
+                    context=128 if quick else 1024,
+                    new_tokens=8 if quick else 32,
+                    size=size,
+                    calls=2 if quick else 3,
+                ),
+                print_generate_comparison,
+            )
     return 0
