@@ -137,3 +137,33 @@ def test_compare_train_with_a_stand_in_peer(capsys):
     out = capsys.readouterr().out
     assert "ratio = xlstm-jax / ours" in out
     assert out.splitlines()[-1].split()[:2] == ["llama", "llama"]
+
+
+@pytest.mark.slow
+def test_compare_generate_with_a_stand_in_peer(capsys):
+    """The generation comparison's plumbing on the tiny xLSTM, with our own greedy decode standing
+    in for transformers' (so the tokens agree everywhere)."""
+    import jax.numpy as jnp
+
+    class StandIn:
+        @staticmethod
+        def hf_model_from_ours(model, config):
+            return model, 123
+
+        @staticmethod
+        def greedy_decoder(model, prompt, new_tokens):
+            # the same jitted prefill and decode as ours (compiled once for both sides)
+            logits, state = peers.jit_prefill(model, jnp.asarray(prompt), 12 + new_tokens)
+            return lambda: peers.greedy_decode(model, state, logits, new_tokens)
+
+    rows = peers.compare_generate(
+        StandIn(), context=12, batch_sizes=(2,), new_tokens=4, size="tiny", rounds=3, calls=1
+    )
+    (r,) = rows
+    assert r["batch_size"] == 2 and r["params"] > 0 and r["peer_params"] == 123
+    assert r["same_tokens"] == 1.0
+    assert r["ms_per_token"] > 0 and r["peer_ms_per_token"] > 0
+    assert r["ratio"] == pytest.approx(r["peer_ms_per_token"] / r["ms_per_token"])
+    peers.print_generate_comparison(rows)
+    last = capsys.readouterr().out.splitlines()[-1].split()
+    assert last[0] == "2" and last[-1] == "100%"

@@ -24,6 +24,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 
 from ..core.timing import median_seconds
 from ..generation import decode, prefill
@@ -251,7 +252,9 @@ def compare_generate(
     timed) by our xLSTM (``f"{size}_xlstm"``, random weights) and by transformers'
     `xLSTMForCausalLM` holding the same weights (`peer`: the
     ``benchmarks/peers/hf_generate.py`` module; None: no rows). One row per batch size: both
-    parameter counts, median ms per token on each side, the ratio."""
+    parameter counts, median ms per token on each side, the ratio, and the share of generated
+    tokens on which the two sides agree (a check that they run the same model; near-ties of
+    random weights may differ in the last digits and then diverge)."""
     if peer is None:
         return []
     config = preset_model_config("xlstm", size, context + new_tokens)
@@ -262,14 +265,16 @@ def compare_generate(
     rows = []
     for batch_size in batch_sizes:
         prompt = jr.randint(jr.key(batch_size), (batch_size, context), 0, config.vocab_size)
-        logits, state = _prefill(model, prompt, context + new_tokens)
+        logits, state = jit_prefill(model, prompt, context + new_tokens)
         peer_decode = peer.greedy_decoder(hf_model, jax.device_get(prompt), new_tokens)
+        ours_tokens = np.asarray(greedy_decode(model, state, logits, new_tokens))
+        same = float(np.mean(ours_tokens == np.asarray(peer_decode())))
         result = alternate(
-            lambda s=state, x=logits: _greedy_decode(model, s, x, new_tokens),
+            lambda s=state, x=logits: greedy_decode(model, s, x, new_tokens),
             peer_decode,
             rounds=rounds,
             calls=calls,
-            warmup=1,
+            warmup=0,  # both sides ran once above
         )
         rows.append(
             {
@@ -281,6 +286,7 @@ def compare_generate(
                 "ms_per_token": 1e3 * result.ours_s / new_tokens,
                 "peer_ms_per_token": 1e3 * result.peer_s / new_tokens,
                 "ratio": result.ratio,
+                "same_tokens": same,
                 "rounds": len(result.ours_rounds),
             }
         )
@@ -288,12 +294,13 @@ def compare_generate(
 
 
 @eqx.filter_jit
-def _prefill(model: Any, prompt: jax.Array, cache_size: int) -> tuple[jax.Array, Any]:
+def jit_prefill(model: Any, prompt: jax.Array, cache_size: int) -> tuple[jax.Array, Any]:
+    """`xlstm_eqx.generation.prefill`, jitted: last logits ``(B, V)`` and the decode state."""
     return prefill(model, prompt, cache_size)
 
 
 @eqx.filter_jit
-def _greedy_decode(model: Any, state: Any, logits: jax.Array, num_tokens: int) -> jax.Array:
+def greedy_decode(model: Any, state: Any, logits: jax.Array, num_tokens: int) -> jax.Array:
     """``(B, num_tokens)`` greedy tokens from the prefill's state and last logits (one scan)."""
     return decode(model, state, logits, None, num_tokens, jnp.ones((), jnp.float32), None, None)
 
@@ -311,11 +318,12 @@ def print_generate_comparison(rows: list[dict[str, Any]], note: str | None = Non
     )
     print(
         f"{'batch':>5} {'params':>10} {'hf params':>10} {'ms/token':>9} {'hf ms/tok':>9} "
-        f"{'ratio':>7}"
+        f"{'ratio':>7} {'same tokens':>11}"
     )
     for r in rows:
         print(
             f"{r['batch_size']:>5} {r['params']:>10,} {r['peer_params']:>10,} "
-            f"{r['ms_per_token']:>9.3f} {r['peer_ms_per_token']:>9.3f} {r['ratio']:>6.2f}x",
+            f"{r['ms_per_token']:>9.3f} {r['peer_ms_per_token']:>9.3f} {r['ratio']:>6.2f}x "
+            f"{r['same_tokens']:>11.0%}",
             flush=True,
         )
