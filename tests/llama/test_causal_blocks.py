@@ -1,6 +1,6 @@
-"""The causal XLA attention core computes its query blocks against key prefixes only; across
-block borders (and a partial last block) it must equal an independent full-mask attention, in
-value and gradients, with and without documents."""
+"""The XLA attention core (causal: query blocks against key prefixes only; a written-out
+backward pass) against an independent full-mask attention, in value and gradients: across block
+borders and a partial last block, with and without documents, causal or not."""
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +12,8 @@ from xlstm_eqx.llama import multihead_attention, segment_mask
 from xlstm_eqx.llama.attention import CAUSAL_QUERY_BLOCK
 
 
-@pytest.mark.parametrize("with_segments", [False, True])
-def test_blocked_causal_core_matches_full_mask_attention(with_segments):
+@pytest.mark.parametrize("causal, with_segments", [(True, False), (True, True), (False, True)])
+def test_xla_core_matches_full_mask_attention(causal, with_segments):
     B, S, NH, hd = 1, 2 * CAUSAL_QUERY_BLOCK + 37, 2, 8
     q, k, v = (jr.normal(key, (B, S, NH, hd)) for key in jr.split(jr.key(0), 3))
     rng = np.random.default_rng(1)
@@ -22,12 +22,12 @@ def test_blocked_causal_core_matches_full_mask_attention(with_segments):
         seg = jnp.asarray(np.cumsum(rng.random((B, S)) < 0.01, axis=1), jnp.int32)
 
     def ours(q, k, v):
-        return multihead_attention(q, k, v, causal=True, segment_ids=seg, backend="xla")
+        return multihead_attention(q, k, v, causal=causal, segment_ids=seg, backend="xla")
 
     def full(q, k, v):
         mask = None if seg is None else segment_mask(seg)
         return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, scale=1.0, is_causal=True, implementation="xla"
+            q, k, v, mask=mask, scale=1.0, is_causal=causal, implementation="xla"
         )
 
     weights = jr.normal(jr.key(2), (B, S, NH, hd))

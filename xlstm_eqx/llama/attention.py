@@ -7,7 +7,7 @@ itself (docs/architecture.md, "Llama").
 
 import functools
 from collections.abc import Callable
-from typing import Any, ClassVar, get_args
+from typing import Any, ClassVar, cast, get_args
 
 import equinox as eqx
 import jax
@@ -184,7 +184,34 @@ def _heads_as_rows(x: Float[Array, "B S NH hd"]) -> Float[Array, "BNH S hd"]:
     return x.transpose(0, 2, 1, 3).reshape(B * NH, S, hd)
 
 
-def _attention_rows(
+def _accumulation_dtype(x: Array) -> Any:
+    return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+
+
+def _masked(x: Array, mask: Array | None, num_heads: int, fill: float) -> Array:
+    """``where(mask, x, fill)`` for ``x (B·NH, T, S)`` and a ``(B, 1, T, S)`` or ``(T, S)``
+    mask."""
+    if mask is None:
+        return x
+    X, T, S = x.shape
+    grouped = x.reshape(X // num_heads, num_heads, T, S)
+    return jnp.where(mask, grouped, jnp.asarray(fill, x.dtype)).reshape(X, T, S)
+
+
+def _attention_probs(
+    q: Float[Array, "X T hd"],
+    k: Float[Array, "X S hd"],
+    mask: Bool[Array, "B 1 T S"] | Bool[Array, "T S"] | None,
+    num_heads: int,
+) -> Float[Array, "X T S"]:
+    acc = _accumulation_dtype(q)
+    logits = jnp.einsum("xth,xsh->xts", q, k, preferred_element_type=acc)
+    logits = _masked(logits, mask, num_heads, -0.7 * float(jnp.finfo(acc).max))
+    return jax.nn.softmax(logits, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_rows_vjp(
     q: Float[Array, "X T hd"],
     k: Float[Array, "X S hd"],
     v: Float[Array, "X S hdv"],
@@ -193,16 +220,53 @@ def _attention_rows(
 ) -> Float[Array, "X T hdv"]:
     """softmax(q kᵀ) v on rows ``X = B·NH``, logits and softmax in float32 (float64 for float64
     inputs); masked logits get a large negative value, so a row keeps finite values even if
-    fully masked (and a masked entry's weight is exactly 0 where the row has an unmasked one)."""
-    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
-    X, T, _ = q.shape
-    S = k.shape[1]
-    logits = jnp.einsum("xth,xsh->xts", q, k, preferred_element_type=acc)
-    logits = logits.reshape(X // num_heads, num_heads, T, S)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.asarray(-0.7 * jnp.finfo(acc).max, acc))
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(X, T, S)
-    return jnp.einsum("xts,xsh->xth", probs, v)
+    fully masked (and a masked entry's weight is exactly 0 where the row has an unmasked one).
+
+    The backward pass is written out (`_attention_rows_bwd`) for one reduction: the softmax's
+    row sum ``Σ_s P dP`` equals ``dO · O``, a sum over the head dim instead of the keys.
+    Autodiff's form reduced (B·NH, T, S) arrays, which XLA:CPU ran far below its matmul rate;
+    the core's fwd+bwd was 1.4x faster with 8% fewer bytes (S=2048, 4 heads of 64, causal)."""
+    probs = _attention_probs(q, k, mask, num_heads)
+    return jnp.einsum("xts,xsh->xth", probs.astype(v.dtype), v)
+
+
+def _attention_rows_fwd(
+    q: Array, k: Array, v: Array, mask: Array | None, num_heads: int
+) -> tuple[Array, tuple[Any, ...]]:
+    probs = _attention_probs(q, k, mask, num_heads)
+    out = jnp.einsum("xts,xsh->xth", probs.astype(v.dtype), v)
+    return out, (q, k, v, mask, probs, out)
+
+
+def _attention_rows_bwd(
+    num_heads: int, residuals: tuple[Any, ...], d_out: Array
+) -> tuple[Array, Array, Array, None]:
+    """dV = Pᵀ dO, dP = dO Vᵀ, dlogits = P ⊙ (dP − dO·O) (zero where masked), dQ = dlogits K,
+    dK = dlogitsᵀ Q; products accumulated as in the forward pass."""
+    q, k, v, mask, probs, out = residuals
+    acc = probs.dtype
+    d_out = d_out.astype(v.dtype)
+    d_v = jnp.einsum("xts,xth->xsh", probs.astype(v.dtype), d_out)
+    d_probs = jnp.einsum("xth,xsh->xts", d_out, v, preferred_element_type=acc)
+    row_dot = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1, keepdims=True)
+    d_logits = _masked(probs * (d_probs - row_dot), mask, num_heads, 0.0)
+    d_q = jnp.einsum("xts,xsh->xth", d_logits.astype(k.dtype), k, preferred_element_type=acc)
+    d_k = jnp.einsum("xts,xth->xsh", d_logits.astype(q.dtype), q, preferred_element_type=acc)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_attention_rows_vjp.defvjp(_attention_rows_fwd, _attention_rows_bwd)
+
+
+def _attention_rows(
+    q: Float[Array, "X T hd"],
+    k: Float[Array, "X S hd"],
+    v: Float[Array, "X S hdv"],
+    mask: Bool[Array, "B 1 T S"] | Bool[Array, "T S"] | None,
+    num_heads: int,
+) -> Float[Array, "X T hdv"]:
+    # typed entry point: the checker cannot solve custom_vjp's generic return type
+    return cast(Array, _attention_rows_vjp(q, k, v, mask, num_heads))
 
 
 def _rows_as_heads(out: Float[Array, "X T hd"], batch: int) -> Float[Array, "B T NH hd"]:
@@ -303,6 +367,37 @@ def check_one_document(document_borders: Array | None) -> None:
             "decoding with a KV cache holds one document per sequence: document_borders must be "
             "None"
         )
+
+
+def _one_query_attention(
+    q: Float[Array, "B 1 NH hd"],
+    k: Float[Array, "B 1 NH hd"],
+    v: Float[Array, "B 1 NH hd"],
+    cache: LlamaKVCache,
+    layer: Int[Array, ""],
+) -> Float[Array, "B 1 NH hd"]:
+    """`_xla_attention` of one new token per sequence, whose key and value are ``k``, ``v``,
+    over the ``cache.length`` positions before it in layer ``layer`` of the stacked cache (not
+    yet holding the new token) and itself. Products and sums over the cache's own layout, read
+    before the new key and value are written into it: the matmul form, on the updated cache,
+    made XLA copy the whole stacked cache and transpose each layer's keys and values to
+    (B·NH, S, hd) at every decoded token. Logits and softmax in float32 (float64 for float64
+    inputs), masked positions as there."""
+    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    past_k, past_v = (
+        jax.lax.dynamic_index_in_dim(a, layer, keepdims=False).astype(q.dtype)
+        for a in (cache.keys, cache.values)
+    )
+    k, v = k.astype(q.dtype), v.astype(q.dtype)  # as read back from the cache
+    q_acc = q.astype(acc)
+    past = jnp.sum(q_acc * past_k.astype(acc), axis=-1)  # (B, S_max, NH)
+    filled = jnp.arange(past.shape[1], dtype=cache.length.dtype) < cache.length
+    past = jnp.where(filled[None, :, None], past, jnp.asarray(-0.7 * jnp.finfo(acc).max, acc))
+    own = jnp.sum(q_acc * k.astype(acc), axis=-1)  # (B, 1, NH)
+    probs = jax.nn.softmax(jnp.concatenate([past, own], axis=1), axis=1).astype(v.dtype)
+    weights = probs[..., None].astype(acc)
+    out = jnp.sum(weights[:, :-1] * past_v.astype(acc), axis=1, keepdims=True)
+    return (out + weights[:, -1:] * v.astype(acc)).astype(v.dtype)
 
 
 # blocks
@@ -428,20 +523,47 @@ class SelfAttentionBlock(eqx.Module):
         """Attend the ``S`` new tokens (absolute positions ``state.length …``, their RoPE angles
         from those) to the cached keys and values plus themselves, causally; write their keys and
         values into the cache. Always the XLA core; one document per sequence."""
+        stacked = LlamaKVCache(state.keys[None], state.values[None], state.length)
+        zero = jnp.zeros((), state.length.dtype)
+        y, (k, v) = self.call_with_layer_cache(x, stacked, zero, document_borders=document_borders)
+        start = (zero, state.length, zero, zero)
+        keys = jax.lax.dynamic_update_slice(state.keys, k, start)
+        values = jax.lax.dynamic_update_slice(state.values, v, start)
+        length = state.length + jnp.asarray(x.shape[1], state.length.dtype)
+        return y, LlamaKVCache(keys, values, length)
+
+    def call_with_layer_cache(
+        self,
+        x: Float[Array, "B S D"],
+        cache: LlamaKVCache,
+        layer: Int[Array, ""],
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S D"], tuple[Float[Array, "B S NH hd"], Float[Array, "B S NH hd"]]]:
+        """`call_with_state` reading layer ``layer`` of the stack's cache (leading axis ``L``)
+        and leaving it as it is: the output and the new tokens' keys and values (in the cache's
+        dtype), which the stack writes into the cache once, after every layer has read it. One
+        token (``S = 1``) attends straight from the stacked cache (`_one_query_attention`), so a
+        decode step neither copies nor transposes any layer's cache."""
         check_one_document(document_borders)
-        length = state.length
+        length = cache.length
         S = x.shape[1]
         positions = jnp.broadcast_to(length + jnp.arange(S, dtype=length.dtype), x.shape[:2])
         q, k, v = self.project_qkv(x, *rope_sin_cos(positions, self.head_dim, self.theta))
-        zero = jnp.zeros((), length.dtype)
-        cache_k = jax.lax.dynamic_update_slice(
-            state.keys, k.astype(state.keys.dtype), (zero, length, zero, zero)
-        )
-        cache_v = jax.lax.dynamic_update_slice(
-            state.values, v.astype(state.values.dtype), (zero, length, zero, zero)
-        )
-        k_pos = jnp.arange(cache_k.shape[1], dtype=length.dtype)
-        mask = k_pos[None, :] <= positions[0][:, None]  # (S, S_max): the past and the present
-        attn = _xla_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)
-        new_state = LlamaKVCache(cache_k, cache_v, length + jnp.asarray(S, length.dtype))
-        return self.project_out(attn), new_state
+        k, v = k.astype(cache.keys.dtype), v.astype(cache.values.dtype)
+        if S == 1:
+            attn = _one_query_attention(q, k, v, cache, layer)
+        else:  # the layer's cache with the new tokens written in, a copy (prefill)
+            zero = jnp.zeros((), length.dtype)
+            layer_k, layer_v = (
+                jax.lax.dynamic_update_slice(
+                    jax.lax.dynamic_index_in_dim(a, layer, keepdims=False),
+                    new,
+                    (zero, length, zero, zero),
+                ).astype(q.dtype)
+                for a, new in ((cache.keys, k), (cache.values, v))
+            )
+            k_pos = jnp.arange(layer_k.shape[1], dtype=length.dtype)
+            mask = k_pos[None, :] <= positions[0][:, None]  # (S, S_max): past and present
+            attn = _xla_attention(q, layer_k, layer_v, mask)
+        return self.project_out(attn), (k, v)
