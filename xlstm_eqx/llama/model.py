@@ -148,6 +148,15 @@ class TransformerBlock(eqx.Module):
         x = x + y
         return x + self.ffn(x), state
 
+    def call_with_layer_cache(
+        self, x: Float[Array, "B S D"], cache: LlamaKVCache, layer: Int[Array, ""]
+    ) -> tuple[Float[Array, "B S D"], tuple[Array, Array]]:
+        """`call_with_state` reading layer ``layer`` of the stack's cache: outputs and the new
+        tokens' keys and values, for the stack to write (`SelfAttentionBlock.call_with_layer_cache`)."""
+        y, new_kv = self.attn.call_with_layer_cache(x, cache, layer)
+        x = x + y
+        return x + self.ffn(x), new_kv
+
 
 class TransformerBlockStack(eqx.Module):
     """``num_blocks`` transformer blocks applied in order.
@@ -211,34 +220,33 @@ class TransformerBlockStack(eqx.Module):
         *,
         document_borders: Bool[Array, "B S"] | None = None,
     ) -> tuple[Float[Array, "B S D"], LlamaKVCache]:
-        """``S`` new tokens through the blocks, each layer's keys and values through the scan's
-        xs/ys (or the loop); the cache length advances by ``S``."""
+        """``S`` new tokens through the blocks; the cache length advances by ``S``. Every layer
+        reads its part of the whole cache (no slice of it copied in or out through the scan's
+        xs/ys, which copied the whole cache at every decoded token) and returns its new keys and
+        values; they are written into the cache once, after the last layer has read it, so XLA
+        updates it in place."""
         check_one_document(document_borders)
-        length = state.length
-
-        def block_call(
-            block: TransformerBlock, h: Array, keys: Array, values: Array
-        ) -> tuple[Array, tuple[Array, Array]]:
-            h, cache = block.call_with_state(h, LlamaKVCache(keys, values, length))
-            return h, (cache.keys, cache.values)
-
+        layers = jnp.arange(self.num_blocks, dtype=state.length.dtype)
         if isinstance(self.blocks, tuple):
-            layer_keys, layer_values = [], []
-            for i, block in enumerate(self.blocks):
-                x, (k, v) = block_call(block, x, state.keys[i], state.values[i])
-                layer_keys.append(k)
-                layer_values.append(v)
-            keys, values = jnp.stack(layer_keys), jnp.stack(layer_values)
+            new_kv = []
+            for block, layer in zip(self.blocks, layers, strict=True):
+                x, kv = block.call_with_layer_cache(x, state, layer)
+                new_kv.append(kv)
+            new_keys, new_values = (jnp.stack(a) for a in zip(*new_kv, strict=True))
         else:
             params, static = eqx.partition(self.blocks, eqx.is_array)
 
-            def body(h: Array, xs: tuple[PyTree, Array, Array]) -> tuple[Array, tuple]:
-                block_params, k, v = xs
-                return block_call(eqx.combine(block_params, static), h, k, v)
+            def body(h: Array, xs: tuple[PyTree, Array]) -> tuple[Array, tuple[Array, Array]]:
+                block_params, layer = xs
+                return eqx.combine(block_params, static).call_with_layer_cache(h, state, layer)
 
-            x, (keys, values) = jax.lax.scan(body, x, (params, state.keys, state.values))
+            x, (new_keys, new_values) = jax.lax.scan(body, x, (params, layers))
+        zero = jnp.zeros((), state.length.dtype)
+        start = (zero, zero, state.length, zero, zero)
+        keys = jax.lax.dynamic_update_slice(state.keys, new_keys, start)
+        values = jax.lax.dynamic_update_slice(state.values, new_values, start)
         S = x.shape[1]
-        return x, LlamaKVCache(keys, values, length + jnp.asarray(S, length.dtype))
+        return x, LlamaKVCache(keys, values, state.length + jnp.asarray(S, state.length.dtype))
 
 
 # the model
