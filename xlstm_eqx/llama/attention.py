@@ -361,37 +361,6 @@ def check_one_document(document_borders: Array | None) -> None:
         )
 
 
-def _one_query_attention(
-    q: Float[Array, "B 1 NH hd"],
-    k: Float[Array, "B 1 NH hd"],
-    v: Float[Array, "B 1 NH hd"],
-    cache: LlamaKVCache,
-    layer: Int[Array, ""],
-) -> Float[Array, "B 1 NH hd"]:
-    """`_xla_attention` of one new token per sequence, whose key and value are ``k``, ``v``,
-    over the ``cache.length`` positions before it in layer ``layer`` of the stacked cache (not
-    yet holding the new token) and itself. Products and sums over the cache's own layout, read
-    before the new key and value are written into it: the matmul form, on the updated cache,
-    made XLA copy the whole stacked cache and transpose each layer's keys and values to
-    (B·NH, S, hd) at every decoded token. Logits and softmax in float32 (float64 for float64
-    inputs), masked positions as there."""
-    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
-    past_k, past_v = (
-        jax.lax.dynamic_index_in_dim(a, layer, keepdims=False).astype(q.dtype)
-        for a in (cache.keys, cache.values)
-    )
-    k, v = k.astype(q.dtype), v.astype(q.dtype)  # as read back from the cache
-    q_acc = q.astype(acc)
-    past = jnp.sum(q_acc * past_k.astype(acc), axis=-1)  # (B, S_max, NH)
-    filled = jnp.arange(past.shape[1], dtype=cache.length.dtype) < cache.length
-    past = jnp.where(filled[None, :, None], past, jnp.asarray(-0.7 * jnp.finfo(acc).max, acc))
-    own = jnp.sum(q_acc * k.astype(acc), axis=-1)  # (B, 1, NH)
-    probs = jax.nn.softmax(jnp.concatenate([past, own], axis=1), axis=1).astype(v.dtype)
-    weights = probs[..., None].astype(acc)
-    out = jnp.sum(weights[:, :-1] * past_v.astype(acc), axis=1, keepdims=True)
-    return (out + weights[:, -1:] * v.astype(acc)).astype(v.dtype)
-
-
 # blocks
 
 
@@ -534,28 +503,25 @@ class SelfAttentionBlock(eqx.Module):
     ) -> tuple[Float[Array, "B S D"], tuple[Float[Array, "B S NH hd"], Float[Array, "B S NH hd"]]]:
         """`call_with_state` reading layer ``layer`` of the stack's cache (leading axis ``L``)
         and leaving it as it is: the output and the new tokens' keys and values (in the cache's
-        dtype), which the stack writes into the cache once, after every layer has read it. One
-        token (``S = 1``) attends straight from the stacked cache (`_one_query_attention`), so a
-        decode step neither copies nor transposes any layer's cache."""
+        dtype), which the stack writes into the cache once, after every layer has read it (so
+        XLA updates the whole cache in place instead of copying it per token)."""
         check_one_document(document_borders)
         length = cache.length
         S = x.shape[1]
         positions = jnp.broadcast_to(length + jnp.arange(S, dtype=length.dtype), x.shape[:2])
         q, k, v = self.project_qkv(x, *rope_sin_cos(positions, self.head_dim, self.theta))
         k, v = k.astype(cache.keys.dtype), v.astype(cache.values.dtype)
-        if S == 1:
-            attn = _one_query_attention(q, k, v, cache, layer)
-        else:  # the layer's cache with the new tokens written in, a copy (prefill)
-            zero = jnp.zeros((), length.dtype)
-            layer_k, layer_v = (
-                jax.lax.dynamic_update_slice(
-                    jax.lax.dynamic_index_in_dim(a, layer, keepdims=False),
-                    new,
-                    (zero, length, zero, zero),
-                ).astype(q.dtype)
-                for a, new in ((cache.keys, k), (cache.values, v))
-            )
-            k_pos = jnp.arange(layer_k.shape[1], dtype=length.dtype)
-            mask = k_pos[None, :] <= positions[0][:, None]  # (S, S_max): past and present
-            attn = _xla_attention(q, layer_k, layer_v, mask)
+        # this layer's cache with the new tokens written in: a copy, the stack's stays as it is
+        zero = jnp.zeros((), length.dtype)
+        layer_k, layer_v = (
+            jax.lax.dynamic_update_slice(
+                jax.lax.dynamic_index_in_dim(a, layer, keepdims=False),
+                new,
+                (zero, length, zero, zero),
+            ).astype(q.dtype)
+            for a, new in ((cache.keys, k), (cache.values, v))
+        )
+        k_pos = jnp.arange(layer_k.shape[1], dtype=length.dtype)
+        mask = k_pos[None, :] <= positions[0][:, None]  # (S, S_max): past and present
+        attn = _xla_attention(q, layer_k, layer_v, mask)
         return self.project_out(attn), (k, v)
