@@ -14,8 +14,12 @@ Two mechanisms, shared by `forms` and `pallas`:
   times `RESET_LOG_DECAY` (see `forms.running_log_decay_sums`), never as -inf - -inf.
 
 Only element-wise work and one cumulative maximum over S: no host sync, no value-dependent
-Python branch.
+Python branch. The forms skip all of it when nothing needs it: `all_finite` is the one scalar
+predicate of a `lax.cond` between a fast path (no replacement, no NaN added back, no reset count)
+and the careful path (`forms.run_fast_or_careful`).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +43,15 @@ def finite_stabiliser(m: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
     exactly 0 for every x ≤ m instead of NaN (-inf - -inf) or 1; no derivative passes through the
     floor. (A maximum, not a `where`: also used on scalars inside the Pallas kernels.)"""
     return jnp.maximum(m, STABILISER_FLOOR)
+
+
+def all_finite(*arrays: Array) -> Bool[Array, ""]:
+    """One scalar: no NaN and no ±inf in any entry of any of `arrays` (the gates' -inf included,
+    so that the fast path needs no reset count either). A reduction over the whole call, batch
+    axes included: under `vmap` a per-example predicate would turn the `lax.cond` it feeds into a
+    select that runs both paths."""
+    finite = (jnp.all(jnp.isfinite(a)) for a in arrays)
+    return functools.reduce(jnp.logical_and, finite, jnp.asarray(True))
 
 
 def log_forget(fgate: Float[Array, "*shape"]) -> Float[Array, "*shape"]:

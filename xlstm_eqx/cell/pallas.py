@@ -50,11 +50,11 @@ from .forms import (
     max_exp_argument,
     mLSTMState,
     pad_time_axis,
+    run_fast_or_careful,
     running_log_decay_sums,
-    sanitize_inputs_and_state,
     validate_and_cast_inputs,
 )
-from .nonfinite import finite_stabiliser, poison, poison_state
+from .nonfinite import finite_stabiliser
 
 
 # Smallest tile edge of a Triton `dot`.
@@ -119,8 +119,8 @@ def _chunk_outputs(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, eps):
 
     q (L, DK) already scaled by 1/√DHQK; ig (L) input-gate pre-activations; b (L) = Σ_{u≤s} f̄_u inside
     the chunk (-inf from an f̄ = -inf on); (hi, lo, resets) the same cumulative sum for the pairwise
-    log decays, as `forms.running_log_decay_sums` gives it; (c, n, m_prev) the state entering the
-    chunk.
+    log decays, as `forms.running_log_decay_sums` gives it (resets None on the fast path: no f̄ is
+    -inf); (c, n, m_prev) the state entering the chunk.
     """
     length = q.shape[0]
     rows = jax.lax.broadcasted_iota(jnp.int32, (length, length), 0)
@@ -128,7 +128,9 @@ def _chunk_outputs(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, eps):
     strict = cols < rows
     causal = cols <= rows
     diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
-    seg = jnp.where(strict, diff + (resets[:, None] - resets[None, :]), 0.0)
+    if resets is not None:
+        diff = diff + (resets[:, None] - resets[None, :])
+    seg = jnp.where(strict, diff, 0.0)
     log_d = jnp.where(causal, seg + ig[None, :], -jnp.inf)
     row_max = jnp.max(log_d, axis=1)
     m_state = b + m_prev
@@ -271,10 +273,14 @@ def _states_kernel(
     m_ref[num_chunks] = m
 
 
-def _outputs_kernel(*refs, eps):
-    """One (batch, head, chunk): h of the chunk's L tokens. refs: the inputs of `_chunk_outputs`, h."""
+def _outputs_kernel(*refs, eps, with_resets=True):
+    """One (batch, head, chunk): h of the chunk's L tokens. refs: the inputs of `_chunk_outputs`
+    (without `resets` when not `with_resets`: the fast path), h."""
     *in_refs, h_ref = refs
-    h_ref[...] = _chunk_outputs(*(ref[...] for ref in in_refs), eps=eps)["h"]
+    values = [ref[...] for ref in in_refs]
+    if not with_resets:
+        values.insert(7, None)
+    h_ref[...] = _chunk_outputs(*values, eps=eps)["h"]
 
 
 def _outputs_backward_kernel(*refs, eps):
@@ -401,10 +407,11 @@ def _states_forward(cfg: _KernelConfig, k, v, a, amax, g, c0, n0, m0):
 
 
 def _outputs_forward(cfg: _KernelConfig, q, k, v, ig, b, hi, lo, resets, c_all, n_all, m_all):
-    """h, (BH, NC, L, DV)."""
+    """h, (BH, NC, L, DV). `resets` None: no f̄ is -inf (the fast path)."""
     bh, nc, length, _ = q.shape
-    kernel = functools.partial(_outputs_kernel, eps=cfg.eps)
+    kernel = functools.partial(_outputs_kernel, eps=cfg.eps, with_resets=resets is not None)
     inputs = (q, k, v, ig, b, hi, lo, resets, c_all, n_all, m_all)
+    inputs = tuple(x for x in inputs if x is not None)
     out = _shapes(q.dtype, (bh, nc, length, v.shape[-1]))
     return _call(kernel, cfg, (bh, nc), inputs, out, "mlstm_chunk_outputs_fwd")[0]
 
@@ -529,6 +536,7 @@ def mlstm_chunkwise_pallas(
     interpret: bool | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    fast_path: bool = True,
 ) -> tuple[Float[Array, "B NH S DHV"], mLSTMState]:
     """`mlstm_chunkwise` as Pallas kernels with a Pallas backward (`jax.custom_vjp`).
 
@@ -538,7 +546,9 @@ def mlstm_chunkwise_pallas(
     the kernels compiled (Triton) in a program lowered for a GPU and in Pallas interpret mode in one
     lowered for any other platform, decided at lowering time (`jax.lax.platform_dependent`). `num_warps` /
     `num_stages` are Triton launch settings (GPU only). Memory: inputs plus one (C, n, m) per chunk
-    are kept for the backward; the L×L matrices are recomputed there.
+    are kept for the backward; the L×L matrices are recomputed there. `fast_path` as in
+    `mlstm_chunkwise` (`forms.run_fast_or_careful`: the fast path has no replacement, no NaN
+    added back and no reset count in the kernels).
     """
     chunk_size = check_chunk_size(chunk_size)
     cfg = _KernelConfig(
@@ -557,11 +567,26 @@ def mlstm_chunkwise_pallas(
     if seq_len == 0 or batch * heads == 0:  # nothing to run the kernels on
         h = jnp.zeros((batch, heads, seq_len, dhv), out_dtype)
         return h, state
-    inputs, state, poisoned, final_poisoned = sanitize_inputs_and_state(
-        q, k, v, igate, log_fgate, state
-    )
-    q, k, v, igate, log_fgate = inputs
+    run = functools.partial(_run_kernels, cfg, chunk_size)
+    h, final = run_fast_or_careful(run, (q, k, v, igate, log_fgate), state, fast_path=fast_path)
+    assert final is not None
+    return h.astype(out_dtype), final
 
+
+def _run_kernels(
+    cfg: _KernelConfig,
+    chunk_size: int,
+    inputs: tuple[Array, Array, Array, Array, Array],
+    state: mLSTMState | None,
+    careful: bool,
+) -> tuple[Array, mLSTMState]:
+    """`mlstm_chunkwise_pallas` on inputs in the accumulation dtype (for `run_fast_or_careful`):
+    padding to whole tiles, the gate bookkeeping and the kernels; h (B, NH, S, DHV) and the final
+    state."""
+    assert state is not None
+    q, k, v, igate, log_fgate = inputs
+    batch, heads, seq_len, dhqk = q.shape
+    dhv = v.shape[-1]
     length = _tile(min(chunk_size, seq_len))
     num_chunks = -(-seq_len // length)
     padded = num_chunks * length
@@ -589,7 +614,7 @@ def mlstm_chunkwise_pallas(
         axis=-1,
     )
     log_weight = after + igate
-    hi, lo, resets = running_log_decay_sums(log_fgate)
+    hi, lo, resets = running_log_decay_sums(log_fgate, careful=careful)
 
     c0 = _pad_last(_pad_last(state.c, dv).swapaxes(-1, -2), dk).swapaxes(-1, -2)
     h, c, n, m = _core(
@@ -610,10 +635,9 @@ def mlstm_chunkwise_pallas(
         state.m.reshape(batch * heads),
     )
     h = h.reshape(batch, heads, padded, dv)[:, :, :seq_len, :dhv]
-    h = poison(h, poisoned).astype(out_dtype)
     final = mLSTMState(
         c=c.reshape(batch, heads, dk, dv)[..., :dhqk, :dhv],
         n=n.reshape(batch, heads, dk)[..., :dhqk],
         m=m.reshape(batch, heads),
     )
-    return h, poison_state(final, final_poisoned)
+    return h, final
