@@ -90,7 +90,7 @@ def _decode_jit(model: Any, state: Any, logits: jax.Array, num_tokens: int) -> j
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048, 8192])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
