@@ -18,6 +18,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+import xlstm_eqx as X
 import xlstm_eqx.generation as gen
 from xlstm_eqx import (
     LlamaTransformer,
@@ -418,3 +419,30 @@ def test_bad_lengths_and_model():
         generate(model, jnp.zeros((2, 0), jnp.int32), 4)
     with pytest.raises(TypeError, match="Linear has no decode API"):
         generate(eqx.nn.Linear(2, 2, key=jr.key(0)), random_prompt(), 4)
+
+
+def test_recurrent_step_fast_path_equals_careful_path():
+    """The decode step's fast path (finite token and state: no replacement, detection or NaN
+    add-back) gives the careful path's output and state bit for bit; a -inf input gate (a valid
+    limit the predicate routes to the careful path) too, and its state stays the limit's."""
+    rng = np.random.default_rng(3)
+    b, nh, dqk, dv = 2, 3, 8, 5
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    state = X.mLSTMState(c=normal(b, nh, dqk, dv), n=normal(b, nh, dqk), m=normal(b, nh))
+    token = (
+        normal(b, nh, dqk),
+        normal(b, nh, dqk),
+        normal(b, nh, dv),
+        normal(b, nh),
+        normal(b, nh),
+    )
+    step = jax.jit(X.mlstm_recurrent_step, static_argnames="fast_path")
+    for igate in (token[3], token[3].at[0, 1].set(-jnp.inf)):
+        args = (state, *token[:3], igate, token[4])
+        fast, careful = step(*args), step(*args, fast_path=False)
+        assert np.all(np.isfinite(np.asarray(fast[0])))
+        for x, y in zip(jax.tree.leaves(fast), jax.tree.leaves(careful), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -53,6 +53,7 @@ from .nonfinite import (
     sanitize,
     sanitize_state,
 )
+from .one_token import step_with_nan_added
 
 
 GatePreact = Float[Array, "B NH S 1"] | Float[Array, "B NH S"]
@@ -357,13 +358,14 @@ def mlstm_recurrent_step(
     fgate_preact: Float[Array, "B NH"],
     *,
     eps: float = 1e-6,
+    fast_path: bool = True,
 ) -> tuple[Float[Array, "B NH DHV"], mLSTMState]:
     """One time step: update (C, n, m) with (k, v, gates), then read out with q.
 
     Used for generation: O(1) time and memory per token. The state is kept in float32 (or wider).
-    Edge cases as in the other forms, for one token: a bad q makes h NaN; a bad k, v or gate makes h
-    and the new state NaN; a state with invalid entries makes both NaN.
-    """
+    Edge cases as in the other forms, for one token (`one_token`: the checks folded into the step;
+    `fast_path=False` forces the careful path): a bad q makes h NaN; a bad k, v or gate makes h
+    and the new state NaN; a state with invalid entries makes both NaN."""
     check_step(q, k, v, igate_preact, fgate_preact)
     expected = (*q.shape, v.shape[-1])
     if state.c.shape != expected:
@@ -375,11 +377,8 @@ def mlstm_recurrent_step(
     state = jax.tree.map(lambda x: x.astype(acc), state)
     q, k, v = (x.astype(acc) for x in (q, k, v))
     inputs = (q, k, v, igate_preact.astype(acc), log_forget(fgate_preact.astype(acc)))
-    bad_query, bad_write = bad_query_and_write(*inputs)
-    state, bad_state = sanitize_state(state)
-    h, state = _step(state, *sanitize(*inputs), eps)
-    bad_write = bad_write | bad_state
-    return poison(h, bad_write | bad_query).astype(out_dtype), poison_state(state, bad_write)
+    h, state = step_with_nan_added(_step, inputs, state, eps=eps, fast_path=fast_path)
+    return h.astype(out_dtype), state
 
 
 def initial_state_or_zeros(
