@@ -8,10 +8,13 @@ peak as XLA plans it (arguments + outputs + temporaries, from `Compiled.memory_a
 configuration whose plan exceeds `--budget-gb` is skipped and reported as such. B=1, NH=4,
 DHQK=DHV=64, float32 by default. On a GPU the Pallas kernels (`chunkwise_pallas`) get rows too.
 The peer runs with a larger chunk where S would need more than `--peer-max-chunks` chunks (its
-compile time grows with the chunk count); such rows say so.
+compile time grows with the chunk count); such rows say so. With the peer installed, a last table
+times our chunkwise form and the peer's in alternation (`--rounds` rounds of `--repeats` calls each,
+medians): the ratio to quote.
 """
 
 import argparse
+import functools
 import sys
 import time
 import types
@@ -24,6 +27,7 @@ import numpy as np
 import xlstm_eqx as X
 from xlstm_eqx.core import median_seconds
 from xlstm_eqx.core.timing import peak_bytes
+from xlstm_eqx.tools.peers import alternate
 
 
 def _ours(chunk_size: int) -> dict[str, Callable]:
@@ -98,10 +102,16 @@ def _time(compiled, args, repeats: int) -> float:
 
 
 def run(
-    seq_lens, repeats: int, budget_gb: float, chunk_size: int, dtype, peer_max_chunks: int = 64
+    seq_lens,
+    repeats: int,
+    budget_gb: float,
+    chunk_size: int,
+    dtype,
+    peer_max_chunks: int = 64,
+    rounds: int = 3,
 ) -> list[dict]:
     peer = _peer()
-    rows = []
+    rows, side_by_side = [], []
     for seq_len in seq_lens:
         args = _inputs(seq_len, dtype)
         forms, notes = {}, {}
@@ -111,11 +121,12 @@ def run(
             if size != chunk_size:
                 notes[PEER] = f"(chunk {size}: <= {peer_max_chunks} chunks, see --peer-max-chunks)"
         forms.update(_ours(chunk_size))
+        programs = {}
         for name, fn in forms.items():
             for backward in (False, True):
                 row = {"S": seq_len, "form": name, "pass": "fwd+bwd" if backward else "fwd"}
                 start = time.perf_counter()
-                compiled = _compile(fn, backward, args)
+                compiled = programs[name, backward] = _compile(fn, backward, args)
                 row["compile_s"] = time.perf_counter() - start
                 peak = peak_bytes(compiled)
                 row["peak_mb"] = None if peak is None else peak / 2**20
@@ -127,7 +138,50 @@ def run(
                     row["note"] = notes.get(name, "")
                 rows.append(row)
                 _print_row(row, rows)
+        if peer is not None:
+            side_by_side += _alternated(programs, args, seq_len, repeats, rounds)
+    _print_side_by_side(side_by_side, rounds)
     return rows
+
+
+def _alternated(programs: dict, args, seq_len: int, repeats: int, rounds: int) -> list[dict]:
+    """Our chunkwise form and the peer's, both passes, timed in alternation (ours, peer, ours,
+    ...: `rounds` rounds of `repeats` calls each), so a machine that slows down mid-run slows
+    both sides alike."""
+    out = []
+    for backward in (False, True):
+        ours, theirs = programs["chunkwise", backward], programs[PEER, backward]
+        timing = alternate(
+            functools.partial(ours, *args),
+            functools.partial(theirs, *args),
+            rounds=rounds,
+            calls=repeats,
+        )
+        out.append(
+            {
+                "S": seq_len,
+                "pass": "fwd+bwd" if backward else "fwd",
+                "ours_ms": 1e3 * timing.ours_s,
+                "peer_ms": 1e3 * timing.peer_s,
+                "ratio": timing.ratio,
+            }
+        )
+    return out
+
+
+def _print_side_by_side(rows: list[dict], rounds: int) -> None:
+    if not rows:
+        return
+    print(
+        f"\n# chunkwise vs {PEER}, alternated: {rounds} rounds, medians (ratio > 1: we are faster)"
+    )
+    print(f"{'S':>6} {'pass':<8} {'ours ms':>10} {'peer ms':>10} {'ratio':>7}")
+    for row in rows:
+        print(
+            f"{row['S']:>6} {row['pass']:<8} {row['ours_ms']:>10.2f} {row['peer_ms']:>10.2f} "
+            f"{row['ratio']:>6.2f}x",
+            flush=True,
+        )
 
 
 def _print_row(row: dict, rows: list[dict]) -> None:
@@ -165,7 +219,7 @@ def _print_row(row: dict, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget-gb", type=float, default=8.0)
@@ -177,6 +231,9 @@ def main() -> None:
         help="larger S runs the peer with a larger chunk (its compile time grows with chunks)",
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternated rounds of ours vs the peer's chunkwise"
+    )
     args = parser.parse_args()
     print(
         f"# jax {jax.__version__} on {jax.devices()[0].device_kind}; B=1 NH=4 DHQK=DHV=64 {args.dtype}"
@@ -188,6 +245,7 @@ def main() -> None:
         args.chunk_size,
         jnp.dtype(args.dtype),
         args.peer_max_chunks,
+        args.rounds,
     )
     print("# 'vs peer' = mlstm-kernels time / our time for the same S and pass (>1: we are faster)")
 
