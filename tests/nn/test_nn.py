@@ -271,6 +271,43 @@ def test_multihead_norm_is_groupnorm(norm_type, getkey):
     np.testing.assert_allclose(f64(norm(x)).reshape(2, 5, -1), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 3, 8), (7, 16)])
+def test_layer_norm_backward_matches_autodiff(shape, getkey):
+    # The layernorm's written-out backward (nn/norm.py) against autodiff of a plain two-pass
+    # layer norm: gradients of x, scale and bias, for the per-head norm and a plain LayerNorm.
+    if len(shape) == 4:
+        norm = MultiHeadNorm(shape[-2], shape[-1], norm_type="layernorm", use_bias=True)
+    else:
+        norm = make_norm("layernorm", shape[-1], use_bias=True)
+    norm = eqx.tree_at(lambda n: (n.scale, n.bias), norm, (rand(getkey(), norm.scale.shape),) * 2)
+    x = rand(getkey(), shape, scale=3.0) + 1.5
+    weights = rand(getkey(), shape)
+
+    def reference(params, inputs):
+        scale, bias = params
+        mean = jnp.mean(inputs, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(inputs - mean), axis=-1, keepdims=True)
+        return jnp.sum(((inputs - mean) / jnp.sqrt(var + 1e-6) * scale + bias) * weights)
+
+    def ours(params, inputs):
+        n = eqx.tree_at(lambda m: (m.scale, m.bias), norm, params)
+        return jnp.sum(n(inputs) * weights)
+
+    params = (norm.scale, norm.bias)
+    got = jax.grad(ours, argnums=(0, 1))(params, x)
+    want = jax.grad(reference, argnums=(0, 1))(params, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4)
+
+
+def test_layer_norm_backward_keeps_input_dtype(getkey):
+    norm = make_norm("layernorm", 8, dtype="bfloat16")
+    x = rand(getkey(), (4, 8)).astype(jnp.bfloat16)
+    grad = jax.grad(lambda inputs: jnp.sum(norm(inputs).astype(jnp.float32)))(x)
+    assert grad.dtype == jnp.bfloat16
+    assert np.all(np.isfinite(np.asarray(grad, np.float32)))
+
+
 def test_unknown_norm_type():
     with pytest.raises(ValueError, match="norm_type"):
         make_norm("batchnorm", 4)

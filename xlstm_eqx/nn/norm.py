@@ -4,7 +4,7 @@ layer's compute dtype; scales are float32 parameters initialised to 1.
 """
 
 from collections.abc import Callable
-from typing import Any, ClassVar, get_args
+from typing import Any, ClassVar, cast, get_args
 
 import equinox as eqx
 import jax
@@ -22,12 +22,57 @@ NORM_TYPES: tuple[str, ...] = get_args(NormType)
 # norms
 
 
-def _layer_norm_f32(x: Array, eps: float) -> Array:
-    x = x.astype(jnp.float32)
+def _layer_norm_stats(x: Array, eps: float) -> tuple[Array, Array]:
+    """Mean and 1/std over the last axis (float32 ``x``), keepdims."""
     mean = jnp.mean(x, axis=-1, keepdims=True)
     mean_sq = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
     var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)  # fast variance, as Flax
-    return (x - mean) * jax.lax.rsqrt(var + eps)
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+def _layer_norm_f32(x: Array, eps: float) -> Array:
+    x = x.astype(jnp.float32)
+    mean, rstd = _layer_norm_stats(x, eps)
+    return (x - mean) * rstd
+
+
+def _scaled_layer_norm_fwd(x: Array, scale: Array, eps: float) -> tuple[Array, tuple[Array, ...]]:
+    x32 = x.astype(jnp.float32)
+    mean, rstd = _layer_norm_stats(x32, eps)
+    return (x32 - mean) * rstd * scale, (x, mean, rstd, scale)
+
+
+def _scaled_layer_norm_bwd(
+    eps: float, residuals: tuple[Array, ...], g: Array
+) -> tuple[Array, Array]:
+    """dx = rstd·(g·s − mean(g·s) − x̂·mean(g·s·x̂)); dscale = Σ_rows g·x̂ (the clamp of the
+    variance at 0 is taken as inactive: where it acts, x̂ is 0 up to rounding)."""
+    del eps
+    x, mean, rstd, scale = residuals
+    x_hat = (x.astype(jnp.float32) - mean) * rstd
+    g_scaled = g * scale
+    mean_g = jnp.mean(g_scaled, axis=-1, keepdims=True)
+    mean_g_x_hat = jnp.mean(g_scaled * x_hat, axis=-1, keepdims=True)
+    dx = rstd * (g_scaled - mean_g - x_hat * mean_g_x_hat)
+    return dx.astype(x.dtype), jnp.sum(g * x_hat, axis=0)
+
+
+_scaled_layer_norm_vjp = jax.custom_vjp(
+    lambda x, scale, eps: _scaled_layer_norm_fwd(x, scale, eps)[0], nondiff_argnums=(2,)
+)
+_scaled_layer_norm_vjp.defvjp(_scaled_layer_norm_fwd, _scaled_layer_norm_bwd)
+
+
+def _scaled_layer_norm(x: Array, scale: Array, eps: float) -> Array:
+    """``_layer_norm_f32(x) * scale`` (rows ``x (R, *scale.shape)``) with its backward written out.
+
+    Why: autodiff's backward of the fast variance kept several full-size residuals, among them
+    the scale broadcast to ``x``'s shape, materialised in the forward (XLA:CPU's fused backward
+    takes no broadcast operands); profiled on the small_xlstm train step, that broadcast alone
+    was the costliest norm op. Here the residuals are ``x`` and the per-row mean and 1/std.
+    """
+    # cast: the checker cannot solve custom_vjp's generic return type
+    return cast(Array, _scaled_layer_norm_vjp(x, scale, eps))
 
 
 def _rms_norm_f32(x: Array, eps: float) -> Array:
@@ -53,7 +98,10 @@ def _norm_rows(
     small_xlstm train step at S=2048 (``xlstm-eqx bench profile``): the norms' backward was 18%
     of the step before this.
     """
-    rows = norm(x.reshape(-1, *scale.shape), eps) * scale
+    if norm is _layer_norm_f32:
+        rows = _scaled_layer_norm(x.reshape(-1, *scale.shape), scale, eps)
+    else:
+        rows = norm(x.reshape(-1, *scale.shape), eps) * scale
     if bias is not None:
         rows = rows + bias
     return rows.reshape(x.shape)
