@@ -446,3 +446,28 @@ def test_recurrent_step_fast_path_equals_careful_path():
         assert np.all(np.isfinite(np.asarray(fast[0])))
         for x, y in zip(jax.tree.leaves(fast), jax.tree.leaves(careful), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_decode_weights_fuse_v1_projections_bit_identically():
+    """`with_decode_weights` gives every mlstm_v1 layer one q|k|v|o kernel, prepared once (the
+    stacked layer of a scanned stack included): a B = 1 decode step from it has the logits and
+    state of the plain model bit for bit, with fewer matrix products; longer inputs ignore it."""
+    model = tiny_model("mlstm_v1")
+    ready = gen.with_decode_weights(model)
+    layer = ready.xlstm_block_stack.blocks.xlstm_res_block.layer
+    assert layer.decode_kernel is not None
+    assert layer.decode_kernel.shape[-1] == sum(
+        d.kernel.shape[-1] for d in (layer.dense_q, layer.dense_k, layer.dense_v, layer.dense_o)
+    )
+    state, token = model.init_state(1), jnp.asarray([3], jnp.int32)
+    plain, fused = (
+        jax.jit(gen.decode_step).lower(m, state, token).compile() for m in (model, ready)
+    )
+    _, state = plain(model, state, token)  # a memory that is not empty
+    for x, y in zip(
+        jax.tree.leaves(plain(model, state, token)),
+        jax.tree.leaves(fused(ready, state, token)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert fused.as_text().count(" dot(") < plain.as_text().count(" dot(")

@@ -8,10 +8,12 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from ..nn.functional import dropout
+from ..nn.functional import dropout, matmul_rows
 from ..nn.init import small_initializer, zeros_init
 from ..nn.linear import Dense
 from .mlstm_cell import check_heads_divide, mLSTMCell
@@ -48,6 +50,9 @@ class mLSTMLayerV1(eqx.Module):
     cell: mLSTMCell
     proj_down: Dense
     dropout_rate: float = eqx.field(static=True)
+    # q|k|v|o kernels side by side (D, 2·Dqk + 2·Dv) for one-token decoding, set by
+    # `with_decode_kernel` once per generate call; None (no leaf) in every stored model
+    decode_kernel: Float[Array, "D F"] | None = None
     # The reference's v1 layer holds its gates and norms itself (no mLSTMCell module), so "mLSTMCell"
     # in fsdp_modules / remat does not reach them: the cell answers to no name of its own.
     field_reference_names: ClassVar[Mapping[str, str | None]] = {"cell": None}
@@ -72,10 +77,30 @@ class mLSTMLayerV1(eqx.Module):
         )
         self.proj_down = down_projection(config, v_dim, key=down_key)
         self.dropout_rate = float(config.dropout)
+        self.decode_kernel = None
 
     def _projections(self, x: Float[Array, "B S D"]) -> tuple[Array, Array, Array, Array]:
         """Queries, keys, values and the output-gate pre-activation."""
         return self.dense_q(x), self.dense_k(x), self.dense_v(x), self.dense_o(x)
+
+    def with_decode_kernel(self) -> "mLSTMLayerV1":
+        """This layer with `decode_kernel` set (no biases only): one matrix product for q, k, v
+        and o of a single token (B = S = 1), where it equals the four products bit for bit (a
+        row times a matrix; with more rows XLA:CPU blocks the product differently)."""
+        dense = (self.dense_q, self.dense_k, self.dense_v, self.dense_o)
+        if any(d.bias is not None or d.dtype != self.dense_q.dtype for d in dense):
+            return self
+        kernel = jnp.concatenate([d.kernel for d in dense], axis=-1)
+        return eqx.tree_at(lambda m: m.decode_kernel, self, kernel, is_leaf=lambda x: x is None)
+
+    def _decode_projections(self, x: Float[Array, "1 1 D"]) -> tuple[Array, Array, Array, Array]:
+        """`_projections` of one token from `decode_kernel`."""
+        assert self.decode_kernel is not None
+        dtype = jnp.dtype(self.dense_q.dtype)
+        y = matmul_rows(x.astype(dtype), self.decode_kernel.astype(dtype))
+        ends = np.cumsum([d.out_features for d in (self.dense_q, self.dense_k, self.dense_v)])
+        q, k, v, o = jnp.split(y, ends, axis=-1)
+        return q, k, v, o
 
     def _output(self, h: Float[Array, "B S DV"], ogate: Float[Array, "B S DV"]) -> Array:
         return self.proj_down(jax.nn.sigmoid(ogate) * h.astype(ogate.dtype))
@@ -106,7 +131,10 @@ class mLSTMLayerV1(eqx.Module):
     ) -> tuple[Float[Array, "B S D"], mLSTMLayerState]:
         """``__call__`` (deterministic) from ``state``, returning the state after the last token:
         prefill from ``init_state``, one decode step with S = 1."""
-        queries, keys, values, ogate = self._projections(x)
+        if self.decode_kernel is not None and x.shape[:2] == (1, 1):
+            queries, keys, values, ogate = self._decode_projections(x)
+        else:
+            queries, keys, values, ogate = self._projections(x)
         h, cell_state = self.cell.call_with_state(
             queries, keys, values, x, state.cell, document_borders=document_borders
         )
