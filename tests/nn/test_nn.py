@@ -31,6 +31,8 @@ from xlstm_eqx.nn import (
     init_array,
     make_norm,
     output_initializer,
+    sigmoid,
+    silu,
     small_init_std,
     soft_cap,
     wang_std,
@@ -315,6 +317,26 @@ def test_unknown_norm_type():
 
 # ------------------------------------------------------------------------------------------------
 # functions
+
+
+def test_sigmoid_and_silu_match_float64(getkey):
+    # sigmoid is computed as tanh(x/2)/2 + 1/2 (nn/functional.py); against the logistic in
+    # float64, values and gradients, including large |x| where it saturates.
+    x = jnp.concatenate(
+        [rand(getkey(), (512,), scale=6.0), jnp.array([-80.0, -20.0, 0.0, 20.0, 80.0])]
+    )
+    x64 = f64(x)
+    expected = 1.0 / (1.0 + np.exp(-x64))
+    # absolute error within float32 rounding of 1: below x ≈ -16 (logistic < 1.2e-7) it is 0
+    np.testing.assert_allclose(f64(sigmoid(x)), expected, rtol=1e-6, atol=2e-7)
+    np.testing.assert_allclose(f64(silu(x)), x64 * expected, rtol=1e-6, atol=5e-6)
+    grad = jax.vmap(jax.grad(silu))(x)
+    np.testing.assert_allclose(
+        f64(grad), expected * (1 + x64 * (1 - expected)), rtol=1e-5, atol=5e-6
+    )
+    bf16 = sigmoid(x.astype(jnp.bfloat16))
+    assert bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(f64(bf16.astype(jnp.float32)), expected, atol=1e-2)
 
 
 @hypothesis.given(

@@ -30,7 +30,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 from ..core.parallel_config import ParallelConfig
 from ..core.utils import check_rank, split_optional_key, to_dtype
 from ..nn.axes import LM_HEAD_AXES, REPLICATED, LogicalAxes
-from ..nn.functional import dropout, soft_cap
+from ..nn.functional import dropout, silu, soft_cap
 from ..nn.init import output_initializer, small_init_std, small_initializer
 from ..nn.linear import Dense, Embedding
 from ..nn.norm import RMSNorm
@@ -98,7 +98,7 @@ class FFNBlock(eqx.Module):
         self, x: Float[Array, "B S D"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "B S D"]:
         h = self.pre_norm(x)
-        h = self.proj_up(h) * jax.nn.silu(self.proj_up_gate(h))
+        h = self.proj_up(h) * silu(self.proj_up_gate(h))
         return dropout(self.proj_down(h), self.dropout_rate, key=key)
 
 

@@ -21,6 +21,8 @@ from .functional import (
     dropout as dropout,
     get_activation as get_activation,
     matmul_rows as matmul_rows,
+    sigmoid as sigmoid,
+    silu as silu,
     soft_cap as soft_cap,
 )
 from .init import (

@@ -21,6 +21,21 @@ def soft_cap(x: Float[Array, "*shape"], cap: float | int | None) -> Float[Array,
     return cap * jnp.tanh(x / cap)
 
 
+def sigmoid(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+    """σ(x) computed as ``½·tanh(x/2) + ½``: the same function up to float rounding (a few ulp).
+
+    Why: XLA:CPU evaluates tanh with a vectorised rational approximation but the logistic as
+    ``1 / (1 + exp(-x))`` with a division; fwd+bwd of SiLU at (2048, 704) ran about 2x faster
+    (min of alternated runs). The sigmoids and SiLUs of the layers were ~10% of the small_xlstm
+    train step's profile."""
+    return 0.5 * jnp.tanh(0.5 * x) + 0.5
+
+
+def silu(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+    """SiLU (swish) ``x·σ(x)`` with `sigmoid` above."""
+    return x * sigmoid(x)
+
+
 def _relu_squared(x: Array) -> Array:
     return jnp.square(jax.nn.relu(x))
 
@@ -33,8 +48,8 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": _gelu_tanh,  # Flax registry: the tanh approximation
     "relu": jax.nn.relu,
     "relu^2": _relu_squared,
-    "sigmoid": jax.nn.sigmoid,
-    "swish": jax.nn.silu,
+    "sigmoid": sigmoid,
+    "swish": silu,
     "selu": jax.nn.selu,
 }
 

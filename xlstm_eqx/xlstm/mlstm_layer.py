@@ -17,7 +17,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 from ..cell.forms import mLSTMState
 from ..nn.axes import REPLICATED, LogicalAxes
 from ..nn.conv import CausalConv1d
-from ..nn.functional import dropout
+from ..nn.functional import dropout, silu
 from ..nn.init import Initializer, output_initializer, small_initializer
 from ..nn.linear import Dense, LinearHeadwiseExpand
 from .mlstm_cell import check_heads_divide, mLSTMCell
@@ -187,7 +187,7 @@ class mLSTMInnerLayer(eqx.Module):
     ) -> tuple[Array, Array, Array, Array, Array]:
         """Queries, keys, values, gate features and the (scaled) skip input from the conv
         output."""
-        x_conv_act = jax.nn.silu(x_conv)
+        x_conv_act = silu(x_conv)
         queries, keys = self._queries_and_keys(x_conv_act)
         values = self.v_proj(x_mlstm)
         if self.gate_input == "qkv":
@@ -202,7 +202,7 @@ class mLSTMInnerLayer(eqx.Module):
     def _output(self, h: Array, skip_in: Array, z: Array) -> Array:
         f32 = jnp.float32
         h = h.astype(f32) + self.learnable_skip * skip_in.astype(f32)
-        return h * jax.nn.silu(z).astype(f32)
+        return h * silu(z).astype(f32)
 
     def _conv_with_state(
         self, x_mlstm: Float[Array, "B S I"], window: Float[Array, "B K I"] | None

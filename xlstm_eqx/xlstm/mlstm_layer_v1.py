@@ -13,7 +13,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from ..nn.functional import dropout, matmul_rows
+from ..nn.functional import dropout, matmul_rows, sigmoid
 from ..nn.init import small_initializer, zeros_init
 from ..nn.linear import Dense
 from .mlstm_cell import check_heads_divide, mLSTMCell
@@ -103,7 +103,7 @@ class mLSTMLayerV1(eqx.Module):
         return q, k, v, o
 
     def _output(self, h: Float[Array, "B S DV"], ogate: Float[Array, "B S DV"]) -> Array:
-        return self.proj_down(jax.nn.sigmoid(ogate) * h.astype(ogate.dtype))
+        return self.proj_down(sigmoid(ogate) * h.astype(ogate.dtype))
 
     @jax.named_scope("mLSTMLayer")
     def __call__(
