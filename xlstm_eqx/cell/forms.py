@@ -174,11 +174,7 @@ def run_fast_or_careful(
     `custom_jvp` function cannot): pass them in `inputs` or `state`.
     """
 
-    def careful(inputs: _Inputs, state: mLSTMState | None):
-        clean, state, rows, final = sanitize_inputs_and_state(*inputs, state)
-        h, state = run(clean, state, True)
-        return poison(h, rows), None if state is None else poison_state(state, final)
-
+    careful = functools.partial(run_careful, run)
     if not fast_path:
         return careful(inputs, state)
 
@@ -192,6 +188,13 @@ def run_fast_or_careful(
         return jax.jvp(careful, primals, tangents)
 
     return fast_or_careful(inputs, state)
+
+
+def run_careful(run: _Run, inputs: _Inputs, state: mLSTMState | None):
+    """The careful path of `run_fast_or_careful`: invalid values replaced, run, NaN added back."""
+    clean, state, rows, final = sanitize_inputs_and_state(*inputs, state)
+    h, state = run(clean, state, True)
+    return poison(h, rows), None if state is None else poison_state(state, final)
 
 
 def _two_sum(a, b):
@@ -459,10 +462,9 @@ def mlstm_chunkwise(
     Memory is linear in S in the forward pass and under autodiff (the carried states are
     NC·DHQK·DHV, the within-chunk matrices NC·L²). Any S works: the sequence is padded internally
     with tokens that leave the state unchanged (f̄ = 0, no input), so the returned final state is
-    exactly that after the last real token. Returns h and the final state. `fast_path=False`
-    forces the careful path (`run_fast_or_careful`; the padding's ĩ = -inf is added after the
-    predicate, so it does not count).
-    """
+    exactly that after the last real token. Returns h and the final state. The fast path has a
+    written-out backward (`chunkwise_vjp`; no jvp); `fast_path=False` forces the careful path
+    (the padding's ĩ = -inf is added after the predicate, so it does not count)."""
     chunk_size = check_chunk_size(chunk_size)
     out_dtype = queries.dtype
     q, k, v, igate, log_fgate = validate_and_cast_inputs(
@@ -474,17 +476,19 @@ def mlstm_chunkwise(
     if seq_len == 0:
         h = jnp.zeros((batch, heads, 0, dhv), out_dtype)
         return h, state
-    run = functools.partial(_chunkwise_run, chunk=min(chunk_size, seq_len), eps=eps)
-    h, final = run_fast_or_careful(run, (q, k, v, igate, log_fgate), state, fast_path=fast_path)
+    from .chunkwise_vjp import chunkwise_fast_or_careful  # (it builds on this module)
+
+    inputs, chunk = (q, k, v, igate, log_fgate), min(chunk_size, seq_len)
+    h, final = chunkwise_fast_or_careful(inputs, state, chunk=chunk, eps=eps, fast_path=fast_path)
     assert final is not None
     return h.astype(out_dtype), final
 
 
-def _chunkwise_run(
+def chunkwise_run(
     inputs: _Inputs, state: mLSTMState | None, careful: bool, *, chunk: int, eps: float
-) -> tuple[Array, mLSTMState]:
-    """`mlstm_chunkwise` on inputs in the accumulation dtype, for `run_fast_or_careful`: h
-    (B, NH, S, DHV) and the final state."""
+) -> tuple[Array, mLSTMState, tuple[Array, Array, Array]]:
+    """`mlstm_chunkwise` on inputs in the accumulation dtype: h (B, NH, S, DHV), the final state
+    and the (C, n, m) entering every chunk, (B, NH, NC, ...)."""
     assert state is not None
     q, k, v, igate, log_fgate = inputs
     batch, heads, seq_len, dhqk = q.shape
@@ -552,4 +556,4 @@ def _chunkwise_run(
     )
     den = state_scale * jnp.einsum("bhcsd,bhcd->bhcs", q, n_prev) + jnp.sum(scores, axis=-1)
     h = _normalise(num, den, m, eps).reshape(batch, heads, padded, dhv)[:, :, :seq_len]
-    return h, final
+    return h, final, (c_prev, n_prev, m_prev)

@@ -43,18 +43,22 @@ from jax.experimental.pallas import triton as pl_triton
 from jaxtyping import Array, Float
 
 from .checks import IntLike, check_chunk_size
+from .chunk_math import (
+    chunk_outputs,
+    chunk_outputs_backward,
+    chunk_update,
+    chunk_update_backward,
+    gate_sums,
+)
 from .forms import (
     NO_INPUT_PREACT,
     GatePreact,
     initial_state_or_zeros,
-    max_exp_argument,
     mLSTMState,
     pad_time_axis,
     run_fast_or_careful,
-    running_log_decay_sums,
     validate_and_cast_inputs,
 )
-from .nonfinite import finite_stabiliser
 
 
 # Smallest tile edge of a Triton `dot`.
@@ -71,186 +75,6 @@ class _KernelConfig:
     num_stages: int
 
 
-# Per-chunk math on values (called inside the kernels; plain jnp on tiles)
-
-
-def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
-    """a @ b (optionally transposed operands) in full precision of the operand dtype."""
-    contract = (0 if trans_a else 1, 1 if trans_b else 0)
-    return jax.lax.dot_general(
-        a,
-        b,
-        (((contract[0],), (contract[1],)), ((), ())),
-        precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=a.dtype,
-    )
-
-
-def _weight_of_first(x, y):
-    """d max(x, y) / dx as JAX defines it: 1, 0, or 1/2 on a tie."""
-    # Casts rather than `where`: the Triton lowering failed on `where` over 0-d operands here.
-    return (x > y).astype(x.dtype) + 0.5 * (x == y).astype(x.dtype)
-
-
-def _sum_all(x):
-    return jnp.sum(jnp.sum(x, axis=1), axis=0)
-
-
-def _chunk_update(k, v, a, amax, g, c, n, m):
-    """State after a chunk from the state before it: the inter-chunk step of `mlstm_chunkwise`.
-
-    k (L, DK), v (L, DV), a (L) = log weight of each token in the end-of-chunk state, amax = max(a),
-    g = Σ f̄ over the chunk; c (DK, DV), n (DK), m () the entering state.
-    """
-    w = jnp.exp(a - finite_stabiliser(amax))
-    kw = k * w[:, None]
-    kv = _dot(kw, v, trans_a=True)
-    kk = jnp.sum(kw, axis=0)
-    gm = g + m
-    m_new = jnp.maximum(gm, amax)
-    m_sub = finite_stabiliser(m_new)
-    alpha = jnp.exp(gm - m_sub)
-    beta = jnp.exp(amax - m_sub)
-    return alpha * c + beta * kv, alpha * n + beta * kk, m_new
-
-
-def _chunk_outputs(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, eps):
-    """Outputs of one chunk and the intermediates the backward needs.
-
-    q (L, DK) already scaled by 1/√DHQK; ig (L) input-gate pre-activations; b (L) = Σ_{u≤s} f̄_u inside
-    the chunk (-inf from an f̄ = -inf on); (hi, lo, resets) the same cumulative sum for the pairwise
-    log decays, as `forms.running_log_decay_sums` gives it (resets None on the fast path: no f̄ is
-    -inf); (c, n, m_prev) the state entering the chunk.
-    """
-    length = q.shape[0]
-    rows = jax.lax.broadcasted_iota(jnp.int32, (length, length), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (length, length), 1)
-    strict = cols < rows
-    causal = cols <= rows
-    diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
-    if resets is not None:
-        diff = diff + (resets[:, None] - resets[None, :])
-    seg = jnp.where(strict, diff, 0.0)
-    log_d = jnp.where(causal, seg + ig[None, :], -jnp.inf)
-    row_max = jnp.max(log_d, axis=1)
-    m_state = b + m_prev
-    m = jnp.maximum(m_state, row_max)
-    decay = jnp.exp(log_d - finite_stabiliser(m)[:, None])
-    qk = _dot(q, k, trans_b=True)
-    scores = jnp.where(causal, qk * decay, 0.0)
-    sigma = jnp.exp(m_state - finite_stabiliser(m))
-    qc = _dot(q, c)
-    qn = jnp.sum(q * n[None, :], axis=1)
-    num = sigma[:, None] * qc + _dot(scores, v)
-    den = sigma * qn + jnp.sum(scores, axis=1)
-    lower = jnp.exp(jnp.minimum(-m, max_exp_argument(m.dtype)))
-    denom = jnp.maximum(jnp.abs(den), lower) + eps
-    h = num / denom[:, None]
-    return dict(
-        strict=strict,
-        causal=causal,
-        log_d=log_d,
-        row_max=row_max,
-        m_state=m_state,
-        m=m,
-        decay=decay,
-        qk=qk,
-        scores=scores,
-        sigma=sigma,
-        qc=qc,
-        qn=qn,
-        den=den,
-        lower=lower,
-        denom=denom,
-        h=h,
-    )
-
-
-def _chunk_outputs_backward(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, dh, eps):
-    """Reverse-mode derivative of `_chunk_outputs` (h only) for the cotangent dh (L, DV).
-
-    Returns dq, dk, dv, d ig, d b, d hi (= d lo), dc, dn, dm_prev. Ties in max/min/abs are split as
-    JAX's own derivatives split them. Where m = -inf (a row with nothing to read) the subtracted
-    stabiliser is a finite constant, as in `forms`: every term through it is then 0.
-    """
-    f = _chunk_outputs(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, eps)
-    h, denom, den, lower, m = f["h"], f["denom"], f["den"], f["lower"], f["m"]
-    sigma, decay, scores = f["sigma"], f["decay"], f["scores"]
-
-    # h = num / (max(|den|, exp(min(-m, A))) + eps)
-    dnum = dh / denom[:, None]
-    ddenom = -jnp.sum(dh * h, axis=1) / denom
-    w_abs = _weight_of_first(jnp.abs(den), lower)
-    dden = ddenom * w_abs * jnp.where(den >= 0, 1.0, -1.0).astype(den.dtype)
-    dlower = ddenom * (1.0 - w_abs)
-    dm = -dlower * lower * _weight_of_first(jnp.full_like(m, max_exp_argument(m.dtype)), -m)
-
-    # num = σ (q C) + scores v,  den = σ (q·n) + Σ_t scores
-    dsigma = jnp.sum(dnum * f["qc"], axis=1) + dden * f["qn"]
-    dq = sigma[:, None] * (_dot(dnum, c, trans_b=True) + dden[:, None] * n[None, :])
-    dc = _dot(q * sigma[:, None], dnum, trans_a=True)
-    dn = jnp.sum(q * (sigma * dden)[:, None], axis=0)
-    dscores = _dot(dnum, v, trans_b=True) + dden[:, None]
-    dv = _dot(scores, dnum, trans_a=True)
-
-    # scores = (q kᵀ) ⊙ exp(log_d - m) on the causal entries, 0 elsewhere
-    dscores = jnp.where(f["causal"], dscores, 0.0)
-    dqk = dscores * decay
-    dq = dq + _dot(dqk, k)
-    dk = _dot(dqk, q, trans_a=True)
-    dlog_d = dscores * f["qk"] * decay
-    dm = dm - jnp.sum(dlog_d, axis=1)
-
-    # σ = exp(m_state - m),  m = max(m_state, max_t log_d)
-    dm_state = dsigma * sigma
-    dm = dm - dm_state
-    w_state = _weight_of_first(f["m_state"], f["row_max"])
-    dm_state = dm_state + dm * w_state
-    drow = dm * (1.0 - w_state)
-    is_max = f["log_d"] == f["row_max"][:, None]
-    count = jnp.sum(is_max.astype(dm.dtype), axis=1)
-    dlog_d = dlog_d + jnp.where(is_max, (drow / count)[:, None], 0.0)
-
-    # log_d = seg + ig (causal part), seg[s, t] = (hi_s - hi_t) + (lo_s - lo_t) + const for t < s
-    dlog_d = jnp.where(f["causal"], dlog_d, 0.0)
-    dig = jnp.sum(dlog_d, axis=0)
-    dseg = jnp.where(f["strict"], dlog_d, 0.0)
-    dhi = jnp.sum(dseg, axis=1) - jnp.sum(dseg, axis=0)
-    return dq, dk, dv, dig, dm_state, dhi, dc, dn, jnp.sum(dm_state)
-
-
-def _chunk_update_backward(k, v, a, amax, g, c, n, m, dc_new, dn_new, dm_new):
-    """Reverse-mode derivative of `_chunk_update` for the cotangent of the state after the chunk.
-
-    Returns dk, dv, da, d amax, dg and the cotangent (dc, dn, dm) of the state before the chunk.
-    """
-    w = jnp.exp(a - finite_stabiliser(amax))
-    kw = k * w[:, None]
-    kv = _dot(kw, v, trans_a=True)
-    kk = jnp.sum(kw, axis=0)
-    gm = g + m
-    m_new = jnp.maximum(gm, amax)
-    m_sub = finite_stabiliser(m_new)
-    alpha = jnp.exp(gm - m_sub)
-    beta = jnp.exp(amax - m_sub)
-
-    dalpha = _sum_all(dc_new * c) + jnp.sum(dn_new * n)
-    dbeta = _sum_all(dc_new * kv) + jnp.sum(dn_new * kk)
-    dm_total = dm_new - dalpha * alpha - dbeta * beta
-    w_gm = _weight_of_first(gm, amax)
-    dgm = dalpha * alpha + dm_total * w_gm
-    damax = dbeta * beta + dm_total * (1.0 - w_gm)
-
-    dkv = beta * dc_new
-    dkk = beta * dn_new
-    dkw = _dot(v, dkv, trans_b=True) + dkk[None, :]  # (L, DK)
-    dk = w[:, None] * dkw
-    dv = w[:, None] * _dot(k, dkv)
-    da = jnp.sum(k * dkw, axis=1) * w
-    damax = damax - jnp.sum(da)
-    return dk, dv, da, damax, dgm, alpha * dc_new, alpha * dn_new, dgm
-
-
 # Kernels
 
 
@@ -265,7 +89,7 @@ def _states_kernel(
         c_ref[j] = c
         n_ref[j] = n
         m_ref[j] = m
-        return _chunk_update(k_ref[j], v_ref[j], a_ref[j], amax_ref[j], g_ref[j], c, n, m)
+        return chunk_update(k_ref[j], v_ref[j], a_ref[j], amax_ref[j], g_ref[j], c, n, m)
 
     c, n, m = jax.lax.fori_loop(0, num_chunks, body, (c0_ref[...], n0_ref[...], m0_ref[...]))
     c_ref[num_chunks] = c
@@ -274,22 +98,22 @@ def _states_kernel(
 
 
 def _outputs_kernel(*refs, eps, with_resets=True):
-    """One (batch, head, chunk): h of the chunk's L tokens. refs: the inputs of `_chunk_outputs`
+    """One (batch, head, chunk): h of the chunk's L tokens. refs: the inputs of `chunk_outputs`
     (without `resets` when not `with_resets`: the fast path), h."""
     *in_refs, h_ref = refs
     values = [ref[...] for ref in in_refs]
     if not with_resets:
         values.insert(7, None)
-    h_ref[...] = _chunk_outputs(*values, eps=eps)["h"]
+    h_ref[...] = chunk_outputs(*values, eps=eps)["h"]
 
 
 def _outputs_backward_kernel(*refs, eps):
     """One (batch, head, chunk): gradients through the chunk's outputs, its L×L matrices recomputed.
 
-    refs: the inputs of `_chunk_outputs_backward`, then one output per gradient it returns.
+    refs: the inputs of `chunk_outputs_backward`, then one output per gradient it returns.
     """
     in_refs, out_refs = refs[:12], refs[12:]
-    grads = _chunk_outputs_backward(*(ref[...] for ref in in_refs), eps=eps)
+    grads = chunk_outputs_backward(*(ref[...] for ref in in_refs), eps=eps)
     for ref, value in zip(out_refs, grads, strict=True):
         ref[...] = value
 
@@ -327,7 +151,7 @@ def _states_backward_kernel(
     def body(step, carry):
         j = num_chunks - 1 - step
         dc, dn, dm = carry
-        dk, dv, da, damax, dg, dc, dn, dm = _chunk_update_backward(
+        dk, dv, da, damax, dg, dc, dn, dm = chunk_update_backward(
             k_ref[j],
             v_ref[j],
             a_ref[j],
@@ -605,16 +429,7 @@ def _run_kernels(
     q, k, v, igate, log_fgate = map(chunked, (q, k, v, igate, log_fgate))
 
     # Gate bookkeeping per chunk, as in `mlstm_chunkwise` (every log decay a sum of its own terms).
-    to_here = jnp.cumsum(log_fgate, axis=-1)
-    after = jnp.concatenate(
-        [
-            jax.lax.cumsum(log_fgate, axis=2, reverse=True)[..., 1:],
-            jnp.zeros_like(log_fgate[..., :1]),
-        ],
-        axis=-1,
-    )
-    log_weight = after + igate
-    hi, lo, resets = running_log_decay_sums(log_fgate, careful=careful)
+    to_here, log_weight, hi, lo, resets = gate_sums(igate, log_fgate, careful=careful)
 
     c0 = _pad_last(_pad_last(state.c, dv).swapaxes(-1, -2), dk).swapaxes(-1, -2)
     h, c, n, m = _core(
