@@ -104,18 +104,25 @@ def sanitize(
     return q, k, v, igate, log_fgate
 
 
-def sanitize_state(state):
-    """(the state with invalid entries replaced by 0, whether it had any (B, NH)). m = -inf (an
-    empty memory) is valid. `state` is an `mLSTMState`."""
-    bad_m = jnp.isnan(state.m) | (state.m == jnp.inf)
+def _bad_m(state) -> Bool[Array, "*batch"]:
+    return jnp.isnan(state.m) | (state.m == jnp.inf)
+
+
+def bad_state(state) -> Bool[Array, "*batch"]:
+    """Whether the `mLSTMState` has an invalid entry, per (B, NH): NaN or ±inf in c or n, NaN or
+    +inf in m. m = -inf (an empty memory) is valid."""
     bad_c = ~jnp.all(jnp.isfinite(state.c), axis=(-2, -1))
-    bad = bad_c | ~jnp.all(jnp.isfinite(state.n), axis=-1) | bad_m
+    return bad_c | ~jnp.all(jnp.isfinite(state.n), axis=-1) | _bad_m(state)
+
+
+def sanitize_state(state):
+    """(the state with invalid entries replaced by 0, `bad_state`). `state` is an `mLSTMState`."""
     clean = type(state)(
         c=jnp.where(jnp.isfinite(state.c), state.c, 0.0),
         n=jnp.where(jnp.isfinite(state.n), state.n, 0.0),
-        m=jnp.where(bad_m, 0.0, state.m),
+        m=jnp.where(_bad_m(state), 0.0, state.m),
     )
-    return clean, bad
+    return clean, bad_state(state)
 
 
 def poisoned_rows(

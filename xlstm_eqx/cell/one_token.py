@@ -19,7 +19,14 @@ from typing import Any
 import jax
 from jaxtyping import Array
 
-from .nonfinite import bad_query_and_write, poison, poison_state, sanitize, sanitize_state
+from .nonfinite import (
+    bad_query_and_write,
+    bad_state,
+    poison,
+    poison_state,
+    sanitize,
+    sanitize_state,
+)
 
 
 _Step = Callable[..., tuple[Array, Any]]
@@ -39,7 +46,7 @@ def step_with_nan_added(
 
     @jax.custom_jvp
     def folded(inputs: _Token, state: Any) -> tuple[Array, Any]:
-        return _nan_added(step(state, *inputs, eps), inputs, state)
+        return _nan_added(step(state, *inputs, eps), inputs, bad_state(state))
 
     @folded.defjvp
     def _differentiated(primals, tangents):
@@ -49,13 +56,13 @@ def step_with_nan_added(
 
 
 def _careful(step: _Step, inputs: _Token, state: Any, *, eps: float) -> tuple[Array, Any]:
-    clean_state, _ = sanitize_state(state)
-    return _nan_added(step(clean_state, *sanitize(*inputs), eps), inputs, state)
+    clean_state, state_is_bad = sanitize_state(state)
+    return _nan_added(step(clean_state, *sanitize(*inputs), eps), inputs, state_is_bad)
 
 
-def _nan_added(out: tuple[Array, Any], inputs: _Token, state: Any) -> tuple[Array, Any]:
-    """(h, new state) + NaN where an invalid input or state reaches (flags (B, NH))."""
+def _nan_added(out: tuple[Array, Any], inputs: _Token, state_is_bad: Array) -> tuple[Array, Any]:
+    """(h, new state) + NaN where an invalid input or state (flags (B, NH)) reaches."""
     h, new = out
     bad_query, bad_write = bad_query_and_write(*inputs)
-    bad_write = bad_write | sanitize_state(state)[1]  # (the replaced state itself is unused)
+    bad_write = bad_write | state_is_bad
     return poison(h, bad_write | bad_query), poison_state(new, bad_write)
