@@ -122,6 +122,14 @@ def test_cli_update_or_baseline_without_check_is_a_usage_error(tmp_path, capsys)
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.parametrize("text", ['{"backends', '["a list"]'])
+def test_a_damaged_costs_file_is_an_error_naming_it(tmp_path, text):
+    path = tmp_path / "costs.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="costs.json: not a costs file"):
+        cost_check.read_costs(path)
+
+
 def test_committed_costs_cover_every_entry():
     data = cost_check.read_costs(cost_check.default_costs_path())
     entries = data["backends"]["cpu"]["entries"]

@@ -233,7 +233,10 @@ def read_costs(path: Path) -> dict[str, Any]:
     """The whole costs file (``{"backends": {backend: record}}``); an empty one if absent."""
     if not path.is_file():
         return {"backends": {}}
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a costs file (not JSON: {err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("backends"), dict):
         raise ValueError(f"{path}: not a costs file (no 'backends' object)")
     return data
