@@ -36,7 +36,11 @@ def _peer_forms() -> tuple[dict[str, Callable[..., Callable[..., Array]]], str |
     forms: dict[str, Callable[..., Callable[..., Array]]] = {}
     notes = []
     try:
-        # Optional GPU-only packages, imported by name (not installed where the checker runs).
+        if jax.default_backend() != "gpu":
+            raise RuntimeError("Triton kernels need a GPU")
+        # Optional GPU-only packages, imported by name (not installed where the checker runs);
+        # the real `jax_triton` first, so a stub left by the JAX form's import is never used.
+        importlib.import_module("jax_triton").triton_call  # noqa: B018 - raises if stubbed
         triton_xl = importlib.import_module("mlstm_kernels.jax.chunkwise.triton_xl_chunk")
         mlstm_chunkwise__xl_chunk = triton_xl.mlstm_chunkwise__xl_chunk
 
@@ -61,7 +65,9 @@ def _peer_forms() -> tuple[dict[str, Callable[..., Callable[..., Array]]], str |
 
         def native(chunk: int) -> Callable[..., Array]:
             def fn(q, k, v, i, f):
-                return mlstm_chunkwise__native_autograd(q, k, v, i, f, chunk_size=chunk)
+                # The peer mixes bf16 and float32 implicitly; the suite runs strict promotion.
+                with jax.numpy_dtype_promotion("standard"):
+                    return mlstm_chunkwise__native_autograd(q, k, v, i, f, chunk_size=chunk)
 
             return fn
 
