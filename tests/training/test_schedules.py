@@ -58,7 +58,7 @@ def test_schedule_and_optimizer_validation(tmp_path, data_file):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lion", "adafactor"])
+@pytest.mark.parametrize("optimizer", ["adamw", "lion", "adafactor", "ademamix"])
 def test_optimizers_decay_kernels_only(optimizer):
     """Zero gradients: the update is the decoupled weight decay alone, -lr * wd * param, on the
     kernels (the decay mask) and nothing elsewhere."""

@@ -12,7 +12,7 @@ from ..models import MODEL_FAMILIES, ModelConfig
 
 
 ComputeDType = Literal["float32", "bfloat16"]
-Optimizer = Literal["adamw", "lion", "adafactor"]
+Optimizer = Literal["adamw", "lion", "adafactor", "ademamix"]
 Schedule = Literal["cosine", "wsd", "linear", "constant"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
@@ -45,6 +45,11 @@ class TrainConfig(Config):
         "none: embedded stdlib corpus",
     )
     text_field: str = field(default="text", help="JSONL field / dataset column holding the text")
+    data_format: Literal["text", "sft"] = field(
+        default="text",
+        help="'sft': --data is JSONL of prompt/completion or messages records, packed with "
+        "document borders, loss on completions only",
+    )
     data_split: str = field(default="train", help="split of a saved HF DatasetDict")
     eod_token: str = field(
         default="",
@@ -101,10 +106,54 @@ class TrainConfig(Config):
     beta1: float = field(default=0.9, check=RATE)
     beta2: float = field(default=0.95, check=RATE)
     adam_eps: float = field(default=1e-8, check=POSITIVE)
+    beta3: float = field(default=0.9999, check=RATE, help="ademamix: the slow EMA's decay")
+    alpha: float = field(
+        default=8.0, check=NON_NEGATIVE, help="ademamix: weight of the slow EMA in the update"
+    )
+    ademamix_warmup_steps: int | None = field(
+        default=None,
+        check=NON_NEGATIVE,
+        help="ademamix: steps over which alpha rises from 0 and beta3 from beta1 (default: steps)",
+    )
     grad_clip: float | None = field(
         default=1.0, check=POSITIVE, help="global gradient-norm clip (none: off)"
     )
     dtype: ComputeDType = field(default="float32", help="compute dtype (parameters stay float32)")
+    # starting from trained weights (training/init_from.py)
+    init_from: str = field(
+        default="",
+        help="start from these weights (fresh optimizer, schedule and data): a run directory "
+        "(its newest checkpoint) or DIR/checkpoints/step_N, a transformers xLSTMForCausalLM "
+        "directory, or an xlstm-jax checkpoint; the architecture and (unless --tokenizer) the "
+        "tokenizer are the source's",
+    )
+    context_length: int | None = field(
+        default=None,
+        check=POSITIVE,
+        help="with --init-from: the model's context length (default: the source's)",
+    )
+    dropout: float | None = field(
+        default=None,
+        check=RATE,
+        help="with --init-from: the model's dropout (default: the source's)",
+    )
+    # fine-tuning: what trains (training/finetune.py)
+    trainable: str = field(
+        default="",
+        help="regex over parameter paths (e.g. 'dense_v'): only matches train, the rest is "
+        "frozen; with LoRA: trained besides the adapters",
+    )
+    lora_rank: int = field(default=0, check=NON_NEGATIVE, help="LoRA adapter rank (0: no LoRA)")
+    lora_alpha: float | None = field(
+        default=None, check=POSITIVE, help="LoRA alpha; scale = alpha/rank (default: the rank)"
+    )
+    lora_targets: list[str] = field(
+        default_factory=list,
+        help="projection layers LoRA adapts, by field name (default: all mLSTM/FFN/Llama ones)",
+    )
+    lora_base_dtype: ComputeDType = field(
+        default="float32", help="stored dtype of the frozen base's arrays under LoRA"
+    )
     # run
     seed: int = field(default=0, check=SEED)
     out: str = field(default="", help="output directory (default: runs/<model>)")
@@ -179,6 +228,30 @@ class TrainConfig(Config):
             )
         if self.profile_steps:
             self._check_profile_steps(root)
+        self._check_init_from(root)
+
+    def _check_init_from(self, root: str) -> None:
+        """With --init-from the architecture is the source's: a flag choosing one is refused."""
+        if not self.init_from:
+            for name in ("context_length", "dropout"):
+                if getattr(self, name) is not None:
+                    self._invalid_field(
+                        root,
+                        name,
+                        "needs --init-from (a preset or --model FILE sets it)",
+                        getattr(self, name),
+                    )
+            return
+        default = TrainConfig.__dataclass_fields__
+        for name in ("model", "preset"):
+            if getattr(self, name) != default[name].default:
+                self._invalid_field(
+                    root,
+                    name,
+                    "would change the architecture, which --init-from takes from its source "
+                    "(only --context-length, --dropout, --dtype and --mesh may differ)",
+                    getattr(self, name),
+                )
 
     def _check_profile_steps(self, root: str) -> None:
         parts = self.profile_steps.split(":")

@@ -1,5 +1,12 @@
-"""The optimizer: global-norm clipping, then AdamW, Lion or Adafactor from optax, with weight decay
-on kernels only (by the model family's mask where it has one); and the learning-rate schedule.
+"""The optimizer: global-norm clipping, then AdamW, Lion, Adafactor or AdEMAMix from optax, with
+weight decay on kernels only (by the model family's mask where it has one); and the learning-rate
+schedule.
+
+AdEMAMix (`optax.contrib.ademamix`, Pagliardini et al. 2024) adds a slow EMA of the gradients
+(decay `beta3`) mixed into Adam's update with weight `alpha`. As in the reference trainer, `alpha`
+rises linearly from 0 and `beta3` from `beta1` (linearly in the EMA's half-life) to their
+configured values over `ademamix_warmup_steps` (default: the whole run); the slow EMA would
+otherwise dominate the first steps' updates.
 
 Schedules (`--schedule`), all after a linear warmup from 0 to `lr` over `warmup_steps`:
 
@@ -18,6 +25,7 @@ until the new decay start and decays over the new run's last `decay_fraction`: n
 decay's metrics rows are replaced, its checkpoints moved to `DIR/superseded/`.
 """
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +37,7 @@ from jaxtyping import PyTree
 
 from ..models import ModelConfig, ModelFamily
 from .config import TrainConfig
+from .finetune import trainable_mask
 
 
 # optimizer
@@ -63,11 +72,12 @@ def _is_inexact_array_like(x: Any) -> bool:
     return eqx.is_inexact_array(x)
 
 
-def trainable_params(model: PyTree) -> PyTree:
-    """The floating-point arrays of ``model`` (``None`` elsewhere). Also works on
-    ``eqx.filter_eval_shape`` skeletons, so an optimizer and its state's shapes can be made
-    without allocating the model."""
-    return eqx.filter(model, _is_inexact_array_like)
+def trainable_params(model: PyTree, pattern: str | None = None) -> PyTree:
+    """The trainable arrays of ``model`` (``None`` elsewhere): every floating-point array, or
+    the LoRA adapters of a LoRA model, or what ``pattern`` (``--trainable``) selects
+    (`finetune.trainable_mask`). Also works on ``eqx.filter_eval_shape`` skeletons, so an
+    optimizer and its state's shapes can be made without allocating the model."""
+    return eqx.filter(model, trainable_mask(model, pattern))
 
 
 def wsd_decay_start(cfg: TrainConfig) -> int:
@@ -100,21 +110,44 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     raise ValueError(f"TrainConfig.schedule: unknown schedule {cfg.schedule!r}")
 
 
+def ademamix_alpha_schedule(alpha: float, warmup: int) -> optax.Schedule:
+    """`alpha` reached linearly from 0 over `warmup` steps (constant when `warmup` is 0)."""
+    if warmup <= 0:
+        return optax.constant_schedule(alpha)
+    return optax.linear_schedule(0.0, alpha, warmup)
+
+
+def ademamix_beta3_schedule(beta3: float, beta1: float, warmup: int) -> optax.Schedule:
+    """`beta3` reached from `beta1` over `warmup` steps, linearly in the EMA's half-life
+    `log(0.5) / log(beta) - 1` (as the AdEMAMix paper): the slow EMA's memory grows steadily."""
+    if warmup <= 0 or beta3 <= beta1:
+        return optax.constant_schedule(beta3)
+    log_half = math.log(0.5)
+    start, end = log_half / math.log(beta1) - 1.0, log_half / math.log(beta3) - 1.0
+
+    def schedule(count: Any) -> Any:
+        frac = jnp.minimum(jnp.asarray(count, jnp.float32) / warmup, 1.0)
+        half_life = (1.0 - frac) * start + frac * end
+        return jnp.power(0.5, 1.0 / (half_life + 1.0))
+
+    return schedule
+
+
 def make_optimizer(
     cfg: TrainConfig,
     model: PyTree,
     model_config: ModelConfig | None = None,
     family: ModelFamily | None = None,
 ) -> optax.GradientTransformation:
-    """Clip by global norm, then `cfg.optimizer` (AdamW, Lion or Adafactor) with the schedule and
-    the decay mask (decoupled weight decay, scaled by the learning rate, for all three)."""
-    params = trainable_params(model)
+    """Clip by global norm, then `cfg.optimizer` (AdamW, Lion, Adafactor or AdEMAMix) with the
+    schedule and the decay mask (decoupled weight decay, scaled by the learning rate, for all)."""
+    params = trainable_params(model, cfg.trainable)
     mask = None
     if family is not None and family.decay_mask is not None:
         full = family.decay_mask(model, model_config)
         if full is not None:
             # The family's mask covers the whole model: keep its entries at trainable leaves.
-            spec = jax.tree.map(_is_inexact_array_like, model)
+            spec = trainable_mask(model, cfg.trainable)
             mask = jax.tree.map(lambda m, s: bool(m) if s else None, full, spec)
     if mask is None:
         decay_embedding = bool(getattr(model_config, "weight_decay_on_embedding", False))
@@ -146,6 +179,18 @@ def make_optimizer(
             optax.scale_by_param_block_rms(),
             optax.add_decayed_weights(cfg.weight_decay, mask),
             optax.scale_by_learning_rate(schedule),
+        )
+    elif cfg.optimizer == "ademamix":
+        warmup = cfg.steps if cfg.ademamix_warmup_steps is None else cfg.ademamix_warmup_steps
+        opt = optax.contrib.ademamix(
+            schedule,
+            b1=cfg.beta1,
+            b2=cfg.beta2,
+            b3=ademamix_beta3_schedule(cfg.beta3, cfg.beta1, warmup),
+            alpha=ademamix_alpha_schedule(cfg.alpha, warmup),
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            mask=mask,
         )
     else:
         raise ValueError(f"TrainConfig.optimizer: unknown optimizer {cfg.optimizer!r}")
