@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any, cast
 
 import equinox as eqx
@@ -14,12 +15,47 @@ from ..core.config import Config
 from ..core.params import count_params
 from ..data.tokenizer import load_tokenizer
 from ..models import MODEL_FAMILIES, ModelConfig
-from ..parallel.memory import memory_report
+from ..parallel.memory import (
+    MemoryReport,
+    activation_model,
+    activation_report,
+    decode_state_bytes,
+    largest_seq_len,
+    memory_report,
+    size_text,
+)
 from ..training.config import TrainConfig, resolve_model_config
 from ..training.preflight import check_mesh
 
 
 # info
+
+
+#: (flag, type, default, metavar, help) of the activation and fit flags (`_context_lines`).
+_CONTEXT_FLAGS: tuple[tuple[str, Callable[[str], Any], Any, str, str], ...] = (
+    (
+        "--seq-len",
+        int,
+        None,
+        "S",
+        "activations per device of a train step on S-token sequences, split over the mesh's cp "
+        "axis (default with --device-memory: the config's context length)",
+    ),
+    (
+        "--batch-per-device",
+        int,
+        1,
+        "B",
+        "with --seq-len: sequences per device (dp and fsdp split the batch; default: 1)",
+    ),
+    (
+        "--device-memory",
+        float,
+        None,
+        "GiB",
+        "whether a train step fits a device of this many GiB, and the largest S that does",
+    ),
+)
 
 
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +74,8 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="per-device and per-host memory and checkpoint bytes on a mesh, e.g. 'fsdp=8,tp=4'",
     )
+    for flag, kind, default, metavar, text in _CONTEXT_FLAGS:
+        p.add_argument(flag, type=_positive(kind), default=default, metavar=metavar, help=text)
     p.add_argument(
         "--hosts",
         type=int,
@@ -45,6 +83,52 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --mesh: the processes (hosts) sharing the mesh's devices (default: 1)",
     )
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def _context_lines(
+    config: ModelConfig, report: MemoryReport, args: argparse.Namespace
+) -> list[str]:
+    """Gradients, activations at ``--seq-len`` over the mesh's cp axis, the total per device and,
+    with ``--device-memory``, whether it fits and the largest S that does."""
+    pc = getattr(config, "parallel", None)
+    cp = report.mesh.get(getattr(pc, "context_axis_name", "cp"), 1)
+    model = activation_model(config, batch=args.batch_per_device)
+    state = decode_state_bytes(config, args.batch_per_device)
+    default_len = getattr(config, "context_length", -1)
+    seq_len = args.seq_len or (default_len if default_len > 0 else 2048)
+    activations = activation_report(model, seq_len, cp, state_bytes=state)
+    grads = report.param_bytes_per_device
+    fixed = report.total_bytes_per_device + grads
+    total = fixed + activations.total_bytes
+    lines = [
+        f"  gradients:  {size_text(grads)} per device (float32, sharded as the parameters)",
+        str(activations),
+        f"per device in all: {size_text(total)} (parameters, gradients, optimizer state, activations; "
+        "estimates from the traced backward, XLA's fusion keeps less)",
+    ]
+    if args.device_memory is not None:
+        budget = int(args.device_memory * 2**30)
+        verdict = "fits" if total <= budget else "does NOT fit"
+        best = largest_seq_len(model, cp, budget, fixed_bytes=fixed, state_bytes=state)
+        pow2 = 1 << (best.bit_length() - 1) if best else 0
+        lines.append(
+            f"device memory {args.device_memory:g} GiB: S={seq_len:,} {verdict}; the largest S "
+            f"that fits on this mesh: {best:,} (power of two: {pow2:,})"
+        )
+    return lines
 
 
 def _summary_lines(d: dict[str, Any], prefix: str = "") -> list[str]:
@@ -112,12 +196,17 @@ def run_info_command(args: argparse.Namespace) -> int:
     n = count_params(skeleton)
     print(f"model: {kind} ({label})")
     print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
-    if args.mesh:
-        parallel = check_mesh(args.mesh, config, what_if=True)
-        if isinstance(config, Config) and hasattr(config, "parallel"):  # shown on this mesh
+    context = args.seq_len is not None or args.device_memory is not None
+    if args.mesh or context:
+        parallel = check_mesh(args.mesh, config, what_if=True) if args.mesh else None
+        if parallel is not None and isinstance(config, Config) and hasattr(config, "parallel"):
             config = cast(ModelConfig, dataclasses.replace(config, parallel=parallel))
-        print(memory_report(config, parallel, hosts=args.hosts))
-        print("  (parameters and AdamW state only: gradients and activations come on top)")
+        report = memory_report(config, parallel, hosts=args.hosts)
+        print(report)
+        if context:
+            print("\n".join(_context_lines(config, report, args)))
+        else:
+            print("  (parameters and AdamW state only: gradients and activations come on top)")
     print("config:")
     print("\n".join(_summary_lines(config.to_dict())))
     return 0

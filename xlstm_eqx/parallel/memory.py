@@ -8,7 +8,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -19,6 +19,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 from jaxtyping import PyTree
 
+from ..core.config import Config
 from ..core.parallel_config import ParallelConfig
 from ..models import ModelConfig, family_of
 from .mesh import MESH_AXES, axis_sizes
@@ -26,6 +27,16 @@ from .rules import is_array_like, opt_state_specs, param_partition_specs
 
 
 # memory report
+
+
+def gib(n: int | float) -> str:
+    """``n`` bytes as GiB with two decimals."""
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def size_text(n: int | float) -> str:
+    """``n`` bytes in GiB, or in MiB below 1 GiB (small models)."""
+    return gib(n) if n >= 2**30 else f"{n / 2**20:,.2f} MiB"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +68,6 @@ class MemoryReport:
         return self.param_bytes + self.opt_bytes
 
     def __str__(self) -> str:
-        def gib(n: int) -> str:
-            return f"{n / 2**30:,.2f} GiB"
-
         mesh = ", ".join(f"{k}={v}" for k, v in self.mesh.items())
         devices = math.prod(self.mesh.values())
         lines = [
@@ -201,6 +209,204 @@ def memory_report(
         checkpoint_bytes_written_per_host=pw + ow,
         checkpoint_bytes_read_per_host=pr + orr,
     )
+
+
+# activation memory
+
+
+def _nbytes(tree: PyTree) -> int:
+    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def _is_float_leaf(x: Any) -> bool:
+    return is_array_like(x) and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def residual_bytes(
+    config: ModelConfig,
+    batch: int,
+    seq_len: int,
+    *,
+    model_cls: Callable[..., Any] | None = None,
+) -> int:
+    """Bytes of every array the backward pass of the next-token loss of ``batch`` sequences of
+    ``seq_len`` tokens keeps from its forward pass (``jax.vjp``'s residuals, traced with
+    ``jax.eval_shape``: nothing is allocated or compiled, a 7B model at 128k tokens takes a
+    second). The modules named in ``config.parallel.remat`` keep only their inputs, as in
+    training. The parameters are among the residuals (a matrix product keeps its weight)."""
+    build = family_of(config).build if model_cls is None else model_cls
+    skeleton = eqx.filter_eval_shape(build, config, key=jr.key(0))
+    params, static = eqx.partition(skeleton, _is_float_leaf)
+
+    def pullback(p: PyTree, tokens: jax.Array) -> Any:
+        def loss(q: PyTree) -> jax.Array:
+            logits = eqx.combine(q, static)(tokens[:, :-1])
+            labels = tokens[:, 1:]
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), labels
+            ).mean()
+
+        return jax.vjp(loss, p)[1]
+
+    tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
+    return _nbytes(jax.eval_shape(pullback, params, tokens))
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationModel:
+    """Activation bytes of one device as a function of the tokens it holds, ``t``:
+    ``saved(t) = linear * t + quadratic * t**2`` (the backward's residuals less the parameters;
+    quadratic only for attention that keeps its score matrix) plus ``recompute(t)``, one
+    rematerialised block's own residuals, rebuilt during the backward (0 without remat)."""
+
+    batch: int
+    linear: float
+    quadratic: float
+    recompute_linear: float
+    recompute_quadratic: float
+    remat: tuple[str, ...]
+
+    def saved(self, tokens: int) -> int:
+        return int(round(self.linear * tokens + self.quadratic * tokens**2))
+
+    def recompute(self, tokens: int) -> int:
+        return int(round(self.recompute_linear * tokens + self.recompute_quadratic * tokens**2))
+
+    def total(self, tokens: int) -> int:
+        return self.saved(tokens) + self.recompute(tokens)
+
+
+def _fit_quadratic(r1: int, r2: int, r3: int, unit: int) -> tuple[float, float]:
+    """(b, c) of ``r(S) = a + b S + c S^2`` through ``r(unit), r(2 unit), r(3 unit)``."""
+    d1, d2 = r2 - r1, r3 - r2
+    c = (d2 - d1) / (2 * unit**2)
+    b = d1 / unit - 3 * c * unit
+    return b, c
+
+
+def activation_model(
+    config: ModelConfig,
+    *,
+    batch: int = 1,
+    unit: int = 1024,
+    model_cls: Callable[..., Any] | None = None,
+) -> ActivationModel:
+    """Fits `ActivationModel` from `residual_bytes` at ``unit``, ``2 unit`` and ``3 unit`` tokens
+    (a multiple of every chunk size, so the fit is exact for the chunkwise forms and the causal
+    attention blocks), with the config's remat and without it (the recompute term: the difference
+    per block, i.e. one block's residuals)."""
+
+    def fit(cfg: ModelConfig) -> tuple[float, float]:
+        r = [residual_bytes(cfg, batch, k * unit, model_cls=model_cls) for k in (1, 2, 3)]
+        return _fit_quadratic(r[0], r[1], r[2], unit)
+
+    pc = getattr(config, "parallel", None)
+    remat = tuple(pc.remat) if isinstance(pc, ParallelConfig) else ()
+    b, c = fit(config)
+    rb, rc = 0.0, 0.0
+    if remat and isinstance(pc, ParallelConfig) and isinstance(config, Config):
+        plain = dataclasses.replace(pc, remat=[])
+        b0, c0 = fit(cast(ModelConfig, dataclasses.replace(config, parallel=plain)))
+        blocks = int(getattr(config, "num_blocks", 1))
+        rb, rc = max(b0 - b, 0.0) / blocks, max(c0 - c, 0.0) / blocks
+    return ActivationModel(batch, b, c, rb, rc, remat)
+
+
+def decode_state_bytes(config: ModelConfig, batch: int = 1) -> int:
+    """Bytes of an xLSTM model's recurrent state for ``batch`` sequences (every block's mLSTM
+    ``C``/``n``/``m``, conv windows, sLSTM states): what a context-parallel segment hands on."""
+    build = family_of(config).build
+    skeleton = eqx.filter_eval_shape(build, config, key=jr.key(0))
+    init_state = getattr(skeleton, "init_state", None)
+    if init_state is None or getattr(skeleton, "has_kv_cache", False):
+        return 0  # a KV cache: nothing recurrent to hand on
+    return _nbytes(jax.eval_shape(lambda: init_state(batch)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationReport:
+    """Activation bytes of one device in a train step on ``seq_len``-token sequences split over
+    ``cp`` devices (``batch`` sequences per device, each holding ``ceil(seq_len / cp)`` tokens of
+    them): what the backward keeps, one rematerialised block rebuilt, and the context-parallel
+    state exchange (the all-gathered segment states and the states entering each segment, both
+    kept for the backward: ``2 * cp`` recurrent states). Estimates: XLA's fusion keeps less."""
+
+    seq_len: int
+    cp: int
+    batch: int
+    tokens_per_device: int
+    saved_bytes: int
+    recompute_bytes: int
+    exchange_bytes: int
+    remat: tuple[str, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.saved_bytes + self.recompute_bytes + self.exchange_bytes
+
+    def __str__(self) -> str:
+        remat = ", ".join(self.remat) if self.remat else "none"
+        per_token = self.saved_bytes / max(self.batch * self.tokens_per_device, 1)
+        return "\n".join(
+            [
+                f"activations at S={self.seq_len:,} (cp={self.cp}: {self.tokens_per_device:,} "
+                f"tokens x {self.batch} sequence(s) per device; remat: {remat}):",
+                f"  kept for the backward: {size_text(self.saved_bytes)} "
+                f"({per_token / 1024:,.1f} KiB per token)",
+                f"  one block rebuilt in the backward: {size_text(self.recompute_bytes)}",
+                f"  cp state exchange: {size_text(self.exchange_bytes)}",
+                f"  activations per device: {size_text(self.total_bytes)}",
+            ]
+        )
+
+
+def exchange_bytes(state_bytes: int, cp: int) -> int:
+    """Bytes a device keeps for the cp state exchange: ``2 * cp`` recurrent states (gathered and
+    entering) of ``state_bytes`` each; none without cp."""
+    return 0 if cp <= 1 else 2 * cp * state_bytes
+
+
+def activation_report(
+    model: ActivationModel, seq_len: int, cp: int = 1, *, state_bytes: int = 0
+) -> ActivationReport:
+    """`ActivationReport` of ``seq_len`` tokens over ``cp`` devices from a fitted `ActivationModel`
+    (``state_bytes``: the recurrent state of ``model.batch`` sequences, `decode_state_bytes`)."""
+    if seq_len < 1 or cp < 1:
+        raise ValueError(f"seq_len ({seq_len}) and cp ({cp}) must be positive")
+    tokens = -(-seq_len // cp)
+    return ActivationReport(
+        seq_len=seq_len,
+        cp=cp,
+        batch=model.batch,
+        tokens_per_device=tokens,
+        saved_bytes=model.saved(tokens),
+        recompute_bytes=model.recompute(tokens),
+        exchange_bytes=exchange_bytes(state_bytes, cp),
+        remat=model.remat,
+    )
+
+
+def largest_seq_len(
+    model: ActivationModel,
+    cp: int,
+    budget_bytes: int,
+    *,
+    fixed_bytes: int = 0,
+    state_bytes: int = 0,
+) -> int:
+    """The largest S (a multiple of ``cp``) whose per-device bytes, ``fixed_bytes`` (parameters,
+    gradients, optimizer state) plus `activation_report`'s total, stay within ``budget_bytes``;
+    0 if not even ``cp`` tokens fit."""
+    room = budget_bytes - fixed_bytes - exchange_bytes(state_bytes, cp)
+    if model.total(1) > room:
+        return 0
+    lo, hi = 1, 2
+    while model.total(hi) <= room:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # total(lo) fits, total(hi) does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if model.total(mid) <= room else (lo, mid)
+    return lo * cp
 
 
 # HLO inspection

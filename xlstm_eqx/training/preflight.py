@@ -66,7 +66,8 @@ def check_mesh(spec: str, model_config: ModelConfig, *, what_if: bool = False) -
     every head count. Returns the `ParallelConfig`."""
     pc = parse_mesh_spec(spec, getattr(model_config, "parallel", None))
     if what_if:
-        named = [getattr(pc, f"{a}_axis_size") for a in ("data", "fsdp", "pipeline", "model")]
+        axes = ("data", "fsdp", "pipeline", "context", "model")
+        named = [getattr(pc, f"{a}_axis_size", 1) for a in axes]
         num_devices = math.prod(s for s in named if s != -1)
     else:
         num_devices = jax.device_count()
