@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ..core.parallel_config import ParallelConfig
+from ..data.batch import TokenBatch, batch_tokens, map_batch
 from ..models import ModelConfig, ModelFamily
 from ..parallel.fsdp import gather_at_use
 from ..parallel.mesh import make_mesh, parse_mesh_spec
@@ -30,19 +31,21 @@ from ..parallel.placement import (
 )
 from ..parallel.rules import opt_state_specs, param_partition_specs
 from .config import TrainConfig
+from .finetune import trainable_mask
 from .loss import next_token_loss
 from .optim import make_optimizer, trainable_params
 
 
 def _loss_and_grads(
-    loss_and_grad: Callable[..., Any], model: PyTree, batch: Array, key: PRNGKeyArray
+    loss_and_grad: Callable[..., Any], model: PyTree, batch: Any, key: PRNGKeyArray
 ) -> tuple[Float[Array, ""], PyTree]:
-    """Mean loss and gradients over the ``A`` micro-batches of ``batch`` ``(A, B, S+1)``: one
-    ``lax.scan`` that sums them, so memory stays that of one micro-batch."""
-    A = batch.shape[0]
+    """Mean loss and gradients over the ``A`` micro-batches of ``batch`` ``(A, B, S+1)`` (an
+    array, or a `TokenBatch` of such arrays): one ``lax.scan`` that sums them, so memory stays
+    that of one micro-batch."""
+    A = batch_tokens(batch).shape[0]
     keys = jr.split(key, A)
     if A == 1:
-        return loss_and_grad(model, batch[0], keys[0])
+        return loss_and_grad(model, map_batch(lambda x: x[0], batch), keys[0])
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
     def micro(carry: Any, xs: Any) -> Any:
@@ -85,7 +88,7 @@ class TrainStep:
         batch, key = inputs
         _check_batch(batch, mesh, self.parallel_config)
         key_data = place_global(np.asarray(jax.random.key_data(key)), NamedSharding(mesh, P()))
-        inputs = (place_global(batch, batch_sh), key_data)
+        inputs = (map_batch(lambda x: place_global(x, batch_sh), batch), key_data)
         return inputs, place(model, self.model_shardings), place(opt_state, self.opt_shardings)
 
     def __call__(self, inputs: Any, model: PyTree, opt_state: PyTree) -> Any:
@@ -97,6 +100,10 @@ class TrainStep:
 
 
 def _check_batch(batch: Any, mesh: Mesh, pc: ParallelConfig) -> None:
+    if isinstance(batch, TokenBatch) and len({np.shape(x) for x in batch}) != 1:
+        shapes = {name: np.shape(x) for name, x in zip(batch._fields, batch, strict=True)}
+        raise ValueError(f"a TokenBatch's fields must have one shape, got {shapes}")
+    batch = batch_tokens(batch)
     if np.ndim(batch) != 3:
         raise ValueError(
             f"batch must be (A, B, S+1) micro-batches of tokens, got shape {np.shape(batch)}"
@@ -117,6 +124,7 @@ def make_train_step(
     model_specs: PyTree = None,
     opt_specs: PyTree = None,
     return_grads: bool = False,
+    trainable: str | None = None,
 ) -> TrainStep:
     """The one train step (a `TrainStep`), on one device or (with ``mesh``) on a mesh.
 
@@ -124,6 +132,9 @@ def make_train_step(
     mean next-token loss, the global gradient norm and the optax update (under standard dtype
     promotion: optax mixes Python floats with int32 step counts). The jitted core donates the model
     and optimizer state; ``return_grads=True`` also returns the averaged gradients.
+    Gradients are taken only for the trainable leaves (`trainable_mask`: all floating-point
+    arrays, or LoRA adapters, or ``trainable``'s matches), whose optimizer state it updates; the
+    frozen leaves pass through unchanged (the optimizer state has none for them).
 
     With a ``mesh`` (and the ``parallel_config``, ``model_specs`` and ``opt_specs`` it was laid
     out with) the step places its inputs itself (`TrainStep.place_inputs`). Inside, the layouts
@@ -132,7 +143,7 @@ def make_train_step(
     """
     if mesh is None:
         layout = TrainStep(core=_no_step)
-        return TrainStep(_jitted_step(optimizer, next_token_loss, layout, return_grads))
+        return TrainStep(_jitted_step(optimizer, next_token_loss, layout, return_grads, trainable))
     if parallel_config is None or model_specs is None or opt_specs is None:
         raise ValueError("make_train_step: a mesh needs parallel_config, model_specs, opt_specs")
     pc = parallel_config
@@ -148,7 +159,7 @@ def make_train_step(
     def loss_fn(model: Any, tokens: Array, key: PRNGKeyArray) -> Float[Array, ""]:
         return next_token_loss(gather_at_use(model, model_specs, mesh, pc), tokens, key)
 
-    core = _jitted_step(optimizer, loss_fn, layout, return_grads)
+    core = _jitted_step(optimizer, loss_fn, layout, return_grads, trainable)
     return dataclasses.replace(layout, core=core)
 
 
@@ -161,10 +172,15 @@ def _jitted_step(
     loss_fn: Callable[..., Any],
     layout: TrainStep,
     return_grads: bool,
+    trainable: str | None = None,
 ) -> Callable[..., Any]:
     """The jitted update of `make_train_step`, its layouts pinned to ``layout``'s shardings
-    (none without a mesh)."""
-    loss_and_grad = eqx.filter_value_and_grad(loss_fn)
+    (none without a mesh); differentiated and updated are the trainable leaves only."""
+
+    def loss_of_params(params: Any, tokens: Array, key: PRNGKeyArray, frozen: Any) -> Any:
+        return loss_fn(eqx.combine(params, frozen), tokens, key)
+
+    loss_and_grad_params = eqx.filter_value_and_grad(loss_of_params)
     model_sh, opt_sh, batch_sh = layout.model_shardings, layout.opt_shardings, layout.batch_sharding
 
     def pin(tree: PyTree, shardings: PyTree) -> PyTree:
@@ -178,18 +194,27 @@ def _jitted_step(
         if batch_sh is not None:
             batch = jax.lax.with_sharding_constraint(batch, batch_sh)
         model, opt_state = pin(model, model_sh), pin(opt_state, opt_sh)
-        loss, grads = _loss_and_grads(loss_and_grad, model, batch, key)
-        grads = pin(grads, model_sh)
+        mask = trainable_mask(model, trainable)
+        params, frozen = eqx.partition(model, mask)
+        loss_and_grad = functools.partial(_with_frozen, loss_and_grad_params, frozen=frozen)
+        loss, grads = _loss_and_grads(loss_and_grad, params, batch, key)
+        grads = pin(grads, None if model_sh is None else eqx.filter(model_sh, mask))
         grad_norm = optax.tree.norm(grads)
         with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(grads, opt_state, trainable_params(model))
-        model = eqx.apply_updates(model, updates)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+        model = eqx.combine(eqx.apply_updates(params, updates), frozen)
         model, opt_state = pin(model, model_sh), pin(opt_state, opt_sh)
         if return_grads:
             return model, opt_state, loss, grad_norm, grads
         return model, opt_state, loss, grad_norm
 
     return core
+
+
+def _with_frozen(
+    loss_and_grad: Callable[..., Any], params: Any, tokens: Array, key: PRNGKeyArray, frozen: Any
+) -> Any:
+    return loss_and_grad(params, tokens, key, frozen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +227,7 @@ class MeshLayout:
     mesh: Mesh
     model_specs: PyTree
     opt_specs: PyTree
+    trainable: str | None = None
 
     @property
     def model_shardings(self) -> PyTree:
@@ -229,18 +255,20 @@ def mesh_layout(
     *,
     base: ParallelConfig | None = None,
     devices: Sequence[Any] | None = None,
+    trainable: str | None = None,
 ) -> MeshLayout:
     """The mesh and the partition specs of ``model`` (a real model or an
     ``eqx.filter_eval_shape`` skeleton) and of ``optimizer``'s state, from shapes alone: nothing
-    is allocated. ``mesh_spec`` as for `shard_train_state`."""
+    is allocated. ``mesh_spec`` as for `shard_train_state`; the optimizer state is that of the
+    trainable leaves (``trainable`` as for `make_train_step`)."""
     pc = _parallel_config(mesh_spec, base)
     mesh = make_mesh(pc, devices)
     specs = param_partition_specs(model, pc, num_devices=mesh.devices.size)
-    params = trainable_params(model)
+    params = trainable_params(model, trainable)
     with jax.numpy_dtype_promotion("standard"):
         opt_shapes = jax.eval_shape(optimizer.init, params)
     ospecs = opt_state_specs(opt_shapes, params, specs)
-    return MeshLayout(pc, mesh, specs, ospecs)
+    return MeshLayout(pc, mesh, specs, ospecs, trainable)
 
 
 def init_sharded_opt_state(
@@ -254,7 +282,7 @@ def init_sharded_opt_state(
         with jax.numpy_dtype_promotion("standard"):
             return optimizer.init(params)
 
-    return init(trainable_params(model))
+    return init(trainable_params(model, layout.trainable))
 
 
 def shard_train_state(
@@ -265,6 +293,7 @@ def shard_train_state(
     *,
     base: ParallelConfig | None = None,
     devices: Sequence[Any] | None = None,
+    trainable: str | None = None,
 ) -> tuple[PyTree, PyTree, TrainStep, Mesh]:
     """Everything a training loop needs to run on a mesh, in one call:
     ``(model, opt_state, step, mesh)`` with the model and optimizer state placed on the mesh and
@@ -278,11 +307,16 @@ def shard_train_state(
     mesh = make_mesh(pc, devices)
     specs = param_partition_specs(model, pc, num_devices=mesh.devices.size)
 
-    ospecs = opt_state_specs(opt_state, trainable_params(model), specs)
+    ospecs = opt_state_specs(opt_state, trainable_params(model, trainable), specs)
     model = shard_model(model, mesh, specs)
     opt_state = shard_opt_state(opt_state, mesh, ospecs)
     step = make_train_step(
-        optimizer, mesh=mesh, parallel_config=pc, model_specs=specs, opt_specs=ospecs
+        optimizer,
+        mesh=mesh,
+        parallel_config=pc,
+        model_specs=specs,
+        opt_specs=ospecs,
+        trainable=trainable,
     )
     return model, opt_state, step, mesh
 
@@ -303,6 +337,11 @@ _OPTIMIZER_FIELDS = (
     "beta2",
     "adam_eps",
     "grad_clip",
+    "trainable",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "lora_base_dtype",
 )
 
 
@@ -320,5 +359,5 @@ def optimizer_and_step(
         if len(_STEP_CACHE) >= 8:
             _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
         optimizer = make_optimizer(cfg, model, model_config, family)
-        _STEP_CACHE[key] = (optimizer, make_train_step(optimizer))
+        _STEP_CACHE[key] = (optimizer, make_train_step(optimizer, trainable=cfg.trainable or None))
     return _STEP_CACHE[key]

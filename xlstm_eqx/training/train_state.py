@@ -16,6 +16,7 @@ from ..cell.autotune import tune_auto_backend
 from ..models import MODEL_FAMILIES, ModelFamily
 from ..parallel.placement import init_sharded
 from .config import TrainConfig
+from .finetune import LoRASettings, with_finetuning
 from .optim import make_optimizer, trainable_params
 from .orbax_checkpoint import restore_newest_intact
 from .prepare import PreparedRun
@@ -54,7 +55,8 @@ def init_train_state(cfg: TrainConfig, prepared: PreparedRun) -> TrainState:
     init_key, loop_key = jr.split(jr.key(cfg.seed))
     # Shapes only (nothing allocated): the optimizer, the layout on a mesh and the templates a
     # checkpoint is checked against and read into are all made from this skeleton.
-    skeleton = eqx.filter_eval_shape(family.build, prepared.model_config, key=init_key)
+    build = with_finetuning(family.build, LoRASettings.from_train_config(cfg))
+    skeleton = eqx.filter_eval_shape(build, prepared.model_config, key=init_key)
     restored = None
     if cfg.mesh:
         model, opt_state, step_fn, restored = _state_on_mesh(
@@ -62,14 +64,18 @@ def init_train_state(cfg: TrainConfig, prepared: PreparedRun) -> TrainState:
         )
     elif prepared.resume_from is not None:
         optimizer, step_fn = optimizer_and_step(cfg, skeleton, prepared.model_config, family)
-        templates = {"model": skeleton, "opt_state": _opt_skeleton(optimizer, skeleton)}
+        templates = {"model": skeleton, "opt_state": _opt_skeleton(optimizer, skeleton, cfg)}
         restored = restore_newest_intact(prepared.resume_from, templates)
         model, opt_state = restored[0]["model"], restored[0]["opt_state"]
     else:
-        model = family.build(prepared.model_config, key=init_key)
+        model = (
+            build(prepared.model_config, key=init_key)
+            if prepared.init is None
+            else _from_init_source(cfg, prepared, family, init_key, None)
+        )
         optimizer, step_fn = optimizer_and_step(cfg, model, prepared.model_config, family)
         with jax.numpy_dtype_promotion("standard"):
-            opt_state = optimizer.init(trainable_params(model))
+            opt_state = optimizer.init(trainable_params(model, cfg.trainable or None))
     # The "auto" mLSTM backend times its candidates now, not while the step compiles (GPU only).
     tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32)
     tune_auto_backend(lambda m, t: m(t), model, tokens)
@@ -93,18 +99,21 @@ def _state_on_mesh(
     """`init_train_state` with ``--mesh``: ``(model, opt_state, step, restored or None)``."""
     optimizer = make_optimizer(cfg, skeleton, prepared.model_config, family)
     base = getattr(prepared.model_config, "parallel", None)
-    layout = mesh_layout(cfg.mesh, skeleton, optimizer, base=base)
+    layout = mesh_layout(cfg.mesh, skeleton, optimizer, base=base, trainable=cfg.trainable or None)
     restored = None
     if prepared.resume_from is not None:
         restored = restore_newest_intact(
             prepared.resume_from,
-            {"model": skeleton, "opt_state": _opt_skeleton(optimizer, skeleton)},
+            {"model": skeleton, "opt_state": _opt_skeleton(optimizer, skeleton, cfg)},
             {"model": layout.model_shardings, "opt_state": layout.opt_shardings},
         )
         model, opt_state = restored[0]["model"], restored[0]["opt_state"]
+    elif prepared.init is not None:
+        model = _from_init_source(cfg, prepared, family, init_key, layout.model_shardings)
+        opt_state = init_sharded_opt_state(optimizer, model, layout)
     else:
         model = init_sharded(
-            family.build,
+            with_finetuning(family.build, LoRASettings.from_train_config(cfg)),
             prepared.model_config,
             key=init_key,
             mesh=layout.mesh,
@@ -117,13 +126,36 @@ def _state_on_mesh(
         parallel_config=layout.parallel_config,
         model_specs=layout.model_specs,
         opt_specs=layout.opt_specs,
+        trainable=layout.trainable,
     )
     return model, opt_state, step_fn, restored
 
 
-def _opt_skeleton(optimizer: optax.GradientTransformation, skeleton: PyTree) -> PyTree:
+def _from_init_source(
+    cfg: TrainConfig,
+    prepared: PreparedRun,
+    family: ModelFamily,
+    key: PRNGKeyArray,
+    shardings: PyTree | None,
+) -> PyTree:
+    """``--init-from``: the source's weights (training/init_from.py), each leaf read straight
+    into its sharding on a mesh; LoRA adapters, if any, added as to a new model."""
+    assert prepared.init is not None
+    base = eqx.filter_eval_shape(family.build, prepared.model_config, key=key)
+    settings = LoRASettings.from_train_config(cfg)
+    if shardings is not None and settings is not None:
+        raise ValueError("--init-from with --lora-rank on a --mesh is not supported yet")
+    weights = prepared.init.load(prepared.model_config, base, shardings)
+    if settings is None:
+        return weights
+    return with_finetuning(lambda config, *, key: weights, settings)(prepared.model_config, key=key)
+
+
+def _opt_skeleton(
+    optimizer: optax.GradientTransformation, skeleton: PyTree, cfg: TrainConfig
+) -> PyTree:
     with jax.numpy_dtype_promotion("standard"):
-        return jax.eval_shape(optimizer.init, trainable_params(skeleton))
+        return jax.eval_shape(optimizer.init, trainable_params(skeleton, cfg.trainable or None))
 
 
 # the hooks
