@@ -10,7 +10,7 @@ device. A daemon thread keeps up to `prefetch` placed batches ahead of the loop,
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -79,12 +79,17 @@ class BatchLoader:
         end_step: int,
         sharding: jax.sharding.Sharding | None = None,
         prefetch: int = 2,
+        layout: Callable[[int], tuple[int, int]] | None = None,
     ):
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.sampler = sampler
         self.grad_accum = grad_accum
         self.sharding = sharding
+        # step -> (rows per micro-batch, its first window in the sampler's stream of windows):
+        # a batch-size ramp (training/batch_ramp.py); by default every step has batch_size rows.
+        self.layout = layout or self._fixed_layout
+        self._ranges: dict[int, list[tuple[int, int]]] = {}
         self.global_shape = (grad_accum, sampler.batch_size, sampler.seq_len + 1)
         if sharding is None:
             self.row_ranges = [(0, sampler.batch_size)]
@@ -105,23 +110,46 @@ class BatchLoader:
 
     def host_batch(self, step: int) -> np.ndarray:
         """This process's rows of step `step`'s batch: `(A, rows, S+1)` int32."""
-        pos = (step - 1) * self.grad_accum
-        return np.stack(
-            [
-                np.concatenate([self.sampler.rows(pos + a, lo, hi) for lo, hi in self.row_ranges])
-                for a in range(self.grad_accum)
-            ]
-        )
+        rows, first = self.layout(step)
+        micro = [
+            [part for lo, hi in self.rows_of(rows) for part in self._read(first + a * rows, lo, hi)]
+            for a in range(self.grad_accum)
+        ]
+        return np.stack([np.concatenate(parts) for parts in micro])
 
-    def _place(self, host: np.ndarray) -> jax.Array:
+    def _fixed_layout(self, step: int) -> tuple[int, int]:
+        rows = self.sampler.batch_size
+        return rows, (step - 1) * self.grad_accum * rows
+
+    def rows_of(self, rows: int) -> list[tuple[int, int]]:
+        """This process's row ranges of a micro-batch of `rows` rows."""
+        if rows not in self._ranges:
+            shape = (self.grad_accum, rows, self.sampler.seq_len + 1)
+            sharding = self.sharding
+            self._ranges[rows] = [(0, rows)] if sharding is None else process_rows(sharding, shape)
+        return self._ranges[rows]
+
+    def _read(self, first: int, lo: int, hi: int) -> list[Any]:
+        """Windows `first+lo … first+hi-1` of the sampler's stream (window `j` is row
+        `j % batch_size` of its batch `j // batch_size`), in as few reads as the batches allow."""
+        size, parts, j = self.sampler.batch_size, [], first + lo
+        while j < first + hi:
+            index, row = divmod(j, size)
+            stop = min(size, row + first + hi - j)
+            parts.append(self.sampler.rows(index, row, stop))
+            j += stop - row
+        return parts
+
+    def _place(self, host: np.ndarray, rows: int) -> jax.Array:
         if self.sharding is None:
             return jax.device_put(host)
-        return jax.make_array_from_process_local_data(self.sharding, host, self.global_shape)
+        shape = (self.grad_accum, rows, self.sampler.seq_len + 1)
+        return jax.make_array_from_process_local_data(self.sharding, host, shape)
 
     def _run(self) -> None:
         try:
             for step in self._steps:
-                item = (step, self._place(self.host_batch(step)))
+                item = (step, self._place(self.host_batch(step), self.layout(step)[0]))
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)

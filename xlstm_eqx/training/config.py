@@ -84,6 +84,20 @@ class TrainConfig(Config):
     grad_accum: int = field(
         default=1, check=POSITIVE, help="micro-batches accumulated per optimizer step"
     )
+    batch_rampup_steps: int = field(
+        default=0,
+        check=NON_NEGATIVE,
+        help="steps over which the batch grows from --batch-rampup-start to --batch-size "
+        "(0: no ramp)",
+    )
+    batch_rampup_start: int = field(
+        default=1, check=POSITIVE, help="sequences per micro-batch at the ramp's first step"
+    )
+    batch_rampup_increment: int = field(
+        default=1,
+        check=POSITIVE,
+        help="the ramp grows in multiples of this (of the mesh's data-parallel size)",
+    )
     steps: int = field(default=300, check=POSITIVE, help="optimizer steps")
     # optimizer
     optimizer: Optimizer = field(default="adamw", help="optimizer (optax)")
@@ -228,6 +242,13 @@ class TrainConfig(Config):
             )
         if self.profile_steps:
             self._check_profile_steps(root)
+        if self.batch_rampup_steps and self.batch_rampup_start > self.batch_size:
+            self._invalid_field(
+                root,
+                "batch_rampup_start",
+                f"must be at most --batch-size {self.batch_size}",
+                self.batch_rampup_start,
+            )
         self._check_init_from(root)
 
     def _check_init_from(self, root: str) -> None:

@@ -244,6 +244,7 @@ class MetricsHook(BaseHook):
         console: Console,
         schedule: Callable[[int], tuple[float, float]],
         unigram_bpb: float,
+        tokens_through: Callable[[int], int] | None = None,
     ):
         self.cadence = cadence
         self.evals = evals
@@ -251,6 +252,7 @@ class MetricsHook(BaseHook):
         self.console = console
         self.schedule = schedule  # step -> (its learning rate, the epoch at its end)
         self.unigram_bpb = unigram_bpb
+        self.tokens_through = tokens_through  # step -> tokens so far (default: equal steps)
         self.row: dict[str, Any] | None = None
         self._start, self._steps = time.perf_counter(), 0
 
@@ -262,7 +264,13 @@ class MetricsHook(BaseHook):
         loss, grad_norm = record.host_values()
         # The rate of the steps since the last row, the evaluation's own time left out.
         seconds = time.perf_counter() - self._start - (held_out.seconds if held_out else 0.0)
-        tokens_per_s = self._steps * (record.tokens // record.step) / max(seconds, 1e-9)
+        since = record.step - self._steps  # the step before the first one of this row's
+        before = (
+            self.tokens_through(since)
+            if self.tokens_through is not None
+            else since * (record.tokens // record.step)
+        )
+        tokens_per_s = (record.tokens - before) / max(seconds, 1e-9)
         lr, epoch = self.schedule(record.step)
         row = {
             "step": record.step,

@@ -98,6 +98,7 @@ def _train(
         end_step=end_step,
         sharding=state.step_fn.batch_sharding,
         prefetch=cfg.prefetch,
+        layout=run.ramp.layout if run.ramp.active else None,
     )
     with contextlib.ExitStack() as closing:  # the hooks close last to first, the loader first
         for hook in hooks.in_order():
@@ -109,6 +110,7 @@ def _train(
             hooks.scalars,
             tokens_per_step=run.tokens_per_step,
             before=hooks.before_step,
+            tokens_through=run.tokens_through,
         ):
             for hook in hooks.in_order():
                 hook(record)
@@ -123,12 +125,15 @@ def steps(
     *,
     tokens_per_step: int,
     before: Callable[[int], None] = lambda step: None,
+    tokens_through: Callable[[int], int] | None = None,
 ) -> Iterator[StepRecord]:
     """The step loop: one `StepRecord` per ``(step, batch)`` of ``batches``, after running
     ``state.step_fn`` on it with the key ``fold_in(loop_key, step)``. ``before(step)`` runs before
     each step is dispatched. The loss and gradient norm stay on the device (``scalars`` holds them
-    until a hook reads them)."""
+    until a hook reads them). The records' tokens so far are ``tokens_through(step)`` (default:
+    ``step * tokens_per_step``; a batch-size ramp's differ)."""
     model, opt_state = state.model, state.opt_state
+    count = tokens_through or (lambda step: step * tokens_per_step)
     for step, batch in batches:
         before(step)
         step_key = jr.fold_in(state.loop_key, step)
@@ -136,6 +141,4 @@ def steps(
         model, opt_state, loss, grad_norm = state.step_fn((batch, step_key), model, opt_state)
         seconds = time.perf_counter() - start
         scalars.add(step, loss, grad_norm)
-        yield StepRecord(
-            step, model, opt_state, loss, grad_norm, step * tokens_per_step, seconds, scalars
-        )
+        yield StepRecord(step, model, opt_state, loss, grad_norm, count(step), seconds, scalars)

@@ -15,6 +15,7 @@ from ..data.loader import load_corpus_all_processes
 from ..data.sources import absolute_patterns
 from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
 from ..models import MODEL_FAMILIES, ModelConfig
+from .batch_ramp import check_rampup_on_mesh
 from .checkpoint import CheckpointError
 from .config import RESUMABLE_FIELDS, TrainConfig, check_sequence_length, resolve_model_config
 from .extend import resume_point
@@ -73,7 +74,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         kind, model_config = resolve_model_config(cfg, tokenizer)
     check_sequence_length(cfg.seq_len, model_config)
     if cfg.mesh:  # before the data is read
-        check_mesh(cfg.mesh, model_config)
+        check_rampup_on_mesh(cfg, check_mesh(cfg.mesh, model_config))
     vocab = int(model_config.vocab_size)
     corpus, paths = _open_corpus(cfg, tokenizer, saved_run, out)
     corpus.check_vocab(vocab)

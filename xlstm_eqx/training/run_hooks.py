@@ -3,6 +3,7 @@ and `RunHooks`, every hook of a run (`hooks.py`) with its cadence from the confi
 each step reaches them."""
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from jaxtyping import PyTree
 from tqdm.auto import tqdm
 
 from ..core.files import open_append
+from .batch_ramp import BatchRamp
 from .config import TrainConfig
 from .extend import DECAY_START_DIR
 from .hooks import (
@@ -62,7 +64,16 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens of a full step (a batch-size ramp's first steps have fewer)."""
         return self.cfg.grad_accum * self.cfg.batch_size * self.cfg.seq_len
+
+    @functools.cached_property
+    def ramp(self) -> BatchRamp:
+        return BatchRamp.of(self.cfg)
+
+    def tokens_through(self, step: int) -> int:
+        """Tokens trained on in steps 1…``step``."""
+        return self.ramp.tokens_through(step, self.cfg.seq_len)
 
     @property
     def metrics_path(self) -> str:
@@ -129,6 +140,7 @@ class RunHooks:
             console,
             _schedule_fields(cfg, p),
             p.unigram_bpb,
+            run.tokens_through,
         )
         profile = ProfileWindow(cfg.profile_steps, os.path.join(run.out, "profile"))
         # Every process saves (each writes its own shards); saves are asynchronous: `save`
@@ -171,9 +183,11 @@ def held_out_evaluator(p: PreparedRun) -> Callable[[PyTree], tuple[float, float]
 def _schedule_fields(cfg: TrainConfig, p: PreparedRun) -> Callable[[int], tuple[float, float]]:
     """step -> (its learning rate, the epoch at its end), for the metrics rows."""
     schedule = learning_rate_schedule(cfg)
+    ramp = BatchRamp.of(cfg)
 
     def fields(step: int) -> tuple[float, float]:
-        return lr_at(schedule, step - 1), round(p.sampler.epoch_of(step * cfg.grad_accum), 4)
+        epoch = ramp.windows_before(step + 1) / p.sampler.num_windows
+        return lr_at(schedule, step - 1), round(epoch, 4)
 
     return fields
 
@@ -186,6 +200,7 @@ def _run_meta(run: Run) -> Callable[[int], dict[str, Any]]:
         return {
             "step": step,
             "data_position": step * run.cfg.grad_accum,
+            "data_windows": run.ramp.windows_before(step + 1),  # sequences read so far
             "rng_key": rng_key,
             "run_config": run.run_config,
         }
