@@ -15,7 +15,7 @@ AXIS_SIZE = Check(
 
 @configclass_kw
 class ParallelConfig(Config):
-    """Mesh layout (dp, fsdp, pp, tp) and FSDP/remat choices."""
+    """Mesh layout (dp, fsdp, pp, cp, tp) and FSDP/remat choices."""
 
     data_axis_size: int = field(default=-1, check=AXIS_SIZE)
     """Size of the data-parallel mesh axis; -1 takes the devices the other axes leave (at most
@@ -26,14 +26,20 @@ class ParallelConfig(Config):
     """Size of the pipeline axis (kept for the reference's layout; no pipelining here)."""
     model_axis_size: int = field(default=1, check=AXIS_SIZE)
     """Size of the tensor-parallel axis (heads and FFN width split over it)."""
+    context_axis_size: int = field(default=1, check=AXIS_SIZE)
+    """Size of the context-parallel axis (the sequence split over it: each device runs its segment
+    and the segments' small recurrent states are exchanged). The mesh has this axis only when the
+    size is not 1."""
     data_axis_name: str = field(default="dp", check=NON_EMPTY)
-    """Name of the data-parallel mesh axis (the four axis names must differ)."""
+    """Name of the data-parallel mesh axis (the five axis names must differ)."""
     fsdp_axis_name: str = field(default="fsdp", check=NON_EMPTY)
     """Name of the FSDP mesh axis."""
     pipeline_axis_name: str = field(default="pp", check=NON_EMPTY)
     """Name of the pipeline mesh axis."""
     model_axis_name: str = field(default="tp", check=NON_EMPTY)
     """Name of the tensor-parallel mesh axis."""
+    context_axis_name: str = field(default="cp", check=NON_EMPTY)
+    """Name of the context-parallel mesh axis."""
     remat: list[str] = field(default_factory=list)
     """Module names rematerialised in the backward pass ("mLSTMBlock", "xLSTMResBlock",
     "FFNResBlock"; Llama: "TransformerBlock", "AttnBlock", "FFNBlock")."""
@@ -48,7 +54,7 @@ class ParallelConfig(Config):
     tp_async_dense: bool = False
     """The reference's asynchronous tensor-parallel dense layers (accepted, no effect here)."""
 
-    _AXES: ClassVar[tuple[str, ...]] = ("data", "fsdp", "pipeline", "model")
+    _AXES: ClassVar[tuple[str, ...]] = ("data", "fsdp", "pipeline", "context", "model")
 
     def _cross_check(self, root: str, prefix: str) -> None:
         filled = [f"{a}_axis_size" for a in self._AXES if getattr(self, f"{a}_axis_size") == -1]

@@ -24,6 +24,9 @@ Pieces, in the order a run uses them:
   ``init_sharded(model_cls, config, key=..., mesh=...)`` makes a model born sharded (shapes from
   ``eqx.filter_eval_shape``, arrays from a ``jax.jit`` of the init with ``out_shardings``);
   ``gather_to_host`` / ``place_global`` move whole arrays between host and mesh.
+- `context`: ``context_parallel(model, mesh, parallel_config)``: on a mesh with a ``cp`` axis the
+  forward runs in a ``jax.shard_map`` manual over ``cp`` alone, each device its segment of the
+  sequence; the layers' cp paths (set by ``with_context_parallel``) exchange what crosses segments.
 - `fsdp`: ``gather_at_use``. FSDP follows the reference: weights are stored sharded and gathered
   *at use*, one layer at a time, inside the loss. Without that, XLA is free to all-gather the
   batch-sharded activations instead of the weights, and does so for small models.
@@ -42,6 +45,10 @@ modules that are rematerialised (xLSTM: ``mLSTMBlock``, ``xLSTMResBlock``, ``FFN
 ``TransformerBlock``, ``AttnBlock``, ``FFNBlock``), each wrapped in ``eqx.filter_checkpoint``.
 """
 
+from .context import (
+    context_parallel as context_parallel,
+    with_context_parallel as with_context_parallel,
+)
 from .fsdp import (
     gather_at_use as gather_at_use,
 )
@@ -52,6 +59,7 @@ from .memory import (
 )
 from .mesh import (
     axis_sizes as axis_sizes,
+    context_size as context_size,
     initialize_distributed as initialize_distributed,
     make_mesh as make_mesh,
     parse_mesh_spec as parse_mesh_spec,
@@ -72,4 +80,5 @@ from .rules import (
     logical_axes as logical_axes,
     opt_state_specs as opt_state_specs,
     param_partition_specs as param_partition_specs,
+    sequence_spec as sequence_spec,
 )

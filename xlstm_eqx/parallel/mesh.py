@@ -1,6 +1,7 @@
-"""The device mesh: `make_mesh` builds the 4-axis ``(dp, fsdp, pp, tp)`` mesh of a
-`ParallelConfig` (a ``-1`` size takes the remaining devices), `parse_mesh_spec` reads the CLI's
-``"dp=2,fsdp=2,tp=2"`` form, and `initialize_distributed` starts JAX's multi-process runtime.
+"""The device mesh: `make_mesh` builds the ``(dp, fsdp, pp, tp)`` mesh of a `ParallelConfig`,
+with a context-parallel ``cp`` axis before ``tp`` when its size is not 1 (a ``-1`` size takes the
+remaining devices), `parse_mesh_spec` reads the CLI's ``"dp=2,fsdp=2,cp=2"`` form, and
+`initialize_distributed` starts JAX's multi-process runtime.
 """
 
 import dataclasses
@@ -17,11 +18,14 @@ from jax.sharding import AxisType, Mesh
 from ..core.parallel_config import ParallelConfig
 
 
-# (ParallelConfig prefix, default axis name) in mesh order.
+# (ParallelConfig prefix, default axis name) in mesh order. The context axis sits next to the
+# tensor-parallel one (neighbouring devices: its state exchange is small but on the critical path);
+# it is in a mesh only when its size is not 1 (`mesh_axes`), so meshes without cp keep 4 axes.
 MESH_AXES: tuple[tuple[str, str], ...] = (
     ("data", "dp"),
     ("fsdp", "fsdp"),
     ("pipeline", "pp"),
+    ("context", "cp"),
     ("model", "tp"),
 )
 
@@ -37,20 +41,36 @@ _AXIS_ALIASES: dict[str, str] = {
     "tp": "model",
     "mp": "model",
     "model": "model",
+    "cp": "context",
+    "context": "context",
 }
 
 
-def _axis_names(pc: ParallelConfig) -> tuple[str, str, str, str]:
-    return (pc.data_axis_name, pc.fsdp_axis_name, pc.pipeline_axis_name, pc.model_axis_name)
+def mesh_axes(parallel_config: ParallelConfig) -> tuple[str, ...]:
+    """The `MESH_AXES` prefixes this config's mesh has: all but ``context`` when its size is 1."""
+    return tuple(
+        prefix
+        for prefix, _ in MESH_AXES
+        if prefix != "context" or parallel_config.context_axis_size != 1
+    )
+
+
+def _axis_names(pc: ParallelConfig) -> tuple[str, ...]:
+    return tuple(getattr(pc, f"{prefix}_axis_name") for prefix in mesh_axes(pc))
+
+
+def context_size(mesh: Mesh, parallel_config: ParallelConfig) -> int:
+    """The size of the context-parallel axis of ``mesh`` (1 when the mesh has none)."""
+    return int(dict(mesh.shape).get(parallel_config.context_axis_name, 1))
 
 
 def axis_sizes(parallel_config: ParallelConfig, num_devices: int | None = None) -> dict[str, int]:
-    """``{axis name: size}`` in mesh order ``(dp, fsdp, pp, tp)``, with a ``-1`` size filled so that
+    """``{axis name: size}`` in mesh order ``(dp, fsdp, pp[, cp], tp)``, with a ``-1`` size filled so that
     the sizes multiply to ``num_devices`` (default: every device, ``jax.device_count()``).
 
     Raises a ``ValueError`` naming the sizes when they cannot give ``num_devices``."""
     pc = parallel_config
-    sizes = [getattr(pc, f"{prefix}_axis_size") for prefix, _ in MESH_AXES]
+    sizes = [getattr(pc, f"{prefix}_axis_size") for prefix in mesh_axes(pc)]
     names = _axis_names(pc)
     shown = ", ".join(f"{n}={s}" for n, s in zip(names, sizes, strict=True))
     if num_devices is None:
@@ -74,7 +94,8 @@ def axis_sizes(parallel_config: ParallelConfig, num_devices: int | None = None) 
 
 
 def make_mesh(parallel_config: ParallelConfig, devices: Sequence[Any] | None = None) -> Mesh:
-    """The 4-axis mesh ``(dp, fsdp, pp, tp)`` (axis names from the config) over ``devices``
+    """The mesh ``(dp, fsdp, pp, tp)``, or ``(dp, fsdp, pp, cp, tp)`` when the config's context
+    axis size is not 1 (axis names from the config), over ``devices``
     (default: all devices, laid out by ``jax.experimental.mesh_utils`` for fast collectives).
 
     Axes are ``AxisType.Auto``: the SPMD partitioner propagates the parameter and batch shardings.
@@ -91,10 +112,10 @@ def make_mesh(parallel_config: ParallelConfig, devices: Sequence[Any] | None = N
 
 
 def parse_mesh_spec(spec: str, base: ParallelConfig | None = None) -> ParallelConfig:
-    """A ``ParallelConfig`` from a mesh string such as ``"dp=2,fsdp=2,tp=2"``.
+    """A ``ParallelConfig`` from a mesh string such as ``"dp=2,fsdp=2,tp=2"`` or ``"cp=8"``.
 
     Axis keys: the config's axis names or ``dp``/``data``, ``fsdp``, ``pp``/``pipeline``,
-    ``tp``/``model``. Sizes are positive ints or ``-1`` (fill). Axes not named get size 1, except the
+    ``tp``/``model``, ``cp``/``context``. Sizes are positive ints or ``-1`` (fill). Axes not named get size 1, except the
     data axis, which fills the remaining devices (``-1``) unless named or another axis is ``-1``.
     The other fields (FSDP modules, remat, …) come from ``base``.
     """
@@ -103,7 +124,7 @@ def parse_mesh_spec(spec: str, base: ParallelConfig | None = None) -> ParallelCo
         raise ValueError(
             f"mesh spec must be a non-empty string like 'dp=2,fsdp=2,tp=2', got {spec!r}"
         )
-    own = {name: prefix for (prefix, _), name in zip(MESH_AXES, _axis_names(config), strict=True)}
+    own = {getattr(config, f"{prefix}_axis_name"): prefix for prefix, _ in MESH_AXES}
     sizes: dict[str, int] = {}
     for part in spec.split(","):
         part = part.strip()

@@ -398,5 +398,16 @@ def _specs_at_params(params: PyTree, param_specs: PyTree) -> list[tuple[P, tuple
 
 
 def batch_spec(parallel_config: ParallelConfig) -> P:
-    """Tokens ``(B, S)``: the batch split over ``(dp, fsdp)``, replicated over ``pp``/``tp``."""
+    """Tokens ``(B, S+1)`` as loaded: the batch split over ``(dp, fsdp)``, replicated over
+    ``pp``/``cp``/``tp`` (``S+1`` is not divisible by cp; the step splits inputs and targets and
+    shards those over cp: `sequence_spec`)."""
     return P((parallel_config.data_axis_name, parallel_config.fsdp_axis_name), None)
+
+
+def sequence_spec(parallel_config: ParallelConfig) -> P:
+    """Inputs, targets, document borders and activations ``(B, S, ...)`` inside the step: the
+    batch split over ``(dp, fsdp)``, the sequence over ``cp`` when the mesh has that axis
+    (``context_axis_size`` not 1), otherwise as `batch_spec`."""
+    pc = parallel_config
+    seq = pc.context_axis_name if pc.context_axis_size != 1 else None
+    return P((pc.data_axis_name, pc.fsdp_axis_name), seq)

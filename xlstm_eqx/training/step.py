@@ -19,8 +19,9 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 from ..core.parallel_config import ParallelConfig
 from ..data.batch import TokenBatch, batch_tokens, map_batch
 from ..models import ModelConfig, ModelFamily
+from ..parallel.context import check_sequence_split, context_parallel
 from ..parallel.fsdp import gather_at_use
-from ..parallel.mesh import make_mesh, parse_mesh_spec
+from ..parallel.mesh import context_size, make_mesh, parse_mesh_spec
 from ..parallel.placement import (
     batch_sharding,
     named_shardings,
@@ -114,6 +115,7 @@ def _check_batch(batch: Any, mesh: Mesh, pc: ParallelConfig) -> None:
             f"batch size {np.shape(batch)[1]} is not divisible by the data-parallel size "
             f"{pc.data_axis_name}×{pc.fsdp_axis_name} = {data} of the mesh {dict(mesh.shape)}"
         )
+    check_sequence_split(np.shape(batch)[2] - 1, context_size(mesh, pc), pc.context_axis_name)
 
 
 def make_train_step(
@@ -157,7 +159,9 @@ def make_train_step(
     )
 
     def loss_fn(model: Any, tokens: Array, key: PRNGKeyArray) -> Float[Array, ""]:
-        return next_token_loss(gather_at_use(model, model_specs, mesh, pc), tokens, key)
+        # FSDP weights gathered at use; on a cp mesh the forward runs split over the sequence
+        gathered = gather_at_use(model, model_specs, mesh, pc)
+        return next_token_loss(context_parallel(gathered, mesh, pc), tokens, key)
 
     core = _jitted_step(optimizer, loss_fn, layout, return_grads, trainable)
     return dataclasses.replace(layout, core=core)
