@@ -75,7 +75,8 @@ def _forward(chunk: int, eps: float, inputs: _Inputs, state: mLSTMState):
     def careful(inputs, state):
         out = run_careful(functools.partial(_run, chunk, eps), inputs, state)
         kept = jax.eval_shape(fast, inputs, state)[1]
-        return out, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), kept)
+        # Zeros like h: inside a shard_map they vary over the same manual axes as the fast branch's.
+        return out, jax.tree.map(lambda s: jnp.zeros_like(out[0], s.dtype, shape=s.shape), kept)
 
     out, kept = jax.lax.cond(ok, fast, careful, inputs, state)
     return out, (ok, inputs, state, kept)

@@ -1,0 +1,63 @@
+"""Context parallelism of the mLSTM cell (`cell.context`): on 8 simulated CPU devices, split over
+cp = 2, 4, 8 devices inside `jax.shard_map`, the outputs, the final state and the gradients equal
+the one-device chunkwise form's (float32, ≤ 1e-5 relative), with document borders inside segments
+and on segment boundaries, S_local a multiple of the chunk size and not; the gate extremes of
+tests/cell/test_edge_cases.py stay finite and equal; an invalid input reaches only later outputs.
+
+The multi-device runs are one worker subprocess (tests/cell/context_worker.py), started once per
+session by the ``results`` fixture; the one-device references are computed in the worker too.
+"""
+
+import pytest
+
+from tests.multiprocess import collect, once_per_session, start_worker, worker_result
+
+
+TOLERANCE = 1e-5
+ERRORS = ("h", "c", "n", "dq", "dk", "dv", "di", "df")
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory) -> dict:
+    def compute(folder):
+        proc = start_worker("tests.cell.context_worker", [], 8, folder)
+        return {"value": collect("context_worker", proc, timeout=600)}
+
+    return worker_result(once_per_session(tmp_path_factory, "cell_context", compute)["value"])
+
+
+def _check(case: dict) -> None:
+    for name in ERRORS:
+        assert case[name] <= TOLERANCE, (name, case)
+    assert case["m"] == 0.0, case  # the stabiliser is the one-device run's own
+    assert case["same_final_on_every_rank"], case
+    assert case["finite"], case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["cp2_s8", "cp2_s6", "cp4_s8", "cp4_s6", "cp8_s4", "cp8_s3"])
+def test_context_parallel_equals_one_device(results, case):
+    """cp ∈ {2, 4, 8}; S_local = 8 and 4 (multiples of the chunk of 4), 6 and 3 (not; 3 is shorter
+    than a chunk); borders (f̃ = -25 and f̃ = -inf) inside segments and on boundaries."""
+    assert results["devices"] == 8
+    _check(results["cell"][case])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["wide", "extreme", "infinite_gates"])
+def test_context_parallel_gate_extremes(results, case):
+    """The edge-case tests' wide and extreme gate ranges, ĩ = -inf (a head and a whole segment that
+    write nothing), f̃ = ±inf: finite, and equal to one device."""
+    _check(results["extreme"][case])
+
+
+@pytest.mark.slow
+def test_context_parallel_invalid_input_reaches_only_later_outputs(results):
+    """A NaN key in rank 1's segment: outputs before it equal one device's, outputs from it on are
+    NaN exactly where one device's are, and the gradient of the earlier outputs is finite and
+    equal to one device's (nothing leaks backwards through the exchange)."""
+    case = results["invalid"]
+    assert case["earlier_equal"] <= TOLERANCE, case
+    assert case["later_nan"] and case["nan_only_there"], case
+    assert case["grads_finite"], case
+    assert case["grads_equal"] <= TOLERANCE, case
