@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 from jaxtyping import Int
 
+from .batch import TokenBatch, batch_from_flags
 from .corpus_identity import check_files_unchanged, check_identity_unchanged, corpus_identity
+from .sft_store import chat_template_sha256
 from .sources import iter_capped_pieces, resolve_sources
 from .store import StoreOptions, TokenFile, store_for
 from .tokenizer import Tokenizer
@@ -93,6 +95,11 @@ class Corpus:
     store_dir: str | None = None
     train_file: TokenFile | None = None
     heldout_file: TokenFile | None = None
+    # a fine-tuning corpus (`data/sft_store.py`): rows of `packed_row` tokens and their flags
+    train_flags: TokenFile | None = None
+    heldout_flags: TokenFile | None = None
+    packed_row: int | None = None
+    heldout_targets: int | None = None  # target tokens of the held-out rows
 
     @property
     def train_reader(self) -> "np.ndarray | TokenFile":
@@ -106,7 +113,10 @@ class Corpus:
 
     @property
     def heldout_tokens_per_byte(self) -> float:
-        """Converts a loss in nats per token into nats per byte (exactly 1 for the byte tokenizer)."""
+        """Converts a loss in nats per token into nats per byte (exactly 1 for the byte tokenizer);
+        for a fine-tuning corpus, per target token and byte of target text."""
+        if self.heldout_targets is not None:
+            return self.heldout_targets / self.heldout_bytes
         return len(self.heldout) / self.heldout_bytes
 
     def check_vocab(self, vocab_size: int) -> None:
@@ -146,10 +156,13 @@ def load_corpus(
     expected: dict[str, Any] | None = None,
     where: str = "data",
     build: bool = True,
+    packed_row: int | None = None,
 ) -> Corpus:
     """The corpus of `sources` (empty: the embedded default corpus) from the token store, built
     on first use. `expected`: a run's recorded `identity`, checked (files and sizes before any
-    tokenizing, then the token counts and hash), raising `CorpusChangedError` naming `where`."""
+    tokenizing, then the token counts and hash), raising `CorpusChangedError` naming `where`.
+    `packed_row`: the sources are fine-tuning JSONL (`data/sft.py`), packed into rows of that many
+    tokens (seq_len + 1)."""
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     resolved = resolve_sources(sources) if sources else resolve_sources(default_corpus_files())
@@ -161,6 +174,8 @@ def load_corpus(
         eval_fraction=eval_fraction,
         max_bytes=max_bytes,
         eod_token=eod_token,
+        packed_row=packed_row,
+        chat_template_sha256=chat_template_sha256(tokenizer) if packed_row is not None else "",
     )
     store = store_for(resolved, tokenizer, options, cache_dir=cache_dir, build=build)
     identity = corpus_identity(store)
@@ -186,6 +201,10 @@ def load_corpus(
         store_dir=store.directory,
         train_file=store.token_file("train"),
         heldout_file=store.token_file("heldout"),
+        train_flags=store.flags_file("train"),
+        heldout_flags=store.flags_file("heldout"),
+        packed_row=idx.get("packed_row"),
+        heldout_targets=idx["heldout"].get("targets"),
     )
 
 
@@ -251,7 +270,13 @@ class BatchSampler:
     """
 
     def __init__(
-        self, tokens: "np.ndarray | TokenFile", *, seq_len: int, batch_size: int, seed: int
+        self,
+        tokens: "np.ndarray | TokenFile",
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        flags: TokenFile | None = None,
     ):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
@@ -264,8 +289,16 @@ class BatchSampler:
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
-        self.num_windows = (len(tokens) - 1) // seq_len
-        self._slack = (len(tokens) - 1) - self.num_windows * seq_len
+        # Packed fine-tuning rows (`flags` given): windows are the rows, at stride S+1, unshifted.
+        self.flags = flags
+        self.stride = seq_len + 1 if flags is not None else seq_len
+        if flags is not None and len(tokens) % self.stride:
+            raise ValueError(
+                f"packed fine-tuning data of {len(tokens)} tokens is not in rows of seq_len + 1 = "
+                f"{self.stride}"
+            )
+        self.num_windows = (len(tokens) - int(flags is None)) // self.stride
+        self._slack = 0 if flags is not None else (len(tokens) - 1) - self.num_windows * seq_len
         self._epoch_cache: tuple[int, WindowPermutation, int] | None = None
 
     def _epoch(self, epoch: int) -> tuple[WindowPermutation, int]:
@@ -294,7 +327,7 @@ class BatchSampler:
         for e in np.unique(epochs):
             perm, shift = self._epoch(int(e))
             sel = epochs == e
-            out[sel] = shift + perm(pos[sel]) * self.seq_len
+            out[sel] = shift + perm(pos[sel]) * self.stride
         return out
 
     def rows(self, index: int, start: int, stop: int) -> Int[np.ndarray, "R S1"]:
@@ -307,12 +340,28 @@ class BatchSampler:
             out[r] = self.tokens[begin : begin + self.seq_len + 1]
         return out
 
+    def batch_rows(self, index: int, start: int, stop: int) -> "np.ndarray | TokenBatch":
+        """`rows(index, start, stop)`, as a `TokenBatch` with its loss mask and document borders
+        for packed fine-tuning data."""
+        tokens = self.rows(index, start, stop)
+        if self.flags is None:
+            return tokens
+        starts = self.window_starts(index, start, stop).tolist()
+        return batch_from_flags(tokens, self.flags.windows(starts, self.seq_len + 1))
+
 
 def eval_windows(
-    tokens: "np.ndarray | TokenFile", *, seq_len: int, batch_size: int, max_batches: int
-) -> list[np.ndarray]:
-    """A fixed set of held-out batches: non-overlapping windows spread evenly over the stream."""
-    n = (len(tokens) - 1) // seq_len
+    tokens: "np.ndarray | TokenFile",
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int,
+    flags: TokenFile | None = None,
+) -> "list[np.ndarray] | list[TokenBatch]":
+    """A fixed set of held-out batches: non-overlapping windows spread evenly over the stream
+    (with `flags`, the packed fine-tuning rows, as `TokenBatch`es)."""
+    stride = seq_len if flags is None else seq_len + 1
+    n = (len(tokens) - int(flags is None)) // stride
     if n < 1:
         raise ValueError(
             f"held-out data has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
@@ -322,8 +371,12 @@ def eval_windows(
     count = min(max_batches * b, (n // b) * b)
     picks = np.unique(np.linspace(0, n - 1, count).round().astype(np.int64))
     picks = picks[: (len(picks) // b) * b]
-    windows = np.stack([tokens[p * seq_len : p * seq_len + seq_len + 1] for p in picks])
-    return [w.astype(np.int32) for w in np.split(windows, len(windows) // b)]
+    windows = np.stack([tokens[p * stride : p * stride + seq_len + 1] for p in picks])
+    parts = [w.astype(np.int32) for w in np.split(windows, len(windows) // b)]
+    if flags is None:
+        return parts
+    flag_rows = np.split(flags.windows((picks * stride).tolist(), seq_len + 1), len(parts))
+    return [batch_from_flags(t, f) for t, f in zip(parts, flag_rows, strict=True)]
 
 
 def unigram_bits_per_byte(

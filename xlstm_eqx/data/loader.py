@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from .batch import TokenBatch, map_batch
 from .corpus import BatchSampler, Corpus, load_corpus
 from .tokenizer import Tokenizer
 
@@ -108,13 +109,21 @@ class BatchLoader:
         self._thread = threading.Thread(target=self._run, name="xlstm_eqx-batches", daemon=True)
         self._thread.start()
 
-    def host_batch(self, step: int) -> np.ndarray:
-        """This process's rows of step `step`'s batch: `(A, rows, S+1)` int32."""
+    def host_batch(self, step: int) -> "np.ndarray | TokenBatch":
+        """This process's rows of step `step`'s batch: `(A, rows, S+1)` int32, or a `TokenBatch`
+        of such arrays (tokens, loss mask, document borders) for packed fine-tuning data."""
         rows, first = self.layout(step)
         micro = [
             [part for lo, hi in self.rows_of(rows) for part in self._read(first + a * rows, lo, hi)]
             for a in range(self.grad_accum)
         ]
+        if isinstance(micro[0][0], TokenBatch):
+            return TokenBatch(
+                *(
+                    np.stack([np.concatenate([part[f] for part in parts]) for parts in micro])
+                    for f in range(len(TokenBatch._fields))
+                )
+            )
         return np.stack([np.concatenate(parts) for parts in micro])
 
     def _fixed_layout(self, step: int) -> tuple[int, int]:
@@ -136,15 +145,17 @@ class BatchLoader:
         while j < first + hi:
             index, row = divmod(j, size)
             stop = min(size, row + first + hi - j)
-            parts.append(self.sampler.rows(index, row, stop))
+            parts.append(self.sampler.batch_rows(index, row, stop))
             j += stop - row
         return parts
 
-    def _place(self, host: np.ndarray, rows: int) -> jax.Array:
+    def _place(self, host: "np.ndarray | TokenBatch", rows: int) -> Any:
+        """Every field placed like the tokens (one sharding for all of them)."""
         if self.sharding is None:
             return jax.device_put(host)
+        sharding = self.sharding
         shape = (self.grad_accum, rows, self.sampler.seq_len + 1)
-        return jax.make_array_from_process_local_data(self.sharding, host, shape)
+        return map_batch(lambda x: jax.make_array_from_process_local_data(sharding, x, shape), host)
 
     def _run(self) -> None:
         try:
@@ -162,10 +173,10 @@ class BatchLoader:
         except BaseException as e:  # handed to the consumer
             self._queue.put(e)
 
-    def __iter__(self) -> Iterator[tuple[int, jax.Array]]:
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
         return self
 
-    def __next__(self) -> tuple[int, jax.Array]:
+    def __next__(self) -> tuple[int, Any]:
         item = self._queue.get()
         if item is None:
             self._queue.put(None)

@@ -38,7 +38,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,6 @@ import numpy as np
 from ..core.files import fsync_dir
 from .sources import PIECE_CHARS, Source, iter_capped_pieces
 from .store_integrity import (
-    BlockHashes,
     StoreDamagedError,
     changed_source,
     clean_stale_temporaries,
@@ -58,6 +57,7 @@ from .store_integrity import (
     warn,
 )
 from .token_file import TokenFile as TokenFile
+from .token_stream import TokenStream, chunked_counts
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, encode_batch, resolve_eod_id
 
 
@@ -90,7 +90,7 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> dict[str, Any]:
     return d
 
 
-def _file_stats(sources: Sequence[Source]) -> list[dict[str, Any]]:
+def source_stats(sources: Sequence[Source]) -> list[dict[str, Any]]:
     out = []
     for s in sources:
         files = []
@@ -99,51 +99,6 @@ def _file_stats(sources: Sequence[Source]) -> list[dict[str, Any]]:
             files.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
         out.append({"path": os.path.abspath(s.path), "kind": s.kind, "files": files})
     return out
-
-
-@dataclasses.dataclass
-class _Stream:
-    """One output token file being written, with its running statistics."""
-
-    file: Any
-    dtype: np.dtype
-    counts: np.ndarray
-    tokens: int = 0
-    bytes: int = 0
-    documents: int = 0
-    hash: Any = dataclasses.field(default_factory=lambda: hashlib.blake2b(digest_size=16))
-    blocks: BlockHashes = dataclasses.field(default_factory=lambda: BlockHashes())
-
-    def write(self, parts: list[np.ndarray]) -> None:
-        if not parts:
-            return
-        ids = np.concatenate(parts)
-        if ids.size == 0:
-            return
-        if int(ids.min()) < 0 or int(ids.max()) > np.iinfo(self.dtype).max:
-            raise ValueError(f"token id outside the token store's {self.dtype} range")
-        data = ids.astype(self.dtype, copy=False).tobytes()
-        self.file.write(data)
-        self.hash.update(data)
-        self.blocks.update(data)
-        self.tokens += int(ids.size)
-        self.counts = _add_counts(self.counts, np.bincount(ids, minlength=len(self.counts)))
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "tokens": self.tokens,
-            "bytes": self.bytes,
-            "documents": self.documents,
-            "blake2b": self.hash.hexdigest(),
-        }
-
-
-def _add_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """`a + b` for count vectors of possibly different lengths (in place into `a` if it can)."""
-    if len(a) < len(b):
-        a, b = b.astype(np.int64), a
-    a[: len(b)] += b
-    return a
 
 
 def _batches(
@@ -191,24 +146,21 @@ class StoreOptions:
     max_bytes: int | None = None
     eod_token: str = ""
     piece_chars: int = PIECE_CHARS
+    # supervised fine-tuning (`data/sft_store.py`): examples packed into rows of this many tokens
+    # (seq_len + 1), with a flags file beside each token file; None: plain text
+    packed_row: int | None = None
+    chat_template_sha256: str = ""  # the template messages were rendered with (part of the key)
 
 
 def store_key(sources: Sequence[Source], tokenizer: Tokenizer, options: StoreOptions) -> str:
     ident = {
         "format": FORMAT,
         "version": VERSION,
-        "sources": _file_stats(sources),
+        "sources": source_stats(sources),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "options": dataclasses.asdict(options),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _chunked_counts(arr: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
-    counts = np.zeros(0, np.int64)
-    for i in range(0, len(arr), chunk):
-        counts = _add_counts(counts, np.bincount(np.asarray(arr[i : i + chunk]).astype(np.int64)))
-    return counts
 
 
 def _decoded_bytes(tokenizer: Tokenizer, tokens: np.ndarray, chunk: int = 1 << 20) -> int:
@@ -230,6 +182,44 @@ def build_store(
     """Tokenize `sources` into the store `directory` (atomically); returns `directory`."""
     if not 0.0 < options.eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {options.eval_fraction}")
+
+    def write(tmp: str, eod: int | None, vocab: int, dtype: np.dtype) -> StoreParts:
+        train, held, num_docs = _write_token_files(
+            tmp, sources, tokenizer, options, eod, vocab, dtype, batch_chars
+        )
+        if num_docs == 0 or train.tokens == 0:
+            names = [s.path for s in sources]
+            raise ValueError(f"data sources {names!r} contain no text")
+        split, train_counts, held_counts = _split_records(
+            tmp, train, held, tokenizer, dtype, options.eval_fraction
+        )
+        files = {"train.bin": train.blocks.record(), "heldout.bin": held.blocks.record()}
+        entries = {"token_files": files, "num_documents": num_docs, **split}
+        return StoreParts(entries, train_counts, held_counts)
+
+    return build_atomically(sources, tokenizer, directory, options, write)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreParts:
+    """What a store's writer returns: its index entries (`token_files`, `num_documents`, the
+    `train`/`heldout` records, ...) and the token counts of the two streams."""
+
+    entries: dict[str, Any]
+    train_counts: np.ndarray
+    heldout_counts: np.ndarray
+
+
+def build_atomically(
+    sources: Sequence[Source],
+    tokenizer: Tokenizer,
+    directory: str,
+    options: StoreOptions,
+    write: Callable[[str, int | None, int, np.dtype], StoreParts],
+) -> str:
+    """The frame of every store build: `write(tmp, eod, vocab, dtype)` fills a temporary sibling
+    folder, then the index (identity, sources, hashes) and counts are written and the folder is
+    renamed into place as `directory`; on any failure the temporary folder is removed."""
     eod = resolve_eod_id(tokenizer, options.eod_token)
     vocab = int(tokenizer.vocab_size)
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
@@ -240,12 +230,7 @@ def build_store(
     # recorded before reading: a file changed meanwhile is seen later
     contents = source_file_records(sources)
     try:
-        train, held, num_docs = _write_token_files(
-            tmp, sources, tokenizer, options, eod, vocab, dtype, batch_chars
-        )
-        if num_docs == 0 or train.tokens == 0:
-            names = [s.path for s in sources]
-            raise ValueError(f"data sources {names!r} contain no text")
+        parts = write(tmp, eod, vocab, dtype)
         index: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
@@ -253,25 +238,17 @@ def build_store(
             "eod_id": eod,
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "options": dataclasses.asdict(options),
-            "sources": _file_stats(sources),
+            "sources": source_stats(sources),
             "contents": contents,
-            "token_files": {
-                "train.bin": train.blocks.record(),
-                "heldout.bin": held.blocks.record(),
-            },
-            "num_documents": num_docs,
+            **parts.entries,
         }
-        split, train_counts, held_counts = _split_records(
-            tmp, train, held, tokenizer, dtype, options.eval_fraction
-        )
-        index.update(split)
         index["blake2b"] = hashlib.blake2b(
             json.dumps([index["train"], index["heldout"], index.get("stream_blake2b")]).encode(),
             digest_size=16,
         ).hexdigest()
         index["build_seconds"] = round(time.perf_counter() - t0, 2)
-        _write_counts_and_index(tmp, index, train_counts, held_counts)
-        _install(tmp, directory)
+        write_counts_and_index(tmp, index, parts.train_counts, parts.heldout_counts)
+        install_store(tmp, directory)
         fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -288,7 +265,7 @@ def _write_token_files(
     vocab: int,
     dtype: np.dtype,
     batch_chars: int,
-) -> tuple[_Stream, _Stream, int]:
+) -> tuple[TokenStream, TokenStream, int]:
     """Tokenize the sources batch by batch into `tmp/train.bin` and `tmp/heldout.bin` (synced):
     `(train stream, held-out stream, number of documents)`; every k-th document is held out."""
     heldout_every = max(2, round(1.0 / options.eval_fraction))
@@ -297,8 +274,8 @@ def _write_token_files(
         open(os.path.join(tmp, "train.bin"), "wb") as ftrain,
         open(os.path.join(tmp, "heldout.bin"), "wb") as fheld,
     ):
-        train = _Stream(ftrain, dtype, np.zeros(vocab, np.int64))
-        held = _Stream(fheld, dtype, np.zeros(vocab, np.int64))
+        train = TokenStream(ftrain, dtype, np.zeros(vocab, np.int64))
+        held = TokenStream(fheld, dtype, np.zeros(vocab, np.int64))
         pieces = _numbered_pieces(
             sources, options.text_field, options.split, options.max_bytes, options.piece_chars
         )
@@ -327,8 +304,8 @@ def _write_token_files(
 
 def _split_records(
     tmp: str,
-    train: _Stream,
-    held: _Stream,
+    train: TokenStream,
+    held: TokenStream,
     tokenizer: Tokenizer,
     dtype: np.dtype,
     eval_fraction: float,
@@ -346,7 +323,7 @@ def _split_records(
     n = len(all_tokens)
     cut = n - max(1, int(n * eval_fraction))
     tail = all_tokens[cut:]
-    held_counts = _chunked_counts(tail)
+    held_counts = chunked_counts(tail)
     train_counts = train.counts.copy()
     train_counts[: len(held_counts)] -= held_counts
     held_bytes = n - cut if _is_byte_level(tokenizer) else _decoded_bytes(tokenizer, tail)
@@ -372,7 +349,7 @@ def _split_records(
     return split, train_counts, held_counts
 
 
-def _write_counts_and_index(
+def write_counts_and_index(
     tmp: str, index: dict[str, Any], train_counts: np.ndarray, held_counts: np.ndarray
 ) -> None:
     """Write `counts.npz` and `index.json` into `tmp`, synced to disk with the folder."""
@@ -384,7 +361,7 @@ def _write_counts_and_index(
     fsync_dir(tmp)
 
 
-def _install(tmp: str, directory: str) -> None:
+def install_store(tmp: str, directory: str) -> None:
     """Rename the built `tmp` to `directory`; a damaged store already there is moved aside and
     removed; a complete one another process installed meanwhile wins (ours is dropped)."""
     for _ in range(3):
@@ -433,6 +410,16 @@ class TokenStore:
         part = self.index[name]
         path = os.path.join(self.directory, part["file"])
         return TokenFile(path, np.dtype(self.index["dtype"]), part["offset"], part["tokens"])
+
+    def flags_file(self, name: str) -> TokenFile | None:
+        """The per-token `uint8` flags (`data/batch.py`) of a packed fine-tuning store's `train`
+        or `heldout` stream, aligned with `token_file(name)`; None for a plain text store."""
+        flags = self.index.get("flags")
+        if not flags:
+            return None
+        part = self.index[name]
+        path = os.path.join(self.directory, flags[name])
+        return TokenFile(path, np.dtype(np.uint8), part["offset"], part["tokens"])
 
 
 def _map_tokens(path: str, dtype: np.dtype, offset: int, count: int) -> np.ndarray:
@@ -512,7 +499,11 @@ def store_for(
         discard_store(directory)
     elif not build:
         raise FileNotFoundError(f"token store {directory!r} does not exist yet")
-    if _build_elsewhere(sources, tokenizer):
+    if options.packed_row is not None:
+        from .sft_store import build_sft_store
+
+        build_sft_store(sources, tokenizer, directory, options)
+    elif _build_elsewhere(sources, tokenizer):
         from .build_child import build_in_child
 
         build_in_child(sources, tokenizer, directory, options)

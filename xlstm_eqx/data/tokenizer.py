@@ -149,9 +149,12 @@ BYTES_SPECS = ("bytes", "byte")
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """`"bytes"` (the default) or the path of a local `tokenizer.json`."""
+    """`"bytes"` (the default), the path of a local `tokenizer.json`, or its folder (a
+    transformers tokenizer directory, whose `tokenizer_config.json` may hold a chat template)."""
     if spec in BYTES_SPECS or spec == "":
         return ByteTokenizer()
+    if os.path.isdir(spec):
+        return HFTokenizer(os.path.join(spec, "tokenizer.json"))
     return HFTokenizer(spec)
 
 

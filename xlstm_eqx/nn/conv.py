@@ -9,7 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ..core.utils import dtype_name
 from .axes import LogicalAxes
@@ -73,8 +73,14 @@ class CausalConv1d(eqx.Module):
         )
 
     @jax.named_scope("CausalConv1d")
-    def __call__(self, x: Float[Array, "*batch S C"]) -> Float[Array, "*batch S C"]:
-        """Full sequence ``(..., S, C) -> (..., S, C)``."""
+    def __call__(
+        self,
+        x: Float[Array, "*batch S C"],
+        document_borders: Bool[Array, "*batch S"] | None = None,
+    ) -> Float[Array, "*batch S C"]:
+        """Full sequence ``(..., S, C) -> (..., S, C)``. With ``document_borders`` (True where a
+        token starts a document) a tap never reads a token of an earlier document, as if each
+        document were zero-padded on its own (packed fine-tuning examples)."""
         if self.kernel is None:
             return x
         dtype = jnp.dtype(self.dtype)
@@ -83,9 +89,18 @@ class CausalConv1d(eqx.Module):
         w = self.kernel.astype(dtype)
         pad = [(0, 0)] * (x.ndim - 2) + [(K - 1, 0), (0, 0)]
         xp = jnp.pad(x, pad)
-        y = xp[..., 0:S, :] * w[0]
+        if document_borders is not None:
+            doc = jnp.cumsum(document_borders.astype(jnp.int32), axis=-1)
+            doc_p = jnp.pad(doc, pad[:-1], constant_values=-1)
+            taps = [
+                xp[..., j : j + S, :] * (doc_p[..., j : j + S] == doc)[..., None].astype(dtype)
+                for j in range(K)
+            ]
+        else:
+            taps = [xp[..., j : j + S, :] for j in range(K)]
+        y = taps[0] * w[0]
         for j in range(1, K):
-            y = y + xp[..., j : j + S, :] * w[j]
+            y = y + taps[j] * w[j]
         if self.bias is not None:
             y = y + self.bias.astype(dtype)
         return y

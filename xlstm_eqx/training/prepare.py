@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ..data.batch import TokenBatch
 from ..data.corpus import BatchSampler, Corpus, eval_windows
 from ..data.loader import load_corpus_all_processes
 from ..data.sources import absolute_patterns
@@ -21,6 +22,7 @@ from .config import RESUMABLE_FIELDS, TrainConfig, check_sequence_length, resolv
 from .extend import resume_point
 from .newest_intact import read_newest
 from .orbax_checkpoint import list_checkpoints, load_metadata, refuse_npz_checkpoints
+from .packing import isolate_documents
 from .preflight import check_mesh, check_out_dir, check_resume_steps
 from .trackers import check_trackers_available
 
@@ -33,7 +35,7 @@ class PreparedRun:
     tokenizer: Tokenizer
     corpus: Corpus
     sampler: BatchSampler
-    eval_batches: list[np.ndarray]
+    eval_batches: "list[np.ndarray] | list[TokenBatch]"
     unigram_bpb: float
     resume_from: str | None
     resume_meta: dict[str, Any] | None
@@ -72,6 +74,8 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     else:
         tokenizer = load_tokenizer(cfg.tokenizer)
         kind, model_config = resolve_model_config(cfg, tokenizer)
+    if cfg.data_format == "sft":  # packed examples must not see each other
+        model_config = isolate_documents(model_config)
     check_sequence_length(cfg.seq_len, model_config)
     if cfg.mesh:  # before the data is read
         check_rampup_on_mesh(cfg, check_mesh(cfg.mesh, model_config))
@@ -79,13 +83,18 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     corpus, paths = _open_corpus(cfg, tokenizer, saved_run, out)
     corpus.check_vocab(vocab)
     sampler = BatchSampler(
-        corpus.train_reader, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed
+        corpus.train_reader,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        flags=corpus.train_flags,
     )
     batches = eval_windows(
         corpus.heldout_reader,
         seq_len=cfg.seq_len,
         batch_size=cfg.batch_size,
         max_batches=cfg.eval_batches,
+        flags=corpus.heldout_flags,
     )
     # The baseline: every held-out token under the training text's token frequencies.
     unigram = corpus.unigram_bits_per_byte(vocab)
@@ -160,6 +169,7 @@ def _open_corpus(
         split=cfg.data_split,
         eod_token=cfg.eod_token,
         cache_dir=cfg.data_cache or None,
+        packed_row=cfg.seq_len + 1 if cfg.data_format == "sft" else None,
         # On --resume: the data must be what the run was trained on.
         expected=(saved_run or {}).get("data", {}).get("identity"),
         where=f"--resume {out!r}",

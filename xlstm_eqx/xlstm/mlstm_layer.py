@@ -205,18 +205,30 @@ class mLSTMInnerLayer(eqx.Module):
         return h * silu(z).astype(f32)
 
     def _conv_with_state(
-        self, x_mlstm: Float[Array, "B S I"], window: Float[Array, "B K I"] | None
+        self,
+        x_mlstm: Float[Array, "B S I"],
+        window: Float[Array, "B K I"] | None,
+        borders: Bool[Array, "B S"] | None = None,
     ) -> tuple[Float[Array, "B S I"], Float[Array, "B K I"] | None]:
         """The causal conv continued from the window of the K inputs before ``x_mlstm``, and the
-        window after it (None: a conv of width 0, no window)."""
+        window after it (None: a conv of width 0, no window). With ``borders`` the conv does not
+        read across a document border, and the window keeps only the last document's inputs."""
         if window is None:
-            return self.conv1d(x_mlstm), None
+            return self.conv1d(x_mlstm, borders), None
         if x_mlstm.shape[1] == 1:
+            if borders is not None:  # a new document: an empty window
+                window = jnp.where(borders[:, 0, None, None], jnp.zeros_like(window), window)
             x_conv, window = self.conv1d.step(window, x_mlstm[:, 0])
             return x_conv[:, None], window
         with_past = jnp.concatenate([window.astype(x_mlstm.dtype), x_mlstm], axis=1)
-        x_conv = self.conv1d(with_past)[:, self.conv1d.kernel_size :]
-        return x_conv, self.conv1d.state_from_sequence(with_past)
+        if borders is None:
+            x_conv = self.conv1d(with_past)[:, self.conv1d.kernel_size :]
+            return x_conv, self.conv1d.state_from_sequence(with_past)
+        past_borders = jnp.pad(borders, ((0, 0), (window.shape[1], 0)))  # window: same document
+        x_conv = self.conv1d(with_past, past_borders)[:, self.conv1d.kernel_size :]
+        doc = jnp.cumsum(past_borders.astype(jnp.int32), axis=1)
+        last_document = with_past * (doc == doc[:, -1:])[..., None].astype(with_past.dtype)
+        return x_conv, self.conv1d.state_from_sequence(last_document)
 
     @jax.named_scope("mLSTMLayer")
     def __call__(
@@ -226,8 +238,11 @@ class mLSTMInnerLayer(eqx.Module):
         *,
         document_borders: Bool[Array, "B S"] | None = None,
     ) -> Float[Array, "B S DV"]:
+        # With the memory reset on, the conv does not read across a border either (the
+        # reference's conv does: docs/architecture.md, "Reference quirks kept").
+        conv_borders = document_borders if self.mlstm_cell.reset_at_document_boundaries else None
         queries, keys, values, gate_features, skip_in = self._features(
-            x_mlstm, self.conv1d(x_mlstm)
+            x_mlstm, self.conv1d(x_mlstm, conv_borders)
         )
         h = self.mlstm_cell(queries, keys, values, gate_features, document_borders=document_borders)
         return self._output(h, skip_in, z)
@@ -247,7 +262,8 @@ class mLSTMInnerLayer(eqx.Module):
     ) -> tuple[Float[Array, "B S DV"], mLSTMLayerState]:
         """``__call__`` from ``state`` (conv window and cell memory), returning the state after
         the last token."""
-        x_conv, window = self._conv_with_state(x_mlstm, state.conv)
+        conv_borders = document_borders if self.mlstm_cell.reset_at_document_boundaries else None
+        x_conv, window = self._conv_with_state(x_mlstm, state.conv, conv_borders)
         queries, keys, values, gate_features, skip_in = self._features(x_mlstm, x_conv)
         h, cell_state = self.mlstm_cell.call_with_state(
             queries, keys, values, gate_features, state.cell, document_borders=document_borders
