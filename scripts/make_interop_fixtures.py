@@ -15,6 +15,8 @@ and, for configs that can decode with transformers' cache, ``prompt_ids (1, P)``
 ``greedy_ids (1, P + 32)`` from ``generate(do_sample=False)``. The greedy path is checked to have a
 top-2 logit margin of at least ``MIN_MARGIN`` at every step, so that it is well defined for an
 implementation that agrees to ~1e-5. ``hf_small`` also gets a tiny ``tokenizer.json``.
+``hf_train`` (``--only hf-train``): a one-block model with that tokenizer and transformers' float32
+loss on a fixed batch (``loss.json``).
 
 xlstm-jax (``xlstm_jax_<name>/``): the reference Flax model (``xlstm_parallel`` LM or Llama) run
 on one CPU device in ``shard_map`` over a (dp, fsdp, pp, tp) = (1, 1, 1, 1) mesh, its parameters
@@ -190,14 +192,11 @@ def _tokenizer_json(path, vocab_size):
     tok.save(path)
 
 
-def make_hf(name, spec):
-    import numpy as np
-    import torch
-    from transformers import xLSTMConfig, xLSTMForCausalLM
+def _cpu_config(spec):
+    """transformers' xLSTMConfig of ``spec`` with the kernels that run on a CPU in float32."""
+    from transformers import xLSTMConfig
 
-    spec = dict(spec)
-    seq_len, shard, seed = spec.pop("seq_len"), spec.pop("shard"), spec.pop("seed")
-    config = xLSTMConfig(
+    return xLSTMConfig(
         **spec,
         mode="inference",
         chunkwise_kernel="chunkwise--native_autograd",
@@ -210,6 +209,16 @@ def make_hf(name, spec):
         eos_token_id=None,
         pad_token_id=None,
     )
+
+
+def make_hf(name, spec):
+    import numpy as np
+    import torch
+    from transformers import xLSTMForCausalLM
+
+    spec = dict(spec)
+    seq_len, shard, seed = spec.pop("seq_len"), spec.pop("shard"), spec.pop("seed")
+    config = _cpu_config(spec)
     fused = config.weight_mode == "fused"
     if fused:  # transformers' weight init breaks on fused layouts: build single, fuse on disk
         config.weight_mode = "single"
@@ -262,6 +271,56 @@ def make_hf(name, spec):
     if name == "small":
         _tokenizer_json(os.path.join(out, "tokenizer.json"), spec["vocab_size"])
     print(f"hf_{name}: logits {logits.shape}, |logits| max {np.abs(logits).max():.3g}")
+
+
+# A checkpoint to train from (``hf_train/``, ``--only hf-train``): one block, the hf_small
+# tokenizer, and transformers' own float32 loss (``labels=input_ids``: mean next-token
+# cross-entropy) on a fixed batch in ``loss.json``, which `xlstm-eqx train --init-from` must
+# reproduce on its first batch.
+HF_TRAIN = dict(
+    vocab_size=64,
+    hidden_size=64,
+    num_hidden_layers=1,
+    num_heads=2,
+    qk_dim_factor=0.5,
+    v_dim_factor=1.0,
+    ffn_proj_factor=1.0,
+    ffn_round_up_to_multiple_of=32,
+    chunk_size=16,
+    gate_soft_cap=15.0,
+    output_logit_soft_cap=30.0,
+    norm_eps=1e-6,
+    tie_word_embeddings=False,
+    weight_mode="single",
+    seed=5,
+)
+
+
+def make_hf_train():
+    import numpy as np
+    import torch
+    from transformers import xLSTMForCausalLM
+
+    spec = dict(HF_TRAIN)
+    seed = spec.pop("seed")
+    config = _cpu_config(spec)
+    torch.manual_seed(seed)
+    model = xLSTMForCausalLM(config).eval()
+    _randomise_torch(model, seed)
+    out = os.path.join(OUT, "hf_train")
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out)
+    for f in os.listdir(out):
+        if not (f == "config.json" or f.endswith(".safetensors")):
+            os.remove(os.path.join(out, f))
+    _tokenizer_json(os.path.join(out, "tokenizer.json"), spec["vocab_size"])
+    ids = np.random.default_rng(seed).integers(0, spec["vocab_size"], size=(2, 33))
+    with torch.no_grad():
+        loss = model(torch.tensor(ids), labels=torch.tensor(ids), use_cache=False).loss
+    record = {"input_ids": ids.tolist(), "loss": float(loss.float())}
+    with open(os.path.join(out, "loss.json"), "w") as fh:
+        json.dump(record, fh)
+    print(f"hf_train: transformers loss {record['loss']:.6f} on {ids.shape}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,16 +656,80 @@ def make_xlstm_jax_orbax(name, step=3):
     print(f"xlstm_jax_{name}_orbax: {len(flat)} arrays on {ORBAX_DEVICES} devices, step {step}")
 
 
+# A LoRA adapter saved by peft (``peft_small/``, ``--only peft``, after ``hf_small``): rank 4,
+# alpha 8 on every projection of transformers' xLSTM (the mLSTM layer's q/k/v, gate and output
+# projections, the FFN's), A as peft initialises it and B random (peft starts it at zero, which
+# would test nothing); ``expected.npz`` holds the peft model's logits on hf_small's input ids.
+PEFT_TARGETS = [
+    "q",
+    "k",
+    "v",
+    "ogate_preact",
+    "igate_preact",
+    "fgate_preact",
+    "out_proj",
+    "proj_up_gate",
+    "proj_up",
+    "proj_down",
+]
+
+
+def make_peft():
+    import numpy as np
+    import peft
+    import torch
+    from transformers import xLSTMForCausalLM
+
+    base_dir = os.path.join(OUT, "hf_small")
+    model = xLSTMForCausalLM.from_pretrained(base_dir).eval()
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=PEFT_TARGETS, bias="none"
+    )
+    torch.manual_seed(3)
+    model = peft.get_peft_model(model, config).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+    out = os.path.join(OUT, "peft_small")
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out)
+    cfg_path = os.path.join(out, "adapter_config.json")
+    with open(cfg_path) as f:
+        adapter_config = json.load(f)
+    adapter_config["base_model_name_or_path"] = "../hf_small"  # no path of this machine
+    with open(cfg_path, "w") as f:
+        json.dump(adapter_config, f, indent=2, sort_keys=True)
+    for f in os.listdir(out):
+        if f not in ("adapter_config.json", "adapter_model.safetensors"):
+            os.remove(os.path.join(out, f))
+    ids = np.load(os.path.join(base_dir, "expected.npz"))["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor(ids.astype(np.int64)), use_cache=False).logits.float().numpy()
+        base_logits = np.load(os.path.join(base_dir, "expected.npz"))["logits"]
+    np.savez(
+        os.path.join(out, "expected.npz"), input_ids=ids, logits=logits.astype(np.float32)
+    )
+    print(f"peft_small: logits {logits.shape}, |peft - base| max {np.abs(logits - base_logits).max():.3g}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", choices=("hf", "xlstm-jax", "xlstm-jax-orbax"), help="make only these fixtures"
+        "--only",
+        choices=("hf", "hf-train", "peft", "xlstm-jax", "xlstm-jax-orbax"),
+        help="make only these fixtures",
     )
     args = parser.parse_args(argv)
     os.makedirs(OUT, exist_ok=True)
     if args.only in (None, "hf"):
         for name, spec in HF_CONFIGS.items():
             make_hf(name, spec)
+    if args.only in (None, "hf-train"):
+        make_hf_train()
+    if args.only in (None, "peft"):
+        make_peft()
     if args.only in (None, "xlstm-jax"):
         for name, spec in XJ_CONFIGS.items():
             make_xlstm_jax(name, spec)

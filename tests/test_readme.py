@@ -123,6 +123,8 @@ def _shrink_train(words: list[str]) -> list[str]:
         elif prev == "--profile-steps":
             word = "2:3"
         out.append(word)
+    if "--init-from" in words:  # the source's architecture: no --preset
+        return out + _STEPS_FLAGS[2:]
     return out + _STEPS_FLAGS
 
 

@@ -13,6 +13,7 @@ from ..core.files import read_mapping_file
 from ..data.tokenizer import ByteTokenizer
 from ..training.checkpoint import CheckpointError
 from ..training.config import SEQ_LEN, TrainConfig, resolve_model_config
+from ..training.init_from import open_init_source
 
 
 def one_line(e: BaseException) -> str:
@@ -146,7 +147,12 @@ def _context_length(cfg: TrainConfig) -> int:
     """The context length of the model `cfg` names (SEQ_LEN where it has none or is no model):
     a bad --model or --preset is reported later, where it always is."""
     try:
-        _, config = resolve_model_config(cfg, ByteTokenizer())
+        if cfg.init_from:  # the source's (or --context-length)
+            config = open_init_source(cfg.init_from).config
+            if cfg.context_length is not None:
+                return cfg.context_length
+        else:
+            _, config = resolve_model_config(cfg, ByteTokenizer())
     except (ValueError, OSError, TypeError, KeyError):
         return SEQ_LEN
     ctx = getattr(config, "context_length", None)

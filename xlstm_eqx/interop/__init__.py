@@ -8,6 +8,7 @@ released xLSTM-7B format) and xlstm-jax (Flax) parameter trees, both ways; no pi
   front ends are `xlstm_eqx.cli.convert_main` / `generate_main`.
 """
 
+from . import init_sources as init_sources  # registers the --init-from formats
 from .common import InteropError as InteropError
 from .hf import from_hf_pretrained as from_hf_pretrained, to_hf as to_hf
 from .hf_config import (

@@ -36,6 +36,7 @@ from ..core.untrusted import (
 )
 from ..parallel.placement import place_global
 from ..parallel.rules import param_partition_specs
+from ..training.init_from import parallel_for_mesh
 
 
 Path = tuple[str | int, ...]
@@ -204,21 +205,13 @@ def mesh_shardings(
 ) -> dict[Path, NamedSharding]:
     """The sharding of every leaf of ``skeleton`` on ``mesh`` by the partition rules of
     ``parallel`` (default: ``base`` — e.g. the model config's ``parallel`` — with the mesh's axis
-    sizes)."""
+    sizes, and where ``base`` names no FSDP modules but the mesh has an fsdp axis > 1, FSDP over
+    `default_fsdp_modules`: a model loaded at size is sharded by the mesh, not replicated)."""
     if parallel is None:
-        template: ParallelConfig = base if base is not None else ParallelConfig()
-        names = (
-            ("data_axis_size", template.data_axis_name),
-            ("fsdp_axis_size", template.fsdp_axis_name),
-            ("pipeline_axis_size", template.pipeline_axis_name),
-            ("model_axis_size", template.model_axis_name),
-        )
-        missing = [n for _, n in names if n not in mesh.shape]
-        if missing:
-            raise InteropError(
-                f"mesh axes {tuple(mesh.shape)} lack {missing}; pass parallel= with its axis names"
-            )
-        parallel = dataclasses.replace(template, **{f: int(mesh.shape[n]) for f, n in names})
+        try:
+            parallel = parallel_for_mesh(mesh, base, skeleton)
+        except ValueError as e:
+            raise InteropError(str(e)) from None
     specs = param_partition_specs(skeleton, parallel, num_devices=mesh.devices.size)
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
     return {_key_path(k): NamedSharding(mesh, s) for k, s in flat if isinstance(s, P)}
@@ -384,3 +377,12 @@ def check_matches_config(model: Any, skeleton: Any) -> None:
     ]
     if problems:
         raise InteropError("the model does not match its config: " + _listing("problems", problems))
+
+
+def shardings_by_path(shardings: Any) -> dict[Path, jax.sharding.Sharding]:
+    """A tree of shardings (a model's structure, None at non-arrays: e.g. ``MeshLayout.
+    model_shardings``) as leaf path → sharding, the form `ModelFiller` takes."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)
+    )[0]
+    return {_key_path(k): s for k, s in flat if isinstance(s, jax.sharding.Sharding)}

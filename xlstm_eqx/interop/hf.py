@@ -51,9 +51,11 @@ import functools
 import json
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.random as jr
 import numpy as np
 from jax.sharding import Mesh
@@ -218,24 +220,35 @@ _Sources = dict[str, tuple[str, tuple[int, int] | None]]
 _Headers = dict[str, tuple[str, TensorInfo]]
 
 
-def from_hf_pretrained(
-    path: str | os.PathLike,
-    *,
-    dtype: str | None = None,
-    scan_blocks: bool = True,
-    mesh: Mesh | None = None,
-    parallel: ParallelConfig | None = None,
-) -> tuple[xLSTMLMModel, xLSTMLMModelConfig]:
-    """Load a local transformers ``xLSTMForCausalLM`` directory as ``(model, config)``.
+@dataclasses.dataclass(frozen=True)
+class HFCheckpoint:
+    """A transformers directory whose config and shard headers have been read and checked (no
+    tensor data yet): ``config`` is the model it describes (an untied head wherever one is
+    stored, as transformers runs it), ``files`` the safetensors shards in reading order."""
 
-    ``dtype``: compute dtype (default: the checkpoint's dtype, float32 if unknown); parameters
-    are float32. ``scan_blocks``: stack the blocks for ``lax.scan`` (default) or keep a tuple.
-    ``mesh``: place each parameter straight into its sharding on this mesh as soon as it is read
-    (partition rules of ``parallel``, default the config's own with the mesh's axis sizes), so
-    the model is never whole on one device; every process reads the files and keeps only its
-    devices' slices. Raises `InteropError` naming missing/unexpected keys, shape mismatches (key
-    and both shapes) and unsupported config values, before reading any tensor data.
-    """
+    path: str
+    config: xLSTMLMModelConfig
+    files: tuple[str, ...]
+    headers: _Headers
+    fused: bool
+    tie_flag: bool  # config.json's tie_word_embeddings
+
+    @property
+    def has_head(self) -> bool:
+        return "lm_head.weight" in self.headers
+
+    def weight_files(self) -> list[str]:
+        """Every file that defines the weights: config.json, the index (if any), the shards."""
+        index = os.path.join(self.path, INDEX_FILE)
+        extra = [index] if os.path.isfile(index) else []
+        return [os.path.join(self.path, CONFIG_NAME), *extra, *self.files]
+
+
+def read_hf_checkpoint(
+    path: str | os.PathLike, *, dtype: str | None = None, scan_blocks: bool = True
+) -> HFCheckpoint:
+    """Read and check a transformers directory's config.json and shard headers (no tensor data):
+    raises `InteropError` naming unsupported config values before anything else."""
     path = os.fspath(path)
     hf = read_hf_config(path)
     hf_config_to_eqx(hf, dtype=dtype, scan_blocks=scan_blocks)  # config errors first
@@ -249,7 +262,6 @@ def from_hf_pretrained(
         {int(m.group(1)) for m in map(_BLOCK_INDEX.match, headers) if m},
         limit=MAX_INT["num_hidden_layers"],
     )
-
     # transformers' xLSTMForCausalLM does not tie its head: with tie_word_embeddings=True it
     # still reads a stored lm_head.weight (and initialises a random one if there is none). So
     # a stored head is used; without one the head is tied to the embedding, the flag's intent.
@@ -258,18 +270,62 @@ def from_hf_pretrained(
     config = hf_config_to_eqx(
         hf, dtype=dtype, scan_blocks=scan_blocks, tie_weights=flag and not has_head
     )
+    fused = hf.get("weight_mode", "single") == "fused"
+    return HFCheckpoint(path, config, tuple(files), headers, fused, flag)
+
+
+def load_hf_weights(
+    checkpoint: HFCheckpoint,
+    skeleton: xLSTMLMModel,
+    shardings: Mapping[Path, jax.sharding.Sharding] | None = None,
+) -> xLSTMLMModel:
+    """The weights of ``checkpoint`` in ``skeleton`` (an ``eqx.filter_eval_shape`` of a model
+    of its config, whose compute dtype, context length or dropout may differ), each leaf placed
+    into ``shardings[leaf path]`` as soon as it is read (default: one device)."""
+    filler = ModelFiller(
+        skeleton,
+        hf_entries(skeleton),
+        source=f"checkpoint {checkpoint.path!r}",
+        shardings=shardings,
+    )
+    sources = _check_against_model(
+        filler,
+        checkpoint.headers,
+        fused=checkpoint.fused,
+        num_blocks=skeleton.xlstm_block_stack.num_blocks,
+    )
+    _stream_tensors(checkpoint.path, list(checkpoint.files), sources, filler)
+    return filler.finish()
+
+
+def from_hf_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    scan_blocks: bool = True,
+    mesh: Mesh | None = None,
+    parallel: ParallelConfig | None = None,
+) -> tuple[xLSTMLMModel, xLSTMLMModelConfig]:
+    """Load a local transformers ``xLSTMForCausalLM`` directory as ``(model, config)``.
+
+    ``dtype``: compute dtype (default: the checkpoint's dtype, float32 if unknown); parameters
+    are float32. ``scan_blocks``: stack the blocks for ``lax.scan`` (default) or keep a tuple.
+    ``mesh``: place each parameter straight into its sharding on this mesh as soon as it is read
+    (partition rules of ``parallel``; default: the config's own with the mesh's axis sizes and,
+    on a mesh with an fsdp axis > 1, FSDP over the embedding, the head and every block
+    (`default_fsdp_modules`), as the config of a transformers directory names none), so
+    the model is never whole on one device; every process reads the files and keeps only its
+    devices' slices. Raises `InteropError` naming missing/unexpected keys, shape mismatches (key
+    and both shapes) and unsupported config values, before reading any tensor data.
+    """
+    checkpoint = read_hf_checkpoint(path, dtype=dtype, scan_blocks=scan_blocks)
+    config = checkpoint.config
     skeleton = eqx.filter_eval_shape(xLSTMLMModel, config, key=jr.key(0))
     shardings = None
     if mesh is not None:
         shardings = mesh_shardings(skeleton, mesh, parallel, base=config.parallel)
-    filler = ModelFiller(
-        skeleton, hf_entries(skeleton), source=f"checkpoint {path!r}", shardings=shardings
-    )
-    fused = hf.get("weight_mode", "single") == "fused"
-    sources = _check_against_model(filler, headers, fused=fused, num_blocks=config.num_blocks)
-    _stream_tensors(path, files, sources, filler)
-    model = filler.finish()
-    if flag and has_head:
+    model = load_hf_weights(checkpoint, skeleton, shardings)
+    if checkpoint.tie_flag and checkpoint.has_head:
         return _retie_if_head_is_embedding(model, config)
     return model, config
 

@@ -391,7 +391,10 @@ def _scan(flat: Mapping[str, Any], num_blocks: int, per: str, stacked: str) -> d
 
 
 def from_xlstm_jax(
-    params: Any, config: xLSTMLMModelConfig | LlamaConfig
+    params: Any,
+    config: xLSTMLMModelConfig | LlamaConfig,
+    *,
+    shardings: Mapping[Path, jax.sharding.Sharding] | None = None,
 ) -> xLSTMLMModel | LlamaTransformer:
     """An `xLSTMLMModel` (``mlstm`` and ``mlstm_v1`` blocks) or `LlamaTransformer` from an
     xlstm-jax parameter tree and the config it was trained with (our config class; the block
@@ -399,7 +402,8 @@ def from_xlstm_jax(
 
     The model is built from `xlstm_jax_config(config)`, which keeps the reference's
     output-changing quirks. Raises `InteropError` naming missing/unexpected keys and shape
-    mismatches (key and both shapes) before converting anything.
+    mismatches (key and both shapes) before converting anything. ``shardings`` (leaf path →
+    sharding, e.g. from `mesh_shardings`): each leaf goes straight into its sharding once filled.
     """
     config = xlstm_jax_config(config)
     cls = xLSTMLMModel if isinstance(config, xLSTMLMModelConfig) else LlamaTransformer
@@ -423,7 +427,12 @@ def from_xlstm_jax(
                 f"{name}: leading tensor-parallel axis of size {shape[0]} (shape {tuple(shape)}); "
                 "only checkpoints saved with model_axis_size=1 are supported"
             )
-    filler = ModelFiller(skeleton, xlstm_jax_entries(skeleton), source="xlstm-jax parameters")
+    filler = ModelFiller(
+        skeleton,
+        xlstm_jax_entries(skeleton),
+        source="xlstm-jax parameters",
+        shardings=shardings,
+    )
     filler.check(
         {k: tuple(np.shape(v)) for k, v in flat.items()},
         {k: v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype for k, v in flat.items()},

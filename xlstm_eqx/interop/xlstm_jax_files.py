@@ -19,13 +19,13 @@ from .xlstm_jax import flatten_params, unflatten_params
 _ORBAX_STEP = re.compile(r"^(?:checkpoint_)?(\d+)$")
 
 
-def _orbax_params_item(path: str) -> str:
+def orbax_params_item(path: str) -> str:
     """The orbax item directory holding the parameters: ``path`` itself, its ``params/``, or the
     newest ``checkpoint_<step>/params`` under it (or under its ``checkpoints/``)."""
     if os.path.isfile(os.path.join(path, "_METADATA")):
         return path
     if os.path.isdir(os.path.join(path, "params")):
-        return _orbax_params_item(os.path.join(path, "params"))
+        return orbax_params_item(os.path.join(path, "params"))
     for root in (path, os.path.join(path, "checkpoints")):
         if not os.path.isdir(root):
             continue
@@ -47,7 +47,7 @@ def _read_orbax_params(path: str) -> Any:
     into one local CPU device (the saved shardings name devices this process may not have)."""
     import orbax.checkpoint as ocp
 
-    item = os.path.abspath(_orbax_params_item(path))
+    item = os.path.abspath(orbax_params_item(path))
     checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
     try:
         meta = checkpointer.metadata(item)

@@ -31,7 +31,6 @@ from ..generation import has_decode_api as has_decode_api  # re-exported for loo
 from ..models import MODEL_FAMILIES
 from . import checkpoint as npz_checkpoint, orbax_checkpoint
 from .checkpoint import CheckpointError
-from .finetune import LoRASettings, with_finetuning
 from .config import TrainConfig
 from .loss import bits_per_byte, evaluate_loss
 
@@ -129,8 +128,7 @@ def _load_checkpoint(path: str, shardings: Any) -> tuple[Any, dict[str, Any], in
         raise CheckpointError(f"checkpoint {path!r} has no usable run configuration")
     family = MODEL_FAMILIES[run["model_kind"]]
     model_config = family.config_from_dict(run["model_config"])
-    build = with_finetuning(family.build, LoRASettings.from_run_config(run))
-    skeleton = eqx.filter_eval_shape(build, model_config, key=jr.key(0))
+    skeleton = eqx.filter_eval_shape(family.build, model_config, key=jr.key(0))
     if npz:
         trees, _ = npz_checkpoint.restore_checkpoint(path, {"model": skeleton})
     else:

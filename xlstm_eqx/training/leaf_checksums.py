@@ -84,11 +84,31 @@ def leaf_facts(leaves: list[Any]) -> list[tuple[bool, str]]:
     for i, x in enumerate(leaves):
         groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
     out: list[tuple[bool, str]] = [(True, "")] * len(leaves)
-    for idx in groups.values():
+    for idx in (batch for group in groups.values() for batch in _batches(leaves, group)):
         finite, sums = jax.device_get(_finite_andleaf_checksums([leaves[i] for i in idx]))
         for i, ok, (a, b) in zip(idx, finite, sums, strict=True):
             out[i] = (bool(ok), f"{int(a):08x}{int(b):08x}")
     return out
+
+
+# Bytes of leaves checked by one compiled call: the call's temporaries (the mixed bits of every
+# element) grow with them, so a whole model at once peaked at ~2.5x its size beside it.
+_BATCH_BYTES = 64 * 2**20
+
+
+def _batches(leaves: list[Any], indices: list[int]) -> list[list[int]]:
+    """``indices`` in runs of at most `_BATCH_BYTES` of leaves (a bigger leaf alone): small
+    models take one call, a large one's temporaries stay near one batch's size."""
+    out: list[list[int]] = [[]]
+    size = 0
+    for i in indices:
+        nbytes = int(leaves[i].size) * leaves[i].dtype.itemsize
+        if out[-1] and size + nbytes > _BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += nbytes
+    return [b for b in out if b]
 
 
 def leaf_checksums(leaves: list[Any]) -> list[str]:

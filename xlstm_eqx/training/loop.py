@@ -37,6 +37,7 @@ from .config import TrainConfig
 from .hooks import HostScalars, StepRecord, TrainingDivergedError
 from .prepare import prepare_run, run_config_dict
 from .run_ends import TrainResult, begin_run_files, finish_run, log_model
+from .run_files import keep_source_tokenizer
 from .run_hooks import Run, RunHooks
 from .run_lock import hold_run_lock
 from .train_state import TrainState, init_train_state
@@ -75,7 +76,7 @@ def _train(
 ) -> TrainResult:
     """Prepare, build the hooks, run the steps through them, end the run."""
     t_start = time.perf_counter()
-    prepared = prepare_run(cfg)
+    prepared = keep_source_tokenizer(prepare_run(cfg), write=jax.process_index() == 0)
     # In a multi-process run every process runs this loop; process 0 alone writes the run's files
     # and logs; checkpoints are written by all processes together (each its own shards).
     writer = jax.process_index() == 0

@@ -7,20 +7,31 @@ import dataclasses
 import os
 from typing import Any
 
+import equinox as eqx
 import jax
+import jax.random as jr
 import numpy as np
 
 from ..data.batch import TokenBatch
 from ..data.corpus import BatchSampler, Corpus, eval_windows
 from ..data.loader import load_corpus_all_processes
 from ..data.sources import absolute_patterns
-from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
+from ..data.tokenizer import BYTES_SPECS, Tokenizer, load_tokenizer, tokenizer_from_dict
 from ..models import MODEL_FAMILIES, ModelConfig
+from ..parallel.mesh import axis_sizes, parse_mesh_spec
 from .batch_ramp import check_rampup_on_mesh
 from .checkpoint import CheckpointError
 from .config import RESUMABLE_FIELDS, TrainConfig, check_sequence_length, resolve_model_config
 from .extend import resume_point
-from .newest_intact import read_newest
+from .init_from import (
+    OpenedSource,
+    apply_free_fields,
+    describe_source,
+    open_init_source,
+    source_changes,
+    with_default_fsdp,
+)
+from .newest_intact import read_newest, warn
 from .orbax_checkpoint import list_checkpoints, load_metadata, refuse_npz_checkpoints
 from .packing import isolate_documents
 from .preflight import check_mesh, check_out_dir, check_resume_steps
@@ -41,6 +52,8 @@ class PreparedRun:
     resume_meta: dict[str, Any] | None
     data_paths: tuple[str, ...] = ()  # `--data` made absolute when the run began
     damaged: tuple[str, ...] = ()  # newer checkpoints skipped on --resume (unreadable metadata)
+    init: OpenedSource | None = None  # --init-from of a new run: the weights to read
+    init_record: dict[str, Any] | None = None  # where the run's weights began (InitSource)
 
 
 def _compatible(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
@@ -65,12 +78,15 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         check_trackers_available(cfg.trackers())
     out = cfg.out_dir()
     resume_from, resume_meta, saved_run, damaged = _resume_source(cfg, out)
+    init, init_record = None, _recorded_init(saved_run)
     if saved_run is not None:
         tokenizer = tokenizer_from_dict(saved_run["tokenizer"])
         kind = saved_run["model_kind"]
         if kind not in MODEL_FAMILIES:
             raise CheckpointError(f"checkpoint {resume_from!r}: unknown model kind {kind!r}")
         model_config = MODEL_FAMILIES[kind].config_from_dict(saved_run["model_config"])
+    elif cfg.init_from:
+        tokenizer, kind, model_config, init = _init_source_model(cfg)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer)
         kind, model_config = resolve_model_config(cfg, tokenizer)
@@ -111,7 +127,48 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         resume_meta,
         tuple(paths),
         tuple(damaged),
+        init=init,
+        # The record (its hash reads the weights files once) once the data checks passed.
+        init_record=init_record if init is None else describe_source(init, tokenizer).to_dict(),
     )
+
+
+def _init_source_model(cfg: TrainConfig) -> tuple[Tokenizer, str, ModelConfig, OpenedSource]:
+    """``--init-from``: the tokenizer (``--tokenizer``, else the source's own, else bytes), the
+    family and the model config of the source (its headers only: no weights are read), with
+    the free fields of the flags and, on an ``--mesh`` with fsdp > 1 where the source names no
+    FSDP modules, FSDP over every big weight."""
+    source = open_init_source(cfg.init_from, dtype=cfg.dtype)
+    own = source.source_tokenizer()
+    explicit = cfg.tokenizer not in BYTES_SPECS  # "bytes" is the default: the source's wins
+    tokenizer = own if own is not None and not explicit else load_tokenizer(cfg.tokenizer)
+    changes = {"context_length": cfg.context_length, "dropout": cfg.dropout}
+    config = apply_free_fields(source.family, source.config, changes)
+    if cfg.mesh:
+        family = MODEL_FAMILIES[source.family]
+        base = getattr(config, "parallel", None) or parse_mesh_spec(cfg.mesh)
+        sizes = axis_sizes(parse_mesh_spec(cfg.mesh, base))
+        skeleton = eqx.filter_eval_shape(family.build, config, key=jr.key(0))
+        layout = with_default_fsdp(base, skeleton, sizes)
+        if layout is not base:
+            config = apply_free_fields(source.family, config, {"parallel": layout})
+    return tokenizer, source.family, config, source
+
+
+def _recorded_init(saved_run: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The `InitSource` a resumed run records; a source changed since is reported (the run goes
+    on from its own checkpoints: the source is not read again)."""
+    record = (saved_run or {}).get("init_from")
+    if not isinstance(record, dict):
+        return None
+    changed = source_changes(record)
+    if changed:
+        warn(
+            f"note: --init-from {record.get('path')!r} changed since this run began "
+            f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); the run resumes "
+            "from its own checkpoint, which does not read it"
+        )
+    return record
 
 
 def _resume_source(
@@ -183,6 +240,7 @@ def run_config_dict(p: PreparedRun) -> dict[str, Any]:
         "model_kind": p.kind,
         "model_config": p.model_config.to_dict(),
         "tokenizer": p.tokenizer.to_dict(),
+        **({"init_from": p.init_record} if p.init_record is not None else {}),
         "data": {
             # --data made absolute: `eval` and `--resume` read these files from any directory.
             "paths": list(p.data_paths),

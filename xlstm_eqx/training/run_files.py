@@ -1,6 +1,8 @@
 """The files a run keeps beside its checkpoints: `metrics.jsonl` (read, truncated to a resumed
-step), the loss plot, and the Ctrl-C/SIGTERM flag that turns an interrupt into a checkpoint."""
+step), the loss plot, the tokenizer of an ``--init-from`` source (`keep_source_tokenizer`), and
+the Ctrl-C/SIGTERM flag that turns an interrupt into a checkpoint."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,7 +14,23 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ..core.files import open_read_binary, write_atomic, write_json_atomic
+from ..core.files import copy_file_atomic, open_read_binary, write_atomic, write_json_atomic
+from ..data.tokenizer import HFTokenizer
+from .prepare import PreparedRun
+
+
+def keep_source_tokenizer(prepared: PreparedRun, *, write: bool) -> PreparedRun:
+    """A run started ``--init-from`` a source with a ``tokenizer.json`` keeps a copy as
+    ``DIR/tokenizer.json`` and records that (same hash), so that ``--resume``, ``eval`` and
+    ``generate`` never need the source again. ``write``: this process writes the copy (process
+    0); the others keep the source's."""
+    tok = prepared.tokenizer
+    if prepared.init is None or not write or not isinstance(tok, HFTokenizer):
+        return prepared
+    own = os.path.join(prepared.cfg.out_dir(), "tokenizer.json")
+    if os.path.abspath(tok.path) != os.path.abspath(own):
+        copy_file_atomic(tok.path, own)
+    return dataclasses.replace(prepared, tokenizer=HFTokenizer(own, sha256=tok.sha256))
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
