@@ -5,7 +5,7 @@ generation, in one run (`run_gpu_check`; its flags are `xlstm-eqx bench gpu`'s, 
 Modules: `run` (the entry point: parts, budgets, the summary), `settings` (the cases of the quick
 and full modes, tolerances, FLOP counts, datasheet peaks), `report` (`gpu_check.json` / `.md`, the
 per-part budgets, the random inputs and error measures the parts share), one module per part
-(`correctness`, `kernels`, `train`, `generate`) and `estimate` (the expected durations).
+(`correctness`, `kernels`, `train`, `generate`, `context`) and `estimate` (the expected durations).
 """
 
 from .estimate import estimate_durations as estimate_durations, format_estimate as format_estimate

@@ -10,6 +10,8 @@ import jax.random as jr
 from ...core import count_params
 from ...models import MODEL_FAMILIES, train_flops_per_token
 from ...presets import get_preset
+from ...xlstm.model import xLSTMLMModel
+from .context import CONTEXT_SEQ_LEN, context_config, context_sizes
 from .kernels import layer_shape, peer_chunk
 from .settings import (
     FULL,
@@ -42,6 +44,7 @@ ASSUMED: dict[str, float] = {
     "compile_train_s": 20.0,  # one train step of a 165M model (blocks scanned)
     "compile_prefill_s": 6.0,
     "compile_decode_s": 4.0,
+    "compile_context_s": 6.0,  # a 2-block xLSTM's fwd+bwd, on one device or a cp mesh
     "startup_s": 20.0,  # imports, device start, the bf16 matmul
 }
 
@@ -188,6 +191,26 @@ def _estimate_generate(settings: CheckSettings) -> list[dict[str, Any]]:
     return out
 
 
+def _estimate_context(settings: CheckSettings) -> list[dict[str, Any]]:
+    """The `context` part on a machine with 8 GPUs (one GPU skips it): per cp, the one-device
+    and the cp step compiled and run a few times."""
+    del settings
+    seq_len = CONTEXT_SEQ_LEN[1]
+    config = context_config(seq_len)
+    n = count_params(eqx.filter_eval_shape(xLSTMLMModel, config, key=jr.key(0)))
+    flops = 6.0 * n * seq_len * 5  # forward+backward, one device and cp, warm-up and 3 repeats
+    return [
+        {
+            "case": f"context parallel cp={cp} S={seq_len}",
+            "compiles": 2,
+            "flops": flops,
+            "compute_s": flops / (ASSUMED["train_tflops"] * 1e12),
+            "compile_s": 2 * ASSUMED["compile_context_s"],
+        }
+        for cp in context_sizes(8)
+    ]
+
+
 def estimate_durations(settings: CheckSettings | None = None) -> dict[str, Any]:
     """Expected seconds of each part of a run (default: the full GPU run), from analytic FLOPs at
     the throughputs in `ASSUMED` plus (number of compiles) x (assumed seconds per compile); and
@@ -199,6 +222,7 @@ def estimate_durations(settings: CheckSettings | None = None) -> dict[str, Any]:
         "kernels": _estimate_kernels,
         "train": _estimate_train,
         "generate": _estimate_generate,
+        "context": _estimate_context,
     }
     parts = {}
     for name, make in makers.items():

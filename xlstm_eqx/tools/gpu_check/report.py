@@ -83,6 +83,17 @@ _COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("seconds", "s"),
         ("note", "note"),
     ),
+    "context": (
+        ("case", "case"),
+        ("rel_err", "rel. error"),
+        ("ms_one_device", "ms 1 device"),
+        ("ms_cp", "ms cp"),
+        ("temp_mib_one_device", "temp MiB 1 device"),
+        ("temp_mib_per_device_cp", "temp MiB/device cp"),
+        ("status", "status"),
+        ("seconds", "s"),
+        ("note", "note"),
+    ),
 }
 
 

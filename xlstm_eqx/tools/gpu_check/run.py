@@ -3,7 +3,7 @@
     xlstm-eqx bench gpu --out DIR [--quick] [--parts a,b] [--estimate]
     python benchmarks/gpu_check.py --out DIR [--quick] [--parts a,b] [--estimate]
 
-Four parts, each with its own time budget (checked between cases; a part whose budget is spent
+Five parts, each with its own time budget (checked between cases; a part whose budget is spent
 records its remaining cases as `timed_out` and the next part still runs):
 
 1. `correctness` — `mlstm_chunkwise_pallas` against the pure-JAX `mlstm_chunkwise` (outputs, and the
@@ -18,6 +18,8 @@ records its remaining cases as `timed_out` and the next part still runs):
    datasheet bf16 peak (`PEAK_BF16_TFLOPS`) and against a bf16 matmul timed in the same run.
 4. `generate` — decode ms/token (the library's prefill and decode scan) at batch 1 and 16,
    contexts 1k/8k/32k, xLSTM against Llama of the same size.
+5. `context` — context parallelism (`context.py`): with 2+ GPUs, loss and gradients of a small
+   xLSTM on a ``cp`` mesh against one GPU, and both timed; skipped with a note on one GPU.
 
 `DIR/gpu_check.json` and `DIR/gpu_check.md` are rewritten after every case, so a run cut short
 still leaves what it measured. `--quick` runs the same code on tiny shapes (a CPU smoke test; the
@@ -34,6 +36,7 @@ from typing import Any
 
 import jax
 
+from .context import run_context
 from .correctness import run_correctness
 from .generate import run_generate
 from .kernels import run_kernels
@@ -78,7 +81,7 @@ def run_gpu_check(
     budgets: Mapping[str, float] | None = None,
     memory_limit_gb: float | None = None,
 ) -> dict[str, Any]:
-    """Run the parts (default: all four, in order) and return the results written to
+    """Run the parts (default: all five, in order) and return the results written to
     ``out_dir/gpu_check.json``; ``summary.exit_code`` is 1 when a correctness check failed or
     errored, else 0. `budgets` overrides per-part seconds; `memory_limit_gb` the device memory
     the batch search and the kernel rows plan against."""
@@ -127,6 +130,7 @@ def _run_parts(report: Report, settings: CheckSettings, parts: Sequence[str]) ->
         "kernels": lambda p: run_kernels(p, settings),
         "train": lambda p: run_train(p, settings, report),
         "generate": lambda p: run_generate(p, settings),
+        "context": lambda p: run_context(p, bool(report.data["meta"]["quick"])),
     }
     for name in parts:
         print(f"## {name} (budget {settings.budgets_s[name]:.0f} s)", flush=True)

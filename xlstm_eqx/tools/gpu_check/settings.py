@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 
-PARTS: tuple[str, ...] = ("correctness", "kernels", "train", "generate")
+PARTS: tuple[str, ...] = ("correctness", "kernels", "train", "generate", "context")
 
 
 JSON_NAME = "gpu_check.json"
@@ -134,7 +134,13 @@ def _c(b, nh, s, dhqk, dhv, chunk, dtype, gates) -> CellCase:
 FULL = CheckSettings(
     # 400 s in all: with start-up and each part's last case running past its budget, the run
     # stays within 8 minutes on one H100/H200 (see `estimate_durations`).
-    budgets_s={"correctness": 50.0, "kernels": 150.0, "train": 130.0, "generate": 70.0},
+    budgets_s={
+        "correctness": 50.0,
+        "kernels": 150.0,
+        "train": 130.0,
+        "generate": 70.0,
+        "context": 20.0,  # 2+ GPUs only (skipped on one)
+    },
     correctness_cases=(
         _c(1, 4, 1000, 64, 128, 64, "float32", "wide"),  # S % L != 0, DHQK != DHV
         _c(2, 8, 2048, 128, 128, 128, "bfloat16", "trained"),
@@ -176,7 +182,13 @@ FULL = CheckSettings(
 
 
 QUICK = CheckSettings(
-    budgets_s={"correctness": 60.0, "kernels": 60.0, "train": 60.0, "generate": 60.0},
+    budgets_s={
+        "correctness": 60.0,
+        "kernels": 60.0,
+        "train": 60.0,
+        "generate": 60.0,
+        "context": 60.0,
+    },
     correctness_cases=(
         _c(1, 2, 40, 16, 32, 16, "float32", "wide"),
         AttentionCase(1, 32, 2, 16, 2),

@@ -1,0 +1,24 @@
+"""The GPU check's `context` part: skipped without two GPUs, and its check on simulated devices."""
+
+import json
+
+from xlstm_eqx.tools.gpu_check.context import context_sizes, run_context
+from xlstm_eqx.tools.gpu_check.report import Part, Report
+
+
+def test_context_part_is_skipped_with_a_note_without_two_gpus(tmp_path):
+    report = Report(tmp_path, {"quick": True}, {"context": 60.0})
+    part = Part(report, "context")
+    run_context(part, quick=True)  # this machine: no GPU
+    part_one = Part(Report(tmp_path / "one", {"quick": True}, {"context": 60.0}), "context")
+    run_context(part_one, quick=True, devices=["gpu0"])  # one device: nothing to split over
+    for p, found in ((part, "; 0 found"), (part_one, "; 1 found")):
+        (row,) = p.entry["rows"]
+        assert row["status"] == "skipped" and p.entry["status"] == "ok"
+        assert row["note"].startswith("needs 2 or more GPUs") and found in row["note"]
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["context"]["rows"]
+
+
+def test_context_sizes():
+    assert [context_sizes(n) for n in (0, 1, 2, 3)] == [(), (), (2,), (2,)]
+    assert [context_sizes(n) for n in (4, 6, 8, 16)] == [(2, 4), (2, 4), (2, 8), (2, 8)]
