@@ -16,6 +16,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from xlstm_eqx.cell import mlstm_chunkwise
 from xlstm_eqx.cell.context import mlstm_chunkwise_context_parallel
+from xlstm_eqx.nn.context import with_left_context
+from xlstm_eqx.nn.conv import CausalConv1d
 
 from .test_forms import make_inputs, rel_err
 
@@ -177,6 +179,54 @@ def invalid_input_case() -> dict:
     }
 
 
+def conv_halo_case(conv: CausalConv1d, cp: int, s_local: int) -> dict:
+    """Relative errors of the conv's outputs and gradients (input, kernel, bias) with the halo on
+    cp devices against the conv on the whole sequence."""
+    x = np.random.default_rng(cp).standard_normal((2, cp * s_local, 5)).astype(np.float32)
+    w = np.random.default_rng(cp + 1).standard_normal(x.shape).astype(np.float32)
+    split = P(None, "cp", None)
+
+    def local(conv, x):
+        return with_left_context(conv, x, conv.kernel_size - 1, "cp")
+
+    sharded = jax.shard_map(local, mesh=cp_mesh(cp), in_specs=(P(), split), out_specs=split)
+
+    def loss(fn, conv, x):
+        y = fn(conv, x)
+        return jnp.sum(y * w), y
+
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1), has_aux=True)
+    (_, y), grads = jax.jit(grad(functools.partial(loss, sharded)))(conv, x)
+    (_, y_ref), grads_ref = jax.jit(grad(functools.partial(loss, lambda c, x: c(x))))(conv, x)
+    leaves, leaves_ref = jax.tree.leaves(grads), jax.tree.leaves(grads_ref)
+    return {
+        "y": rel_err(y, y_ref),
+        "grads": max(rel_err(g, r) for g, r in zip(leaves, leaves_ref, strict=True)),
+    }
+
+
+def conv_halo_cases() -> dict:
+    """`nn.context.with_left_context` around a `CausalConv1d` (K = 4) on cp = 2, 4, 8 devices, with
+    S_local = K - 1 (the least one hop allows) and more; S_local < K - 1 is a ValueError."""
+    conv = CausalConv1d(5, 4, key=jax.random.key(0))
+    results: dict[str, object] = {
+        f"cp{cp}_s{s_local}": conv_halo_case(conv, cp, s_local)
+        for cp, s_local in [(2, 5), (4, 3), (8, 4)]
+    }
+    try:
+        x = jnp.zeros((1, 8, 5))
+        jax.shard_map(
+            functools.partial(with_left_context, conv, length=3, axis_name="cp"),
+            mesh=cp_mesh(4),
+            in_specs=P(None, "cp", None),
+            out_specs=P(None, "cp", None),
+        )(x)
+        results["short_segment_error"] = ""
+    except ValueError as error:
+        results["short_segment_error"] = str(error)
+    return results
+
+
 def main() -> None:
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     result = {
@@ -184,6 +234,7 @@ def main() -> None:
         "cell": cell_cases(),
         "extreme": extreme_cases(),
         "invalid": invalid_input_case(),
+        "conv": conv_halo_cases(),
     }
     print("RESULT " + json.dumps(result))
     sys.stdout.flush()

@@ -61,3 +61,20 @@ def test_context_parallel_invalid_input_reaches_only_later_outputs(results):
     assert case["later_nan"] and case["nan_only_there"], case
     assert case["grads_finite"], case
     assert case["grads_equal"] <= TOLERANCE, case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["cp2_s5", "cp4_s3", "cp8_s4"])
+def test_conv_halo_equals_one_device(results, case):
+    """The causal conv (K = 4) with its K - 1 steps of left context from the previous device
+    (`nn.context.with_left_context`, one ppermute): outputs and gradients (input, kernel, bias)
+    equal the conv on the whole sequence."""
+    conv = results["conv"][case]
+    assert conv["y"] <= TOLERANCE and conv["grads"] <= TOLERANCE, conv
+
+
+@pytest.mark.slow
+def test_conv_halo_needs_one_hop(results):
+    """A segment shorter than the conv's left context is a ValueError naming the axis and sizes."""
+    message = results["conv"]["short_segment_error"]
+    assert "'cp' has 2 steps" in message and "kernel size 4" in message, message
