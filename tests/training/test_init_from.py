@@ -242,3 +242,24 @@ def test_checksums_in_batches_equal_one_call(monkeypatch):
     monkeypatch.setattr(sums, "_BATCH_BYTES", 4096)
     assert len(sums._batches(leaves, list(range(len(leaves))))) > len(leaves) // 2
     assert sums.leaf_checksums(leaves) == whole
+
+
+def test_run_source_newest_or_a_given_checkpoint(tmp_path):
+    """A run directory gives its newest checkpoint; ``RUN/checkpoints/step_N`` that one."""
+    from xlstm_eqx.training.orbax_checkpoint import list_checkpoints, save_checkpoint
+
+    model, config, _ = load_init_model(HF)
+    run = save_eqx(model, config, str(tmp_path / "run"), tokenizer_file="bytes")
+    scaled = jax.tree.map(lambda x: x * 2 if isinstance(x, jax.Array) else x, model)
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    save_checkpoint(
+        tmp_path / "run" / "checkpoints", 7, {"model": scaled}, {"step": 7, "run_config": record}
+    )
+    tokens = jnp.asarray(np.arange(24).reshape(2, 12), jnp.int32)
+    newest, _, source = load_init_model(run)
+    assert source.step == 7 and source.tokenizer == {"kind": "bytes"}
+    np.testing.assert_array_equal(np.asarray(newest(tokens)), np.asarray(scaled(tokens)))
+    first = list_checkpoints(tmp_path / "run" / "checkpoints")[0][1]
+    given, _, source = load_init_model(first)
+    assert source.step == 0 and source.checkpoint == os.path.abspath(first)
+    np.testing.assert_array_equal(np.asarray(given(tokens)), np.asarray(model(tokens)))
