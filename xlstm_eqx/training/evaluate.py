@@ -13,6 +13,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
+from ..data.batch import batch_tokens
 from ..data.corpus import (
     check_token_ids,
     eval_windows,
@@ -20,6 +21,7 @@ from ..data.corpus import (
     unigram_bits_per_byte_from_counts,
 )
 from ..data.sources import Source, iter_capped_pieces, resolve_sources
+from ..data.token_file import TokenFile
 from ..data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -32,6 +34,7 @@ from ..models import MODEL_FAMILIES
 from . import checkpoint as npz_checkpoint, orbax_checkpoint
 from .checkpoint import CheckpointError
 from .config import TrainConfig
+from .finetune import LoRASettings, with_finetuning
 from .loss import bits_per_byte, evaluate_loss
 
 
@@ -128,7 +131,8 @@ def _load_checkpoint(path: str, shardings: Any) -> tuple[Any, dict[str, Any], in
         raise CheckpointError(f"checkpoint {path!r} has no usable run configuration")
     family = MODEL_FAMILIES[run["model_kind"]]
     model_config = family.config_from_dict(run["model_config"])
-    skeleton = eqx.filter_eval_shape(family.build, model_config, key=jr.key(0))
+    build = with_finetuning(family.build, LoRASettings.from_run_config(run))
+    skeleton = eqx.filter_eval_shape(build, model_config, key=jr.key(0))
     if npz:
         trees, _ = npz_checkpoint.restore_checkpoint(path, {"model": skeleton})
     else:
@@ -217,16 +221,18 @@ def evaluate_run(
         tokens, tokens_per_byte = _scoring_data(sources, tok, eod, tcfg, bs * nb, vocab)
         return _score(model, step, tokens, tokens_per_byte, tcfg.seq_len, bs, nb, None)
     corpus = _run_corpus(run, tok, tcfg, out_dir)
+    flags = None
     if sources:
         tokens, tokens_per_byte = _scoring_data(sources, tok, corpus.eod_id, tcfg, bs * nb, vocab)
         target_counts = np.bincount(tokens, minlength=vocab)
     else:
         tokens, tokens_per_byte = corpus.heldout_reader, corpus.heldout_tokens_per_byte
         target_counts = corpus.heldout_counts
+        flags = corpus.heldout_flags  # a fine-tuning run: its packed rows and loss mask
     unigram = unigram_bits_per_byte_from_counts(
         corpus.train_counts, target_counts, vocab, tokens_per_byte
     )
-    return _score(model, step, tokens, tokens_per_byte, tcfg.seq_len, bs, nb, unigram)
+    return _score(model, step, tokens, tokens_per_byte, tcfg.seq_len, bs, nb, unigram, flags)
 
 
 def _scoring_config(
@@ -267,6 +273,7 @@ def _run_corpus(run: dict[str, Any], tok: Tokenizer, tcfg: TrainConfig, out_dir:
         cache_dir=cache,
         expected=record.get("identity"),
         where=f"run {out_dir!r}",
+        packed_row=tcfg.seq_len + 1 if tcfg.data_format == "sft" else None,
     )
 
 
@@ -296,18 +303,21 @@ def _score(
     batch_size: int,
     max_batches: int,
     unigram: float | None,
+    flags: TokenFile | None = None,
 ) -> EvalResult:
     """Loss and bits per byte of `model` on up to `max_batches` batches of windows of `tokens`."""
-    batches = eval_windows(tokens, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+    batches = eval_windows(
+        tokens, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches, flags=flags
+    )
     loss = evaluate_loss(model, batches)
     return EvalResult(
         step=step,
         eval_loss=loss,
         bits_per_byte=bits_per_byte(loss, tokens_per_byte),
         unigram_bits_per_byte=unigram,
-        num_tokens=int(sum(b[:, 1:].size for b in batches)),
+        num_tokens=int(sum(batch_tokens(b)[:, 1:].size for b in batches)),
         available_tokens=int(len(tokens)),
         num_batches=len(batches),
-        batch_size=int(batches[0].shape[0]),
+        batch_size=int(batch_tokens(batches[0]).shape[0]),
         seq_len=int(seq_len),
     )

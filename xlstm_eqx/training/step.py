@@ -158,7 +158,7 @@ def make_train_step(
         batch_sharding=batch_sharding(mesh, pc, leading=1),
     )
 
-    def loss_fn(model: Any, tokens: Array, key: PRNGKeyArray) -> Float[Array, ""]:
+    def loss_fn(model: Any, tokens: Any, key: PRNGKeyArray) -> Float[Array, ""]:
         # FSDP weights gathered at use; on a cp mesh the forward runs split over the sequence
         gathered = gather_at_use(model, model_specs, mesh, pc)
         return next_token_loss(context_parallel(gathered, mesh, pc), tokens, key)
@@ -181,7 +181,7 @@ def _jitted_step(
     """The jitted update of `make_train_step`, its layouts pinned to ``layout``'s shardings
     (none without a mesh); differentiated and updated are the trainable leaves only."""
 
-    def loss_of_params(params: Any, tokens: Array, key: PRNGKeyArray, frozen: Any) -> Any:
+    def loss_of_params(params: Any, tokens: Any, key: PRNGKeyArray, frozen: Any) -> Any:
         return loss_fn(eqx.combine(params, frozen), tokens, key)
 
     loss_and_grad_params = eqx.filter_value_and_grad(loss_of_params)
@@ -216,8 +216,9 @@ def _jitted_step(
 
 
 def _with_frozen(
-    loss_and_grad: Callable[..., Any], params: Any, tokens: Array, key: PRNGKeyArray, frozen: Any
+    loss_and_grad: Callable[..., Any], params: Any, tokens: Any, key: PRNGKeyArray, frozen: Any
 ) -> Any:
+    # tokens: a (B, S+1) int array or a TokenBatch of them
     return loss_and_grad(params, tokens, key, frozen)
 
 
