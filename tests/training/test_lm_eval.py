@@ -123,7 +123,7 @@ def test_generate_until_stops_at_the_first_stop_string():
     assert whole == full
 
 
-def _mc_task(tmp_path):
+def mc_task(tmp_path):
     """A local multiple-choice task: lm-eval's YAML over a local JSONL file."""
     docs = [
         {"question": "The quick brown", "choices": ["fox", "zebra", "liquor"], "answer": 0},
@@ -149,6 +149,17 @@ def _mc_task(tmp_path):
     return str(tmp_path / "tasks"), docs
 
 
+def mc_accuracy(model, docs):
+    """The task's accuracy by hand: the choice with the highest log-likelihood after " "."""
+    adapter = LMEvalAdapter(model, ByteTokenizer(), max_length=64)
+    hits = []
+    for d in docs:
+        reqs = [SimpleNamespace(args=(d["question"], " " + c)) for c in d["choices"]]
+        scores = [lp for lp, _ in adapter.loglikelihood(reqs)]
+        hits.append(int(np.argmax(scores)) == d["answer"])
+    return float(np.mean(hits))
+
+
 def _orbax_task_left_to_gc(record: logging.LogRecord) -> bool:
     """asyncio's "Task exception was never retrieved" for one of orbax's reads."""
     text = record.getMessage() + (
@@ -164,7 +175,7 @@ def test_multiple_choice_task_through_the_cli(tmp_path, capsys, caplog):
     data.write_text(TEXT)
     cfg = toy_config(tmp_path, str(data), steps=6, lr=3e-2)
     train(cfg, log=quiet)
-    tasks, docs = _mc_task(tmp_path)
+    tasks, docs = mc_task(tmp_path)
     args = ["eval", "--out", cfg.out, "--tasks", "toy_mc", "--include-path", tasks]
     # An earlier test of the same worker that restored a damaged checkpoint can leave orbax's
     # failed read tasks to the garbage collector, which logs them on asyncio's logger whenever it
@@ -184,17 +195,9 @@ def test_multiple_choice_task_through_the_cli(tmp_path, capsys, caplog):
     with open(path) as f:
         results = json.load(f)
     acc = results["results"]["toy_mc"]["acc,none"]
-    # the same accuracy, by hand: the choice with the highest log-likelihood after " "
     from xlstm_eqx.training import load_run
 
-    model, _, _ = load_run(cfg.out)
-    adapter = LMEvalAdapter(model, ByteTokenizer(), max_length=64)
-    hits = []
-    for d in docs:
-        reqs = [SimpleNamespace(args=(d["question"], " " + c)) for c in d["choices"]]
-        scores = [lp for lp, _ in adapter.loglikelihood(reqs)]
-        hits.append(int(np.argmax(scores)) == d["answer"])
-    assert acc == pytest.approx(np.mean(hits))
+    assert acc == pytest.approx(mc_accuracy(load_run(cfg.out)[0], docs))
     assert math.isfinite(acc) and results["configs"]["toy_mc"]["output_type"] == "multiple_choice"
     # an unknown task directory is a one-line error
     assert main([*args[:-1], str(tmp_path / "none")]) == 2

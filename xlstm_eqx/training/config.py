@@ -189,6 +189,21 @@ class TrainConfig(Config):
     )
     tracker_project: str = field(default="xlstm-eqx", help="project name for wandb / trackio")
     profile_steps: str = field(default="", help="'A:B': write a jax.profiler trace of steps A to B")
+    # lm-eval tasks during training (training/lm_eval.py)
+    lm_eval_tasks: str = field(
+        default="",
+        help="lm-eval tasks (or groups), comma-separated, evaluated during training (needs the "
+        "'eval' extra); scores go to the trackers and DIR/lm_eval/step_*.json",
+    )
+    lm_eval_every: int = field(
+        default=0, check=NON_NEGATIVE, help="steps between lm-eval evaluations (0: at the end)"
+    )
+    lm_eval_limit: int | None = field(
+        default=None, check=POSITIVE, help="documents per lm-eval task (default: all)"
+    )
+    lm_eval_include_path: str = field(
+        default="", help="directory of your own lm-eval task YAML files"
+    )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -341,6 +356,10 @@ RESUMABLE_FIELDS = frozenset(
         "tracker",
         "tracker_project",
         "profile_steps",
+        "lm_eval_tasks",  # evaluations only read the model
+        "lm_eval_every",
+        "lm_eval_limit",
+        "lm_eval_include_path",
     }
 )
 

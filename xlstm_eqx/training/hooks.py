@@ -299,6 +299,10 @@ class MetricsHook(BaseHook):
         row = self.row
         return row if row is not None and row["step"] == step else None
 
+    def leave_out(self, seconds: float) -> None:
+        """Time spent outside the steps (an lm-eval evaluation) that the next rate leaves out."""
+        self._start += seconds
+
     def close(self) -> None:
         self.file.close()
 
@@ -317,6 +321,36 @@ class TrackerHook(BaseHook):
 
     def close(self) -> None:
         self.trackers.close()
+
+
+class LMEvalHook(BaseHook):
+    """`--lm-eval-tasks` at its cadence: ``evaluate(step, model)``'s scores go to the trackers
+    and the log; its time is left out of the next throughput."""
+
+    def __init__(
+        self,
+        cadence: Cadence,
+        evaluate: Callable[[int, PyTree], dict[str, float]],
+        trackers: Trackers,
+        metrics: MetricsHook,
+        console: Console,
+    ):
+        self.cadence = cadence
+        self.evaluate = evaluate
+        self.trackers = trackers
+        self.metrics = metrics
+        self.console = console
+
+    def __call__(self, record: StepRecord) -> None:
+        if not self.cadence.due(record.step):
+            return
+        record.host_values()  # a non-finite step stops the run before its evaluation
+        start = time.perf_counter()
+        scores = self.evaluate(record.step, record.model)
+        self.trackers.log({"step": record.step, **scores})
+        shown = ", ".join(f"{name.removeprefix('lm_eval/')} {v:.4f}" for name, v in scores.items())
+        self.console.say(f"step {record.step}: lm-eval {shown}")
+        self.metrics.leave_out(time.perf_counter() - start)
 
 
 class ProgressHook(BaseHook):

@@ -18,6 +18,7 @@ KV cache; a full-forward loop for models without either), stopping at the first 
 """
 
 import datetime
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -32,16 +33,18 @@ import numpy as np
 from ..core.files import write_atomic
 from ..data.tokenizer import Tokenizer, resolve_eod_id
 from ..generation import stream_generate
+from .config import TrainConfig
 from .evaluate import has_decode_api, sample_tokens
 
 
-def _import_lm_eval() -> Any:
+def import_lm_eval(flag: str = "--tasks") -> Any:
+    """The `lm_eval` package, or an ImportError saying that `flag` needs it and how to get it."""
     try:
         import lm_eval
         import lm_eval.api.model
     except ImportError as e:
         raise ImportError(
-            "--tasks needs the optional package `lm-eval` (pip install 'xlstm_eqx[eval]')"
+            f"{flag} needs the optional package `lm-eval` (pip install 'xlstm_eqx[eval]')"
         ) from e
     return lm_eval
 
@@ -204,7 +207,7 @@ class LMEvalAdapter:
         return out
 
     def as_lm(self) -> Any:
-        lm_eval = _import_lm_eval()
+        lm_eval = import_lm_eval()
         adapter = self
 
         class XLSTMEqxLM(lm_eval.api.model.LM):
@@ -231,16 +234,45 @@ def run_lm_eval(
     include_path: str | None = None,
     limit: int | float | None = None,
     num_fewshot: int | None = None,
+    name: str = "",
 ) -> tuple[dict[str, Any], str]:
     """lm-eval's `simple_evaluate` of `tasks` on the adapter; its results JSON is written to
-    `out_dir/lm_eval/results_<time>.json`. Returns (results, path)."""
-    lm_eval = _import_lm_eval()
+    `out_dir/lm_eval/<name or results_<time>.json>`. Returns (results, path)."""
+    manager = task_manager(tuple(tasks), include_path)
+    results = evaluate_tasks(adapter, tasks, manager, limit=limit, num_fewshot=num_fewshot)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(out_dir, "lm_eval", name or f"results_{stamp}.json")
+    write_results(results, path)
+    return results, path
+
+
+@functools.cache
+def task_manager(
+    tasks: tuple[str, ...],
+    include_path: str | None,
+    flags: tuple[str, str] = ("--tasks", "--include-path"),
+) -> Any:
+    """lm-eval's task index that holds every task of `tasks` (made once per arguments: indexing
+    lm-eval's own tasks takes about 20 s), else an error naming the unknown one. `flags`: the
+    options the errors name (the tasks', the include path's)."""
+    import_lm_eval(flags[0])
     from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable
 
     if include_path is not None and not os.path.isdir(include_path):
-        raise FileNotFoundError(f"--include-path {include_path!r} is not a directory")
-    manager = _task_manager(TaskManager, list(tasks), include_path)
+        raise FileNotFoundError(f"{flags[1]} {include_path!r} is not a directory")
+    return _task_manager(TaskManager, list(tasks), include_path, flags)
+
+
+def evaluate_tasks(
+    adapter: LMEvalAdapter,
+    tasks: Sequence[str],
+    manager: Any,
+    *,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+) -> dict[str, Any]:
+    """lm-eval's results of `tasks` (found in `manager`) on the adapter's model."""
+    lm_eval = import_lm_eval()
     results = lm_eval.simple_evaluate(
         model=adapter.as_lm(),
         tasks=list(tasks),
@@ -253,16 +285,35 @@ def run_lm_eval(
     )
     if results is None:
         raise RuntimeError("lm-eval returned no results")
-    folder = os.path.join(out_dir, "lm_eval")
-    os.makedirs(folder, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(folder, f"results_{stamp}.json")
+    return results
+
+
+def write_results(results: dict[str, Any], path: str) -> None:
+    """lm-eval's results as JSON at `path`, written atomically (its folder made if needed)."""
+    from lm_eval.utils import handle_non_serializable
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     text = json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-    return results, path
 
 
-def _task_manager(manager_cls: Any, tasks: list[str], include_path: str | None) -> Any:
+def score_table(results: dict[str, Any]) -> dict[str, float]:
+    """`{"lm_eval/<task>/<metric>": value}`: every numeric score of lm-eval's results (their
+    standard errors and the sample counts left out), for the metrics trackers."""
+    scores = {}
+    for task, metrics in sorted(results.get("results", {}).items()):
+        for key, value in metrics.items():
+            metric = key.removesuffix(",none")
+            if "_stderr" in metric or metric == "sample_len" or isinstance(value, bool):
+                continue
+            if isinstance(value, int | float):
+                scores[f"lm_eval/{task}/{metric}"] = float(value)
+    return scores
+
+
+def _task_manager(
+    manager_cls: Any, tasks: list[str], include_path: str | None, flags: tuple[str, str]
+) -> Any:
     """lm-eval's task index holding every name of `tasks`, else a ValueError naming the first
     unknown one. Tasks that are all plain tasks of --include-path are found without indexing
     lm-eval's own few thousand (about 20 s); a YAML file there that cannot be read (lm-eval
@@ -275,15 +326,15 @@ def _task_manager(manager_cls: Any, tasks: list[str], include_path: str | None) 
         why = _unreadable_task_files(include_path)
         if why:
             more = f" (and {len(why) - 1} more)" if len(why) > 1 else ""
-            raise ValueError(f"--tasks {missing[0]!r}: {why[0]}{more}")
+            raise ValueError(f"{flags[0]} {missing[0]!r}: {why[0]}{more}")
     manager = manager_cls(include_path=include_path) if include_path else manager_cls()
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known and not os.path.isfile(t)]
     if unknown:
-        where = f"lm-eval or --include-path {include_path!r}" if include_path else "lm-eval"
+        where = f"lm-eval or {flags[1]} {include_path!r}" if include_path else "lm-eval"
         raise ValueError(
-            f"--tasks: {unknown[0]!r} is not a task, group or tag of {where} (`lm-eval ls "
-            "tasks` lists them; --include-path DIR adds your own YAML tasks)"
+            f"{flags[0]}: {unknown[0]!r} is not a task, group or tag of {where} (`lm-eval ls "
+            f"tasks` lists them; {flags[1]} DIR adds your own YAML tasks)"
         )
     return manager
 
@@ -305,3 +356,53 @@ def _unreadable_task_files(include_path: str) -> list[str]:
             except Exception as e:  # lm-eval's loader raises what YAML and its checks raise
                 problems.append(f"task file {path!r} cannot be read: {' '.join(str(e).split())}")
     return problems
+
+
+# during training (--lm-eval-tasks)
+
+LM_EVAL_FLAGS = ("--lm-eval-tasks", "--lm-eval-include-path")
+
+
+def lm_eval_task_names(spec: str) -> tuple[str, ...]:
+    """The task names of a comma-separated `--lm-eval-tasks`."""
+    return tuple(t.strip() for t in spec.split(",") if t.strip())
+
+
+def check_lm_eval_tasks(cfg: TrainConfig) -> None:
+    """At the start of a run with `--lm-eval-tasks`: lm-eval is importable, the include path a
+    directory and every task known (errors name the flags), so a run never fails at its first
+    evaluation for these. The task index is kept for the run's evaluations."""
+    tasks = lm_eval_task_names(cfg.lm_eval_tasks)
+    if tasks:
+        task_manager(tasks, cfg.lm_eval_include_path or None, LM_EVAL_FLAGS)
+
+
+class TrainingLMEval:
+    """`--lm-eval-tasks` at a step: ``(step, model) -> {"lm_eval/<task>/<metric>": score}``;
+    lm-eval's results JSON goes to `out_dir/lm_eval/step_<step>.json` when `writer`."""
+
+    def __init__(
+        self, cfg: TrainConfig, tokenizer: Tokenizer, max_length: int, out_dir: str, writer: bool
+    ):
+        self.tasks = lm_eval_task_names(cfg.lm_eval_tasks)
+        self.manager = task_manager(self.tasks, cfg.lm_eval_include_path or None, LM_EVAL_FLAGS)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = cfg.batch_size
+        self.eod_token = cfg.eod_token
+        self.limit = cfg.lm_eval_limit
+        self.out_dir = out_dir
+        self.writer = writer
+
+    def __call__(self, step: int, model: Any) -> dict[str, float]:
+        adapter = LMEvalAdapter(
+            model,
+            self.tokenizer,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            eod_token=self.eod_token,
+        )
+        results = evaluate_tasks(adapter, self.tasks, self.manager, limit=self.limit)
+        if self.writer:
+            write_results(results, os.path.join(self.out_dir, "lm_eval", f"step_{step:08d}.json"))
+        return score_table(results)

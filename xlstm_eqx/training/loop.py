@@ -35,6 +35,7 @@ from ..core.console import print_line
 from ..data.loader import BatchLoader
 from .config import TrainConfig
 from .hooks import HostScalars, StepRecord, TrainingDivergedError
+from .lm_eval import check_lm_eval_tasks
 from .prepare import prepare_run, run_config_dict
 from .run_ends import TrainResult, begin_run_files, finish_run, log_model
 from .run_files import keep_source_tokenizer
@@ -64,6 +65,7 @@ def train(
     into the same directory is refused at once, naming the holder (`run_lock.py`).
     """
     cfg.validate()  # before the lock creates the directory
+    check_lm_eval_tasks(cfg)  # lm-eval installed and the tasks known, before any work
     if not cfg.out:  # config.json records where the run really is
         cfg = dataclasses.replace(cfg, out=cfg.out_dir())
     lock = hold_run_lock(cfg.out_dir()) if jax.process_index() == 0 else contextlib.nullcontext()

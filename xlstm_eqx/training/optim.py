@@ -155,7 +155,14 @@ def make_optimizer(
     chain = []
     if cfg.grad_clip is not None:
         chain.append(optax.clip_by_global_norm(cfg.grad_clip))
-    schedule = learning_rate_schedule(cfg)
+    chain.append(_optimizer(cfg, learning_rate_schedule(cfg), mask))
+    return optax.chain(*chain)
+
+
+def _optimizer(
+    cfg: TrainConfig, schedule: optax.Schedule, mask: PyTree
+) -> optax.GradientTransformation:
+    """`cfg.optimizer` with the learning-rate schedule and the weight-decay mask."""
     if cfg.optimizer == "adamw":
         opt = optax.adamw(
             schedule,
@@ -194,8 +201,7 @@ def make_optimizer(
         )
     else:
         raise ValueError(f"TrainConfig.optimizer: unknown optimizer {cfg.optimizer!r}")
-    chain.append(opt)
-    return optax.chain(*chain)
+    return opt
 
 
 def lr_at(schedule: optax.Schedule, count: int) -> float:

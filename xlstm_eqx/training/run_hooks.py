@@ -28,18 +28,20 @@ from .hooks import (
     HostScalars,
     InterruptHook,
     LastCheckpoint,
+    LMEvalHook,
     MetricsHook,
     ProfileHook,
     ProgressHook,
     TrackerHook,
 )
 from .host_sync import ProfileWindow
+from .lm_eval import TrainingLMEval
 from .loss import bits_per_byte, evaluate_loss
 from .optim import learning_rate_schedule, lr_at, wsd_decay_start
 from .orbax_checkpoint import CheckpointStore, latest_checkpoint, save_checkpoint
 from .prepare import PreparedRun
 from .run_files import InterruptFlag, write_partial_run_files
-from .trackers import open_trackers
+from .trackers import Trackers, open_trackers
 from .train_state import TrainState
 
 
@@ -104,10 +106,12 @@ class RunHooks:
     checkpoints: CheckpointHook
     decay_save: DecaySaveHook
     interrupt: InterruptHook
+    lm_eval: LMEvalHook | None = None
 
     def in_order(self) -> list[Hook]:
         hooks: list[Any] = [self.compile_notice, self.profile, self.evals, self.metrics]
-        hooks += [self.trackers, self.progress, self.checkpoints, self.decay_save, self.interrupt]
+        hooks += [self.trackers, self.lm_eval, self.progress, self.checkpoints]
+        hooks += [self.decay_save, self.interrupt]
         return [hook for hook in hooks if hook is not None]
 
     def before_step(self, step: int) -> None:
@@ -167,7 +171,21 @@ class RunHooks:
             checkpoints=checkpoints,
             decay_save=DecaySaveHook(Cadence.of(at=decay_at), _decay_saver(run)),
             interrupt=interrupt,
+            lm_eval=_lm_eval_hook(run, trackers, metrics, console),
         )
+
+
+def _lm_eval_hook(
+    run: Run, trackers: Trackers, metrics: MetricsHook, console: Console
+) -> LMEvalHook | None:
+    """`--lm-eval-tasks` every `--lm-eval-every` steps and at the last one (None: no tasks)."""
+    cfg, p = run.cfg, run.prepared
+    if not cfg.lm_eval_tasks.strip():
+        return None
+    max_length = getattr(p.model_config, "context_length", None) or cfg.seq_len
+    evaluate = TrainingLMEval(cfg, p.tokenizer, int(max_length), run.out, run.writer)
+    cadence = Cadence.of(cfg.lm_eval_every, [cfg.steps])
+    return LMEvalHook(cadence, evaluate, trackers, metrics, console)
 
 
 def held_out_evaluator(p: PreparedRun) -> Callable[[PyTree], tuple[float, float]]:
