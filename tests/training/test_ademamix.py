@@ -2,15 +2,19 @@
 NumPy (with the reference trainer's alpha and beta3 warmups and the kernels-only weight decay),
 and a tiny run trains with it."""
 
+import json
 import math
 
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import pytest
 
+from tests.corpus import TEXT
 from tests.training.test_train import ToyConfig, ToyLM, quiet, toy_config
-from xlstm_eqx.training import TrainConfig, make_optimizer, train, trainable_params
+from xlstm_eqx.cli import main
+from xlstm_eqx.training import TrainConfig, make_optimizer, read_metrics, train, trainable_params
 
 
 NAMES = ("embedding", "kernel", "bias", "head_kernel")
@@ -87,3 +91,27 @@ def test_ademamix_run_trains(tmp_path, data_file):
     first = np.mean([result.losses[s] for s in (1, 2)])
     last = np.mean([result.losses[s] for s in (11, 12)])
     assert last < first - 0.3, (first, last)
+
+
+@pytest.mark.slow
+def test_cli_ademamix_with_relative_paths(tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.txt").write_text(TEXT)
+    monkeypatch.chdir(work)
+    args = ["train", "--model", "toy", "--preset", "tiny", "--data", "data.txt", "--out", "run"]
+    args += ["--seq-len", "16", "--batch-size", "2", "--steps", "3", "--no-progress"]
+    args += ["--sample-tokens", "0", "--eval-batches", "1", "--optimizer", "ademamix"]
+    assert main([*args, "--beta3", "1.0"]) == 2
+    assert "--beta3 (TrainConfig.beta3)" in capsys.readouterr().err
+    assert main([*args, "--beta3", "0.999", "--alpha", "5", "--ademamix-warmup-steps", "2"]) == 0
+    with open("run/config.json") as f:
+        train_cfg = json.load(f)["train"]
+    assert (train_cfg["optimizer"], train_cfg["beta3"], train_cfg["alpha"]) == (
+        "ademamix",
+        0.999,
+        5,
+    )
+    assert train_cfg["ademamix_warmup_steps"] == 2
+    rows = read_metrics("run/metrics.jsonl")
+    assert [r["step"] for r in rows][-1] == 3 and all(math.isfinite(r["loss"]) for r in rows)

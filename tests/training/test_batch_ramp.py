@@ -130,7 +130,11 @@ def test_ramp_errors_name_the_field(tmp_path, data_file):
 
 
 def _cli(args, cwd, devices):
-    cmd = [sys.executable, "-m", "xlstm_eqx.cli", *args]
+    """`xlstm-eqx ARGS` in a subprocess with `devices` simulated devices, the toy model family
+    registered (as a plugin would)."""
+    code = "import sys, tests.training.test_train; from xlstm_eqx.cli import main; "
+    code += "sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, *args]
     return subprocess.run(cmd, cwd=cwd, env=worker_env(devices), capture_output=True, text=True)
 
 
@@ -141,7 +145,7 @@ def test_cli_ramp_on_a_two_device_mesh(tmp_path):
     work = tmp_path / "work"
     (work / "data").mkdir(parents=True)
     (work / "data" / "text.txt").write_text(TEXT)
-    args = ["train", "--model", "xlstm", "--preset", "tiny", "--data", "data/text.txt"]
+    args = ["train", "--model", "toy", "--preset", "tiny", "--data", "data/text.txt"]
     args += ["--out", "runs/ramp", "--seq-len", "16", "--batch-size", "4", "--steps", "2"]
     args += ["--no-progress", "--sample-tokens", "0", "--eval-batches", "1", "--log-every", "1"]
     args += ["--mesh", "dp=2", "--batch-rampup-steps", "1", "--warmup-steps", "0"]
