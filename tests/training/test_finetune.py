@@ -17,6 +17,7 @@ from xlstm_eqx.training.finetune import (
     DEFAULT_LORA_TARGETS,
     LoRASettings,
     add_lora,
+    finetune_memory,
     merge_lora,
     param_path,
     trainable_count,
@@ -147,3 +148,15 @@ def test_bad_patterns_and_targets_are_named():
         trainable_mask(model, "(")
     with pytest.raises(ValueError, match=r"--lora-targets: \['dense_x'\]"):
         add_lora(model, LoRASettings(2, 2.0, targets=("dense_q", "dense_x")), jr.key(1))
+
+
+def test_finetune_memory_from_counts():
+    base = _model(tiny_xlstm)
+    n = _array_count(base)
+    for dtype, base_bytes in (("float32", 4 * n), ("bfloat16", 2 * n)):
+        memory = finetune_memory(base, LoRASettings(2, 2.0, base_dtype=dtype), 4 * n, 1000)
+        adapters = _expected_lora_count(base, 2)
+        assert (memory.num_params, memory.num_adapter_params) == (n, adapters)
+        assert memory.full_bytes == 4 * 4 * n + 1000  # params, grads, two moments + activations
+        assert memory.lora_bytes == base_bytes + 4 * 4 * adapters + 1000
+        assert memory.lines(1e-9)[-1].endswith("does NOT fit in 1e-09 GiB")

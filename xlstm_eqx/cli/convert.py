@@ -15,6 +15,13 @@ Formats (``--from`` / ``--to``):
   tokenizer when known) and ``OUT/checkpoints/step_00000000/`` (an orbax checkpoint), which
   ``xlstm-eqx eval/generate --out OUT`` and `load_run` read; as input, any training run
   directory (its newest checkpoint).
+- ``peft`` (output only): the LoRA adapter alone in PEFT's format (``adapter_config.json`` +
+  ``adapter_model.safetensors``, transformers' module names) for
+  ``peft.PeftModel.from_pretrained(xLSTMForCausalLM, dir)``.
+
+A model with LoRA adapters (a ``--lora-rank`` run, or ``--from hf --adapter DIR``) is written
+merged (``--merge-lora``: ``W + alpha/r · A B``, the base architecture, any format) or as its
+adapter (``--to peft``).
 """
 
 import argparse
@@ -32,6 +39,7 @@ from ..data.tokenizer import load_tokenizer
 from ..generation import generate
 from ..interop.common import InteropError
 from ..interop.hf import from_hf_pretrained, to_hf
+from ..interop.peft import from_peft_pretrained, write_peft_adapter
 from ..interop.runs import (
     family_name_of,
     hf_directory_tokenizer,
@@ -42,15 +50,20 @@ from ..interop.runs import (
 )
 from ..interop.xlstm_jax import from_xlstm_jax, to_xlstm_jax, xlstm_jax_config
 from ..interop.xlstm_jax_files import load_xlstm_jax_params, save_xlstm_jax_params
+from ..training.finetune import has_lora, merge_lora
 
 
 FORMATS = ("hf", "xlstm-jax", "eqx")
+OUTPUT_FORMATS = (*FORMATS, "peft")
 
 
 def _load(fmt: str, path: str, args: argparse.Namespace) -> tuple[Any, Any, str | None, int | None]:
     """``(model, config, tokenizer, step)``; the step of the checkpoint read (eqx only)."""
     if fmt == "hf":
-        model, config = from_hf_pretrained(path, dtype=args.dtype)
+        if args.adapter:
+            model, config = from_peft_pretrained(path, args.adapter, dtype=args.dtype)
+        else:
+            model, config = from_hf_pretrained(path, dtype=args.dtype)
         return model, config, hf_directory_tokenizer(path), None
     if fmt == "xlstm-jax":
         cfg_path = args.config or os.path.join(
@@ -74,7 +87,7 @@ def _convert_parser() -> argparse.ArgumentParser:
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="src", required=True, choices=FORMATS, help="input format")
-    p.add_argument("--to", dest="dst", required=True, choices=FORMATS, help="output format")
+    p.add_argument("--to", dest="dst", required=True, choices=OUTPUT_FORMATS, help="output format")
     p.add_argument("path", metavar="PATH", help="input checkpoint (directory or file)")
     p.add_argument("out", metavar="OUT", help="output directory (xlstm-jax: a .safetensors file)")
     p.add_argument(
@@ -94,6 +107,16 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write into a non-empty OUT (its files of the same names are replaced; never the "
         "input's own directory)",
+    )
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="fold the input's LoRA adapters into its kernels and write the merged model",
+    )
+    p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="hf input: a PEFT LoRA adapter directory to load onto it",
     )
     p.add_argument(
         "--max-shard-size",
@@ -131,10 +154,16 @@ def run_convert(args: argparse.Namespace) -> int:
     _check_target(args)
     if args.tokenizer is not None:
         load_tokenizer(args.tokenizer)  # a bad --tokenizer fails before the model is read
+    if args.adapter and args.src != "hf":
+        raise ValueError("--adapter: a PEFT adapter goes onto an hf input (--from hf)")
     model, config, tokenizer, step = _load(args.src, args.path, args)
+    model = _lora_for_output(model, args)
     tokenizer = args.tokenizer or tokenizer
     source = {"format": args.src, "path": os.path.abspath(args.path)}
-    if args.dst == "eqx":
+    if args.dst == "peft":
+        base = os.path.abspath(args.path) if args.src == "hf" else ""
+        write_peft_adapter(model, args.out, base=base)
+    elif args.dst == "eqx":
         save_eqx(model, config, args.out, tokenizer_file=tokenizer, source=source)
     elif args.dst == "hf":
         to_hf(
@@ -155,6 +184,26 @@ def run_convert(args: argparse.Namespace) -> int:
     what = args.path if step is None else f"{args.path} (step {step})"
     print(f"converted {args.src} {what} -> {args.dst} {args.out}")
     return 0
+
+
+def _lora_for_output(model: Any, args: argparse.Namespace) -> Any:
+    """The model to write: merged with ``--merge-lora``; a LoRA model otherwise only as its
+    adapter (``--to peft``)."""
+    adapted = has_lora(model)
+    if args.merge_lora and args.dst == "peft":
+        raise ValueError(
+            "--merge-lora writes a merged model, --to peft the adapter alone: not both"
+        )
+    if args.merge_lora and not adapted:
+        raise ValueError(f"--merge-lora: {args.path!r} holds no LoRA adapter")
+    if args.dst == "peft" and not adapted:
+        raise ValueError(f"--to peft: {args.path!r} holds no LoRA adapter")
+    if adapted and args.dst != "peft" and not args.merge_lora:
+        raise ValueError(
+            f"{args.path!r} holds LoRA adapters: pass --merge-lora (the merged model) or "
+            "--to peft (the adapter alone)"
+        )
+    return merge_lora(model) if args.merge_lora else model
 
 
 def _run_guarded(run: Any, args: argparse.Namespace, prog: str) -> int:

@@ -25,6 +25,7 @@ from ..parallel.memory import (
     size_text,
 )
 from ..training.config import TrainConfig, resolve_model_config
+from ..training.finetune import LoRASettings, finetune_memory
 from ..training.preflight import check_mesh
 
 
@@ -76,6 +77,19 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
     )
     for flag, kind, default, metavar, text in _CONTEXT_FLAGS:
         p.add_argument(flag, type=_positive(kind), default=default, metavar=metavar, help=text)
+    p.add_argument(
+        "--lora-rank",
+        type=_positive(int),
+        default=None,
+        metavar="R",
+        help="also bytes per device of LoRA fine-tuning at rank R against full fine-tuning",
+    )
+    p.add_argument(
+        "--lora-base-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="with --lora-rank: the frozen base's stored dtype",
+    )
     p.add_argument(
         "--hosts",
         type=int,
@@ -129,6 +143,25 @@ def _context_lines(
             f"that fits on this mesh: {best:,} (power of two: {pow2:,})"
         )
     return lines
+
+
+def _lora_lines(
+    skeleton: Any, config: ModelConfig, args: argparse.Namespace, report: MemoryReport | None
+) -> list[str]:
+    """``--lora-rank``: full vs LoRA fine-tuning per device (training/finetune.py), with the
+    activations of ``--seq-len`` when given."""
+    settings = LoRASettings(args.lora_rank, float(args.lora_rank), base_dtype=args.lora_base_dtype)
+    per_device = report.param_bytes_per_device if report else 4 * count_params(skeleton)
+    activations = 0
+    if report is not None and (args.seq_len or args.device_memory):
+        pc = getattr(config, "parallel", None)
+        cp = report.mesh.get(getattr(pc, "context_axis_name", "cp"), 1)
+        seq_len = args.seq_len or max(getattr(config, "context_length", 2048), 1)
+        state = decode_state_bytes(config, args.batch_per_device)
+        model = activation_model(config, batch=args.batch_per_device)
+        activations = activation_report(model, seq_len, cp, state_bytes=state).total_bytes
+    memory = finetune_memory(skeleton, settings, per_device, activations)
+    return memory.lines(args.device_memory)
 
 
 def _summary_lines(d: dict[str, Any], prefix: str = "") -> list[str]:
@@ -197,6 +230,7 @@ def run_info_command(args: argparse.Namespace) -> int:
     print(f"model: {kind} ({label})")
     print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
     context = args.seq_len is not None or args.device_memory is not None
+    report = None
     if args.mesh or context:
         parallel = check_mesh(args.mesh, config, what_if=True) if args.mesh else None
         if parallel is not None and isinstance(config, Config) and hasattr(config, "parallel"):
@@ -207,6 +241,8 @@ def run_info_command(args: argparse.Namespace) -> int:
             print("\n".join(_context_lines(config, report, args)))
         else:
             print("  (parameters and AdamW state only: gradients and activations come on top)")
+    if args.lora_rank:
+        print("\n".join(_lora_lines(skeleton, config, args, report)))
     print("config:")
     print("\n".join(_summary_lines(config.to_dict())))
     return 0

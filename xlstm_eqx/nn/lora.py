@@ -103,6 +103,10 @@ class LoRADense(Dense, _Adapter):
         kernel = (self.kernel.astype(jnp.float32) + delta).astype(self.kernel.dtype)
         return _copy_as(Dense, self, kernel=kernel)
 
+    def without_adapter(self) -> Dense:
+        """The base layer alone (its kernel and bias as stored)."""
+        return _copy_as(Dense, self)
+
 
 class LoRADenseGeneral(DenseGeneral, _Adapter):
     """`DenseGeneral` + ``scale · (x A) B`` over the flattened in/out axes: A
@@ -134,6 +138,10 @@ class LoRADenseGeneral(DenseGeneral, _Adapter):
         delta = delta.reshape(self.kernel.shape)
         kernel = (self.kernel.astype(jnp.float32) + delta).astype(self.kernel.dtype)
         return _copy_as(DenseGeneral, self, kernel=kernel)
+
+    def without_adapter(self) -> DenseGeneral:
+        """The base layer alone (its kernel and bias as stored)."""
+        return _copy_as(DenseGeneral, self)
 
 
 class LoRAHeadwise(LinearHeadwiseExpand, _Adapter):
@@ -168,6 +176,10 @@ class LoRAHeadwise(LinearHeadwiseExpand, _Adapter):
         delta = jnp.einsum("...pdr,...pro->...pod", self.lora_a, self.lora_b) * self.scale
         kernel = (self.kernel.astype(jnp.float32) + delta).astype(self.kernel.dtype)
         return _copy_as(LinearHeadwiseExpand, self, kernel=kernel)
+
+    def without_adapter(self) -> LinearHeadwiseExpand:
+        """The base layer alone (its kernel and bias as stored)."""
+        return _copy_as(LinearHeadwiseExpand, self)
 
 
 LoRALayer = LoRADense | LoRADenseGeneral | LoRAHeadwise

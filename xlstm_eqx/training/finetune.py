@@ -27,11 +27,14 @@ from ..xlstm.slstm import sLSTMLayer
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
+    "FinetuneMemory",
+    "finetune_memory",
     "LoRASettings",
     "add_lora",
     "has_lora",
     "merge_lora",
     "param_path",
+    "strip_lora",
     "trainable_mask",
     "trainable_count",
     "with_finetuning",
@@ -82,6 +85,21 @@ class LoRASettings:
         alpha = float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha)
         targets = tuple(cfg.lora_targets) or DEFAULT_LORA_TARGETS
         return cls(int(cfg.lora_rank), alpha, targets, cfg.lora_base_dtype)
+
+    @classmethod
+    def from_run_config(cls, run: dict[str, Any]) -> "LoRASettings | None":
+        """The settings a run was trained with (its recorded ``train`` fields; None: no LoRA),
+        so its checkpoints, which hold the adapted model, are read into the right skeleton."""
+        train = run.get("train")
+        if not isinstance(train, dict):
+            return None
+        rank = train.get("lora_rank") or 0
+        if not isinstance(rank, int) or rank <= 0:
+            return None
+        alpha = train.get("lora_alpha")
+        targets = tuple(train.get("lora_targets") or ()) or DEFAULT_LORA_TARGETS
+        dtype = str(train.get("lora_base_dtype") or "float32")
+        return cls(rank, float(rank if alpha is None else alpha), targets, dtype)
 
 
 def param_path(path: Sequence[Any]) -> str:
@@ -151,6 +169,15 @@ def merge_lora(model: PyTree) -> PyTree:
     )
 
 
+def strip_lora(model: PyTree) -> PyTree:
+    """``model`` without its adapters: the base it was adapted from (base arrays as stored)."""
+    return jax.tree.map(
+        lambda x: x.without_adapter() if isinstance(x, _LORA_LAYERS) else x,
+        model,
+        is_leaf=lambda x: isinstance(x, _LORA_LAYERS),
+    )
+
+
 def _is_float_leaf(x: Any) -> bool:
     if isinstance(x, jax.ShapeDtypeStruct):
         return bool(jnp.issubdtype(x.dtype, jnp.inexact))
@@ -209,3 +236,75 @@ def with_finetuning(build: Callable[..., Any], settings: LoRASettings | None) ->
         return add_lora(build(config, key=model_key), settings, lora_key)
 
     return build_with_lora
+
+
+# memory of full vs LoRA fine-tuning (`xlstm-eqx info --lora-rank`)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneMemory:
+    """Bytes per device of a train step's state, full fine-tuning vs LoRA (AdamW: two float32
+    moments per trainable scalar; gradients float32 for the trainable leaves only). The base's
+    parameters are sharded as the mesh shards them (``param_bytes_per_device``, float32); the
+    adapters are replicated (`nn.lora`: their axes are REPLICATED); activations are the same
+    for both (the backward still runs through every layer)."""
+
+    rank: int
+    base_dtype: str
+    num_params: int
+    num_adapter_params: int
+    param_bytes_per_device: int
+    activation_bytes: int = 0
+
+    @property
+    def full_bytes(self) -> int:
+        """Parameters + gradients + two moments, all float32 and sharded."""
+        return 4 * self.param_bytes_per_device + self.activation_bytes
+
+    @property
+    def lora_bytes(self) -> int:
+        """The frozen base (in ``base_dtype``) + the adapters with their gradients and moments."""
+        base = self.param_bytes_per_device * jnp.dtype(self.base_dtype).itemsize // 4
+        return base + 4 * 4 * self.num_adapter_params + self.activation_bytes
+
+    def lines(self, device_memory_gib: float | None = None) -> list[str]:
+        share = self.num_adapter_params / max(1, self.num_params)
+        act = " + activations" if self.activation_bytes else ""
+        rows = [
+            f"fine-tuning per device (params + grads + AdamW{act}):",
+            f"  full:        {_gib(self.full_bytes)}",
+            f"  LoRA r={self.rank}:  {_gib(self.lora_bytes)} (base {self.base_dtype}, frozen; "
+            f"{self.num_adapter_params:,} adapter parameters = {share:.3%} of "
+            f"{self.num_params:,}, replicated)",
+        ]
+        if device_memory_gib is not None:
+            budget = device_memory_gib * 2**30
+            for name, total in (("full", self.full_bytes), ("LoRA", self.lora_bytes)):
+                verdict = "fits" if total <= budget else "does NOT fit"
+                rows.append(f"  {name} {verdict} in {device_memory_gib:g} GiB")
+        return rows
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def finetune_memory(
+    skeleton: PyTree,
+    settings: LoRASettings,
+    param_bytes_per_device: int,
+    activation_bytes: int = 0,
+) -> FinetuneMemory:
+    """`FinetuneMemory` of a model skeleton (``eqx.filter_eval_shape`` of its build: nothing is
+    allocated) with ``settings``' adapters."""
+    adapted = eqx.filter_eval_shape(add_lora, skeleton, settings, jr.key(0))
+    total = sum(int(x.size) for x in jax.tree.leaves(adapted) if _is_float_leaf(x))
+    adapters = trainable_count(adapted)
+    return FinetuneMemory(
+        rank=settings.rank,
+        base_dtype=settings.base_dtype,
+        num_params=total - adapters,
+        num_adapter_params=adapters,
+        param_bytes_per_device=param_bytes_per_device,
+        activation_bytes=activation_bytes,
+    )

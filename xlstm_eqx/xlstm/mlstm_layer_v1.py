@@ -88,7 +88,11 @@ class mLSTMLayerV1(eqx.Module):
         and o of a single token (B = S = 1), where it equals the four products bit for bit (a
         row times a matrix; with more rows XLA:CPU blocks the product differently)."""
         dense = (self.dense_q, self.dense_k, self.dense_v, self.dense_o)
-        if any(d.bias is not None or d.dtype != self.dense_q.dtype for d in dense):
+        # (LoRA-adapted projections, Dense subclasses, keep their own products)
+        if any(
+            type(d) is not Dense or d.bias is not None or d.dtype != self.dense_q.dtype
+            for d in dense
+        ):
             return self
         kernel = jnp.concatenate([d.kernel for d in dense], axis=-1)
         return eqx.tree_at(lambda m: m.decode_kernel, self, kernel, is_leaf=lambda x: x is None)
