@@ -15,6 +15,9 @@ Generation (`generate_until`): greedy, through the library's `stream_generate` (
 KV cache; a full-forward loop for models without either), stopping at the first of the request's
 `until` strings (cut off) or after `max_gen_toks` tokens; the prompt keeps its last
 `max_length - max_gen_toks` tokens.
+
+During training (`--lm-eval-tasks`, `TrainingLMEval` run by `hooks.LMEvalHook`): the same adapter
+over the step's model; the task index is built once, when the run starts (`check_lm_eval_tasks`).
 """
 
 import datetime
