@@ -25,6 +25,7 @@ from xlstm_eqx.parallel.mesh import make_mesh
 from xlstm_eqx.training.config import TrainConfig
 from xlstm_eqx.training.init_from import load_init_model
 from xlstm_eqx.training.loop import train
+from xlstm_eqx.training.prepare import prepare_run
 from xlstm_eqx.training.run_files import read_metrics
 from xlstm_eqx.xlstm.model import xLSTMLMModel
 
@@ -32,7 +33,7 @@ from xlstm_eqx.xlstm.model import xLSTMLMModel
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "interop", "hf_train")
 
 
-def _bytes(tmp: str) -> dict:
+def _bytes(tmp: str, corpus: str) -> dict:
     with open(os.path.join(FIXTURE, "config.json")) as fh:
         hf = json.load(fh)
     hf.update(
@@ -47,12 +48,25 @@ def _bytes(tmp: str) -> dict:
     path = to_hf(xLSTMLMModel(config, key=jr.key(0)), config, os.path.join(tmp, "big"))
     mesh = make_mesh(ParallelConfig(data_axis_size=1, fsdp_axis_size=8))
     model, _ = from_hf_pretrained(path, mesh=mesh)
+    init_model, _, _ = load_init_model(path, mesh=mesh)  # --init-from's loader, same default
+    out = os.path.join(tmp, "prepared")
+    cfg = TrainConfig(init_from=path, data=[corpus], eod_token="none", mesh="fsdp=8", out=out)
+    return {
+        "leaves": _leaf_bytes(model),
+        "init_leaves": _leaf_bytes(init_model),
+        "train_fsdp_modules": prepare_run(cfg).model_config.parallel.fsdp_modules,
+        "min_weight_size": ParallelConfig().fsdp_min_weight_size,
+    }
+
+
+def _leaf_bytes(model) -> list[list[int]]:
+    """``[elements, bytes, bytes on the fullest device]`` of each array leaf."""
     leaves = []
     for leaf in jax.tree.leaves(model):
         if isinstance(leaf, jax.Array):
             fullest = max(s.data.nbytes for s in leaf.addressable_shards)
             leaves.append([int(leaf.size), int(leaf.nbytes), int(fullest)])
-    return {"leaves": leaves, "min_weight_size": ParallelConfig().fsdp_min_weight_size}
+    return leaves
 
 
 def _logits() -> float:
@@ -99,7 +113,7 @@ def _losses(tmp: str, corpus: str) -> dict:
 
 def main() -> None:
     tmp, corpus = sys.argv[1], sys.argv[2]
-    result = {"bytes": _bytes(tmp), "logits": _logits(), "losses": _losses(tmp, corpus)}
+    result = {"bytes": _bytes(tmp, corpus), "logits": _logits(), "losses": _losses(tmp, corpus)}
     print("RESULT " + json.dumps(result), flush=True)
 
 

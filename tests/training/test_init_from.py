@@ -204,6 +204,8 @@ def test_from_hf_pretrained_shards_by_the_mesh(eight):
     assert all(fullest * 8 <= whole for whole, fullest in big)
     rest = sum(whole for size, whole, _ in leaves if size <= small)
     assert sum(f for _, _, f in leaves) <= sum(w for _, w, _ in leaves) / 8 + rest
+    assert eight["bytes"]["init_leaves"] == leaves  # load_init_model(path, mesh=) alike
+    assert eight["bytes"]["train_fsdp_modules"] == ["Embed", "LMHead", "mLSTMBlock"]
 
 
 @pytest.mark.slow
