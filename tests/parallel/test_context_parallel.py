@@ -2,12 +2,24 @@
 the step's inputs; multi-device equivalence to one device in subprocesses
 (``tests/parallel/context_worker.py``) with 8 simulated CPU devices."""
 
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from tests.corpus import write_corpus
+from tests.multiprocess import collect, once_per_session, start_worker, worker_env, worker_result
+from tests.parallel.context_worker import CHUNK, MESHES
 from xlstm_eqx.core.parallel_config import ParallelConfig
 from xlstm_eqx.parallel import axis_sizes, make_mesh, parse_mesh_spec
+from xlstm_eqx.parallel.context import check_sequence_split
 from xlstm_eqx.parallel.rules import batch_spec, sequence_spec
+from xlstm_eqx.presets import tiny_xlstm
+from xlstm_eqx.training import read_metrics
+from xlstm_eqx.training.preflight import check_mesh
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,3 +79,89 @@ def test_parse_context_axis_errors():
         parse_mesh_spec("cp=0")
     with pytest.raises(ValueError, match="axis 'context' is given twice"):
         parse_mesh_spec("cp=2,context=2")
+
+
+# ----------------------------------------------------------------------------------------------
+# 8 simulated devices (subprocesses, tests/parallel/context_worker.py)
+
+
+def _run_workers(tmp: pathlib.Path) -> dict:
+    procs = {
+        name: start_worker("tests.parallel.context_worker", args, 8, tmp)
+        for name, args in {
+            "mlstm": ["equiv", "mlstm"],
+            "mlstm_v1": ["equiv", "mlstm_v1"],
+            "train": ["train"],
+        }.items()
+    }
+    return {name: collect(name, p, timeout=1800) for name, p in procs.items()}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """The workers, once per session, concurrently."""
+    return once_per_session(tmp_path_factory, "context_parallel", _run_workers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer_type", ["mlstm", "mlstm_v1"])
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("kind", ["multiple", "not_multiple"])
+def test_loss_and_grads_equal_one_device(results, layer_type, mesh, kind):
+    """Loss and gradients (float32) with document borders on segment boundaries and inside
+    segments, S a multiple of cp × chunk or not, equal the one-device run's to 1e-5 relative."""
+    r = worker_result(results[layer_type])[f"{mesh}/{kind}"]
+    cp = parse_mesh_spec(mesh).context_axis_size
+    multiple = r["seq"] % (cp * CHUNK) == 0
+    assert multiple == (kind == "multiple")
+    assert r["loss"] <= 1e-5, r
+    assert r["grad_norm_rel"] <= 1e-5 and r["grad_max_rel"] <= 1e-5, r
+
+
+@pytest.mark.slow
+def test_training_on_cp4_follows_one_device(results):
+    """20 optimizer steps on cp=4 log the one-device run's losses (<= 1e-4 relative per step)."""
+    losses = worker_result(results["train"])
+    one, split = np.asarray(losses["one"]), np.asarray(losses["cp=4"])
+    assert len(one) == len(split) == 20 and one[-1] < one[0]  # it trains
+    np.testing.assert_allclose(split, one, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_train_on_cp2_from_another_directory(tmp_path):
+    """`xlstm-eqx train --mesh cp=2` with relative paths from another working directory trains;
+    a --seq-len that cp does not divide is refused naming the flag, before anything is written."""
+    work = tmp_path / "work"
+    write_corpus(work / "data", "text.txt")
+    args = ["train", "--preset", "tiny", "--data", "data/text.txt", "--out", "runs/cp"]
+    args += ["--batch-size", "2", "--steps", "2", "--no-progress", "--sample-tokens", "0"]
+    args += ["--eval-batches", "1", "--log-every", "1", "--mesh", "cp=2", "--warmup-steps", "0"]
+    env = worker_env(2)
+    cli = [sys.executable, "-m", "xlstm_eqx.cli"]
+    bad = subprocess.run(
+        [*cli, *args, "--seq-len", "15"], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "--seq-len (TrainConfig.seq_len) = 15 is not divisible" in bad.stderr
+    assert "cp=2" in bad.stderr and not (work / "runs" / "cp").exists()
+    good = subprocess.run(
+        [*cli, *args, "--seq-len", "16"], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert good.returncode == 0, good.stderr[-3000:]
+    rows = read_metrics(str(work / "runs" / "cp" / "metrics.jsonl"))
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_sequence_split_errors_name_the_length():
+    """S not divisible by cp: an error naming the flag and both numbers, before any run starts
+    (the trainer's preflight; the step itself checks each batch the same way)."""
+    config = tiny_xlstm()
+    check_mesh("cp=4", config, what_if=True, seq_len=16)
+    with pytest.raises(
+        ValueError, match=r"--seq-len \(TrainConfig.seq_len\) = 15 is not divisible"
+    ):
+        check_mesh("cp=2,dp=2", config, what_if=True, seq_len=15)
+    with pytest.raises(ValueError, match=r"sequence length S = 6 .* size cp=4 .* e.g. 4"):
+        check_sequence_split(6, 4, "cp")
+    check_sequence_split(6, 1, "cp")  # no cp axis: anything goes

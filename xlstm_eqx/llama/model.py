@@ -275,6 +275,9 @@ class LlamaTransformer(eqx.Module):
     mask_across_document_boundaries: bool = eqx.field(static=True)
     causal: bool = eqx.field(static=True)
     logits_soft_cap: float | None = eqx.field(static=True)
+    # the context-parallel axis inside `parallel.context_parallel`'s shard_map (None: off); the
+    # default RoPE positions of a segment then start at its offset in the whole sequence
+    context_axis: str | None = eqx.field(static=True)
     # the reference's names of the embedding and the LM head (fsdp_modules / remat)
     field_reference_names: ClassVar[Mapping[str, str | None]] = {
         "token_embedding": "Embed",
@@ -313,6 +316,7 @@ class LlamaTransformer(eqx.Module):
         self.logits_soft_cap = (
             None if config.logits_soft_cap is None else float(config.logits_soft_cap)
         )
+        self.context_axis = None
 
     @jax.named_scope("LMHead")
     def _head(self, x: Float[Array, "B S D"]) -> Float[Array, "B S V"]:
@@ -333,7 +337,8 @@ class LlamaTransformer(eqx.Module):
           ``mask_across_document_boundaries``: tokens then attend only within their document
           (document index = cumsum of the borders).
         - ``positions``: RoPE positions (e.g. restarting at 0 in each document, as the reference
-          trainer passes them); default ``arange(S)``.
+          trainer passes them); default ``arange(S)`` (on a cp mesh: the segment's own positions
+          in the whole sequence, ``axis_index · S_local + arange(S_local)``).
         """
         check_rank("tokens", tokens, "(B, S)")
         B, S = tokens.shape
@@ -348,7 +353,8 @@ class LlamaTransformer(eqx.Module):
         if self.add_embedding_dropout:
             x = dropout(x, self.dropout_rate, key=kembed)
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+            start = 0 if self.context_axis is None else jax.lax.axis_index(self.context_axis) * S
+            positions = jnp.broadcast_to(start + jnp.arange(S, dtype=jnp.int32), (B, S))
         sin, cos = rope_sin_cos(positions, self.head_dim, self.theta)
         segment_ids = None
         if document_borders is not None and self.mask_across_document_boundaries:

@@ -34,14 +34,16 @@ from .mesh import context_size
 CONTEXT_AXIS_FIELD = "context_axis"
 
 
-def check_sequence_split(seq_len: int, cp: int, axis_name: str = "cp") -> None:
-    """Raise a ``ValueError`` unless the model's sequence length ``seq_len`` (the loaded tokens'
-    ``S+1`` minus one) splits into ``cp`` equal segments."""
+def check_sequence_split(
+    seq_len: int, cp: int, axis_name: str = "cp", *, name: str = "sequence length S"
+) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless the model's sequence length ``seq_len``
+    splits into ``cp`` equal segments (one per device of the context-parallel axis)."""
     if cp > 1 and seq_len % cp != 0:
+        example = seq_len // cp * cp or cp
         raise ValueError(
-            f"sequence length S = {seq_len} (the model's inputs: the batch's S+1 = {seq_len + 1} "
-            f"tokens minus one) is not divisible by the context-parallel size {axis_name}={cp}; "
-            f"choose a sequence length that is a multiple of {cp} (e.g. {seq_len // cp * cp or cp})"
+            f"{name} = {seq_len} is not divisible by the context-parallel size {axis_name}={cp} "
+            f"(each device holds S / {cp} tokens); use a multiple of {cp}, e.g. {example}"
         )
 
 

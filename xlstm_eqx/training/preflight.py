@@ -10,6 +10,7 @@ import jax
 
 from ..core.parallel_config import ParallelConfig
 from ..models import ModelConfig
+from ..parallel.context import check_sequence_split
 from ..parallel.mesh import axis_sizes, parse_mesh_spec
 
 
@@ -60,10 +61,13 @@ def _head_counts(d: Any) -> set[int]:
     return found
 
 
-def check_mesh(spec: str, model_config: ModelConfig, *, what_if: bool = False) -> ParallelConfig:
+def check_mesh(
+    spec: str, model_config: ModelConfig, *, what_if: bool = False, seq_len: int | None = None
+) -> ParallelConfig:
     """The mesh of `spec` for this model: its axes multiply to the device count (`what_if`: a
-    mesh of the devices it names, a -1 axis of size 1) and the tensor-parallel size divides
-    every head count. Returns the `ParallelConfig`."""
+    mesh of the devices it names, a -1 axis of size 1), the tensor-parallel size divides
+    every head count and the context-parallel size `seq_len` (if given: `--seq-len`). Returns
+    the `ParallelConfig`."""
     pc = parse_mesh_spec(spec, getattr(model_config, "parallel", None))
     if what_if:
         axes = ("data", "fsdp", "pipeline", "context", "model")
@@ -79,4 +83,8 @@ def check_mesh(spec: str, model_config: ModelConfig, *, what_if: bool = False) -
             f"mesh {spec!r}: the tensor-parallel size {tp} does not divide the model's "
             f"num_heads {bad[0]}"
         )
+    if seq_len is not None:
+        cp = sizes.get(pc.context_axis_name, 1)
+        name = "--seq-len (TrainConfig.seq_len)"
+        check_sequence_split(seq_len, cp, pc.context_axis_name, name=name)
     return pc

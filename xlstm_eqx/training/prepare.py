@@ -94,7 +94,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         model_config = isolate_documents(model_config)
     check_sequence_length(cfg.seq_len, model_config)
     if cfg.mesh:  # before the data is read
-        check_rampup_on_mesh(cfg, check_mesh(cfg.mesh, model_config))
+        check_rampup_on_mesh(cfg, check_mesh(cfg.mesh, model_config, seq_len=cfg.seq_len))
     vocab = int(model_config.vocab_size)
     corpus, paths = _open_corpus(cfg, tokenizer, saved_run, out)
     corpus.check_vocab(vocab)

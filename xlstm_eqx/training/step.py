@@ -115,7 +115,9 @@ def _check_batch(batch: Any, mesh: Mesh, pc: ParallelConfig) -> None:
             f"batch size {np.shape(batch)[1]} is not divisible by the data-parallel size "
             f"{pc.data_axis_name}×{pc.fsdp_axis_name} = {data} of the mesh {dict(mesh.shape)}"
         )
-    check_sequence_split(np.shape(batch)[2] - 1, context_size(mesh, pc), pc.context_axis_name)
+    seq_plus_one = np.shape(batch)[2]
+    what = f"sequence length S (the batch's S+1 = {seq_plus_one} tokens minus one)"
+    check_sequence_split(seq_plus_one - 1, context_size(mesh, pc), pc.context_axis_name, name=what)
 
 
 def make_train_step(
