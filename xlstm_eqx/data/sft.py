@@ -29,7 +29,7 @@ class SFTRecordError(ValueError):
 
 class SFTExample(NamedTuple):
     """One checked record: `segments` are `(text, is_target)` pairs in order (rendered already
-    for chats); `where` is `file:line` for messages."""
+    for chats); `where` is its `file:line`, for messages about it."""
 
     where: str
     segments: tuple[tuple[str, bool], ...]
