@@ -9,7 +9,6 @@ run trains the model transformers runs. An xlstm-jax checkpoint (the formats
 """
 
 import os
-from typing import Any
 
 from jaxtyping import PyTree
 
@@ -84,7 +83,7 @@ def _open_xlstm_jax(path: str, dtype: str | None) -> OpenedSource:
     weights, config_file, files = _xlstm_jax_files(path)
     if not os.path.isfile(config_file):
         raise InteropError(f"--init-from {path!r}: no model config {config_file!r} beside it")
-    config: Any = xlstm_jax_config(read_model_config(config_file))
+    config: ModelConfig = xlstm_jax_config(read_model_config(config_file))
     if dtype is not None:
         config = apply_free_fields(family_name_of(config), config, {"dtype": dtype})
 
