@@ -6,20 +6,28 @@ import pathlib
 import subprocess
 import sys
 
+import equinox as eqx
+import jax
+import jax.random as jr
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.corpus import write_corpus
 from tests.multiprocess import collect, once_per_session, start_worker, worker_env, worker_result
-from tests.parallel.context_worker import CHUNK, MESHES
+from tests.parallel.context_worker import CHUNK, MESHES, tiny_config
 from xlstm_eqx.core.parallel_config import ParallelConfig
 from xlstm_eqx.parallel import axis_sizes, make_mesh, parse_mesh_spec
-from xlstm_eqx.parallel.context import check_sequence_split
-from xlstm_eqx.parallel.rules import batch_spec, sequence_spec
+from xlstm_eqx.parallel.context import (
+    CONTEXT_AXIS_FIELD,
+    check_sequence_split,
+    with_context_parallel,
+)
+from xlstm_eqx.parallel.rules import batch_spec, modules_in, sequence_spec
 from xlstm_eqx.presets import tiny_xlstm
 from xlstm_eqx.training import read_metrics
 from xlstm_eqx.training.preflight import check_mesh
+from xlstm_eqx.xlstm import xLSTMLMModel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,3 +173,18 @@ def test_sequence_split_errors_name_the_length():
     with pytest.raises(ValueError, match=r"sequence length S = 6 .* size cp=4 .* e.g. 4"):
         check_sequence_split(6, 4, "cp")
     check_sequence_split(6, 1, "cp")  # no cp axis: anything goes
+
+
+def test_with_context_parallel_sets_the_axis_and_keeps_the_arrays():
+    model = xLSTMLMModel(tiny_config("mlstm"), key=jr.key(0))
+    split = with_context_parallel(model, "cp")
+    declared = [m for m in modules_in(split) if hasattr(m, CONTEXT_AXIS_FIELD)]
+    assert len(declared) >= 2  # the cell and the conv at least
+    assert all(m.context_axis == "cp" for m in declared)
+    # the same arrays under the same paths (checkpoints unchanged), only the static field differs
+    paths = jax.tree_util.tree_flatten_with_path(eqx.filter(model, eqx.is_array))[0]
+    split_paths = jax.tree_util.tree_flatten_with_path(eqx.filter(split, eqx.is_array))[0]
+    assert [(p, id(x)) for p, x in paths] == [(p, id(x)) for p, x in split_paths]
+    assert eqx.tree_equal(with_context_parallel(split, None), model)
+    with pytest.raises(ValueError, match="Linear has no context-parallel path"):
+        with_context_parallel(eqx.nn.Linear(2, 2, key=jr.key(0)), "cp")
