@@ -1,5 +1,7 @@
 """`xlstm-eqx info`: a model's parameter count, configuration, and with `--mesh` its memory per
-device and per host and what a checkpoint costs each host."""
+device and per host and what a checkpoint costs each host; with `--seq-len` / `--device-memory`
+the activations of a train step per device (the sequence split over the mesh's cp axis), whether
+it fits a device and the longest sequence that does."""
 
 import argparse
 import dataclasses
