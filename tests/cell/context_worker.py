@@ -5,9 +5,11 @@ one ``RESULT {json}`` line with, per case, the relative errors of the cp = 2, 4,
 one-device functions computed here in the same process.
 """
 
+import dataclasses
 import functools
 import json
 import sys
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +18,18 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from xlstm_eqx.cell import mlstm_chunkwise
 from xlstm_eqx.cell.context import mlstm_chunkwise_context_parallel
+from xlstm_eqx.llama.attention import SelfAttentionBlock, rope_sin_cos
 from xlstm_eqx.nn.context import with_left_context
 from xlstm_eqx.nn.conv import CausalConv1d
+from xlstm_eqx.parallel import with_context_parallel
+from xlstm_eqx.presets import tiny_llama, tiny_xlstm_slstm
+from xlstm_eqx.xlstm import xLSTMLMModel
 
 from .test_forms import make_inputs, rel_err
 
 
 RESET = -25.0  # the mlstm layer's default reset_fgate_value (a document border)
+Exchange = Literal["all_gather", "ppermute"]
 SEQ4, SEQ3 = P(None, None, "cp", None), P(None, None, "cp")
 
 
@@ -74,13 +81,15 @@ def one_device(chunk: int):
 
 
 @functools.cache
-def context_parallel(cp: int, chunk: int):
+def context_parallel(cp: int, chunk: int, exchange: Exchange = "all_gather"):
     """The loss of `one_device` with the cell split over cp devices; the final state kept per
     rank (stacked on a new leading axis: the same on every device) and averaged."""
     mesh = cp_mesh(cp)
 
     def local(*inputs):
-        h, final = mlstm_chunkwise_context_parallel(*inputs, axis_name="cp", chunk_size=chunk)
+        h, final = mlstm_chunkwise_context_parallel(
+            *inputs, axis_name="cp", chunk_size=chunk, exchange=exchange
+        )
         return h, jax.tree.map(lambda x: x[None], final)
 
     sharded = jax.shard_map(
@@ -89,28 +98,31 @@ def context_parallel(cp: int, chunk: int):
 
     def loss(weights, *inputs):
         h, finals = sharded(*inputs)
-        final = jax.tree.map(lambda x: jnp.mean(x, axis=0), finals)
+        # all_gather: the same final state on every rank; ppermute: on the last one only
+        pick = (lambda x: jnp.mean(x, axis=0)) if exchange == "all_gather" else (lambda x: x[-1])
+        final = jax.tree.map(pick, finals)
         return _loss(h, final, weights), (h, finals)
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5), has_aux=True))
     return lambda weights, *inputs: fn(weights, *place(mesh, inputs))
 
 
-def run_both(cp: int, chunk: int, inputs, weights):
+def run_both(cp: int, chunk: int, inputs, weights, exchange: Exchange = "all_gather"):
     """(h, final, gradients) of one device and of cp devices (final: per rank), as NumPy."""
     (_, (h_ref, final_ref)), grads_ref = one_device(chunk)(weights, *inputs)
-    (_, (h, finals)), grads = context_parallel(cp, chunk)(weights, *inputs)
+    (_, (h, finals)), grads = context_parallel(cp, chunk, exchange)(weights, *inputs)
     as_np = functools.partial(jax.tree.map, np.asarray)
     return as_np((h_ref, final_ref, grads_ref)), as_np((h, finals, grads))
 
 
-def compare(cp: int, chunk: int, inputs, seed: int = 0) -> dict:
+def compare(cp: int, chunk: int, inputs, seed: int = 0, exchange: Exchange = "all_gather") -> dict:
     """Relative errors of h, the final (c, n), |Δm| and the five gradients; whether every rank
     returned the same final state."""
     b, nh, seq_len, dhqk = inputs[0].shape
     dhv = inputs[2].shape[-1]
     weights = loss_weights(seed, (b, nh, seq_len, dhv), dhqk, dhv)
-    (h_ref, final_ref, grads_ref), (h, finals, grads) = run_both(cp, chunk, inputs, weights)
+    both = run_both(cp, chunk, inputs, weights, exchange)
+    (h_ref, final_ref, grads_ref), (h, finals, grads) = both
     last = jax.tree.map(lambda x: x[-1], finals)
     leaves = jax.tree.leaves(finals)
     same = all(bool(np.array_equal(x, x[-1:].repeat(cp, 0), equal_nan=True)) for x in leaves)
@@ -132,16 +144,18 @@ def cell_cases() -> dict:
     document borders inside segments and on boundaries."""
     results = {}
     chunk = 4
-    for cp, s_local in [(2, 8), (2, 6), (4, 8), (4, 6), (8, 4), (8, 3)]:
+    for cp, s_local in [(2, 6), (4, 8), (8, 3)]:  # S_local: not a multiple of 4, one, < 4
         inputs = make_inputs(cp + s_local, 2, 2, cp * s_local, 8, 6, (-5.0, 5.0), (-2.0, 8.0))
         inputs = (*inputs[:4], with_borders(inputs[4], cp, s_local))
         results[f"cp{cp}_s{s_local}"] = compare(cp, chunk, inputs)
+        if cp == 8 and s_local == 3:
+            results["cp8_s3_ppermute"] = compare(cp, chunk, inputs, exchange="ppermute")
     return results
 
 
 def extreme_cases() -> dict:
     """The gate ranges and infinities of tests/cell/test_edge_cases.py on cp = 4."""
-    cp, s_local, chunk = 4, 6, 4
+    cp, s_local, chunk = 4, 8, 4  # the shapes of cell_cases' cp4_s8: compiled once
     results = {}
     for name, i_range, f_range in [
         ("wide", (-30.0, 50.0), (-50.0, 30.0)),
@@ -162,7 +176,7 @@ def invalid_input_case() -> dict:
     """A NaN key in rank 1's segment: every output before it equals the one-device output and is
     finite, every output from it on is NaN, and the gradient of the outputs before it is finite
     and equal to the one-device gradient (nothing leaks backwards through the exchange)."""
-    cp, s_local, chunk = 4, 6, 4
+    cp, s_local, chunk = 4, 8, 4
     q, k, v, i, f = make_inputs(9, 2, 2, cp * s_local, 8, 6, (-5.0, 5.0), (-2.0, 8.0))
     bad_at = s_local + 2
     k[1, 0, bad_at, 3] = np.nan
@@ -227,6 +241,74 @@ def conv_halo_cases() -> dict:
     return results
 
 
+def model_case() -> dict:
+    """The hooks: a tiny model of ``mlstm`` layers (conv + cell, memory reset at borders) with
+    `parallel.with_context_parallel` inside a shard_map on cp = 4 against one device: logits of
+    ``__call__`` and, from a non-zero state, ``call_with_state``'s logits and the last device's
+    state after the whole sequence (what a cp prefill keeps)."""
+    cfg = tiny_xlstm_slstm()
+    assert cfg.mlstm_block is not None
+    layer = dataclasses.replace(cfg.mlstm_block.mlstm, conv1d_kernel_size=4)
+    cell = dataclasses.replace(layer.mlstm_cell, reset_at_document_boundaries=True)
+    block = dataclasses.replace(cfg.mlstm_block, mlstm=dataclasses.replace(layer, mlstm_cell=cell))
+    cfg = dataclasses.replace(cfg, slstm_at=[], slstm_block=None, num_blocks=2, mlstm_block=block)
+    model = xLSTMLMModel(cfg, key=jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size)
+    borders = jnp.zeros((2, 32), bool).at[:, 8].set(True).at[0, 13].set(True)
+    start = model.call_with_state(tokens[:, :5], model.init_state(2))[1]  # a non-zero state
+    mesh, split = cp_mesh(4), P(None, "cp")
+    on_cp = with_context_parallel(model, "cp")
+
+    def local(tokens, borders, state):
+        logits = on_cp(tokens, document_borders=borders)
+        logits_s, state = on_cp.call_with_state(tokens, state, document_borders=borders)
+        return logits, logits_s, jax.tree.map(lambda x: x[None], state)
+
+    run = jax.shard_map(
+        local, mesh=mesh, in_specs=(split, split, P()), out_specs=(split, split, P("cp"))
+    )
+    logits, logits_s, states = jax.jit(run)(tokens, borders, start)
+    ref = model(tokens, document_borders=borders)
+    ref_s, ref_state = model.call_with_state(tokens, start, document_borders=borders)
+    last = jax.tree.map(lambda x: x[-1], states)
+    leaves = zip(jax.tree.leaves(last), jax.tree.leaves(ref_state), strict=True)
+    return {
+        "logits": rel_err(logits, ref),
+        "logits_with_state": rel_err(logits_s, ref_s),
+        "state": max(rel_err(a, b) for a, b in leaves),
+    }
+
+
+def llama_attention_case() -> dict:
+    """The Llama attention block with ``context_axis`` set (`llama.context`: K/V all-gathered,
+    the causal mask offset by the segment) on cp = 4 against one device: outputs and input
+    gradients, with document masks (each device numbering its own borders, as the model does)."""
+    block = with_context_parallel(SelfAttentionBlock(tiny_llama(), key=jax.random.key(0)), "cp")
+    one = with_context_parallel(block, None)
+    cp, seq_len = 4, 16
+    x = jax.random.normal(jax.random.key(1), (2, seq_len, block.num_heads * block.head_dim))
+    positions = jnp.broadcast_to(jnp.arange(seq_len), (2, seq_len))
+    sin, cos = rope_sin_cos(positions, block.head_dim, block.theta)
+    borders = np.zeros((2, seq_len), bool)
+    borders[0, [3, 8]] = True  # inside a segment, on a boundary
+    borders[1, 12] = True
+    ids = np.cumsum(borders, axis=1)
+    local_ids = np.cumsum(borders.reshape(2, cp, -1), axis=2).reshape(2, seq_len)
+    split, split3 = P(None, "cp"), P(None, "cp", None)
+
+    def loss(fn, x, ids):
+        y = fn(x, sin, cos, ids)
+        return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y
+
+    sharded = jax.shard_map(
+        block, mesh=cp_mesh(cp), in_specs=(split3, split3, split3, split), out_specs=split3
+    )
+    grad = functools.partial(jax.value_and_grad, has_aux=True)
+    (_, y), dx = jax.jit(grad(functools.partial(loss, sharded)))(x, jnp.asarray(local_ids))
+    (_, y_ref), dx_ref = jax.jit(grad(functools.partial(loss, one)))(x, jnp.asarray(ids))
+    return {"y": rel_err(y, y_ref), "dx": rel_err(dx, dx_ref)}
+
+
 def main() -> None:
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     result = {
@@ -235,6 +317,8 @@ def main() -> None:
         "extreme": extreme_cases(),
         "invalid": invalid_input_case(),
         "conv": conv_halo_cases(),
+        "model": model_case(),
+        "llama": llama_attention_case(),
     }
     print("RESULT " + json.dumps(result))
     sys.stdout.flush()

@@ -21,7 +21,7 @@ ERRORS = ("h", "c", "n", "dq", "dk", "dv", "di", "df")
 def results(tmp_path_factory) -> dict:
     def compute(folder):
         proc = start_worker("tests.cell.context_worker", [], 8, folder)
-        return {"value": collect("context_worker", proc, timeout=600)}
+        return {"value": collect("context_worker", proc, timeout=900)}
 
     return worker_result(once_per_session(tmp_path_factory, "cell_context", compute)["value"])
 
@@ -35,12 +35,23 @@ def _check(case: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["cp2_s8", "cp2_s6", "cp4_s8", "cp4_s6", "cp8_s4", "cp8_s3"])
+@pytest.mark.parametrize("case", ["cp2_s6", "cp4_s8", "cp8_s3"])
 def test_context_parallel_equals_one_device(results, case):
-    """cp ∈ {2, 4, 8}; S_local = 8 and 4 (multiples of the chunk of 4), 6 and 3 (not; 3 is shorter
+    """cp ∈ {2, 4, 8}; S_local = 8 (a multiple of the chunk of 4), 6 and 3 (not; 3 is shorter
     than a chunk); borders (f̃ = -25 and f̃ = -inf) inside segments and on boundaries."""
     assert results["devices"] == 8
     _check(results["cell"][case])
+
+
+@pytest.mark.slow
+def test_context_parallel_by_ppermute_equals_one_device(results):
+    """The exchange as log2(cp) + 1 ppermute rounds (cp = 8, S_local = 3, borders as above): the
+    same outputs and gradients; the final state on the last device; the stabiliser to rounding
+    (its sums associate differently)."""
+    case = results["cell"]["cp8_s3_ppermute"]
+    for name in ERRORS:
+        assert case[name] <= TOLERANCE, (name, case)
+    assert case["m"] <= 1e-5 and case["finite"], case
 
 
 @pytest.mark.slow
@@ -78,3 +89,22 @@ def test_conv_halo_needs_one_hop(results):
     """A segment shorter than the conv's left context is a ValueError naming the axis and sizes."""
     message = results["conv"]["short_segment_error"]
     assert "'cp' has 2 steps" in message and "kernel size 4" in message, message
+
+
+@pytest.mark.slow
+def test_model_hooks_on_cp_equal_one_device(results):
+    """`parallel.with_context_parallel` sets the cell's and the conv's ``context_axis``: a tiny
+    model of ``mlstm`` layers (conv K = 4, memory reset at borders) on cp = 4 inside a shard_map
+    gives the one-device logits, and ``call_with_state`` from a non-zero state its logits and
+    (on the last device) the state after the whole sequence."""
+    case = results["model"]
+    assert max(case.values()) <= TOLERANCE, case
+
+
+@pytest.mark.slow
+def test_llama_attention_on_cp_equals_one_device(results):
+    """Llama attention with ``context_axis`` (`llama.context`: K/V all-gathered, the causal mask
+    offset by the segment, per-segment document numbers made global) on cp = 4: outputs and
+    input gradients equal one device's, with borders inside a segment and on a boundary."""
+    case = results["llama"]
+    assert case["y"] <= TOLERANCE and case["dx"] <= TOLERANCE, case

@@ -21,6 +21,8 @@ state (`nonfinite`), so nothing leaks backwards, in the forward or the backward 
 chunkwise form keeps its own fast and careful paths.
 """
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
@@ -150,12 +152,18 @@ def incoming_state(
     start: mLSTMState,
     *,
     axis_name: str,
+    exchange: Literal["all_gather", "ppermute"] = "all_gather",
 ) -> tuple[mLSTMState, mLSTMState]:
     """(the memory entering this device's segment, the memory after the whole sequence) from this
     segment's `segment_state` (of valid inputs; `bad_write`: whether an invalid write was replaced)
-    and `start` (the memory before rank 0's segment, the same on every device), exchanged by one
-    `lax.all_gather` over `axis_name` of each segment's (C, n, m), total log decay and flags."""
+    and `start` (the memory before rank 0's segment, the same on every device). "all_gather": one
+    `lax.all_gather` over `axis_name` of each segment's (C, n, m), total log decay and flags, the
+    final state on every device; "ppermute": `_incoming_by_ppermute`."""
     start, start_bad = sanitize_state(start)
+    if exchange == "ppermute":
+        return _incoming_by_ppermute(
+            (total_log_decay, segment, bad_write), start, start_bad, axis_name
+        )
     gathered = jax.lax.all_gather((total_log_decay, segment, bad_write), axis_name, axis=0)
     totals, segments, bad = gathered
     entering, final = exclusive_prefix_states(start, totals, segments)
@@ -165,6 +173,42 @@ def incoming_state(
         lambda x: jax.lax.dynamic_index_in_dim(x, rank, 0, keepdims=False), entering
     )
     return mine, final
+
+
+def _where(condition: Array, a, b):
+    """`jnp.where(condition, ·, ·)` over two pytrees of the same structure."""
+    return jax.tree.map(lambda x, y: jnp.where(condition, x, y), a, b)
+
+
+def _shifted(x, axis_name: str, shift: int, size: int):
+    """`x` of the device `shift` places before along `axis_name` (zeros for the first `shift`)."""
+    return jax.lax.ppermute(x, axis_name, [(r, r + shift) for r in range(size - shift)])
+
+
+def _incoming_by_ppermute(
+    acc: tuple[Array, mLSTMState, Array], start: mLSTMState, start_bad: Array, axis_name: str
+) -> tuple[mLSTMState, mLSTMState]:
+    """`incoming_state` by ⌈log2 cp⌉ + 1 rounds of `lax.ppermute` of `acc` = (total log decay,
+    segment state, invalid-write flags): a Hillis-Steele scan of the segments, (G, state) ∘
+    (G', state') = (G + G', append_segment(state, G', state')), then a shift by one. Each device
+    receives ⌈log2 cp⌉ + 1 states instead of cp - 1; the memory after the whole sequence is valid
+    on the last device only."""
+    size, rank = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+    shift = 1
+    while shift < size:
+        earlier_total, earlier, earlier_bad = _shifted(acc, axis_name, shift, size)
+        combined = (
+            earlier_total + acc[0],
+            append_segment(earlier, acc[0], acc[1]),
+            earlier_bad | acc[2],
+        )
+        acc = _where(rank >= shift, combined, acc)  # devices with `shift` earlier ones
+        shift *= 2
+    before_total, before, before_bad = _shifted(acc, axis_name, 1, size)
+    entering = _where(rank == 0, start, append_segment(start, before_total, before))
+    entering = poison_state(entering, before_bad | start_bad)  # (rank 0 receives False)
+    final = poison_state(append_segment(start, acc[0], acc[1]), acc[2] | start_bad)
+    return entering, final
 
 
 def mlstm_chunkwise_context_parallel(
@@ -179,6 +223,7 @@ def mlstm_chunkwise_context_parallel(
     initial_state: mLSTMState | None = None,
     eps: float = 1e-6,
     fast_path: bool = True,
+    exchange: Literal["all_gather", "ppermute"] = "all_gather",
 ) -> tuple[Float[Array, "B NH S_local DHV"], mLSTMState]:
     """`forms.mlstm_chunkwise` on a sequence split over the mesh axis `axis_name` (call inside
     `jax.shard_map` with that axis manual; device r holds tokens [r·S_local, (r+1)·S_local)).
@@ -186,7 +231,10 @@ def mlstm_chunkwise_context_parallel(
     Returns this segment's h (B, NH, S_local, DHV) and the memory after the whole sequence (the
     same on every device: what decoding continues from). `initial_state` is the memory before the
     sequence (replicated over the axis; zeros by default). Any S_local (the chunkwise form pads);
-    the outputs and gradients equal the one-device chunkwise form's to rounding."""
+    the outputs and gradients equal the one-device chunkwise form's to rounding. `exchange`: one
+    all-gather of the segments' states (`incoming_state`; the final state on every device) or
+    ⌈log2 cp⌉ + 1 ppermutes (`incoming_state`; fewer bytes for cp > 4, more rounds;
+    the final state on the last device only)."""
     chunk_size = check_chunk_size(chunk_size)
     q, k, v, igate, log_fgate = validate_and_cast_inputs(
         queries, keys, values, igate_preact, fgate_preact
@@ -200,7 +248,7 @@ def mlstm_chunkwise_context_parallel(
     chunk = min(chunk_size, max(seq_len, 1))
     segment, total = segment_state(k, v, igate, log_fgate, chunk=chunk)
     entering, final = incoming_state(
-        segment, total, jnp.any(bad_write, axis=-1), start, axis_name=axis_name
+        segment, total, jnp.any(bad_write, axis=-1), start, axis_name=axis_name, exchange=exchange
     )
     h, _ = mlstm_chunkwise(
         queries,

@@ -24,6 +24,7 @@ from ..nn.init import output_initializer, small_initializer
 from ..nn.linear import DenseGeneral
 from ..nn.norm import RMSNorm
 from .config import AttentionBackend, LlamaConfig
+from .context import context_parallel_attention
 
 
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
@@ -386,6 +387,7 @@ class SelfAttentionBlock(eqx.Module):
     attention_backend: str = eqx.field(static=True)
     dropout_rate: float = eqx.field(static=True)
     theta: float = eqx.field(static=True)
+    context_axis: str | None = eqx.field(static=True)  # `parallel.with_context_parallel`
     reference_name: ClassVar[str] = "AttnBlock"  # fsdp_modules / remat name
 
     def __init__(self, config: LlamaConfig, *, key: PRNGKeyArray):
@@ -435,6 +437,7 @@ class SelfAttentionBlock(eqx.Module):
         self.attention_backend = str(config.attention_backend)
         self.dropout_rate = float(config.dropout_rate)
         self.theta = float(config.theta)
+        self.context_axis = None
 
     def project_qkv(
         self,
@@ -469,6 +472,12 @@ class SelfAttentionBlock(eqx.Module):
         """``sin``/``cos`` from ``rope_sin_cos``; ``segment_ids`` (document index per token) restrict
         attention to the same document when given."""
         q, k, v = self.project_qkv(x, sin, cos)
+        if self.context_axis is not None:  # the sequence split over this axis: `llama.context`
+            axis, causal = self.context_axis, self.causal
+            attn = context_parallel_attention(
+                q, k, v, segment_ids=segment_ids, axis_name=axis, causal=causal
+            )
+            return self.project_out(attn, key=key)
         attn = multihead_attention(
             q, k, v, causal=self.causal, segment_ids=segment_ids, backend=self.attention_backend
         )
@@ -484,6 +493,11 @@ class SelfAttentionBlock(eqx.Module):
         """Attend the ``S`` new tokens (absolute positions ``state.length …``, their RoPE angles
         from those) to the cached keys and values plus themselves, causally; write their keys and
         values into the cache. Always the XLA core; one document per sequence."""
+        if self.context_axis is not None:
+            raise ValueError(
+                "Llama attention decodes from a KV cache, which is not split over the "
+                f"context-parallel axis '{self.context_axis}': prefill and generate on cp=1"
+            )
         stacked = LlamaKVCache(state.keys[None], state.values[None], state.length)
         zero = jnp.zeros((), state.length.dtype)
         y, (k, v) = self.call_with_layer_cache(x, stacked, zero, document_borders=document_borders)

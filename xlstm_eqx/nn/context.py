@@ -36,14 +36,19 @@ def with_left_context(
     length: int,
     axis_name: str,
     document_borders: Bool[Array, "*batch S"] | None = None,
+    first_context: Float[Array, "*batch L C"] | None = None,
 ) -> Float[Array, "*batch S C"]:
     """`conv(x)` (or `conv(x, document_borders)`) of a causal op that reads `length` steps back,
     on a sequence split over `axis_name`: run on the previous segment's last `length` steps
     followed by this segment's, and those first `length` outputs dropped. Equal to the op on
-    the whole sequence, segment by segment."""
+    the whole sequence, segment by segment. `first_context`: the `length` steps before the
+    sequence, for the first device (zeros by default; a decode window when continuing)."""
     if length == 0:
         return conv(x) if document_borders is None else conv(x, document_borders)
     halo = previous_segment_tail(x, length, axis_name)
+    if first_context is not None:
+        first = jax.lax.axis_index(axis_name) == 0
+        halo = jnp.where(first, first_context.astype(halo.dtype), halo)
     extended = jnp.concatenate([halo, x], axis=-2)
     if document_borders is None:
         y = conv(extended)

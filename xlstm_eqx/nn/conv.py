@@ -2,6 +2,7 @@
 sLSTM layers, with a rolling ``(B, K, C)`` window for decoding.
 """
 
+import copy
 import math
 from typing import Any
 
@@ -13,6 +14,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ..core.utils import dtype_name
 from .axes import LogicalAxes
+from .context import with_left_context
 
 
 # causal depthwise convolution (docs/architecture.md, "Building blocks")
@@ -28,6 +30,9 @@ class CausalConv1d(eqx.Module):
 
     Decoding keeps a rolling state ``(B, K, C)`` of the last K inputs: see ``init_state``/``step``.
     ``channels_axis`` is the logical name of C (``nn.axes``), e.g. ``"mlp"``.
+    ``context_axis`` (static; set by `parallel.with_context_parallel` inside its shard_map): the
+    mesh axis the sequence is split over; the conv then reads its K−1 steps of left context from
+    the previous device (`nn.context.with_left_context`).
     """
 
     kernel: Float[Array, "K C"] | None
@@ -37,6 +42,7 @@ class CausalConv1d(eqx.Module):
     dtype: str = eqx.field(static=True)
     kernel_axes: LogicalAxes | None = eqx.field(static=True)
     bias_axes: LogicalAxes | None = eqx.field(static=True)
+    context_axis: str | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -57,6 +63,7 @@ class CausalConv1d(eqx.Module):
         self.dtype = dtype_name(dtype)
         self.kernel_axes = None if channels_axis is None else ("conv_window", channels_axis)
         self.bias_axes = None if channels_axis is None else (channels_axis,)
+        self.context_axis = None
         if kernel_size == 0:
             self.kernel = None
             self.bias = None
@@ -83,6 +90,9 @@ class CausalConv1d(eqx.Module):
         document were zero-padded on its own (packed fine-tuning examples)."""
         if self.kernel is None:
             return x
+        if self.context_axis is not None:
+            length, axis = self.kernel_size - 1, self.context_axis
+            return with_left_context(self.on_one_device(), x, length, axis, document_borders)
         dtype = jnp.dtype(self.dtype)
         K, S = self.kernel_size, x.shape[-2]
         x = x.astype(dtype)
@@ -104,6 +114,12 @@ class CausalConv1d(eqx.Module):
         if self.bias is not None:
             y = y + self.bias.astype(dtype)
         return y
+
+    def on_one_device(self) -> "CausalConv1d":
+        """This conv with ``context_axis`` unset (the same arrays): the conv of one segment."""
+        out = copy.copy(self)
+        object.__setattr__(out, "context_axis", None)
+        return out
 
     def init_state(self, batch_size: int) -> Float[Array, "B K C"]:
         """Zero conv state (the last K inputs) for decoding."""

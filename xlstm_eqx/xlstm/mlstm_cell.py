@@ -15,6 +15,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ..cell.backends import resolve_backend, run_backend, run_backend_with_state
+from ..cell.context import mlstm_chunkwise_context_parallel
 from ..cell.forms import mlstm_recurrent_step, mLSTMState
 from ..nn.functional import soft_cap
 from ..nn.init import bias_linspace_init, zeros_init
@@ -95,6 +96,10 @@ class mLSTMCell(eqx.Module):
     constant, None → N(0, 0.1²)), in ``gate_dtype``; soft cap ``gate_soft_cap``; then, with
     ``reset_at_document_boundaries`` and borders given, ``f̃ ← reset_fgate_value`` at each border
     (the first token of a document) so that the memory of earlier documents is wiped.
+
+    ``context_axis`` (static, set by `parallel.with_context_parallel` inside its shard_map): the
+    mesh axis the sequence is split over; the cell then runs `cell.context`'s chunkwise form
+    across devices (whatever the backend; its chunk_size and eps are used), not the backend.
     """
 
     igate: Dense | LinearHeadwiseExpand
@@ -111,6 +116,7 @@ class mLSTMCell(eqx.Module):
     gate_soft_cap: float | None = eqx.field(static=True)
     reset_at_document_boundaries: bool = eqx.field(static=True)
     reset_fgate_value: float = eqx.field(static=True)
+    context_axis: str | None = eqx.field(static=True)
     reference_name: ClassVar[str] = "mLSTMCell"  # fsdp_modules / remat name
 
     def __init__(
@@ -167,6 +173,7 @@ class mLSTMCell(eqx.Module):
         self.gate_soft_cap = None if cap is None else float(cap)
         self.reset_at_document_boundaries = bool(config.reset_at_document_boundaries)
         self.reset_fgate_value = float(config.reset_fgate_value)
+        self.context_axis = None
 
     def gate_features(self, *inputs: Float[Array, "B S _"]) -> Float[Array, "B S G"]:
         """Gate features from one or several inputs: concatenated on the last axis for a dense
@@ -219,7 +226,24 @@ class mLSTMCell(eqx.Module):
     ) -> Float[Array, "B S DV"]:
         """The training path: the stateless backend call (the parallel form stays parallel)."""
         inputs = self._cell_inputs(q, k, v, gate_input, document_borders)
+        if self.context_axis is not None:
+            return self._merge_heads(self._across_devices(inputs, None)[0])
         return self._merge_heads(run_backend(self.backend, self.backend_kwargs, *inputs))
+
+    def _across_devices(
+        self, inputs: tuple[Array, ...], state: mLSTMState | None
+    ) -> tuple[Float[Array, "B NH S DHV"], mLSTMState]:
+        """The cell on a sequence split over ``context_axis`` (`cell.context`): this segment's h
+        and the memory after the whole sequence (the same on every device)."""
+        assert self.context_axis is not None
+        kwargs = dict(self.backend_kwargs)
+        return mlstm_chunkwise_context_parallel(
+            *inputs,
+            axis_name=self.context_axis,
+            chunk_size=int(kwargs.get("chunk_size", 64)),
+            initial_state=state,
+            eps=float(kwargs.get("eps", 1e-6)),
+        )
 
     def init_state(self, batch_size: int) -> mLSTMState:
         """The empty memory: zeros (float32)."""
@@ -241,6 +265,10 @@ class mLSTMCell(eqx.Module):
         queries, keys, values, igate, fgate = self._cell_inputs(
             q, k, v, gate_input, document_borders
         )
+        if self.context_axis is not None:  # a prefill split over the axis; S = 1 is S_local = 1
+            inputs = (queries, keys, values, igate, fgate)
+            h, state = self._across_devices(inputs, state)
+            return self._merge_heads(h), state
         if q.shape[1] == 1:
             eps = float(dict(self.backend_kwargs).get("eps", 1e-6))
             step_inputs = (x[:, :, 0] for x in (queries, keys, values, igate, fgate))

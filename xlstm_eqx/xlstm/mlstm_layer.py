@@ -16,6 +16,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ..cell.forms import mLSTMState
 from ..nn.axes import REPLICATED, LogicalAxes
+from ..nn.context import with_left_context
 from ..nn.conv import CausalConv1d
 from ..nn.functional import dropout, silu
 from ..nn.init import Initializer, output_initializer, small_initializer
@@ -215,17 +216,21 @@ class mLSTMInnerLayer(eqx.Module):
         read across a document border, and the window keeps only the last document's inputs."""
         if window is None:
             return self.conv1d(x_mlstm, borders), None
-        if x_mlstm.shape[1] == 1:
+        if x_mlstm.shape[1] == 1 and self.conv1d.context_axis is None:
             if borders is not None:  # a new document: an empty window
                 window = jnp.where(borders[:, 0, None, None], jnp.zeros_like(window), window)
             x_conv, window = self.conv1d.step(window, x_mlstm[:, 0])
             return x_conv[:, None], window
         with_past = jnp.concatenate([window.astype(x_mlstm.dtype), x_mlstm], axis=1)
-        if borders is None:
-            x_conv = self.conv1d(with_past)[:, self.conv1d.kernel_size :]
+        past_borders = None if borders is None else jnp.pad(borders, ((0, 0), (window.shape[1], 0)))
+        if self.conv1d.context_axis is not None:  # a prefill split over the axis (`nn.context`):
+            conv, axis = self.conv1d.on_one_device(), self.conv1d.context_axis  # the window
+            first = with_past[:, 1 : window.shape[1]]  # continues on the first device only
+            x_conv = with_left_context(conv, x_mlstm, conv.kernel_size - 1, axis, borders, first)
+        else:
+            x_conv = self.conv1d(with_past, past_borders)[:, self.conv1d.kernel_size :]
+        if past_borders is None:
             return x_conv, self.conv1d.state_from_sequence(with_past)
-        past_borders = jnp.pad(borders, ((0, 0), (window.shape[1], 0)))  # window: same document
-        x_conv = self.conv1d(with_past, past_borders)[:, self.conv1d.kernel_size :]
         doc = jnp.cumsum(past_borders.astype(jnp.int32), axis=1)
         last_document = with_past * (doc == doc[:, -1:])[..., None].astype(with_past.dtype)
         return x_conv, self.conv1d.state_from_sequence(last_document)

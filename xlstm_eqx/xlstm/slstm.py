@@ -212,6 +212,8 @@ class sLSTMLayer(eqx.Module):
     cell: sLSTMCell
     group_norm_weight: Float[Array, " D"] | None
     config: sLSTMLayerConfig = eqx.field(static=True)
+    # Set by `parallel.with_context_parallel`: the sLSTM has no context-parallel path (`_run`).
+    context_axis: str | None = eqx.field(static=True)
     group_norm_weight_axes: ClassVar[LogicalAxes] = ("embed",)
 
     def __init__(self, config: sLSTMLayerConfig, *, key: PRNGKeyArray):
@@ -223,6 +225,7 @@ class sLSTMLayer(eqx.Module):
         if D % nh != 0:
             raise ValueError(f"sLSTMLayerConfig.num_heads={nh} must divide embedding_dim={D}")
         kconv, ki, kf, kz, ko, kcell = jr.split(key, 6)
+        self.context_axis = None
         self.conv1d = CausalConv1d(
             D, config.conv1d_kernel_size, dtype=config.dtype, channels_axis="embed", key=kconv
         )
@@ -282,6 +285,14 @@ class sLSTMLayer(eqx.Module):
     def _run(
         self, x: Float[Array, "B S D"], state: sLSTMLayerState, key: PRNGKeyArray | None
     ) -> tuple[Float[Array, "B S D"], sLSTMLayerState]:
+        if self.context_axis is not None:
+            raise ValueError(
+                "sLSTM blocks cannot run with the sequence split over the context-parallel axis "
+                f"'{self.context_axis}': the sLSTM recurrence is non-linear, so a segment needs the "
+                "exact state after every earlier token, which no exchange of small states gives "
+                "(a hand-off along the axis would run the segments one after another); use cp=1 "
+                "(the dp, fsdp and tp axes) for models with sLSTM blocks (slstm_at)"
+            )
         x_c, conv_state = self._conv(x, state.conv)
         y, cell_state = self.cell.call_with_state(self._gates(x, x_c), state.cell)
         y = dropout(y, self.config.dropout, key=key)  # (B, NH, S, DH) float32
