@@ -1,7 +1,12 @@
 """The GPU check's `context` part: skipped without two GPUs, and its check on simulated devices."""
 
 import json
+import subprocess
+import sys
 
+import pytest
+
+from tests.multiprocess import worker_env
 from xlstm_eqx.tools.gpu_check.context import context_sizes, run_context
 from xlstm_eqx.tools.gpu_check.report import Part, Report
 
@@ -22,3 +27,28 @@ def test_context_part_is_skipped_with_a_note_without_two_gpus(tmp_path):
 def test_context_sizes():
     assert [context_sizes(n) for n in (0, 1, 2, 3)] == [(), (), (2,), (2,)]
     assert [context_sizes(n) for n in (4, 6, 8, 16)] == [(2, 4), (2, 4), (2, 8), (2, 8)]
+
+
+_WORKER = """
+import json, jax
+from xlstm_eqx.tools.gpu_check.context import check_context_parallel
+row = check_context_parallel(jax.devices(), 2, 256, repeats=1)
+print("RESULT " + json.dumps(row))
+"""
+
+
+@pytest.mark.slow  # a subprocess with 2 simulated CPU devices
+def test_context_check_passes_on_two_simulated_devices(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-c", _WORKER],
+        cwd=tmp_path,
+        env=worker_env(2),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, run.stderr[-3000:]
+    row = json.loads(lines[-1][len("RESULT ") :])
+    assert row["status"] == "pass" and row["rel_err"] <= row["tol"]
+    assert row["ms_cp"] > 0 and row["temp_mib_per_device_cp"] > 0
