@@ -2,6 +2,10 @@
 optimizer state (LoRA adapters, ``--trainable REGEX``); the trainable count from the layer
 shapes; merged logits equal the adapted model's; bad targets and patterns are errors."""
 
+import dataclasses
+import os
+import shutil
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -10,21 +14,35 @@ import numpy as np
 import optax
 import pytest
 
+from tests.corpus import write_corpus
+from xlstm_eqx.interop.hf import SINGLE_FILE
 from xlstm_eqx.models import family_of
 from xlstm_eqx.nn.linear import Dense, DenseGeneral, LinearHeadwiseExpand
 from xlstm_eqx.presets import tiny_llama, tiny_xlstm, tiny_xlstm_slstm
+from xlstm_eqx.training.checkpoint import CheckpointError
+from xlstm_eqx.training.config import TrainConfig
+from xlstm_eqx.training.evaluate import load_run
 from xlstm_eqx.training.finetune import (
     DEFAULT_LORA_TARGETS,
     LoRASettings,
     add_lora,
     finetune_memory,
+    has_lora,
     merge_lora,
     param_path,
     trainable_count,
     trainable_mask,
 )
+from xlstm_eqx.training.init_from import load_init_model
+from xlstm_eqx.training.loop import train
+from xlstm_eqx.training.optim import trainable_params
+from xlstm_eqx.training.orbax_checkpoint import latest_checkpoint, load_metadata
+from xlstm_eqx.training.run_files import read_metrics
 from xlstm_eqx.training.step import make_train_step
 from xlstm_eqx.xlstm.slstm import sLSTMLayer
+
+
+HF = os.path.join(os.path.dirname(__file__), "..", "fixtures", "interop", "hf_train")
 
 
 def _model(preset):
@@ -160,3 +178,56 @@ def test_finetune_memory_from_counts():
         assert memory.full_bytes == 4 * 4 * n + 1000  # params, grads, two moments + activations
         assert memory.lora_bytes == base_bytes + 4 * 4 * adapters + 1000
         assert memory.lines(1e-9)[-1].endswith("does NOT fit in 1e-09 GiB")
+
+
+@pytest.mark.slow
+def test_lora_from_source_checkpoints_hold_the_adapter(tmp_path):
+    """A LoRA run from a transformers directory checkpoints only its adapters (paths
+    ``...lora_a/lora_b``; the model tree a small share of the base's bytes), ``--resume`` reads
+    the base again and logs the losses of a run that never stopped, `load_run` and a run-directory
+    ``--init-from`` (merged) give the trained model, and a moved or changed base is an error
+    naming its path."""
+    src = tmp_path / "src"
+    shutil.copytree(HF, src)
+    cfg = TrainConfig(
+        init_from=str(src), data=[write_corpus(tmp_path)], eod_token="none", steps=4,
+        batch_size=2, seq_len=12, warmup_steps=1, log_every=1, eval_every=4, eval_batches=1,
+        checkpoint_every=2, sample_tokens=0, progress=False, lora_rank=4, lr=1e-2,
+        out=str(tmp_path / "whole"),
+    )  # fmt: skip
+    train(cfg, log=lambda m: None)
+    stopped = dataclasses.replace(cfg, out=str(tmp_path / "stopped"))
+    train(stopped, stop_after_step=2, log=lambda m: None)
+    train(dataclasses.replace(stopped, resume=True), log=lambda m: None)
+    rows = {
+        name: [r["loss"] for r in read_metrics(str(tmp_path / name / "metrics.jsonl"))]
+        for name in ("whole", "stopped")
+    }
+    assert rows["stopped"] == rows["whole"] and len(rows["whole"]) == 4
+
+    newest = latest_checkpoint(str(tmp_path / "whole" / "checkpoints"))
+    assert newest is not None
+    manifest = load_metadata(newest)["trees"]["model"]
+    saved = [e["path"] for e in manifest]
+    assert saved and all(p.endswith((".lora_a", ".lora_b")) for p in saved)
+    model, _, step = load_run(str(tmp_path / "whole"))
+    assert step == 4 and has_lora(model)
+    assert len(saved) == len(jax.tree.leaves(trainable_params(model)))
+    # the arrays saved: a fifth of the base's float32 bytes (orbax's own files on top)
+    saved_bytes = sum(4 * int(np.prod(e["shape"])) for e in manifest)
+    assert saved_bytes < 0.2 * os.path.getsize(src / SINGLE_FILE)
+
+    tokens = jnp.asarray(np.arange(24).reshape(2, 12) % 40, jnp.int32)
+    again, _, _ = load_run(str(tmp_path / "stopped"))
+    np.testing.assert_array_equal(np.asarray(again(tokens)), np.asarray(model(tokens)))
+    merged, _, _ = load_init_model(str(tmp_path / "whole"))  # a LoRA run as a source
+    np.testing.assert_allclose(merged(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+
+    os.rename(src, tmp_path / "moved")
+    with pytest.raises(CheckpointError, match=f"--init-from '{src}'.* is gone"):
+        load_run(str(tmp_path / "whole"))
+    shutil.copytree(tmp_path / "moved", src)
+    with open(src / "config.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(CheckpointError, match=f"'{src}' changed since .*recorded sha256:"):
+        train(dataclasses.replace(stopped, resume=True, steps=6), log=lambda m: None)

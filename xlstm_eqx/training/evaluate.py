@@ -35,6 +35,7 @@ from . import checkpoint as npz_checkpoint, orbax_checkpoint
 from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .finetune import LoRASettings, with_finetuning
+from .init_from import holds_trainable_only, restore_run_model
 from .loss import bits_per_byte, evaluate_loss
 
 
@@ -133,6 +134,8 @@ def _load_checkpoint(path: str, shardings: Any) -> tuple[Any, dict[str, Any], in
     model_config = family.config_from_dict(run["model_config"])
     build = with_finetuning(family.build, LoRASettings.from_run_config(run))
     skeleton = eqx.filter_eval_shape(build, model_config, key=jr.key(0))
+    if not npz and holds_trainable_only(run):  # LoRA from --init-from: the adapter + its base
+        return restore_run_model(path, run, shardings)[0], run, int(meta["step"])
     if npz:
         trees, _ = npz_checkpoint.restore_checkpoint(path, {"model": skeleton})
     else:

@@ -431,12 +431,14 @@ class CheckpointHook(BaseHook):
         meta: Callable[[int], dict[str, Any]],
         last: LastCheckpoint,
         stop_requested: Callable[[], bool],
+        model_view: Callable[[PyTree], PyTree] | None = None,
     ):
         self.store = store
         self.cadence = cadence
         self.meta = meta
         self.last = last
         self.stop_requested = stop_requested
+        self.model_view = model_view  # what of the model is saved (None: all of it)
         self.blocked: list[float] = []
 
     def __call__(self, record: StepRecord) -> None:
@@ -445,7 +447,8 @@ class CheckpointHook(BaseHook):
             return
         record.host_values()  # never a checkpoint after a non-finite loss
         start = time.perf_counter()
-        trees = {"model": record.model, "opt_state": record.opt_state}
+        model = record.model if self.model_view is None else self.model_view(record.model)
+        trees = {"model": model, "opt_state": record.opt_state}
         path = self.store.save(record.step, trees, self.meta(record.step))
         self.blocked.append(time.perf_counter() - start)
         self.last.path, self.last.step = path, record.step

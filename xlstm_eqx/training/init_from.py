@@ -12,7 +12,9 @@ Each tensor is placed into its sharding as it is read, so no array is ever whole
 The run records where it began (`InitSource`: path, format, a SHA-256 of the weights files,
 their sizes and modification times) in its ``config.json`` and every checkpoint; ``--resume``
 continues from the run's own checkpoints and never reads the source again
-(`source_changes` only reports a source changed since).
+(`source_changes` only reports a source changed since) — except for a LoRA run started from a
+source: its checkpoints hold only the trainable leaves (`holds_trainable_only`) and point at the
+base, which `adapted_base` reads again from the recorded path after checking its content hash.
 """
 
 import dataclasses
@@ -22,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.random as jr
 from jax.sharding import Mesh
 from jaxtyping import PyTree
@@ -32,6 +35,7 @@ from ..models import MODEL_FAMILIES, ModelConfig
 from ..parallel.placement import named_shardings
 from ..parallel.rules import declared_module_names, param_partition_specs
 from .checkpoint import CheckpointError
+from .finetune import LoRASettings, add_lora, merge_lora, trainable_mask, with_finetuning
 from .newest_intact import read_newest
 from .orbax_checkpoint import list_checkpoints, load_metadata, restore_checkpoint
 
@@ -39,6 +43,9 @@ from .orbax_checkpoint import list_checkpoints, load_metadata, restore_checkpoin
 __all__ = [
     "FREE_FIELDS",
     "InitSource",
+    "adapted_base",
+    "holds_trainable_only",
+    "restore_run_model",
     "OpenedSource",
     "SourceFormat",
     "apply_free_fields",
@@ -237,17 +244,21 @@ def _content_hash(files: Sequence[str], root: str) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _source_hash(opened: OpenedSource) -> str:
+    root = opened.path if os.path.isdir(opened.path) else os.path.dirname(opened.path)
+    return _content_hash(_expand(opened.files), root)
+
+
 def describe_source(opened: OpenedSource, tokenizer: Tokenizer | None = None) -> InitSource:
     """The record of ``opened`` (its weights files hashed: one read of each); ``tokenizer`` the
     run's (default: the source's own)."""
     files = _expand(opened.files)
-    root = opened.path if os.path.isdir(opened.path) else os.path.dirname(opened.path)
     tok = tokenizer if tokenizer is not None else opened.source_tokenizer()
     return InitSource(
         kind=opened.kind,
         path=opened.path,
         checkpoint=opened.checkpoint,
-        content_hash=_content_hash(files, root),
+        content_hash=_source_hash(opened),
         tokenizer=None if tok is None else tok.to_dict(),
         step=opened.step,
         files=_file_stats(files),
@@ -305,6 +316,79 @@ def load_init_model(
     return model, config, describe_source(opened)
 
 
+# LoRA runs whose checkpoints point at their base
+
+
+def holds_trainable_only(run: Mapping[str, Any]) -> bool:
+    """Whether a run's checkpoints hold only its trainable leaves (the LoRA adapters and any
+    ``--trainable`` ones): a LoRA run started ``--init-from`` a source, which they point at (a
+    LoRA run from random weights has no base to point at and saves the whole model)."""
+    return LoRASettings.from_run_config(dict(run)) is not None and isinstance(
+        run.get("init_from"), dict
+    )
+
+
+def adapted_base(
+    record: Mapping[str, Any],
+    kind: str,
+    config: ModelConfig,
+    settings: LoRASettings,
+    shardings: PyTree | None = None,
+) -> PyTree:
+    """The model a trainable-only checkpoint completes: the base read again from the recorded
+    ``--init-from`` source (``record``, an `InitSource` dict) with adapters added (their values
+    come from the checkpoint). A source gone or whose content hash differs from the recorded one
+    is a `CheckpointError` naming the path and both hashes: the adapter fits only its base."""
+    path, want = str(record.get("path")), str(record.get("content_hash"))
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"this LoRA run's checkpoints hold only the adapter; its base --init-from {path!r} "
+            f"(content {want}) is gone: put it back at that path"
+        )
+    opened = open_init_source(path)
+    got = _source_hash(opened)
+    if got != want:
+        raise CheckpointError(
+            f"this LoRA run's base --init-from {path!r} changed since the run began: content "
+            f"{got}, recorded {want}; the adapter only fits the base it was trained on"
+        )
+    skeleton = eqx.filter_eval_shape(MODEL_FAMILIES[kind].build, config, key=jr.key(0))
+    return add_lora(opened.load(config, skeleton, shardings), settings, jr.key(0))
+
+
+def restore_run_model(
+    path: str, run: Mapping[str, Any], shardings: PyTree | None = None
+) -> tuple[PyTree, ModelConfig]:
+    """``(model, config)`` of a run's checkpoint ``path`` (``run``: its recorded run config):
+    the model as trained (LoRA adapters included); a trainable-only checkpoint completed with
+    its base (`adapted_base`)."""
+    kind = str(run["model_kind"])
+    family = MODEL_FAMILIES[kind]
+    config = family.config_from_dict(run["model_config"])
+    settings = LoRASettings.from_run_config(dict(run))
+    skeleton = eqx.filter_eval_shape(with_finetuning(family.build, settings), config, key=jr.key(0))
+    if settings is None or not holds_trainable_only(run):
+        given = None if shardings is None else {"model": shardings}
+        return restore_checkpoint(path, {"model": skeleton}, given)[0]["model"], config
+    mask = trainable_mask(skeleton, run["train"].get("trainable") or None)
+    given = None if shardings is None else {"model": eqx.filter(shardings, mask)}
+    trees, _ = restore_checkpoint(path, {"model": eqx.filter(skeleton, mask)}, given)
+    model = eqx.combine(trees["model"], adapted_base(run["init_from"], kind, config, settings))
+    # The base is read whole, then placed (its layout is the base's, not the adapted tree's).
+    return _placed(model, skeleton, shardings), config
+
+
+def _placed(model: PyTree, skeleton: PyTree, shardings: PyTree | None) -> PyTree:
+    """``model`` in ``skeleton``'s dtypes (a merged bf16 base trains in float32), put into
+    ``shardings``."""
+    as_skeleton = lambda w, x: x.astype(w.dtype) if eqx.is_array(x) else x  # noqa: E731
+    model = jax.tree.map(as_skeleton, skeleton, model)
+    if shardings is None:
+        return model
+    place = lambda s, x: x if s is None else jax.device_put(x, s)  # noqa: E731
+    return jax.tree.map(place, shardings, model, is_leaf=lambda s: s is None)
+
+
 # our own runs
 
 
@@ -342,6 +426,8 @@ def _open_run(path: str, dtype: str | None) -> OpenedSource:
 
     def load(cfg: ModelConfig, skeleton: PyTree, shardings: PyTree | None) -> PyTree:
         del cfg
+        if LoRASettings.from_run_config(run) is not None:  # a LoRA run: its merged weights
+            return _placed(merge_lora(restore_run_model(chosen, run)[0]), skeleton, shardings)
         given = None if shardings is None else {"model": shardings}
         trees, _ = restore_checkpoint(chosen, {"model": skeleton}, given)
         return trees["model"]

@@ -158,6 +158,7 @@ class RunHooks:
             _run_meta(run),
             last,
             interrupt.agreed,
+            run.state.checkpoint_view,
         )
         decay_at = [wsd_decay_start(cfg)] if cfg.schedule == "wsd" else []
         return cls(

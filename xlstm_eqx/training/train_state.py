@@ -3,6 +3,7 @@ count and the loop's key, built for a new run or read from a checkpoint on ``--r
 ``--mesh`` born sharded (or read straight into their shardings, whatever mesh saved them)."""
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -17,6 +18,7 @@ from ..models import MODEL_FAMILIES, ModelFamily
 from ..parallel.placement import init_sharded
 from .config import TrainConfig
 from .finetune import LoRASettings, with_finetuning
+from .init_from import adapted_base
 from .optim import make_optimizer, trainable_params
 from .orbax_checkpoint import restore_newest_intact
 from .prepare import PreparedRun
@@ -36,7 +38,9 @@ __all__ = ["TrainState", "init_train_state"]
 class TrainState:
     """Where the steps start: the model and optimizer state (built, or read on ``--resume``), the
     step that runs them, the step count so far and the loop's key; ``resumed`` is the checkpoint
-    read (None: a new run) and ``damaged`` whether a newer damaged one was skipped."""
+    read (None: a new run) and ``damaged`` whether a newer damaged one was skipped.
+    ``checkpoint_view`` is what of the model a checkpoint holds (None: all of it; a LoRA run
+    from ``--init-from``: its trainable leaves, the rest ``None``)."""
 
     model: PyTree
     opt_state: PyTree
@@ -45,6 +49,7 @@ class TrainState:
     loop_key: PRNGKeyArray
     resumed: str | None = None
     damaged: bool = False
+    checkpoint_view: Callable[[PyTree], PyTree] | None = None
 
 
 def init_train_state(cfg: TrainConfig, prepared: PreparedRun) -> TrainState:
@@ -64,9 +69,14 @@ def init_train_state(cfg: TrainConfig, prepared: PreparedRun) -> TrainState:
         )
     elif prepared.resume_from is not None:
         optimizer, step_fn = optimizer_and_step(cfg, skeleton, prepared.model_config, family)
-        templates = {"model": skeleton, "opt_state": _opt_skeleton(optimizer, skeleton, cfg)}
+        base = _base_for_resume(cfg, prepared)  # first: a moved or changed base fails early
+        model_template = (
+            skeleton if base is None else trainable_params(skeleton, cfg.trainable or None)
+        )
+        templates = {"model": model_template, "opt_state": _opt_skeleton(optimizer, skeleton, cfg)}
         restored = restore_newest_intact(prepared.resume_from, templates)
         model, opt_state = restored[0]["model"], restored[0]["opt_state"]
+        model = model if base is None else eqx.combine(model, base)
     else:
         model = (
             build(prepared.model_config, key=init_key)
@@ -79,14 +89,33 @@ def init_train_state(cfg: TrainConfig, prepared: PreparedRun) -> TrainState:
     # The "auto" mLSTM backend times its candidates now, not while the step compiles (GPU only).
     tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32)
     tune_auto_backend(lambda m, t: m(t), model, tokens)
+    view = _checkpoint_view(cfg, prepared)
     if restored is None:
-        return TrainState(model, opt_state, step_fn, 0, loop_key)
+        return TrainState(model, opt_state, step_fn, 0, loop_key, checkpoint_view=view)
     _, meta, resumed, damaged = restored
     # A damaged newest checkpoint was skipped (with a warning): the run goes on from the one
     # read; the newer ones are moved aside, as the run will save those steps again.
     loop_key = jr.wrap_key_data(jnp.asarray(meta["rng_key"], jnp.uint32))
     damaged = bool(damaged or prepared.damaged)
-    return TrainState(model, opt_state, step_fn, int(meta["step"]), loop_key, resumed, damaged)
+    step = int(meta["step"])
+    return TrainState(model, opt_state, step_fn, step, loop_key, resumed, damaged, view)
+
+
+def _checkpoint_view(cfg: TrainConfig, prepared: PreparedRun) -> Callable[[PyTree], PyTree] | None:
+    """A LoRA run from ``--init-from`` checkpoints its trainable leaves only and points at its
+    base (the run's recorded source: `init_from.holds_trainable_only`); others the whole model."""
+    if LoRASettings.from_train_config(cfg) is None or prepared.init_record is None:
+        return None
+    return lambda model: trainable_params(model, cfg.trainable or None)
+
+
+def _base_for_resume(cfg: TrainConfig, prepared: PreparedRun) -> PyTree | None:
+    """``--resume`` of a run whose checkpoints hold only trainable leaves: the adapted base read
+    again from its recorded source (`init_from.adapted_base`); None for the others."""
+    settings = LoRASettings.from_train_config(cfg)
+    if settings is None or prepared.init_record is None:
+        return None
+    return adapted_base(prepared.init_record, prepared.kind, prepared.model_config, settings)
 
 
 def _state_on_mesh(
@@ -101,6 +130,8 @@ def _state_on_mesh(
     base = getattr(prepared.model_config, "parallel", None)
     layout = mesh_layout(cfg.mesh, skeleton, optimizer, base=base, trainable=cfg.trainable or None)
     restored = None
+    if prepared.resume_from is not None and _checkpoint_view(cfg, prepared) is not None:
+        raise ValueError("--resume of a LoRA run from --init-from on a --mesh is not supported yet")
     if prepared.resume_from is not None:
         restored = restore_newest_intact(
             prepared.resume_from,
