@@ -1,7 +1,9 @@
 """What a user types for LoRA fine-tuning, from another working directory with relative paths:
-`train --lora-rank`, then `convert --merge-lora` (transformers) and `convert --to peft`."""
+`train --lora-rank`, then `convert --merge-lora` (transformers) and `convert --to peft`; the same
+from a transformers directory (``--init-from``)."""
 
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ from xlstm_eqx.training.finetune import has_lora, strip_lora
 
 
 TEXT = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    x: int = 0\n" * 30
+HF = os.path.join(os.path.dirname(__file__), "..", "fixtures", "interop", "hf_train")
 FAST = ["--seq-len", "16", "--batch-size", "2", "--no-progress", "--sample-tokens", "0"]
 FAST += ["--eval-batches", "1", "--warmup-steps", "0", "--log-every", "1", "--lr", "3e-2"]
 
@@ -66,3 +69,30 @@ def test_info_lora_rank(capsys):
     assert main(["info", "--preset", "tiny", "--lora-rank", "4", "--mesh", "fsdp=1"]) == 0
     printed = capsys.readouterr().out
     assert "LoRA r=4:" in printed and "full:" in printed
+
+
+@pytest.mark.slow
+def test_lora_from_a_transformers_directory(tmp_path, monkeypatch, capsys):
+    """``train --init-from base --lora-rank``: the checkpoints hold the adapter and point at
+    ``base``; ``convert --merge-lora`` and ``--init-from`` the run read it again; a moved base is
+    an error naming its path."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(HF, "base")
+    os.makedirs("data")
+    with open("data/code.py", "w") as f:
+        f.write(TEXT)
+    args = ["train", "--init-from", "base", "--data", "data/code.py", "--out", "runs/ft"]
+    args += ["--steps", "2", "--checkpoint-every", "2", "--eval-every", "2", "--eod-token", "none"]
+    args += FAST
+    assert main([*args, "--lora-rank", "4"]) == 0
+    model, _, _ = load_run("runs/ft")
+    tokens = jnp.asarray([list(b"def add(a, b):")], jnp.int32) % 40
+    merge = ["convert", "--from", "eqx", "--to", "hf", "--merge-lora", "runs/ft", "out/merged"]
+    assert main(merge) == 0
+    merged, _ = from_hf_pretrained("out/merged")
+    np.testing.assert_allclose(merged(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+    again = ["train", "--init-from", "runs/ft", "--data", "data/code.py", "--out", "runs/next"]
+    assert main([*again, "--steps", "1", "--eval-every", "1", "--eod-token", "none", *FAST]) == 0
+    os.rename("base", "moved")
+    assert main([*merge[:-1], "out/merged2"]) == 2
+    assert f"--init-from {os.path.abspath('base')!r}" in capsys.readouterr().err
