@@ -1,7 +1,6 @@
 """Prefill on a context-parallel mesh, then decoding (`parallel/prefill.py`): the tokens equal
 one-device generation; on 4 simulated CPU devices in a subprocess."""
 
-import json
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import jax
 import jax.random as jr
 import pytest
 
-from tests.multiprocess import worker_env
+from tests.multiprocess import collect, worker_env, worker_result
 from xlstm_eqx.core import ParallelConfig
 from xlstm_eqx.llama import LlamaTransformer
 from xlstm_eqx.parallel.mesh import make_mesh
@@ -57,17 +56,15 @@ print("RESULT " + json.dumps(out))
 
 @pytest.mark.slow  # a subprocess with 4 simulated CPU devices
 def test_cp_prefill_then_decode_equals_one_device_generation(tmp_path):
-    run = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", _WORKER],
         cwd=tmp_path,
         env=worker_env(4),
-        capture_output=True,
         text=True,
-        timeout=900,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, run.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT ") :])
+    result = worker_result(collect("cp prefill", proc, 900))
     assert set(result) == {"4/33", "4/35", "2/35"}
     for case, row in result.items():
         assert row["same_tokens"], case  # greedy

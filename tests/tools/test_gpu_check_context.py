@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.multiprocess import worker_env
+from tests.multiprocess import collect, worker_env, worker_result
 from xlstm_eqx.tools.gpu_check.context import context_sizes, run_context
 from xlstm_eqx.tools.gpu_check.report import Part, Report
 
@@ -39,16 +39,14 @@ print("RESULT " + json.dumps(row))
 
 @pytest.mark.slow  # a subprocess with 2 simulated CPU devices
 def test_context_check_passes_on_two_simulated_devices(tmp_path):
-    run = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", _WORKER],
         cwd=tmp_path,
         env=worker_env(2),
-        capture_output=True,
         text=True,
-        timeout=600,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, run.stderr[-3000:]
-    row = json.loads(lines[-1][len("RESULT ") :])
+    row = worker_result(collect("gpu_check context", proc, 600))
     assert row["status"] == "pass" and row["rel_err"] <= row["tol"]
     assert row["ms_cp"] > 0 and row["temp_mib_per_device_cp"] > 0
