@@ -52,14 +52,16 @@ def context_sizes(num_devices: int) -> tuple[int, ...]:
     return (2,) if top == 2 else (2, top)
 
 
-def context_config(seq_len: int, embedding_dim: int = 256) -> xLSTMLMModelConfig:
-    """2 unrolled "mlstm" blocks (causal conv and cell: both cp paths; unrolled, so each block's
-    collectives stand in the compiled HLO), 4 heads, the chunkwise form (chunk 64), float32, a
+def context_config(
+    seq_len: int, embedding_dim: int = 256, num_blocks: int = 2
+) -> xLSTMLMModelConfig:
+    """``num_blocks`` unrolled "mlstm" blocks (causal conv and cell: both cp paths; unrolled, so
+    each block's collectives stand in the compiled HLO), 4 heads, the chunkwise form (chunk 64), float32, a
     256-token vocabulary (also `benchmarks/context_parallel.py`'s model)."""
     return xLSTMLMModelConfig(
         vocab_size=256,
         embedding_dim=embedding_dim,
-        num_blocks=2,
+        num_blocks=num_blocks,
         context_length=seq_len,
         dtype="float32",
         lm_head_dtype="float32",
