@@ -7,8 +7,11 @@ device): ``python -m tests.training.init_from_worker TMPDIR``; prints ``RESULT {
 - ``logits``: `load_init_model` of the hf_train fixture on a fsdp=8 mesh (every weight sharded:
   ``fsdp_min_weight_size=0``) against one device: the largest logit difference.
 - ``losses``: `train` from the fixture without a mesh and on ``--mesh dp=2,fsdp=4``.
+- ``lora``: the same with ``--lora-rank 4``, the mesh run stopped after step 2 and resumed (its
+  checkpoints hold only the adapters: the base is read again into its shardings).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -85,10 +88,12 @@ def _logits() -> float:
     return float(np.max(np.abs(np.asarray(one(tokens)) - np.asarray(sharded(tokens)))))
 
 
-def _losses(tmp: str, corpus: str) -> dict:
+def _losses(tmp: str, corpus: str, lora_rank: int = 0) -> dict:
     out = {}
     for name, mesh in (("one", ""), ("mesh", "dp=2,fsdp=4")):
         cfg = TrainConfig(
+            lora_rank=lora_rank,
+            checkpoint_every=2,
             init_from=FIXTURE,
             data=[corpus],
             eod_token="none",
@@ -103,10 +108,13 @@ def _losses(tmp: str, corpus: str) -> dict:
             sample_tokens=0,
             progress=False,
             mesh=mesh,
-            out=os.path.join(tmp, name),
+            out=os.path.join(tmp, f"{name}{lora_rank}"),
         )
+        if lora_rank and mesh:  # stopped and resumed on the mesh
+            train(cfg, stop_after_step=2, log=lambda message: None)
+            cfg = dataclasses.replace(cfg, resume=True)
         train(cfg, log=lambda message: None)
-        rows = read_metrics(os.path.join(tmp, name, "metrics.jsonl"))
+        rows = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
         out[name] = [r["loss"] for r in rows if "loss" in r]
     return out
 
@@ -114,6 +122,7 @@ def _losses(tmp: str, corpus: str) -> dict:
 def main() -> None:
     tmp, corpus = sys.argv[1], sys.argv[2]
     result = {"bytes": _bytes(tmp, corpus), "logits": _logits(), "losses": _losses(tmp, corpus)}
+    result["lora"] = _losses(tmp, corpus, lora_rank=4)
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -215,6 +215,15 @@ def test_eight_devices_equal_one(eight):
 
 
 @pytest.mark.slow
+def test_lora_on_eight_devices_equals_one(eight):
+    """``--init-from --lora-rank 4 --mesh dp=2,fsdp=4``, stopped after step 2 and resumed (the
+    base read again into its shardings), logs one device's losses."""
+    lora = eight["lora"]
+    assert len(lora["mesh"]) == len(lora["one"]) == 4
+    np.testing.assert_allclose(lora["mesh"], lora["one"], rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_cli_from_another_directory(tmp_path, monkeypatch, capsys):
     """What a user types, with relative paths from their own directory."""
     shutil.copytree(HF, tmp_path / "model")

@@ -54,6 +54,7 @@ __all__ = [
     "load_init_model",
     "open_init_source",
     "parallel_for_mesh",
+    "place_like",
     "register_init_format",
     "source_changes",
     "with_default_fsdp",
@@ -333,11 +334,11 @@ def adapted_base(
     kind: str,
     config: ModelConfig,
     settings: LoRASettings,
-    shardings: PyTree | None = None,
+    base_shardings: PyTree | None = None,
 ) -> PyTree:
     """The model a trainable-only checkpoint completes: the base read again from the recorded
     ``--init-from`` source (``record``, an `InitSource` dict) with adapters added (their values
-    come from the checkpoint). A source gone or whose content hash differs from the recorded one
+    come from the checkpoint); ``base_shardings``: the base's layout on a mesh. A source gone or whose content hash differs from the recorded one
     is a `CheckpointError` naming the path and both hashes: the adapter fits only its base."""
     path, want = str(record.get("path")), str(record.get("content_hash"))
     if not os.path.exists(path):
@@ -353,7 +354,7 @@ def adapted_base(
             f"{got}, recorded {want}; the adapter only fits the base it was trained on"
         )
     skeleton = eqx.filter_eval_shape(MODEL_FAMILIES[kind].build, config, key=jr.key(0))
-    return add_lora(opened.load(config, skeleton, shardings), settings, jr.key(0))
+    return add_lora(opened.load(config, skeleton, base_shardings), settings, jr.key(0))
 
 
 def restore_run_model(
@@ -375,10 +376,10 @@ def restore_run_model(
     trees, _ = restore_checkpoint(path, {"model": eqx.filter(skeleton, mask)}, given)
     model = eqx.combine(trees["model"], adapted_base(run["init_from"], kind, config, settings))
     # The base is read whole, then placed (its layout is the base's, not the adapted tree's).
-    return _placed(model, skeleton, shardings), config
+    return place_like(model, skeleton, shardings), config
 
 
-def _placed(model: PyTree, skeleton: PyTree, shardings: PyTree | None) -> PyTree:
+def place_like(model: PyTree, skeleton: PyTree, shardings: PyTree | None) -> PyTree:
     """``model`` in ``skeleton``'s dtypes (a merged bf16 base trains in float32), put into
     ``shardings``."""
     as_skeleton = lambda w, x: x.astype(w.dtype) if eqx.is_array(x) else x  # noqa: E731
@@ -427,7 +428,7 @@ def _open_run(path: str, dtype: str | None) -> OpenedSource:
     def load(cfg: ModelConfig, skeleton: PyTree, shardings: PyTree | None) -> PyTree:
         del cfg
         if LoRASettings.from_run_config(run) is not None:  # a LoRA run: its merged weights
-            return _placed(merge_lora(restore_run_model(chosen, run)[0]), skeleton, shardings)
+            return place_like(merge_lora(restore_run_model(chosen, run)[0]), skeleton, shardings)
         given = None if shardings is None else {"model": shardings}
         trees, _ = restore_checkpoint(chosen, {"model": skeleton}, given)
         return trees["model"]

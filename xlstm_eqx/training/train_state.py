@@ -15,14 +15,16 @@ from jaxtyping import PRNGKeyArray, PyTree
 
 from ..cell.autotune import tune_auto_backend
 from ..models import MODEL_FAMILIES, ModelFamily
-from ..parallel.placement import init_sharded
+from ..parallel.placement import init_sharded, named_shardings
+from ..parallel.rules import param_partition_specs
 from .config import TrainConfig
-from .finetune import LoRASettings, with_finetuning
-from .init_from import adapted_base
+from .finetune import LoRASettings, trainable_mask, with_finetuning
+from .init_from import adapted_base, place_like
 from .optim import make_optimizer, trainable_params
 from .orbax_checkpoint import restore_newest_intact
 from .prepare import PreparedRun
 from .step import (
+    MeshLayout,
     TrainStep,
     init_sharded_opt_state,
     make_train_step,
@@ -109,13 +111,22 @@ def _checkpoint_view(cfg: TrainConfig, prepared: PreparedRun) -> Callable[[PyTre
     return lambda model: trainable_params(model, cfg.trainable or None)
 
 
-def _base_for_resume(cfg: TrainConfig, prepared: PreparedRun) -> PyTree | None:
+def _base_for_resume(
+    cfg: TrainConfig, prepared: PreparedRun, layout: MeshLayout | None = None
+) -> PyTree | None:
     """``--resume`` of a run whose checkpoints hold only trainable leaves: the adapted base read
-    again from its recorded source (`init_from.adapted_base`); None for the others."""
+    again from its recorded source (`init_from.adapted_base`; on a mesh into its layout); None
+    for the others."""
     settings = LoRASettings.from_train_config(cfg)
     if settings is None or prepared.init_record is None:
         return None
-    return adapted_base(prepared.init_record, prepared.kind, prepared.model_config, settings)
+    config = prepared.model_config
+    family = MODEL_FAMILIES[prepared.kind]
+    base_shardings = _base_shardings(
+        eqx.filter_eval_shape(family.build, config, key=jr.key(0)), layout
+    )
+    model = adapted_base(prepared.init_record, prepared.kind, config, settings, base_shardings)
+    return model if layout is None else place_like(model, model, layout.model_shardings)
 
 
 def _state_on_mesh(
@@ -130,17 +141,21 @@ def _state_on_mesh(
     base = getattr(prepared.model_config, "parallel", None)
     layout = mesh_layout(cfg.mesh, skeleton, optimizer, base=base, trainable=cfg.trainable or None)
     restored = None
-    if prepared.resume_from is not None and _checkpoint_view(cfg, prepared) is not None:
-        raise ValueError("--resume of a LoRA run from --init-from on a --mesh is not supported yet")
     if prepared.resume_from is not None:
+        base = _base_for_resume(cfg, prepared, layout)  # first: a moved base fails early
+        saved, where = skeleton, layout.model_shardings
+        if base is not None:  # only the trainable leaves were saved
+            mask = trainable_mask(skeleton, cfg.trainable or None)
+            saved, where = eqx.filter(skeleton, mask), eqx.filter(where, mask)
         restored = restore_newest_intact(
             prepared.resume_from,
-            {"model": skeleton, "opt_state": _opt_skeleton(optimizer, skeleton, cfg)},
-            {"model": layout.model_shardings, "opt_state": layout.opt_shardings},
+            {"model": saved, "opt_state": _opt_skeleton(optimizer, skeleton, cfg)},
+            {"model": where, "opt_state": layout.opt_shardings},
         )
         model, opt_state = restored[0]["model"], restored[0]["opt_state"]
+        model = model if base is None else eqx.combine(model, base)
     elif prepared.init is not None:
-        model = _from_init_source(cfg, prepared, family, init_key, layout.model_shardings)
+        model = _from_init_source(cfg, prepared, family, init_key, layout)
         opt_state = init_sharded_opt_state(optimizer, model, layout)
     else:
         model = init_sharded(
@@ -167,19 +182,32 @@ def _from_init_source(
     prepared: PreparedRun,
     family: ModelFamily,
     key: PRNGKeyArray,
-    shardings: PyTree | None,
+    layout: MeshLayout | None,
 ) -> PyTree:
     """``--init-from``: the source's weights (training/init_from.py), each leaf read straight
-    into its sharding on a mesh; LoRA adapters, if any, added as to a new model."""
+    into its sharding on a mesh; LoRA adapters, if any, added as to a new model (on a mesh: the
+    base read into the base's layout, the adapters then placed by the adapted model's)."""
     assert prepared.init is not None
     base = eqx.filter_eval_shape(family.build, prepared.model_config, key=key)
     settings = LoRASettings.from_train_config(cfg)
-    if shardings is not None and settings is not None:
-        raise ValueError("--init-from with --lora-rank on a --mesh is not supported yet")
-    weights = prepared.init.load(prepared.model_config, base, shardings)
     if settings is None:
-        return weights
-    return with_finetuning(lambda config, *, key: weights, settings)(prepared.model_config, key=key)
+        shardings = None if layout is None else layout.model_shardings
+        return prepared.init.load(prepared.model_config, base, shardings)
+    weights = prepared.init.load(prepared.model_config, base, _base_shardings(base, layout))
+    model = with_finetuning(lambda config, *, key: weights, settings)(
+        prepared.model_config, key=key
+    )
+    return model if layout is None else place_like(model, model, layout.model_shardings)
+
+
+def _base_shardings(base: PyTree, layout: MeshLayout | None) -> PyTree | None:
+    """The shardings of the base (not adapted) model ``base`` under ``layout``'s rules."""
+    if layout is None:
+        return None
+    specs = param_partition_specs(
+        base, layout.parallel_config, num_devices=layout.mesh.devices.size
+    )
+    return named_shardings(specs, layout.mesh)
 
 
 def _opt_skeleton(
