@@ -14,6 +14,7 @@ from xlstm_eqx.interop.hf import from_hf_pretrained, to_hf
 from xlstm_eqx.interop.peft import read_peft_adapter
 from xlstm_eqx.training import load_run
 from xlstm_eqx.training.finetune import has_lora, strip_lora
+from xlstm_eqx.training.init_from import load_init_model
 
 
 TEXT = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    x: int = 0\n" * 30
@@ -46,6 +47,8 @@ def test_lora_train_then_merge_and_peft_export(tmp_path, monkeypatch, capsys):
     assert main(merge) == 0
     merged, _ = from_hf_pretrained("out/merged")
     np.testing.assert_allclose(np.asarray(merged(tokens)), want, rtol=1e-5, atol=1e-5)
+    as_source, _, _ = load_init_model("runs/lora")  # --init-from a LoRA run: merged weights
+    np.testing.assert_allclose(np.asarray(as_source(tokens)), want, rtol=1e-5, atol=1e-5)
 
     assert main(["convert", "--from", "eqx", "--to", "peft", "runs/lora", "out/adapter"]) == 0
     assert sorted(os.listdir("out/adapter")) == [
