@@ -14,6 +14,13 @@ import sys
 
 CHUNK = 4  # the chunkwise form's chunk size in the tiny models (segment lengths vs chunks)
 MESHES = ("cp=8", "cp=4,dp=2", "cp=2,fsdp=2,tp=2")
+# Per mesh: a sequence length S that is a multiple of cp × CHUNK and one that is not. Meshes with
+# the same S share one one-device reference (3 references instead of 6: each costs a compile).
+SEQ_LENGTHS = {
+    "cp=8": {"multiple": 32, "not_multiple": 40},
+    "cp=4,dp=2": {"multiple": 32, "not_multiple": 40},
+    "cp=2,fsdp=2,tp=2": {"multiple": 32, "not_multiple": 20},
+}
 
 
 def _setup() -> None:
@@ -51,7 +58,9 @@ def parallel_base():
 
 def borders_for(batch: int, seq: int, cp: int):
     """Document borders ``(batch, seq + 1)``: row 0 starts documents on segment boundaries, row 1
-    inside segments (and at token 0); the other rows none."""
+    inside segments (and at token 0); the other rows none. The boundaries of cp are also those
+    of every cp' dividing it (and row 1's positions stay inside their segments), so one set of
+    borders serves all the meshes that share S."""
     import numpy as np
 
     seg = seq // cp
@@ -87,7 +96,7 @@ def _rel_errors(a, b) -> dict:
 
 def run_equiv(layer_type: str, meshes: tuple[str, ...] = MESHES) -> dict:
     """Loss and gradients with document borders on each cp mesh vs one device, for a sequence
-    length that is a multiple of cp × CHUNK and one that is not."""
+    length that is a multiple of cp × CHUNK and one that is not (`SEQ_LENGTHS`)."""
     import equinox as eqx
     import jax
     import numpy as np
@@ -106,12 +115,25 @@ def run_equiv(layer_type: str, meshes: tuple[str, ...] = MESHES) -> dict:
     config = tiny_config(layer_type)
     model = xLSTMLMModel(config, key=jax.random.key(0))
     one_device = eqx.filter_jit(eqx.filter_value_and_grad(_loss))
+    pcs = {spec: parse_mesh_spec(spec, parallel_base()) for spec in meshes}
+    largest_cp: dict[int, int] = {}  # per S: the largest cp using it (its borders serve all)
+    for spec in meshes:
+        for seq in SEQ_LENGTHS[spec].values():
+            cp = pcs[spec].context_axis_size
+            largest_cp[seq] = max(cp, largest_cp.get(seq, 1))
     rng = np.random.default_rng(0)
+    inputs = {
+        seq: (
+            rng.integers(0, config.vocab_size, (4, seq + 1)).astype(np.int32),
+            borders_for(4, seq, cp),
+        )
+        for seq, cp in largest_cp.items()
+    }
+    refs = {seq: jax.device_get(one_device(model, *batch)) for seq, batch in inputs.items()}
     out: dict = {}
     for spec in meshes:
-        pc = parse_mesh_spec(spec, parallel_base())
+        pc = pcs[spec]
         mesh = make_mesh(pc)
-        cp = mesh.shape["cp"]
         specs = param_partition_specs(model, pc)
         sharded = shard_model(model, mesh, specs)
 
@@ -121,13 +143,10 @@ def run_equiv(layer_type: str, meshes: tuple[str, ...] = MESHES) -> dict:
 
         on_mesh = eqx.filter_jit(eqx.filter_value_and_grad(split_loss))
         batch_sharding = NamedSharding(mesh, P(("dp", "fsdp"), None))
-        for kind, seq in (("multiple", 2 * cp * CHUNK), ("not_multiple", cp * (CHUNK + 1))):
-            tokens = rng.integers(0, config.vocab_size, (4, seq + 1)).astype(np.int32)
-            borders = borders_for(4, seq, cp)
-            ref = jax.device_get(one_device(model, tokens, borders))
-            args = [jax.device_put(x, batch_sharding) for x in (tokens, borders)]
+        for kind, seq in SEQ_LENGTHS[spec].items():
+            args = [jax.device_put(x, batch_sharding) for x in inputs[seq]]
             got = jax.device_get(on_mesh(sharded, *args))
-            out[f"{spec}/{kind}"] = {"seq": seq, **_rel_errors(got, ref)}
+            out[f"{spec}/{kind}"] = {"seq": seq, **_rel_errors(got, refs[seq])}
             print(f"{spec}/{kind}: {out[f'{spec}/{kind}']}", file=sys.stderr, flush=True)
     return out
 
