@@ -115,7 +115,7 @@ def test_help_shows_one_default_per_flag_choices_gpu_and_version(capsys):
         assert entry.count("default") == 1, entry
     entry = text.split("--mesh MESH", 2)[-1].split(" --", 1)[0]
     assert entry.count("default") == 1, entry
-    assert "--optimizer {adamw,lion,adafactor}" in text
+    assert "--optimizer {adamw,lion,adafactor,ademamix}" in text
     assert "--schedule {cosine,wsd,linear,constant}" in text
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
