@@ -708,10 +708,10 @@ def make_peft():
     with torch.no_grad():
         logits = model(torch.tensor(ids.astype(np.int64)), use_cache=False).logits.float().numpy()
         base_logits = np.load(os.path.join(base_dir, "expected.npz"))["logits"]
-    np.savez(
-        os.path.join(out, "expected.npz"), input_ids=ids, logits=logits.astype(np.float32)
+    np.savez(os.path.join(out, "expected.npz"), input_ids=ids, logits=logits.astype(np.float32))
+    print(
+        f"peft_small: logits {logits.shape}, |peft - base| max {np.abs(logits - base_logits).max():.3g}"
     )
-    print(f"peft_small: logits {logits.shape}, |peft - base| max {np.abs(logits - base_logits).max():.3g}")
 
 
 def main(argv=None):
