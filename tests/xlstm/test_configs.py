@@ -1025,7 +1025,7 @@ def test_train_config_literal_fields_name_the_flag_and_the_choices():
     with pytest.raises(ValueError) as info:
         TrainConfig(optimizer="sgd")
     assert str(info.value) == (
-        "--optimizer (TrainConfig.optimizer) must be one of ('adamw', 'lion', 'adafactor'), "
+        "--optimizer (TrainConfig.optimizer) must be one of ('adamw', 'lion', 'adafactor', 'ademamix'), "
         "got 'sgd'"
     )
     with pytest.raises(ValueError, match=r"^--schedule \(TrainConfig\.schedule\) must be one of"):
