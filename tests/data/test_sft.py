@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from xlstm_eqx.data.sft import (
     read_examples,
     tokenize_example,
 )
+from xlstm_eqx.data.tokenizer import HFTokenizer
 from xlstm_eqx.models import build_model
 from xlstm_eqx.presets import get_preset
 from xlstm_eqx.training.loss import next_token_loss
@@ -94,6 +96,7 @@ def test_packed_store_round_trip_keeps_tokens_mask_and_borders(tmp_path):
     assert again.store_dir == c.store_dir
     np.testing.assert_array_equal(np.asarray(again.train_flags), np.asarray(c.train_flags))
     # damage one flag byte: the store is rebuilt (the flags are block-hashed like the tokens)
+    assert c.store_dir is not None
     path = os.path.join(c.store_dir, "train.flags")
     with open(path, "r+b") as f:
         raw = bytearray(f.read())
@@ -276,6 +279,7 @@ def test_messages_render_with_the_chat_template(tmp_path):
     ]
     ids, targets = tokenize_example(tokenizer, example, None)
     assert tokenizer.decode(ids[targets]) == "Hello!<|end|>\nBye.<|end|>\n"
+    assert isinstance(tokenizer, HFTokenizer)
     assert ids[0] == tokenizer.token_to_id("<s>")  # the special token, not its characters
 
 
@@ -296,7 +300,8 @@ def test_messages_without_a_chat_template_are_an_error(tmp_path):
         ('{"prompt": "a"}', r":2: missing field 'completion'"),
         ('{"prompt": 3, "completion": "b"}', r":2: field 'prompt' must be a string, got int"),
         ('{"prompt": "a", "completion": ""}', r":2: field 'completion' is empty"),
-        ('{"prompt": "a", "completion": "b"', r":2: not valid JSON"),
+        ('{"prompt": "a", "completion": "b"', r":2: invalid JSON"),
+        pytest.param("[" * 100_000 + "]" * 100_000, r":2: JSON nested too deeply", id="deep"),
         ("[1, 2]", r":2: a record must be a JSON object, got list"),
         ('{"messages": [{"role": "user"}]}', r":2: field 'messages\[0\]\.content' must be a str"),
         ('{"messages": [{"role": "user", "content": "x"}]}', r":2: .*no non-empty 'assistant'"),
@@ -307,6 +312,30 @@ def test_bad_records_name_file_line_and_field(tmp_path, line, match):
     path.write_text('{"prompt": "ok", "completion": "fine"}\n' + line + "\n")
     with pytest.raises(SFTRecordError, match=r"bad\.jsonl" + match):
         load_corpus([str(path)], ByteTokenizer(), cache_dir=str(tmp_path / "c"), packed_row=16)
+
+
+def test_sft_input_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
+    """A FIFO (or device) as SFT input is an error naming it, not a read that waits forever."""
+    fifo = str(tmp_path / "chat.jsonl")
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def read():
+        try:
+            list(read_examples([fifo], None))
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001  (handed to the test thread)
+            outcome.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # blocked in open(): a writer's open and close let it end
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=10)
+        pytest.fail("reading a FIFO as SFT input waited for a writer")
+    assert isinstance(outcome[0], ValueError), outcome
+    assert f"data path {fifo!r} is not a regular file" in str(outcome[0])
 
 
 @pytest.mark.slow

@@ -16,10 +16,11 @@ built, before any training step.
 import json
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
+from .sources import iter_jsonl
 from .tokenizer import Tokenizer
 
 
@@ -72,20 +73,14 @@ def _check_messages(path: str, line: int, messages: Any) -> list[dict[str, str]]
 
 
 def iter_records(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """`(line number, object)` for every non-blank line of a JSONL file (1-based lines)."""
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise _fail(path, number, f"not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise _fail(
-                    path, number, f"a record must be a JSON object, got {type(record).__name__}"
-                )
-            yield number, record
+    """`(line number, object)` for every non-blank line of a JSONL file (1-based lines), read by
+    `iter_jsonl` (so FIFOs, devices, bad UTF-8 and too-deep JSON are errors naming the file)."""
+    for number, record in iter_jsonl(path, SFTRecordError):
+        if not isinstance(record, dict):
+            raise _fail(
+                path, number, f"a record must be a JSON object, got {type(record).__name__}"
+            )
+        yield number, cast(dict[str, Any], record)
 
 
 def read_examples(paths: Sequence[str], template: "ChatTemplate | None") -> Iterator[SFTExample]:

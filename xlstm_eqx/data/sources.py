@@ -350,7 +350,11 @@ def _text_file_pieces(
         raise OSError(f"cannot read data file {path!r}: {e.strerror or e}") from e
 
 
-def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+def iter_jsonl(path: str, error: type[ValueError] = ValueError) -> Iterator[tuple[int, Any]]:
+    """`(line number, object)` for every non-blank line of the JSONL file `path` (lines from 1),
+    opened with `open_regular` (a FIFO or device is refused at once, not waited on). A line that
+    is not JSON, or is nested too deeply for the parser, is an `error` naming `path:line`; bytes
+    that are not UTF-8 are one naming the file."""
     try:
         with io.TextIOWrapper(open_regular(path), encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
@@ -359,22 +363,24 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                    raise error(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
                 except RecursionError:
-                    raise ValueError(f"{path}:{lineno}: JSON nested too deeply") from None
-                if not isinstance(obj, dict) or text_field not in obj:
-                    raise ValueError(
-                        f"{path}:{lineno}: no text field {text_field!r} in this JSON line"
-                    )
-                text = obj[text_field]
-                if not isinstance(text, str):
-                    raise ValueError(
-                        f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, "
-                        "not a string"
-                    )
-                yield text
+                    raise error(f"{path}:{lineno}: JSON nested too deeply") from None
+                yield lineno, obj
     except UnicodeDecodeError as e:
-        raise ValueError(f"data file {path!r} is not UTF-8 text ({e.reason})") from None
+        raise error(f"data file {path!r} is not UTF-8 text ({e.reason})") from None
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+    for lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or text_field not in obj:
+            raise ValueError(f"{path}:{lineno}: no text field {text_field!r} in this JSON line")
+        text = obj[text_field]
+        if not isinstance(text, str):
+            raise ValueError(
+                f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string"
+            )
+        yield text
 
 
 def _import_datasets(path: str):
