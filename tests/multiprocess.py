@@ -51,6 +51,20 @@ def start_worker(
     )
 
 
+def run_script(name: str, code: str, devices: int, cwd: str | os.PathLike, timeout: float) -> dict:
+    """`python -c code` with `devices` simulated devices: its ``RESULT {json}``, or the calling
+    test fails with the script's own message (`collect`)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=worker_env(devices),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    return worker_result(collect(name, proc, timeout))
+
+
 def collect(name: str, proc: subprocess.Popen, timeout: float) -> dict | str:
     """The worker's last ``RESULT {json}`` line, or a string that says why there is none (the test
     that reads it fails with that text)."""

@@ -1,14 +1,11 @@
 """Prefill on a context-parallel mesh, then decoding (`parallel/prefill.py`): the tokens equal
 one-device generation; on 4 simulated CPU devices in a subprocess."""
 
-import subprocess
-import sys
-
 import jax
 import jax.random as jr
 import pytest
 
-from tests.multiprocess import collect, worker_env, worker_result
+from tests.multiprocess import run_script
 from xlstm_eqx.core import ParallelConfig
 from xlstm_eqx.llama import LlamaTransformer
 from xlstm_eqx.parallel.mesh import make_mesh
@@ -56,15 +53,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.mark.slow  # a subprocess with 4 simulated CPU devices
 def test_cp_prefill_then_decode_equals_one_device_generation(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WORKER],
-        cwd=tmp_path,
-        env=worker_env(4),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    result = worker_result(collect("cp prefill", proc, 900))
+    result = run_script("cp prefill", _WORKER, 4, tmp_path, 900)
     assert set(result) == {"4/33", "4/35", "2/35"}
     for case, row in result.items():
         assert row["same_tokens"], case  # greedy

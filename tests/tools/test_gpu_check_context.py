@@ -1,12 +1,10 @@
 """The GPU check's `context` part: skipped without two GPUs, and its check on simulated devices."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.multiprocess import collect, worker_env, worker_result
+from tests.multiprocess import run_script
 from xlstm_eqx.tools.gpu_check.context import context_sizes, run_context
 from xlstm_eqx.tools.gpu_check.report import Part, Report
 
@@ -39,14 +37,6 @@ print("RESULT " + json.dumps(row))
 
 @pytest.mark.slow  # a subprocess with 2 simulated CPU devices
 def test_context_check_passes_on_two_simulated_devices(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WORKER],
-        cwd=tmp_path,
-        env=worker_env(2),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    row = worker_result(collect("gpu_check context", proc, 600))
+    row = run_script("gpu_check context", _WORKER, 2, tmp_path, 600)
     assert row["status"] == "pass" and row["rel_err"] <= row["tol"]
     assert row["ms_cp"] > 0 and row["temp_mib_per_device_cp"] > 0
