@@ -319,9 +319,18 @@ class LlamaTransformer(eqx.Module):
         self.context_axis = None
 
     @jax.named_scope("LMHead")
+    def final_norm(self, x: Float[Array, "*batch D"]) -> Float[Array, "*batch D"]:
+        """The RMSNorm after the last block."""
+        return self.out_norm(x)
+
+    @jax.named_scope("LMHead")
+    def project_logits(self, h: Float[Array, "*batch D"]) -> Float[Array, "*batch V"]:
+        """LM head on normed hidden states (any leading shape, e.g. a chunk of tokens) in
+        ``dtype``, float32 logits, soft cap. No dropout."""
+        return soft_cap(self.lm_head(h).astype(jnp.float32), self.logits_soft_cap)
+
     def _head(self, x: Float[Array, "B S D"]) -> Float[Array, "B S V"]:
-        logits = self.lm_head(self.out_norm(x)).astype(jnp.float32)
-        return soft_cap(logits, self.logits_soft_cap)
+        return self.project_logits(self.final_norm(x))
 
     def __call__(
         self,
@@ -331,7 +340,22 @@ class LlamaTransformer(eqx.Module):
         document_borders: Bool[Array, "B S"] | None = None,
         positions: Int[Array, "B S"] | None = None,
     ) -> Float[Array, "B S V"]:
-        """Logits for every position.
+        """Logits for every position: ``project_logits(hidden_states(tokens, ...))``."""
+        h = self.hidden_states(
+            tokens, key=key, document_borders=document_borders, positions=positions
+        )
+        return self.project_logits(h)
+
+    def hidden_states(
+        self,
+        tokens: Int[Array, "B S"],
+        *,
+        key: PRNGKeyArray | None = None,
+        document_borders: Bool[Array, "B S"] | None = None,
+        positions: Int[Array, "B S"] | None = None,
+    ) -> Float[Array, "B S D"]:
+        """The activations entering the LM head (after ``out_norm``), in ``dtype``; the chunked
+        loss (training/loss.py) applies `project_logits` to slices of them.
 
         - ``document_borders``: True where a token starts a new document. Used only when
           ``mask_across_document_boundaries``: tokens then attend only within their document
@@ -360,7 +384,7 @@ class LlamaTransformer(eqx.Module):
         if document_borders is not None and self.mask_across_document_boundaries:
             segment_ids = jnp.cumsum(document_borders.astype(jnp.int32), axis=1, dtype=jnp.int32)
         x = self.blocks(x, sin, cos, segment_ids, key=kblocks)
-        return self._head(x)
+        return self.final_norm(x)
 
     # -- decoding (docs/architecture.md, "Generation") ------------------------------------------
 

@@ -133,6 +133,12 @@ class TrainConfig(Config):
         default=1.0, check=POSITIVE, help="global gradient-norm clip (none: off)"
     )
     dtype: ComputeDType = field(default="float32", help="compute dtype (parameters stay float32)")
+    loss_chunk_size: int | None = field(
+        default=None,
+        check=NON_NEGATIVE,
+        help="sequence positions per chunk of the LM head + cross-entropy (none: chunked only "
+        "when batch x seq x vocab exceeds 2**23 logits; 0: never chunked)",
+    )
     # starting from trained weights (training/init_from.py)
     init_from: str = field(
         default="",

@@ -37,7 +37,8 @@ from .config import xLSTMLMModelConfig
 class xLSTMLMModel(eqx.Module):
     """xLSTM language model from an ``xLSTMLMModelConfig``.
 
-    ``model(tokens, *, key=None, document_borders=None) -> logits (B, S, V) float32``.
+    ``model(tokens, *, key=None, document_borders=None) -> logits (B, S, V) float32``, which is
+    ``project_logits(hidden_states(tokens, ...))`` (the chunked loss uses the two pieces).
     Deterministic when ``key`` is None. ``document_borders[b, t]`` marks the first token of a new
     document; with ``mlstm_cell.reset_at_document_boundaries`` the mLSTM memory is reset there.
 
@@ -137,15 +138,39 @@ class xLSTMLMModel(eqx.Module):
         return x
 
     @jax.named_scope("LMHead")
-    def head(self, x: Float[Array, "*batch D"]) -> Float[Array, "*batch V"]:
-        """Post-blocks norm, LM head in ``lm_head_dtype``, float32 logits, soft cap."""
-        if self.out_norm is not None:
-            x = self.out_norm(x)
+    def final_norm(self, x: Float[Array, "*batch D"]) -> Float[Array, "*batch D"]:
+        """The post-blocks norm (identity without ``add_post_blocks_norm``)."""
+        return x if self.out_norm is None else self.out_norm(x)
+
+    @jax.named_scope("LMHead")
+    def project_logits(self, h: Float[Array, "*batch D"]) -> Float[Array, "*batch V"]:
+        """LM head on normed hidden states (any leading shape, e.g. a chunk of tokens): the head
+        (or the tied embedding) in ``lm_head_dtype``, float32 logits, soft cap. No dropout."""
         if self.lm_head is None:
-            logits = self.token_embedding.attend(x, self.lm_head_dtype)
+            logits = self.token_embedding.attend(h, self.lm_head_dtype)
         else:
-            logits = self.lm_head(x)
+            logits = self.lm_head(h)
         return soft_cap(logits.astype(jnp.float32), self.logits_soft_cap)
+
+    def head(self, x: Float[Array, "*batch D"]) -> Float[Array, "*batch V"]:
+        """Post-blocks norm, then `project_logits`."""
+        return self.project_logits(self.final_norm(x))
+
+    def hidden_states(
+        self,
+        tokens: Int[Array, "B S"],
+        *,
+        key: PRNGKeyArray | None = None,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> Float[Array, "B S D"]:
+        """The activations entering the LM head (after the post-blocks norm), in ``dtype``:
+        ``project_logits(hidden_states(t))`` is ``__call__(t)`` bit for bit. The chunked loss
+        (training/loss.py) applies the head to slices of them."""
+        self._check_inputs(tokens, document_borders)
+        kemb, kstack = split_optional_key(key, 2)
+        x = self.embed(tokens, key=kemb)
+        x = self.xlstm_block_stack(x, document_borders=document_borders, key=kstack)
+        return self.final_norm(x)
 
     def __call__(
         self,
@@ -154,11 +179,8 @@ class xLSTMLMModel(eqx.Module):
         key: PRNGKeyArray | None = None,
         document_borders: Bool[Array, "B S"] | None = None,
     ) -> Float[Array, "B S V"]:
-        self._check_inputs(tokens, document_borders)
-        kemb, kstack = split_optional_key(key, 2)
-        x = self.embed(tokens, key=kemb)
-        x = self.xlstm_block_stack(x, document_borders=document_borders, key=kstack)
-        return self.head(x)
+        h = self.hidden_states(tokens, key=key, document_borders=document_borders)
+        return self.project_logits(h)
 
     # decode API (docs/architecture.md, "Generation") --------------------------------------------
 
