@@ -50,7 +50,8 @@ from xlstm_eqx.parallel.memory import (  # noqa: E402
     decode_state_bytes,
 )
 from xlstm_eqx.tools.gpu_check.context import context_config  # noqa: E402
-from xlstm_eqx.training.step import make_train_step, mesh_layout  # noqa: E402
+from xlstm_eqx.training.optim import trainable_params  # noqa: E402
+from xlstm_eqx.training.step import make_train_step_for, mesh_layout  # noqa: E402
 from xlstm_eqx.xlstm import xLSTMLMModel  # noqa: E402
 from xlstm_eqx.xlstm.config import xLSTMLMModelConfig  # noqa: E402
 
@@ -76,18 +77,9 @@ def compile_step(config: xLSTMLMModelConfig, cp: int, seq_len: int) -> Any:
     skeleton = eqx.filter_eval_shape(xLSTMLMModel, config, key=jr.key(0))
     spec = f"dp=1,cp={cp}" if cp > 1 else "dp=1"
     layout = mesh_layout(spec, skeleton, optimizer, devices=jax.devices()[:cp])
-    step = make_train_step(
-        optimizer,
-        mesh=layout.mesh,
-        parallel_config=layout.parallel_config,
-        model_specs=layout.model_specs,
-        opt_specs=layout.opt_specs,
-    )
-    params = eqx.filter(
-        skeleton, lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
-    )
+    step = make_train_step_for(layout, optimizer)
     with jax.numpy_dtype_promotion("standard"):
-        opt_shapes = jax.eval_shape(optimizer.init, params)
+        opt_shapes = jax.eval_shape(optimizer.init, trainable_params(skeleton))
     model = _abstract(skeleton, layout.model_shardings)
     opt_state = _abstract(opt_shapes, layout.opt_shardings)
     batch = jax.ShapeDtypeStruct((1, 1, seq_len + 1), jnp.int32, sharding=step.batch_sharding)

@@ -330,7 +330,7 @@ def run_procs(data: str, out: str, process_id: int, num_processes: int, port: in
 
     # Preemption: only process 1 gets SIGTERM (during step 3); both save step 3 and stop.
     cfg_b = dataclasses.replace(cfg, out=os.path.join(out, "b"), checkpoint_every=100)
-    original = _train_state.make_train_step
+    original = _train_state.make_train_step_for
 
     def signalled(*args, **kwargs):
         step = original(*args, **kwargs)
@@ -344,14 +344,14 @@ def run_procs(data: str, out: str, process_id: int, num_processes: int, port: in
 
         return dataclasses.replace(step, core=core)
 
-    _train_state.make_train_step = signalled
+    _train_state.make_train_step_for = signalled
     try:
         train(cfg_b, log=_quiet)
         res["b_interrupted"] = False
     except KeyboardInterrupt:
         res["b_interrupted"] = True
     finally:
-        _train_state.make_train_step = original
+        _train_state.make_train_step_for = original
     res["b_checkpoints"] = [s for s, _ in list_checkpoints(os.path.join(cfg_b.out, "checkpoints"))]
     resumed = train(dataclasses.replace(cfg_b, resume=True), log=_quiet)
     res["b_resumed_losses"] = {str(k): v for k, v in resumed.losses.items()}

@@ -76,6 +76,7 @@ from .step import (
     TrainStep as TrainStep,
     init_sharded_opt_state as init_sharded_opt_state,
     make_train_step as make_train_step,
+    make_train_step_for as make_train_step_for,
     mesh_layout as mesh_layout,
     shard_train_state as shard_train_state,
 )

@@ -278,6 +278,23 @@ def mesh_layout(
     return MeshLayout(pc, mesh, specs, ospecs, trainable)
 
 
+def make_train_step_for(
+    layout: MeshLayout, optimizer: optax.GradientTransformation, *, return_grads: bool = False
+) -> TrainStep:
+    """`make_train_step` on ``layout``'s mesh: its parallel config, the model's and optimizer
+    state's partition specs and its trainable leaves (``optimizer`` the one the layout was made
+    for)."""
+    return make_train_step(
+        optimizer,
+        mesh=layout.mesh,
+        parallel_config=layout.parallel_config,
+        model_specs=layout.model_specs,
+        opt_specs=layout.opt_specs,
+        return_grads=return_grads,
+        trainable=layout.trainable,
+    )
+
+
 def init_sharded_opt_state(
     optimizer: optax.GradientTransformation, model: PyTree, layout: MeshLayout
 ) -> PyTree:
@@ -317,14 +334,7 @@ def shard_train_state(
     ospecs = opt_state_specs(opt_state, trainable_params(model, trainable), specs)
     model = shard_model(model, mesh, specs)
     opt_state = shard_opt_state(opt_state, mesh, ospecs)
-    step = make_train_step(
-        optimizer,
-        mesh=mesh,
-        parallel_config=pc,
-        model_specs=specs,
-        opt_specs=ospecs,
-        trainable=trainable,
-    )
+    step = make_train_step_for(MeshLayout(pc, mesh, specs, ospecs, trainable), optimizer)
     return model, opt_state, step, mesh
 
 

@@ -27,7 +27,7 @@ from .step import (
     MeshLayout,
     TrainStep,
     init_sharded_opt_state,
-    make_train_step,
+    make_train_step_for,
     mesh_layout,
     optimizer_and_step,
 )
@@ -166,15 +166,7 @@ def _state_on_mesh(
             parallel_config=layout.parallel_config,
         )
         opt_state = init_sharded_opt_state(optimizer, model, layout)
-    step_fn = make_train_step(
-        optimizer,
-        mesh=layout.mesh,
-        parallel_config=layout.parallel_config,
-        model_specs=layout.model_specs,
-        opt_specs=layout.opt_specs,
-        trainable=layout.trainable,
-    )
-    return model, opt_state, step_fn, restored
+    return model, opt_state, make_train_step_for(layout, optimizer), restored
 
 
 def _from_init_source(

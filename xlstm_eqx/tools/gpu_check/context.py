@@ -1,29 +1,25 @@
 """The GPU check's `context` part: context parallelism across the machine's GPUs.
 
 With two or more GPUs, for cp = 2 and cp = the largest power of two of GPUs (at most 8): the loss
-and gradients of a small "mlstm" xLSTM on one sequence split over a ``cp=N`` mesh
-(`parallel.context_parallel`) against the same model on one GPU (float32; pass within
-`CONTEXT_TOLERANCE` relative), the time of one forward+backward each way and XLA's planned
-temporaries per device. With fewer GPUs the part records one ``skipped`` row saying so.
+and gradients of the trainer's step (`training.step.make_train_step_for`) for a small "mlstm"
+xLSTM on one sequence split over a ``cp=N`` mesh against the same step on one GPU (float32; pass
+within `CONTEXT_TOLERANCE` relative), the time of one step each way and XLA's planned temporaries
+per device. With fewer GPUs the part records one ``skipped`` row saying so.
 """
 
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+import optax
 
 from ...cell.backend_config import mLSTMBackendNameAndKwargs
-from ...core.parallel_config import ParallelConfig
-from ...core.timing import median_seconds
-from ...parallel.context import context_parallel
-from ...parallel.mesh import make_mesh
-from ...training.loss import next_token_loss
+from ...core.timing import median_seconds, memory_analysis
+from ...training.step import init_sharded_opt_state, make_train_step_for, mesh_layout
 from ...xlstm.config import xLSTMLMModelConfig
 from ...xlstm.mlstm_config import mLSTMBlockConfig, mLSTMCellConfig, mLSTMLayerConfig
 from ...xlstm.model import xLSTMLMModel
@@ -87,33 +83,43 @@ def _relative_error(got: Any, want: Any) -> float:
     return worst
 
 
+def _train_step_on(devices: Sequence[Any], cp: int, config: xLSTMLMModelConfig) -> Any:
+    """The trainer's step (`make_train_step_for`, gradients returned; a zero-rate SGD, so the
+    weights stay) on a ``cp=N`` mesh over ``devices[:cp]`` (cp=1: one device), as
+    ``run(inputs) -> (loss, grads)`` holding its model and optimizer state (the step donates
+    them), and the step itself."""
+    optimizer = optax.sgd(0.0)
+    model = xLSTMLMModel(config, key=jr.key(0))
+    spec = f"dp=1,cp={cp}" if cp > 1 else "dp=1"
+    layout = mesh_layout(spec, model, optimizer, devices=list(devices[:cp]))
+    step = make_train_step_for(layout, optimizer, return_grads=True)
+    state = [model, init_sharded_opt_state(optimizer, model, layout)]
+
+    def run(inputs: Any) -> tuple[jax.Array, Any]:
+        model, opt_state, loss, _, grads = step(inputs, *state)
+        state[:] = [model, opt_state]
+        return loss, grads
+
+    return run, step, state
+
+
 def check_context_parallel(
     devices: Sequence[Any], cp: int, seq_len: int, repeats: int = 3
 ) -> dict[str, Any]:
-    """One row: loss and gradients on a ``cp``-device mesh over ``devices[:cp]`` against one
-    device (``devices[0]``), both timed; ``status`` pass or fail against `CONTEXT_TOLERANCE`."""
+    """One row: the train step's loss and gradients on a ``cp``-device mesh over
+    ``devices[:cp]`` against one device (``devices[0]``), both timed; ``status`` pass or fail
+    against `CONTEXT_TOLERANCE`."""
     config = context_config(seq_len)
-    model = xLSTMLMModel(config, key=jr.key(0))
-    tokens = random_array("integers", 7, (1, seq_len + 1), jnp.int32, 0, config.vocab_size)
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def loss(p: Any, t: jax.Array, wrap: Any) -> jax.Array:
-        return next_token_loss(wrap(eqx.combine(p, static)), t)
-
-    one = jax.jit(jax.value_and_grad(lambda p, t: loss(p, t, lambda m: m)))
-    on_one = jax.device_put((params, tokens), devices[0])
-    pc = ParallelConfig(data_axis_size=1, context_axis_size=cp)
-    mesh = make_mesh(pc, list(devices[:cp]))
-    split = jax.jit(
-        jax.value_and_grad(lambda p, t: loss(p, t, lambda m: context_parallel(m, mesh, pc)))
-    )
-    on_mesh = jax.device_put((params, tokens), NamedSharding(mesh, P()))
-    want, got = one(*on_one), split(*on_mesh)
+    tokens = random_array("integers", 7, (1, 1, seq_len + 1), jnp.int32, 0, config.vocab_size)
+    inputs = (tokens, jr.key(0))  # (A, B, S+1): one micro-batch of one sequence
+    one, one_step, one_state = _train_step_on(devices, 1, config)
+    split, split_step, split_state = _train_step_on(devices, cp, config)
+    temp_one = memory_analysis(one_step.lower(inputs, *one_state).compile())
+    temp = memory_analysis(split_step.lower(inputs, *split_state).compile())
+    want, got = one(inputs), split(inputs)
     error = _relative_error(got, want)
-    one_s = median_seconds(lambda: jax.block_until_ready(one(*on_one)), repeats, warmup=1)
-    cp_s = median_seconds(lambda: jax.block_until_ready(split(*on_mesh)), repeats, warmup=1)
-    temp = split.lower(*on_mesh).compile().memory_analysis()
-    temp_one = one.lower(*on_one).compile().memory_analysis()
+    one_s = median_seconds(lambda: jax.block_until_ready(one(inputs)), repeats, warmup=1)
+    cp_s = median_seconds(lambda: jax.block_until_ready(split(inputs)), repeats, warmup=1)
     return {
         "status": "pass" if error <= CONTEXT_TOLERANCE else "fail",
         "rel_err": error,
