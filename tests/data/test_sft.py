@@ -338,6 +338,24 @@ def test_sft_input_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
     assert f"data path {fifo!r} is not a regular file" in str(outcome[0])
 
 
+def test_bad_sft_record_leaves_no_folder_behind(tmp_path, monkeypatch, capsys):
+    """`train --out runs/x` from another directory with a bad record: the one-line error names
+    file:line and field, and neither the run folder nor its parents made for it are left; a
+    parent that was there stays."""
+    from xlstm_eqx.cli import main
+
+    scratch = tmp_path / "scratch"
+    _jsonl(scratch / "bad.jsonl", [{"prompt": "a"}])
+    (scratch / "kept").mkdir()
+    monkeypatch.chdir(scratch)
+    for out in ("runs/x", "deep/er/x", "kept/x"):
+        args = ["train", "--out", out, "--data", "bad.jsonl", "--data-format", "sft"]
+        assert main([*args, "--preset", "tiny", "--no-progress"]) == 2
+        assert "bad.jsonl:1: missing field 'completion'" in capsys.readouterr().err
+    assert sorted(os.listdir(scratch)) == ["bad.jsonl", "kept"]
+    assert os.listdir(scratch / "kept") == []
+
+
 @pytest.mark.slow
 def test_cli_trains_on_sft_jsonl_from_another_directory(tmp_path):
     """`xlstm-eqx train --data-format sft` with relative paths from the data's folder: the run

@@ -148,15 +148,26 @@ def _exclusive(out: str, path: str) -> None:
     raise _refuse(out, path)
 
 
+def _missing_folders(path: str) -> list[str]:
+    """`path` and each of its parents that does not exist yet, deepest first."""
+    missing: list[str] = []
+    path = os.path.abspath(path)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
 @contextlib.contextmanager
 def hold_run_lock(out: str) -> Iterator[str]:
     """Hold `out`'s run lock for the body (creating `out` if needed); raise `RunLockedError`,
     naming the holder, at once if another live run holds it. Yields the lock file's path.
 
-    If `out` did not exist and holds nothing but the lock when the body ends (a run that failed
-    before writing), it is removed again.
+    The folders it creates (`out` and any missing parents, as `runs/` of `--out runs/x`) are
+    removed again, deepest first, if they hold nothing but the lock when the body ends (a run
+    that failed before writing, e.g. on bad data).
     """
-    created = not os.path.isdir(out)
+    created = _missing_folders(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -173,6 +184,6 @@ def hold_run_lock(out: str) -> Iterator[str]:
             os.remove(path)
         if fd is not None:
             os.close(fd)
-        if created:
+        for folder in created:
             with contextlib.suppress(OSError):
-                os.rmdir(out)  # only if empty
+                os.rmdir(folder)  # only if empty
