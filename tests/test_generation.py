@@ -8,6 +8,7 @@ position — one teacher-forced forward pass replaces recomputing the forward pa
 
 import re
 import traceback
+from typing import Any
 
 import equinox as eqx
 import hypothesis
@@ -35,6 +36,7 @@ from xlstm_eqx import (
 )
 from xlstm_eqx.generation import text_pieces
 from xlstm_eqx.presets import tiny_llama, tiny_xlstm, tiny_xlstm_slstm
+from xlstm_eqx.xlstm.mlstm_layer_v1 import mLSTMLayerV1Decode
 
 
 V = 64
@@ -173,7 +175,7 @@ def test_sampled_tokens_inside_top_k(name):
 @pytest.mark.parametrize("name", _SAMPLED)
 def test_stream_generate_matches_generate(name):
     model = tiny_model(name)
-    kw = dict(temperature=0.9, top_k=10, top_p=0.99, key=jr.key(21))
+    kw: dict[str, Any] = dict(temperature=0.9, top_k=10, top_p=0.99, key=jr.key(21))
     streamed = list(stream_generate(model, random_prompt(), N, **kw))
     assert len(streamed) == N and all(t.shape == (2,) and t.dtype == np.int32 for t in streamed)
     np.testing.assert_array_equal(
@@ -197,7 +199,7 @@ def test_no_recompilation_per_token(monkeypatch):
 
     monkeypatch.setattr(gen, "decode_step", counting_step)
     for t, p in ((0.5, 0.8), (1.5, 0.95)):
-        kw = dict(temperature=t, top_k=10, top_p=p, key=jr.key(int(10 * t)))
+        kw: dict[str, Any] = dict(temperature=t, top_k=10, top_p=p, key=jr.key(int(10 * t)))
         assert len(list(stream_generate(model, random_prompt(), N, **kw))) == N
     assert traces["per-token"] <= 1 and traces["prefill"] <= 1, traces
     traces.update({"prefill": 0, "per-token": 0})
@@ -215,7 +217,7 @@ def test_llama_decode_step_updates_the_kv_cache_in_place():
     state = model.init_state(2, 64)
     params, static = eqx.partition(model, eqx.is_array)
     step = jax.jit(lambda p, s, t: gen.decode_step(eqx.combine(p, static), s, t), donate_argnums=1)
-    hlo = step.lower(params, state, jnp.zeros((2,), jnp.int32)).compile().as_text()
+    hlo = step.lower(params, state, jnp.zeros((2,), jnp.int32)).compile().as_text() or ""
     cache = f"f32[{','.join(map(str, state.keys.shape))}]"
     assert state.keys.dtype == jnp.float32 and cache in hlo  # the cache is in the program
     assert re.findall(rf"= {re.escape(cache)}\{{[\d,]*\}} copy\(", hlo) == []
@@ -247,7 +249,7 @@ class _Utf8Bytes:
 def test_stream_text_matches_generate():
     model, tok = tiny_model("llama"), _Bytes64()
     prompt = "DEF:F9=X1"  # bytes 0x30..0x6F: ids 0..63
-    kw = dict(temperature=0.9, top_k=10, key=jr.key(5))
+    kw: dict[str, Any] = dict(temperature=0.9, top_k=10, key=jr.key(5))
     pieces = list(stream_text(model, tok, prompt, N, **kw))
     ids = jnp.asarray(tok.encode(prompt))[None, :]
     expect = tok.decode(np.asarray(generate(model, ids, N, **kw))[0, ids.shape[1] :])
@@ -354,13 +356,14 @@ def test_sampling_frequencies_match_filtered_softmax():
 def test_sample_logits_greedy_rules(dtype):
     logits = jnp.asarray([[0.1, 3.0, -2.0, 2.5], [5.0, 4.5, 0.0, -1.0]], dtype)
     expect = np.array([1, 0])
-    for kwargs in (
+    cases: tuple[dict[str, Any], ...] = (
         dict(key=None),  # no key: greedy whatever the temperature
         dict(key=jr.key(0), temperature=0.0),
         dict(key=jr.key(0), temperature=0),
         dict(key=jr.key(0), top_k=1, temperature=5.0),
         dict(key=jr.key(0), top_p=1e-6, temperature=5.0),
-    ):
+    )
+    for kwargs in cases:
         got = sample_logits(logits, **kwargs)
         assert got.dtype == jnp.int32
         np.testing.assert_array_equal(np.asarray(got), expect)
@@ -448,26 +451,48 @@ def test_recurrent_step_fast_path_equals_careful_path():
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_decode_weights_fuse_v1_projections_bit_identically():
-    """`with_decode_weights` gives every mlstm_v1 layer one q|k|v|o kernel, prepared once (the
-    stacked layer of a scanned stack included): a B = 1 decode step from it has the logits and
-    state of the plain model bit for bit, with fewer matrix products; longer inputs ignore it."""
-    model = tiny_model("mlstm_v1")
-    ready = gen.with_decode_weights(model)
-    layer = ready.xlstm_block_stack.blocks.xlstm_res_block.layer
-    assert layer.decode_kernel is not None
-    assert layer.decode_kernel.shape[-1] == sum(
-        d.kernel.shape[-1] for d in (layer.dense_q, layer.dense_k, layer.dense_v, layer.dense_o)
-    )
+@pytest.mark.parametrize("name", ["mlstm_v1", "mlstm"])
+def test_decode_view_is_bit_identical(name):
+    """`decode_view` (once per generate call) unstacks a scanned stack and its state and gives
+    every mlstm_v1 layer one q|k|v|o kernel: a B = 1 decode step from it has the logits and
+    states of the plain model bit for bit, with fewer matrix products for mlstm_v1 and no loop
+    over the blocks. The stored model is untouched (same leaves and paths, no
+    decode-only field)."""
+    model = tiny_model(name)
+    paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(model)]
     state, token = model.init_state(1), jnp.asarray([3], jnp.int32)
-    plain, fused = (
-        jax.jit(gen.decode_step).lower(m, state, token).compile() for m in (model, ready)
-    )
+    plain = jax.jit(gen.decode_step).lower(model, state, token).compile()
     _, state = plain(model, state, token)  # a memory that is not empty
-    for x, y in zip(
-        jax.tree.leaves(plain(model, state, token)),
-        jax.tree.leaves(fused(ready, state, token)),
-        strict=True,
-    ):
+    ready, ready_state = gen.decode_view(model, state)
+    stack = ready.xlstm_block_stack
+    assert isinstance(stack.blocks, tuple) and len(stack.blocks) == stack.num_blocks
+    layers = [b.xlstm_res_block.layer for b in stack.blocks]
+    fused = name == "mlstm_v1"
+    assert all(isinstance(x, mLSTMLayerV1Decode) == fused for x in layers)
+    if fused:
+        assert layers[0].qkvo_kernel.shape[-1] == sum(
+            d.kernel.shape[-1]
+            for d in (
+                layers[0].layer.dense_q,
+                layers[0].layer.dense_k,
+                layers[0].layer.dense_v,
+                layers[0].layer.dense_o,
+            )
+        )
+    step = jax.jit(gen.decode_step).lower(ready, ready_state, token).compile()
+    step_hlo, plain_hlo = step.as_text() or "", plain.as_text() or ""
+    want_logits, want_state = plain(model, state, token)
+    got_logits, got_state = step(ready, ready_state, token)
+    np.testing.assert_array_equal(np.asarray(got_logits), np.asarray(want_logits))
+    want_state = model.xlstm_block_stack.unstack_state(want_state)
+    for x, y in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert fused.as_text().count(" dot(") < plain.as_text().count(" dot(")
+    assert " while(" not in step_hlo and " while(" in plain_hlo
+    if fused:  # fewer products than the same unstacked model without the fused kernels
+        unfused = eqx.tree_at(
+            lambda m: m.xlstm_block_stack, model, model.xlstm_block_stack.unstacked()
+        )
+        four = jax.jit(gen.decode_step).lower(unfused, ready_state, token).compile()
+        assert step_hlo.count(" dot(") < (four.as_text() or "").count(" dot(")
+    assert [p for p, _ in jax.tree_util.tree_leaves_with_path(model)] == paths
+    assert not any("qkvo" in jax.tree_util.keystr(p) for p in paths)

@@ -35,7 +35,8 @@ import numpy as np
 from jax.core import Tracer
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, PyTree
 
-from .xlstm.mlstm_layer_v1 import mLSTMLayerV1
+from .xlstm.blocks import xLSTMBlockStack
+from .xlstm.mlstm_layer_v1 import fused_decode_layer, mLSTMLayerV1
 
 
 # token choice
@@ -109,15 +110,29 @@ def prefill(
     return decode_step(model, state, prompt[:, -1])
 
 
-def with_decode_weights(model: Any) -> Any:
-    """``model`` with the weights one decode step reads prepared once, before the token loop:
-    each ``mlstm_v1`` layer's q, k, v and o kernels side by side (``with_decode_kernel``), one
-    matrix product per token instead of four (bit-identical at B = 1)."""
+def decode_view(model: Any, state: PyTree) -> tuple[Any, PyTree]:
+    """``(model, state)`` laid out for the token loop, prepared once per `generate` /
+    `stream_generate` call (never stored): the same function, less work per token.
+
+    - A scanned xLSTM block stack becomes a tuple of blocks and its stacked state a tuple of
+      per-block states (`xLSTMBlockStack.unstacked`): a scanned step copies each block's
+      parameters and its (B, NH, DHQK, DHV) memory out of the stacked arrays and writes a fresh
+      stacked state, every token. Costs one copy of the stack's parameters per call.
+    - Each ``mlstm_v1`` layer gets its q, k, v and o kernels side by side (`fused_decode_layer`):
+      one matrix product per token at B = 1 instead of four, bit for bit the same.
+
+    Logits and states are those of ``model`` itself, bit for bit (tests/test_generation.py).
+    """
+    stack = getattr(model, "xlstm_block_stack", None)
+    if isinstance(stack, xLSTMBlockStack):
+        state = stack.unstack_state(state)
+        model = eqx.tree_at(lambda m: m.xlstm_block_stack, model, stack.unstacked())
 
     def prepare(node: Any) -> Any:
-        return node.with_decode_kernel() if isinstance(node, mLSTMLayerV1) else node
+        return fused_decode_layer(node) if isinstance(node, mLSTMLayerV1) else node
 
-    return jax.tree.map(prepare, model, is_leaf=lambda node: isinstance(node, mLSTMLayerV1))
+    model = jax.tree.map(prepare, model, is_leaf=lambda node: isinstance(node, mLSTMLayerV1))
+    return model, state
 
 
 def decode(
@@ -138,7 +153,7 @@ def decode(
         return sample_logits(step_logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
 
     first = choose(logits, None if keys is None else keys[0])
-    model = with_decode_weights(model)  # once, outside the loop
+    model, state = decode_view(model, state)  # once, outside the loop
 
     def body(
         carry: tuple[PyTree, Array], key: PRNGKeyArray | None
@@ -313,6 +328,11 @@ def _stream_prefill(
     return tok, state
 
 
+@eqx.filter_jit
+def _decode_view_jit(model: Any, state: PyTree) -> tuple[Any, PyTree]:
+    return decode_view(model, state)
+
+
 @eqx.filter_jit(donate="all-except-first")
 def _stream_step(
     fixed: tuple[Any, PRNGKeyArray | None, Float[Array, ""], int | None, Float[Array, ""] | None],
@@ -359,7 +379,7 @@ def stream_generate(
         k0 = None if sample_key is None else jr.fold_in(sample_key, 0)
         tok, state = _stream_prefill(model, prompt, k0, cache_size, temp, top_k, p)
         yield np.asarray(tok)
-        step_model = with_decode_weights(model)  # once per stream, not per token
+        step_model, state = _decode_view_jit(model, state)  # once per stream, not per token
         for i in range(1, max_new_tokens):
             ki = None if sample_key is None else jr.fold_in(sample_key, i)
             tok, state = _stream_step((step_model, ki, temp, top_k, p), state, tok)

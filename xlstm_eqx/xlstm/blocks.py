@@ -241,6 +241,21 @@ class xLSTMBlockStack(eqx.Module):
             for i in range(self.num_blocks)
         ]
 
+    def unstacked(self) -> "xLSTMBlockStack":
+        """This stack with its blocks as a tuple (the scanned layout's parameters copied out once;
+        itself if already a tuple). For the token loop of generation (`generation.decode_view`):
+        a scanned decode step would copy every block's parameters and state out of the stacked
+        arrays and write the states back, each token. Use `unstack_state` on its states."""
+        if isinstance(self.blocks, tuple):
+            return self
+        return eqx.tree_at(lambda s: s.blocks, self, tuple(self.block_list()))
+
+    def unstack_state(self, state: PyTree) -> PyTree:
+        """A decode state of this stack in the layout of `unstacked`: a tuple of per-block states."""
+        if isinstance(self.blocks, tuple):
+            return state
+        return tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.num_blocks))
+
     # States are per block: a tuple for the unrolled layout, a stacked PyTree (leading axis L)
     # for the scanned one, carried through the scan's xs/ys.
 

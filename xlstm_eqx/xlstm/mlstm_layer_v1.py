@@ -50,9 +50,6 @@ class mLSTMLayerV1(eqx.Module):
     cell: mLSTMCell
     proj_down: Dense
     dropout_rate: float = eqx.field(static=True)
-    # q|k|v|o kernels side by side (D, 2·Dqk + 2·Dv) for one-token decoding, set by
-    # `with_decode_kernel` once per generate call; None (no leaf) in every stored model
-    decode_kernel: Float[Array, "D F"] | None = None
     # The reference's v1 layer holds its gates and norms itself (no mLSTMCell module), so "mLSTMCell"
     # in fsdp_modules / remat does not reach them: the cell answers to no name of its own.
     field_reference_names: ClassVar[Mapping[str, str | None]] = {"cell": None}
@@ -77,34 +74,10 @@ class mLSTMLayerV1(eqx.Module):
         )
         self.proj_down = down_projection(config, v_dim, key=down_key)
         self.dropout_rate = float(config.dropout)
-        self.decode_kernel = None
 
     def _projections(self, x: Float[Array, "B S D"]) -> tuple[Array, Array, Array, Array]:
         """Queries, keys, values and the output-gate pre-activation."""
         return self.dense_q(x), self.dense_k(x), self.dense_v(x), self.dense_o(x)
-
-    def with_decode_kernel(self) -> "mLSTMLayerV1":
-        """This layer with `decode_kernel` set (no biases only): one matrix product for q, k, v
-        and o of a single token (B = S = 1), where it equals the four products bit for bit (a
-        row times a matrix; with more rows XLA:CPU blocks the product differently)."""
-        dense = (self.dense_q, self.dense_k, self.dense_v, self.dense_o)
-        # (LoRA-adapted projections, Dense subclasses, keep their own products)
-        if any(
-            type(d) is not Dense or d.bias is not None or d.dtype != self.dense_q.dtype
-            for d in dense
-        ):
-            return self
-        kernel = jnp.concatenate([d.kernel for d in dense], axis=-1)
-        return eqx.tree_at(lambda m: m.decode_kernel, self, kernel, is_leaf=lambda x: x is None)
-
-    def _decode_projections(self, x: Float[Array, "1 1 D"]) -> tuple[Array, Array, Array, Array]:
-        """`_projections` of one token from `decode_kernel`."""
-        assert self.decode_kernel is not None
-        dtype = jnp.dtype(self.dense_q.dtype)
-        y = matmul_rows(x.astype(dtype), self.decode_kernel.astype(dtype))
-        ends = np.cumsum([d.out_features for d in (self.dense_q, self.dense_k, self.dense_v)])
-        q, k, v, o = jnp.split(y, ends, axis=-1)
-        return q, k, v, o
 
     def _output(self, h: Float[Array, "B S DV"], ogate: Float[Array, "B S DV"]) -> Array:
         return self.proj_down(sigmoid(ogate) * h.astype(ogate.dtype))
@@ -135,11 +108,68 @@ class mLSTMLayerV1(eqx.Module):
     ) -> tuple[Float[Array, "B S D"], mLSTMLayerState]:
         """``__call__`` (deterministic) from ``state``, returning the state after the last token:
         prefill from ``init_state``, one decode step with S = 1."""
-        if self.decode_kernel is not None and x.shape[:2] == (1, 1):
-            queries, keys, values, ogate = self._decode_projections(x)
-        else:
-            queries, keys, values, ogate = self._projections(x)
+        return self.call_from_projections(
+            self._projections(x), x, state, document_borders=document_borders
+        )
+
+    def call_from_projections(
+        self,
+        projections: tuple[Array, Array, Array, Array],
+        x: Float[Array, "B S D"],
+        state: mLSTMLayerState,
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S D"], mLSTMLayerState]:
+        """`call_with_state` given q, k, v and the output-gate pre-activation of `x` (the gates
+        are still read off `x`)."""
+        queries, keys, values, ogate = projections
         h, cell_state = self.cell.call_with_state(
             queries, keys, values, x, state.cell, document_borders=document_borders
         )
         return self._output(h, ogate), mLSTMLayerState(cell=cell_state, conv=None)
+
+
+class mLSTMLayerV1Decode(eqx.Module):
+    """An ``mlstm_v1`` layer prepared for decoding (`fused_decode_layer`, once per generate call;
+    never stored): the layer and its q, k, v and o kernels side by side ``(D, 2·Dqk + 2·Dv)``, so
+    one token of one sequence (B = S = 1) takes one matrix product instead of four, bit for bit
+    the same (a row times a matrix). Any other input takes the layer's own four products (with
+    more rows XLA:CPU blocks the wider product differently)."""
+
+    layer: mLSTMLayerV1
+    qkvo_kernel: Float[Array, "D F"]
+
+    def init_state(self, batch_size: int) -> mLSTMLayerState:
+        return self.layer.init_state(batch_size)
+
+    @jax.named_scope("mLSTMLayer")
+    def call_with_state(
+        self,
+        x: Float[Array, "B S D"],
+        state: mLSTMLayerState,
+        *,
+        document_borders: Bool[Array, "B S"] | None = None,
+    ) -> tuple[Float[Array, "B S D"], mLSTMLayerState]:
+        """`mLSTMLayerV1.call_with_state`, from the fused kernel when B = S = 1."""
+        layer = self.layer
+        if x.shape[:2] != (1, 1):
+            return layer.call_with_state(x, state, document_borders=document_borders)
+        dtype = jnp.dtype(layer.dense_q.dtype)
+        y = matmul_rows(x.astype(dtype), self.qkvo_kernel.astype(dtype))
+        ends = np.cumsum([d.out_features for d in (layer.dense_q, layer.dense_k, layer.dense_v)])
+        q, k, v, o = jnp.split(y, ends, axis=-1)
+        return layer.call_from_projections(
+            (q, k, v, o), x, state, document_borders=document_borders
+        )
+
+
+def fused_decode_layer(layer: mLSTMLayerV1) -> mLSTMLayerV1 | mLSTMLayerV1Decode:
+    """`layer` with its q|k|v|o kernels side by side for decoding (`mLSTMLayerV1Decode`), or
+    `layer` itself where the four products do not fuse (biases, LoRA-adapted or other `Dense`
+    subclasses, mixed dtypes)."""
+    dense = (layer.dense_q, layer.dense_k, layer.dense_v, layer.dense_o)
+    if any(
+        type(d) is not Dense or d.bias is not None or d.dtype != layer.dense_q.dtype for d in dense
+    ):
+        return layer
+    return mLSTMLayerV1Decode(layer, jnp.concatenate([d.kernel for d in dense], axis=-1))
