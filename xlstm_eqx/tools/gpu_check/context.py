@@ -7,6 +7,7 @@ within `CONTEXT_TOLERANCE` relative), the time of one step each way and XLA's pl
 per device. With fewer GPUs the part records one ``skipped`` row saying so.
 """
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,9 +20,9 @@ import optax
 
 from ...cell.backend_config import mLSTMBackendNameAndKwargs
 from ...core.timing import median_seconds, memory_analysis
+from ...presets import tiny_xlstm_slstm
 from ...training.step import init_sharded_opt_state, make_train_step_for, mesh_layout
 from ...xlstm.config import xLSTMLMModelConfig
-from ...xlstm.mlstm_config import mLSTMBlockConfig, mLSTMCellConfig, mLSTMLayerConfig
 from ...xlstm.model import xLSTMLMModel
 from .report import Part, random_array
 
@@ -51,26 +52,28 @@ def context_sizes(num_devices: int) -> tuple[int, ...]:
 def context_config(
     seq_len: int, embedding_dim: int = 256, num_blocks: int = 2
 ) -> xLSTMLMModelConfig:
-    """``num_blocks`` unrolled "mlstm" blocks (causal conv and cell: both cp paths; unrolled, so
-    each block's collectives stand in the compiled HLO), 4 heads, the chunkwise form (chunk 64), float32, a
-    256-token vocabulary (also `benchmarks/context_parallel.py`'s model)."""
-    return xLSTMLMModelConfig(
+    """The `tiny_xlstm_slstm` preset's float32, unscanned "mlstm" blocks (causal conv and cell:
+    both cp paths; unrolled, so each block's collectives stand in the compiled HLO) without its
+    sLSTM block (cp refuses sLSTM), at ``num_blocks`` blocks of width ``embedding_dim``, 4 heads,
+    the chunkwise form (chunk 64) and a 256-token vocabulary (also
+    `benchmarks/context_parallel.py`'s model)."""
+    base = tiny_xlstm_slstm()
+    block = base.mlstm_block
+    assert block is not None  # the preset has mLSTM blocks
+    layer = block.mlstm
+    chunkwise = mLSTMBackendNameAndKwargs(name="chunkwise", kwargs={"chunk_size": 64})
+    layer = dataclasses.replace(
+        layer, mlstm_cell=dataclasses.replace(layer.mlstm_cell, backend=chunkwise)
+    )
+    return dataclasses.replace(
+        base,
         vocab_size=256,
         embedding_dim=embedding_dim,
         num_blocks=num_blocks,
         context_length=seq_len,
-        dtype="float32",
-        lm_head_dtype="float32",
-        scan_blocks=False,
-        mlstm_block=mLSTMBlockConfig(
-            mlstm=mLSTMLayerConfig(
-                layer_type="mlstm",
-                num_heads=4,
-                mlstm_cell=mLSTMCellConfig(
-                    backend=mLSTMBackendNameAndKwargs(name="chunkwise", kwargs={"chunk_size": 64})
-                ),
-            )
-        ),
+        slstm_at=[],
+        slstm_block=None,
+        mlstm_block=dataclasses.replace(block, mlstm=layer),
     )
 
 
