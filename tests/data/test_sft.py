@@ -109,6 +109,25 @@ def test_packed_store_round_trip_keeps_tokens_mask_and_borders(tmp_path):
     np.testing.assert_array_equal(np.asarray(rebuilt.train_flags), np.asarray(c.train_flags))
 
 
+def test_max_data_bytes_keeps_whole_examples_up_to_the_one_that_crosses_it(tmp_path):
+    """--max-data-bytes on fine-tuning data: the whole examples whose text fits together; reading
+    stops at the first one that would cross the cap, so a bad record after it is never read."""
+    path = tmp_path / "sft.jsonl"
+    _jsonl(path, EXAMPLES[:4])
+    with open(path, "a") as f:
+        f.write('{"prompt": "never read"}\n')
+    cap = sum(len((r["prompt"] + r["completion"]).encode()) for r in EXAMPLES[:3])
+    row = 32
+    kw = {"eval_fraction": 0.5, "cache_dir": str(tmp_path / "c"), "packed_row": row}
+    c = load_corpus([str(path)], ByteTokenizer(), max_bytes=cap, **kw)
+    # every 2nd example held out (k = 2): train 0, 2; held out 1
+    for records, tokens in ((EXAMPLES[0:3:2], c.train_reader), ([EXAMPLES[1]], c.heldout_reader)):
+        got = np.asarray(tokens).reshape(-1, row)
+        np.testing.assert_array_equal(got, [t for t, _ in _expected_rows(records, row)])
+    with pytest.raises(SFTRecordError, match=r"sft\.jsonl:5: missing field 'completion'"):
+        load_corpus([str(path)], ByteTokenizer(), max_bytes=cap + 100, **kw)
+
+
 def test_loader_and_eval_batches_carry_mask_and_borders(tmp_path):
     data = _jsonl(tmp_path / "sft.jsonl", EXAMPLES * 4)
     c = load_corpus(

@@ -83,8 +83,23 @@ def iter_records(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, cast(dict[str, Any], record)
 
 
-def read_examples(paths: Sequence[str], template: "ChatTemplate | None") -> Iterator[SFTExample]:
-    """Every example of the JSONL files, checked (and chats rendered) in file and line order."""
+def read_examples(
+    paths: Sequence[str], template: "ChatTemplate | None", max_bytes: int | None = None
+) -> Iterator[SFTExample]:
+    """Every example of the JSONL files, checked (and chats rendered) in file and line order;
+    with `max_bytes` (`--max-data-bytes`), only the whole examples whose text (UTF-8 bytes of
+    their segments, as rendered) fits in it together: reading stops at the first one that would
+    cross it (the lines after it are neither read nor checked)."""
+    total = 0
+    for example in _all_examples(paths, template):
+        if max_bytes is not None:
+            total += sum(len(text.encode("utf-8")) for text, _ in example.segments)
+            if total > max_bytes:
+                return
+        yield example
+
+
+def _all_examples(paths: Sequence[str], template: "ChatTemplate | None") -> Iterator[SFTExample]:
     for path in paths:
         for line, record in iter_records(path):
             where = f"{path}:{line}"

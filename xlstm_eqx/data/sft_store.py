@@ -122,7 +122,7 @@ def _pack_examples(
     files = [f for s in sources for f in s.files()]
     pending: tuple[np.ndarray, np.ndarray, int] | None = None
     cut = dropped = 0
-    for i, example in enumerate(read_examples(files, template)):
+    for i, example in enumerate(read_examples(files, template, options.max_bytes)):
         ids, targets = tokenize_example(tokenizer, example, eod)
         if len(ids) > row:
             ids, targets = ids[:row], targets[:row]
