@@ -7,7 +7,8 @@ process per block, like a user pasting them one after another. At the end the co
 
 What may change, and only this:
 - the size knob (`shrink`): every `xlstm-eqx train` gets the tiny preset, short sequences, fewer
-  steps (`--steps N` becomes `--steps max(3, N // 100)`, keeping their order) and a capped corpus;
+  steps (`--steps N` becomes `--steps max(3, N // 100)`, keeping their order; a new run without
+  `--steps` is shrunk from the default `TrainConfig.steps` the same way) and a capped corpus;
 - `pip install -e ".[EXTRAS]"` is not run (the test environment is already installed, and
   installing the copy would move this environment's editable install): each named extra must
   exist in `pyproject.toml` with every requirement installed;
@@ -25,6 +26,7 @@ import importlib.metadata
 import os
 import pathlib
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -36,6 +38,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from xlstm_eqx.cli import build_parser
+from xlstm_eqx.training import TrainConfig
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -114,15 +117,21 @@ def simple_commands(line: str) -> list[list[str]]:
     return [c for c in commands if c]
 
 
+def _fewer_steps(steps: int) -> int:
+    return max(3, steps // 100)
+
+
 def _shrink_train(words: list[str]) -> list[str]:
     out = []
     for i, word in enumerate(words):
         prev = words[i - 1] if i else ""
         if prev == "--steps":
-            word = str(max(3, int(word) // 100))
+            word = str(_fewer_steps(int(word)))
         elif prev == "--profile-steps":
             word = "2:3"
         out.append(word)
+    if "--steps" not in words and "--resume" not in words:  # the default, made small
+        out += ["--steps", str(_fewer_steps(TrainConfig().steps))]
     if "--init-from" in words:  # the source's architecture: no --preset
         return out + _STEPS_FLAGS[2:]
     return out + _STEPS_FLAGS
@@ -199,6 +208,12 @@ def _checkout_copy(dest: pathlib.Path) -> None:
         subprocess.run([*git, *args], cwd=dest, check=True, capture_output=True)
 
 
+def _children_cpu_seconds() -> float:
+    """CPU time of the finished subprocesses: the cost of a block on a loaded machine."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _users_own_text(root: pathlib.Path) -> None:
     for i, sub in enumerate(["a", "a/b", "c"]):
         d = root / "data" / "my_corpus" / sub
@@ -216,6 +231,17 @@ def test_readme_directives_are_known():
         assert b.directive in ("", "ci") or re.fullmatch(r"not run, .{10,}", b.directive), (
             f"README line {b.line}: unknown directive {b.directive!r}"
         )
+
+
+def test_shrink_makes_every_new_run_small():
+    def steps(line: str) -> list[str]:
+        words = simple_commands(shrink(line))[-1]
+        return [words[i + 1] for i, w in enumerate(words) if w == "--steps"]
+
+    assert steps("xlstm-eqx train --out r") == [str(max(3, TrainConfig().steps // 100))]
+    assert steps("a && xlstm-eqx train --steps 2000") == ["20"]
+    assert steps("xlstm-eqx train --out r --resume") == []  # a resume keeps the run's own steps
+    assert shrink("xlstm-eqx eval --out r") == "xlstm-eqx eval --out r"
 
 
 def test_readme_ci_block_is_what_ci_runs():
@@ -256,9 +282,10 @@ def test_readme_runs_in_order_as_written(tmp_path):
                 for line in logical_lines(block.text)
             ]
             cmd = ["bash", "-euo", "pipefail", "-c", "\n".join(lines)]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _children_cpu_seconds()
         proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=900)
-        print(f"README block at line {block.line}: {time.perf_counter() - t0:.1f} s")
+        wall, cpu = time.perf_counter() - t0, _children_cpu_seconds() - cpu0
+        print(f"README block at line {block.line}: {wall:.1f} s ({cpu:.1f} s CPU)")
         assert proc.returncode == 0, (
             f"README block at line {block.line} failed ({proc.returncode}):\n"
             f"{cmd[-1]}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
