@@ -18,15 +18,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Compile fast: test programs are small and most run once, so XLA's optimisation passes cost more
 # than they save. conftest.py sets these for the whole test run (subprocesses inherit them).
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# Opt-in, for workers whose every check has a tolerance: XLA:CPU's older loop emitter for
+# elementwise fusions compiles about 3x faster than its MLIR fusion emitters (a one-device tiny
+# mLSTM value_and_grad: 6.2 s -> 1.9 s of compile CPU; run time alike), but it rounds the same
+# expression differently from one program to another, which breaks the suite's bit-exact
+# comparisons of two programs (tests/cell/test_chunkwise_vjp.py, test_edge_cases.py fail with it).
+TOLERANT_XLA = "--xla_cpu_use_fusion_emitters=false"
 _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
 
-def worker_env(devices: int) -> dict[str, str]:
+def worker_env(devices: int, xla_flags: str = "") -> dict[str, str]:
     """This process's environment for a subprocess with `devices` simulated CPU devices: the same
-    XLA flags otherwise (so a loss computed there equals one computed here, bit for bit), and this
-    checkout first on the path."""
+    XLA flags otherwise (so a loss computed there equals one computed here, bit for bit) unless
+    `xla_flags` adds some (e.g. `TOLERANT_XLA`), and this checkout first on the path."""
     env = dict(os.environ)
-    flags = _DEVICE_COUNT.sub("", env.get("XLA_FLAGS", "")).split()
+    flags = _DEVICE_COUNT.sub("", env.get("XLA_FLAGS", "")).split() + xla_flags.split()
     env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}", *flags])
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
@@ -36,28 +42,40 @@ def worker_env(devices: int) -> dict[str, str]:
 
 
 def start_worker(
-    module: str, args: list[str], devices: int, cwd: str | os.PathLike, **popen
+    module: str,
+    args: list[str],
+    devices: int,
+    cwd: str | os.PathLike,
+    xla_flags: str = "",
+    **popen,
 ) -> subprocess.Popen:
-    """`python -m module *args` with `devices` simulated devices. `cwd`: a temporary folder, so a
-    relative default path can never reach the checkout."""
+    """`python -m module *args` with `devices` simulated devices (and `xla_flags`: `worker_env`).
+    `cwd`: a temporary folder, so a relative default path can never reach the checkout."""
     popen.setdefault("stdout", subprocess.PIPE)
     popen.setdefault("stderr", subprocess.PIPE)
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env=worker_env(devices),
+        env=worker_env(devices, xla_flags),
         text=True,
         **popen,
     )
 
 
-def run_script(name: str, code: str, devices: int, cwd: str | os.PathLike, timeout: float) -> dict:
-    """`python -c code` with `devices` simulated devices: its ``RESULT {json}``, or the calling
-    test fails with the script's own message (`collect`)."""
+def run_script(
+    name: str,
+    code: str,
+    devices: int,
+    cwd: str | os.PathLike,
+    timeout: float,
+    xla_flags: str = "",
+) -> dict:
+    """`python -c code` with `devices` simulated devices (and `xla_flags`: `worker_env`): its
+    ``RESULT {json}``, or the calling test fails with the script's own message (`collect`)."""
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=cwd,
-        env=worker_env(devices),
+        env=worker_env(devices, xla_flags),
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -14,7 +14,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.corpus import write_corpus
-from tests.multiprocess import collect, once_per_session, start_worker, worker_env, worker_result
+from tests.multiprocess import (
+    TOLERANT_XLA,
+    collect,
+    once_per_session,
+    start_worker,
+    worker_env,
+    worker_result,
+)
 from tests.parallel.context_worker import CHUNK, MESHES, tiny_config
 from xlstm_eqx.core.parallel_config import ParallelConfig
 from xlstm_eqx.parallel import axis_sizes, make_mesh, parse_mesh_spec
@@ -79,7 +86,7 @@ def test_context_axis_name_and_specs():
 )
 def test_context_axis_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ParallelConfig(**kwargs).validate()
+        ParallelConfig(**kwargs)  # checked on construction
 
 
 def test_parse_context_axis_errors():
@@ -94,8 +101,8 @@ def test_parse_context_axis_errors():
 
 
 def _run_workers(tmp: pathlib.Path) -> dict:
-    procs = {
-        name: start_worker("tests.parallel.context_worker", args, 8, tmp)
+    procs = {  # every check has a tolerance: the faster-compiling fusion emitter
+        name: start_worker("tests.parallel.context_worker", args, 8, tmp, TOLERANT_XLA)
         for name, args in {
             "mlstm": ["equiv", "mlstm"],
             "mlstm_v1": ["equiv", "mlstm_v1"],
@@ -180,7 +187,7 @@ def test_with_context_parallel_sets_the_axis_and_keeps_the_arrays():
     split = with_context_parallel(model, "cp")
     declared = [m for m in modules_in(split) if hasattr(m, CONTEXT_AXIS_FIELD)]
     assert len(declared) >= 2  # the cell and the conv at least
-    assert all(m.context_axis == "cp" for m in declared)
+    assert all(getattr(m, CONTEXT_AXIS_FIELD) == "cp" for m in declared)
     # the same arrays under the same paths (checkpoints unchanged), only the static field differs
     paths = jax.tree_util.tree_flatten_with_path(eqx.filter(model, eqx.is_array))[0]
     split_paths = jax.tree_util.tree_flatten_with_path(eqx.filter(split, eqx.is_array))[0]
