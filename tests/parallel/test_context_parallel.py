@@ -195,3 +195,29 @@ def test_with_context_parallel_sets_the_axis_and_keeps_the_arrays():
     assert eqx.tree_equal(with_context_parallel(split, None), model)
     with pytest.raises(ValueError, match="Linear has no context-parallel path"):
         with_context_parallel(eqx.nn.Linear(2, 2, key=jr.key(0)), "cp")
+
+
+def _strip_axis(axis: str | None) -> str | None:
+    return None if axis is None else axis.strip()
+
+
+class _CheckedAxis(eqx.Module):
+    """A module whose ``context_axis`` has a converter and an invariant, as Equinox runs them
+    after ``__init__``."""
+
+    weight: jax.Array
+    context_axis: str | None = eqx.field(static=True, converter=_strip_axis)
+
+    def __check_init__(self):
+        if self.context_axis not in (None, "cp"):
+            raise ValueError(f"unknown context axis {self.context_axis!r}")
+
+
+def test_with_context_parallel_runs_the_modules_converters_and_checks():
+    modules = [_CheckedAxis(jax.numpy.ones(2), None), _CheckedAxis(jax.numpy.zeros(3), None)]
+    split = with_context_parallel(modules, " cp ")  # the converter strips it
+    assert [m.context_axis for m in split] == ["cp", "cp"]
+    assert all(a.weight is b.weight for a, b in zip(split, modules, strict=True))
+    assert [m.context_axis for m in modules] == [None, None]  # the input is left as it was
+    with pytest.raises(ValueError, match="unknown context axis 'sp'"):
+        with_context_parallel(modules, "sp")

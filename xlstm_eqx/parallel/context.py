@@ -47,6 +47,27 @@ def check_sequence_split(
         )
 
 
+def _replace_fields(module: eqx.Module, changes: dict[str, Any]) -> eqx.Module:
+    """``module`` with the fields ``changes`` replaced (the same leaves otherwise), built as
+    Equinox's ``tree_unflatten`` builds a module (a new object, each field set with
+    ``object.__setattr__``), then put through what Equinox does after ``__init__``: a changed
+    field's converter, and every ``__check_init__`` of the module's classes.
+
+    Neither ``eqx.tree_at`` (a static field is not a pytree node; it runs no ``__init__`` or
+    ``__check_init__`` either) nor ``dataclasses.replace`` (the modules' ``__init__(config, *,
+    key)`` would build new weights) can set a static field of a built module."""
+    out = copy.copy(module)
+    fields = {f.name: f for f in dataclasses.fields(module)}
+    for name, value in changes.items():
+        converter = fields[name].metadata.get("converter")
+        object.__setattr__(out, name, value if converter is None else converter(value))
+    for cls in type(out).__mro__:
+        check = cls.__dict__.get("__check_init__")
+        if check is not None:
+            check(out)
+    return out
+
+
 def _with_axis(node: Any, axis_name: str | None, found: list[str]) -> Any:
     if isinstance(node, eqx.Module):
         changes: dict[str, Any] = {}
@@ -60,12 +81,7 @@ def _with_axis(node: Any, axis_name: str | None, found: list[str]) -> Any:
                 new = _with_axis(value, axis_name, found)
                 if new is not value:
                     changes[f.name] = new
-        if not changes:
-            return node
-        out = copy.copy(node)  # the same leaves; only the changed fields differ
-        for name, value in changes.items():
-            object.__setattr__(out, name, value)
-        return out
+        return _replace_fields(node, changes) if changes else node
     if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
         items = [_with_axis(x, axis_name, found) for x in node]
         if all(a is b for a, b in zip(items, node, strict=True)):
