@@ -13,13 +13,14 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
 import pytest
 
 from xlstm_eqx.core.timing import memory_analysis
 from xlstm_eqx.data.batch import TokenBatch
 from xlstm_eqx.models import build_model
 from xlstm_eqx.presets import tiny_llama, tiny_xlstm
-from xlstm_eqx.training import TrainConfig
+from xlstm_eqx.training import TrainConfig, make_train_step
 from xlstm_eqx.training.loss import (
     CHUNK_LOGITS_THRESHOLD,
     chunked_cross_entropy,
@@ -205,3 +206,16 @@ def test_train_config_loss_chunk_size():
     assert TrainConfig(loss_chunk_size=0).loss_chunk_size == 0
     with pytest.raises(ValueError, match="loss.chunk.size"):
         TrainConfig(loss_chunk_size=-2)
+
+
+def test_train_step_takes_the_chunk_size():
+    """`make_train_step(loss_chunk_size=N)` runs the chunked loss, whose loss equals the plain
+    one (no dropout here: the step draws its own keys)."""
+    model = build_model(dataclasses.replace(tiny_llama(), vocab_size=VOCAB), key=jr.key(0))
+    tokens = jr.randint(jr.key(1), (2, S1), 0, VOCAB)
+    opt = optax.sgd(0.0)
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    plain = eqx.filter_jit(next_token_loss)(model, tokens, chunk_size=0)
+    step = make_train_step(opt, loss_chunk_size=6)
+    _, _, loss, _ = step((tokens[None], jr.key(0)), model, opt_state)
+    assert abs(float(loss) - float(plain)) <= 1e-6 * float(plain)

@@ -137,7 +137,7 @@ class TrainConfig(Config):
         default=None,
         check=NON_NEGATIVE,
         help="sequence positions per chunk of the LM head + cross-entropy (none: chunked only "
-        "when batch x seq x vocab exceeds 2**23 logits; 0: never chunked)",
+        "when batch x seq x vocab exceeds 2**24 logits; 0: never chunked)",
     )
     # starting from trained weights (training/init_from.py)
     init_from: str = field(

@@ -129,6 +129,7 @@ def make_train_step(
     opt_specs: PyTree = None,
     return_grads: bool = False,
     trainable: str | None = None,
+    loss_chunk_size: int | None = None,
 ) -> TrainStep:
     """The one train step (a `TrainStep`), on one device or (with ``mesh``) on a mesh.
 
@@ -139,15 +140,18 @@ def make_train_step(
     Gradients are taken only for the trainable leaves (`trainable_mask`: all floating-point
     arrays, or LoRA adapters, or ``trainable``'s matches), whose optimizer state it updates; the
     frozen leaves pass through unchanged (the optimizer state has none for them).
+    ``loss_chunk_size`` (`TrainConfig.loss_chunk_size`): when the LM head and cross-entropy run
+    in chunks of the sequence (`loss_chunk_tokens`; None: for large vocabularies).
 
     With a ``mesh`` (and the ``parallel_config``, ``model_specs`` and ``opt_specs`` it was laid
     out with) the step places its inputs itself (`TrainStep.place_inputs`). Inside, the layouts
     are pinned with ``eqx.filter_shard`` so they are the same after every step, and under FSDP the
     weights are gathered at use, per layer (``gather_at_use``).
     """
+    loss = functools.partial(next_token_loss, chunk_size=loss_chunk_size)
     if mesh is None:
         layout = TrainStep(core=_no_step)
-        return TrainStep(_jitted_step(optimizer, next_token_loss, layout, return_grads, trainable))
+        return TrainStep(_jitted_step(optimizer, loss, layout, return_grads, trainable))
     if parallel_config is None or model_specs is None or opt_specs is None:
         raise ValueError("make_train_step: a mesh needs parallel_config, model_specs, opt_specs")
     pc = parallel_config
@@ -163,7 +167,7 @@ def make_train_step(
     def loss_fn(model: Any, tokens: Any, key: PRNGKeyArray) -> Float[Array, ""]:
         # FSDP weights gathered at use; on a cp mesh the forward runs split over the sequence
         gathered = gather_at_use(model, model_specs, mesh, pc)
-        return next_token_loss(context_parallel(gathered, mesh, pc), tokens, key)
+        return loss(context_parallel(gathered, mesh, pc), tokens, key)
 
     core = _jitted_step(optimizer, loss_fn, layout, return_grads, trainable)
     return dataclasses.replace(layout, core=core)
@@ -279,7 +283,11 @@ def mesh_layout(
 
 
 def make_train_step_for(
-    layout: MeshLayout, optimizer: optax.GradientTransformation, *, return_grads: bool = False
+    layout: MeshLayout,
+    optimizer: optax.GradientTransformation,
+    *,
+    return_grads: bool = False,
+    loss_chunk_size: int | None = None,
 ) -> TrainStep:
     """`make_train_step` on ``layout``'s mesh: its parallel config, the model's and optimizer
     state's partition specs and its trainable leaves (``optimizer`` the one the layout was made
@@ -292,6 +300,7 @@ def make_train_step_for(
         opt_specs=layout.opt_specs,
         return_grads=return_grads,
         trainable=layout.trainable,
+        loss_chunk_size=loss_chunk_size,
     )
 
 
@@ -359,6 +368,7 @@ _OPTIMIZER_FIELDS = (
     "lora_alpha",
     "lora_targets",
     "lora_base_dtype",
+    "loss_chunk_size",
 )
 
 
@@ -376,5 +386,8 @@ def optimizer_and_step(
         if len(_STEP_CACHE) >= 8:
             _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
         optimizer = make_optimizer(cfg, model, model_config, family)
-        _STEP_CACHE[key] = (optimizer, make_train_step(optimizer, trainable=cfg.trainable or None))
+        step = make_train_step(
+            optimizer, trainable=cfg.trainable or None, loss_chunk_size=cfg.loss_chunk_size
+        )
+        _STEP_CACHE[key] = (optimizer, step)
     return _STEP_CACHE[key]

@@ -166,7 +166,12 @@ def _state_on_mesh(
             parallel_config=layout.parallel_config,
         )
         opt_state = init_sharded_opt_state(optimizer, model, layout)
-    return model, opt_state, make_train_step_for(layout, optimizer), restored
+    return (
+        model,
+        opt_state,
+        make_train_step_for(layout, optimizer, loss_chunk_size=cfg.loss_chunk_size),
+        restored,
+    )
 
 
 def _from_init_source(
