@@ -496,3 +496,22 @@ def test_decode_view_is_bit_identical(name):
         assert step_hlo.count(" dot(") < (four.as_text() or "").count(" dot(")
     assert [p for p, _ in jax.tree_util.tree_leaves_with_path(model)] == paths
     assert not any("qkvo" in jax.tree_util.keystr(p) for p in paths)
+
+
+def test_decode_view_keeps_a_large_scanned_stack_scanned(monkeypatch):
+    """Above `UNSTACK_MAX_BYTES` the stack stays scanned (no second copy of a large model's
+    parameters during generation); its greedy tokens are those of the unstacked view."""
+    model = tiny_model("mlstm")
+    assert not isinstance(model.xlstm_block_stack.blocks, tuple)
+    prompt = jnp.asarray([[1, 2, 3]], jnp.int32)
+    unstacked = np.asarray(gen.generate(model, prompt, max_new_tokens=4))
+    assert gen.parameter_bytes(model.xlstm_block_stack) > 0
+    monkeypatch.setattr(gen, "UNSTACK_MAX_BYTES", 0)
+    ready, ready_state = gen.decode_view(model, model.init_state(1))
+    assert not isinstance(ready.xlstm_block_stack.blocks, tuple)
+    assert jax.tree.structure(ready_state) == jax.tree.structure(model.init_state(1))
+    jax.clear_caches()  # the bound is read while tracing: trace `generate` again
+    eqx.clear_caches()
+    np.testing.assert_array_equal(
+        np.asarray(gen.generate(model, prompt, max_new_tokens=4)), unstacked
+    )

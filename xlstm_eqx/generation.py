@@ -110,6 +110,18 @@ def prefill(
     return decode_step(model, state, prompt[:, -1])
 
 
+UNSTACK_MAX_BYTES = 256 * 2**20
+"""The largest scanned block stack (parameter bytes) that `decode_view` copies into a tuple of
+blocks: below it the copy is cheap next to the per-token copies it saves; above it the copy
+would be a second set of a large model's parameters in memory."""
+
+
+def parameter_bytes(tree: PyTree) -> int:
+    """Bytes of the array leaves of ``tree`` (shapes only: works on tracers too)."""
+    leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_array))
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in leaves)
+
+
 def decode_view(model: Any, state: PyTree) -> tuple[Any, PyTree]:
     """``(model, state)`` laid out for the token loop, prepared once per `generate` /
     `stream_generate` call (never stored): the same function, less work per token.
@@ -117,14 +129,16 @@ def decode_view(model: Any, state: PyTree) -> tuple[Any, PyTree]:
     - A scanned xLSTM block stack becomes a tuple of blocks and its stacked state a tuple of
       per-block states (`xLSTMBlockStack.unstacked`): a scanned step copies each block's
       parameters and its (B, NH, DHQK, DHV) memory out of the stacked arrays and writes a fresh
-      stacked state, every token. Costs one copy of the stack's parameters per call.
+      stacked state, every token. Costs one copy of the stack's parameters per call, so only a
+      stack whose parameters take at most `UNSTACK_MAX_BYTES` is unstacked: a large model keeps
+      the scanned step rather than holding its parameters twice while it generates.
     - Each ``mlstm_v1`` layer gets its q, k, v and o kernels side by side (`fused_decode_layer`):
       one matrix product per token at B = 1 instead of four, bit for bit the same.
 
     Logits and states are those of ``model`` itself, bit for bit (tests/test_generation.py).
     """
     stack = getattr(model, "xlstm_block_stack", None)
-    if isinstance(stack, xLSTMBlockStack):
+    if isinstance(stack, xLSTMBlockStack) and parameter_bytes(stack) <= UNSTACK_MAX_BYTES:
         state = stack.unstack_state(state)
         model = eqx.tree_at(lambda m: m.xlstm_block_stack, model, stack.unstacked())
 
