@@ -116,9 +116,12 @@ def chunk_outputs(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, eps):
     )
 
 
-def chunk_outputs_backward(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, dh, eps, h=None):
+def chunk_outputs_backward(
+    q, k, v, ig, b, hi, lo, resets, c, n, m_prev, dh, eps, h=None, scores=None
+):
     """Reverse-mode derivative of `chunk_outputs` (h only) for the cotangent dh (L, DV); `h`, the
-    forward's output if kept, spares recomputing the numerator (two L×L·D matrix products).
+    forward's output if kept, spares recomputing the numerator (two L×L·D matrix products), and
+    `scores`, the forward's causal (q kᵀ) ⊙ decay if kept, the product q kᵀ.
 
     Returns dq, dk, dv, d ig, d b, d hi (= d lo), dc, dn, dm_prev. Ties in max/min/abs are split as
     JAX's own derivatives split them. Where m = -inf (a row with nothing to read) the subtracted
@@ -126,8 +129,12 @@ def chunk_outputs_backward(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, dh, eps
     """
     f = chunk_outputs(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, eps)
     h = f["h"] if h is None else h  # the numerator's products are dead code then (XLA drops them)
-    denom, den, lower, m = f["denom"], f["den"], f["lower"], f["m"]
-    sigma, decay, scores = f["sigma"], f["decay"], f["scores"]
+    lower, m, sigma, decay = f["lower"], f["m"], f["sigma"], f["decay"]
+    if scores is None:
+        scores, den, denom = f["scores"], f["den"], f["denom"]
+    else:  # q kᵀ is dead code then
+        den = sigma * f["qn"] + jnp.sum(scores, axis=1)
+        denom = jnp.maximum(jnp.abs(den), lower) + eps
 
     # h = num / (max(|den|, exp(min(-m, A))) + eps)
     dnum = dh / denom[:, None]
@@ -151,7 +158,7 @@ def chunk_outputs_backward(q, k, v, ig, b, hi, lo, resets, c, n, m_prev, dh, eps
     dqk = dscores * decay
     dq = dq + dot(dqk, k)
     dk = dot(dqk, q, trans_a=True)
-    dlog_d = dscores * f["qk"] * decay
+    dlog_d = dscores * scores  # = dscores · (q kᵀ) · decay on the causal entries
     dm = dm - jnp.sum(dlog_d, axis=1)
 
     # σ = exp(m_state - m),  m = max(m_state, max_t log_d)
