@@ -487,10 +487,9 @@ def mlstm_chunkwise(
 def chunkwise_run(
     inputs: _Inputs, state: mLSTMState | None, careful: bool, *, chunk: int, eps: float
 ) -> tuple[Array, mLSTMState, tuple[Array, ...]]:
-    """`mlstm_chunkwise` on inputs in the accumulation dtype: h (B, NH, S, DHV), the final state
-    and the (C, n, m) entering every chunk, (B, NH, NC, ...), followed by each chunk's stabilised
-    contributions Σ w k vᵀ, Σ w k to the state, chunk-major (NC, B, NH, ...), and the causal
-    scores (B, NH, NC, L, L): the written-out backward's residuals (`chunkwise_vjp`)."""
+    """`mlstm_chunkwise` on inputs in the accumulation dtype: h (B, NH, S, DHV), the final state,
+    and the written-out backward's residuals (`chunkwise_vjp`): the (C, n, m) entering every chunk
+    (B, NH, NC, ...), each chunk's contributions Σ w k vᵀ, Σ w k (NC, B, NH, ...), the scores."""
     assert state is not None
     q, k, v, igate, log_fgate = inputs
     batch, heads, seq_len, dhqk = q.shape
@@ -540,7 +539,6 @@ def chunkwise_run(
 
     chunk_major = tuple(jnp.moveaxis(x, 2, 0) for x in (total, log_weight_max, chunk_kv, chunk_k))
     final, before = jax.lax.scan(inter_chunk, state, chunk_major)
-    kv_major, k_major = chunk_major[2:]
     c_prev, n_prev, m_prev = (jnp.moveaxis(x, 0, 2) for x in (before.c, before.n, before.m))
 
     # Within-chunk (causal L×L) part combined with the state entering the chunk.
@@ -559,4 +557,4 @@ def chunkwise_run(
     )
     den = state_scale * jnp.einsum("bhcsd,bhcd->bhcs", q, n_prev) + jnp.sum(scores, axis=-1)
     h = _normalise(num, den, m, eps).reshape(batch, heads, padded, dhv)[:, :, :seq_len]
-    return h, final, (c_prev, n_prev, m_prev, kv_major, k_major, scores)
+    return h, final, (c_prev, n_prev, m_prev, *chunk_major[2:], scores)

@@ -341,6 +341,7 @@ class LlamaTransformer(eqx.Module):
         positions: Int[Array, "B S"] | None = None,
     ) -> Float[Array, "B S V"]:
         """Logits for every position: ``project_logits(hidden_states(tokens, ...))``."""
+        check_rank("tokens", tokens, "(B, S)")  # before the typed hidden_states sees them
         h = self.hidden_states(
             tokens, key=key, document_borders=document_borders, positions=positions
         )

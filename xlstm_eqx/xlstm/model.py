@@ -179,6 +179,7 @@ class xLSTMLMModel(eqx.Module):
         key: PRNGKeyArray | None = None,
         document_borders: Bool[Array, "B S"] | None = None,
     ) -> Float[Array, "B S V"]:
+        self._check_inputs(tokens, document_borders)  # before the typed hidden_states sees them
         h = self.hidden_states(tokens, key=key, document_borders=document_borders)
         return self.project_logits(h)
 
