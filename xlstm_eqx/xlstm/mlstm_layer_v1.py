@@ -155,7 +155,7 @@ class mLSTMLayerV1Decode(eqx.Module):
         if x.shape[:2] != (1, 1):
             return layer.call_with_state(x, state, document_borders=document_borders)
         dtype = jnp.dtype(layer.dense_q.dtype)
-        y = matmul_rows(x.astype(dtype), self.qkvo_kernel.astype(dtype))
+        y = matmul_rows(x.astype(dtype), self.qkvo_kernel)  # cast once, in fused_decode_layer
         ends = np.cumsum([d.out_features for d in (layer.dense_q, layer.dense_k, layer.dense_v)])
         q, k, v, o = jnp.split(y, ends, axis=-1)
         return layer.call_from_projections(
@@ -172,4 +172,6 @@ def fused_decode_layer(layer: mLSTMLayerV1) -> mLSTMLayerV1 | mLSTMLayerV1Decode
         type(d) is not Dense or d.bias is not None or d.dtype != layer.dense_q.dtype for d in dense
     ):
         return layer
-    return mLSTMLayerV1Decode(layer, jnp.concatenate([d.kernel for d in dense], axis=-1))
+    dtype = jnp.dtype(layer.dense_q.dtype)
+    kernel = jnp.concatenate([d.kernel.astype(dtype) for d in dense], axis=-1)
+    return mLSTMLayerV1Decode(layer, kernel)
